@@ -1,0 +1,123 @@
+"""One Llama-family decoder (Llama 2/3, Mistral, Qwen2) for every precision.
+
+Precision is a property of the linear layers, which come from one factory; attention goes through
+a backend object so the same model runs dense (eval, generation) and paged (serving).
+q/k/v and gate/up are fused projections, as a serving engine wants them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qoq.config import ModelConfig
+from qoq.layers.attention import AttentionBackend, CausalAttention
+from qoq.layers.linear import LinearFactory, dense_linear
+from qoq.layers.norm import RMSNorm
+from qoq.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        prefix = f"layers.{layer_idx}.self_attn"
+        self.qkv_proj = make_linear(
+            config.hidden_size, config.q_size + 2 * config.kv_size, config.attention_bias, f"{prefix}.qkv_proj"
+        )
+        self.o_proj = make_linear(config.q_size, config.hidden_size, False, f"{prefix}.o_proj")
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
+    ) -> torch.Tensor:
+        cfg = self.config
+        batch, num_tokens, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k = rotary(positions, q, k)
+        out = attn(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(batch, num_tokens, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        prefix = f"layers.{layer_idx}.mlp"
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = make_linear(
+            config.hidden_size, 2 * config.intermediate_size, False, f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx, make_linear)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, layer_idx, make_linear)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory = dense_linear) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, make_linear) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The LM head stays full precision (SPEC §1). With tied embeddings it is the embedding
+        # matrix itself, until a transform (rotation) unties them.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, T] -> final hidden states [B, T, hidden] (before the LM head)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        attn = attn if attn is not None else CausalAttention()
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attn)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden.to(weight.dtype), weight).float()
+
+    def untie_lm_head(self) -> None:
+        """Give the LM head its own weight (needed once the embedding is transformed)."""
+        if self.lm_head is None:
+            self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+            self.lm_head.to(self.embed_tokens.weight)
+            self.lm_head.weight.data.copy_(self.embed_tokens.weight.data)
+            self.config.tie_word_embeddings = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype

