@@ -130,3 +130,46 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []),
         )
+
+
+PRECISIONS = ("w16a16kv16", "w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4")
+
+
+@dataclass
+class QuantConfig:
+    """How a model is quantized; saved beside a packed checkpoint as quant_config.json.
+
+    `precision` names weight/activation/KV bits (SPEC §1); `group_size` is 128 (progressive
+    two-level) or -1 (per-channel) for 4-bit weights, ignored otherwise.
+    """
+
+    precision: str = "w16a16kv16"
+    group_size: int = 128
+    steps: dict[str, bool] = field(default_factory=dict)  # which QoQ steps ran (for ablations)
+    rotation: str = ""  # which Hadamard construction was used, when rotated
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if self.group_size not in (128, -1):
+            raise ConfigError(f"group_size must be 128 or -1 (per-channel), got {self.group_size}")
+
+    @property
+    def weight_bits(self) -> int:
+        return int(self.precision[1 : self.precision.index("a")])
+
+    @property
+    def act_bits(self) -> int:
+        return int(self.precision[self.precision.index("a") + 1 : self.precision.index("kv")])
+
+    @property
+    def kv_bits(self) -> int:
+        return int(self.precision[self.precision.index("kv") + 2 :])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

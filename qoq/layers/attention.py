@@ -11,10 +11,23 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from qoq.layers.rotary import RotaryEmbedding
+
 
 class AttentionBackend(Protocol):
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [B, T, Hq, D], k/v: [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    def __call__(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """q: [B, T, Hq, D], k/v: [B, T, Hkv, D], not yet rotated -> [B, T, Hq, D].
+
+        The backend applies RoPE itself, so a paged backend can fuse it with the KV-cache write.
+        """
         ...
 
 
@@ -34,7 +47,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 class CausalAttention:
     """No cache: each call attends causally within the given tokens (perplexity, calibration)."""
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
+        q, k = rotary(positions, q, k)
         return _sdpa(q, k, v, None, causal=True)
 
 
@@ -66,7 +80,8 @@ class DenseKVCache:
         self.pad_lens = self.pad_lens.to(device)
         self.kv_quantizer = kv_quantizer
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
+        q, k = rotary(positions, q, k)
         num_new = q.shape[1]
         end = self.length + num_new
         if end > self.max_len:

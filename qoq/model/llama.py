@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qoq.config import ModelConfig
+from qoq.config import ModelConfig, QuantConfig
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.norm import RMSNorm
@@ -38,8 +38,7 @@ class Attention(nn.Module):
         q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rotary(positions, q, k)
-        out = attn(self.layer_idx, q, k, v)
+        out = attn(self.layer_idx, q, k, v, positions, rotary)
         return self.o_proj(out.reshape(batch, num_tokens, cfg.q_size))
 
 
@@ -77,6 +76,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory = dense_linear) -> None:
         super().__init__()
         self.config = config
+        self.quant_config = QuantConfig()  # w16a16kv16 until a quantizer or checkpoint says otherwise
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, make_linear) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
