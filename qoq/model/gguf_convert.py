@@ -131,7 +131,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
         if arch in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config["num_attention_heads"] if "attn_q" in t.name else config["num_key_value_heads"]
             array = _unpermute_rope(array, heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        tensors[name] = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
     # Written beside the target and renamed, so an interrupted conversion is never mistaken for a
     # finished one, and two processes converting at once do not collide.
     tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
