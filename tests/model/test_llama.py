@@ -99,3 +99,25 @@ def test_architectures_match_transformers(arch, tmp_path):
     ours = model.compute_logits(model(ids))
     ref = hf(ids).logits
     assert (ours - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@torch.inference_mode()
+def test_stop_strings_and_max_tokens(bundled):
+    model, tokenizer = bundled
+    prompt = apply_chat_template(tokenizer, "Count from 1 to 10, separated by commas.")
+    full = generate(model, tokenizer, [prompt], SamplingParams(max_tokens=40))[0]
+    assert "5" in full.text
+    cut = generate(model, tokenizer, [prompt], SamplingParams(max_tokens=40, stop=["5"]))[0]
+    assert cut.finish_reason == "stop" and "5" not in cut.text and full.text.startswith(cut.text)
+    short = generate(model, tokenizer, [prompt], SamplingParams(max_tokens=3))[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+
+
+@torch.inference_mode()
+def test_seeded_sampling_is_reproducible(bundled):
+    model, tokenizer = bundled
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=3)
+    a = generate(model, tokenizer, [prompt], params)[0]
+    b = generate(model, tokenizer, [prompt], params)[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
