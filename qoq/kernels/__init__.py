@@ -1,0 +1,38 @@
+"""Triton kernels of qoq, each with a plain-torch reference twin of the same signature.
+
+Public functions dispatch through `qoq.kernels.dispatch.use_triton` (CUDA tensors -> Triton,
+CPU -> reference). See docs/kernels.md for the number formats and layouts.
+"""
+
+from qoq.kernels.decode_attention import paged_decode_attention
+from qoq.kernels.dispatch import use_triton
+from qoq.kernels.kv_cache import (
+    KVCacheLayer,
+    allocate_kv_cache,
+    dequantize_kv_ref,
+    quantize_kv_ref,
+    rope_kv_write,
+)
+from qoq.kernels.prefill_attention import prefill_attention
+from qoq.kernels.quant import quantize_per_token, rmsnorm_quant, silu_mul_quant
+from qoq.kernels.w4a8_gemm import pack_w4, unpack_w4, w4a8_g128_gemm, w4a8_per_channel_gemm
+from qoq.kernels.w8a8_gemm import w8a8_gemm
+
+__all__ = [
+    "KVCacheLayer",
+    "allocate_kv_cache",
+    "dequantize_kv_ref",
+    "pack_w4",
+    "paged_decode_attention",
+    "prefill_attention",
+    "quantize_kv_ref",
+    "quantize_per_token",
+    "rmsnorm_quant",
+    "rope_kv_write",
+    "silu_mul_quant",
+    "unpack_w4",
+    "use_triton",
+    "w4a8_g128_gemm",
+    "w4a8_per_channel_gemm",
+    "w8a8_gemm",
+]

@@ -1,0 +1,235 @@
+"""Paged KV cache (SPEC section 1 KV4/KV8) and the fused RoPE + quantize + paged-write kernel.
+
+Layout per layer, page p, kv head h, token slot o (slot = page * page_size + o):
+  bits=4:  k_cache/v_cache uint8 [num_pages, num_kv_heads, page_size, head_dim // 2];
+           byte j holds dim j in its LOW nibble and dim j + head_dim/2 in its HIGH nibble.
+           The halves match RoPE's rotate_half halves, and let decode split q into two halves
+           and use a mask and a shift per byte, no shuffles.
+  bits=8:  uint8 [num_pages, num_kv_heads, page_size, head_dim]
+  bits=16: fp16 [.., head_dim]; no scales.
+  k_scale/k_zero/v_scale/v_zero fp16 [num_pages, num_kv_heads, page_size] for bits 4 and 8.
+Asymmetric per token-head: scale = (max - min) / (2^bits - 1), zero = min, both rounded to fp16
+first and then used to quantize (so the stored pair reproduces what was quantized):
+  q = clamp(round((x - zero) / scale), 0, 2^bits - 1), x_hat = q * scale + zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qoq.kernels.dispatch import dispatch, lazy_jit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+@dataclass
+class KVCacheLayer:
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_scale: torch.Tensor | None
+    k_zero: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    v_zero: torch.Tensor | None
+    bits: int
+    page_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[3] * (2 if self.bits == 4 else 1)
+
+
+def allocate_kv_cache(num_layers, num_pages, num_kv_heads, head_dim, page_size=64, bits=4,
+                      device="cpu", dtype=torch.float16) -> list[KVCacheLayer]:
+    if bits not in (4, 8, 16):
+        raise ValueError(f"KV cache bits must be 4, 8 or 16, got {bits}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    width = head_dim // 2 if bits == 4 else head_dim
+    data_dtype = dtype if bits == 16 else torch.uint8
+    shape = (num_pages, num_kv_heads, page_size)
+    layers = []
+    for _ in range(num_layers):
+        def meta():
+            return None if bits == 16 else torch.zeros(shape, dtype=torch.float16, device=device)
+        layers.append(KVCacheLayer(
+            torch.zeros(*shape, width, dtype=data_dtype, device=device),
+            torch.zeros(*shape, width, dtype=data_dtype, device=device),
+            meta(), meta(), meta(), meta(), bits, page_size))
+    return layers
+
+
+def quantize_kv_ref(x: torch.Tensor, bits: int):
+    """x [..., D] -> (data, scale fp16 [...], zero fp16 [...]) in the cache's stored form."""
+    if bits == 16:
+        return x.to(torch.float16), None, None
+    xf = x.float()
+    qmax = 2 ** bits - 1
+    mn, mx = xf.amin(-1), xf.amax(-1)
+    scale = ((mx - mn) / qmax).to(torch.float16)
+    zero = mn.to(torch.float16)
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(mn))
+    q = torch.round((xf - zero.float()[..., None]) / safe[..., None]).clamp(0, qmax).to(torch.uint8)
+    if bits == 4:
+        lo, hi = q.chunk(2, dim=-1)
+        q = lo | (hi << 4)
+    return q, scale, zero
+
+
+def dequantize_kv_ref(data, scale, zero, bits: int, dtype=torch.float16):
+    """Inverse of `quantize_kv_ref`, in fp32 math, returned as `dtype`."""
+    if bits == 16:
+        return data.to(dtype)
+    if bits == 4:
+        data = torch.cat([data & 0xF, data >> 4], dim=-1)
+    return (data.float() * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
+
+
+def _rope_ref(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache):
+    t, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != t or k.shape[2] != d or cos_sin_cache.shape[1] != d:
+        raise ValueError(f"shape mismatch q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if positions.shape != (t,) or slot_mapping.shape != (t,):
+        raise ValueError("positions and slot_mapping must be [num_tokens]")
+    if cache.head_dim != d or cache.num_kv_heads != k.shape[1]:
+        raise ValueError("cache layout does not match k: head_dim / num_kv_heads differ")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError("num_q_heads must be a multiple of num_kv_heads")
+
+
+def rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
+    """RoPE (HF rotate_half) on q, k; quantize k_rot, v into `cache` at slot_mapping (-1 skips)."""
+    _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
+    cs = cos_sin_cache[positions].float()
+    cos, sin = cs.chunk(2, dim=-1)
+    q_rot = _rope_ref(q, cos[:, None], sin[:, None]).to(q.dtype)
+    k_rot = _rope_ref(k, cos[:, None], sin[:, None]).to(k.dtype)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    page, off = slots // cache.page_size, slots % cache.page_size
+    for x, data, scale, zero in ((k_rot, cache.k_cache, cache.k_scale, cache.k_zero),
+                                 (v, cache.v_cache, cache.v_scale, cache.v_zero)):
+        qd, s, z = quantize_kv_ref(x[valid], cache.bits)
+        data[page, :, off] = qd.to(data.dtype)
+        if s is not None:
+            scale[page, :, off] = s
+            zero[page, :, off] = z
+    return q_rot, k_rot
+
+
+@lazy_jit
+def _rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, ko_ptr,
+    kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+    HQ, HKV, PAGE_SIZE,
+    HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+):
+    t = tl.program_id(0)
+    D = 2 * HALF
+    j = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)[None, :]
+
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    qm = hq < HQ
+    q_off = (t.to(tl.int64) * HQ + hq) * D + j[None, :]
+    q1 = tl.load(q_ptr + q_off, mask=qm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + q_off + HALF, mask=qm, other=0.0).to(tl.float32)
+    tl.store(qo_ptr + q_off, (q1 * cos - q2 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
+    tl.store(qo_ptr + q_off + HALF, (q2 * cos + q1 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
+
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    km = hk < HKV
+    k_off = (t.to(tl.int64) * HKV + hk) * D + j[None, :]
+    k1 = tl.load(k_ptr + k_off, mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + k_off + HALF, mask=km, other=0.0).to(tl.float32)
+    # Round to the output dtype first: the cache holds quantize(returned k_rot).
+    r1 = (k1 * cos - k2 * sin).to(ko_ptr.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(ko_ptr.dtype.element_ty)
+    tl.store(ko_ptr + k_off, r1, mask=km)
+    tl.store(ko_ptr + k_off + HALF, r2, mask=km)
+    v1 = tl.load(v_ptr + k_off, mask=km, other=0.0)
+    v2 = tl.load(v_ptr + k_off + HALF, mask=km, other=0.0)
+
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        page = slot // PAGE_SIZE
+        row = (page * HKV + hk) * PAGE_SIZE + slot % PAGE_SIZE  # [BLOCK_HKV, 1]
+        if BITS == 16:
+            tl.store(kc_ptr + row * D + j[None, :], r1.to(tl.float16), mask=km)
+            tl.store(kc_ptr + row * D + HALF + j[None, :], r2.to(tl.float16), mask=km)
+            tl.store(vc_ptr + row * D + j[None, :], v1.to(tl.float16), mask=km)
+            tl.store(vc_ptr + row * D + HALF + j[None, :], v2.to(tl.float16), mask=km)
+        else:
+            QMAX: tl.constexpr = 2 ** BITS - 1
+            for which in tl.static_range(2):
+                if which == 0:
+                    x1 = r1.to(tl.float32)
+                    x2 = r2.to(tl.float32)
+                    c_ptr, s_ptr, z_ptr = kc_ptr, ks_ptr, kz_ptr
+                else:
+                    x1 = v1.to(tl.float32)
+                    x2 = v2.to(tl.float32)
+                    c_ptr, s_ptr, z_ptr = vc_ptr, vs_ptr, vz_ptr
+                mn = tl.minimum(tl.min(x1, axis=1), tl.min(x2, axis=1))[:, None]
+                mx = tl.maximum(tl.max(x1, axis=1), tl.max(x2, axis=1))[:, None]
+                scale = ((mx - mn) / QMAX).to(tl.float16)
+                zero = mn.to(tl.float16)
+                sf = scale.to(tl.float32)
+                safe = tl.where(sf > 0, sf, 1.0)
+                zf = zero.to(tl.float32)
+                c1 = ((x1 - zf) / safe + 12582912.0) - 12582912.0
+                c2 = ((x2 - zf) / safe + 12582912.0) - 12582912.0
+                c1 = tl.minimum(tl.maximum(c1, 0.0), QMAX).to(tl.uint8)
+                c2 = tl.minimum(tl.maximum(c2, 0.0), QMAX).to(tl.uint8)
+                if BITS == 4:
+                    tl.store(c_ptr + row * HALF + j[None, :], c1 | (c2 << 4), mask=km)
+                else:
+                    tl.store(c_ptr + row * D + j[None, :], c1, mask=km)
+                    tl.store(c_ptr + row * D + HALF + j[None, :], c2, mask=km)
+                tl.store(s_ptr + row, scale, mask=km)
+                tl.store(z_ptr + row, zero, mask=km)
+
+
+def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
+    _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    if d & (d - 1):
+        raise ValueError(f"the Triton rope_kv_write needs a power-of-two head_dim, got {d}")
+    q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
+    if t == 0:
+        return q_rot, k_rot
+    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
+    meta = [m if m is not None else cache.k_cache for m in meta]
+    _rope_kv_write_kernel[(t,)](
+        q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
+        cache.k_cache, cache.v_cache, *meta, hq, hkv, cache.page_size,
+        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4,
+    )
+    return q_rot, k_rot
+
+
+rope_kv_write = dispatch(rope_kv_write_ref, rope_kv_write_triton)

@@ -1,0 +1,134 @@
+"""Fused producers of per-token INT8 activations (SPEC section 1).
+
+Each returns (x8 int8 [M, H], scale fp32 [M], xsum fp32 [M]):
+  scale = max|y_row| / 127 (0 for an all-zero row), x8 = clamp(round(y / scale), -127, 127),
+  xsum = scale * sum(x8), the row sum of the *dequantized* activation that the per-channel
+  W4A8 GEMM needs for its zero-point term.
+- rmsnorm_quant(x, weight, eps): y = x * rsqrt(mean(x^2) + eps) * weight, all in fp32 (no
+  round trip through fp16 between the norm and the quantizer). weight None = folded away.
+- silu_mul_quant(gate_up): gate_up = [gate | up] along the last dim, y = silu(gate) * up.
+- quantize_per_token(x): y = x.
+
+Triton: one program per row holds the whole row in registers (H <= 16384 for Llama-3-8B's
+14336-wide MLP), so the row is read once and written once as int8: memory-bound by design.
+Rounding is round-half-to-even in both twins (torch.round; in Triton the 1.5 * 2^23 trick,
+since libdevice's rint is not available in the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qoq.kernels.dispatch import dispatch, lazy_jit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds fp32 to nearest even
+
+
+def _quantize_rows_ref(y: torch.Tensor):
+    y = y.float()
+    scale = y.abs().amax(dim=-1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x8 = torch.round(y / safe[:, None]).clamp(-127, 127)
+    xsum = x8.sum(-1) * scale
+    return x8.to(torch.int8), scale, xsum
+
+
+def _check_2d(x, name):
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating [M, H] tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_2d(x, "x")
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return _quantize_rows_ref(y)
+
+
+def silu_mul_quant_ref(gate_up: torch.Tensor):
+    _check_2d(gate_up, "gate_up")
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return _quantize_rows_ref(torch.nn.functional.silu(gate) * up)
+
+
+def quantize_per_token_ref(x: torch.Tensor):
+    _check_2d(x, "x")
+    return _quantize_rows_ref(x)
+
+
+@lazy_jit
+def _row_quant_kernel(
+    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, H, stride_x, eps,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    base = x_ptr + row.to(tl.int64) * stride_x
+    if MODE == 2:
+        g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(base + H + offs, mask=mask, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+    else:
+        y = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 1:
+        ms = tl.sum(y * y, axis=0) / H
+        y = y * (1.0 / tl.sqrt(ms + eps))
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.max(tl.abs(y), axis=0) / 127.0
+    safe = tl.where(scale > 0, scale, 1.0)
+    r = y / safe
+    r = (r + 12582912.0) - 12582912.0
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    tl.store(q_ptr + row.to(tl.int64) * H + offs, r.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
+
+
+def _launch(x, weight, eps, mode, h):
+    m = x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, h), dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    xsum = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale, xsum
+    block = triton.next_power_of_2(h)
+    num_warps = max(1, min(16, block // 512))
+    _row_quant_kernel[(m,)](
+        x, weight if weight is not None else x, q, scale, xsum, h, x.stride(0), eps,
+        MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=num_warps,
+    )
+    return q, scale, xsum
+
+
+def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_2d(x, "x")
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1])
+
+
+def silu_mul_quant_triton(gate_up: torch.Tensor):
+    _check_2d(gate_up, "gate_up")
+    return _launch(gate_up, None, 0.0, _SILU_MUL, gate_up.shape[1] // 2)
+
+
+def quantize_per_token_triton(x: torch.Tensor):
+    _check_2d(x, "x")
+    return _launch(x, None, 0.0, _PLAIN, x.shape[1])
+
+
+rmsnorm_quant = dispatch(rmsnorm_quant_ref, rmsnorm_quant_triton)
+silu_mul_quant = dispatch(silu_mul_quant_ref, silu_mul_quant_triton)
+quantize_per_token = dispatch(quantize_per_token_ref, quantize_per_token_triton)

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from conftest import requires_cuda
+from helpers import (
+    g128_case,
+    per_channel_case,
+    quantize_g128,
+    quantize_per_channel,
+    random_activations,
+    random_weight,
+    rel_err,
+)
+
+from qoq.kernels.w4a8_gemm import (
+    pack_w4,
+    unpack_w4,
+    w4a8_g128_gemm_ref,
+    w4a8_g128_gemm_triton,
+    w4a8_per_channel_gemm_ref,
+    w4a8_per_channel_gemm_triton,
+)
+from qoq.kernels.w8a8_gemm import w8a8_gemm_ref, w8a8_gemm_triton
+
+# Integer accumulation is exact in both twins; only the fp16 epilogue rounding may differ.
+EXACT = 2e-3
+SPLIT = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=2)
+NOSWAP = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=False)
+
+
+def test_pack_roundtrip_and_layout(gen):
+    q4 = torch.randint(0, 16, (8, 256), dtype=torch.uint8, generator=gen)
+    packed = pack_w4(q4)
+    assert packed.shape == (8, 128) and torch.equal(unpack_w4(packed), q4)
+    # byte j of a 128-channel chunk: channel j low nibble, channel 64 + j high nibble
+    assert torch.equal(packed[:, 64 + 2] & 0xF, q4[:, 128 + 2])
+    assert torch.equal(packed[:, 64 + 2] >> 4, q4[:, 128 + 64 + 2])
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+def test_w4a8_g128_triton_matches_ref(m, config, device, gen, poison):
+    case = g128_case(m, 64, 256, device, gen)
+    out = w4a8_g128_gemm_triton(*case, config=config)
+    assert out.dtype == torch.float16 and out.shape == (m, 64)
+    assert rel_err(out, w4a8_g128_gemm_ref(*case)) < EXACT
+
+
+@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+def test_w4a8_per_channel_triton_matches_ref(m, config, device, gen, poison):
+    case = per_channel_case(m, 64, 256, device, gen)
+    out = w4a8_per_channel_gemm_triton(*case, config=config)
+    assert rel_err(out, w4a8_per_channel_gemm_ref(*case)) < EXACT
+
+
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+def test_w8a8_triton_matches_ref(config, device, gen, poison):
+    x8, sx, _ = random_activations(7, 256, device, gen)
+    w = torch.randint(-127, 128, (48, 256), dtype=torch.int8, generator=gen).to(device)
+    s = (torch.rand(48, generator=gen) * 0.01 + 1e-4).half().to(device)
+    assert rel_err(w8a8_gemm_triton(x8, sx, w, s, config=config), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
+
+
+def test_refs_match_float64_dequantized_matmul(gen):
+    """Independent check: dequantize everything in float64 and multiply."""
+    m, n, k = 4, 32, 256
+    x8, sx, xsum = random_activations(m, k, gen=gen)
+    x = x8.double() * sx.double()[:, None]
+    w = random_weight(n, k, gen)
+
+    q4, s1, s2, sz = quantize_g128(w)
+    w_deq = (q4.double() * s2.double().repeat_interleave(128, 1)
+             - sz.double().repeat_interleave(128, 1)) * s1.double()[:, None]
+    out = w4a8_g128_gemm_ref(x8, sx, pack_w4(q4), s1, s2, sz)
+    assert rel_err(out, x @ w_deq.T) < 1e-3
+    assert rel_err(out, x @ w.T) < 0.2  # the quantization itself stays close to the weights
+
+    q4, s, szero = quantize_per_channel(w)
+    w_deq = q4.double() * s.double()[:, None] - szero.double()[:, None]
+    out = w4a8_per_channel_gemm_ref(x8, sx, xsum, pack_w4(q4), s, szero)
+    assert rel_err(out, x @ w_deq.T) < 1e-3
+
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    s8 = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half()
+    ref = x @ (w8.double() * s8.double()[:, None]).T
+    assert rel_err(w8a8_gemm_ref(x8, sx, w8, s8), ref) < 1e-3
+
+
+def test_refs_reject_bad_inputs(gen):
+    x8, sx, p, s1, s2, sz = g128_case(2, 16, 256, gen=gen)
+    with pytest.raises(ValueError, match="group_size"):
+        w4a8_g128_gemm_ref(x8, sx, p, s1, s2, sz, group_size=96)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        w4a8_g128_gemm_ref(x8[:, :200], sx, p[:, :100], s1, s2, sz)
+    with pytest.raises(ValueError, match="s2 and sz"):
+        w4a8_g128_gemm_ref(x8, sx, p, s1, s2[:, :1], sz)
+    with pytest.raises(ValueError, match="int8"):
+        w4a8_g128_gemm_ref(x8.float(), sx, p, s1, s2, sz)
+    with pytest.raises(ValueError, match="leaves int8"):
+        w4a8_g128_gemm_ref(x8, sx, p, s1, torch.full_like(s2, 16), torch.zeros_like(sz))
+    with pytest.raises(ValueError, match="group_size=128"):
+        w4a8_g128_gemm_triton(x8, sx, p, s1, s2.repeat_interleave(2, 1), sz.repeat_interleave(2, 1),
+                              group_size=64)
+    x8, sx, xsum, p, s, szero = per_channel_case(2, 16, 256, gen=gen)
+    with pytest.raises(ValueError, match="x_sum"):
+        w4a8_per_channel_gemm_ref(x8, sx, None, p, s, szero)
+    with pytest.raises(ValueError, match="K % 128"):
+        pack_w4(torch.zeros(4, 100, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="N, 256"):
+        w8a8_gemm_ref(x8, sx, torch.zeros(4, 128, dtype=torch.int8), s[:4])
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16, 256, 1000])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
+def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
+    case = g128_case(m, n, k, "cuda", gen)
+    assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
+    case = per_channel_case(m, n, k, "cuda", gen)
+    assert rel_err(w4a8_per_channel_gemm_triton(*case), w4a8_per_channel_gemm_ref(*case)) < EXACT
