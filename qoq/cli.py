@@ -1,4 +1,4 @@
-"""The `qoq` command: generate | eval ppl | demo (quantize, serve and bench land with their issues)."""
+"""The `qoq` command: generate | eval ppl | serve | demo (quantize and bench land with their issues)."""
 
 from __future__ import annotations
 
@@ -77,17 +77,70 @@ def cmd_eval_ppl(args) -> int:
 def cmd_demo(args) -> int:
     from qoq.data.corpus import load_corpus
     from qoq.eval.perplexity import perplexity, tokenize_corpus
-    from qoq.generate import apply_chat_template, generate
-    from qoq.sampling import SamplingParams
-
     model, tokenizer = _load(args)
     ids = tokenize_corpus(tokenizer, load_corpus("eval"))
     result = perplexity(model, ids, seq_len=512, max_tokens=args.ppl_tokens)
     print(f"perplexity (fp {str(model.dtype).removeprefix('torch.')}, Python-docs eval split, "
           f"{result.tokens} tokens, seq 512): {result.ppl:.2f}")
-    for question in args.questions:
-        [out] = generate(model, tokenizer, [apply_chat_template(tokenizer, question)], SamplingParams(max_tokens=64))
-        print(f"user: {question}\nassistant: {out.text}")
+    model = _quantize_for_demo(model, tokenizer, args)
+    _demo_chat_over_http(model, tokenizer, args)
+    return 0
+
+
+def _quantize_for_demo(model, tokenizer, args):
+    """Hook for the quantizer: once `qoq quantize` lands, quantize `model` here (W4A8, QoQ) so the
+    demo serves the quantized model. Until then the demo serves fp weights with a KV4 paged cache."""
+    return model
+
+
+def _demo_chat_over_http(model, tokenizer, args) -> None:
+    """Serve the model on a free loopback port and ask it the questions as an OpenAI client would."""
+    import httpx
+
+    from qoq.engine.config import EngineConfig
+    from qoq.server.serve import BackgroundServer, free_port, make_server
+
+    port = free_port()
+    config = EngineConfig(kv_bits=args.kv_bits, max_model_len=2048)
+    server = make_server(model, tokenizer, "qoq-demo", config, "127.0.0.1", port, log_level="warning")
+    with BackgroundServer(server):
+        print(f"serving on http://127.0.0.1:{port}/v1 (KV{args.kv_bits} paged cache)")
+        for question in args.questions:
+            body = {"model": "qoq-demo", "messages": [{"role": "user", "content": question}],
+                    "max_tokens": 64, "temperature": 0}
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300)
+            reply.raise_for_status()
+            print(f"user: {question}\nassistant: {reply.json()['choices'][0]['message']['content']}")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=None,
+                   help="KV cache precision (default: the model's quant config; 16 for fp models)")
+    p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from free memory)")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=2.0, help="KV cache size on the CPU")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def cmd_serve(args) -> int:
+    from qoq.engine.config import EngineConfig
+    from qoq.server.serve import configure_logging, make_server
+
+    config = EngineConfig(
+        kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+        enforce_eager=args.enforce_eager)
+    configure_logging(args.log_level)
+    model, tokenizer = _load(args)
+    name = args.served_model_name or str(args.model)
+    server = make_server(model, tokenizer, name, config, args.host, args.port, args.log_level)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    server.run()
     return 0
 
 
@@ -122,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of the eval split to score")
     demo.add_argument("--questions", nargs="*",
                       default=["What is the capital of France?", "Write a haiku about the sea."])
+    demo.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=4, help="KV cache precision served")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    _add_engine_args(serve)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -73,7 +73,8 @@ def generate(
     input_ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
     positions = (torch.arange(longest, device=device)[None] - pad[:, None]).clamp(min=0)
     cache = DenseKVCache(
-        cfg.num_layers, batch, total, cfg.num_kv_heads, cfg.head_dim, model.dtype, device, pad, kv_quantizer
+        cfg.num_layers, batch, total, cfg.num_kv_heads, cfg.head_dim, model.dtype, device, pad, kv_quantizer,
+        kv_bits=model.quant_config.kv_bits,
     )
     generator = None
     if params.seed is not None:

@@ -1,0 +1,38 @@
+"""Engine configuration: one dataclass, validated once at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches and how big its KV cache is.
+
+    kv_bits None takes the model's own (model.quant_config.kv_bits). num_pages None sizes the
+    cache from free memory: on a GPU `gpu_memory_utilization` of it after a profiling forward,
+    on the CPU `cpu_kv_cache_gib`.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096  # token budget of one step (prefill + decode tokens)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    page_size: int = 64  # QServe's page size
+    kv_bits: int | None = None
+    num_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 2.0
+    enforce_eager: bool = False  # True: no CUDA graphs
+    max_graph_batch_size: int = 64
+    seed: int = 0  # for requests that sample without a seed of their own
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_bits not in (None, 4, 8, 16):
+            raise ValueError(f"kv_bits must be 4, 8 or 16, got {self.kv_bits}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

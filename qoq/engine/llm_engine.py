@@ -1,0 +1,180 @@
+"""The engine: requests in, one scheduled step at a time, RequestOutputs (deltas) out.
+
+Not thread-safe by design: one thread owns it (the offline LLM, or the server's engine thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from qoq.engine.block_manager import BlockManager, pages_needed
+from qoq.engine.config import EngineConfig
+from qoq.engine.detokenizer import append_token, make_output
+from qoq.engine.model_runner import ModelRunner
+from qoq.engine.scheduler import Scheduler
+from qoq.engine.sequence import RequestOutput, Sequence
+from qoq.generate import stop_token_ids
+from qoq.model.llama import LlamaModel
+from qoq.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_pages_used: int = 0
+    num_pages_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+    num_steps_total: int = 0
+    finished_total: dict[str, int] = field(default_factory=dict)  # by finish reason
+    generation_tokens_per_second: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaModel, tokenizer, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        max_pos = model.config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+        # A preempted sequence re-prefills all of its tokens in one step: the budget must hold one.
+        if config.max_num_batched_tokens < self.max_model_len:
+            config = dataclasses.replace(config, max_num_batched_tokens=self.max_model_len)
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        # HF fast tokenizers are not safe to share across threads (the server encodes on its event
+        # loop while the engine thread decodes): every use goes through this lock.
+        self.tokenizer_lock = threading.Lock()
+        self.kv_bits = config.kv_bits or model.quant_config.kv_bits
+        self.runner = ModelRunner(model, config, self.max_model_len, self.kv_bits)
+        self.block_manager = BlockManager(self.runner.num_pages, config.page_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Sequence] = {}  # unfinished requests
+        self._ids = itertools.count()
+        self._stats = EngineStats(num_pages_total=self.runner.num_pages)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tok/s
+        log.info("engine: %d KV pages of %d tokens (KV%d), max_model_len %d",
+                 self.runner.num_pages, config.page_size, self.kv_bits, self.max_model_len)
+
+    # -- requests ----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            with self.tokenizer_lock:
+                return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: use plain completions")
+        with self.tokenizer_lock:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError saying what is wrong when the engine could never serve this request."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        params.validate()
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                f"({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) asks for {total}: "
+                f"shorten the prompt or lower max_tokens"
+            )
+        if pages_needed(total, self.config.page_size) > self.block_manager.num_pages:
+            raise ValueError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{self.block_manager.num_pages * self.config.page_size}: lower max_tokens"
+            )
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.tokenize(prompt)
+        self.check_request(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        seq = Sequence(request_id, prompt_ids, params, frozenset(stop_token_ids(self.model, self.tokenizer, params)),
+                       arrival_time=time.monotonic())
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request (client gone): its pages go back to the pool at once."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        self._count_finished("abort")
+        return make_output(seq, finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.execute(batch)
+        outputs = []
+        with self.tokenizer_lock:
+            for seq, token in zip(batch.seqs, tokens):
+                append_token(seq, token, self.tokenizer)
+        for seq in batch.seqs:
+            finished = seq.finish_reason is not None
+            if finished:
+                self.scheduler.finish(seq, seq.finish_reason)
+                self.requests.pop(seq.request_id, None)
+                self._count_finished(seq.finish_reason)
+            outputs.append(make_output(seq, finished))
+        self._record_step(batch, len(tokens))
+        return outputs
+
+    def _count_finished(self, reason: str) -> None:
+        self._stats.finished_total[reason] = self._stats.finished_total.get(reason, 0) + 1
+
+    def _record_step(self, batch, num_generated: int) -> None:
+        stats = self._stats
+        stats.num_steps_total += 1
+        stats.prompt_tokens_total += sum(s.num_prompt_tokens for s in batch.prefills if s.num_preemptions == 0)
+        stats.generation_tokens_total += num_generated
+        now = time.monotonic()
+        self._recent.append((now, num_generated))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+
+    def stats(self) -> EngineStats:
+        """A snapshot (safe to read from another thread: fields are copied under the GIL)."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
+        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+        tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        return dataclasses.replace(
+            self._stats,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_pages_used=self.block_manager.num_used_pages,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            finished_total=dict(self._stats.finished_total),
+            generation_tokens_per_second=tps,
+        )

@@ -1,0 +1,88 @@
+"""Requests as plain data: a Sequence is one prompt being generated, a RequestOutput what it yields.
+
+A sequence's KV cache is all or nothing: while RUNNING its pages hold every token but the last
+sampled one (which the next step feeds), while WAITING it holds none. Preemption by recompute
+drops the pages and sends the sequence back to WAITING with its generated tokens kept, so the
+next prefill recomputes prompt + output and generation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from qoq.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)  # page ids, in token order
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None  # per-request RNG when the request gives a seed
+    # Detokenizer state: text decoded so far and how much of it was already handed out.
+    text: str = ""
+    num_text_sent: int = 0
+    num_tokens_sent: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and the totals so far.
+
+    Streaming consumers use the deltas; the offline API keeps the last one (`token_ids`, `text`
+    are the whole generation then).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,42 @@
+"""/metrics in the Prometheus text exposition format (no client library needed for a few gauges)."""
+
+from __future__ import annotations
+
+from qoq.engine.llm_engine import EngineStats
+
+
+def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
+
+
+def render_metrics(stats: EngineStats, model_name: str) -> str:
+    label = f'{{model_name="{model_name}"}}'
+    lines: list[str] = []
+    gauges = [
+        ("qoq_num_requests_running", "Requests in the running batch", stats.num_running),
+        ("qoq_num_requests_waiting", "Requests waiting for KV pages or a batch slot", stats.num_waiting),
+        ("qoq_kv_cache_pages_used", "KV cache pages in use", stats.num_pages_used),
+        ("qoq_kv_cache_pages_total", "KV cache pages allocated", stats.num_pages_total),
+        ("qoq_kv_cache_usage_ratio", "Fraction of KV cache pages in use",
+         float(stats.num_pages_used / max(1, stats.num_pages_total))),
+        ("qoq_generation_tokens_per_second", "Generated tokens per second over the last 10 s",
+         float(stats.generation_tokens_per_second)),
+    ]
+    for name, help_text, value in gauges:
+        _metric(lines, name, "gauge", help_text, [(label, value)])
+    counters = [
+        ("qoq_prompt_tokens_total", "Prompt tokens prefilled", stats.prompt_tokens_total),
+        ("qoq_generation_tokens_total", "Tokens generated", stats.generation_tokens_total),
+        ("qoq_num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV pages",
+         stats.num_preemptions_total),
+        ("qoq_engine_steps_total", "Engine steps run", stats.num_steps_total),
+    ]
+    for name, help_text, value in counters:
+        _metric(lines, name, "counter", help_text, [(label, value)])
+    finished = [(f'{{model_name="{model_name}",finish_reason="{reason}"}}', count)
+                for reason, count in sorted(stats.finished_total.items())]
+    _metric(lines, "qoq_request_finished_total", "counter", "Requests finished, by finish reason", finished)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""`qoq serve`: load a model, start the engine thread, run uvicorn (or run it in a thread: the demo)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+
+from qoq.engine.config import EngineConfig
+from qoq.engine.llm_engine import LLMEngine
+from qoq.server.app import build_app
+from qoq.server.async_engine import AsyncEngine
+
+
+def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
+                log_level: str = "info") -> uvicorn.Server:
+    engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+    app = build_app(engine, model_name)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """A uvicorn server on a thread of this process (the demo; tests run a real process instead)."""
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.run, name="qoq-uvicorn", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (is the port free?)")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
