@@ -93,15 +93,13 @@ def sweep(args, gen):
 
     out = []
     for ctx, bits in itertools.product((1024, 4096), (4, 8)):
-        grid = itertools.product((32, 64, 128), (True, False), (4, 8), (2,), (None, "x2"))
-        for block_t, magic, warps, stages, splits in grid:
-            if bits == 8 and not magic:
-                continue
-            opts = dict(BLOCK_T=block_t, MAGIC=magic, num_warps=warps, NUM_STAGES=stages)
+        grid = itertools.product((64,), (True, False), (1, 2, 4), (2, 3), (None, "x2"))
+        for block_t, fast, warps, stages, splits in grid:
+            opts = dict(BLOCK_T=block_t, FAST=fast, num_warps=warps, NUM_STAGES=stages)
             ns = None
             if splits == "x2":
                 from qoq.kernels.decode_attention import _default_splits
-                ns = 2 * _default_splits(64, HKV, ctx // block_t, torch.device("cuda"))
+                ns = 2 * _default_splits(64, HKV, ctx // block_t, torch.device("cuda"), warps)
             rec = {"bits": bits, "context": ctx, "options": opts, "num_splits": ns}
             try:
                 rec["median_ms"], nbytes, rec["rel_err"] = bench_decode(64, ctx, bits, gen, ns, opts)

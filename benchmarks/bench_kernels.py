@@ -135,6 +135,10 @@ KERNELS = {
 }
 
 
+MODE_OF = {"w4a8_g128": int_gemm.MODE_W4_G128, "w4a8_per_channel": int_gemm.MODE_W4_PER_CHANNEL,
+           "w8a8": int_gemm.MODE_W8}
+
+
 def case_args(name, m, k, weights, gen):
     """Argument tuples for each weight copy, with fresh activations."""
     x8, sx, xsum = random_activations(m, k, "cuda", gen)
@@ -231,7 +235,7 @@ def run(args) -> dict:
                     ms = time_calls([lambda a=a: fn(*a) for a in sets])
                     records.append({"kernel": name, "M": m, "N": n, "K": k, "median_ms": ms,
                                     "tops": 2 * m * n * k / ms / 1e9, "vs_bf16": bf16 / ms,
-                                    "rel_err": err, "config": int_gemm.default_config(m, n, k, 0)})
+                                    "rel_err": err, "config": int_gemm.default_config(m, n, k, MODE_OF[name])})
                     del sets
                 except Exception as e:
                     traceback.print_exc()

@@ -66,13 +66,47 @@ def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_len
     return torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
 
 
+# Inline PTX for the fast code -> fp16 unpack (pack=4: one 32-bit word of 4 code bytes per call).
+# KV4: a byte permute spreads 2 bytes into the two fp16 lanes, (w & mask) | 0x6400 is the fp16
+# 1024 + lo (or 1024 + 16 * hi) exactly, and a packed fp16 subtract removes the 1024.
+_KV4_ASM = """{
+        .reg .b32 a, b, m;
+        mov.b32 m, 0x64006400;
+        prmt.b32 a, $4, 0, 0x4140;
+        prmt.b32 b, $4, 0, 0x4342;
+        lop3.b32 $0, a, 0x000F000F, m, 0xEA;
+        lop3.b32 $1, b, 0x000F000F, m, 0xEA;
+        lop3.b32 $2, a, 0x00F000F0, m, 0xEA;
+        lop3.b32 $3, b, 0x00F000F0, m, 0xEA;
+        sub.f16x2 $0, $0, m;
+        sub.f16x2 $1, $1, m;
+        sub.f16x2 $2, $2, m;
+        sub.f16x2 $3, $3, m;
+        }"""
+# KV8: the permute puts each code byte under an fp16 exponent byte 0x64 (= 1024 + code).
+_KV8_ASM = """{
+        .reg .b32 m;
+        mov.b32 m, 0x64006400;
+        prmt.b32 $0, $4, m, 0x7170;
+        prmt.b32 $1, $4, m, 0x7372;
+        prmt.b32 $2, $5, m, 0x7170;
+        prmt.b32 $3, $5, m, 0x7372;
+        sub.f16x2 $0, $0, m;
+        sub.f16x2 $1, $1, m;
+        sub.f16x2 $2, $2, m;
+        sub.f16x2 $3, $3, m;
+        }"""
+if tl is not None:  # Triton kernels read globals only as constexpr
+    _KV4_ASM, _KV8_ASM = tl.constexpr(_KV4_ASM), tl.constexpr(_KV8_ASM)
+
+
 @lazy_jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
     HQ, HKV, bt_stride, sm_scale_log2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
-    BLOCK_T: tl.constexpr, MAGIC: tl.constexpr,
+    BLOCK_T: tl.constexpr, FAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -89,6 +123,8 @@ def _decode_kernel(
     q_lo = tl.load(q_ptr + q_off, mask=g_mask[:, None], other=0.0).to(tl.float16)
     q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[:, None], other=0.0).to(tl.float16)
     q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
+    if BITS == 4 and FAST:
+        q_hi = q_hi * 0.0625  # the fast unpack yields 16 * (high code); exact power-of-2 scale
 
     ctx = tl.load(len_ptr + b)
     num_blocks = tl.cdiv(ctx, BLOCK_T)
@@ -118,15 +154,15 @@ def _decode_kernel(
         if BITS == 4:
             kb = tl.load(kc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
             vb = tl.load(vc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
-            if MAGIC:
-                # fp16 with exponent bits 0x6400 and the code in the mantissa is exactly
-                # 1024 + code: two integer ops instead of an int->float conversion.
-                k16 = kb.to(tl.int16)
-                v16 = vb.to(tl.int16)
-                k_lo = ((k16 & 0xF) | 0x6400).to(tl.float16, bitcast=True)
-                k_hi = ((k16 >> 4) | 0x6400).to(tl.float16, bitcast=True)
-                v_lo = ((v16 & 0xF) | 0x6400).to(tl.float16, bitcast=True)
-                v_hi = ((v16 >> 4) | 0x6400).to(tl.float16, bitcast=True)
+            if FAST:
+                # 1.25 ops per code (_KV4_ASM) instead of a per-element int->fp16 conversion,
+                # a quarter-rate instruction that bound the loop.
+                # The high codes stay multiplied by 16: q_hi was pre-divided by 16 and the
+                # V high-half accumulator is divided by 16 at the end (both exact).
+                k_lo, k_hi = tl.inline_asm_elementwise(
+                    _KV4_ASM, "=r,=r,=r,=r,r", [kb], (tl.float16, tl.float16), True, 4)
+                v_lo, v_hi = tl.inline_asm_elementwise(
+                    _KV4_ASM, "=r,=r,=r,=r,r", [vb], (tl.float16, tl.float16), True, 4)
             else:
                 k_lo = (kb & 0xF).to(tl.float16)
                 k_hi = (kb >> 4).to(tl.float16)
@@ -137,11 +173,11 @@ def _decode_kernel(
             k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :], mask=lm, other=lo)
             v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
             v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :], mask=lm, other=lo)
-            if BITS == 8 and MAGIC:
-                k_lo = (k_lo.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                k_hi = (k_hi.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                v_lo = (v_lo.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                v_hi = (v_hi.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            if BITS == 8 and FAST:
+                k_lo, k_hi = tl.inline_asm_elementwise(
+                    _KV8_ASM, "=r,=r,=r,=r,r,r", [k_lo, k_hi], (tl.float16, tl.float16), True, 4)
+                v_lo, v_hi = tl.inline_asm_elementwise(
+                    _KV8_ASM, "=r,=r,=r,=r,r,r", [v_lo, v_hi], (tl.float16, tl.float16), True, 4)
             else:
                 k_lo = k_lo.to(tl.float16)
                 k_hi = k_hi.to(tl.float16)
@@ -152,8 +188,6 @@ def _decode_kernel(
         if BITS != 16:
             k_scale = tl.load(ks_ptr + row, mask=sm, other=so).to(tl.float32)
             k_zero = tl.load(kz_ptr + row, mask=sm, other=so).to(tl.float32)
-            if MAGIC:
-                k_zero = k_zero - 1024.0 * k_scale  # the codes came in as 1024 + code
             s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
         s = s * sm_scale_log2
         s = tl.where((tok < ctx)[None, :], s, -float("inf"))
@@ -167,17 +201,15 @@ def _decode_kernel(
             v_scale = tl.load(vs_ptr + row, mask=sm, other=so).to(tl.float32)
             v_zero = tl.load(vz_ptr + row, mask=sm, other=so).to(tl.float32)
             p16 = (prob * v_scale[None, :]).to(tl.float16)
-            if MAGIC:  # remove the 1024 * sum(p * scale) that the biased codes add
-                v_zero = v_zero[None, :] * prob - 1024.0 * p16.to(tl.float32)
-                z_acc = z_acc * alpha + tl.sum(v_zero, axis=1)
-            else:
-                z_acc = z_acc * alpha + tl.sum(prob * v_zero[None, :], axis=1)
+            z_acc = z_acc * alpha + tl.sum(prob * v_zero[None, :], axis=1)
         else:
             p16 = prob.to(tl.float16)
         acc_lo = tl.dot(p16, v_lo, acc_lo)
         acc_hi = tl.dot(p16, v_hi, acc_hi)
         m_i = m_new
 
+    if BITS == 4 and FAST:
+        acc_hi = acc_hi * 0.0625
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_lo = (acc_lo + z_acc[:, None]) / l_safe[:, None]
     out_hi = (acc_hi + z_acc[:, None]) / l_safe[:, None]
@@ -208,19 +240,20 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, NUM_SPLITS: tl.constexpr, D: tl.cons
     tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
 
 
-def _default_splits(batch, num_kv_heads, max_blocks, device):
+def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    target = 8 * sms  # programs: enough pages in flight to cover HBM latency
+    # programs: enough pages in flight to cover HBM latency (one-warp programs: twice as many)
+    target = (24 if num_warps == 1 else 8) * sms
     splits = max(1, -(-target // (batch * num_kv_heads)))
     return min(splits, max(1, max_blocks // 2), 32)
 
 
-# From the H100 sweeps (bench_attention.py --sweep, batch 64): one page per iteration on the
-# scalar-page-table path is fastest; the 1024-biased fp16 "magic" conversion gave no speed and
-# cost accuracy (the bias cancels against 1024 * sum(q) in fp32), so it stays off by default.
-DEFAULT_OPTIONS = {4: dict(MAGIC=False, num_warps=4, NUM_STAGES=2),
-                   8: dict(MAGIC=False, num_warps=4, NUM_STAGES=2),
-                   16: dict(MAGIC=False, num_warps=4, NUM_STAGES=2)}
+# From the H100 sweeps (docs/kernels.md, batch 64): one page per iteration on the scalar-page-table
+# path; one warp per program (no cross-warp softmax reductions, many programs per SM) beat 4 warps
+# by 1.15-1.25x at KV4/KV8 once the int->fp16 conversion was gone (FAST, on by default on CUDA).
+DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2),
+                   8: dict(num_warps=1, NUM_STAGES=2),
+                   16: dict(num_warps=4, NUM_STAGES=2)}
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
@@ -236,7 +269,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     opts = dict(DEFAULT_OPTIONS[cache.bits], BLOCK_T=max(16, cache.page_size))
     opts.update(options or {})
     max_blocks = -(-block_tables.shape[1] * cache.page_size // opts["BLOCK_T"])
-    splits = num_splits or _default_splits(b, hkv, max_blocks, q.device)
+    splits = num_splits or _default_splits(b, hkv, max_blocks, q.device, opts["num_warps"])
     out = torch.empty_like(q)
     if splits == 1:
         part, lse = out, out
@@ -250,7 +283,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, NUM_SPLITS=splits, NUM_STAGES=opts["NUM_STAGES"],
-        BLOCK_T=opts["BLOCK_T"], MAGIC=opts["MAGIC"], num_warps=opts["num_warps"],
+        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), num_warps=opts["num_warps"],
     )
     if splits > 1:
         _merge_kernel[(b * hq,)](part, lse, out, NUM_SPLITS=splits, D=d,
