@@ -19,6 +19,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only (benchmarks), no text and no stop strings
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

@@ -19,7 +19,8 @@ def append_token(seq: Sequence, token: int, tokenizer) -> None:
         seq.finish_reason = "stop"
         return
     seq.output_token_ids.append(token)
-    seq.text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+    if params.detokenize:
+        seq.text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
     if params.stop:
         seq.text, hit = truncate_at_stop(seq.text, params.stop)
         if hit:

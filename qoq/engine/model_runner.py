@@ -82,11 +82,14 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = self.config.max_num_batched_tokens
-        ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
-        # Positions wrap at max_model_len (the budget may exceed one sequence; RoPE's table does not).
+        # The budget as rows of at most max_model_len tokens, as a packed prefill of whole sequences
+        # would see them: one 8k-token causal row would reserve an 8k x 8k score matrix per head
+        # that no paged step ever allocates, and starve the KV cache of tens of GB.
         max_len = min(self.max_pages_per_seq * self.config.page_size, self.model.config.max_position_embeddings)
-        positions = torch.arange(num_tokens, device=self.device)[None] % max_len
-        hidden = self.model(ids, positions)  # dense causal attention: about the activations of a paged prefill
+        rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
+        ids = torch.zeros(rows, row_len, dtype=torch.long, device=self.device)
+        positions = torch.arange(row_len, device=self.device).expand(rows, -1)
+        hidden = self.model(ids, positions).reshape(1, rows * row_len, -1)
         self.model.compute_logits(hidden[0, : self.config.max_num_seqs])
         free, total = torch.cuda.mem_get_info(self.device)
         peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
@@ -108,23 +111,29 @@ class ModelRunner:
         return sample_tokens(logits, batch.seqs, self.generator)
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
+        # Plain Python lists, one tensor per field: per-sequence tensors cost milliseconds a step
+        # at batch sizes in the hundreds.
+        page_size = self.config.page_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         cu_seqlens = [0]
         for seq in batch.prefills:
             ids.extend(seq.all_token_ids)
             positions.extend(range(seq.num_tokens))
-            slots.append(self._slots(seq, 0, seq.num_tokens))
+            table = seq.block_table
+            slots.extend(table[p // page_size] * page_size + p % page_size for p in range(seq.num_tokens))
             cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
         for seq in batch.decodes:
+            pos = seq.num_tokens - 1
             ids.append(seq.last_token_id)
-            positions.append(seq.num_tokens - 1)
-            slots.append(self._slots(seq, seq.num_tokens - 1, seq.num_tokens))
+            positions.append(pos)
+            slots.append(seq.block_table[pos // page_size] * page_size + pos % page_size)
         num_prefill = cu_seqlens[-1]
         logit_indices = [end - 1 for end in cu_seqlens[1:]] + list(range(num_prefill, len(ids)))
         dev = self.device
-        md = AttentionMetadata(slot_mapping=torch.cat(slots).to(dev), num_prefill_tokens=num_prefill)
+        md = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                               num_prefill_tokens=num_prefill)
         if batch.prefills:
             md.cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32, device=dev)
             md.max_seqlen = max(s.num_tokens for s in batch.prefills)
@@ -138,16 +147,8 @@ class ModelRunner:
             logit_indices=torch.tensor(logit_indices, dtype=torch.long, device=dev),
         )
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        page_size = self.config.page_size
-        pages = torch.tensor(seq.block_table, dtype=torch.long)
-        slots = (pages[:, None] * page_size + torch.arange(page_size)).flatten()
-        return slots[start:end]
-
     @staticmethod
     def block_tables(seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
         width = width or max(len(s.block_table) for s in seqs)
-        table = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        return table
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32)
