@@ -12,6 +12,7 @@ from qoq.sampling import SamplingParams, filter_logits, sample
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(stop=[""]), "stop"),
+    (dict(stop=["x"], detokenize=False), "detokenize"),
 ])
 def test_bad_params_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -45,6 +45,13 @@ def test_fp_cache_matches_reference_generator(bundled, prompts, reference):
     assert {r.finish_reason for r in reference} == {"length", "stop"}
 
 
+def test_token_ids_only_without_detokenization(bundled, prompts, reference):
+    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16)
+    outs = llm.generate(prompts[:3], SamplingParams(max_tokens=MAX_TOKENS, detokenize=False))
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference[:3]]
+    assert all(o.text == "" for o in outs)
+
+
 @pytest.mark.parametrize("bits, min_agreement", [(8, 0.95), (4, 0.75)])
 def test_quantized_cache_agrees_with_dense_reference(bundled, prompts, bits, min_agreement):
     """KV8/KV4: rounding of 8/4-bit codes amplifies last-bit differences between two correct
