@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from qoq.config import PRECISIONS
 from qoq.model.loader import DEFAULT_MODEL, LoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -144,6 +145,46 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench_throughput(args) -> int:
+    from qoq.bench.throughput import run_throughput
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU; pass --device cpu for a (slow) CPU run")
+    batch = 0 if args.batch == "max" else int(args.batch)
+    result = run_throughput(args.config, args.precision, args.group_size, batch, args.input_len,
+                            args.output_len, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from qoq.quant.calibrate import CalibConfig
+    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.quant.pipeline import QoQOptions, quantize_model
+
+    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "smooth", "reorder", "clip")}
+    options = QoQOptions(precision=args.precision, group_size=args.group_size, progressive=True,
+                         calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len), **steps)
+    options.quant_config()  # reject a bad precision / group size before loading anything
+    args.dtype = args.dtype or "float32"
+    model, tokenizer = _load(args)
+    if model.quant_config.weight_bits < 16:
+        raise ValueError(f"{args.model} is already quantized ({model.quant_config.precision}); pass the original model")
+    t0 = time.perf_counter()
+    calib_text = open(args.calib, encoding="utf-8").read() if args.calib else None
+    if calib_text is not None:
+        from qoq.quant.calibrate import calibration_tokens
+
+        tokens = calibration_tokens(tokenizer, options.calib, calib_text)
+    else:
+        tokens = None
+    quantize_model(model, tokenizer, options, calib_tokens=tokens)
+    out = save_checkpoint(model, args.out, tokenizer)
+    print(f"quantized {args.model} to {args.precision} g{args.group_size} in {time.perf_counter() - t0:.0f}s "
+          f"-> {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qoq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=4)
     ppl.set_defaults(func=cmd_eval_ppl)
 
+    qz = sub.add_parser("quantize", help="QoQ-quantize a model into a packed checkpoint folder")
+    _add_model_args(qz)
+    qz.add_argument("--out", required=True, help="output folder (config.json, quant_config.json, model.safetensors)")
+    qz.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
+    qz.add_argument("--group-size", type=int, choices=[128, -1], default=128,
+                    help="4-bit weights: 128 (progressive, per group) or -1 (per channel)")
+    qz.add_argument("--calib", default=None, help="calibration text file (default: the corpus' calib split)")
+    qz.add_argument("--calib-seqs", type=int, default=64, help="calibration sequences")
+    qz.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    for step, what in (("rotation", "Hadamard block-input rotation (and RMSNorm folding)"),
+                       ("smooth-attention", "SmoothAttention on keys"),
+                       ("smooth", "o_proj / down_proj input smoothing"),
+                       ("reorder", "activation-aware channel reordering (g128)"),
+                       ("clip", "weight clipping search")):
+        qz.add_argument(f"--no-{step}", action="store_true", help=f"skip {what} (ablation)")
+    qz.set_defaults(func=cmd_quantize)
+
     demo = sub.add_parser("demo", help="the main job on the bundled model: load, measure, chat")
     _add_model_args(demo)
     demo.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of the eval split to score")
@@ -186,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    tput = bench_sub.add_parser("throughput", help="end-to-end generation throughput, random weights from a config")
+    tput.add_argument("--config", default="llama-3-8b", help="a config in qoq/configs or a config.json path")
+    tput.add_argument("--precision", default="w4a8kv4", choices=list(PRECISIONS))
+    tput.add_argument("--group-size", type=int, default=128, choices=[128, -1])
+    tput.add_argument("--batch", default="max", help="number of requests, or 'max' (largest that fits)")
+    tput.add_argument("--input-len", type=int, default=1024)
+    tput.add_argument("--output-len", type=int, default=512)
+    tput.add_argument("--device", default=None)
+    tput.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

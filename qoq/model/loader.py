@@ -167,9 +167,27 @@ def load_weights(
     return build_model(config, state, dtype=dtype, device=device)
 
 
+def load_any_weights(
+    folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LlamaModel:
+    """A resolved folder's model: a qoq packed checkpoint (quant_config.json), a QServe
+    model-zoo checkpoint (*.qweight tensors), or plain HF weights."""
+    from qoq.quant.checkpoint import QUANT_CONFIG_FILE, CheckpointError, load_checkpoint
+    from qoq.quant.qserve_format import is_qserve_checkpoint, load_qserve_checkpoint
+
+    try:
+        if (folder / QUANT_CONFIG_FILE).exists():
+            return load_checkpoint(folder, dtype, device)
+        if is_qserve_checkpoint(folder):
+            return load_qserve_checkpoint(folder, dtype, device)
+    except CheckpointError as err:
+        raise LoadError(str(err)) from err
+    return load_weights(folder, dtype, device)
+
+
 def load_model(
     model: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[LlamaModel, object]:
-    """Load (model, tokenizer) from a HF folder, a .gguf file, or the bundled default."""
+    """Load (model, tokenizer) from a HF folder, a .gguf file, a qoq/QServe checkpoint, or the bundled default."""
     folder = resolve_model_path(model)
-    return load_weights(folder, dtype, device), load_tokenizer(folder)
+    return load_any_weights(folder, dtype, device), load_tokenizer(folder)

@@ -1,0 +1,117 @@
+"""Perplexity of the bundled model under FP, RTN, QoQ and the QoQ ablation ladder.
+
+Writes benchmarks/results/accuracy-smollm2-135m.json (a list of records, rewritten after each
+one so a partial run keeps its numbers) and prints a markdown table for docs/accuracy.md.
+
+    .venv/bin/python benchmarks/accuracy.py                 # everything (~30-40 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py --only "QoQ W4A8KV4 g128" --eval-tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from qoq.data.corpus import load_corpus
+from qoq.eval.perplexity import perplexity, tokenize_corpus
+from qoq.model.loader import load_model
+from qoq.quant.calibrate import CalibConfig, calibration_tokens
+from qoq.quant.pipeline import STEPS, QoQOptions, quantize_model
+
+OUT = Path(__file__).parent / "results" / "accuracy-smollm2-135m.json"
+
+
+def ladder() -> list[tuple[str, QoQOptions | None]]:
+    """(method, options) in report order; None = the unquantized model."""
+    rungs, on = [], {}
+    rungs.append(("RTN W4A8KV4 g128 (float scales, simulated)", QoQOptions.rtn(progressive=False)))
+    rungs.append(("+ progressive (integer path)", QoQOptions.rtn()))
+    for step, label in zip(("smooth_attention", "rotation", "smooth", "reorder", "clip"),
+                           ("+ SmoothAttention", "+ rotation", "+ smoothing", "+ reordering", "+ clipping = QoQ g128")):
+        on[step] = True
+        rungs.append((label, QoQOptions.rtn(**on)))
+    return rungs
+
+
+def configs() -> list[tuple[str, QoQOptions | None]]:
+    return [
+        ("FP (fp32 reference)", None),
+        ("RTN W4A8KV4 per-channel", QoQOptions.rtn(group_size=-1)),
+        ("QoQ W4A8KV4 per-channel", QoQOptions(group_size=-1)),
+        *ladder(),
+        ("RTN W8A8KV8", QoQOptions.rtn(precision="w8a8kv8")),
+        ("QoQ W8A8KV8", QoQOptions(precision="w8a8kv8", reorder=False)),
+        ("QoQ W4A8KV8 g128", QoQOptions(precision="w4a8kv8")),
+        ("QoQ W4A8KV4 g128 without rotation", QoQOptions(rotation=False)),
+    ]
+
+
+def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    if opts is not None:
+        opts.calib = CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len)
+        opts.progress = False
+        quantize_model(model, tokenizer, opts, calib_tokens=calib)
+    t1 = time.perf_counter()
+    result = perplexity(model, ids, seq_len=args.seq_len, max_tokens=args.eval_tokens, progress=False)
+    qc = model.quant_config
+    return {
+        "method": method, "precision": qc.precision,
+        "group_size": qc.group_size if qc.weight_bits == 4 else None,
+        "ppl": round(result.ppl, 4), "tokens": result.tokens,
+        "steps": {s: bool(qc.steps.get(s, False)) for s in (*STEPS, "progressive")} if opts else {},
+        "integer_path": bool(opts is not None and (opts.progressive or qc.group_size == -1 or qc.weight_bits == 8)),
+        "quantize_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+        "run": {"model": "SmolLM2-135M-Instruct (bundled, fp32 CPU)", "corpus_split": "eval", "seq_len": args.seq_len,
+                "calib": f"{args.calib_seqs} x {args.calib_seq_len} tokens of the calib split",
+                "rotation": qc.rotation, "torch": torch.__version__, "cpus": os.cpu_count(),
+                "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")},
+    }
+
+
+def markdown(records: list[dict]) -> str:
+    fp = next((r["ppl"] for r in records if r["precision"] == "w16a16kv16"), None)
+    lines = ["| method | precision | group | ppl | vs FP | tokens |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        delta = f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else ""
+        g = {None: "-", -1: "channel", 128: "128"}[r["group_size"]]
+        lines.append(f"| {r['method']} | {r['precision']} | {g} | {r['ppl']:.2f} | {delta} | {r['tokens']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-seqs", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--only", action="append", help="run only these methods (repeatable)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--resume", action="store_true", help="keep the records already in --out, run the rest")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    base, tokenizer = load_model()
+    ids = tokenize_corpus(tokenizer, load_corpus("eval"))
+    calib = calibration_tokens(tokenizer, CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len))
+    records = json.loads(args.out.read_text()) if args.resume and args.out.exists() else []
+    done = {r["method"] for r in records}
+    for method, opts in configs():
+        if (args.only and method not in args.only) or method in done:
+            continue
+        records.append(run_one(base, tokenizer, ids, calib, method, opts, args))
+        print(json.dumps({k: records[-1][k] for k in ("method", "ppl", "quantize_seconds", "eval_seconds")}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=2) + "\n")
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()

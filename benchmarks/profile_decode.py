@@ -1,0 +1,54 @@
+"""Where one decode step's time goes: a torch.profiler table of the kernels of eager decode steps.
+
+    python benchmarks/profile_decode.py --precision w4a8kv4 --batch 256 --context 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qoq.bench.random_model import bundled_config, random_model  # noqa: E402
+from qoq.config import QuantConfig  # noqa: E402
+from qoq.engine.config import EngineConfig  # noqa: E402
+from qoq.engine.llm_engine import LLMEngine  # noqa: E402
+from qoq.sampling import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="llama-3-8b")
+    parser.add_argument("--precision", default="w4a8kv4")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+
+    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size)
+    model = random_model(cfg, quant)
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + 64,
+                                                 max_num_batched_tokens=8192, enforce_eager=True))
+    params = SamplingParams(max_tokens=64, ignore_eos=True, detokenize=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(args.batch):
+        engine.add_request(torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist(), params)
+    while engine.scheduler.waiting:  # all prefills done
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            engine.step()
+    print(f"{args.precision} g{args.group_size} batch {args.batch} context ~{args.context}, {args.steps} steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

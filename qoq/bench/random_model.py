@@ -1,0 +1,74 @@
+"""Models with random weights in the packed formats, built from a config kept in the repo.
+
+Speed work needs no real checkpoint (and the GPU machine has no network): what matters is that
+every tensor has the shape, dtype and layout the real packed model has, and values that keep the
+forward pass finite.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qoq.config import ModelConfig, QuantConfig
+from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
+from qoq.model.llama import LlamaModel
+from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, padded_k
+
+# Scales chosen so a dequantized weight is ~0.01-0.02 like a trained 7B model's, which keeps
+# fp16 activations in range through 32+ layers with random data.
+_W_STD = 0.02
+
+
+def bundled_config(name: str) -> ModelConfig:
+    """A config from qoq/configs (e.g. "llama-3-8b") or a path to an HF config.json."""
+    path = Path(name)
+    if path.suffix == ".json" and path.exists():
+        text = path.read_text()
+    else:
+        file = resources.files("qoq").joinpath(f"configs/{name}.json")
+        if not file.is_file():
+            known = sorted(p.name.removesuffix(".json") for p in resources.files("qoq").joinpath("configs").iterdir())
+            raise ValueError(f"unknown config {name!r}: choose from {', '.join(known)} or pass a config.json")
+        text = file.read_text()
+    return ModelConfig.from_hf(json.loads(text))
+
+
+def _random_linear(quant: QuantConfig, dtype: torch.dtype):
+    def make(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
+        bias_t = torch.randn(out_features, dtype=dtype) * _W_STD if bias else None
+        if quant.weight_bits == 16:
+            layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+            nn.init.normal_(layer.weight, std=_W_STD)
+            return layer
+        kp = padded_k(in_features)
+        if quant.weight_bits == 8:
+            w8 = torch.randint(-119, 120, (out_features, kp), dtype=torch.int8)
+            return W8A8Linear(in_features, W8Params(w8, torch.full((out_features,), _W_STD / 64, dtype=torch.float16)), bias_t)
+        q4 = torch.randint(0, 16, (out_features, kp), dtype=torch.uint8)
+        if quant.group_size > 0:
+            groups = kp // quant.group_size
+            s2 = torch.randint(1, 9, (out_features, groups), dtype=torch.int8)  # <= 8: 15 * 8 fits int8
+            sz = (torch.randint(0, 16, (out_features, groups), dtype=torch.int8) * s2).to(torch.int8)
+            s1 = torch.full((out_features,), _W_STD / 64, dtype=torch.float16)
+            return W4A8G128Linear(in_features, W4G128Params(q4, s1, s2, sz, quant.group_size), bias_t)
+        scale = torch.full((out_features,), _W_STD / 4, dtype=torch.float16)
+        return W4A8PerChannelLinear(in_features, W4ChannelParams(q4, scale, scale * 7.5), bias_t)
+
+    return make
+
+
+def random_model(config: ModelConfig, quant: QuantConfig, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.float16, seed: int = 0) -> LlamaModel:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaModel(config, _random_linear(quant, dtype)).to(dtype)
+        nn.init.normal_(model.embed_tokens.weight, std=1.0)
+        if model.lm_head is not None:
+            nn.init.normal_(model.lm_head.weight, std=_W_STD)
+    model.quant_config = quant
+    return model.eval()

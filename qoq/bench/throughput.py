@@ -1,0 +1,127 @@
+"""`qoq bench throughput`: end-to-end generation throughput through the real engine (QServe protocol).
+
+A model with random weights in the packed format of the chosen precision is built from a config
+kept in the repo; `batch` requests of `input_len` random tokens each ask for exactly `output_len`
+tokens (EOS ignored, no detokenization) and are submitted at once. Throughput is generated
+tokens over the wall time of the whole run, prefill included.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qoq.bench.random_model import bundled_config, random_model
+from qoq.bench.roofline import Ceilings, roofline_tokens_per_s
+from qoq.config import QuantConfig
+from qoq.engine.config import EngineConfig
+from qoq.engine.llm_engine import LLMEngine
+from qoq.sampling import SamplingParams
+
+
+@dataclass
+class ThroughputResult:
+    system: str
+    config: str
+    precision: str
+    group_size: int
+    batch: int
+    input_len: int
+    output_len: int
+    tokens_per_s: float
+    seconds: float
+    decode_step_ms: float  # median wall time of the pure-decode steps
+    decode_forward_ms: float  # of which the model runner (inputs, forward, sampling); the rest is Python
+    peak_memory_gib: float
+    roofline_tokens_per_s: float | None = None
+    roofline_fraction: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return 1000 * sorted(seconds)[len(seconds) // 2] if seconds else float("nan")
+
+
+def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
+    """Submit all prompts, step to the end; returns (seconds, decode step times, decode forward times)."""
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False)
+    forward_times: list[float] = []
+    execute = engine.runner.execute
+
+    def timed_execute(batch):  # execute() ends in a device sync (tokens to Python), so this is exact
+        t0 = time.perf_counter()
+        tokens = execute(batch)
+        if not batch.prefills:
+            forward_times.append(time.perf_counter() - t0)
+        return tokens
+
+    engine.runner.execute = timed_execute
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    decode_steps: list[float] = []
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()  # returns after sampling, which synchronizes with the device
+        # A pure decode step: no sequence received its first token in it.
+        if outputs and all(len(o.token_ids) > 1 for o in outputs):
+            decode_steps.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    engine.runner.execute = execute
+    return seconds, decode_steps, forward_times
+
+
+def run_throughput(config_name: str, precision: str, group_size: int, batch: int, input_len: int,
+                   output_len: int, device: str = "cuda", ceilings: Ceilings | None = None,
+                   max_num_batched_tokens: int = 8192, num_pages: int | None = None,
+                   max_batch: int = 1024) -> ThroughputResult:
+    cfg = bundled_config(config_name)
+    quant = QuantConfig(precision, group_size)
+    model = random_model(cfg, quant, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+    max_len = input_len + output_len
+
+    def make_engine(batch_size: int, pages: int | None, eager: bool) -> LLMEngine:
+        return LLMEngine(model, None, EngineConfig(
+            max_num_seqs=batch_size, max_num_batched_tokens=max(max_num_batched_tokens, max_len),
+            max_model_len=max_len, kv_bits=quant.kv_bits, num_pages=pages, max_graph_batch_size=batch_size,
+            enforce_eager=eager, cpu_kv_cache_gib=0.25))
+
+    if batch <= 0:  # "max": as many sequences as the KV pages that fit in memory can hold in full
+        probe = make_engine(1024, num_pages, eager=True)
+        num_pages = probe.block_manager.num_pages
+        batch = min(max_batch, num_pages // -(-max_len // probe.config.page_size))
+        num_pages = int(num_pages * 0.97)  # leave room for the CUDA graphs' memory pool
+        del probe
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+        if batch < 1:
+            raise RuntimeError(f"{config_name} at {precision}: not even one sequence of {max_len} tokens fits")
+    engine = make_engine(batch, num_pages, eager=device != "cuda")
+    gen = torch.Generator().manual_seed(0)
+    vocab = cfg.vocab_size
+    warm_len = min(input_len, 32)
+    _run_requests(engine, [torch.randint(0, vocab, (warm_len,), generator=gen).tolist()] * 2, min(output_len, 4))
+    prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, decode_steps, forward_times = _run_requests(engine, prompts, output_len)
+    tokens_per_s = batch * output_len / seconds
+    roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    result = ThroughputResult("qoq", config_name, precision, group_size if quant.weight_bits == 4 else -1,
+                              batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
+                              _median_ms(forward_times), peak,
+                              roof, tokens_per_s / roof if roof else None)
+    # The engine's CUDA graphs and runner refer to each other: collect the cycle before the next
+    # model is built, or its KV-cache sizing sees this one's memory as taken.
+    del engine, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result

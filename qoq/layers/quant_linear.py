@@ -1,0 +1,121 @@
+"""Quantized linear layers: the exact integer arithmetic of the GEMM kernels (SPEC section 1).
+
+forward(x) quantizes x per token to int8 (`quantize_per_token`), pads K to the kernels' multiple
+of 128 with zero columns, and calls the kernel function, which dispatches itself: Triton on a
+GPU, the torch reference twin (exact int arithmetic, in float64) on the CPU. `gemm(x8, ...)` is
+the entry for callers (the engine) that already hold int8 activations from a fused producer.
+
+FakeQuantLinear is the float simulation, kept only as a cross-check and for formats no kernel
+runs (the non-progressive RTN g128 baseline of the ablation ladder).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qoq.kernels import quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
+from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
+
+
+class QuantLinear(nn.Module):
+    """Base: int8 per-token activations in, the layer's dtype out (+ optional fp bias)."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.padded_in = padded_k(in_features)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
+        if self.padded_in != self.in_features:
+            # Zero columns change neither the per-token scale nor the sum.
+            x8 = F.pad(x8, (0, self.padded_in - self.in_features))
+        y = self.gemm(x8, x_scale, x_sum).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class W4A8G128Linear(QuantLinear):
+    kind = "w4a8_g128"
+
+    def __init__(self, in_features: int, params: W4G128Params, bias: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None) -> None:
+        from qoq.kernels import pack_w4
+
+        super().__init__(in_features, params.s1.shape[0], bias)
+        self.group_size = params.group_size
+        self.register_buffer("qweight", pack_w4(params.q4) if packed is None else packed)
+        self.register_buffer("s1", params.s1.to(torch.float16))
+        self.register_buffer("s2", params.s2.to(torch.int8))
+        self.register_buffer("sz", params.sz.to(torch.int8))
+
+    def gemm(self, x8, x_scale, x_sum):
+        return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size)
+
+
+class W4A8PerChannelLinear(QuantLinear):
+    kind = "w4a8_per_channel"
+
+    def __init__(self, in_features: int, params: W4ChannelParams, bias: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None) -> None:
+        from qoq.kernels import pack_w4
+
+        super().__init__(in_features, params.scale.shape[0], bias)
+        self.register_buffer("qweight", pack_w4(params.q4) if packed is None else packed)
+        self.register_buffer("s1", params.scale.to(torch.float16))
+        self.register_buffer("szero", params.szero.to(torch.float16))
+
+    def gemm(self, x8, x_scale, x_sum):
+        return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero)
+
+
+class W8A8Linear(QuantLinear):
+    kind = "w8a8"
+
+    def __init__(self, in_features: int, params: W8Params, bias: torch.Tensor | None = None) -> None:
+        super().__init__(in_features, params.scale.shape[0], bias)
+        self.register_buffer("weight", params.w8.to(torch.int8))
+        self.register_buffer("s", params.scale.to(torch.float16))
+
+    def gemm(self, x8, x_scale, x_sum):
+        return w8a8_gemm(x8, x_scale, self.weight, self.s)
+
+
+class FakeQuantLinear(nn.Module):
+    """Float simulation: per-token int8 fake-quant of x, then a float GEMM on a dequantized W."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, act_bits: int = 8) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.act_bits = act_bits
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = fake_quantize_act(x) if self.act_bits == 8 else x.float()
+        return F.linear(xq.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def make_quant_linear(params, in_features: int, bias: torch.Tensor | None = None) -> QuantLinear:
+    """The QuantLinear for a params dataclass of qoq.quant.quantizer."""
+    if isinstance(params, W4G128Params):
+        return W4A8G128Linear(in_features, params, bias)
+    if isinstance(params, W4ChannelParams):
+        return W4A8PerChannelLinear(in_features, params, bias)
+    if isinstance(params, W8Params):
+        return W8A8Linear(in_features, params, bias)
+    raise TypeError(f"no quantized linear for {type(params).__name__}")

@@ -1,0 +1,164 @@
+"""Packed checkpoints: qoq's own format and QServe's model-zoo layout (docs/checkpoint-format.md).
+
+qoq format: a folder with config.json (HF style), quant_config.json, model.safetensors holding
+the model's state dict (QuantLinear buffers: 4-bit weights packed two per byte in the kernels'
+layout, int8 group scales and scaled zeros, fp16 channel scales; embeddings, head, norms fp16)
+and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qoq.config import ConfigError, ModelConfig, QuantConfig
+from qoq.layers.quant_linear import QuantLinear, W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
+from qoq.model.llama import LlamaModel
+from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, padded_k
+
+FORMAT_NAME = "qoq-packed"
+FORMAT_VERSION = 1
+QUANT_CONFIG_FILE = "quant_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message says what to do."""
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.architecture]
+    rope = config.rope_scaling
+    out = {
+        "architectures": [arch], "model_type": config.architecture, "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids,
+    }
+    if rope.rope_type != "default":
+        out["rope_scaling"] = {"rope_type": rope.rope_type, "factor": rope.factor,
+                               "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
+                               "original_max_position_embeddings": rope.original_max_position_embeddings}
+    return out
+
+
+def save_checkpoint(model: LlamaModel, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a quantized model (integer QuantLinears) as a qoq packed checkpoint."""
+    out = Path(out_dir)
+    fake = [n for n, m in model.named_modules() if hasattr(m, "act_bits")]
+    if fake:
+        raise CheckpointError(f"{fake[0]} is a float simulation (fake quant / non-progressive RTN): "
+                              "only integer-quantized models can be packed; quantize without --fake-quant")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise CheckpointError("the model has no quantized linears: run qoq.quant.pipeline.quantize_model first")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, t in model.state_dict().items():
+        is_quant_buffer = name.rsplit(".", 1)[-1] in QUANT_BUFFERS
+        t = t.detach().cpu()
+        state[name] = t.contiguous() if is_quant_buffer or not t.is_floating_point() else t.to(torch.float16).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT_NAME})
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
+    qc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.quant_config.to_dict()}
+    (out / QUANT_CONFIG_FILE).write_text(json.dumps(qc, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+QUANT_BUFFERS = {"qweight", "s1", "s2", "sz", "szero", "s"}  # kept in their stored dtypes
+
+
+def read_quant_config(folder: Path) -> QuantConfig:
+    try:
+        data = json.loads((folder / QUANT_CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder / QUANT_CONFIG_FILE} is not valid JSON: {err}") from err
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{folder / QUANT_CONFIG_FILE}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format v{data['format_version']} is newer than this qoq "
+                              f"(v{FORMAT_VERSION}); upgrade qoq")
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / QUANT_CONFIG_FILE}: {err}") from err
+
+
+def quant_linear_factory(qc: QuantConfig):
+    """A LinearFactory building empty QuantLinears of the checkpoint's format (to assign into)."""
+
+    def make(in_features: int, out_features: int, bias: bool, name: str):
+        kp = padded_k(in_features)
+        b = torch.zeros(out_features) if bias else None
+        q4 = torch.zeros(out_features, kp, dtype=torch.uint8)
+        packed = torch.zeros(out_features, kp // 2, dtype=torch.uint8)
+        one = torch.ones(out_features, dtype=torch.float16)
+        if qc.weight_bits == 8:
+            return W8A8Linear(in_features, W8Params(torch.zeros(out_features, kp, dtype=torch.int8), one), b)
+        if qc.group_size == -1:
+            return W4A8PerChannelLinear(in_features, W4ChannelParams(q4, one, one * 0), b, packed=packed)
+        g = torch.ones(out_features, kp // 128, dtype=torch.int8)
+        return W4A8G128Linear(in_features, W4G128Params(q4, one, g, g * 0), b, packed=packed)
+
+    return make
+
+
+def validate_quant_tensors(model: LlamaModel) -> None:
+    """Reject values no valid quantization produces (they would silently wrap in the kernel)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, W4A8G128Linear):
+            s2, sz = mod.s2.int(), mod.sz.int()
+            if int(s2.min()) < 1 or int(s2.max()) > 16 or int(sz.min()) < 0 or int(sz.max()) > 15 * 16:
+                raise CheckpointError(f"{name}: group scales must be 1..16 and scaled zeros 0..240; the "
+                                      "checkpoint is corrupt or not QoQ-progressive: re-run qoq quantize")
+        for key in ("s1", "szero", "s"):
+            t = getattr(mod, key, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{name}.{key} has non-finite values: the checkpoint is corrupt")
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> LlamaModel:
+    """A qoq packed checkpoint folder -> LlamaModel with QuantLinears (errors say what is wrong)."""
+    from qoq.model.loader import iter_safetensors, read_config
+
+    folder = Path(folder)
+    config, qc = read_config(folder), read_quant_config(folder)
+    state = dict(iter_safetensors(folder))
+    model = assemble_model(config, qc, state, dtype, device, where=str(folder))
+    validate_quant_tensors(model)
+    return model
+
+
+def assemble_model(config: ModelConfig, qc: QuantConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                   device, where: str) -> LlamaModel:
+    """Build on the meta device with empty QuantLinears, check names and shapes, assign tensors."""
+    from qoq.layers.rotary import RotaryEmbedding
+
+    with torch.device("meta"):
+        model = LlamaModel(config, quant_linear_factory(qc))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: checkpoint does not match its config ({qc.precision}, g{qc.group_size}): "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    out = {}
+    for name, t in state.items():
+        ref = expected[name]
+        if tuple(t.shape) != tuple(ref.shape) or (name.rsplit(".", 1)[-1] in QUANT_BUFFERS and t.dtype != ref.dtype):
+            raise CheckpointError(f"{where}: {name} is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} "
+                                  f"{tuple(ref.shape)}: the checkpoint is corrupt or from another model")
+        keep = name.rsplit(".", 1)[-1] in QUANT_BUFFERS or not t.is_floating_point()
+        out[name] = t.to(device) if keep else t.to(device=device, dtype=dtype)
+    model.load_state_dict(out, assign=True)
+    model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                   config.rope_scaling).to(device)
+    model.quant_config = qc
+    return model.eval()

@@ -1,0 +1,58 @@
+"""Weight clipping search (SPEC section 2): a range ratio per output channel (or per group).
+
+The error of output channel n is (w_n - q_n)^T C (w_n - q_n) with C = X^T X over calibration
+inputs, so one Gram matrix per layer prices every candidate without touching the tokens again.
+Channels are independent exactly; groups are scored on their diagonal block of C (cross-group
+terms ignored, as AWQ's clipping does), which keeps each group's choice independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qoq.quant.quantizer import pad_k, quantize_weight
+
+CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 down to 0.5 in 20 steps
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X [Kp, Kp] (K zero-padded to the kernels' multiple of 128); fp32 is plenty to rank
+    candidates and halves the search time of float64 on a CPU."""
+    xp = pad_k(x.float())
+    return xp.T @ xp
+
+
+def _errors(w: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int) -> torch.Tensor:
+    d = (pad_k(w.float()) - wq.float())
+    if group_size <= 0:
+        return ((d @ c) * d).sum(1)  # [N]
+    n, k = d.shape
+    g = k // group_size
+    dg = d.view(n, g, group_size)
+    blocks = torch.stack([c[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                          for i in range(g)])
+    return torch.einsum("ngk,gkl,ngl->ng", dg, blocks, dg)  # [N, G]
+
+
+def _best_ratio(w, c, quantize, group_size: int, grid) -> torch.Tensor:
+    best_err, best = None, None
+    for ratio in grid:
+        err = _errors(w, quantize(ratio).dequantize(), c, group_size)
+        if best_err is None:
+            best_err, best = err, torch.full_like(err, ratio, dtype=torch.float32)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, ratio), best)
+    return best
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, c: torch.Tensor, weight_bits: int, group_size: int, grid=CLIP_GRID):
+    """Best ratio per output channel ([N]); for progressive g128 a pair: the level-1 ratio per
+    channel (exact output error, level 2 unclipped), then the level-2 ratio per group ([N, G])."""
+    if not (weight_bits == 4 and group_size > 0):
+        return _best_ratio(w, c, lambda r: quantize_weight(w, weight_bits, group_size, clip=r), -1, grid)
+    channel = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(r, None)), -1, grid)
+    group = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(channel, r)), group_size, grid)
+    return channel, group

@@ -1,0 +1,157 @@
+"""The QoQ pipeline (SPEC section 2): fold norms, rotate, then per decoder layer SmoothAttention,
+smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears.
+
+Every step is a flag of QoQOptions, so the ablation ladder is a list of options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qoq.config import QuantConfig
+from qoq.layers.quant_linear import FakeQuantLinear, make_quant_linear
+from qoq.model.llama import DecoderLayer, LlamaModel
+from qoq.quant import smooth as smoothing
+from qoq.quant.calibrate import CalibConfig, calibration_tokens, capture_layer, embed, subsample_rows
+from qoq.quant.clip import gram, search_clip
+from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
+from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
+from qoq.quant.rotation import fold_norms, rotate_model
+from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
+
+STEPS = ("rotation", "smooth_attention", "smooth", "reorder", "clip")
+
+
+@dataclass
+class QoQOptions:
+    precision: str = "w4a8kv4"
+    group_size: int = 128  # 128 (progressive) or -1 (per-channel); ignored for 8-bit weights
+    rotation: bool = True
+    smooth_attention: bool = True
+    smooth: bool = True
+    reorder: bool = True  # g128 only
+    clip: bool = True
+    smooth_block_inputs: bool = False  # also smooth qkv / gate_up inputs into the norms (no gain measured)
+    progressive: bool = True  # off (g128): plain per-group RTN, float simulation only
+    fake_quant: bool = False  # FakeQuantLinear (float simulation) instead of the integer path
+    smooth_attention_alpha: float = 0.5
+    search_tokens: int = 1024  # calibration tokens the smoothing search scores on
+    clip_tokens: int = 4096  # tokens of the Gram matrices that price clipping candidates
+    seed: int = 0
+    progress: bool = True
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    @classmethod
+    def rtn(cls, **kw) -> "QoQOptions":
+        """No QoQ step at all: round-to-nearest weights in the precision's format."""
+        return cls(**{**{s: False for s in STEPS}, **kw})
+
+    def quant_config(self, rotation_name: str = "") -> QuantConfig:
+        qc = QuantConfig(self.precision, self.group_size if self.group_size == -1 else 128)
+        qc.steps = {s: bool(getattr(self, s)) for s in STEPS}
+        qc.steps["progressive"] = self.progressive
+        qc.rotation = rotation_name
+        return qc
+
+
+def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None = None,
+                   calib_tokens: torch.Tensor | None = None) -> LlamaModel:
+    """Quantize `model` in place with QoQ; returns it with `model.quant_config` set."""
+    opts = options or QoQOptions()
+    qc = opts.quant_config()
+    if qc.weight_bits >= 16:
+        raise ValueError("precision w16a16kv16 has nothing to quantize: choose w4a8kv4, w4a8kv8, w8a8kv8 or w8a8kv4")
+    if calib_tokens is None:
+        calib_tokens = calibration_tokens(tokenizer, opts.calib)
+    if opts.rotation:
+        fold_norms(model)
+        qc.rotation = rotate_model(model, opts.seed)
+    if not (opts.smooth_attention or opts.smooth or opts.reorder or opts.clip):
+        return _round_to_nearest(model, opts, qc)  # RTN needs no calibration activations
+    x = embed(model, calib_tokens)
+    layers = tqdm(model.layers, desc=f"QoQ {qc.precision} g{qc.group_size}", unit="layer", disable=not opts.progress)
+    for layer in layers:
+        x = _quantize_layer(model, layer, x, opts, qc)
+    model.quant_config = qc
+    return model
+
+
+def _round_to_nearest(model: LlamaModel, opts: QoQOptions, qc: QuantConfig) -> LlamaModel:
+    for layer in model.layers:
+        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            setattr(parent, name, _quantized_linear(getattr(parent, name), None, opts, qc))
+    model.quant_config = qc
+    return model
+
+
+def _fake_weight_fn(opts: QoQOptions, qc: QuantConfig):
+    if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
+        return lambda w: fake_w4_group_rtn(w, qc.group_size)
+    return lambda w: fake_quantize_weight(w, qc.weight_bits, qc.group_size)
+
+
+@torch.no_grad()
+def _quantize_layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, opts: QoQOptions,
+                    qc: QuantConfig) -> torch.Tensor:
+    cfg, attn, mlp = model.config, layer.self_attn, layer.mlp
+    acts = capture_layer(layer, x, model.rotary, opts.calib.chunk_seqs)
+    if opts.smooth_attention and qc.kv_bits < 16:
+        apply_smooth_attention(attn, smooth_attention_scales(acts.keys, opts.smooth_attention_alpha), cfg)
+    o_in, down_in, qkv_in, gate_up_in = acts.o_in, acts.down_in, acts.qkv_in, acts.gate_up_in
+    fake_w = _fake_weight_fn(opts, qc)
+    if opts.smooth and opts.smooth_block_inputs:
+        qkv_in = _smooth_block_input(layer.input_layernorm, attn.qkv_proj, qkv_in, opts, fake_w)
+        gate_up_in = _smooth_block_input(layer.post_attention_layernorm, mlp.gate_up_proj, gate_up_in, opts, fake_w)
+    if opts.smooth:
+        res = smoothing.search_o_proj(subsample_rows(o_in, opts.search_tokens, opts.seed), attn, cfg, fake_w)
+        if res.alpha is not None:
+            smoothing.apply_o_proj_smoothing(attn, res.scale, cfg)
+            o_in = o_in / smoothing.o_input_scale(res.scale, cfg)
+        res = smoothing.search_down_proj(subsample_rows(down_in, opts.search_tokens, opts.seed), mlp, fake_w)
+        if res.alpha is not None:
+            smoothing.apply_down_smoothing(mlp, res.scale)
+            down_in = down_in / res.scale
+    if opts.reorder and qc.weight_bits == 4 and qc.group_size > 0:
+        o_in = o_in[:, reorder_o_proj(attn, o_in.abs().amax(0), cfg)]
+        down_in = down_in[:, reorder_down_proj(mlp, down_in.abs().amax(0))]
+    targets = [(attn, "qkv_proj", qkv_in), (attn, "o_proj", o_in),
+               (mlp, "gate_up_proj", gate_up_in), (mlp, "down_proj", down_in)]
+    for parent, name, inputs in targets:
+        setattr(parent, name, _quantized_linear(getattr(parent, name), inputs, opts, qc))
+    return acts.output
+
+
+def _smooth_block_input(norm, linear, x: torch.Tensor, opts: QoQOptions, fake_w) -> torch.Tensor:
+    """AWQ/SmoothQuant-style scale on a block input, folded into its RMSNorm weight."""
+    res = smoothing.search_smoothing(subsample_rows(x, opts.search_tokens, opts.seed), linear.weight, fake_w)
+    if res.alpha is None:
+        return x
+    smoothing.apply_norm_smoothing(norm, linear, res.scale)
+    return x / res.scale
+
+
+def _quantized_linear(linear: nn.Linear, inputs: torch.Tensor, opts: QoQOptions, qc: QuantConfig) -> nn.Module:
+    w = linear.weight.float()
+    clip = None
+    if opts.clip:
+        clip = search_clip(w, gram(subsample_rows(inputs, opts.clip_tokens, opts.seed)), qc.weight_bits, qc.group_size)
+    if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
+        return FakeQuantLinear(fake_w4_group_rtn(w, qc.group_size).to(linear.weight.dtype), linear.bias)
+    params = quantize_weight(w, qc.weight_bits, qc.group_size, clip)
+    if opts.fake_quant:
+        deq = params.dequantize()[:, : w.shape[1]].to(linear.weight.dtype)
+        return FakeQuantLinear(deq, linear.bias)
+    return make_quant_linear(params, linear.in_features, linear.bias).to(linear.weight.device)
+
+
+def describe(options: QoQOptions) -> dict:
+    """The options as plain data (for benchmark records)."""
+    d = dataclasses.asdict(options)
+    d.pop("progress", None)
+    return d

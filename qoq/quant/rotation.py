@@ -1,0 +1,139 @@
+"""RMSNorm folding and the block input rotation (QuaRot-style, SPEC section 2).
+
+Rotation: the residual stream x becomes x Q with Q = diag(signs) H / sqrt(n), H a Hadamard
+matrix of order n = hidden size. Hidden sizes of the supported models are 2^a * m with small odd
+m, so H is the Kronecker product of a Sylvester matrix (power of two) and one "core" Hadamard
+matrix built by Paley's constructions (order q + 1 for a prime q = 3 mod 4, order 2(q + 1) for a
+prime q = 1 mod 4). SmolLM2's 576 = 36 x 16: Paley II (q = 17) x Sylvester 16. Llama 5120 = 20 x
+256 (Paley I, q = 19), 14336 = 28 x 512 (Paley II, q = 13). A hidden size with no such
+factorisation gets a clear error (no block-diagonal fallback is needed by the supported models).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qoq.model.llama import LlamaModel
+
+
+class RotationError(ValueError):
+    """No Hadamard construction for this size."""
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def paley1(q: int) -> torch.Tensor:
+    """Order q + 1 for a prime q = 3 (mod 4)."""
+    jac = _jacobsthal(q)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jac
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def paley2(q: int) -> torch.Tensor:
+    """Order 2(q + 1) for a prime q = 1 (mod 4)."""
+    jac = _jacobsthal(q)
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, jac
+    # Conference matrix c: its zero diagonal becomes [[1, -1], [-1, -1]], each +-1 becomes +-[[1, 1], [1, -1]].
+    on = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    diag = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, on) + torch.kron(torch.eye(q + 1, dtype=torch.float64), diag)
+
+
+def sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _core(m: int) -> tuple[torch.Tensor, str] | None:
+    """A Paley Hadamard matrix of order m, if one construction applies."""
+    if m in (1, 2):
+        return sylvester(m), f"sylvester({m})"
+    if m % 4:
+        return None
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return paley1(m - 1), f"paley1(q={m - 1})"
+    if _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return paley2(m // 2 - 1), f"paley2(q={m // 2 - 1})"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def hadamard(n: int) -> tuple[torch.Tensor, str]:
+    """(H of order n with H H^T = n I, float64; the construction's name)."""
+    odd, two = n, 1
+    while odd % 2 == 0:
+        odd, two = odd // 2, two * 2
+    core_two = 1
+    while core_two <= two:  # smallest core m = odd * 2^c, the rest is Sylvester
+        found = _core(odd * core_two)
+        if found is not None:
+            h, name = found
+            rest = n // h.shape[0]
+            return torch.kron(h, sylvester(rest)), f"{name} x sylvester({rest})"
+        core_two *= 2
+    raise RotationError(
+        f"no Hadamard construction for size {n} = 2^k * {odd}: run quantize with --no-rotation"
+    )
+
+
+def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """Orthogonal Q = diag(random signs) H / sqrt(n) (float64) and its description."""
+    h, name = hadamard(n)
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+    return signs[:, None] * h / n**0.5, f"randomized hadamard {name} (seed {seed})"
+
+
+@torch.no_grad()
+def fold_norms(model: LlamaModel) -> None:
+    """Fold RMSNorm weights into the linears that read them (W <- W diag(g), g <- 1)."""
+    model.untie_lm_head()  # the final norm folds into the head, not into the embedding
+    pairs = [(layer.input_layernorm, layer.self_attn.qkv_proj) for layer in model.layers]
+    pairs += [(layer.post_attention_layernorm, layer.mlp.gate_up_proj) for layer in model.layers]
+    pairs.append((model.norm, model.lm_head))
+    for norm, linear in pairs:
+        w = linear.weight
+        w.copy_((w.double() * norm.weight.double()[None, :]).to(w.dtype))
+        norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_model(model: LlamaModel, seed: int = 0) -> str:
+    """Rotate the residual stream (needs fold_norms first). Returns the rotation's description."""
+    if any(bool((layer.input_layernorm.weight != 1).any()) for layer in model.layers):
+        raise RuntimeError("rotate_model needs RMSNorm weights folded first (fold_norms)")
+    q, name = rotation_matrix(model.config.hidden_size, seed)
+    q = q.to(model.device)
+
+    def right(w):  # inputs read the rotated stream: W <- W Q
+        w.copy_((w.double() @ q).to(w.dtype))
+
+    def left(w):  # outputs write into it: W <- Q^T W
+        w.copy_((q.T @ w.double()).to(w.dtype))
+
+    right(model.embed_tokens.weight)
+    right(model.lm_head.weight)
+    for layer in model.layers:
+        right(layer.self_attn.qkv_proj.weight)
+        right(layer.mlp.gate_up_proj.weight)
+        left(layer.self_attn.o_proj.weight)
+        left(layer.mlp.down_proj.weight)
+        for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.copy_((lin.bias.double() @ q).to(lin.bias.dtype))
+    return name

@@ -1,0 +1,158 @@
+"""The pipeline end to end on a tiny model; packed and QServe checkpoints; corrupt inputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qoq.kernels import unpack_w4
+from qoq.model.loader import LoadError, load_any_weights
+from qoq.quant.calibrate import CalibConfig
+from qoq.quant.checkpoint import CheckpointError, hf_config_dict, save_checkpoint
+from qoq.quant.pipeline import QoQOptions, quantize_model
+from qoq.quant.qserve_format import permute_groups, tile_qweight
+from quant_helpers import tiny_model
+
+
+def _quantized(precision="w4a8kv4", group_size=128, **kw):
+    model = tiny_model(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, dtype=torch.float32)
+    calib = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
+    opts = QoQOptions(precision=precision, group_size=group_size, progress=False, search_tokens=64,
+                      calib=CalibConfig(num_seqs=4, seq_len=32, chunk_seqs=2), **kw)
+    fp = tiny_model(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, dtype=torch.float32)
+    quantize_model(model, None, opts, calib_tokens=calib)
+    with torch.no_grad():  # what the checkpoint stores: fp16 embeddings, head and norms
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model, fp
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model.compute_logits(model(tokens))
+
+
+TOKENS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("precision,group_size", [("w4a8kv4", 128), ("w4a8kv8", -1), ("w8a8kv8", 128)])
+def test_round_trip(tmp_path, precision, group_size):
+    model, fp = _quantized(precision, group_size)
+    q, ref = _logits(model, TOKENS), _logits(fp, TOKENS)
+    assert torch.isfinite(q).all()
+    # a random tiny model is no accuracy test, only a sanity bound: quantized logits stay near
+    assert (q - ref).abs().mean() < 0.5 * ref.abs().mean()
+    save_checkpoint(model, tmp_path)
+    meta = json.loads((tmp_path / "quant_config.json").read_text())
+    assert meta["precision"] == precision and meta["format"] == "qoq-packed"
+    loaded = load_any_weights(tmp_path)
+    assert loaded.quant_config.kv_bits == model.quant_config.kv_bits
+    assert torch.allclose(_logits(loaded, TOKENS), q, atol=1e-5)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "layers.0.self_attn.qkv_proj"
+    if precision.startswith("w4"):
+        assert tensors[f"{name}.qweight"].dtype == torch.uint8 and tensors[f"{name}.qweight"].shape == (256, 64)
+        assert tensors[f"{name}.s1"].dtype == torch.float16
+        if group_size == 128:
+            assert tensors[f"{name}.s2"].dtype == torch.int8 and tensors[f"{name}.sz"].dtype == torch.int8
+
+
+def _write_qserve(model, folder):
+    """Our quantized tiny model written in QServe's model-zoo layout (unfused HF names)."""
+    cfg = model.config
+    tensors = {"model.embed_tokens.weight": model.embed_tokens.weight.half(), "lm_head.weight": model.lm_head.weight.half()}
+    splits = {"self_attn.qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
+              "self_attn.o_proj": (("o_proj", cfg.hidden_size),),
+              "mlp.gate_up_proj": (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)),
+              "mlp.down_proj": (("down_proj", cfg.hidden_size),)}
+    for i, layer in enumerate(model.layers):
+        for fused, parts in splits.items():
+            mod = layer.get_submodule(fused)
+            codes, start = unpack_w4(mod.qweight), 0
+            for hf, n in parts:
+                p = f"model.layers.{i}.{fused.split('.')[0]}.{hf}"
+                rows = slice(start, start + n)
+                tensors[f"{p}.qweight"] = tile_qweight(codes[rows])
+                tensors[f"{p}.s1_scales"] = mod.s1[rows].clone()
+                if hasattr(mod, "s2"):
+                    tensors[f"{p}.s2_scales"] = permute_groups(mod.s2[rows])
+                    tensors[f"{p}.s2_zeros"] = permute_groups((-mod.sz[rows].int()).to(torch.int8))
+                else:
+                    tensors[f"{p}.s1_szeros"] = mod.szero[rows].clone()
+                start += n
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
+
+
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_qserve_layout_loads(tmp_path, group_size):
+    model, _ = _quantized(group_size=group_size, reorder=False)
+    _write_qserve(model, tmp_path)
+    loaded = load_any_weights(tmp_path)
+    assert loaded.quant_config.group_size == group_size and loaded.quant_config.kv_bits == 4
+    assert torch.allclose(_logits(loaded, TOKENS), _logits(model, TOKENS), atol=1e-5)
+    _drop(tmp_path / "model.safetensors", "model.layers.0.self_attn.k_proj.s1_scales")
+    with pytest.raises(LoadError, match="lacks .*k_proj.s1_scales"):
+        load_any_weights(tmp_path)
+
+
+def _drop(path, name):
+    tensors = load_file(str(path))
+    del tensors[name]
+    save_file(tensors, str(path))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed")
+    save_checkpoint(_quantized()[0], folder)
+    return folder
+
+
+def _copy(packed, tmp_path):
+    import shutil
+
+    return shutil.copytree(packed, tmp_path / "ckpt")
+
+
+def test_corrupt_safetensors(packed, tmp_path):
+    folder = _copy(packed, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="cannot read safetensors"):
+        load_any_weights(folder)
+
+
+def test_corrupt_quant_config(packed, tmp_path):
+    folder = _copy(packed, tmp_path)
+    (folder / "quant_config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="not valid JSON"):
+        load_any_weights(folder)
+    (folder / "quant_config.json").write_text(json.dumps({"format": "qoq-packed", "precision": "w4a8kv4", "group_size": -1}))
+    with pytest.raises(LoadError, match="does not match its config"):
+        load_any_weights(folder)
+
+
+def test_out_of_range_group_scales(packed, tmp_path):
+    folder = _copy(packed, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["layers.1.mlp.down_proj.s2"][0, 0] = 0
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match="group scales must be 1..16"):
+        load_any_weights(folder)
+
+
+def test_fake_quant_models_cannot_be_packed(tmp_path):
+    model, _ = _quantized(fake_quant=True, reorder=False, clip=False)
+    with pytest.raises(CheckpointError, match="float simulation"):
+        save_checkpoint(model, tmp_path)
+
+
+def test_cli_rejects_bad_options(capsys):
+    from qoq.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--out", "/tmp/x", "--group-size", "64"])
+    with pytest.raises(SystemExit):
+        main(["quantize", "--out", "/tmp/x", "--precision", "w3a8kv4"])

@@ -1,0 +1,54 @@
+"""The reference integer path equals a float64 computation of the same quantized numbers."""
+
+import pytest
+import torch
+
+from qoq.kernels import quantize_per_token
+from qoq.layers.attention import CausalAttention, DenseKVCache
+from qoq.layers.quant_linear import FakeQuantLinear, make_quant_linear
+from qoq.quant.quantizer import quantize_weight
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 128)])
+@pytest.mark.parametrize("k", [256, 96])  # 96: zero-padded to the kernels' 128
+def test_integer_path_equals_float64(bits, group_size, k):
+    gen = torch.Generator().manual_seed(k + bits)
+    w = torch.randn(48, k, generator=gen) * 0.05
+    bias = torch.randn(48, generator=gen)
+    x = torch.randn(2, 5, k, generator=gen) * 3
+    params = quantize_weight(w, bits, group_size)
+    layer = make_quant_linear(params, k, bias)
+    y = layer(x)
+    # float64 of the same numbers: int8 activations times their scale, dequantized weights
+    x8, sx, _ = quantize_per_token(x.reshape(-1, k))
+    x64 = x8.double() * sx.double()[:, None]
+    w64 = params.dequantize().double()[:, :k]
+    if bits == 4 and group_size == -1:  # the fp16 scaled zero is what the kernel subtracts
+        w64 = params.q4.double()[:, :k] * params.scale.double()[:, None] - params.szero.double()[:, None]
+    ref = (x64 @ w64.T).reshape(2, 5, 48) + bias.double()
+    assert y.shape == (2, 5, 48)
+    # the GEMM rounds its output to fp16 (SPEC: fp16 out), nothing else differs
+    assert (y.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
+    fake = FakeQuantLinear(params.dequantize()[:, :k], bias)
+    assert (fake(x).double() - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+def test_causal_attention_sees_quantized_kv():
+    from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
+    from qoq.layers.rotary import RotaryEmbedding
+    from qoq.config import RopeScaling
+
+    rot = RotaryEmbedding(16, 64, 10000.0, RopeScaling())
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, h, 16, generator=gen) for h in (4, 2, 2))
+    pos = torch.arange(6)[None]
+    plain, kv4 = CausalAttention()(0, q, k, v, pos, rot), CausalAttention(kv_bits=4)(0, q, k, v, pos, rot)
+    assert not torch.allclose(plain, kv4)
+    qr, kr = rot(pos, q, k)
+    deq = lambda t: dequantize_kv_ref(*quantize_kv_ref(t, 4), 4, dtype=t.dtype)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qr.transpose(1, 2), deq(kr).transpose(1, 2), deq(v).transpose(1, 2), is_causal=True, enable_gqa=True)
+    assert torch.allclose(kv4, out.transpose(1, 2), atol=1e-5)
+    cache = DenseKVCache(1, 1, 8, 2, 16, torch.float32, kv_bits=4)
+    assert torch.allclose(cache(0, q, k, v, pos, rot), kv4, atol=1e-5)
+
