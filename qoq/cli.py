@@ -78,20 +78,38 @@ def cmd_eval_ppl(args) -> int:
 def cmd_demo(args) -> int:
     from qoq.data.corpus import load_corpus
     from qoq.eval.perplexity import perplexity, tokenize_corpus
+
     model, tokenizer = _load(args)
     ids = tokenize_corpus(tokenizer, load_corpus("eval"))
-    result = perplexity(model, ids, seq_len=512, max_tokens=args.ppl_tokens)
-    print(f"perplexity (fp {str(model.dtype).removeprefix('torch.')}, Python-docs eval split, "
-          f"{result.tokens} tokens, seq 512): {result.ppl:.2f}")
-    model = _quantize_for_demo(model, tokenizer, args)
-    _demo_chat_over_http(model, tokenizer, args)
+    fp = perplexity(model, ids, seq_len=512, max_tokens=args.ppl_tokens)
+    qmodel = _quantize_for_demo(model, tokenizer, args)
+    quant = perplexity(qmodel, ids, seq_len=512, max_tokens=args.ppl_tokens)
+    qc = qmodel.quant_config
+    print(f"perplexity on the Python-docs eval split ({fp.tokens} tokens, seq 512): "
+          f"fp32 {fp.ppl:.2f}, QoQ {qc.precision} g{qc.group_size} {quant.ppl:.2f} "
+          f"(+{100 * (quant.ppl / fp.ppl - 1):.1f}%)")
+    _demo_chat_over_http(qmodel, tokenizer, args)
     return 0
 
 
 def _quantize_for_demo(model, tokenizer, args):
-    """Hook for the quantizer: once `qoq quantize` lands, quantize `model` here (W4A8, QoQ) so the
-    demo serves the quantized model. Until then the demo serves fp weights with a KV4 paged cache."""
-    return model
+    """QoQ-quantize the model once and keep the packed checkpoint in the cache; later demos load it."""
+    from qoq.model.gguf_convert import cache_root
+    from qoq.model.loader import load_model
+    from qoq.quant.calibrate import CalibConfig
+    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.quant.pipeline import QoQOptions, quantize_model
+
+    out = cache_root() / "demo" / f"{args.model}-{args.precision}-g{args.group_size}"
+    if not (out / "quant_config.json").exists():
+        import copy
+
+        print(f"quantizing with QoQ ({args.precision}, group size {args.group_size}) -> {out}", file=sys.stderr)
+        options = QoQOptions(precision=args.precision, group_size=args.group_size,
+                             calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=512))
+        save_checkpoint(quantize_model(copy.deepcopy(model), tokenizer, options), out, tokenizer)
+    qmodel, _ = load_model(out, dtype=model.dtype, device=model.device)
+    return qmodel
 
 
 def _demo_chat_over_http(model, tokenizer, args) -> None:
@@ -105,7 +123,8 @@ def _demo_chat_over_http(model, tokenizer, args) -> None:
     config = EngineConfig(kv_bits=args.kv_bits, max_model_len=2048)
     server = make_server(model, tokenizer, "qoq-demo", config, "127.0.0.1", port, log_level="warning")
     with BackgroundServer(server):
-        print(f"serving on http://127.0.0.1:{port}/v1 (KV{args.kv_bits} paged cache)")
+        print(f"serving on http://127.0.0.1:{port}/v1 ({model.quant_config.precision}, "
+              f"KV{args.kv_bits or model.quant_config.kv_bits} paged cache)")
         for question in args.questions:
             body = {"model": "qoq-demo", "messages": [{"role": "user", "content": question}],
                     "max_tokens": 64, "temperature": 0}
@@ -233,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of the eval split to score")
     demo.add_argument("--questions", nargs="*",
                       default=["What is the capital of France?", "Write a haiku about the sea."])
-    demo.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=4, help="KV cache precision served")
+    demo.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
+    demo.add_argument("--group-size", type=int, choices=[128, -1], default=128)
+    demo.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences of 512 tokens")
+    demo.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=None,
+                      help="KV cache precision served (default: the quantized model's)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
