@@ -3,6 +3,13 @@ import os
 import pytest
 import torch
 
+# Triton decides at decoration time whether a @triton.jit function is interpreted, and kernels'
+# device helpers are decorated at import. Any test module may import qoq.kernels first, so the
+# CPU interpreter is switched on here, before collection (the kernels still run through their
+# torch twins unless a test forces Triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep the suite's conversions out of the user's cache only when asked; the default cache is fine
 # and makes repeated runs fast.
 torch.set_num_threads(max(1, os.cpu_count() or 1))
