@@ -64,7 +64,8 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     for prompt in prompts:
         engine.add_request(prompt, params)
     decode_steps: list[float] = []
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
@@ -94,12 +95,12 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
 
     if batch <= 0:  # "max": as many sequences as the KV pages that fit in memory can hold in full
         probe = make_engine(1024, num_pages, eager=True)
-        num_pages = probe.block_manager.num_pages
+        num_pages = int(probe.block_manager.num_pages * 0.97)  # leave room for the CUDA graphs' pool
         batch = min(max_batch, num_pages // -(-max_len // probe.config.page_size))
-        num_pages = int(num_pages * 0.97)  # leave room for the CUDA graphs' memory pool
         del probe
         gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if batch < 1:
             raise RuntimeError(f"{config_name} at {precision}: not even one sequence of {max_len} tokens fits")
     engine = make_engine(batch, num_pages, eager=device != "cuda")
