@@ -161,18 +161,8 @@ def fake_quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, cli
 
 
 def fake_quantize_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8, as quantize_per_token does, returned dequantized."""
-    xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(xf / safe).clamp(-127, 127) * scale
+    """Per-token symmetric int8 (the kernels' quantize_per_token), returned dequantized, float."""
+    from qoq.kernels.quant import quantize_per_token_ref
 
-
-def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per token-head asymmetric KV quantization (last dim = head_dim), dequantized, float."""
-    from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
-
-    if bits >= 16:
-        return x
-    data, scale, zero = quantize_kv_ref(x, bits)
-    return dequantize_kv_ref(data, scale, zero, bits, dtype=x.dtype)
+    x8, scale, _ = quantize_per_token_ref(x.reshape(-1, x.shape[-1]))
+    return (x8.float() * scale[:, None]).reshape(x.shape)
