@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from qoq.layers.activation import QuantizedActivation, rmsnorm_quantized
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -8,7 +10,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quantize: bool = False) -> torch.Tensor | QuantizedActivation:
+        """quantize=True: int8 per token for a quantized linear, in one fused kernel."""
+        if quantize:
+            return rmsnorm_quantized(x, self.weight, self.eps)
         # Statistics in fp32 whatever the storage dtype, as HF Llama does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

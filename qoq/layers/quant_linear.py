@@ -2,8 +2,9 @@
 
 forward(x) quantizes x per token to int8 (`quantize_per_token`), pads K to the kernels' multiple
 of 128 with zero columns, and calls the kernel function, which dispatches itself: Triton on a
-GPU, the torch reference twin (exact int arithmetic, in float64) on the CPU. `gemm(x8, ...)` is
-the entry for callers (the engine) that already hold int8 activations from a fused producer.
+GPU, the torch reference twin (exact int arithmetic, in float64) on the CPU. forward also takes
+a QuantizedActivation (qoq.layers.activation): int8 rows a fused RMSNorm or SiLU*mul kernel
+already produced, which skips the separate quantization pass.
 
 FakeQuantLinear is the float simulation, kept only as a cross-check and for formats no kernel
 runs (the non-progressive RTN g128 baseline of the ablation ladder).
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoq.kernels import quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
+from qoq.layers.activation import QuantizedActivation
 from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
 
 
@@ -23,6 +25,7 @@ class QuantLinear(nn.Module):
     """Base: int8 per-token activations in, the layer's dtype out (+ optional fp bias)."""
 
     kind = ""
+    accepts_int8 = True  # forward takes a QuantizedActivation from a fused producer
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -34,16 +37,19 @@ class QuantLinear(nn.Module):
     def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            x8, x_scale, x_sum, lead, dtype = x
+        else:
+            lead, dtype = x.shape[:-1], x.dtype
+            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
         if self.padded_in != self.in_features:
             # Zero columns change neither the per-token scale nor the sum.
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
-        y = self.gemm(x8, x_scale, x_sum).to(x.dtype)
+        y = self.gemm(x8, x_scale, x_sum).to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoq.config import ModelConfig, QuantConfig
+from qoq.layers.activation import accepts_int8, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.norm import RMSNorm
@@ -30,10 +31,11 @@ class Attention(nn.Module):
         self.o_proj = make_linear(config.q_size, config.hidden_size, False, f"{prefix}.o_proj")
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
+        self, x, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
     ) -> torch.Tensor:
+        """x: [B, T, hidden], or the same as int8 rows (QuantizedActivation) for a quantized qkv_proj."""
         cfg = self.config
-        batch, num_tokens, _ = x.shape
+        batch, num_tokens = positions.shape
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -52,8 +54,11 @@ class MLP(nn.Module):
         )
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    def forward(self, x) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
+            return self.down_proj(silu_mul_quantized(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -68,8 +73,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # A quantized linear after a norm gets int8 rows from one fused RMSNorm+quant kernel.
+        h = self.input_layernorm(x, quantize=accepts_int8(self.self_attn.qkv_proj))
+        x = x + self.self_attn(h, positions, rotary, attn)
+        h = self.post_attention_layernorm(x, quantize=accepts_int8(self.mlp.gate_up_proj))
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,39 @@
+"""Int8 activations handed from a fused producer straight to a quantized linear.
+
+A W4A8/W8A8 linear needs its input as int8 per token (+ scale and row sum). When the op before
+it is an RMSNorm or SiLU*mul, one fused kernel (qoq.kernels.quant) computes the op and quantizes
+in the same pass, so the fp16 activation is never written out and read back. The model asks a
+linear whether it takes such input (`accepts_int8`) and then passes a QuantizedActivation instead
+of a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from qoq.kernels import rmsnorm_quant, silu_mul_quant
+
+
+class QuantizedActivation(NamedTuple):
+    x8: torch.Tensor  # [M, K] int8
+    scale: torch.Tensor  # [M] fp32
+    xsum: torch.Tensor  # [M] fp32: scale * row sum of x8
+    shape: torch.Size  # the leading dims of the activation it stands for (M = their product)
+    dtype: torch.dtype  # the dtype the activation would have had
+
+
+def accepts_int8(linear: nn.Module) -> bool:
+    return getattr(linear, "accepts_int8", False)
+
+
+def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> QuantizedActivation:
+    x8, scale, xsum = rmsnorm_quant(x.reshape(-1, x.shape[-1]), weight, eps)
+    return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype)
+
+
+def silu_mul_quantized(gate_up: torch.Tensor) -> QuantizedActivation:
+    x8, scale, xsum = silu_mul_quant(gate_up.reshape(-1, gate_up.shape[-1]))
+    return QuantizedActivation(x8, scale, xsum, gate_up.shape[:-1], gate_up.dtype)

@@ -1,0 +1,42 @@
+"""Quantized layers take int8 rows straight from the fused RMSNorm / SiLU*mul kernels.
+
+The fused path must compute exactly what the unfused one does (norm or SiLU*mul in fp32, then
+the per-token quantizer), so an fp32 model's outputs are bit-identical either way.
+"""
+
+import pytest
+import torch
+
+from qoq.config import ModelConfig, QuantConfig
+from qoq.bench.random_model import random_model
+from qoq.layers.activation import QuantizedActivation
+from qoq.layers.quant_linear import QuantLinear
+
+TINY = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 128,
+                            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "max_position_embeddings": 64})
+
+
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", 128), ("w4a8kv8", -1), ("w8a8kv8", -1)])
+def test_fused_quantization_equals_the_unfused_path(monkeypatch, precision, group):
+    model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=3)
+    for layer in model.layers:  # non-trivial norm weights, so folding them in is exercised
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, TINY.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+
+    seen = []
+    original = QuantLinear.forward
+
+    def spy(self, x):
+        seen.append(isinstance(x, QuantizedActivation))
+        return original(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", spy)
+    with torch.no_grad():
+        fused = model(ids)
+        # qkv, gate_up (after the norms) and down (after SiLU*mul) get int8 rows; o_proj does not.
+        assert seen[:4] == [True, False, True, True]
+        monkeypatch.setattr(QuantLinear, "accepts_int8", False)
+        unfused = model(ids)
+    assert torch.equal(fused, unfused)
