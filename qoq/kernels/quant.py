@@ -8,6 +8,8 @@ Each returns (x8 int8 [M, H], scale fp32 [M], xsum fp32 [M]):
   round trip through fp16 between the norm and the quantizer). weight None = folded away.
 - silu_mul_quant(gate_up): gate_up = [gate | up] along the last dim, y = silu(gate) * up.
 - quantize_per_token(x): y = x.
+rmsnorm(x, weight, eps) and silu_mul(gate_up) are the same row kernels writing y in x's dtype
+instead of int8: the full-precision (w16a16) model's fused norm and activation.
 
 Triton: one program per row holds the whole row in registers (H <= 16384 for Llama-3-8B's
 14336-wide MLP), so the row is read once and written once as int8: memory-bound by design.
@@ -66,10 +68,26 @@ def quantize_per_token_ref(x: torch.Tensor):
     return _quantize_rows_ref(x)
 
 
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2) + eps) * weight in fp32, returned in x's dtype (as HF Llama does)."""
+    _check_2d(x, "x")
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    _check_2d(gate_up, "gate_up")
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 @lazy_jit
 def _row_quant_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, H, stride_x, eps,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -86,6 +104,9 @@ def _row_quant_kernel(
         y = y * (1.0 / tl.sqrt(ms + eps))
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if not QUANT:  # full-precision output in q_ptr's dtype
+        tl.store(q_ptr + row.to(tl.int64) * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+        return
     scale = tl.max(tl.abs(y), axis=0) / 127.0
     safe = tl.where(scale > 0, scale, 1.0)
     r = y / safe
@@ -96,22 +117,21 @@ def _row_quant_kernel(
     tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
 
 
-def _launch(x, weight, eps, mode, h):
+def _launch(x, weight, eps, mode, h, quant=True):
     m = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q = torch.empty((m, h), dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    xsum = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q, scale, xsum
-    block = triton.next_power_of_2(h)
-    num_warps = max(1, min(16, block // 512))
-    _row_quant_kernel[(m,)](
-        x, weight if weight is not None else x, q, scale, xsum, h, x.stride(0), eps,
-        MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=num_warps,
-    )
-    return q, scale, xsum
+    q = torch.empty((m, h), dtype=torch.int8 if quant else x.dtype, device=x.device)
+    scale = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
+    xsum = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
+    if m > 0:
+        block = triton.next_power_of_2(h)
+        num_warps = max(1, min(16, block // 512))
+        _row_quant_kernel[(m,)](
+            x, weight if weight is not None else x, q, scale, xsum, h, x.stride(0), eps,
+            MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, num_warps=num_warps,
+        )
+    return (q, scale, xsum) if quant else q
 
 
 def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
@@ -129,6 +149,18 @@ def quantize_per_token_triton(x: torch.Tensor):
     return _launch(x, None, 0.0, _PLAIN, x.shape[1])
 
 
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    _check_2d(x, "x")
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], quant=False)
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    _check_2d(gate_up, "gate_up")
+    return _launch(gate_up, None, 0.0, _SILU_MUL, gate_up.shape[1] // 2, quant=False)
+
+
+rmsnorm = dispatch(rmsnorm_ref, rmsnorm_triton)
+silu_mul = dispatch(silu_mul_ref, silu_mul_triton)
 rmsnorm_quant = dispatch(rmsnorm_quant_ref, rmsnorm_quant_triton)
 silu_mul_quant = dispatch(silu_mul_quant_ref, silu_mul_quant_triton)
 quantize_per_token = dispatch(quantize_per_token_ref, quantize_per_token_triton)

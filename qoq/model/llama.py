@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoq.config import ModelConfig, QuantConfig
+from qoq.kernels import silu_mul
 from qoq.layers.activation import accepts_int8, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
@@ -58,8 +59,7 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
             return self.down_proj(silu_mul_quantized(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1))
 
 
 class DecoderLayer(nn.Module):

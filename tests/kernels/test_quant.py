@@ -73,3 +73,21 @@ def test_quant_real_shapes_gpu(gen, poison):
     _compare(rmsnorm_quant_triton(x, w, 1e-5), rmsnorm_quant_ref(x, w, 1e-5))
     gu = torch.randn(300, 2 * 14336, generator=gen).half().cuda()
     _compare(silu_mul_quant_triton(gu), silu_mul_quant_ref(gu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rmsnorm_and_silu_mul_full_precision(dtype, device, gen, poison):
+    x = (torch.randn(5, 200, generator=gen) * 3).to(dtype).to(device)
+    w = (torch.rand(200, generator=gen) + 0.5).to(dtype).to(device)
+    from qoq.kernels.quant import rmsnorm_ref, rmsnorm_triton, silu_mul_ref, silu_mul_triton
+
+    out, ref = rmsnorm_triton(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert rel_err(out, ref) < tol
+    xd = x.double()
+    assert rel_err(ref, xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()) < tol
+    gu = torch.randn(4, 2 * 96, generator=gen).to(dtype).to(device)
+    out, ref = silu_mul_triton(gu), silu_mul_ref(gu)
+    assert out.dtype == dtype and out.shape == (4, 96)
+    assert rel_err(out, ref) < tol
