@@ -178,19 +178,20 @@ def sweep_configs(m):
         return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=4, SPLIT_K=sk, SWAP=sw)
                 for bm in (32, 64) for bn in (64, 128) for sk in (1, 2) for sw in (True, False)]
     tiles = [(64, 128), (128, 64), (128, 128), (256, 64), (64, 256), (128, 256), (256, 128)]
+    splits = (1,)
     if m > 256:
-        tiles = [(128, 128), (128, 256), (256, 128)]
+        tiles, splits = [(128, 128), (128, 256), (256, 128), (128, 64)], (1, 2)
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm * bn <= 128 * 128 else 8, num_stages=s,
-                 SPLIT_K=1, SWAP=sw)
-            for bm, bn in tiles for s in (3, 4) for sw in (True, False)]
+                 SPLIT_K=sk, SWAP=sw)
+            for bm, bn in tiles for s in (3, 4) for sw in ((True,) if m > 256 else (True, False)) for sk in splits]
 
 
-def sweep(gen, seconds: float) -> list:
+def sweep(gen, seconds: float, ms=(16, 256, 64, 1024)) -> list:
     """Time a grid of tile configs for the W4A8 kernels, the target sizes first, until a deadline."""
     import time
 
     deadline, out = time.time() + seconds, []
-    for m in (16, 256, 64, 1024):
+    for m in ms:
         for n, k in SHAPES:
             wsets = weight_sets(n, k, gen)
             for name in ("w4a8_g128", "w4a8_per_channel"):
@@ -244,7 +245,7 @@ def run(args) -> dict:
             print(f"done N={n} K={k} M={m}", flush=True)
         del wsets
     if args.sweep:
-        sweeps = sweep(gen, args.sweep_seconds)
+        sweeps = sweep(gen, args.sweep_seconds, args.sweep_ms)
     best = {}
     for r in sweeps:
         key = f"{r['kernel']}/M={r['M']}/N={r['N']}/K={r['K']}"
@@ -276,6 +277,7 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time a grid of tile configs")
     p.add_argument("--sweep-seconds", type=float, default=240)
     p.add_argument("--ms", type=int, nargs="*", default=MS)
+    p.add_argument("--sweep-ms", type=int, nargs="*", default=[16, 256, 64, 1024], help="M values the sweep tunes")
     args = p.parse_args()
     result = run(args)
     with open(args.out, "w") as f:

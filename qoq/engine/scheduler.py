@@ -39,6 +39,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
+        self.page_size = block_manager.page_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest admission first
         self.num_preemptions = 0
@@ -64,6 +65,11 @@ class Scheduler:
             seq = queue.popleft()
             if budget == 0:  # over the token budget: keeps its pages, decodes next step
                 still_running.append(seq)
+                continue
+            if seq.num_tokens <= len(seq.block_table) * self.page_size:  # fast path: no new page
+                batch.decodes.append(seq)
+                still_running.append(seq)
+                budget -= 1
                 continue
             while not self.block_manager.can_grow(seq):
                 victim = queue.pop() if queue else seq

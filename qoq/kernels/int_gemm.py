@@ -195,6 +195,17 @@ def default_config(M: int, N: int, K: int, mode: int) -> dict:
             cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=6)
         else:
             cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
+    elif M <= 768:
+        # 256-token tiles would leave half of the SMs idle on N=4096 (64 CTAs at M=512): 128-token
+        # tiles, split-K 2 for the K=14336 down projection (M=512 sweep, docs/kernels.md).
+        want = 0
+        if K >= 8192:
+            cfg = dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3)
+            want = 2 * triton.cdiv(M, 256) * triton.cdiv(N, 128)
+        elif mode == MODE_W4_G128:
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3)
         want = 0
