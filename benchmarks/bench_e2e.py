@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--cases", default=",".join(f"{p}:{g}" for p, g in CASES),
-                        help="precision:group_size list")
+                        help="precision:group_size[:batch] list (no batch: --batch)")
     parser.add_argument("--batch", type=int, default=0, help="0 = the largest that fits")
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--hf-batches", default="64,128", help="empty to skip the transformers baseline")
@@ -88,9 +88,10 @@ def main() -> None:
         print(json.dumps(record), flush=True)
 
     for case in args.cases.split(","):
-        precision, group = case.split(":")
+        precision, group, *batch = case.split(":")  # an optional third field fixes the batch
         try:
-            result = run_throughput(args.config, precision, int(group), args.batch or 0, args.input_len,
+            result = run_throughput(args.config, precision, int(group), int(batch[0]) if batch else args.batch,
+                                    args.input_len,
                                     args.output_len, "cuda", ceilings, max_batch=args.max_batch)
             save(result.to_dict())
         except Exception as err:  # one failing precision must not lose the others' numbers
