@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--cases", default=",".join(f"{p}:{g}" for p, g in CASES),
-                        help="precision:group_size[:batch] list (no batch: --batch)")
+                        help="precision:group_size[:batch] list (no batch: --batch); empty for none")
     parser.add_argument("--batch", type=int, default=0, help="0 = the largest that fits")
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--hf-batches", default="64,128", help="empty to skip the transformers baseline")
@@ -87,7 +87,7 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=1))
         print(json.dumps(record), flush=True)
 
-    for case in args.cases.split(","):
+    for case in filter(None, args.cases.split(",")):
         precision, group, *batch = case.split(":")  # an optional third field fixes the batch
         try:
             result = run_throughput(args.config, precision, int(group), int(batch[0]) if batch else args.batch,

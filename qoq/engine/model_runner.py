@@ -78,19 +78,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _free_gpu_bytes(self) -> int:
-        """Memory left for pages after a forward of a full token budget (its activations' peak)."""
+        """Memory left for pages after the largest step the engine will run (its activations' peak).
+
+        The probe is a real packed prefill of a full token budget through the paged backend (rows
+        of at most max_model_len tokens, as whole sequences arrive), on a one-page cache that it
+        never writes (slot -1): the dense eval attention would materialize score matrices no
+        serving step allocates and starve the KV cache of tens of GB.
+        """
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = self.config.max_num_batched_tokens
-        # The budget as rows of at most max_model_len tokens, as a packed prefill of whole sequences
-        # would see them: one 8k-token causal row would reserve an 8k x 8k score matrix per head
-        # that no paged step ever allocates, and starve the KV cache of tens of GB.
         max_len = min(self.max_pages_per_seq * self.config.page_size, self.model.config.max_position_embeddings)
         rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
-        ids = torch.zeros(rows, row_len, dtype=torch.long, device=self.device)
-        positions = torch.arange(row_len, device=self.device).expand(rows, -1)
-        hidden = self.model(ids, positions).reshape(1, rows * row_len, -1)
+        cfg = self.model.config
+        scratch = allocate_kv_cache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
+                                    self.kv_bits, self.device, self.kv_dtype)
+        attn = PagedAttention(scratch, cfg.head_dim)
+        attn.metadata = AttentionMetadata(
+            slot_mapping=torch.full((rows * row_len,), -1, dtype=torch.long, device=self.device),
+            num_prefill_tokens=rows * row_len,
+            cu_seqlens=torch.arange(0, rows * row_len + 1, row_len, dtype=torch.int32, device=self.device),
+            max_seqlen=row_len)
+        ids = torch.zeros(1, rows * row_len, dtype=torch.long, device=self.device)
+        positions = torch.arange(row_len, device=self.device).repeat(rows)[None]
+        hidden = self.model(ids, positions, attn)
         self.model.compute_logits(hidden[0, : self.config.max_num_seqs])
+        del scratch, attn
         free, total = torch.cuda.mem_get_info(self.device)
         peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         del hidden
