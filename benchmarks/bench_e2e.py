@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import re
@@ -96,6 +97,8 @@ def main() -> None:
             save(result.to_dict())
         except Exception as err:  # one failing precision must not lose the others' numbers
             save({"system": "qoq", "precision": precision, "group_size": int(group), "error": repr(err)[:500]})
+            del err
+            gc.collect()  # the failed case's model and engine (a reference cycle) must not hold memory
             torch.cuda.empty_cache()
     for batch in filter(None, args.hf_batches.split(",")):
         try:
