@@ -104,21 +104,29 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
         if batch < 1:
             raise RuntimeError(f"{config_name} at {precision}: not even one sequence of {max_len} tokens fits")
     engine = make_engine(batch, num_pages, eager=device != "cuda")
-    gen = torch.Generator().manual_seed(0)
-    vocab = cfg.vocab_size
-    warm_len = min(input_len, 32)
-    _run_requests(engine, [torch.randint(0, vocab, (warm_len,), generator=gen).tolist()] * 2, min(output_len, 4))
-    prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds, decode_steps, forward_times = _run_requests(engine, prompts, output_len)
-    tokens_per_s = batch * output_len / seconds
-    roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    result = ThroughputResult("qoq", config_name, precision, group_size if quant.weight_bits == 4 else -1,
-                              batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
-                              _median_ms(forward_times), peak,
-                              roof, tokens_per_s / roof if roof else None)
+    # The model and engine outlive the run: keep the cyclic GC from walking them at every full
+    # collection the per-step allocations trigger (~100 ms each at batch 1000). Unfrozen below,
+    # or their memory could never be collected.
+    gc.collect()
+    gc.freeze()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        vocab = cfg.vocab_size
+        warm_len = min(input_len, 32)
+        _run_requests(engine, [torch.randint(0, vocab, (warm_len,), generator=gen).tolist()] * 2, min(output_len, 4))
+        prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds, decode_steps, forward_times = _run_requests(engine, prompts, output_len)
+        tokens_per_s = batch * output_len / seconds
+        roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        result = ThroughputResult("qoq", config_name, precision, group_size if quant.weight_bits == 4 else -1,
+                                  batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
+                                  _median_ms(forward_times), peak,
+                                  roof, tokens_per_s / roof if roof else None)
+    finally:
+        gc.unfreeze()
     # The engine's CUDA graphs and runner refer to each other: collect the cycle before the next
     # model is built, or its KV-cache sizing sees this one's memory as taken.
     del engine, model

@@ -6,7 +6,6 @@ Not thread-safe by design: one thread owns it (the offline LLM, or the server's 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import logging
 import threading
@@ -65,11 +64,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self._stats = EngineStats(num_pages_total=self.runner.num_pages)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tok/s
-        # Everything alive now (model, tokenizer, caches) lives as long as the engine: move it out
-        # of the cyclic GC's reach, so the collections that per-step allocations trigger do not
-        # walk it (full collections cost ~100 ms at batch 1000 otherwise).
-        gc.collect()
-        gc.freeze()
         log.info("engine: %d KV pages of %d tokens (KV%d), max_model_len %d",
                  self.runner.num_pages, config.page_size, self.kv_bits, self.max_model_len)
 

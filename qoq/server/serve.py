@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
@@ -18,6 +19,10 @@ from qoq.server.async_engine import AsyncEngine
 def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
                 log_level: str = "info") -> uvicorn.Server:
     engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+    # The model and engine live as long as the process: keep the cyclic GC from walking them in
+    # every full collection (~100 ms at batch 1000) that per-request allocations trigger.
+    gc.collect()
+    gc.freeze()
     app = build_app(engine, model_name)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
 
