@@ -4,7 +4,11 @@ Writes benchmarks/results/accuracy-smollm2-135m.json (a list of records, rewritt
 one so a partial run keeps its numbers) and prints a markdown table for docs/accuracy.md.
 
     .venv/bin/python benchmarks/accuracy.py                 # everything (~30-40 min on 2 cores)
-    .venv/bin/python benchmarks/accuracy.py --only "QoQ W4A8KV4 g128" --eval-tokens 4096
+    .venv/bin/python benchmarks/accuracy.py --only "QoQ W4A8KV4 g128, rotation auto"   # one row, merged
+    .venv/bin/python benchmarks/accuracy.py --only "+ rotation" --eval-tokens 4096 --out /tmp/quick.json
+
+--only replaces those rows in --out and keeps the others: give a quick run (fewer --eval-tokens)
+its own --out so the stored table stays on one token count.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         ("QoQ W8A8KV8", QoQOptions(precision="w8a8kv8", reorder=False)),
         ("QoQ W4A8KV8 g128", QoQOptions(precision="w4a8kv8")),
         ("QoQ W4A8KV4 g128 without rotation", QoQOptions(rotation=False)),
+        ("QoQ W4A8KV4 g128, rotation auto", QoQOptions(rotation="auto")),
     ]
 
 
@@ -63,7 +68,8 @@ def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
     t1 = time.perf_counter()
     result = perplexity(model, ids, seq_len=args.seq_len, max_tokens=args.eval_tokens, progress=False)
     qc = model.quant_config
-    return {
+    decision = getattr(model, "rotation_decision", None)
+    record = {
         "method": method, "precision": qc.precision,
         "group_size": qc.group_size if qc.weight_bits == 4 else None,
         "ppl": round(result.ppl, 4), "tokens": result.tokens,
@@ -75,6 +81,10 @@ def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
                 "rotation": qc.rotation, "torch": torch.__version__, "cpus": os.cpu_count(),
                 "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")},
     }
+    if decision is not None:
+        record["rotation_decision"] = {"rotated": decision.rotated, "kl_rotated": round(decision.kl_rotated, 5),
+                                       "kl_unrotated": round(decision.kl_unrotated, 5), "tokens": decision.tokens}
+    return record
 
 
 def markdown(records: list[dict]) -> str:
@@ -93,7 +103,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-seqs", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--only", action="append", help="run only these methods (repeatable)")
+    p.add_argument("--only", action="append",
+                   help="run only these methods (repeatable); their records in --out are replaced, the others kept")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="keep the records already in --out, run the rest")
     args = p.parse_args()
@@ -101,13 +112,18 @@ def main() -> None:
     base, tokenizer = load_model()
     ids = tokenize_corpus(tokenizer, load_corpus("eval"))
     calib = calibration_tokens(tokenizer, CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len))
-    records = json.loads(args.out.read_text()) if args.resume and args.out.exists() else []
-    done = {r["method"] for r in records}
+    keep = (args.resume or args.only) and args.out.exists()
+    records = json.loads(args.out.read_text()) if keep else []
+    done = {r["method"] for r in records} if args.resume else set()
+    order = [m for m, _ in configs()]
     for method, opts in configs():
         if (args.only and method not in args.only) or method in done:
             continue
-        records.append(run_one(base, tokenizer, ids, calib, method, opts, args))
-        print(json.dumps({k: records[-1][k] for k in ("method", "ppl", "quantize_seconds", "eval_seconds")}), flush=True)
+        records = [r for r in records if r["method"] != method]
+        new = run_one(base, tokenizer, ids, calib, method, opts, args)
+        records.append(new)
+        records.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        print(json.dumps({k: new[k] for k in ("method", "ppl", "quantize_seconds", "eval_seconds")}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(records, indent=2) + "\n")
     print(markdown(records))

@@ -182,6 +182,10 @@ def cmd_quantize(args) -> int:
     from qoq.quant.pipeline import QoQOptions, quantize_model
 
     steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "smooth", "reorder", "clip")}
+    if args.rotation == "auto":
+        if args.no_rotation:
+            raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
+        steps["rotation"] = "auto"
     options = QoQOptions(precision=args.precision, group_size=args.group_size, progressive=True,
                          calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len), **steps)
     options.quant_config()  # reject a bad precision / group size before loading anything
@@ -245,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("reorder", "activation-aware channel reordering (g128)"),
                        ("clip", "weight clipping search")):
         qz.add_argument(f"--no-{step}", action="store_true", help=f"skip {what} (ablation)")
+    qz.add_argument("--rotation", choices=["on", "auto"], default="on",
+                    help="auto: quantize with and without the rotation and keep the variant closer to the "
+                         "float model on calibration data (twice the time; docs/accuracy.md)")
     qz.set_defaults(func=cmd_quantize)
 
     demo = sub.add_parser("demo", help="the main job on the bundled model: load, measure, chat")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qoq.layers.attention import DenseKVCache
+from qoq.layers.attention import SERVING, DenseKVCache
 from qoq.model.llama import LlamaModel
 from qoq.sampling import SamplingParams, sample
 
@@ -52,10 +52,17 @@ def generate(
     params: SamplingParams,
     on_token: Callable[[int, int], None] | None = None,
     kv_quantizer=None,
+    kv_mode: str = SERVING,
+    kv_bits: int | None = None,
 ) -> list[GenerationOutput]:
     """Generate for a batch of tokenized prompts (left-padded, advanced in lock step).
 
     `on_token(sequence_index, token_id)` is called for every token as it is produced.
+    `kv_mode` "serving" (the default) gives a KV4/KV8 model the serving engine's semantics: the
+    prompt attends over its fresh K/V, generated tokens over the quantized cache, so greedy
+    outputs equal qoq.engine's. "fake_quant" quantizes the prompt's K/V too (what perplexity
+    measures); only that mode takes a custom `kv_quantizer`. See DenseKVCache. `kv_bits` None
+    takes the model's own (quant_config.kv_bits), as the engine's EngineConfig.kv_bits does.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -74,7 +81,7 @@ def generate(
     positions = (torch.arange(longest, device=device)[None] - pad[:, None]).clamp(min=0)
     cache = DenseKVCache(
         cfg.num_layers, batch, total, cfg.num_kv_heads, cfg.head_dim, model.dtype, device, pad, kv_quantizer,
-        kv_bits=model.quant_config.kv_bits,
+        kv_bits=kv_bits or model.quant_config.kv_bits, mode=kv_mode,
     )
     generator = None
     if params.seed is not None:

@@ -39,3 +39,31 @@ def test_bad_inputs_get_clear_errors():
     assert out.returncode == 2 and "temperature must be >= 0" in out.stderr
     out = run("generate", "-p", "hi", "--max-tokens", "100000")
     assert out.returncode == 2 and "exceeds the model's context" in out.stderr
+
+
+def test_quantize_then_eval_and_generate_a_tiny_hf_model(tmp_path, bundled):
+    """`qoq quantize` on an HF folder, then the packed checkpoint through `eval ppl` and `generate`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = bundled
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    src, out_dir = tmp_path / "tiny-hf", tmp_path / "tiny-qoq"
+    LlamaForCausalLM(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = run("quantize", str(src), "--out", str(out_dir), "--precision", "w4a8kv4", "--group-size", "128",
+              "--calib-seqs", "4", "--calib-seq-len", "128", "--rotation", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "rotation auto:" in out.stderr + out.stdout
+    assert (out_dir / "quant_config.json").exists() and (out_dir / "model.safetensors").exists()
+    out = run("eval", "ppl", str(out_dir), "--max-tokens", "512", "--seq-len", "128")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["tokens"] == 4 * 127 and record["ppl"] > 1  # a random model: any finite perplexity
+    out = run("generate", str(out_dir), "-p", "Hello", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    out = run("quantize", str(src), "--out", str(tmp_path / "x"), "--rotation", "auto", "--no-rotation")
+    assert out.returncode == 2 and "contradict" in out.stderr

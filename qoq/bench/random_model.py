@@ -72,3 +72,17 @@ def random_model(config: ModelConfig, quant: QuantConfig, device: str | torch.de
             nn.init.normal_(model.lm_head.weight, std=_W_STD)
     model.quant_config = quant
     return model.eval()
+
+
+def random_float_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """A full-precision model with random weights, norms drawn from [1, 1.5) (so folding them is
+    exercised) and unit-variance embeddings: the input of quantizer and engine tests."""
+    torch.manual_seed(seed)
+    model = LlamaModel(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.rand_like(p))
+            elif name.endswith("embed_tokens.weight"):
+                p.normal_()
+    return model.eval()

@@ -43,6 +43,7 @@ class Sequence:
     text: str = ""
     num_text_sent: int = 0
     num_tokens_sent: int = 0
+    detokenizer_state: object | None = None  # qoq.engine.detokenizer's incremental-decode window
 
     @property
     def num_tokens(self) -> int:

@@ -128,6 +128,9 @@ def rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KV
     page, off = slots // cache.page_size, slots % cache.page_size
     for x, data, scale, zero in ((k_rot, cache.k_cache, cache.k_scale, cache.k_zero),
                                  (v, cache.v_cache, cache.v_scale, cache.v_zero)):
+        if cache.bits == 16:  # stored as the cache holds it (the model's dtype on the CPU), no fp16 detour
+            data[page, :, off] = x[valid].to(data.dtype)
+            continue
         qd, s, z = quantize_kv_ref(x[valid], cache.bits)
         data[page, :, off] = qd.to(data.dtype)
         if s is not None:

@@ -2,11 +2,20 @@
 smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears.
 
 Every step is a flag of QoQOptions, so the ablation ladder is a list of options.
+
+Rotation can also be "auto": the model is quantized both ways and the variant whose logits on
+calibration windows are closer to the float model's (mean KL divergence per token) is kept. The
+rotation helps per-token INT8 activations but spreads each weight row's 4-bit error over every
+input channel; on models whose activation energy sits in a few channels (massive activations,
+damped by small RMSNorm weights) that costs more than it saves, so the choice is measured per
+model instead of assumed (docs/accuracy.md).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,13 +34,14 @@ from qoq.quant.rotation import fold_norms, rotate_model
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
 STEPS = ("rotation", "smooth_attention", "smooth", "reorder", "clip")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class QoQOptions:
     precision: str = "w4a8kv4"
     group_size: int = 128  # 128 (progressive) or -1 (per-channel); ignored for 8-bit weights
-    rotation: bool = True
+    rotation: bool | str = True  # True, False or "auto" (quantize both ways, keep the closer one)
     smooth_attention: bool = True
     smooth: bool = True
     reorder: bool = True  # g128 only
@@ -42,6 +52,7 @@ class QoQOptions:
     smooth_attention_alpha: float = 0.5
     search_tokens: int = 1024  # calibration tokens the smoothing search scores on
     clip_tokens: int = 4096  # tokens of the Gram matrices that price clipping candidates
+    auto_rotation_seqs: int = 8  # calibration windows that score the two variants of rotation "auto"
     seed: int = 0
     progress: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -59,15 +70,35 @@ class QoQOptions:
         return qc
 
 
+@dataclass
+class RotationDecision:
+    """What rotation "auto" measured: mean KL(fp || quantized) per token on calibration windows."""
+
+    rotated: bool
+    kl_rotated: float
+    kl_unrotated: float
+    tokens: int
+
+    def __str__(self) -> str:
+        return (f"rotation auto: {'rotate' if self.rotated else 'no rotation'} (calibration KL to fp "
+                f"{self.kl_rotated:.4f} rotated vs {self.kl_unrotated:.4f} unrotated, {self.tokens} tokens)")
+
+
 def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None = None,
                    calib_tokens: torch.Tensor | None = None) -> LlamaModel:
-    """Quantize `model` in place with QoQ; returns it with `model.quant_config` set."""
+    """Quantize `model` in place with QoQ; returns it with `model.quant_config` set.
+
+    With rotation "auto" the decision is logged and kept as `model.rotation_decision`."""
     opts = options or QoQOptions()
+    if opts.rotation not in (True, False, "auto"):
+        raise ValueError(f"rotation must be True, False or 'auto', got {opts.rotation!r}")
     qc = opts.quant_config()
     if qc.weight_bits >= 16:
         raise ValueError("precision w16a16kv16 has nothing to quantize: choose w4a8kv4, w4a8kv8, w8a8kv8 or w8a8kv4")
     if calib_tokens is None:
         calib_tokens = calibration_tokens(tokenizer, opts.calib)
+    if opts.rotation == "auto":
+        return _quantize_auto_rotation(model, opts, calib_tokens)
     if opts.rotation:
         fold_norms(model)
         qc.rotation = rotate_model(model, opts.seed)
@@ -78,6 +109,42 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     for layer in layers:
         x = _quantize_layer(model, layer, x, opts, qc)
     model.quant_config = qc
+    return model
+
+
+@torch.no_grad()
+def calibration_kl(reference: LlamaModel, model: LlamaModel, tokens: torch.Tensor) -> float:
+    """Mean per-token KL(reference || model) of next-token distributions, one window at a time."""
+    total, count = 0.0, 0
+    for window in tokens.to(reference.device):
+        ref = torch.log_softmax(reference.compute_logits(reference(window[None])).double(), -1)
+        out = torch.log_softmax(model.compute_logits(model(window[None])).double(), -1)
+        total += (ref.exp() * (ref - out)).sum().item()
+        count += window.numel()
+    return total / count
+
+
+def _quantize_auto_rotation(model: LlamaModel, opts: QoQOptions, calib_tokens: torch.Tensor) -> LlamaModel:
+    """Quantize a copy with rotation and `model` without; keep the one closer to the fp model."""
+    reference = copy.deepcopy(model)
+    score = calib_tokens[: max(1, opts.auto_rotation_seqs)]
+    rotated = quantize_model(copy.deepcopy(model), None, dataclasses.replace(opts, rotation=True), calib_tokens)
+    kl_rot = calibration_kl(reference, rotated, score)
+    quantize_model(model, None, dataclasses.replace(opts, rotation=False), calib_tokens)
+    kl_plain = calibration_kl(reference, model, score)
+    decision = RotationDecision(kl_rot < kl_plain, kl_rot, kl_plain, score.numel())
+    if decision.rotated:
+        # In place: the caller's object becomes the rotated variant. Replace the whole state, not
+        # update it: an attribute the unrotated model holds outside _modules (lm_head = None while
+        # tied) would otherwise shadow the rotated model's untied head.
+        state = rotated.__dict__
+        model.__dict__.clear()
+        model.__dict__.update(state)
+    model.quant_config.steps["rotation_auto"] = True
+    model.rotation_decision = decision
+    log.info("%s", decision)
+    if opts.progress:
+        tqdm.write(str(decision))
     return model
 
 
