@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every end-to-end case of benchmarks/results/e2e-h100.json, one process per case (a case's
+# memory can never leak into the next one's KV-cache sizing). On the GPU machine:
+#     QOQ_GIT_COMMIT=<sha> bash benchmarks/run_e2e_h100.sh /tmp/e2e
+# then here: python benchmarks/merge_e2e.py benchmarks/results/e2e-h100.json /tmp/e2e/*.json
+# and python benchmarks/make_e2e_report.py. It takes ~25 minutes: longer than one device call,
+# so start it detached (setsid) and collect /tmp/e2e from later calls.
+set -u
+out=${1:-/tmp/e2e}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+run() {  # config cases hf-batches name
+  python benchmarks/bench_e2e.py --config "$1" --max-batch 1024 --cases "$2" --hf-batches "$3" \
+    --out "$out/$4.json" > "$out/$4.log" 2>&1
+}
+run llama-3-8b w4a8kv4:-1 "" l3-w4a8kv4-pc-max
+run llama-3-8b w16a16kv16:-1 "" l3-fp16-max
+run llama-3-8b w4a8kv4:-1:512 "" l3-w4a8kv4-pc-512
+run llama-3-8b w4a8kv4:128 "" l3-w4a8kv4-g128-max
+run llama-3-8b w4a8kv4:128:512 "" l3-w4a8kv4-g128-512
+run llama-3-8b "" 64,128 l3-hf
+run llama-3-8b w8a8kv8:-1 "" l3-w8a8kv8-max
+run llama-3-8b w4a8kv8:128 "" l3-w4a8kv8-max
+run llama-2-70b w4a8kv4:128 "" l70-w4a8kv4-g128-max
+run llama-2-70b w4a8kv4:-1 "" l70-w4a8kv4-pc-max
+for c in mistral-7b:m7 llama-2-7b:l27; do
+  run "${c%%:*}" w16a16kv16:-1 "" "${c##*:}-fp16-max"
+  run "${c%%:*}" w4a8kv4:-1 "" "${c##*:}-w4a8kv4-pc-max"
+done
+echo done > "$out/ALLDONE"
