@@ -20,6 +20,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     detokenize: bool = True  # False: token ids only (benchmarks), no text and no stop strings
+    # What the serving engine hands out while the request runs: "delta" an output every step (the
+    # new tokens and text, for streaming), "final" one output when it finishes (offline batches,
+    # non-streaming HTTP requests: no per-step bookkeeping for thousands of sequences).
+    output_kind: str = "delta"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -37,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.output_kind not in ("delta", "final"):
+            raise ValueError(f"output_kind must be 'delta' or 'final', got {self.output_kind!r}")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
 

@@ -49,14 +49,16 @@ def _median_ms(seconds: list[float]) -> float:
 
 def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     """Submit all prompts, step to the end; returns (seconds, decode step times, decode forward times)."""
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False, output_kind="final")
     forward_times: list[float] = []
     execute = engine.runner.execute
+    pure_decode = [False]  # whether the step that just ran had no prefill in it
 
     def timed_execute(batch):  # execute() ends in a device sync (tokens to Python), so this is exact
         t0 = time.perf_counter()
         tokens = execute(batch)
-        if not batch.prefills:
+        pure_decode[0] = not batch.prefills
+        if pure_decode[0]:
             forward_times.append(time.perf_counter() - t0)
         return tokens
 
@@ -69,9 +71,8 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
-        outputs = engine.step()  # returns after sampling, which synchronizes with the device
-        # A pure decode step: no sequence received its first token in it.
-        if outputs and all(len(o.token_ids) > 1 for o in outputs):
+        engine.step()  # returns after sampling, which synchronizes with the device
+        if pure_decode[0]:
             decode_steps.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
     engine.runner.execute = execute

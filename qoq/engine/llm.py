@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         for prompt, p in zip(prompts, params_list):  # check all before starting any
             self.engine.check_request(self.engine.tokenize(prompt), p)
-        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        # Only the final outputs are kept: the engine need not build one per sequence per step.
+        ids = [self.engine.add_request(prompt, dataclasses.replace(p, output_kind="final"))
+               for prompt, p in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

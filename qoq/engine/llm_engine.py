@@ -146,7 +146,8 @@ class LLMEngine:
                 self.scheduler.finish(seq, seq.finish_reason)
                 self.requests.pop(seq.request_id, None)
                 self._count_finished(seq.finish_reason)
-            outputs.append(make_output(seq, finished))
+            if finished or seq.params.output_kind == "delta":
+                outputs.append(make_output(seq, finished))
         self._record_step(batch, len(tokens))
         return outputs
 

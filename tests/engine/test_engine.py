@@ -250,3 +250,21 @@ def test_abort_frees_pages_and_bad_requests_are_refused(bundled, prompts):
         engine.add_request(prompts[0], SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="token ids must be in"):
         engine.add_request([model_vocab(engine)], SamplingParams())
+
+
+def test_final_only_outputs(bundled, prompts):
+    """output_kind "final": one output per request, when it finishes, equal to the streamed end."""
+    model, tok = bundled
+    engine = LLM.from_model(model, tok, kv_bits=16, page_size=16).engine
+    for i, kind in enumerate(("delta", "final")):
+        engine.add_request(prompts[1], SamplingParams(max_tokens=12, output_kind=kind), kind)
+    seen = {"delta": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["delta"]) == 12 and len(seen["final"]) == 1
+    final, streamed = seen["final"][0], seen["delta"][-1]
+    assert final.finished and final.token_ids == final.new_token_ids == streamed.token_ids
+    assert final.text == final.new_text == streamed.text
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="sometimes")
