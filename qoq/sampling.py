@@ -66,6 +66,23 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """filter_logits with its own top_k (0 = off) and top_p per row: [N, V], [N], [N] -> [N, V].
+
+    One sort serves both filters: masking by a value threshold keeps the sorted order, so the
+    top-k survivors are a prefix of it and top-p then works on that prefix, as filter_logits does.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    use_k = (top_k > 0) & (top_k < vocab)
+    kth = sorted_logits.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(use_k[:, None] & (sorted_logits < kth), float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: [B, V] -> next token ids [B]."""
     if params.greedy:

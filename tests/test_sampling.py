@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qoq.sampling import SamplingParams, filter_logits, sample
+from qoq.sampling import SamplingParams, filter_logits, filter_logits_rows, sample
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -49,3 +49,32 @@ def test_temperature_sampling_follows_distribution():
     draws = sample(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.02)
+
+
+def test_per_row_filters_equal_the_scalar_filter():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=gen) * 3
+    settings = [(0, 1.0), (5, 1.0), (0, 0.7), (10, 0.5), (50, 0.9), (1, 1.0), (3, 0.01)]
+    top_k = torch.tensor([k for k, _ in settings])
+    top_p = torch.tensor([p for _, p in settings])
+    batched = filter_logits_rows(logits, top_k, top_p)
+    for row, (k, p) in enumerate(settings):
+        assert torch.equal(batched[row], filter_logits(logits[row : row + 1], k, p)[0]), (k, p)
+
+
+def test_engine_batched_sampling_follows_each_rows_distribution():
+    """Unseeded sampling rows are drawn together; each still follows its own filtered distribution."""
+    from qoq.engine.sampler import sample_tokens
+    from qoq.engine.sequence import Sequence
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 3)
+    seqs = [Sequence("a", [1], SamplingParams(temperature=1.0, top_k=2)),
+            Sequence("b", [1], SamplingParams(temperature=0.0)),
+            Sequence("c", [1], SamplingParams(temperature=1.0, top_p=0.7))]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_tokens(logits, seqs, gen) for _ in range(4000)])
+    assert set(draws[:, 0].tolist()) == {0, 1}  # top-k 2
+    assert abs((draws[:, 0] == 0).float().mean().item() - 1 / (1 + torch.e**-1)) < 0.03
+    assert set(draws[:, 1].tolist()) == {0}  # greedy
+    assert set(draws[:, 2].tolist()) == {0, 1}  # p = 0.64, 0.24, ...: the nucleus of 0.7 is {0, 1}
+    assert abs((draws[:, 2] == 0).float().mean().item() - 0.644 / 0.881) < 0.03
