@@ -53,17 +53,11 @@ class SamplingParams:
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits outside the top-k and outside the smallest set with probability >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
+    if (not top_k or top_k >= logits.shape[-1]) and top_p >= 1.0:
+        return logits
+    rows = logits.reshape(-1, logits.shape[-1])
+    full = torch.full((rows.shape[0],), 0, dtype=torch.long, device=logits.device)
+    return filter_logits_rows(rows, full + top_k, full.float() + top_p).view_as(logits)
 
 
 def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -78,6 +72,7 @@ def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     kth = sorted_logits.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
     sorted_logits = sorted_logits.masked_fill(use_k[:, None] & (sorted_logits < kth), float("-inf"))
     probs = sorted_logits.softmax(-1)
+    # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
     drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

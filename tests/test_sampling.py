@@ -51,6 +51,18 @@ def test_temperature_sampling_follows_distribution():
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.02)
 
 
+def _filter_one_row(logits, top_k, top_p):
+    """An independent oracle: torch.topk for top-k, then the nucleus over what is left."""
+    if top_k and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
 def test_per_row_filters_equal_the_scalar_filter():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 50, generator=gen) * 3
@@ -59,6 +71,7 @@ def test_per_row_filters_equal_the_scalar_filter():
     top_p = torch.tensor([p for _, p in settings])
     batched = filter_logits_rows(logits, top_k, top_p)
     for row, (k, p) in enumerate(settings):
+        assert torch.equal(batched[row], _filter_one_row(logits[row], k, p)), (k, p)
         assert torch.equal(batched[row], filter_logits(logits[row : row + 1], k, p)[0]), (k, p)
 
 
@@ -78,3 +91,14 @@ def test_engine_batched_sampling_follows_each_rows_distribution():
     assert set(draws[:, 1].tolist()) == {0}  # greedy
     assert set(draws[:, 2].tolist()) == {0, 1}  # p = 0.64, 0.24, ...: the nucleus of 0.7 is {0, 1}
     assert abs((draws[:, 2] == 0).float().mean().item() - 0.644 / 0.881) < 0.03
+
+
+def test_engine_batched_sampling_without_filters_reaches_every_token():
+    from qoq.engine.sampler import sample_tokens
+    from qoq.engine.sequence import Sequence
+
+    logits = torch.tensor([[0.5, 0.0, -0.5, 0.2]] * 2)
+    seqs = [Sequence(s, [1], SamplingParams(temperature=2.0)) for s in "ab"]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_tokens(logits, seqs, gen) for _ in range(400)])
+    assert set(draws.flatten().tolist()) == {0, 1, 2, 3}

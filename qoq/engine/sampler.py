@@ -22,9 +22,11 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], generator: torch.G
         rows = torch.tensor(shared, device=logits.device)
         params = [seqs[i].params for i in shared]
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        scaled = filter_logits_rows(logits[rows].float() / temperature[:, None], top_k, top_p)
+        scaled = logits[rows].float() / temperature[:, None]
+        if any(p.top_k or p.top_p < 1.0 for p in params):  # the filters sort the whole vocabulary
+            top_k = torch.tensor([p.top_k for p in params], device=logits.device)
+            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+            scaled = filter_logits_rows(scaled, top_k, top_p)
         draws = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1).tolist()
         for i, token in zip(shared, draws):
             tokens[i] = token

@@ -49,18 +49,11 @@ def _check_2d(x, name):
 
 
 def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
-    _check_2d(x, "x")
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return _quantize_rows_ref(y)
+    return _quantize_rows_ref(rmsnorm_ref(x.float(), weight, eps))  # fp32 throughout
 
 
 def silu_mul_quant_ref(gate_up: torch.Tensor):
-    _check_2d(gate_up, "gate_up")
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return _quantize_rows_ref(torch.nn.functional.silu(gate) * up)
+    return _quantize_rows_ref(silu_mul_ref(gate_up.float()))
 
 
 def quantize_per_token_ref(x: torch.Tensor):
