@@ -111,6 +111,8 @@ def measure_ceilings() -> dict:
     out["bf16_8192_tflops"] = 2 * n ** 3 / time_calls([lambda: a @ a], 10) / 1e9
     a8 = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8)
     out["int8_8192_tops"] = 2 * n ** 3 / time_calls([lambda: torch._int_mm(a8, a8.t())], 10) / 1e9
+    scale8 = torch.full((n,), 1e-4, device="cuda")
+    out["qoq_w8a8_8192_tops"] = 2 * n ** 3 / time_calls([lambda: w8a8_gemm_triton(a8, scale8, a8, scale8.half())], 10) / 1e9
     f8 = a.to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
     out["fp8_8192_tflops"] = 2 * n ** 3 / time_calls(
@@ -236,7 +238,8 @@ def run(args) -> dict:
                     ms = time_calls([lambda a=a: fn(*a) for a in sets])
                     records.append({"kernel": name, "M": m, "N": n, "K": k, "median_ms": ms,
                                     "tops": 2 * m * n * k / ms / 1e9, "vs_bf16": bf16 / ms,
-                                    "rel_err": err, "config": int_gemm.default_config(m, n, k, MODE_OF[name])})
+                                    "rel_err": err,
+                                    "config": int_gemm.default_config(m, n, k, MODE_OF[name], tma=int_gemm.has_tma(0))})
                     del sets
                 except Exception as e:
                     traceback.print_exc()

@@ -36,18 +36,33 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 class lazy_jit:
-    """`triton.jit` applied at the first launch instead of at import."""
+    """`triton.jit` applied at the first launch instead of at import.
 
-    def __init__(self, fn):
+    A `@lazy_jit.helper` is a device function that kernels call (and that calls no other helper):
+    when a kernel is jitted, every helper in its module's globals is jitted first and its module
+    name rebound to the JITFunction, which is what Triton resolves the call to.
+    """
+
+    def __init__(self, fn, helper: bool = False):
         self.fn = fn
+        self.is_helper = helper
         self._jitted = None
         functools.update_wrapper(self, fn)
+
+    @classmethod
+    def helper(cls, fn):
+        return cls(fn, helper=True)
 
     @property
     def jitted(self):
         if self._jitted is None:
             import triton
 
+            if not self.is_helper:  # helpers call no helpers of their own
+                module_globals = self.fn.__globals__
+                for name, obj in list(module_globals.items()):
+                    if isinstance(obj, lazy_jit) and obj.is_helper:
+                        module_globals[name] = obj.jitted
             self._jitted = triton.jit(self.fn)
         return self._jitted
 

@@ -20,6 +20,8 @@ cannot run PTX) the same values are computed element-wise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qoq.kernels.dispatch import lazy_jit
@@ -27,12 +29,74 @@ from qoq.kernels.dispatch import lazy_jit
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+    TensorDescriptor = None
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
+UNPACK_MIN_M = 4096  # from here on the TMA path unpacks W4 to int8 ahead of the GEMM
+
+
+@lazy_jit.helper
+def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constexpr):
+    """The g128 step s2 and scaled zero sz of chunk c for the weight rows offs_n (MODE 1 only)."""
+    if MODE == 1:
+        s2 = tl.load(s2_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
+        sz = tl.load(sz_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
+    else:
+        s2 = tl.zeros_like(offs_n)
+        sz = tl.zeros_like(offs_n)
+    return s2, sz
+
+
+@lazy_jit.helper
+def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed bytes [BLOCK_N, 64] of one 128-channel chunk -> int8 (low half, high half).
+
+    MODE 1 (g128): Q8' = q4 * s2 - sz. MODE 2 (per-channel): q4 itself.
+    """
+    if MODE == 1:
+        if FAST:
+            # 4 weights per 32-bit word: q4 * s2 + (128 - sz) = Q8' + 128 lies in 0..255 for
+            # valid data, so a word-wide multiply-add never carries between bytes; xor 0x80 per
+            # byte turns Q8' + 128 into int8 Q8'.
+            s2b = tl.broadcast_to(s2.to(tl.uint8)[:, None], (BLOCK_N, 64))
+            cb = tl.broadcast_to((128 - sz).to(tl.uint8)[:, None], (BLOCK_N, 64))
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, s;
+                and.b32 s, $3, 0xFF;
+                and.b32 t, $2, 0x0F0F0F0F;
+                mad.lo.u32 t, t, s, $4;
+                xor.b32 $0, t, 0x80808080;
+                shr.u32 t, $2, 4;
+                and.b32 t, t, 0x0F0F0F0F;
+                mad.lo.u32 t, t, s, $4;
+                xor.b32 $1, t, 0x80808080;
+                }""",
+                constraints="=r,=r,r,r,r", args=[p, s2b, cb],
+                dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            w_lo = ((p & 0xF).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
+            w_hi = ((p >> 4).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
+    else:
+        if FAST:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t;
+                and.b32 $0, $2, 0x0F0F0F0F;
+                shr.u32 t, $2, 4;
+                and.b32 $1, t, 0x0F0F0F0F;
+                }""",
+                constraints="=r,=r,r", args=[p],
+                dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            w_lo = (p & 0xF).to(tl.int8)
+            w_hi = (p >> 4).to(tl.int8)
+    return w_lo, w_hi
 
 
 @lazy_jit
@@ -80,46 +144,8 @@ def _int8_gemm_kernel(
             w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
         else:
             p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
-            if MODE == 1:
-                s2 = tl.load(s2_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
-                sz = tl.load(sz_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
-                if FAST:
-                    # 4 weights per 32-bit word: q4 * s2 + (128 - sz) = Q8' + 128 lies in
-                    # 0..255 for valid data, so a word-wide multiply-add never carries
-                    # between bytes; xor 0x80 per byte turns Q8' + 128 into int8 Q8'.
-                    s2b = tl.broadcast_to(s2.to(tl.uint8)[:, None], (BLOCK_N, 64))
-                    cb = tl.broadcast_to((128 - sz).to(tl.uint8)[:, None], (BLOCK_N, 64))
-                    w_lo, w_hi = tl.inline_asm_elementwise(
-                        asm="""{
-                        .reg .b32 t, s;
-                        and.b32 s, $3, 0xFF;
-                        and.b32 t, $2, 0x0F0F0F0F;
-                        mad.lo.u32 t, t, s, $4;
-                        xor.b32 $0, t, 0x80808080;
-                        shr.u32 t, $2, 4;
-                        and.b32 t, t, 0x0F0F0F0F;
-                        mad.lo.u32 t, t, s, $4;
-                        xor.b32 $1, t, 0x80808080;
-                        }""",
-                        constraints="=r,=r,r,r,r", args=[p, s2b, cb],
-                        dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-                else:
-                    w_lo = ((p & 0xF).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
-                    w_hi = ((p >> 4).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
-            else:
-                if FAST:
-                    w_lo, w_hi = tl.inline_asm_elementwise(
-                        asm="""{
-                        .reg .b32 t;
-                        and.b32 $0, $2, 0x0F0F0F0F;
-                        shr.u32 t, $2, 4;
-                        and.b32 $1, t, 0x0F0F0F0F;
-                        }""",
-                        constraints="=r,=r,r", args=[p],
-                        dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-                else:
-                    w_lo = (p & 0xF).to(tl.int8)
-                    w_hi = (p >> 4).to(tl.int8)
+            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+            w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
         if SWAP:
             acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
             acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
@@ -163,8 +189,112 @@ def _int8_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
-def default_config(M: int, N: int, K: int, mode: int) -> dict:
+@lazy_jit
+def _int8_gemm_tma_kernel(
+    x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr,
+):
+    """Y = X @ W'^T with both MMA operands in shared memory (the large-M kernel, Hopper).
+
+    ZERO applies the per-channel zero term (MODE 2, or MODE 0 over per-channel W4 unpacked
+    ahead of time by `_unpack_w4_kernel`).
+
+    X and the packed (or int8) weight tiles arrive by TMA (out-of-bounds rows read as zeros);
+    W4 tiles are unpacked in registers and handed to the MMA as its shared-memory B operand, so
+    wgmma runs asynchronously and overlaps the next chunk's unpacking, which the register-A
+    order of `_int8_gemm_kernel` cannot. Tiles are visited in groups of GROUP_M token tiles per
+    weight column so that CTAs running together share weight tiles through L2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    row_m = pid_m * BLOCK_M
+    row_n = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for c in tl.range(0, K // 128, num_stages=NUM_STAGES):
+        if MODE == 0:  # descriptors with 128-wide K blocks: one MMA per chunk
+            acc = tl.dot(x_desc.load([row_m, c * 128]), w_desc.load([row_n, c * 128]).T, acc,
+                         out_dtype=tl.int32)
+        else:  # descriptors with 64-wide K blocks: the two nibble halves of the chunk
+            x_lo = x_desc.load([row_m, c * 128])
+            x_hi = x_desc.load([row_m, c * 128 + 64])
+            p = w_desc.load([row_n, c * 64])
+            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+            w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
+            acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
+            acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
+
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * s1[None, :]
+    if ZERO:
+        xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y - xsum[:, None] * szero[None, :]
+    offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@lazy_jit
+def _unpack_w4_kernel(p_ptr, s2_ptr, sz_ptr, out_ptr, N, K, stride_sg,
+                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+    """Packed W4 [N, K/2] -> the int8 weights [N, K] the W4A8 kernels multiply by (q4 or Q8')."""
+    c = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, 64)
+    n_mask = offs_n < N
+    p = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + c * 64 + offs_h[None, :],
+                mask=n_mask[:, None], other=0)
+    s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+    w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * K + c * 128 + offs_h[None, :]
+    tl.store(out, w_lo, mask=n_mask[:, None])
+    tl.store(out + 64, w_hi, mask=n_mask[:, None])
+
+
+def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
+    """The shared-memory-operand TMA kernel's tiles where it beats the register-A kernel on the
+    H100 (probe of 2026-11-24, benchmarks/results/int8-gemm-probe-h100.json), else None.
+
+    Per-channel W4 gains from M > 768 (1.1x at M=1024-8192), g128 already from M > 256 (its
+    unpack is a multiply-add, which this kernel overlaps with the MMA: 1.25-1.5x), int8 weights
+    (no unpack) from M > 256, with 128x256 tiles from M > 1024 (1.3-1.45x at M=8192). From
+    M >= UNPACK_MIN_M (prefill steps) W4 is unpacked to int8 first and runs the int8 tiles.
+    """
+    if mode != MODE_W8 and M >= UNPACK_MIN_M:
+        return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
+    if mode == MODE_W4_PER_CHANNEL and M > 768:
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
+    if mode == MODE_W4_G128 and M > 256:
+        narrow = M <= 768 and N <= 4096
+        return dict(BLOCK_M=128, BLOCK_N=64 if narrow else 128, num_warps=4, num_stages=4 if narrow else 3)
+    if mode == MODE_W8 and M > 256:
+        if M > 1024:
+            return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict:
     """Tiles by M bucket, from the H100 sweeps (docs/kernels.md, "Tuning log").
+
+    With `tma` (a Hopper GPU) the large-M buckets go to the TMA kernel (`tma_config`).
 
     The weight-as-A order (SWAP) won at every size. Small M is weight-bandwidth bound: narrow
     64-row weight tiles and a one-launch split-K until ~512 CTAs stream weights (256 for W8A8,
@@ -173,6 +303,8 @@ def default_config(M: int, N: int, K: int, mode: int) -> dict:
     busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
     split-K 2 for the K=14336 down projection.
     """
+    if tma and (cfg := tma_config(M, N, K, mode)) is not None:
+        return dict(cfg, TMA=True, SPLIT_K=1)
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 256 if mode == MODE_W8 else 512
@@ -242,9 +374,14 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
     """Launch the shared kernel; inputs are validated by the callers."""
     M, K = x8.shape
     N = w.shape[0]
-    cfg = dict(config or default_config(M, N, K, mode))
-    split = cfg.pop("SPLIT_K", 1)
+    if config is None:
+        config = default_config(M, N, K, mode, tma=x8.is_cuda and has_tma(x8.device.index or 0))
+    cfg = dict(config)
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
+    if cfg.pop("TMA", False) and x8.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0:
+        _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg)
+        return y
+    split = cfg.pop("SPLIT_K", 1)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if split == 1:
         ws, cnt = y, y
@@ -262,3 +399,40 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"],
     )
     return y
+
+
+def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None) -> torch.Tensor:
+    """The int8 weights [N, K] of packed W4 (per-channel q4, or g128 Q8'), on the GPU."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((N, K), dtype=torch.int8, device=packed.device)
+    dummy = packed
+    _unpack_w4_kernel[(triton.cdiv(N, 64), K // 128)](
+        packed, s2 if s2 is not None else dummy, sz if sz is not None else dummy, out, N, K,
+        (s2.stride(0) if s2 is not None else 0), MODE=mode, BLOCK_N=64,
+        FAST=packed.is_cuda if fast is None else fast)
+    return out
+
+
+def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict) -> None:
+    M, K = x8.shape
+    N = w.shape[0]
+    zero = mode == MODE_W4_PER_CHANNEL
+    if cfg.get("UNPACK", False) and mode != MODE_W8:
+        # Prefill-sized M: unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of
+        # the GEMM at M=8192) and run the int8 kernel, whose 128x256 tiles the in-loop unpack's
+        # registers do not allow. The integers multiplied are the same, so is the result.
+        w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda))
+        mode = MODE_W8
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk
+    x_desc = TensorDescriptor.from_tensor(x8, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    dummy = sx
+    _int8_gemm_tma_kernel[grid](
+        x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1,
+        s2 if s2 is not None else dummy, sz if sz is not None else dummy, y,
+        M, N, K, (s2.stride(0) if s2 is not None else 0),
+        MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
+        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, num_warps=cfg["num_warps"],
+    )

@@ -25,6 +25,10 @@ from qoq.kernels.w8a8_gemm import w8a8_gemm_ref, w8a8_gemm_triton
 EXACT = 2e-3
 SPLIT = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=2)
 NOSWAP = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=False)
+# The shared-memory-operand TMA kernel (Hopper's large-M path); tiles larger than M and N check
+# that out-of-bounds TMA rows read as zeros and the masked stores.
+TMA = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, TMA=True, GROUP_M=2)
+UNPACK = dict(TMA, UNPACK=True)  # W4 unpacked to int8 by its own kernel, then the int8 TMA GEMM
 
 
 def test_pack_roundtrip_and_layout(gen):
@@ -36,8 +40,8 @@ def test_pack_roundtrip_and_layout(gen):
     assert torch.equal(packed[:, 64 + 2] >> 4, q4[:, 128 + 64 + 2])
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+@pytest.mark.parametrize("m", [1, 5, 16, 37])
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP, TMA, UNPACK])
 def test_w4a8_g128_triton_matches_ref(m, config, device, gen, poison):
     case = g128_case(m, 64, 256, device, gen)
     out = w4a8_g128_gemm_triton(*case, config=config)
@@ -45,15 +49,15 @@ def test_w4a8_g128_triton_matches_ref(m, config, device, gen, poison):
     assert rel_err(out, w4a8_g128_gemm_ref(*case)) < EXACT
 
 
-@pytest.mark.parametrize("m", [3, 16])
-@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+@pytest.mark.parametrize("m", [3, 16, 37])
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP, TMA, UNPACK])
 def test_w4a8_per_channel_triton_matches_ref(m, config, device, gen, poison):
     case = per_channel_case(m, 64, 256, device, gen)
     out = w4a8_per_channel_gemm_triton(*case, config=config)
     assert rel_err(out, w4a8_per_channel_gemm_ref(*case)) < EXACT
 
 
-@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP])
+@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP, TMA])
 def test_w8a8_triton_matches_ref(config, device, gen, poison):
     x8, sx, _ = random_activations(7, 256, device, gen)
     w = torch.randint(-127, 128, (48, 256), dtype=torch.int8, generator=gen).to(device)
@@ -111,13 +115,18 @@ def test_refs_reject_bad_inputs(gen):
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 256, 1000])
+@pytest.mark.parametrize("m", [1, 16, 256, 513, 1000, 2085, 4100])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
+    """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel)."""
     case = g128_case(m, n, k, "cuda", gen)
     assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
     case = per_channel_case(m, n, k, "cuda", gen)
     assert rel_err(w4a8_per_channel_gemm_triton(*case), w4a8_per_channel_gemm_ref(*case)) < EXACT
+    x8, sx = case[0], case[1]
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to("cuda")
+    s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to("cuda")
+    assert rel_err(w8a8_gemm_triton(x8, sx, w, s), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
 
 
 @pytest.mark.parametrize("split", [2, 4])
