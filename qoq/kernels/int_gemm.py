@@ -10,6 +10,12 @@ tile is produced in registers, and a register operand may only be the A side of 
 wgmma, while X^T (K-major in memory) is the B side read from shared memory. It also lets a
 decode-sized M be the narrow N side of the MMA (down to 16) instead of padding it to 64.
 
+On Hopper, M > 256 (M > 768 for per-channel W4) runs `_int8_gemm_tma_kernel` instead: X and
+the packed weight arrive by TMA, the weight is unpacked in registers and handed to the MMA as its
+shared-memory B operand, so wgmma stays asynchronous across chunks (a register A operand forces a
+wait per chunk); from M >= UNPACK_MIN_M (prefill) W4 is unpacked to int8 by its own kernel first
+and the int8 GEMM runs with 128x256 tiles. `default_config` / `tma_config` hold the tile choices.
+
 MODE 0: W8A8 (int8 weights). MODE 1: W4A8 g128, Q8' = q4 * s2 - sz. On CUDA (FAST) it is computed
 four weights per 32-bit word in inline PTX: q4 * s2 + (128 - sz) = Q8' + 128 lies in 0..255 for
 valid data, so a word-wide multiply-add never carries between bytes, and xor 0x80808080 makes the
