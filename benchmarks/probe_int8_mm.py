@@ -219,9 +219,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default="8192,1024,512")
     ap.add_argument("--fused-only", action="store_true")
+    ap.add_argument("--fused-cfgs", default=None, help="BMxBNxWARPSxSTAGES,... (default FUSED_CFGS)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
+    if args.fused_cfgs:
+        FUSED_CFGS[:] = [tuple(int(v) for v in c.split("x")) for c in args.fused_cfgs.split(",")]
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
     cfgs = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),

@@ -273,7 +273,7 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
     """The shared-memory-operand TMA kernel's tiles where it beats the register-A kernel on the
     H100 (probe of 2026-11-24, benchmarks/results/int8-gemm-probe-h100.json), else None.
 
-    Per-channel W4 gains from M > 768 (1.1x at M=1024-8192), g128 already from M > 256 (its
+    Per-channel W4 gains from M > 768 (1.1x at M=1024-8192), g128 already from M > 128 (its
     unpack is a multiply-add, which this kernel overlaps with the MMA: 1.25-1.5x), int8 weights
     (no unpack) from M > 256, with 128x256 tiles from M > 1024 (1.3-1.45x at M=8192). From
     M >= UNPACK_MIN_M (prefill steps) W4 is unpacked to int8 first and runs the int8 tiles.
@@ -282,6 +282,16 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
         return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
     if mode == MODE_W4_PER_CHANNEL and M > 768:
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
+    if 128 < M <= 256 and mode != MODE_W8:
+        # M=256 probe: g128 gains on all four shapes (1.24x geomean), per-channel only on the
+        # mid-width qkv shape (N=6144: 27.9 against 36.4 us); elsewhere the register-A kernel wins.
+        if mode == MODE_W4_G128 and N >= 16384:
+            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
+        if mode == MODE_W4_G128 and K >= 8192:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4)
+        if mode == MODE_W4_G128 or (4096 < N < 16384 and K < 8192):
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
+        return None
     if mode == MODE_W4_G128 and M > 256:
         narrow = M <= 768 and N <= 4096
         return dict(BLOCK_M=128, BLOCK_N=64 if narrow else 128, num_warps=4, num_stages=4 if narrow else 3)
