@@ -1,6 +1,7 @@
 """Where one decode step's time goes: a torch.profiler table of the kernels of eager decode steps.
 
     python benchmarks/profile_decode.py --precision w4a8kv4 --batch 256 --context 1024
+    python benchmarks/profile_decode.py --prefill --batch 8 --context 1024   # one 8192-token prefill step
 """
 
 from __future__ import annotations
@@ -28,25 +29,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--prefill", action="store_true", help="profile prefill steps of `batch` prompts instead")
     args = parser.parse_args()
 
     cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size)
     model = random_model(cfg, quant)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + 64,
                                                  max_num_batched_tokens=8192, enforce_eager=True))
-    params = SamplingParams(max_tokens=64, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=1 if args.prefill else 64, ignore_eos=True, detokenize=False)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(args.batch):
-        engine.add_request(torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist(), params)
-    while engine.scheduler.waiting:  # all prefills done
-        engine.step()
-    for _ in range(3):
-        engine.step()
+
+    def add_batch() -> None:
+        for _ in range(args.batch):
+            engine.add_request(torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist(), params)
+
+    add_batch()
+    if args.prefill:  # one warm-up wave (Triton compiles), then the profiled prefills of a second
+        while engine.has_unfinished_requests():
+            engine.step()
+        add_batch()
+    else:
+        while engine.scheduler.waiting:  # all prefills done
+            engine.step()
+        for _ in range(3):
+            engine.step()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             engine.step()
-    print(f"{args.precision} g{args.group_size} batch {args.batch} context ~{args.context}, {args.steps} steps")
+        torch.cuda.synchronize()
+    kind = "prefill" if args.prefill else "decode"
+    print(f"{args.precision} g{args.group_size} batch {args.batch} context ~{args.context}, {args.steps} {kind} steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
