@@ -78,10 +78,22 @@ def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs [B, V] -> [B] int64: torch.multinomial(probs, 1).squeeze(-1).
+
+    The same algorithm and random numbers as torch.multinomial's single-draw path (argmax of
+    probs / q with q ~ Exp(1), from the same generator), hence the same tokens
+    (tests/engine/test_async_scheduling.py checks it against torch.multinomial), without its checks that probs
+    are finite and non-negative: those read values back, a device sync on the GPU, which would
+    stall the engine's async scheduling.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: [B, V] -> next token ids [B]."""
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_one(logits.softmax(-1), generator)
