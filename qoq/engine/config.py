@@ -25,6 +25,10 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     max_graph_batch_size: int = 64
     seed: int = 0  # for requests that sample without a seed of their own
+    # Overlap the engine's Python for step n+1 (scheduling, inputs, token bookkeeping, outputs)
+    # with the device's step n: sampled tokens stay on the device and feed the next step, and
+    # step() hands out the previous step's outputs (docs/serving.md). False: one step at a time.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):

@@ -78,6 +78,14 @@ class DecodeGraphs:
         return batch_size <= self.sizes[-1]
 
     def replay(self, inputs: ModelInputs) -> torch.Tensor:
+        """Copy a step's inputs into the static buffers, replay, return a view of the static output.
+
+        Async scheduling needs nothing more: everything here is queued on the one stream in order.
+        `inputs.input_ids` already holds the pending tokens gathered on the device (prepare), so the
+        copy below reads them after that gather; the next step's copies into the static buffers
+        queue after this replay; and the static output returned here is consumed (logits,
+        sampling) before the next replay overwrites it.
+        """
         n = inputs.input_ids.shape[1]
         size = next(s for s in self.sizes if s >= n)
         md = inputs.metadata

@@ -1,6 +1,11 @@
 """The engine: requests in, one scheduled step at a time, RequestOutputs (deltas) out.
 
 Not thread-safe by design: one thread owns it (the offline LLM, or the server's engine thread).
+
+With `EngineConfig.async_scheduling` (the default) steps are pipelined: step() schedules and
+launches step n on the device, and while the device computes it, reads back and processes step
+n-1's tokens (append, stops, outputs), so the engine's Python overlaps the device's work instead
+of following it. step() therefore returns the outputs of the step launched by the previous call.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ import torch
 from qoq.engine.block_manager import BlockManager, pages_needed
 from qoq.engine.config import EngineConfig
 from qoq.engine.detokenizer import append_token, make_output
-from qoq.engine.model_runner import ModelRunner
+from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
-from qoq.engine.sequence import RequestOutput, Sequence
+from qoq.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from qoq.generate import stop_token_ids
 from qoq.model.llama import LlamaModel
 from qoq.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass
@@ -64,6 +70,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._stats = EngineStats(num_pages_total=self.runner.num_pages)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tok/s
+        self._in_flight: StepInFlight | None = None  # async scheduling: launched, not yet processed
         log.info("engine: %d KV pages of %d tokens (KV%d), max_model_len %d",
                  self.runner.num_pages, config.page_size, self.kv_bits, self.max_model_len)
 
@@ -119,7 +126,10 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request (client gone): its pages go back to the pool at once."""
+        """Stop a request (client gone): its pages go back to the pool at once.
+
+        A token of it still in flight is discarded when its step is processed (see Scheduler.finish
+        for why the pages may be reused right away)."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
@@ -128,19 +138,72 @@ class LLMEngine:
         return make_output(seq, finished=True)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run a step; return the outputs of the step whose tokens were processed in it.
+
+        Synchronous: this step's own. Async scheduling: the previous call's step (none on the
+        first call), this call's step being on the device meanwhile.
+        """
+        if not self.config.async_scheduling:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            return self._process(batch.seqs, self.runner.execute(batch), batch)
+        # (a) Schedule step n. Sequences of step n-1 (in flight) count their pending token.
         batch = self.scheduler.schedule()
-        if not batch:
+        prev, launched = self._in_flight, None
+        if batch:
+            # (b) Launch it: queued on the device, nothing waits. Its decodes whose last token step
+            # n-1 sampled read it on the device. If this raises, step n-1 stays in flight.
+            launched = self.runner.launch(batch, prev)
+            for row, seq in enumerate(launched.seqs):
+                seq.num_pending += 1
+                seq.pending_row = row
+        self._in_flight = launched
+        if prev is None:
             return []
-        tokens = self.runner.execute(batch)
-        outputs = []
+        # (c) While the device computes step n: step n-1's tokens, processed as a synchronous step
+        # processes its own. A sequence finishing here may also be in step n: its step-n token is
+        # dropped when step n is processed, and its pages are freed now (Scheduler.finish: the
+        # device runs step n before any later step that could reuse them).
+        try:
+            return self._process(prev.seqs, prev.token_ids(), prev.batch)
+        except BaseException:
+            self._drop(prev, launched)
+            raise
+
+    def _drop(self, *steps: StepInFlight | None) -> None:
+        """Forget in-flight tokens (reading or recording them failed, e.g. a device error).
+
+        A sequence that loses its pending token decodes again from its last known token: that
+        rewrites the same cache slot with the same K/V, as a failed synchronous step is retried.
+        """
+        for step in steps:
+            if step is not None:
+                for seq in step.seqs:
+                    seq.num_pending = 0
+        self._in_flight = None
+
+    def _process(self, seqs: list[Sequence], tokens: list[int], batch) -> list[RequestOutput]:
+        """Record a step's sampled tokens: append, stops, finished sequences, outputs, stats."""
+        tokenizer = self.tokenizer
         with self.tokenizer_lock:
-            for seq, token in zip(batch.seqs, tokens):
-                append_token(seq, token, self.tokenizer)
-        for seq in batch.seqs:
+            if self.config.async_scheduling:
+                live = []
+                for seq, token in zip(seqs, tokens):
+                    seq.num_pending -= 1  # known now
+                    if seq.status is not FINISHED:  # else finished or aborted while in flight: dropped
+                        append_token(seq, token, tokenizer)
+                        live.append(seq)
+            else:
+                live = seqs
+                for seq, token in zip(seqs, tokens):
+                    append_token(seq, token, tokenizer)
+        outputs = []
+        for seq in live:
             finished = seq.finish_reason is not None
             if finished:
                 self.scheduler.finish(seq, seq.finish_reason)
@@ -148,7 +211,7 @@ class LLMEngine:
                 self._count_finished(seq.finish_reason)
             if finished or seq.params.output_kind == "delta":
                 outputs.append(make_output(seq, finished))
-        self._record_step(batch, len(tokens))
+        self._record_step(batch, len(live))
         return outputs
 
     def _count_finished(self, reason: str) -> None:

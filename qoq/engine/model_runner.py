@@ -3,6 +3,11 @@
 The model sees one row of T tokens (prefills packed first, then one token per decode), so one
 forward serves a mixed batch with no padding. Pure-decode batches replay a captured CUDA graph
 on the GPU (cuda_graph.py); everything else runs eagerly.
+
+Two ways to run a step: `execute` returns the tokens (it waits for the device), `launch` only
+queues the step on the device and returns a `StepInFlight` whose tokens are read later (async
+scheduling, docs/serving.md). A decode whose last token is still in flight (`Sequence.num_pending`)
+takes it from the previous step's device tensor: the input ids are gathered on the device.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from qoq.engine.attention import AttentionMetadata, PagedAttention
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
 from qoq.engine.cuda_graph import DecodeGraphs
-from qoq.engine.sampler import sample_tokens
+from qoq.engine.sampler import sample_tokens, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
 from qoq.engine.sequence import Sequence
+from qoq.engine.transfer import DeviceToHost, to_device
 from qoq.kernels import allocate_kv_cache
 from qoq.model.llama import LlamaModel
 
@@ -28,6 +34,20 @@ class ModelInputs:
     positions: torch.Tensor  # [1, T]
     metadata: AttentionMetadata
     logit_indices: torch.Tensor  # [num_seqs]: the token whose logits pick each sequence's next token
+
+
+@dataclass
+class StepInFlight:
+    """A launched step: its sequences in row order, their sampled tokens on the device, and the
+    copy of those to the host (started at launch; `token_ids` waits for it)."""
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [len(seqs)] int64 on the device: the next step's pending input ids
+    host: DeviceToHost
+
+    def token_ids(self) -> list[int]:
+        return self.host.tolist()
 
 
 def kv_bytes_per_page(model: LlamaModel, page_size: int, bits: int, dtype: torch.dtype) -> int:
@@ -113,54 +133,84 @@ class ModelRunner:
     # -- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run one scheduled step and return the next token of each of batch.seqs."""
-        inputs = self.prepare(batch)
+        """Run one scheduled step and return the next token of each of batch.seqs (waits for it)."""
+        return sample_tokens(self._logits(batch, None), batch.seqs, self.generator)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: StepInFlight | None) -> StepInFlight:
+        """Queue one scheduled step on the device and return at once (nothing here waits for it).
+
+        `prev` is the step still in flight: decodes whose last token it sampled read that token
+        from its device tensor.
+        """
+        seqs = batch.seqs
+        logits = self._logits(batch, prev.tokens if prev is not None else None)
+        tokens = sample_tokens_device(logits, seqs, self.generator)
+        return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens))
+
+    def _logits(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        inputs = self.prepare(batch, prev_tokens)
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
         else:
             self.attn.metadata = inputs.metadata
             hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]
-        logits = self.model.compute_logits(hidden[inputs.logit_indices])
-        return sample_tokens(logits, batch.seqs, self.generator)
+        return self.model.compute_logits(hidden[inputs.logit_indices])
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
+    def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> ModelInputs:
+        """Flattened inputs on the device. A decode whose last token is pending (sampled by the
+        step in flight, not read back) gets its input id from `prev_tokens` on the device."""
         # Plain Python lists, one tensor per field: per-sequence tensors cost milliseconds a step
-        # at batch sizes in the hundreds.
+        # at batch sizes in the hundreds. Every copy to the device is queued without a sync.
         page_size = self.config.page_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         cu_seqlens = [0]
         for seq in batch.prefills:
+            assert not seq.num_pending, "a prefill needs all of its tokens known"
             ids.extend(seq.all_token_ids)
             positions.extend(range(seq.num_tokens))
             table = seq.block_table
             slots.extend(table[p // page_size] * page_size + p % page_size for p in range(seq.num_tokens))
             cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
         context_lens: list[int] = []
+        pending_rows: list[int] = []  # rows of `ids` whose token is on the device...
+        pending_src: list[int] = []  # ...at these rows of prev_tokens
         for seq in batch.decodes:  # the hot loop at large batches: attribute lookups only
             out = seq.output_token_ids
             num = len(seq.prompt_token_ids) + len(out)
-            ids.append(out[-1] if out else seq.prompt_token_ids[-1])
+            if seq.num_pending:
+                pending_rows.append(len(ids))
+                pending_src.append(seq.pending_row)
+                ids.append(0)  # overwritten on the device below
+                num += 1
+            else:
+                ids.append(out[-1] if out else seq.prompt_token_ids[-1])
             positions.append(num - 1)
             context_lens.append(num)
             slots.append(seq.block_table[(num - 1) // page_size] * page_size + (num - 1) % page_size)
         num_prefill = cu_seqlens[-1]
         logit_indices = [end - 1 for end in cu_seqlens[1:]] + list(range(num_prefill, len(ids)))
         dev = self.device
-        md = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                               num_prefill_tokens=num_prefill)
+        md = AttentionMetadata(slot_mapping=to_device(slots, torch.long, dev), num_prefill_tokens=num_prefill)
         if batch.prefills:
-            md.cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32, device=dev)
+            md.cu_seqlens = to_device(cu_seqlens, torch.int32, dev)
             md.max_seqlen = max(s.num_tokens for s in batch.prefills)
         if batch.decodes:
-            md.block_tables = self.block_tables(batch.decodes).to(dev)
-            md.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+            md.block_tables = to_device(self.block_tables(batch.decodes), torch.int32, dev)
+            md.context_lens = to_device(context_lens, torch.int32, dev)
+        input_ids = to_device([ids], torch.long, dev)
+        if pending_rows:
+            assert prev_tokens is not None, "a pending token needs the step that sampled it"
+            # Queued after that step's sampling on the same stream: no sync, the right values.
+            src = prev_tokens.index_select(0, to_device(pending_src, torch.long, dev))
+            input_ids[0].index_copy_(0, to_device(pending_rows, torch.long, dev), src)
         return ModelInputs(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-            positions=torch.tensor([positions], dtype=torch.long, device=dev),
+            input_ids=input_ids,
+            positions=to_device([positions], torch.long, dev),
             metadata=md,
-            logit_indices=torch.tensor(logit_indices, dtype=torch.long, device=dev),
+            logit_indices=to_device(logit_indices, torch.long, dev),
         )
 
     @staticmethod

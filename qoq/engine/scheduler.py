@@ -63,6 +63,11 @@ class Scheduler:
         still_running: list[Sequence] = []
         while queue:
             seq = queue.popleft()
+            if seq.num_pending and len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
+                # Async scheduling: its in-flight token is its last (max_tokens), so a decode now
+                # would only compute a token to throw away. It finishes when that step is processed.
+                still_running.append(seq)
+                continue
             if budget == 0:  # over the token budget: keeps its pages, decodes next step
                 still_running.append(seq)
                 continue
@@ -87,6 +92,11 @@ class Scheduler:
     def _schedule_prefills(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                # Preempted with a token still in flight: prefilled once that token is known (the
+                # step that sampled it is processed before the next schedule). Never happens in
+                # practice: prefills are not admitted in a step that preempts.
+                break
             if seq.num_tokens > budget or not self.block_manager.can_grow(seq):
                 break  # first come, first served: later requests wait behind this one
             self.waiting.popleft()
@@ -106,7 +116,14 @@ class Scheduler:
         batch.preempted.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Finished or aborted: leave whichever queue holds it and free its pages."""
+        """Finished or aborted: leave whichever queue holds it and free its pages.
+
+        With async scheduling the sequence may still be in the step in flight (its token there is
+        discarded when that step is processed), and a sequence preempted with a token in flight
+        finishes from WAITING. Freeing its pages at once is safe: the in-flight step was enqueued
+        on the device stream before any later step that could be given those pages, so its writes
+        land before theirs.
+        """
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:

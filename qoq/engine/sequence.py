@@ -4,6 +4,12 @@ A sequence's KV cache is all or nothing: while RUNNING its pages hold every toke
 sampled one (which the next step feeds), while WAITING it holds none. Preemption by recompute
 drops the pages and sends the sequence back to WAITING with its generated tokens kept, so the
 next prefill recomputes prompt + output and generation continues where it stopped.
+
+With async scheduling (docs/serving.md) a sequence may have one token sampled on the device whose
+value the engine has not read back yet: `num_pending` (0 or 1 between steps). It counts in
+`num_tokens`, so pages, positions and context lengths cover it; the next decode feeds it straight
+from the device (`pending_row` is its row in the in-flight step's token tensor). It lands in
+`output_token_ids` when that step is processed.
 """
 
 from __future__ import annotations
@@ -44,9 +50,19 @@ class Sequence:
     num_text_sent: int = 0
     num_tokens_sent: int = 0
     detokenizer_state: object | None = None  # qoq.engine.detokenizer's incremental-decode window
+    # Async scheduling: tokens sampled on the device, not read back yet, and the row of the latest
+    # one in its step's token tensor.
+    num_pending: int = 0
+    pending_row: int = -1
 
     @property
     def num_tokens(self) -> int:
+        """All tokens, pending ones included (what the cache and the next decode position cover)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the engine holds (prompt + output_token_ids)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -59,6 +75,7 @@ class Sequence:
 
     @property
     def last_token_id(self) -> int:
+        """The last known token (with a pending token, the one before it)."""
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property

@@ -66,3 +66,56 @@ def test_preemption_frees_newest_and_requeues_it_first():
     sched.finish(a, "stop")
     batch = sched.schedule()
     assert batch.prefills == [b] and b.num_tokens == 9 and len(b.block_table) == 3
+
+
+# -- async scheduling: sequences with a token still in flight (Sequence.num_pending) ------------
+
+def test_a_pending_token_counts_for_pages_and_positions():
+    sched, bm = make_scheduler(num_pages=4, page_size=4)
+    a = seq(4, "a")
+    sched.add(a)
+    sched.schedule()  # prefill: one page
+    a.num_pending = 1  # its first token is sampled, not read back: the 5th token needs a page
+    assert a.num_tokens == 5 and a.num_known_tokens == 4 and bm.missing_pages(a) == 1
+    batch = sched.schedule()
+    assert batch.decodes == [a] and len(a.block_table) == 2
+
+
+def test_no_decode_for_a_sequence_whose_pending_token_is_its_last():
+    sched, _ = make_scheduler(num_pages=8, page_size=4)
+    a, b = seq(3, "a"), seq(3, "b")
+    a.params = SamplingParams(max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    a.output_token_ids += [5, 5]
+    a.num_pending = b.num_pending = 1  # a's pending token is its 3rd and last
+    batch = sched.schedule()
+    assert batch.decodes == [b] and sched.running == [a, b]  # a stays, finishes when processed
+    a.num_pending = 0
+    a.output_token_ids.append(5)
+    sched.finish(a, "length")
+    assert sched.running == [b]
+
+
+def test_preempted_with_a_pending_token_waits_for_it_and_can_finish_while_waiting():
+    sched, bm = make_scheduler(num_pages=4, page_size=4)
+    a, b = seq(8, "a"), seq(8, "b")
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    a.num_pending = b.num_pending = 1  # both need a third page for the pending token: b goes
+    batch = sched.schedule()
+    assert batch.decodes == [a] and batch.preempted == [b] and b.num_pending == 1
+    assert not batch.prefills
+    sched.finish(a, "stop")  # all pages free, but b's token is still unknown: no prefill for it
+    assert not sched.schedule().prefills and sched.waiting[0] is b
+    b.num_pending = 0  # processed: known now, prefilled with it
+    b.output_token_ids.append(3)
+    assert sched.schedule().prefills == [b]
+    # Finishing from WAITING (its pending token ended it) leaves the queue and frees nothing twice.
+    c = seq(8, "c")
+    sched.add(c)
+    c.num_pending = 1
+    sched.finish(c, "length")
+    assert c not in sched.waiting and c.is_finished and bm.num_free_pages == 4 - len(b.block_table)

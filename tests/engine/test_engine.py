@@ -44,6 +44,12 @@ def reference(bundled, prompts):
     return [generate(model, tok, [p], SamplingParams(max_tokens=MAX_TOKENS))[0] for p in prompts]
 
 
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def async_scheduling(request):
+    """EngineConfig.async_scheduling: both must give qoq.generate's outputs (hence each other's)."""
+    return request.param
+
+
 def assert_same(outputs, reference):
     for out, ref in zip(outputs, reference, strict=True):
         assert out.token_ids == ref.token_ids
@@ -51,8 +57,8 @@ def assert_same(outputs, reference):
         assert out.finish_reason == ref.finish_reason
 
 
-def test_fp_cache_matches_reference_generator(bundled, prompts, reference):
-    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16)
+def test_fp_cache_matches_reference_generator(bundled, prompts, reference, async_scheduling):
+    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16, async_scheduling=async_scheduling)
     assert_same(llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS)), reference)
     assert {r.finish_reason for r in reference} == {"length", "stop"}
 
@@ -101,14 +107,14 @@ def tiny_quantized_model(group_size: int, kv_bits: int, dtype: torch.dtype) -> L
 @pytest.mark.parametrize("kv_bits", [4, 8])
 @pytest.mark.parametrize("group_size, linear", [(128, W4A8G128Linear), (-1, W4A8PerChannelLinear)],
                          ids=["g128", "per-channel"])
-def test_w4a8_engine_equals_generator_greedy(bundled, group_size, linear, kv_bits, dtype):
+def test_w4a8_engine_equals_generator_greedy(bundled, group_size, linear, kv_bits, dtype, async_scheduling):
     _, tok = bundled
     model = tiny_quantized_model(group_size, kv_bits, dtype)
     assert isinstance(model.layers[0].mlp.down_proj, linear) and model.quant_config.kv_bits == kv_bits
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 3, 9, 17, 30, 64)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    outputs = LLM.from_model(model, tok).generate(prompts, params)  # the model's own kv_bits
+    outputs = LLM.from_model(model, tok, async_scheduling=async_scheduling).generate(prompts, params)  # own kv_bits
     reference = generate(model, tok, prompts, params)
     assert_same(outputs, reference)
     assert len({t for r in reference for t in r.token_ids}) > 20  # a model with something to say
@@ -170,17 +176,19 @@ def test_kv_modes_are_explicit():
         DenseKVCache(1, 1, 8, 2, 16, torch.float32, kv_quantizer=lambda x: x, mode="serving")
 
 
-def test_preemption_under_a_tiny_pool_loses_nothing(bundled, prompts, reference):
-    # 8 pages of 8 tokens hold ~2 of these sequences at once: most steps preempt someone.
-    llm = LLM.from_model(*bundled, kv_bits=16, page_size=8, num_pages=8, max_num_seqs=8)
+def test_preemption_under_a_tiny_pool_loses_nothing(bundled, prompts, reference, async_scheduling):
+    # 8 pages of 8 tokens hold ~2 of these sequences at once: most steps preempt someone (with
+    # async scheduling, a sequence whose last token is still in flight).
+    llm = LLM.from_model(*bundled, kv_bits=16, page_size=8, num_pages=8, max_num_seqs=8,
+                         async_scheduling=async_scheduling)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
     assert llm.engine.scheduler.num_preemptions > 0
     assert_same(outputs, reference)
     assert llm.engine.block_manager.num_free_pages == 8
 
 
-def test_requests_join_the_running_batch(bundled, prompts, reference):
-    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16)
+def test_requests_join_the_running_batch(bundled, prompts, reference, async_scheduling):
+    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16, async_scheduling=async_scheduling)
     engine = llm.engine
     shapes = []
     schedule = engine.scheduler.schedule
@@ -203,20 +211,20 @@ def test_requests_join_the_running_batch(bundled, prompts, reference):
     assert_same([final["a"], final["b"]], [reference[0], reference[2]])
 
 
-def test_seeded_sampling_matches_reference(bundled, prompts):
+def test_seeded_sampling_matches_reference(bundled, prompts, async_scheduling):
     model, tok = bundled
     params = SamplingParams(max_tokens=8, temperature=0.8, top_k=40, top_p=0.9, seed=1234)
     [ref] = generate(model, tok, [prompts[0]], params)
-    llm = LLM.from_model(model, tok, kv_bits=16, page_size=16)
+    llm = LLM.from_model(model, tok, kv_bits=16, page_size=16, async_scheduling=async_scheduling)
     a, b = llm.generate([prompts[0], prompts[0]], params)
     assert a.token_ids == b.token_ids == ref.token_ids
 
 
-def test_streamed_deltas_add_up_and_hold_back_stop_strings(bundled, prompts):
+def test_streamed_deltas_add_up_and_hold_back_stop_strings(bundled, prompts, async_scheduling):
     model, tok = bundled
     params = SamplingParams(max_tokens=16, stop=["return"])
     [ref] = generate(model, tok, [prompts[1]], params)
-    engine = LLM.from_model(model, tok, kv_bits=16, page_size=16).engine
+    engine = LLM.from_model(model, tok, kv_bits=16, page_size=16, async_scheduling=async_scheduling).engine
     engine.add_request(prompts[1], params, "s")
     pieces, tokens, last = [], [], None
     while engine.has_unfinished_requests():
@@ -233,15 +241,18 @@ def model_vocab(engine):
     return engine.model.config.vocab_size
 
 
-def test_abort_frees_pages_and_bad_requests_are_refused(bundled, prompts):
-    llm = LLM.from_model(*bundled, kv_bits=4, page_size=16, num_pages=4)
+def test_abort_frees_pages_and_bad_requests_are_refused(bundled, prompts, async_scheduling):
+    llm = LLM.from_model(*bundled, kv_bits=4, page_size=16, num_pages=4, async_scheduling=async_scheduling)
     engine = llm.engine
     engine.add_request(prompts[2], SamplingParams(max_tokens=8), "x")
     engine.step()
     assert engine.block_manager.num_used_pages > 0
     out = engine.abort_request("x")
     assert out.finished and out.finish_reason == "abort"
-    assert engine.block_manager.num_used_pages == 0 and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_used_pages == 0
+    if async_scheduling:  # x's prefill is still in flight: the next step processes (drops) it
+        assert engine.has_unfinished_requests() and engine.step() == []
+    assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.add_request([], SamplingParams())
     with pytest.raises(ValueError, match="maximum context length"):
@@ -252,10 +263,10 @@ def test_abort_frees_pages_and_bad_requests_are_refused(bundled, prompts):
         engine.add_request([model_vocab(engine)], SamplingParams())
 
 
-def test_final_only_outputs(bundled, prompts):
+def test_final_only_outputs(bundled, prompts, async_scheduling):
     """output_kind "final": one output per request, when it finishes, equal to the streamed end."""
     model, tok = bundled
-    engine = LLM.from_model(model, tok, kv_bits=16, page_size=16).engine
+    engine = LLM.from_model(model, tok, kv_bits=16, page_size=16, async_scheduling=async_scheduling).engine
     for i, kind in enumerate(("delta", "final")):
         engine.add_request(prompts[1], SamplingParams(max_tokens=12, output_kind=kind), kind)
     seen = {"delta": [], "final": []}

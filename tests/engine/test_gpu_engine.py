@@ -69,3 +69,52 @@ def test_engine_equals_the_generator_on_the_gpu(precision, group):
     # the GEMMs other row counts, hence other tiles / split-K orders: fp16 last bits may differ and
     # flip a near-tie, after which that sequence diverges. Most sequences must match exactly.
     assert sum(s == d for s, d in zip(served, dense)) >= 3, (served, dense)
+
+
+def _run(engine: LLMEngine, prompts, params: list[SamplingParams]) -> list[list[int]]:
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.token_ids)
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_async_scheduling_equals_sync_and_launching_never_waits(eager):
+    """Async and synchronous scheduling give the same tokens (greedy, engine-seeded and request-
+    seeded sampling, a request joining mid-run), and launching a step (inputs up, pending tokens
+    gathered on the device, forward or graph replay, sampling, the copy back started) performs no
+    synchronizing CUDA call: torch.cuda.set_sync_debug_mode("error") raises on any."""
+    model = random_model(ModelConfig.from_hf(TINY), QuantConfig("w4a8kv4", -1), device="cuda", seed=2)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 64, 65, 130, 7, 33)]
+    base = dict(ignore_eos=True, detokenize=False)
+    params = [SamplingParams(max_tokens=24, **base), SamplingParams(max_tokens=17, temperature=0.8, **base),
+              SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.9, **base),
+              SamplingParams(max_tokens=9, temperature=0.7, seed=5, **base),
+              SamplingParams(max_tokens=1, **base), SamplingParams(max_tokens=20, temperature=1.2, seed=6, **base)]
+    outputs = {}
+    for async_scheduling in (True, False):
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=256, enforce_eager=eager,
+                                                     gpu_memory_utilization=0.5, async_scheduling=async_scheduling))
+        _run(engine, prompts[:2], params[:2])  # warm-up: Triton compiles and autotunes, pinned pool
+        launches = [0]
+        if async_scheduling:
+            launch = engine.runner.launch
+
+            def checked_launch(batch, prev, launch=launch):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return launch(batch, prev)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    launches[0] += 1
+
+            engine.runner.launch = checked_launch
+        outputs[async_scheduling] = _run(engine, prompts, params)
+        assert not async_scheduling or launches[0] >= 24
+        del engine
+    assert outputs[True] == outputs[False]
+    assert [len(o) for o in outputs[True]] == [p.max_tokens for p in params]
