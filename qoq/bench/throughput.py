@@ -34,7 +34,9 @@ class ThroughputResult:
     tokens_per_s: float
     seconds: float
     decode_step_ms: float  # median wall time of the pure-decode steps
-    decode_forward_ms: float  # of which the model runner (inputs, forward, sampling); the rest is Python
+    # Of which the model runner (inputs, forward, sampling; with async scheduling, launching the step
+    # plus waiting for the previous step's tokens); the rest is the engine's Python.
+    decode_forward_ms: float
     peak_memory_gib: float
     roofline_tokens_per_s: float | None = None
     roofline_fraction: float | None = None
@@ -51,18 +53,35 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     """Submit all prompts, step to the end; returns (seconds, decode step times, decode forward times)."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False, output_kind="final")
     forward_times: list[float] = []
-    execute = engine.runner.execute
-    pure_decode = [False]  # whether the step that just ran had no prefill in it
+    runner = engine.runner
+    execute, launch = runner.execute, runner.launch
+    in_runner = [0.0]  # seconds spent in the model runner during the current step
+    pure_decode = [False]  # whether the step that just ran (launched, with async scheduling) had no prefill
 
-    def timed_execute(batch):  # execute() ends in a device sync (tokens to Python), so this is exact
+    def timed_execute(batch):  # synchronous: execute() ends in a device sync (tokens to Python), so this is exact
         t0 = time.perf_counter()
         tokens = execute(batch)
+        in_runner[0] += time.perf_counter() - t0
         pure_decode[0] = not batch.prefills
-        if pure_decode[0]:
-            forward_times.append(time.perf_counter() - t0)
         return tokens
 
-    engine.runner.execute = timed_execute
+    def timed_launch(batch, prev):  # async scheduling: launching, and later waiting for the tokens
+        t0 = time.perf_counter()
+        step = launch(batch, prev)
+        in_runner[0] += time.perf_counter() - t0
+        pure_decode[0] = not batch.prefills
+        read = step.token_ids
+
+        def timed_read():
+            t0 = time.perf_counter()
+            tokens = read()
+            in_runner[0] += time.perf_counter() - t0
+            return tokens
+
+        step.token_ids = timed_read
+        return step
+
+    runner.execute, runner.launch = timed_execute, timed_launch
     for prompt in prompts:
         engine.add_request(prompt, params)
     decode_steps: list[float] = []
@@ -70,12 +89,14 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
         torch.cuda.synchronize()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
+        in_runner[0], pure_decode[0] = 0.0, False
         t0 = time.perf_counter()
-        engine.step()  # returns after sampling, which synchronizes with the device
+        engine.step()  # returns once a step's tokens are read back, which waits for the device
         if pure_decode[0]:
             decode_steps.append(time.perf_counter() - t0)
+            forward_times.append(in_runner[0])
     seconds = time.perf_counter() - start
-    engine.runner.execute = execute
+    runner.execute, runner.launch = execute, launch
     return seconds, decode_steps, forward_times
 
 
