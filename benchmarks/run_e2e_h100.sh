@@ -5,14 +5,18 @@
 # then here: python benchmarks/merge_e2e.py benchmarks/results/e2e-h100.json /tmp/e2e/*.json
 # and python benchmarks/make_e2e_report.py. It takes ~25 minutes: longer than one device call,
 # so start it detached (setsid) and collect /tmp/e2e from later calls.
+# A second argument picks a part: l3 (the Llama-3-8B cases, ~15 min) or others (70B, Mistral,
+# Llama-2-7B, ~12 min), so that each part fits one device machine's 30-minute hold.
 set -u
 out=${1:-/tmp/e2e}
+part=${2:-all}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 run() {  # config cases hf-batches name
   python benchmarks/bench_e2e.py --config "$1" --max-batch 1024 --cases "$2" --hf-batches "$3" \
     --out "$out/$4.json" > "$out/$4.log" 2>&1
 }
+if [ "$part" != others ]; then
 run llama-3-8b w4a8kv4:-1 "" l3-w4a8kv4-pc-max
 run llama-3-8b w16a16kv16:-1 "" l3-fp16-max
 run llama-3-8b w4a8kv4:-1:512 "" l3-w4a8kv4-pc-512
@@ -21,10 +25,13 @@ run llama-3-8b w4a8kv4:128:512 "" l3-w4a8kv4-g128-512
 run llama-3-8b "" 64,128 l3-hf
 run llama-3-8b w8a8kv8:-1 "" l3-w8a8kv8-max
 run llama-3-8b w4a8kv8:128 "" l3-w4a8kv8-max
+fi
+if [ "$part" != l3 ]; then
 run llama-2-70b w4a8kv4:128 "" l70-w4a8kv4-g128-max
 run llama-2-70b w4a8kv4:-1 "" l70-w4a8kv4-pc-max
 for c in mistral-7b:m7 llama-2-7b:l27; do
   run "${c%%:*}" w16a16kv16:-1 "" "${c##*:}-fp16-max"
   run "${c%%:*}" w4a8kv4:-1 "" "${c##*:}-w4a8kv4-pc-max"
 done
+fi
 echo done > "$out/ALLDONE"

@@ -139,11 +139,22 @@ def rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KV
     return q_rot, k_rot
 
 
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] with packed heads (strides (any, D, 1)), copied only when it is not.
+
+    The attention kernels take the token stride as an argument, so q, k and v can stay views of
+    the fused qkv projection's output (saves three copies per layer).
+    """
+    if x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return x
+    return x.contiguous()
+
+
 @lazy_jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, ko_ptr,
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-    HQ, HKV, PAGE_SIZE,
+    HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -155,24 +166,29 @@ def _rope_kv_write_kernel(
 
     hq = tl.arange(0, BLOCK_HQ)[:, None]
     qm = hq < HQ
-    q_off = (t.to(tl.int64) * HQ + hq) * D + j[None, :]
-    q1 = tl.load(q_ptr + q_off, mask=qm, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + q_off + HALF, mask=qm, other=0.0).to(tl.float32)
+    # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
+    t64 = t.to(tl.int64)
+    q_in = t64 * stride_q + hq * D + j[None, :]
+    q_off = (t64 * HQ + hq) * D + j[None, :]
+    q1 = tl.load(q_ptr + q_in, mask=qm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + q_in + HALF, mask=qm, other=0.0).to(tl.float32)
     tl.store(qo_ptr + q_off, (q1 * cos - q2 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
     tl.store(qo_ptr + q_off + HALF, (q2 * cos + q1 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
 
     hk = tl.arange(0, BLOCK_HKV)[:, None]
     km = hk < HKV
-    k_off = (t.to(tl.int64) * HKV + hk) * D + j[None, :]
-    k1 = tl.load(k_ptr + k_off, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + k_off + HALF, mask=km, other=0.0).to(tl.float32)
+    k_in = t64 * stride_k + hk * D + j[None, :]
+    k_off = (t64 * HKV + hk) * D + j[None, :]
+    k1 = tl.load(k_ptr + k_in, mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + k_in + HALF, mask=km, other=0.0).to(tl.float32)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
     r1 = (k1 * cos - k2 * sin).to(ko_ptr.dtype.element_ty)
     r2 = (k2 * cos + k1 * sin).to(ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    v1 = tl.load(v_ptr + k_off, mask=km, other=0.0)
-    v2 = tl.load(v_ptr + k_off + HALF, mask=km, other=0.0)
+    v_in = t64 * stride_v + hk * D + j[None, :]
+    v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)
+    v2 = tl.load(v_ptr + v_in + HALF, mask=km, other=0.0)
 
     slot = tl.load(slot_ptr + t)
     if slot >= 0:
@@ -216,19 +232,20 @@ def _rope_kv_write_kernel(
 
 def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
     _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (token_rows(x) for x in (q, k, v))
     t, hq, d = q.shape
     hkv = k.shape[1]
     if d & (d - 1):
         raise ValueError(f"the Triton rope_kv_write needs a power-of-two head_dim, got {d}")
-    q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
         return q_rot, k_rot
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
     _rope_kv_write_kernel[(t,)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
-        cache.k_cache, cache.v_cache, *meta, hq, hkv, cache.page_size,
+        cache.k_cache, cache.v_cache, *meta, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
         HALF=d // 2, BITS=cache.bits, BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4,
     )

@@ -14,6 +14,7 @@ import math
 import torch
 
 from qoq.kernels.dispatch import dispatch, lazy_jit
+from qoq.kernels.kv_cache import token_rows
 
 try:
     import triton
@@ -53,7 +54,7 @@ def prefill_attention_ref(q, k, v, cu_seqlens, scale, max_seqlen=None):
 
 @lazy_jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, HQ, HKV, sm_scale_log2,
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, HQ, HKV, sm_scale_log2, stride_q, stride_k, stride_v,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     mb = tl.program_id(0)
@@ -69,7 +70,7 @@ def _prefill_kernel(
     d = tl.arange(0, D)
     m_mask = offs_m < seq_len
     tok = (start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + (tok * HQ + hq)[:, None] * D + d[None, :], mask=m_mask[:, None], other=0.0)
+    q = tl.load(q_ptr + (tok * stride_q + hq * D)[:, None] + d[None, :], mask=m_mask[:, None], other=0.0)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -79,9 +80,8 @@ def _prefill_kernel(
         n = n0 + offs_n
         n_mask = n < seq_len
         ktok = (start + n).to(tl.int64)
-        kv_off = (ktok * HKV + hk)[:, None] * D + d[None, :]
-        kt = tl.load(k_ptr + kv_off, mask=n_mask[:, None], other=0.0)
-        vt = tl.load(v_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        kt = tl.load(k_ptr + (ktok * stride_k + hk * D)[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
+        vt = tl.load(v_ptr + (ktok * stride_v + hk * D)[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(kt)) * sm_scale_log2
         ok = (n[None, :] <= offs_m[:, None]) & n_mask[None, :]
         s = tl.where(ok, s, -float("inf"))
@@ -101,16 +101,17 @@ def prefill_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen=None):
     t, hq, d = q.shape
     if d & (d - 1) or d < 16:
         raise ValueError(f"the Triton prefill needs a power-of-two head_dim >= 16, got {d}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (token_rows(x) for x in (q, k, v))
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_m, block_n = (128, 64) if q.is_cuda and d <= 128 else (64, 64)
     if not q.is_cuda:
         block_m, block_n = 16, 16  # interpreter: small tiles keep the CPU test fast
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, hq)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens, hq, k.shape[1], float(scale) * math.log2(math.e),
+        q.stride(0), k.stride(0), v.stride(0),
         GROUP=hq // k.shape[1], D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=8 if block_m == 128 else 4, num_stages=3,
     )

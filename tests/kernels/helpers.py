@@ -74,3 +74,13 @@ def g128_case(m, n, k, device="cpu", gen=None):
 
 def per_channel_case(m, n, k, device="cpu", gen=None):
     return random_activations(m, k, device, gen) + per_channel_weights(n, k, device, gen)
+
+
+def as_fused_qkv_views(q, k, v):
+    """q, k, v as row views of one [T, (Hq + 2 Hkv) * D] tensor, the way the model splits its fused
+    qkv projection (token stride larger than heads * D)."""
+    t, d = q.shape[0], q.shape[2]
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    a, b = q.shape[1] * d, k.shape[1] * d
+    views = (qkv[:, :a], qkv[:, a:a + b], qkv[:, a + b:])
+    return tuple(x.view(t, -1, d) for x in views)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import rel_err
+from helpers import as_fused_qkv_views, rel_err
 
 from qoq.kernels.decode_attention import (
     gather_kv_ref,
@@ -57,15 +57,17 @@ def test_decode_ref_matches_float64_loop(device, gen):
             assert rel_err(ref[i, h], p @ vv) < 2e-3
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
-def test_prefill_matches_ref(hq, hkv, device, gen, poison):
+def test_prefill_matches_ref(hq, hkv, fused, device, gen, poison):
     cu = torch.tensor([0, 5, 5, 40, 57], dtype=torch.int32, device=device)
     t, d = 57, 32
     q = torch.randn(t, hq, d, generator=gen).half().to(device)
     k = torch.randn(t, hkv, d, generator=gen).half().to(device)
     v = torch.randn(t, hkv, d, generator=gen).half().to(device)
     ref = prefill_attention_ref(q, k, v, cu, d ** -0.5)
-    assert rel_err(prefill_attention_triton(q, k, v, cu, d ** -0.5), ref) < 3e-3
+    args = as_fused_qkv_views(q, k, v) if fused else (q, k, v)  # strided views: read in place
+    assert rel_err(prefill_attention_triton(*args, cu, d ** -0.5), ref) < 3e-3
     # independent: torch SDPA per sequence (causal), float64
     for s, e in ((0, 5), (5, 40), (40, 57)):
         qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))

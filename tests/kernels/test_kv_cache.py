@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import rel_err
+from helpers import as_fused_qkv_views, rel_err
 
 from qoq.kernels.kv_cache import (
     allocate_kv_cache,
@@ -36,8 +36,10 @@ def test_quantize_kv_ref_error_bound(bits, gen):
     assert (err <= scale.float()[..., None] * 0.5 + 2e-3 * x.abs().amax(-1, keepdim=True)).all()
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_rope_kv_write_matches_ref(bits, device, gen, poison):
+def test_rope_kv_write_matches_ref(bits, fused, device, gen, poison):
+    """fused: the Triton kernel reads q, k, v as strided views of one qkv tensor (no copies)."""
     t, hq, hkv, d, page = 7, 6, 2, 32, 8
     q = torch.randn(t, hq, d, generator=gen).half().to(device)
     k = torch.randn(t, hkv, d, generator=gen).half().to(device)
@@ -55,7 +57,8 @@ def test_rope_kv_write_matches_ref(bits, device, gen, poison):
                 if name not in init:
                     init[name] = torch.randint(0, 200, tensor.shape, generator=gen).to(tensor.dtype)
                 tensor.copy_(init[name])
-        caches.append((cache, fn(q, k, v, pos, cs, slots, cache)))
+        args = as_fused_qkv_views(q, k, v) if fused and fn is rope_kv_write_triton else (q, k, v)
+        caches.append((cache, fn(*args, pos, cs, slots, cache)))
     (c_ref, (q_ref, k_ref)), (c_tri, (q_tri, k_tri)) = caches
     assert rel_err(q_tri, q_ref) < 1e-3 and rel_err(k_tri, k_ref) < 1e-3
     assert rel_err(q_ref, hf_rope_float64(q, pos, d)) < 1e-3
