@@ -280,7 +280,9 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
     """
     if mode != MODE_W8 and M >= UNPACK_MIN_M:
         return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
-    if mode == MODE_W4_PER_CHANNEL and M > 768:
+    if mode == MODE_W4_PER_CHANNEL and (M > 768 or (M > 256 and K >= 8192 and N >= 8192)):
+        # 70B-sized layers (K, N >= 8192) gain already from M > 256: 0.65-0.9x the register-A
+        # kernel's time at M=262/512 (benchmarks/results/pc-mid-m-probe-h100.json).
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
     if 128 < M <= 256 and mode != MODE_W8:
         # M=256 probe: g128 gains on all four shapes (1.24x geomean), per-channel only on the
