@@ -10,7 +10,8 @@ tile is produced in registers, and a register operand may only be the A side of 
 wgmma, while X^T (K-major in memory) is the B side read from shared memory. It also lets a
 decode-sized M be the narrow N side of the MMA (down to 16) instead of padding it to 64.
 
-On Hopper, M > 256 (M > 768 for per-channel W4) runs `_int8_gemm_tma_kernel` instead: X and
+On Hopper, larger M (from M > 128 to M > 768 by mode and shape, `tma_config`) runs
+`_int8_gemm_tma_kernel` instead: X and
 the packed weight arrive by TMA, the weight is unpacked in registers and handed to the MMA as its
 shared-memory B operand, so wgmma stays asynchronous across chunks (a register A operand forces a
 wait per chunk); from M >= UNPACK_MIN_M (prefill) W4 is unpacked to int8 by its own kernel first
