@@ -186,6 +186,8 @@ def cmd_quantize(args) -> int:
         if args.no_rotation:
             raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
         steps["rotation"] = "auto"
+    if args.gptq is not None:
+        steps["gptq"] = args.gptq
     options = QoQOptions(precision=args.precision, group_size=args.group_size, progressive=True,
                          calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len), **steps)
     options.quant_config()  # reject a bad precision / group size before loading anything
@@ -252,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--rotation", choices=["on", "auto"], default="on",
                     help="auto: quantize with and without the rotation and keep the variant closer to the "
                          "float model on calibration data (twice the time; docs/accuracy.md)")
+    qz.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                    help="GPTQ rounding: choose the integer weight codes column by column under QoQ's scales, "
+                         "compensating each column's rounding error through the inverse input Gram matrix "
+                         "(same packed format, same scales; on by default; --no-gptq: round to nearest; "
+                         "docs/accuracy.md)")
     qz.set_defaults(func=cmd_quantize)
 
     demo = sub.add_parser("demo", help="the main job on the bundled model: load, measure, chat")

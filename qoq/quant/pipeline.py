@@ -1,5 +1,7 @@
 """The QoQ pipeline (SPEC section 2): fold norms, rotate, then per decoder layer SmoothAttention,
-smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears.
+smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears whose
+integer codes are optionally chosen by GPTQ-style error-compensating rounding (qoq/quant/gptq.py)
+under the scales QoQ chose.
 
 Every step is a flag of QoQOptions, so the ablation ladder is a list of options.
 
@@ -28,12 +30,13 @@ from qoq.model.llama import DecoderLayer, LlamaModel
 from qoq.quant import smooth as smoothing
 from qoq.quant.calibrate import CalibConfig, calibration_tokens, capture_layer, embed, subsample_rows
 from qoq.quant.clip import gram, search_clip
+from qoq.quant.gptq import gptq_round
 from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
 from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
 from qoq.quant.rotation import fold_norms, rotate_model
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
-STEPS = ("rotation", "smooth_attention", "smooth", "reorder", "clip")
+STEPS = ("rotation", "smooth_attention", "smooth", "reorder", "clip", "gptq")
 log = logging.getLogger(__name__)
 
 
@@ -46,12 +49,16 @@ class QoQOptions:
     smooth: bool = True
     reorder: bool = True  # g128 only
     clip: bool = True
+    gptq: bool = True  # GPTQ rounding of the integer codes under QoQ's scales (same packed format; docs/accuracy.md)
     smooth_block_inputs: bool = False  # also smooth qkv / gate_up inputs into the norms (no gain measured)
     progressive: bool = True  # off (g128): plain per-group RTN, float simulation only
     fake_quant: bool = False  # FakeQuantLinear (float simulation) instead of the integer path
     smooth_attention_alpha: float = 0.5
     search_tokens: int = 1024  # calibration tokens the smoothing search scores on
     clip_tokens: int = 4096  # tokens of the Gram matrices that price clipping candidates
+    gptq_tokens: int = 16384  # tokens of the Gram matrices GPTQ rounds against
+    gptq_damp: float = 0.01  # dampening of H, a fraction of its mean diagonal
+    gptq_act_order: bool = True  # round columns by decreasing input energy (diag H), not stored order
     auto_rotation_seqs: int = 8  # calibration windows that score the two variants of rotation "auto"
     seed: int = 0
     progress: bool = True
@@ -66,6 +73,8 @@ class QoQOptions:
         qc = QuantConfig(self.precision, self.group_size if self.group_size == -1 else 128)
         qc.steps = {s: bool(getattr(self, s)) for s in STEPS}
         qc.steps["progressive"] = self.progressive
+        if self.gptq:
+            qc.steps["gptq_act_order"] = self.gptq_act_order
         qc.rotation = rotation_name
         return qc
 
@@ -95,6 +104,9 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     qc = opts.quant_config()
     if qc.weight_bits >= 16:
         raise ValueError("precision w16a16kv16 has nothing to quantize: choose w4a8kv4, w4a8kv8, w8a8kv8 or w8a8kv4")
+    if opts.gptq and qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
+        raise ValueError("gptq rounds the integer codes of the progressive (or per-channel / W8) formats; "
+                         "the non-progressive g128 float simulation has none")
     if calib_tokens is None:
         calib_tokens = calibration_tokens(tokenizer, opts.calib)
     if opts.rotation == "auto":
@@ -102,10 +114,11 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     if opts.rotation:
         fold_norms(model)
         qc.rotation = rotate_model(model, opts.seed)
-    if not (opts.smooth_attention or opts.smooth or opts.reorder or opts.clip):
+    if not (opts.smooth_attention or opts.smooth or opts.reorder or opts.clip or opts.gptq):
         return _round_to_nearest(model, opts, qc)  # RTN needs no calibration activations
     x = embed(model, calib_tokens)
-    layers = tqdm(model.layers, desc=f"QoQ {qc.precision} g{qc.group_size}", unit="layer", disable=not opts.progress)
+    desc = f"QoQ {qc.precision} g{qc.group_size}{' + GPTQ' if opts.gptq else ''}"
+    layers = tqdm(model.layers, desc=desc, unit="layer", disable=not opts.progress)
     for layer in layers:
         x = _quantize_layer(model, layer, x, opts, qc)
     model.quant_config = qc
@@ -206,11 +219,16 @@ def _smooth_block_input(norm, linear, x: torch.Tensor, opts: QoQOptions, fake_w)
 def _quantized_linear(linear: nn.Linear, inputs: torch.Tensor, opts: QoQOptions, qc: QuantConfig) -> nn.Module:
     w = linear.weight.float()
     clip = None
+    c = gram(subsample_rows(inputs, opts.clip_tokens, opts.seed)) if opts.clip else None
     if opts.clip:
-        clip = search_clip(w, gram(subsample_rows(inputs, opts.clip_tokens, opts.seed)), qc.weight_bits, qc.group_size)
+        clip = search_clip(w, c, qc.weight_bits, qc.group_size)
     if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
         return FakeQuantLinear(fake_w4_group_rtn(w, qc.group_size).to(linear.weight.dtype), linear.bias)
     params = quantize_weight(w, qc.weight_bits, qc.group_size, clip)
+    if opts.gptq:
+        h = c if c is not None and opts.gptq_tokens == opts.clip_tokens else \
+            gram(subsample_rows(inputs, opts.gptq_tokens, opts.seed))
+        params = gptq_round(w, h, params, opts.gptq_damp, act_order=opts.gptq_act_order)
     if opts.fake_quant:
         deq = params.dequantize()[:, : w.shape[1]].to(linear.weight.dtype)
         return FakeQuantLinear(deq, linear.bias)
