@@ -45,24 +45,31 @@ def ladder() -> list[tuple[str, QoQOptions | None]]:
 
 
 def configs() -> list[tuple[str, QoQOptions | None]]:
+    # Each round's rows pin the options that later rounds turned on, so they still reproduce what
+    # they measured: gptq (session 3) and qk_hadamard (session 4) are off in the rows before them.
+    old = {"gptq": False, "qk_hadamard": False}
+    pre_h = {"qk_hadamard": False}
     return [
         ("FP (fp32 reference)", None),
         ("RTN W4A8KV4 per-channel", QoQOptions.rtn(group_size=-1)),
-        ("QoQ W4A8KV4 per-channel", QoQOptions(group_size=-1, gptq=False)),
+        ("QoQ W4A8KV4 per-channel", QoQOptions(group_size=-1, **old)),
         *ladder(),
         ("RTN W8A8KV8", QoQOptions.rtn(precision="w8a8kv8")),
-        ("QoQ W8A8KV8", QoQOptions(precision="w8a8kv8", reorder=False, gptq=False)),
-        ("QoQ W4A8KV8 g128", QoQOptions(precision="w4a8kv8", gptq=False)),
-        ("QoQ W4A8KV4 g128 without rotation", QoQOptions(rotation=False, gptq=False)),
-        ("QoQ W4A8KV4 g128, rotation auto", QoQOptions(rotation="auto", gptq=False)),
-        # GPTQ rounding of the integer codes under the scales QoQ chose (qoq/quant/gptq.py, an
-        # option, off by default so far): the rows above pin gptq=False to stay what they measured
-        ("QoQ W4A8KV4 g128 + GPTQ (rotated)", QoQOptions(gptq=True)),
-        ("QoQ W4A8KV4 per-channel + GPTQ", QoQOptions(group_size=-1, gptq=True)),
-        ("QoQ W4A8KV8 g128 + GPTQ", QoQOptions(precision="w4a8kv8", gptq=True)),
-        ("QoQ W8A8KV8 + GPTQ", QoQOptions(precision="w8a8kv8", reorder=False, gptq=True)),
-        ("QoQ W4A8KV4 g128 without rotation + GPTQ", QoQOptions(rotation=False, gptq=True)),
-        ("QoQ W4A8KV4 g128, rotation auto + GPTQ", QoQOptions(rotation="auto", gptq=True)),
+        ("QoQ W8A8KV8", QoQOptions(precision="w8a8kv8", reorder=False, **old)),
+        ("QoQ W4A8KV8 g128", QoQOptions(precision="w4a8kv8", **old)),
+        ("QoQ W4A8KV4 g128 without rotation", QoQOptions(rotation=False, **old)),
+        ("QoQ W4A8KV4 g128, rotation auto", QoQOptions(rotation="auto", **old)),
+        # GPTQ rounding of the integer codes under the scales QoQ chose (qoq/quant/gptq.py)
+        ("QoQ W4A8KV4 g128 + GPTQ (rotated)", QoQOptions(gptq=True, **pre_h)),
+        ("QoQ W4A8KV4 per-channel + GPTQ", QoQOptions(group_size=-1, gptq=True, **pre_h)),
+        ("QoQ W4A8KV8 g128 + GPTQ", QoQOptions(precision="w4a8kv8", gptq=True, **pre_h)),
+        ("QoQ W8A8KV8 + GPTQ", QoQOptions(precision="w8a8kv8", reorder=False, gptq=True, **pre_h)),
+        ("QoQ W4A8KV4 g128 without rotation + GPTQ", QoQOptions(rotation=False, gptq=True, **pre_h)),
+        ("QoQ W4A8KV4 g128, rotation auto + GPTQ", QoQOptions(rotation="auto", gptq=True, **pre_h)),
+        # The runtime Hadamard on q/k after RoPE (QuantConfig.qk_hadamard): the defaults now
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard (defaults)", QoQOptions()),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention", QoQOptions(smooth_attention=False)),
     ]
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="profile prefill steps of `batch` prompts instead")
     args = parser.parse_args()
 
-    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size)
+    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size, qk_hadamard="kv16" not in args.precision)
     model = random_model(cfg, quant)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + 64,
                                                  max_num_batched_tokens=8192, enforce_eager=True))

@@ -181,7 +181,7 @@ def cmd_quantize(args) -> int:
     from qoq.quant.checkpoint import save_checkpoint
     from qoq.quant.pipeline import QoQOptions, quantize_model
 
-    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "smooth", "reorder", "clip")}
+    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "qk_hadamard", "smooth", "reorder", "clip")}
     if args.rotation == "auto":
         if args.no_rotation:
             raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     for step, what in (("rotation", "Hadamard block-input rotation (and RMSNorm folding)"),
                        ("smooth-attention", "SmoothAttention on keys"),
+                       ("qk-hadamard", "the runtime Hadamard on q/k after RoPE that makes 4-bit keys accurate"),
                        ("smooth", "o_proj / down_proj input smoothing"),
                        ("reorder", "activation-aware channel reordering (g128)"),
                        ("clip", "weight clipping search")):

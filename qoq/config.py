@@ -147,6 +147,10 @@ class QuantConfig:
     group_size: int = 128
     steps: dict[str, bool] = field(default_factory=dict)  # which QoQ steps ran (for ablations)
     rotation: str = ""  # which Hadamard construction was used, when rotated
+    # q and k multiplied by a head_dim Hadamard after RoPE (in the RoPE kernel; the KV cache then
+    # holds rotated keys): scores unchanged, KV4 keys quantize far better. Off for checkpoints
+    # that predate it and for the QServe layout.
+    qk_hadamard: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -81,7 +81,7 @@ def generate(
     positions = (torch.arange(longest, device=device)[None] - pad[:, None]).clamp(min=0)
     cache = DenseKVCache(
         cfg.num_layers, batch, total, cfg.num_kv_heads, cfg.head_dim, model.dtype, device, pad, kv_quantizer,
-        kv_bits=kv_bits or model.quant_config.kv_bits, mode=kv_mode,
+        kv_bits=kv_bits or model.quant_config.kv_bits, mode=kv_mode, qk_hadamard=model.quant_config.qk_hadamard,
     )
     generator = None
     if params.seed is not None:

@@ -59,6 +59,7 @@ def test_quantize_then_eval_and_generate_a_tiny_hf_model(tmp_path, bundled):
     assert out.returncode == 0, out.stderr
     assert "rotation auto:" in out.stderr + out.stdout
     assert (out_dir / "quant_config.json").exists() and (out_dir / "model.safetensors").exists()
+    assert json.loads((out_dir / "quant_config.json").read_text())["qk_hadamard"]  # on by default for KV4
     out = run("eval", "ppl", str(out_dir), "--max-tokens", "512", "--seq-len", "128")
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout.strip().splitlines()[-1])

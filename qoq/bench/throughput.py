@@ -106,6 +106,7 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
                    max_batch: int = 1024) -> ThroughputResult:
     cfg = bundled_config(config_name)
     quant = QuantConfig(precision, group_size)
+    quant.qk_hadamard = quant.kv_bits < 16  # as `qoq quantize` makes it (the RoPE kernel's extra work is measured)
     model = random_model(cfg, quant, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
     max_len = input_len + output_len
 

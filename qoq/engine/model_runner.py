@@ -71,7 +71,8 @@ class ModelRunner:
         self.num_pages = config.num_pages or self._pages_that_fit()
         cfg = model.config
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim,
-                                          config.page_size, kv_bits, self.device, self.kv_dtype)
+                                          config.page_size, kv_bits, self.device, self.kv_dtype,
+                                          model.quant_config.qk_hadamard)
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
@@ -112,7 +113,7 @@ class ModelRunner:
         rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
         cfg = self.model.config
         scratch = allocate_kv_cache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
-                                    self.kv_bits, self.device, self.kv_dtype)
+                                    self.kv_bits, self.device, self.kv_dtype, self.model.quant_config.qk_hadamard)
         attn = PagedAttention(scratch, cfg.head_dim)
         attn.metadata = AttentionMetadata(
             slot_mapping=torch.full((rows * row_len,), -1, dtype=torch.long, device=self.device),

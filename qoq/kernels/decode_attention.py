@@ -139,21 +139,22 @@ def _decode_kernel(
     z_acc = tl.zeros((BLOCK_G,), tl.float32)
     for blk in tl.range(blk_begin, blk_end, num_stages=NUM_STAGES):
         tok = blk * BLOCK_T + t
-        if BLOCK_T == PAGE:
-            # One page per iteration: one scalar page-table load, and unmasked loads (the tail
-            # of the last page is allocated memory; its scores are masked below). The general
-            # path's per-token gather and masks cost ~20% at KV8 on H100.
-            page = tl.load(bt_ptr + b * bt_stride + blk).to(tl.int64)
-            row = (page * HKV + h) * PAGE + t
-            lm, lo, sm, so = None, None, None, None
+        # Whole pages, or whole fractions of one, per iteration (page_size and BLOCK_T are powers
+        # of two): page-table loads per page, not per token, and no masks on the KV loads (a tail
+        # past the context is allocated memory: the rest of the last page, page 0 for pages past
+        # it; its scores are masked below). A per-token gather with masks cost ~20% at KV8 on H100.
+        if BLOCK_T <= PAGE:
+            SUB: tl.constexpr = PAGE // BLOCK_T
+            page = tl.load(bt_ptr + b * bt_stride + blk // SUB).to(tl.int64)
+            row = (page * HKV + h) * PAGE + (blk % SUB) * BLOCK_T + t
         else:
-            t_mask = tok < ctx
-            page = tl.load(bt_ptr + b * bt_stride + tok // PAGE, mask=t_mask, other=0).to(tl.int64)
-            row = (page * HKV + h) * PAGE + tok % PAGE  # [BLOCK_T]
-            lm, lo, sm, so = t_mask[:, None], 0, t_mask, 0.0
+            PAGES: tl.constexpr = BLOCK_T // PAGE
+            pi = blk * PAGES + tl.arange(0, PAGES)
+            pages = tl.load(bt_ptr + b * bt_stride + pi, mask=pi * PAGE < ctx, other=0).to(tl.int64)
+            row = tl.reshape((pages[:, None] * HKV + h) * PAGE + tl.arange(0, PAGE)[None, :], (BLOCK_T,))
         if BITS == 4:
-            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
-            vb = tl.load(vc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
+            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
+            vb = tl.load(vc_ptr + row[:, None] * W + j[None, :])
             if FAST:
                 # 1.25 ops per code (_KV4_ASM) instead of a per-element int->fp16 conversion,
                 # a quarter-rate instruction that bound the loop.
@@ -169,10 +170,10 @@ def _decode_kernel(
                 v_lo = (vb & 0xF).to(tl.float16)
                 v_hi = (vb >> 4).to(tl.float16)
         else:
-            k_lo = tl.load(kc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
-            k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :], mask=lm, other=lo)
-            v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :], mask=lm, other=lo)
-            v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :], mask=lm, other=lo)
+            k_lo = tl.load(kc_ptr + row[:, None] * W + j[None, :])
+            k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
+            v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :])
+            v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :])
             if BITS == 8 and FAST:
                 k_lo, k_hi = tl.inline_asm_elementwise(
                     _KV8_ASM, "=r,=r,=r,=r,r,r", [k_lo, k_hi], (tl.float16, tl.float16), True, 4)
@@ -186,8 +187,8 @@ def _decode_kernel(
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_G, BLOCK_T]
         if BITS != 16:
-            k_scale = tl.load(ks_ptr + row, mask=sm, other=so).to(tl.float32)
-            k_zero = tl.load(kz_ptr + row, mask=sm, other=so).to(tl.float32)
+            k_scale = tl.load(ks_ptr + row).to(tl.float32)
+            k_zero = tl.load(kz_ptr + row).to(tl.float32)
             s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
         s = s * sm_scale_log2
         s = tl.where((tok < ctx)[None, :], s, -float("inf"))
@@ -198,8 +199,8 @@ def _decode_kernel(
         acc_lo = acc_lo * alpha[:, None]
         acc_hi = acc_hi * alpha[:, None]
         if BITS != 16:
-            v_scale = tl.load(vs_ptr + row, mask=sm, other=so).to(tl.float32)
-            v_zero = tl.load(vz_ptr + row, mask=sm, other=so).to(tl.float32)
+            v_scale = tl.load(vs_ptr + row).to(tl.float32)
+            v_zero = tl.load(vz_ptr + row).to(tl.float32)
             p16 = (prob * v_scale[None, :]).to(tl.float16)
             z_acc = z_acc * alpha + tl.sum(prob * v_zero[None, :], axis=1)
         else:
@@ -241,10 +242,15 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, NUM_SPLITS: tl.constexpr, D: tl.cons
 
 
 def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
+    """Split-K programs per sequence: as many as make one full wave of resident programs.
+
+    The kernel needs ~254 registers per thread, so an SM holds 8 one-warp programs (2 of 4 warps)
+    at once (ncu, H100). Splitting beyond one wave only added merge traffic and a second, partial
+    wave: at batch 64, 2 splits ran ctx 1024 / 4096 in 41 / 132 us against 51 / 141 us with 7
+    (benchmarks/results/decode-probe-h100.json)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    # programs: enough pages in flight to cover HBM latency (one-warp programs: twice as many)
-    target = (24 if num_warps == 1 else 8) * sms
-    splits = max(1, -(-target // (batch * num_kv_heads)))
+    resident = (8 if num_warps == 1 else 2) * sms
+    splits = max(1, resident // (batch * num_kv_heads))
     return min(splits, max(1, max_blocks // 2), 32)
 
 
@@ -284,6 +290,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, NUM_SPLITS=splits, NUM_STAGES=opts["NUM_STAGES"],
         BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), num_warps=opts["num_warps"],
+        **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
     )
     if splits > 1:
         _merge_kernel[(b * hq,)](part, lse, out, NUM_SPLITS=splits, D=d,

@@ -11,6 +11,12 @@ Layout per layer, page p, kv head h, token slot o (slot = page * page_size + o):
 Asymmetric per token-head: scale = (max - min) / (2^bits - 1), zero = min, both rounded to fp16
 first and then used to quantize (so the stored pair reproduces what was quantized):
   q = clamp(round((x - zero) / scale), 0, 2^bits - 1), x_hat = q * scale + zero.
+
+A cache with `qk_hadamard` holds keys in a rotated basis: after RoPE, q and k of every head are
+multiplied by the normalized Sylvester Hadamard H (head_dim x head_dim, H H^T = I), so
+(q H)(k H)^T = q k^T and attention is unchanged, while a key's outlier channels are spread over all
+its channels before the per token-head quantization (KV4 keys lose far less; docs/accuracy.md).
+`rope_kv_write` returns the rotated q and k, so prefill and decode attention read one basis.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class KVCacheLayer:
     v_zero: torch.Tensor | None
     bits: int
     page_size: int
+    qk_hadamard: bool = False  # keys stored (and queries returned) rotated by H after RoPE
 
     @property
     def num_pages(self) -> int:
@@ -54,11 +61,13 @@ class KVCacheLayer:
 
 
 def allocate_kv_cache(num_layers, num_pages, num_kv_heads, head_dim, page_size=64, bits=4,
-                      device="cpu", dtype=torch.float16) -> list[KVCacheLayer]:
+                      device="cpu", dtype=torch.float16, qk_hadamard=False) -> list[KVCacheLayer]:
     if bits not in (4, 8, 16):
         raise ValueError(f"KV cache bits must be 4, 8 or 16, got {bits}")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
+    if qk_hadamard:
+        check_hadamard_dim(head_dim)
     width = head_dim // 2 if bits == 4 else head_dim
     data_dtype = dtype if bits == 16 else torch.uint8
     shape = (num_pages, num_kv_heads, page_size)
@@ -69,8 +78,36 @@ def allocate_kv_cache(num_layers, num_pages, num_kv_heads, head_dim, page_size=6
         layers.append(KVCacheLayer(
             torch.zeros(*shape, width, dtype=data_dtype, device=device),
             torch.zeros(*shape, width, dtype=data_dtype, device=device),
-            meta(), meta(), meta(), meta(), bits, page_size))
+            meta(), meta(), meta(), meta(), bits, page_size, qk_hadamard))
     return layers
+
+
+def check_hadamard_dim(head_dim: int) -> None:
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        raise ValueError(f"qk_hadamard needs a power-of-two head_dim >= 32 (a Sylvester Hadamard), got {head_dim}; "
+                         "quantize without it (qoq quantize --no-qk-hadamard)")
+
+
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def hadamard_matrix(n: int, device) -> torch.Tensor:
+    """Normalized Sylvester Hadamard [n, n] in fp32: entry (i, j) = (-1)^popcount(i & j) / sqrt(n)."""
+    key = (n, str(device))
+    if key not in _HADAMARD:
+        i = torch.arange(n)
+        bits = i[:, None] & i[None, :]
+        parity = torch.zeros_like(bits)
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits = bits >> 1
+        _HADAMARD[key] = ((1 - 2 * parity).float() / n**0.5).to(device)
+    return _HADAMARD[key]
+
+
+def qk_hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] (after RoPE) -> x H in fp32 (the rotation of a `qk_hadamard` cache)."""
+    return x.float() @ hadamard_matrix(x.shape[-1], x.device)
 
 
 def quantize_kv_ref(x: torch.Tensor, bits: int):
@@ -117,12 +154,16 @@ def _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache):
 
 
 def rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
-    """RoPE (HF rotate_half) on q, k; quantize k_rot, v into `cache` at slot_mapping (-1 skips)."""
+    """RoPE (HF rotate_half) on q, k (then x H if cache.qk_hadamard); quantize k_rot, v into
+    `cache` at slot_mapping (-1 skips); returns (q_rot, k_rot)."""
     _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
     cs = cos_sin_cache[positions].float()
     cos, sin = cs.chunk(2, dim=-1)
-    q_rot = _rope_ref(q, cos[:, None], sin[:, None]).to(q.dtype)
-    k_rot = _rope_ref(k, cos[:, None], sin[:, None]).to(k.dtype)
+    q_rot = _rope_ref(q, cos[:, None], sin[:, None])
+    k_rot = _rope_ref(k, cos[:, None], sin[:, None])
+    if cache.qk_hadamard:
+        q_rot, k_rot = qk_hadamard_ref(q_rot), qk_hadamard_ref(k_rot)
+    q_rot, k_rot = q_rot.to(q.dtype), k_rot.to(k.dtype)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     page, off = slots // cache.page_size, slots % cache.page_size
@@ -150,12 +191,31 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+@lazy_jit.helper
+def _hadamard_halves(x1, x2, HALF: tl.constexpr):
+    """[B, D] = (x1 | x2) halves (fp32, B >= 16) -> the halves of x H, H the normalized Sylvester
+    Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1)."""
+    i = tl.arange(0, HALF)[:, None]
+    b = i & tl.arange(0, HALF)[None, :]
+    b = b ^ (b >> 16)
+    b = b ^ (b >> 8)
+    b = b ^ (b >> 4)
+    b = b ^ (b >> 2)
+    b = b ^ (b >> 1)
+    s = (1 - 2 * (b & 1)).to(tl.float32)  # (-1)^popcount(i & j)
+    norm = 1.0 / tl.sqrt(2.0 * HALF)
+    y1 = tl.dot(x1 + x2, s, input_precision="ieee") * norm
+    y2 = tl.dot(x1 - x2, s, input_precision="ieee") * norm
+    return y1, y2
+
+
 @lazy_jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, ko_ptr,
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
     HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    HADAMARD: tl.constexpr,
 ):
     t = tl.program_id(0)
     D = 2 * HALF
@@ -172,8 +232,12 @@ def _rope_kv_write_kernel(
     q_off = (t64 * HQ + hq) * D + j[None, :]
     q1 = tl.load(q_ptr + q_in, mask=qm, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + q_in + HALF, mask=qm, other=0.0).to(tl.float32)
-    tl.store(qo_ptr + q_off, (q1 * cos - q2 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
-    tl.store(qo_ptr + q_off + HALF, (q2 * cos + q1 * sin).to(qo_ptr.dtype.element_ty), mask=qm)
+    a1 = q1 * cos - q2 * sin
+    a2 = q2 * cos + q1 * sin
+    if HADAMARD:
+        a1, a2 = _hadamard_halves(a1, a2, HALF)
+    tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
+    tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
 
     hk = tl.arange(0, BLOCK_HKV)[:, None]
     km = hk < HKV
@@ -181,9 +245,13 @@ def _rope_kv_write_kernel(
     k_off = (t64 * HKV + hk) * D + j[None, :]
     k1 = tl.load(k_ptr + k_in, mask=km, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + k_in + HALF, mask=km, other=0.0).to(tl.float32)
+    b1 = k1 * cos - k2 * sin
+    b2 = k2 * cos + k1 * sin
+    if HADAMARD:
+        b1, b2 = _hadamard_halves(b1, b2, HALF)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
-    r1 = (k1 * cos - k2 * sin).to(ko_ptr.dtype.element_ty)
-    r2 = (k2 * cos + k1 * sin).to(ko_ptr.dtype.element_ty)
+    r1 = b1.to(ko_ptr.dtype.element_ty)
+    r2 = b2.to(ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
     v_in = t64 * stride_v + hk * D + j[None, :]
@@ -237,6 +305,8 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     hkv = k.shape[1]
     if d & (d - 1):
         raise ValueError(f"the Triton rope_kv_write needs a power-of-two head_dim, got {d}")
+    # The Hadamard is a tl.dot over the heads, which needs at least 16 rows.
+    rows = 16 if cache.qk_hadamard else 1
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
@@ -246,8 +316,8 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     _rope_kv_write_kernel[(t,)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
         cache.k_cache, cache.v_cache, *meta, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
-        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=triton.next_power_of_2(hq),
-        BLOCK_HKV=triton.next_power_of_2(hkv), num_warps=4,
+        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=max(rows, triton.next_power_of_2(hq)),
+        BLOCK_HKV=max(rows, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, num_warps=4,
     )
     return q_rot, k_rot
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qoq.kernels import KVCacheLayer, allocate_kv_cache, paged_decode_attention, prefill_attention, rope_kv_write
+from qoq.kernels.kv_cache import check_hadamard_dim, qk_hadamard_ref
 from qoq.layers.rotary import RotaryEmbedding
 
 
@@ -61,18 +62,28 @@ def kv_quantizer_for(kv_bits: int):
     return quantize
 
 
+def rope_qk(q, k, positions, rotary, qk_hadamard: bool):
+    """RoPE, then the qk Hadamard when the model's quant config has it (as rope_kv_write does)."""
+    q, k = rotary(positions, q, k)
+    if qk_hadamard:
+        q, k = qk_hadamard_ref(q).to(q.dtype), qk_hadamard_ref(k).to(k.dtype)
+    return q, k
+
+
 class CausalAttention:
     """No cache: each call attends causally within the given tokens (perplexity, calibration).
 
     With kv_bits 4 or 8, attention reads K (after RoPE) and V as a quantized cache would return
-    them, so perplexity measures the KV4/KV8 model.
+    them, so perplexity measures the KV4/KV8 model. With qk_hadamard, q and k are rotated after
+    RoPE as the serving kernels rotate them.
     """
 
-    def __init__(self, kv_bits: int = 16) -> None:
+    def __init__(self, kv_bits: int = 16, qk_hadamard: bool = False) -> None:
         self.kv_quantizer = kv_quantizer_for(kv_bits)
+        self.qk_hadamard = qk_hadamard
 
     def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
-        q, k = rotary(positions, q, k)
+        q, k = rope_qk(q, k, positions, rotary, self.qk_hadamard)
         if self.kv_quantizer is not None:
             k, v = self.kv_quantizer(k), self.kv_quantizer(v)
         return _sdpa(q, k, v, None, causal=True)
@@ -122,10 +133,14 @@ class DenseKVCache:
         kv_bits: int = 16,
         mode: str = FAKE_QUANT,
         page_size: int = 64,
+        qk_hadamard: bool = False,
     ) -> None:
         if mode not in KV_MODES:
             raise ValueError(f"KV cache mode must be one of {', '.join(KV_MODES)}, got {mode!r}")
+        if qk_hadamard:
+            check_hadamard_dim(head_dim)
         self.mode = mode
+        self.qk_hadamard = qk_hadamard
         self.max_len = max_len
         self.length = 0
         self.pad_lens = pad_lens if pad_lens is not None else torch.zeros(batch_size, dtype=torch.long)
@@ -148,7 +163,8 @@ class DenseKVCache:
         # the model's dtype.
         kv_dtype = torch.float16 if torch.device(device).type == "cuda" else dtype
         self.layers: list[KVCacheLayer] = allocate_kv_cache(
-            num_layers, batch_size * self.pages_per_seq, num_kv_heads, head_dim, page_size, kv_bits, device, kv_dtype)
+            num_layers, batch_size * self.pages_per_seq, num_kv_heads, head_dim, page_size, kv_bits, device, kv_dtype,
+            qk_hadamard)
         self.scale = head_dim**-0.5  # the engine's PagedAttention scale
 
     def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
@@ -158,7 +174,7 @@ class DenseKVCache:
             raise RuntimeError(f"KV cache full: {end} tokens > capacity {self.max_len}")
         if self.mode == SERVING:
             return self._serving(layer_idx, q, k, v, positions, rotary)
-        q, k = rotary(positions, q, k)
+        q, k = rope_qk(q, k, positions, rotary, self.qk_hadamard)
         if self.kv_quantizer is not None:
             k, v = self.kv_quantizer(k), self.kv_quantizer(v)
         self.k[layer_idx][:, self.length : end] = k

@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         """input_ids: [B, T] -> final hidden states [B, T, hidden] (before the LM head)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        attn = attn if attn is not None else CausalAttention(self.quant_config.kv_bits)
+        attn = attn if attn is not None else CausalAttention(self.quant_config.kv_bits, self.quant_config.qk_hadamard)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, positions, self.rotary, attn)

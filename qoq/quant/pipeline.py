@@ -33,10 +33,11 @@ from qoq.quant.clip import gram, search_clip
 from qoq.quant.gptq import gptq_round
 from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
 from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
+from qoq.kernels.kv_cache import check_hadamard_dim
 from qoq.quant.rotation import fold_norms, rotate_model
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
-STEPS = ("rotation", "smooth_attention", "smooth", "reorder", "clip", "gptq")
+STEPS = ("rotation", "smooth_attention", "qk_hadamard", "smooth", "reorder", "clip", "gptq")
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +47,7 @@ class QoQOptions:
     group_size: int = 128  # 128 (progressive) or -1 (per-channel); ignored for 8-bit weights
     rotation: bool | str = True  # True, False or "auto" (quantize both ways, keep the closer one)
     smooth_attention: bool = True
+    qk_hadamard: bool = True  # runtime Hadamard on q/k after RoPE for a quantized KV cache (QuantConfig.qk_hadamard)
     smooth: bool = True
     reorder: bool = True  # g128 only
     clip: bool = True
@@ -76,6 +78,7 @@ class QoQOptions:
         if self.gptq:
             qc.steps["gptq_act_order"] = self.gptq_act_order
         qc.rotation = rotation_name
+        qc.qk_hadamard = bool(self.qk_hadamard) and qc.kv_bits < 16
         return qc
 
 
@@ -107,6 +110,11 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     if opts.gptq and qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
         raise ValueError("gptq rounds the integer codes of the progressive (or per-channel / W8) formats; "
                          "the non-progressive g128 float simulation has none")
+    if qc.qk_hadamard:
+        try:
+            check_hadamard_dim(model.config.head_dim)
+        except ValueError as e:
+            raise ValueError(f"{e} (or pass QoQOptions(qk_hadamard=False))") from None
     if calib_tokens is None:
         calib_tokens = calibration_tokens(tokenizer, opts.calib)
     if opts.rotation == "auto":

@@ -10,7 +10,7 @@ from qoq.config import ModelConfig, RopeScaling
 from qoq.engine import LLM, SamplingParams
 from qoq.generate import apply_chat_template, generate
 from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
-from qoq.layers.attention import DenseKVCache
+from qoq.layers.attention import CausalAttention, DenseKVCache
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear
 from qoq.layers.rotary import RotaryEmbedding
 from qoq.model.llama import LlamaModel
@@ -92,13 +92,14 @@ def test_engine_equals_generator_greedy_at_every_kv_precision(bundled, bits):
     assert_same(outputs, generate(model, tok, prompts, params, kv_bits=bits))
 
 
-def tiny_quantized_model(group_size: int, kv_bits: int, dtype: torch.dtype) -> LlamaModel:
+def tiny_quantized_model(group_size: int, kv_bits: int, dtype: torch.dtype, qk_hadamard: bool = False) -> LlamaModel:
     """A random tiny Llama through the quantizer (RTN) into the integer W4A8 linears."""
     cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_ids=[0])
     model = random_float_model(cfg)
-    options = QoQOptions.rtn(precision=f"w4a8kv{kv_bits}", group_size=group_size, progress=False)
+    options = QoQOptions.rtn(precision=f"w4a8kv{kv_bits}", group_size=group_size, progress=False,
+                             qk_hadamard=qk_hadamard)
     quantize_model(model, options=options, calib_tokens=torch.zeros(1, 1, dtype=torch.long))
     return model.to(dtype)
 
@@ -118,6 +119,28 @@ def test_w4a8_engine_equals_generator_greedy(bundled, group_size, linear, kv_bit
     reference = generate(model, tok, prompts, params)
     assert_same(outputs, reference)
     assert len({t for r in reference for t in r.token_ids}) > 20  # a model with something to say
+
+
+@pytest.mark.parametrize("kv_bits", [4, 16])
+def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bits, async_scheduling):
+    """The q/k Hadamard after RoPE: the engine (rope_kv_write's rotation, rotated cache) and
+    qoq.generate agree; with a 16-bit cache the rotation changes no logit beyond rounding."""
+    _, tok = bundled
+    model = tiny_quantized_model(128, 4, torch.float32, qk_hadamard=True)
+    assert model.quant_config.qk_hadamard
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 5, 20, 64)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    outputs = LLM.from_model(model, tok, kv_bits=kv_bits, async_scheduling=async_scheduling).generate(prompts, params)
+    assert_same(outputs, generate(model, tok, prompts, params, kv_bits=kv_bits))
+    tokens = torch.tensor([prompts[2]])
+    with torch.no_grad():
+        rotated = model.compute_logits(model(tokens, attn=CausalAttention(kv_bits, qk_hadamard=True)))
+        plain = model.compute_logits(model(tokens, attn=CausalAttention(kv_bits, qk_hadamard=False)))
+    if kv_bits == 16:
+        torch.testing.assert_close(rotated, plain, rtol=1e-4, atol=1e-4)
+    else:  # the rotation is applied: 4-bit keys quantize differently
+        assert not torch.allclose(rotated, plain)
 
 
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -53,12 +53,14 @@ class _NoText:
         return ""
 
 
-@pytest.mark.parametrize("precision, group", [("w4a8kv4", -1), ("w4a8kv8", 128), ("w16a16kv16", -1)])
-def test_engine_equals_the_generator_on_the_gpu(precision, group):
+@pytest.mark.parametrize("precision, group, qk_hadamard", [
+    ("w4a8kv4", -1, False), ("w4a8kv4", 128, True), ("w4a8kv8", 128, False), ("w16a16kv16", -1, False)])
+def test_engine_equals_the_generator_on_the_gpu(precision, group, qk_hadamard):
     """The serving-mode dense generator runs the engine's Triton kernels: greedy outputs agree."""
     from qoq.generate import generate
 
-    model = random_model(ModelConfig.from_hf(TINY), QuantConfig(precision, group), device="cuda", seed=1)
+    quant = QuantConfig(precision, group, qk_hadamard=qk_hadamard)
+    model = random_model(ModelConfig.from_hf(TINY), quant, device="cuda", seed=1)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 64, 100, 31)]
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.5))

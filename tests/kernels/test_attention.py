@@ -27,12 +27,15 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("num_splits,options", [
-    (None, None), (1, dict(MAGIC=True)), (3, dict(BLOCK_T=32)), (2, dict(BLOCK_T=16, MAGIC=True))])
-def test_decode_matches_ref(bits, num_splits, options, device, gen, poison):
-    b, hq, hkv, d, page = 3, 8, 2, 32, 16
-    cache = random_cache(12, hkv, d, page, bits, device, gen)
-    block_tables = torch.randperm(12, generator=gen).reshape(b, 4).int().to(device)
+@pytest.mark.parametrize("page,num_splits,options", [
+    (16, None, None),  # one page per iteration
+    (16, 1, dict(BLOCK_T=32)), (16, 3, dict(BLOCK_T=32)), (16, 1, dict(BLOCK_T=64)),  # whole pages per iteration
+    (32, 2, dict(BLOCK_T=16)), (32, 1, dict(BLOCK_T=16, NUM_STAGES=3))])  # part of a page per iteration
+def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
+    b, hq, hkv, d = 3, 8, 2, 32
+    pages = 64 // page
+    cache = random_cache(b * pages, hkv, d, page, bits, device, gen)
+    block_tables = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().to(device)
     lens = torch.tensor([5, 64, 33], dtype=torch.int32, device=device)
     q = torch.randn(b, hq, d, generator=gen).half().to(device)
     ref = paged_decode_attention_ref(q, cache, block_tables, lens, d ** -0.5)

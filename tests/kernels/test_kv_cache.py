@@ -27,6 +27,14 @@ def hf_rope_float64(x, pos, head_dim, base=10000.0):
     return x * emb.cos() + rot * emb.sin()
 
 
+def sylvester_float64(n):
+    """Normalized Hadamard by Kronecker doubling (independent of the kernels' popcount rule)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_kv_ref_error_bound(bits, gen):
     x = torch.randn(5, 3, 64, generator=gen)
@@ -36,10 +44,11 @@ def test_quantize_kv_ref_error_bound(bits, gen):
     assert (err <= scale.float()[..., None] * 0.5 + 2e-3 * x.abs().amax(-1, keepdim=True)).all()
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused,hadamard", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_rope_kv_write_matches_ref(bits, fused, device, gen, poison):
-    """fused: the Triton kernel reads q, k, v as strided views of one qkv tensor (no copies)."""
+def test_rope_kv_write_matches_ref(bits, fused, hadamard, device, gen, poison):
+    """fused: the Triton kernel reads q, k, v as strided views of one qkv tensor (no copies).
+    hadamard: a qk_hadamard cache, q and k rotated by H after RoPE."""
     t, hq, hkv, d, page = 7, 6, 2, 32, 8
     q = torch.randn(t, hq, d, generator=gen).half().to(device)
     k = torch.randn(t, hkv, d, generator=gen).half().to(device)
@@ -50,7 +59,7 @@ def test_rope_kv_write_matches_ref(bits, fused, device, gen, poison):
     names = ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero")
     caches, init = [], {}
     for fn in (rope_kv_write_ref, rope_kv_write_triton):
-        cache = allocate_kv_cache(1, 4, hkv, d, page_size=page, bits=bits, device=device)[0]
+        cache = allocate_kv_cache(1, 4, hkv, d, page_size=page, bits=bits, device=device, qk_hadamard=hadamard)[0]
         for name in names:
             tensor = getattr(cache, name)
             if tensor is not None:  # same random contents: slots we skip must stay untouched
@@ -61,8 +70,13 @@ def test_rope_kv_write_matches_ref(bits, fused, device, gen, poison):
         caches.append((cache, fn(*args, pos, cs, slots, cache)))
     (c_ref, (q_ref, k_ref)), (c_tri, (q_tri, k_tri)) = caches
     assert rel_err(q_tri, q_ref) < 1e-3 and rel_err(k_tri, k_ref) < 1e-3
-    assert rel_err(q_ref, hf_rope_float64(q, pos, d)) < 1e-3
-    assert rel_err(k_ref, hf_rope_float64(k, pos, d)) < 1e-3
+    h = sylvester_float64(d).to(device) if hadamard else torch.eye(d, dtype=torch.float64, device=device)
+    assert rel_err(q_ref, hf_rope_float64(q, pos, d) @ h) < 1e-3
+    assert rel_err(k_ref, hf_rope_float64(k, pos, d) @ h) < 1e-3
+    # the rotation leaves every attention score as it was
+    scores = torch.einsum("tqd,tkd->tqk", q_ref.double(), k_ref.double())
+    plain = torch.einsum("tqd,tkd->tqk", hf_rope_float64(q, pos, d), hf_rope_float64(k, pos, d))
+    assert rel_err(scores, plain) < 2e-3
     for name in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero"):
         a, b = getattr(c_ref, name), getattr(c_tri, name)
         if a is None:
@@ -81,14 +95,15 @@ def test_rope_kv_write_matches_ref(bits, fused, device, gen, poison):
 
 
 @requires_cuda
-def test_rope_kv_write_real_shapes_gpu(gen, poison):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_rope_kv_write_real_shapes_gpu(hadamard, gen, poison):
     t, hq, hkv, d = 512, 32, 8, 128
     q, k, v = (torch.randn(t, h, d, generator=gen).half().cuda() for h in (hq, hkv, hkv))
     pos = torch.arange(t).cuda()
     cs = cos_sin_cache(4096, d).cuda()
     slots = torch.randperm(64 * 16, generator=gen)[:t].cuda()
-    c1 = allocate_kv_cache(1, 16, hkv, d, bits=4, device="cuda")[0]
-    c2 = allocate_kv_cache(1, 16, hkv, d, bits=4, device="cuda")[0]
+    c1 = allocate_kv_cache(1, 16, hkv, d, bits=4, device="cuda", qk_hadamard=hadamard)[0]
+    c2 = allocate_kv_cache(1, 16, hkv, d, bits=4, device="cuda", qk_hadamard=hadamard)[0]
     a = rope_kv_write_ref(q, k, v, pos, cs, slots, c1)
     b = rope_kv_write_triton(q, k, v, pos, cs, slots, c2)
     assert rel_err(b[0], a[0]) < 1e-3 and rel_err(b[1], a[1]) < 1e-3

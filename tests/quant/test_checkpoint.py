@@ -48,6 +48,8 @@ def test_round_trip(tmp_path, precision, group_size):
     assert meta["precision"] == precision and meta["format"] == "qoq-packed"
     loaded = load_any_weights(tmp_path)
     assert loaded.quant_config.kv_bits == model.quant_config.kv_bits
+    # the default quantization rotates q/k after RoPE for a quantized cache, and the checkpoint says so
+    assert model.quant_config.qk_hadamard and loaded.quant_config.qk_hadamard and meta["qk_hadamard"]
     assert torch.allclose(_logits(loaded, TOKENS), q, atol=1e-5)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     name = "layers.0.self_attn.qkv_proj"
