@@ -47,8 +47,9 @@ def ladder() -> list[tuple[str, QoQOptions | None]]:
 def configs() -> list[tuple[str, QoQOptions | None]]:
     # Each round's rows pin the options that later rounds turned on, so they still reproduce what
     # they measured: gptq (session 3) and qk_hadamard (session 4) are off in the rows before them.
-    old = {"gptq": False, "qk_hadamard": False}
-    pre_h = {"qk_hadamard": False}
+    old = {"gptq": False, "qk_hadamard": False, "v_rotation": False}
+    pre_h = {"qk_hadamard": False, "v_rotation": False}
+    pre_v = {"v_rotation": False}
     return [
         ("FP (fp32 reference)", None),
         ("RTN W4A8KV4 per-channel", QoQOptions.rtn(group_size=-1)),
@@ -67,9 +68,13 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         ("QoQ W4A8KV4 g128 without rotation + GPTQ", QoQOptions(rotation=False, gptq=True, **pre_h)),
         ("QoQ W4A8KV4 g128, rotation auto + GPTQ", QoQOptions(rotation="auto", gptq=True, **pre_h)),
         # The runtime Hadamard on q/k after RoPE (QuantConfig.qk_hadamard): the defaults now
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard (defaults)", QoQOptions()),
-        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1)),
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention", QoQOptions(smooth_attention=False)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard", QoQOptions(**pre_v)),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1, **pre_v)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention", QoQOptions(smooth_attention=False, **pre_v)),
+        # + the offline per-head Hadamard of the values: the defaults now
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation (defaults)", QoQOptions()),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard + V rotation", QoQOptions(group_size=-1)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation, no SmoothAttention", QoQOptions(smooth_attention=False)),
     ]
 
 

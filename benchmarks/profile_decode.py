@@ -29,10 +29,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--qk-hadamard", action=argparse.BooleanOptionalAction, default=True,
+                        help="the q/k Hadamard in the RoPE kernel (as qoq quantize makes KV4/KV8 models)")
     parser.add_argument("--prefill", action="store_true", help="profile prefill steps of `batch` prompts instead")
     args = parser.parse_args()
 
-    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size, qk_hadamard="kv16" not in args.precision)
+    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size,
+                                                                qk_hadamard=args.qk_hadamard and "kv16" not in args.precision)
     model = random_model(cfg, quant)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + 64,
                                                  max_num_batched_tokens=8192, enforce_eager=True))

@@ -181,7 +181,7 @@ def cmd_quantize(args) -> int:
     from qoq.quant.checkpoint import save_checkpoint
     from qoq.quant.pipeline import QoQOptions, quantize_model
 
-    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "qk_hadamard", "smooth", "reorder", "clip")}
+    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "qk_hadamard", "v_rotation", "smooth", "reorder", "clip")}
     if args.rotation == "auto":
         if args.no_rotation:
             raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     for step, what in (("rotation", "Hadamard block-input rotation (and RMSNorm folding)"),
                        ("smooth-attention", "SmoothAttention on keys"),
                        ("qk-hadamard", "the runtime Hadamard on q/k after RoPE that makes 4-bit keys accurate"),
+                       ("v-rotation", "the offline per-head Hadamard of the values (v_proj / o_proj)"),
                        ("smooth", "o_proj / down_proj input smoothing"),
                        ("reorder", "activation-aware channel reordering (g128)"),
                        ("clip", "weight clipping search")):

@@ -276,6 +276,8 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     opts.update(options or {})
     max_blocks = -(-block_tables.shape[1] * cache.page_size // opts["BLOCK_T"])
     splits = num_splits or _default_splits(b, hkv, max_blocks, q.device, opts["num_warps"])
+    if cache.bits != 16 and splits == 1 and b * hkv >= 4096 and "NUM_STAGES" not in (options or {}):
+        opts["NUM_STAGES"] = 3  # many waves of programs: a deeper prefetch wins 1-2% (batch 1024, probe)
     out = torch.empty_like(q)
     if splits == 1:
         part, lse = out, out

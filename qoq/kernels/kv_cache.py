@@ -194,7 +194,11 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
 @lazy_jit.helper
 def _hadamard_halves(x1, x2, HALF: tl.constexpr):
     """[B, D] = (x1 | x2) halves (fp32, B >= 16) -> the halves of x H, H the normalized Sylvester
-    Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1)."""
+    Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1).
+
+    On fp16 tensor cores: each operand is split into fp16 high and low parts (x = hi + lo to
+    ~2^-22 relative), S is exact in fp16 and the sums accumulate in fp32, so x H is as good as
+    fp32 math. An fp32 ("ieee") dot ran on the CUDA cores: 5.8% of a batch-993 decode step."""
     i = tl.arange(0, HALF)[:, None]
     b = i & tl.arange(0, HALF)[None, :]
     b = b ^ (b >> 16)
@@ -202,11 +206,15 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr):
     b = b ^ (b >> 4)
     b = b ^ (b >> 2)
     b = b ^ (b >> 1)
-    s = (1 - 2 * (b & 1)).to(tl.float32)  # (-1)^popcount(i & j)
+    s = (1 - 2 * (b & 1)).to(tl.float16)  # (-1)^popcount(i & j)
     norm = 1.0 / tl.sqrt(2.0 * HALF)
-    y1 = tl.dot(x1 + x2, s, input_precision="ieee") * norm
-    y2 = tl.dot(x1 - x2, s, input_precision="ieee") * norm
-    return y1, y2
+    u = x1 + x2
+    w = x1 - x2
+    u_hi = u.to(tl.float16)
+    w_hi = w.to(tl.float16)
+    y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, tl.dot(u_hi, s, out_dtype=tl.float32))
+    y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, tl.dot(w_hi, s, out_dtype=tl.float32))
+    return y1 * norm, y2 * norm
 
 
 @lazy_jit

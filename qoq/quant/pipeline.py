@@ -34,10 +34,10 @@ from qoq.quant.gptq import gptq_round
 from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
 from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
 from qoq.kernels.kv_cache import check_hadamard_dim
-from qoq.quant.rotation import fold_norms, rotate_model
+from qoq.quant.rotation import fold_norms, rotate_model, rotate_values
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
-STEPS = ("rotation", "smooth_attention", "qk_hadamard", "smooth", "reorder", "clip", "gptq")
+STEPS = ("rotation", "smooth_attention", "qk_hadamard", "v_rotation", "smooth", "reorder", "clip", "gptq")
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +48,7 @@ class QoQOptions:
     rotation: bool | str = True  # True, False or "auto" (quantize both ways, keep the closer one)
     smooth_attention: bool = True
     qk_hadamard: bool = True  # runtime Hadamard on q/k after RoPE for a quantized KV cache (QuantConfig.qk_hadamard)
+    v_rotation: bool = True  # offline per-head Hadamard of v_proj outputs / o_proj inputs (quantized KV cache)
     smooth: bool = True
     reorder: bool = True  # g128 only
     clip: bool = True
@@ -122,6 +123,8 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     if opts.rotation:
         fold_norms(model)
         qc.rotation = rotate_model(model, opts.seed)
+    if opts.v_rotation and qc.kv_bits < 16:
+        rotate_values(model)
     if not (opts.smooth_attention or opts.smooth or opts.reorder or opts.clip or opts.gptq):
         return _round_to_nearest(model, opts, qc)  # RTN needs no calibration activations
     x = embed(model, calib_tokens)

@@ -6,7 +6,7 @@ import torch
 from qoq.quant import smooth
 from qoq.quant.calibrate import capture_layer, embed
 from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
-from qoq.quant.rotation import RotationError, fold_norms, hadamard, rotate_model, rotation_matrix
+from qoq.quant.rotation import RotationError, fold_norms, hadamard, rotate_model, rotate_values, rotation_matrix
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
 
@@ -36,6 +36,19 @@ def test_fold_and_rotate_preserve_outputs(tiny, tokens):
     name = rotate_model(tiny)
     assert "paley1(q=11)" in name  # 96 = 12 x 8
     assert (_logits(tiny, tokens) - ref).abs().max() < 1e-5 * ref.abs().max()  # fp32 norm / RoPE math
+
+
+def test_value_rotation_preserves_outputs_and_rotates_each_head(tiny, tokens):
+    """Per-head Hadamard of the values (GQA: 4 query heads read 2 value heads, head_dim 24)."""
+    ref = _logits(tiny, tokens)
+    cfg = tiny.config
+    rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
+    wv = tiny.layers[0].self_attn.qkv_proj.weight[rows].clone()
+    assert "paley1(q=11)" in rotate_values(tiny)
+    assert (_logits(tiny, tokens) - ref).abs().max() < 1e-5 * ref.abs().max()  # fp32 attention math
+    h = hadamard(cfg.head_dim)[0] / cfg.head_dim**0.5
+    new = tiny.layers[0].self_attn.qkv_proj.weight[rows].view(cfg.num_kv_heads, cfg.head_dim, -1)
+    assert torch.allclose(new, h.T @ wv.view(cfg.num_kv_heads, cfg.head_dim, -1))
 
 
 def test_rotate_needs_folded_norms(tiny):
