@@ -47,13 +47,20 @@ MS = [1, 16, 64, 128, 256, 512, 1024, 4096]
 ROTATE_BYTES = 256 << 20
 
 
-def metadata(argv) -> dict:
+def git_commit() -> str | None:
+    """The caller's QOQ_GIT_COMMIT first: the device tool's copy of the tree may carry a stale .git."""
+    if os.environ.get("QOQ_GIT_COMMIT"):
+        return os.environ["QOQ_GIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__))
-        commit = proc.stdout.strip() if proc.returncode == 0 else None
     except Exception:
-        commit = None
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def metadata(argv) -> dict:
+    commit = git_commit()
     import triton
 
     return {

@@ -3,7 +3,8 @@
     python benchmarks/merge_e2e.py OUT.json RUN.json [RUN.json ...]
 
 Each record keeps the name of the run (file stem) it came from; the runs' metadata (commit,
-date, command, ceilings measured in that process) go under meta.runs.
+date, command, ceilings measured in that process) go under meta.runs. When OUT.json exists, its
+runs that the inputs do not re-measure are kept (a partial re-run replaces only its own cases).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import sys
 from pathlib import Path
 
 
-def merge(paths: list[Path]) -> dict:
+def merge(paths: list[Path], previous: dict | None = None) -> dict:
     runs, records = {}, []
+    stems = {path.stem for path in paths}
+    if previous is not None:
+        runs = {k: v for k, v in previous["meta"]["runs"].items() if k not in stems}
+        records = [r for r in previous["records"] if r["run"] not in stems]
     for path in sorted(paths):
         report = json.loads(path.read_text())
         runs[path.stem] = report["meta"]
@@ -28,7 +33,8 @@ def main() -> None:
     out, *inputs = sys.argv[1:]
     if not inputs:
         raise SystemExit(__doc__)
-    Path(out).write_text(json.dumps(merge([Path(p) for p in inputs]), indent=1))
+    previous = json.loads(Path(out).read_text()) if Path(out).exists() else None
+    Path(out).write_text(json.dumps(merge([Path(p) for p in inputs], previous), indent=1))
 
 
 if __name__ == "__main__":

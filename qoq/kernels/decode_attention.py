@@ -7,7 +7,8 @@ likewise  sum_t p_t v_hat_t = sum_t (p_t * s_t) c_t + sum_t p_t z_t,  so P is sc
 before the P @ codes dot. Per byte of KV4 the CUDA cores do an and/shift and an int->fp16
 convert, nothing else. One program serves all query heads of a kv head (GQA group padded to
 16 rows for the MMA), one 64-token page per iteration; long contexts are split across programs
-(split-K, flash-decoding) and merged by a small second kernel using the log-sum-exp.
+(split-K, flash-decoding); the last split of each sequence and kv head to finish merges them by
+their log-sum-exp in the same launch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit
+from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit
 from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
 
 try:
@@ -102,11 +103,11 @@ if tl is not None:  # Triton kernels read globals only as constexpr
 
 @lazy_jit
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
     HQ, HKV, bt_stride, sm_scale_log2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
-    BLOCK_T: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -218,27 +219,38 @@ def _decode_kernel(
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
+        # Split-K in one launch: every split stores its partial output and log-sum-exp; the last
+        # split of this (sequence, kv head) to arrive at its counter (acq_rel) merges them all
+        # in split order (deterministic) and resets the counter for the next call.
         part = (b * HQ + head) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(o_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
-        tl.store(o_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
+        tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
+        tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
         tl.store(lse_ptr + part, lse, mask=g_mask)
-
-
-@lazy_jit
-def _merge_kernel(part_ptr, lse_ptr, o_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    bh = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, D)
-    s_mask = s < NUM_SPLITS
-    lse = tl.load(lse_ptr + bh * NUM_SPLITS + s, mask=s_mask, other=-float("inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.where(lse > -float("inf"), tl.exp2(lse - m), 0.0)
-    parts = tl.load(part_ptr + (bh * NUM_SPLITS + s)[:, None] * D + d[None, :],
-                    mask=s_mask[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            sp = tl.arange(0, BLOCK_S)
+            first = (b * HQ + head) * NUM_SPLITS  # [BLOCK_G]
+            lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
+                              mask=g_mask[:, None] & (sp < NUM_SPLITS)[None, :], other=-float("inf"),
+                              cache_modifier=".cg")
+            m_all = tl.max(lse_all, axis=1)
+            m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
+            w_all = tl.where(lse_all > -float("inf"), tl.exp2(lse_all - m_safe[:, None]), 0.0)
+            w_sum = tl.sum(w_all, axis=1)
+            m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
+            m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
+                p_off = (first + i)[:, None] * D + j[None, :]
+                m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+                m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0,
+                                      cache_modifier=".cg")
+            w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+            tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
 
 
 def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
@@ -280,23 +292,21 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         opts["NUM_STAGES"] = 3  # many waves of programs: a deeper prefetch wins 1-2% (batch 1024, probe)
     out = torch.empty_like(q)
     if splits == 1:
-        part, lse = out, out
+        part, lse, cnt = out, out, context_lens
     else:
         part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
+        cnt = arrival_counters(q.device, b * hkv)
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
     _decode_kernel[(b, hkv, splits)](
-        q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, part, lse,
+        q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, NUM_SPLITS=splits, NUM_STAGES=opts["NUM_STAGES"],
-        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), num_warps=opts["num_warps"],
-        **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
+        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=triton.next_power_of_2(splits),
+        num_warps=opts["num_warps"], **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
     )
-    if splits > 1:
-        _merge_kernel[(b * hq,)](part, lse, out, NUM_SPLITS=splits, D=d,
-                                 BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 

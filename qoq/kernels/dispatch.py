@@ -84,3 +84,26 @@ def dispatch(ref_fn, triton_fn):
     public.__qualname__ = public.__name__
     public.__doc__ = ref_fn.__doc__
     return public
+
+
+_ARRIVAL_COUNTERS: dict = {}
+
+
+def arrival_counters(device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for one-launch split-K reductions (kept per device).
+
+    Shared by the kernels that merge their own splits (the split-K GEMM, decode attention): each
+    launch finishes before the next one on the stream starts.
+
+    The kernel resets every counter it uses, so the buffer stays zero between calls. It is
+    allocated outside CUDA-graph capture when possible (a buffer first made during a capture
+    would live in that graph's private pool); inside a capture without a cached buffer, a fresh
+    zeroed one is captured instead.
+    """
+    buf = _ARRIVAL_COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        fresh = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return fresh
+        _ARRIVAL_COUNTERS[device] = buf = fresh
+    return buf

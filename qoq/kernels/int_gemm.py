@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from qoq.kernels.dispatch import lazy_jit
+from qoq.kernels.dispatch import arrival_counters, lazy_jit
 
 try:
     import triton
@@ -369,26 +369,6 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
     return cfg
 
 
-_COUNTERS: dict = {}
-
-
-def _tile_counters(device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 per-tile arrival counters for the one-launch split-K (kept per device).
-
-    The kernel resets every counter it uses, so the buffer stays zero between calls. It is
-    allocated outside CUDA-graph capture when possible (a buffer first made during a capture
-    would live in that graph's private pool); inside a capture without a cached buffer, a fresh
-    zeroed one is captured instead.
-    """
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < tiles:
-        fresh = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return fresh
-        _COUNTERS[device] = buf = fresh
-    return buf
-
-
 def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None):
     """Launch the shared kernel; inputs are validated by the callers."""
     M, K = x8.shape
@@ -406,7 +386,7 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         ws, cnt = y, y
     else:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x8.device)
-        cnt = _tile_counters(x8.device, tiles)
+        cnt = arrival_counters(x8.device, tiles)
     dummy = sx
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
