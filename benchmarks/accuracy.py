@@ -47,9 +47,8 @@ def ladder() -> list[tuple[str, QoQOptions | None]]:
 def configs() -> list[tuple[str, QoQOptions | None]]:
     # Each round's rows pin the options that later rounds turned on, so they still reproduce what
     # they measured: gptq (session 3) and qk_hadamard (session 4) are off in the rows before them.
-    old = {"gptq": False, "qk_hadamard": False, "v_rotation": False}
-    pre_h = {"qk_hadamard": False, "v_rotation": False}
-    pre_v = {"v_rotation": False}
+    old = {"gptq": False, "qk_hadamard": False}
+    pre_h = {"qk_hadamard": False}
     return [
         ("FP (fp32 reference)", None),
         ("RTN W4A8KV4 per-channel", QoQOptions.rtn(group_size=-1)),
@@ -67,14 +66,15 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         ("QoQ W8A8KV8 + GPTQ", QoQOptions(precision="w8a8kv8", reorder=False, gptq=True, **pre_h)),
         ("QoQ W4A8KV4 g128 without rotation + GPTQ", QoQOptions(rotation=False, gptq=True, **pre_h)),
         ("QoQ W4A8KV4 g128, rotation auto + GPTQ", QoQOptions(rotation="auto", gptq=True, **pre_h)),
-        # The runtime Hadamard on q/k after RoPE (QuantConfig.qk_hadamard): the defaults now
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard", QoQOptions(**pre_v)),
-        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1, **pre_v)),
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention", QoQOptions(smooth_attention=False, **pre_v)),
-        # + the offline per-head Hadamard of the values: the defaults now
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation (defaults)", QoQOptions()),
-        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard + V rotation", QoQOptions(group_size=-1)),
-        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation, no SmoothAttention", QoQOptions(smooth_attention=False)),
+        # The runtime Hadamard on q/k after RoPE (QuantConfig.qk_hadamard), with and without
+        # SmoothAttention and the offline V rotation; the defaults are GPTQ + qk Hadamard alone
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard", QoQOptions(smooth_attention=True)),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1, smooth_attention=True)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions()),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation", QoQOptions(smooth_attention=True, v_rotation=True)),
+        ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation, no SmoothAttention", QoQOptions(v_rotation=True)),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(group_size=-1)),
+        ("QoQ W4A8KV8 g128 + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(precision="w4a8kv8")),
     ]
 
 

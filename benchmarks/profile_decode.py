@@ -37,9 +37,12 @@ def main() -> None:
     cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size,
                                                                 qk_hadamard=args.qk_hadamard and "kv16" not in args.precision)
     model = random_model(cfg, quant)
-    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + 64,
+    # Decode: no sequence may finish before the profiled steps, and the first admitted ones decode
+    # through the whole prefill phase (one token per step while later prompts prefill).
+    decode_tokens = args.batch * args.context // 8192 + args.steps + 16
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch, max_model_len=args.context + decode_tokens + 8,
                                                  max_num_batched_tokens=8192, enforce_eager=True))
-    params = SamplingParams(max_tokens=1 if args.prefill else 64, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=1 if args.prefill else decode_tokens, ignore_eos=True, detokenize=False)
     gen = torch.Generator().manual_seed(0)
 
     def add_batch() -> None:
@@ -62,7 +65,9 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     kind = "prefill" if args.prefill else "decode"
-    print(f"{args.precision} g{args.group_size} batch {args.batch} context ~{args.context}, {args.steps} {kind} steps")
+    running = len(engine.scheduler.running)
+    print(f"{args.precision} g{args.group_size} batch {args.batch} ({running} running) context ~{args.context}, "
+          f"{args.steps} {kind} steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 

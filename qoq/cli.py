@@ -100,13 +100,19 @@ def _quantize_for_demo(model, tokenizer, args):
     from qoq.quant.checkpoint import save_checkpoint
     from qoq.quant.pipeline import QoQOptions, quantize_model
 
-    out = cache_root() / "demo" / f"{args.model}-{args.precision}-g{args.group_size}"
+    import hashlib
+
+    from qoq.quant.pipeline import describe
+
+    options = QoQOptions(precision=args.precision, group_size=args.group_size,
+                         calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=512))
+    # the cache key covers every option, so a checkpoint of older defaults is never reused
+    key = hashlib.sha256(json.dumps(describe(options), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = cache_root() / "demo" / f"{args.model}-{args.precision}-g{args.group_size}-{key}"
     if not (out / "quant_config.json").exists():
         import copy
 
         print(f"quantizing with QoQ ({args.precision}, group size {args.group_size}) -> {out}", file=sys.stderr)
-        options = QoQOptions(precision=args.precision, group_size=args.group_size,
-                             calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=512))
         save_checkpoint(quantize_model(copy.deepcopy(model), tokenizer, options), out, tokenizer)
     qmodel, _ = load_model(out, dtype=model.dtype, device=model.device)
     return qmodel
@@ -176,21 +182,29 @@ def cmd_bench_throughput(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
+def quantize_options(args):
+    """`qoq quantize`'s switches -> QoQOptions (a switch left out keeps the option's default)."""
     from qoq.quant.calibrate import CalibConfig
-    from qoq.quant.checkpoint import save_checkpoint
-    from qoq.quant.pipeline import QoQOptions, quantize_model
+    from qoq.quant.pipeline import QoQOptions
 
-    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "smooth_attention", "qk_hadamard", "v_rotation", "smooth", "reorder", "clip")}
+    steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "qk_hadamard", "smooth", "reorder", "clip")}
+    steps.update({step: getattr(args, step) for step in ("smooth_attention", "v_rotation", "gptq")
+                  if getattr(args, step) is not None})
     if args.rotation == "auto":
         if args.no_rotation:
             raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
         steps["rotation"] = "auto"
-    if args.gptq is not None:
-        steps["gptq"] = args.gptq
     options = QoQOptions(precision=args.precision, group_size=args.group_size, progressive=True,
                          calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len), **steps)
     options.quant_config()  # reject a bad precision / group size before loading anything
+    return options
+
+
+def cmd_quantize(args) -> int:
+    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.quant.pipeline import quantize_model
+
+    options = quantize_options(args)
     args.dtype = args.dtype or "float32"
     model, tokenizer = _load(args)
     if model.quant_config.weight_bits < 16:
@@ -246,13 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-seqs", type=int, default=64, help="calibration sequences")
     qz.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     for step, what in (("rotation", "Hadamard block-input rotation (and RMSNorm folding)"),
-                       ("smooth-attention", "SmoothAttention on keys"),
                        ("qk-hadamard", "the runtime Hadamard on q/k after RoPE that makes 4-bit keys accurate"),
-                       ("v-rotation", "the offline per-head Hadamard of the values (v_proj / o_proj)"),
                        ("smooth", "o_proj / down_proj input smoothing"),
                        ("reorder", "activation-aware channel reordering (g128)"),
                        ("clip", "weight clipping search")):
         qz.add_argument(f"--no-{step}", action="store_true", help=f"skip {what} (ablation)")
+    qz.add_argument("--smooth-attention", action=argparse.BooleanOptionalAction, default=None,
+                    help="SmoothAttention on the keys (default: only with --no-qk-hadamard; with the q/k "
+                         "Hadamard it measured worse, docs/accuracy.md)")
+    qz.add_argument("--v-rotation", action=argparse.BooleanOptionalAction, default=None,
+                    help="offline per-head Hadamard of the values (v_proj rows, o_proj columns); off by default "
+                         "(no gain measured)")
     qz.add_argument("--rotation", choices=["on", "auto"], default="on",
                     help="auto: quantize with and without the rotation and keep the variant closer to the "
                          "float model on calibration data (twice the time; docs/accuracy.md)")

@@ -192,13 +192,14 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @lazy_jit.helper
-def _hadamard_halves(x1, x2, HALF: tl.constexpr):
+def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
     """[B, D] = (x1 | x2) halves (fp32, B >= 16) -> the halves of x H, H the normalized Sylvester
     Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1).
 
-    On fp16 tensor cores: each operand is split into fp16 high and low parts (x = hi + lo to
-    ~2^-22 relative), S is exact in fp16 and the sums accumulate in fp32, so x H is as good as
-    fp32 math. An fp32 ("ieee") dot ran on the CUDA cores: 5.8% of a batch-993 decode step."""
+    On fp16 tensor cores: S is exact in fp16 and the sums accumulate in fp32; the operand is
+    rounded to fp16 (relative error ~3e-4, that of the fp16 q/k the kernel returns), or with
+    SPLIT also its fp16 remainder is multiplied (x = hi + lo: fp32-exact, 1.3-1.4x the time). An
+    fp32 ("ieee") dot ran on the CUDA cores: 5.8% of a batch-993 decode step."""
     i = tl.arange(0, HALF)[:, None]
     b = i & tl.arange(0, HALF)[None, :]
     b = b ^ (b >> 16)
@@ -212,8 +213,11 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr):
     w = x1 - x2
     u_hi = u.to(tl.float16)
     w_hi = w.to(tl.float16)
-    y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, tl.dot(u_hi, s, out_dtype=tl.float32))
-    y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, tl.dot(w_hi, s, out_dtype=tl.float32))
+    y1 = tl.dot(u_hi, s, out_dtype=tl.float32)
+    y2 = tl.dot(w_hi, s, out_dtype=tl.float32)
+    if SPLIT:
+        y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, y1)
+        y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, y2)
     return y1 * norm, y2 * norm
 
 
@@ -221,111 +225,129 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr):
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, ko_ptr,
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-    HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
+    T, HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    HADAMARD: tl.constexpr,
+    HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """TOK tokens per program; a tile row is one (token, head), row r = token * BLOCK_H + head."""
     D = 2 * HALF
-    j = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + t)
-    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)[None, :]
+    t0 = tl.program_id(0) * TOK
+    j = tl.arange(0, HALF)[None, :]
 
-    hq = tl.arange(0, BLOCK_HQ)[:, None]
-    qm = hq < HQ
+    rq = tl.arange(0, TOK * BLOCK_HQ)
+    tq = t0 + rq // BLOCK_HQ
+    hq = (rq % BLOCK_HQ)[:, None]
+    qm = (hq < HQ) & (tq < T)[:, None]
+    pos = tl.load(pos_ptr + tq, mask=tq < T, other=0)[:, None]
+    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
     # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
-    t64 = t.to(tl.int64)
-    q_in = t64 * stride_q + hq * D + j[None, :]
-    q_off = (t64 * HQ + hq) * D + j[None, :]
+    tq64 = tq.to(tl.int64)[:, None]
+    q_in = tq64 * stride_q + hq * D + j
+    q_off = (tq64 * HQ + hq) * D + j
     q1 = tl.load(q_ptr + q_in, mask=qm, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + q_in + HALF, mask=qm, other=0.0).to(tl.float32)
     a1 = q1 * cos - q2 * sin
     a2 = q2 * cos + q1 * sin
     if HADAMARD:
-        a1, a2 = _hadamard_halves(a1, a2, HALF)
+        a1, a2 = _hadamard_halves(a1, a2, HALF, SPLIT)
     tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
     tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
 
-    hk = tl.arange(0, BLOCK_HKV)[:, None]
-    km = hk < HKV
-    k_in = t64 * stride_k + hk * D + j[None, :]
-    k_off = (t64 * HKV + hk) * D + j[None, :]
+    rk = tl.arange(0, TOK * BLOCK_HKV)
+    tk = t0 + rk // BLOCK_HKV
+    hk = (rk % BLOCK_HKV)[:, None]
+    km = (hk < HKV) & (tk < T)[:, None]
+    pos = tl.load(pos_ptr + tk, mask=tk < T, other=0)[:, None]
+    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
+    tk64 = tk.to(tl.int64)[:, None]
+    k_in = tk64 * stride_k + hk * D + j
+    k_off = (tk64 * HKV + hk) * D + j
     k1 = tl.load(k_ptr + k_in, mask=km, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + k_in + HALF, mask=km, other=0.0).to(tl.float32)
     b1 = k1 * cos - k2 * sin
     b2 = k2 * cos + k1 * sin
     if HADAMARD:
-        b1, b2 = _hadamard_halves(b1, b2, HALF)
+        b1, b2 = _hadamard_halves(b1, b2, HALF, SPLIT)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
     r1 = b1.to(ko_ptr.dtype.element_ty)
     r2 = b2.to(ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    v_in = t64 * stride_v + hk * D + j[None, :]
+    v_in = tk64 * stride_v + hk * D + j
     v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)
     v2 = tl.load(v_ptr + v_in + HALF, mask=km, other=0.0)
 
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:
-        page = slot // PAGE_SIZE
-        row = (page * HKV + hk) * PAGE_SIZE + slot % PAGE_SIZE  # [BLOCK_HKV, 1]
-        if BITS == 16:
-            tl.store(kc_ptr + row * D + j[None, :], r1.to(tl.float16), mask=km)
-            tl.store(kc_ptr + row * D + HALF + j[None, :], r2.to(tl.float16), mask=km)
-            tl.store(vc_ptr + row * D + j[None, :], v1.to(tl.float16), mask=km)
-            tl.store(vc_ptr + row * D + HALF + j[None, :], v2.to(tl.float16), mask=km)
-        else:
-            QMAX: tl.constexpr = 2 ** BITS - 1
-            for which in tl.static_range(2):
-                if which == 0:
-                    x1 = r1.to(tl.float32)
-                    x2 = r2.to(tl.float32)
-                    c_ptr, s_ptr, z_ptr = kc_ptr, ks_ptr, kz_ptr
-                else:
-                    x1 = v1.to(tl.float32)
-                    x2 = v2.to(tl.float32)
-                    c_ptr, s_ptr, z_ptr = vc_ptr, vs_ptr, vz_ptr
-                mn = tl.minimum(tl.min(x1, axis=1), tl.min(x2, axis=1))[:, None]
-                mx = tl.maximum(tl.max(x1, axis=1), tl.max(x2, axis=1))[:, None]
-                scale = ((mx - mn) / QMAX).to(tl.float16)
-                zero = mn.to(tl.float16)
-                sf = scale.to(tl.float32)
-                safe = tl.where(sf > 0, sf, 1.0)
-                zf = zero.to(tl.float32)
-                c1 = ((x1 - zf) / safe + 12582912.0) - 12582912.0
-                c2 = ((x2 - zf) / safe + 12582912.0) - 12582912.0
-                c1 = tl.minimum(tl.maximum(c1, 0.0), QMAX).to(tl.uint8)
-                c2 = tl.minimum(tl.maximum(c2, 0.0), QMAX).to(tl.uint8)
-                if BITS == 4:
-                    tl.store(c_ptr + row * HALF + j[None, :], c1 | (c2 << 4), mask=km)
-                else:
-                    tl.store(c_ptr + row * D + j[None, :], c1, mask=km)
-                    tl.store(c_ptr + row * D + HALF + j[None, :], c2, mask=km)
-                tl.store(s_ptr + row, scale, mask=km)
-                tl.store(z_ptr + row, zero, mask=km)
+    slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+    wm = km & (slot >= 0)  # slot -1: the token is not cached
+    slot = tl.maximum(slot, 0)
+    row = (slot // PAGE_SIZE * HKV + hk) * PAGE_SIZE + slot % PAGE_SIZE  # [rows, 1]
+    if BITS == 16:
+        tl.store(kc_ptr + row * D + j, r1.to(tl.float16), mask=wm)
+        tl.store(kc_ptr + row * D + HALF + j, r2.to(tl.float16), mask=wm)
+        tl.store(vc_ptr + row * D + j, v1.to(tl.float16), mask=wm)
+        tl.store(vc_ptr + row * D + HALF + j, v2.to(tl.float16), mask=wm)
+    else:
+        QMAX: tl.constexpr = 2 ** BITS - 1
+        for which in tl.static_range(2):
+            if which == 0:
+                x1 = r1.to(tl.float32)
+                x2 = r2.to(tl.float32)
+                c_ptr, s_ptr, z_ptr = kc_ptr, ks_ptr, kz_ptr
+            else:
+                x1 = v1.to(tl.float32)
+                x2 = v2.to(tl.float32)
+                c_ptr, s_ptr, z_ptr = vc_ptr, vs_ptr, vz_ptr
+            mn = tl.minimum(tl.min(x1, axis=1), tl.min(x2, axis=1))[:, None]
+            mx = tl.maximum(tl.max(x1, axis=1), tl.max(x2, axis=1))[:, None]
+            scale = ((mx - mn) / QMAX).to(tl.float16)
+            zero = mn.to(tl.float16)
+            sf = scale.to(tl.float32)
+            safe = tl.where(sf > 0, sf, 1.0)
+            zf = zero.to(tl.float32)
+            c1 = ((x1 - zf) / safe + 12582912.0) - 12582912.0
+            c2 = ((x2 - zf) / safe + 12582912.0) - 12582912.0
+            c1 = tl.minimum(tl.maximum(c1, 0.0), QMAX).to(tl.uint8)
+            c2 = tl.minimum(tl.maximum(c2, 0.0), QMAX).to(tl.uint8)
+            if BITS == 4:
+                tl.store(c_ptr + row * HALF + j, c1 | (c2 << 4), mask=wm)
+            else:
+                tl.store(c_ptr + row * D + j, c1, mask=wm)
+                tl.store(c_ptr + row * D + HALF + j, c2, mask=wm)
+            tl.store(s_ptr + row, scale, mask=wm)
+            tl.store(z_ptr + row, zero, mask=wm)
 
 
-def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
+# Tokens per program (H100 probe, benchmarks/results/rope-probe-h100.json): with the q/k Hadamard,
+# 4 tokens share the +-1 matrix and make taller MMAs: 8192 tokens 126 us, 993 tokens 18 us per
+# layer (272 / 36 with one token per program; 78 / 12 without the Hadamard).
+ROPE_TOKENS = {False: 1, True: 4}
+
+
+def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer, options=None):
     _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
     q, k, v = (token_rows(x) for x in (q, k, v))
     t, hq, d = q.shape
     hkv = k.shape[1]
     if d & (d - 1):
         raise ValueError(f"the Triton rope_kv_write needs a power-of-two head_dim, got {d}")
-    # The Hadamard is a tl.dot over the heads, which needs at least 16 rows.
-    rows = 16 if cache.qk_hadamard else 1
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
         return q_rot, k_rot
+    opts = {"TOK": ROPE_TOKENS[cache.qk_hadamard], "num_warps": 4, "SPLIT": False, **(options or {})}
+    tok = opts["TOK"]
+    # The Hadamard is a tl.dot over the tile's rows, which needs at least 16 of them.
+    min_heads = -(-16 // tok) if cache.qk_hadamard else 1
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    _rope_kv_write_kernel[(t,)](
+    _rope_kv_write_kernel[(triton.cdiv(t, tok),)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
-        cache.k_cache, cache.v_cache, *meta, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
-        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=max(rows, triton.next_power_of_2(hq)),
-        BLOCK_HKV=max(rows, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, num_warps=4,
+        cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
+        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=max(min_heads, triton.next_power_of_2(hq)),
+        BLOCK_HKV=max(min_heads, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, TOK=tok,
+        SPLIT=opts["SPLIT"], num_warps=opts["num_warps"],
     )
     return q_rot, k_rot
 

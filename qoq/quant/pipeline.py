@@ -46,9 +46,11 @@ class QoQOptions:
     precision: str = "w4a8kv4"
     group_size: int = 128  # 128 (progressive) or -1 (per-channel); ignored for 8-bit weights
     rotation: bool | str = True  # True, False or "auto" (quantize both ways, keep the closer one)
-    smooth_attention: bool = True
+    # SmoothAttention on the keys; None: only where qk_hadamard is off (with the Hadamard it cost
+    # 0.28 ppl on SmolLM2, docs/accuracy.md)
+    smooth_attention: bool | None = None
     qk_hadamard: bool = True  # runtime Hadamard on q/k after RoPE for a quantized KV cache (QuantConfig.qk_hadamard)
-    v_rotation: bool = True  # offline per-head Hadamard of v_proj outputs / o_proj inputs (quantized KV cache)
+    v_rotation: bool = False  # offline per-head Hadamard of v_proj outputs / o_proj inputs (no gain measured)
     smooth: bool = True
     reorder: bool = True  # g128 only
     clip: bool = True
@@ -66,6 +68,10 @@ class QoQOptions:
     seed: int = 0
     progress: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        if self.smooth_attention is None:
+            self.smooth_attention = not self.qk_hadamard
 
     @classmethod
     def rtn(cls, **kw) -> "QoQOptions":

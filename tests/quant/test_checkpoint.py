@@ -159,3 +159,24 @@ def test_cli_rejects_bad_options(capsys):
         main(["quantize", "--out", "/tmp/x", "--group-size", "64"])
     with pytest.raises(SystemExit):
         main(["quantize", "--out", "/tmp/x", "--precision", "w3a8kv4"])
+
+
+def test_default_steps_and_their_switches():
+    """Defaults: GPTQ + the q/k Hadamard, SmoothAttention only where the Hadamard is off; the
+    quant config records what ran, and the CLI's switches reach the options."""
+    from qoq.cli import build_parser, quantize_options
+
+    opts = QoQOptions()
+    assert opts.gptq and opts.qk_hadamard and not opts.smooth_attention and not opts.v_rotation
+    assert QoQOptions(qk_hadamard=False).smooth_attention and QoQOptions(smooth_attention=True).smooth_attention
+    qc = opts.quant_config()
+    assert qc.qk_hadamard and qc.steps["qk_hadamard"] and not qc.steps["smooth_attention"]
+    assert QoQOptions(precision="w8a8kv8").quant_config().qk_hadamard  # any quantized KV cache
+
+    def parsed(*flags):
+        return quantize_options(build_parser().parse_args(["quantize", "m", "--out", "o", *flags]))
+
+    assert parsed().qk_hadamard and not parsed().smooth_attention
+    o = parsed("--no-qk-hadamard", "--v-rotation", "--no-gptq")
+    assert not o.qk_hadamard and o.smooth_attention and o.v_rotation and not o.gptq
+    assert not parsed("--no-qk-hadamard", "--no-smooth-attention").smooth_attention
