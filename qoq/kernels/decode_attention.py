@@ -104,11 +104,13 @@ if tl is not None:  # Triton kernels read globals only as constexpr
 @lazy_jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
-    HQ, HKV, bt_stride, sm_scale_log2,
+    HQ, HKV, bt_stride, sm_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
-    BITS: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
+    run passes through, each with its own split count, share one compiled kernel."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,7 +131,7 @@ def _decode_kernel(
 
     ctx = tl.load(len_ptr + b)
     num_blocks = tl.cdiv(ctx, BLOCK_T)
-    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+    per_split = tl.cdiv(num_blocks, num_splits)
     blk_begin = split * per_split
     blk_end = tl.minimum(blk_begin + per_split, num_blocks)
 
@@ -215,25 +217,25 @@ def _decode_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_lo = (acc_lo + z_acc[:, None]) / l_safe[:, None]
     out_hi = (acc_hi + z_acc[:, None]) / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         # Split-K in one launch: every split stores its partial output and log-sum-exp; the last
         # split of this (sequence, kv head) to arrive at its counter (acq_rel) merges them all
         # in split order (deterministic) and resets the counter for the next call.
-        part = (b * HQ + head) * NUM_SPLITS + split  # [BLOCK_G]
+        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
         tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
         tl.store(lse_ptr + part, lse, mask=g_mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS - 1:
+        if arrived == num_splits - 1:
             sp = tl.arange(0, BLOCK_S)
-            first = (b * HQ + head) * NUM_SPLITS  # [BLOCK_G]
+            first = (b * HQ + head) * num_splits  # [BLOCK_G]
             lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
-                              mask=g_mask[:, None] & (sp < NUM_SPLITS)[None, :], other=-float("inf"),
+                              mask=g_mask[:, None] & (sp < num_splits)[None, :], other=-float("inf"),
                               cache_modifier=".cg")
             m_all = tl.max(lse_all, axis=1)
             m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
@@ -241,7 +243,7 @@ def _decode_kernel(
             w_sum = tl.sum(w_all, axis=1)
             m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
             m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
-            for i in tl.static_range(NUM_SPLITS):
+            for i in range(num_splits):
                 w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
                 p_off = (first + i)[:, None] * D + j[None, :]
                 m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
@@ -251,6 +253,9 @@ def _decode_kernel(
             tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
             tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
             tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
+
+
+MAX_SPLITS = 32  # the default rule's cap; the merge reads the log-sum-exps of up to this many at once
 
 
 def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
@@ -263,7 +268,7 @@ def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     resident = (8 if num_warps == 1 else 2) * sms
     splits = max(1, resident // (batch * num_kv_heads))
-    return min(splits, max(1, max_blocks // 2), 32)
+    return min(splits, max(1, max_blocks // 2), MAX_SPLITS)
 
 
 # From the H100 sweeps (docs/kernels.md, batch 64): one page per iteration on the scalar-page-table
@@ -301,10 +306,10 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     meta = [m if m is not None else cache.k_cache for m in meta]
     _decode_kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
-        hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e),
+        hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
-        PAGE=cache.page_size, BITS=cache.bits, NUM_SPLITS=splits, NUM_STAGES=opts["NUM_STAGES"],
-        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=triton.next_power_of_2(splits),
+        PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=opts["NUM_STAGES"],
+        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)),
         num_warps=opts["num_warps"], **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
     )
     return out
