@@ -44,6 +44,10 @@ def ladder() -> list[tuple[str, QoQOptions | None]]:
     return rungs
 
 
+CALIB_64 = "QoQ W4A8KV4 g128 (defaults), 64 calibration sequences as qoq quantize"
+CALIB_SEQS = {CALIB_64: 64}  # rows that calibrate on their own number of sequences
+
+
 def configs() -> list[tuple[str, QoQOptions | None]]:
     # Each round's rows pin the options that later rounds turned on, so they still reproduce what
     # they measured: gptq (session 3) and qk_hadamard (session 4) are off in the rows before them.
@@ -75,6 +79,8 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation, no SmoothAttention", QoQOptions(v_rotation=True)),
         ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(group_size=-1)),
         ("QoQ W4A8KV8 g128 + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(precision="w4a8kv8")),
+        # `qoq quantize` calibrates on 64 sequences by default (the other rows: --calib-seqs, 32)
+        (CALIB_64, QoQOptions()),
     ]
 
 
@@ -82,7 +88,9 @@ def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
     if opts is not None:
-        opts.calib = CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len)
+        opts.calib = CalibConfig(num_seqs=CALIB_SEQS.get(method, args.calib_seqs), seq_len=args.calib_seq_len)
+        if method in CALIB_SEQS:
+            calib = calibration_tokens(tokenizer, opts.calib)
         opts.progress = False
         quantize_model(model, tokenizer, opts, calib_tokens=calib)
     t1 = time.perf_counter()
@@ -97,7 +105,7 @@ def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
         "integer_path": bool(opts is not None and (opts.progressive or qc.group_size == -1 or qc.weight_bits == 8)),
         "quantize_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
         "run": {"model": "SmolLM2-135M-Instruct (bundled, fp32 CPU)", "corpus_split": "eval", "seq_len": args.seq_len,
-                "calib": f"{args.calib_seqs} x {args.calib_seq_len} tokens of the calib split",
+                "calib": f"{CALIB_SEQS.get(method, args.calib_seqs)} x {args.calib_seq_len} tokens of the calib split",
                 "rotation": qc.rotation, "torch": torch.__version__, "cpus": os.cpu_count(),
                 "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")},
     }
