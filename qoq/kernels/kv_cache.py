@@ -221,6 +221,27 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
     return y1 * norm, y2 * norm
 
 
+@lazy_jit.helper
+def _rope_tile(x_ptr, stride, pos_ptr, cs_ptr, t0, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+               TOK: tl.constexpr):
+    """Rows (token t0 + r // BLOCK_H, head r % BLOCK_H) of q or k, rotated by RoPE in fp32:
+    returns (row tokens, row heads, packed output offsets, row mask, first half, second half)."""
+    D = 2 * HALF
+    j = tl.arange(0, HALF)[None, :]
+    r = tl.arange(0, TOK * BLOCK_H)
+    t = t0 + r // BLOCK_H
+    h = (r % BLOCK_H)[:, None]
+    m = (h < H) & (t < T)[:, None]
+    pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
+    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
+    t64 = t.to(tl.int64)[:, None]
+    x_in = t64 * stride + h * D + j
+    x1 = tl.load(x_ptr + x_in, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_in + HALF, mask=m, other=0.0).to(tl.float32)
+    return t, h, (t64 * H + h) * D + j, m, x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
 @lazy_jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, ko_ptr,
@@ -230,44 +251,16 @@ def _rope_kv_write_kernel(
     HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """TOK tokens per program; a tile row is one (token, head), row r = token * BLOCK_H + head."""
-    D = 2 * HALF
     t0 = tl.program_id(0) * TOK
     j = tl.arange(0, HALF)[None, :]
-
-    rq = tl.arange(0, TOK * BLOCK_HQ)
-    tq = t0 + rq // BLOCK_HQ
-    hq = (rq % BLOCK_HQ)[:, None]
-    qm = (hq < HQ) & (tq < T)[:, None]
-    pos = tl.load(pos_ptr + tq, mask=tq < T, other=0)[:, None]
-    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
     # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
-    tq64 = tq.to(tl.int64)[:, None]
-    q_in = tq64 * stride_q + hq * D + j
-    q_off = (tq64 * HQ + hq) * D + j
-    q1 = tl.load(q_ptr + q_in, mask=qm, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + q_in + HALF, mask=qm, other=0.0).to(tl.float32)
-    a1 = q1 * cos - q2 * sin
-    a2 = q2 * cos + q1 * sin
+    _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, T, HQ, HALF, BLOCK_HQ, TOK)
     if HADAMARD:
         a1, a2 = _hadamard_halves(a1, a2, HALF, SPLIT)
     tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
     tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
 
-    rk = tl.arange(0, TOK * BLOCK_HKV)
-    tk = t0 + rk // BLOCK_HKV
-    hk = (rk % BLOCK_HKV)[:, None]
-    km = (hk < HKV) & (tk < T)[:, None]
-    pos = tl.load(pos_ptr + tk, mask=tk < T, other=0)[:, None]
-    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
-    tk64 = tk.to(tl.int64)[:, None]
-    k_in = tk64 * stride_k + hk * D + j
-    k_off = (tk64 * HKV + hk) * D + j
-    k1 = tl.load(k_ptr + k_in, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + k_in + HALF, mask=km, other=0.0).to(tl.float32)
-    b1 = k1 * cos - k2 * sin
-    b2 = k2 * cos + k1 * sin
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, T, HKV, HALF, BLOCK_HKV, TOK)
     if HADAMARD:
         b1, b2 = _hadamard_halves(b1, b2, HALF, SPLIT)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
@@ -275,7 +268,8 @@ def _rope_kv_write_kernel(
     r2 = b2.to(ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    v_in = tk64 * stride_v + hk * D + j
+    D = 2 * HALF
+    v_in = tk.to(tl.int64)[:, None] * stride_v + hk * D + j
     v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)
     v2 = tl.load(v_ptr + v_in + HALF, mask=km, other=0.0)
 
