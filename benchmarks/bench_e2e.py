@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="0 = the largest that fits")
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--hf-batches", default="64,128", help="empty to skip the transformers baseline")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     parser.add_argument("--out", default="e2e-h100.json")
     args = parser.parse_args()
 
@@ -98,7 +99,8 @@ def main() -> None:
         try:
             result = run_throughput(args.config, precision, int(group), int(batch[0]) if batch else args.batch,
                                     args.input_len,
-                                    args.output_len, "cuda", ceilings, max_batch=args.max_batch)
+                                    args.output_len, "cuda", ceilings, max_batch=args.max_batch,
+                                    max_num_batched_tokens=args.max_num_batched_tokens)
             save(result.to_dict())
         except Exception as err:  # one failing precision must not lose the others' numbers
             save({"system": "qoq", "precision": precision, "group_size": int(group), "error": repr(err)[:500]})
@@ -121,6 +123,9 @@ def main() -> None:
         print(f"{r['system']:16} {r['precision']:11} {r['group_size']:>4} {r['batch']:>5} {r['tokens_per_s']:>9.0f} "
               f"{roof or 0:>9.0f} {r.get('roofline_fraction') or 0:>5.2f} {r.get('decode_step_ms', 0):>8.2f} "
               f"{r.get('decode_forward_ms', 0):>7.2f}")
+        for kind, p in (r.get("phases") or {}).items():
+            print(f"    {kind:12} {p['steps']:>5} steps {p['seconds']:>7.2f} s  {p['ms_per_step'] or 0:>7.2f} ms/step  "
+                  f"prefill {p['prefill_tokens']:>8}  decode {p['decode_tokens']:>7}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class ThroughputResult:
     peak_memory_gib: float
     roofline_tokens_per_s: float | None = None
     roofline_fraction: float | None = None
+    # Where the wall time went, by kind of step (see `step_phases`).
+    phases: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,20 +51,39 @@ def _median_ms(seconds: list[float]) -> float:
     return 1000 * sorted(seconds)[len(seconds) // 2] if seconds else float("nan")
 
 
+def step_phases(steps: list[tuple[int, int, float]], batch: int) -> dict:
+    """Sum a run's steps (prefill tokens, decode rows, seconds) by phase: steps with prefill work
+    (the ramp-up, where admitted sequences already decode), pure decode steps of the full batch
+    (at least 95% of it running) and the tail (sequences finishing, the batch shrinking)."""
+    phases = {"mixed": [0, 0.0, 0, 0], "full_decode": [0, 0.0, 0, 0], "tail_decode": [0, 0.0, 0, 0]}
+    for prefill_tokens, decodes, seconds in steps:
+        kind = "mixed" if prefill_tokens else "full_decode" if decodes >= 0.95 * batch else "tail_decode"
+        p = phases[kind]
+        p[0] += 1
+        p[1] += seconds
+        p[2] += prefill_tokens
+        p[3] += decodes
+    return {k: {"steps": n, "seconds": round(t, 4), "prefill_tokens": pt, "decode_tokens": dt,
+                "ms_per_step": round(1000 * t / n, 3) if n else None} for k, (n, t, pt, dt) in phases.items()}
+
+
 def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
-    """Submit all prompts, step to the end; returns (seconds, decode step times, decode forward times)."""
+    """Submit all prompts, step to the end; returns (seconds, decode step times, decode forward
+    times, per-step (prefill tokens, decode rows, seconds))."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False, output_kind="final")
     forward_times: list[float] = []
     runner = engine.runner
     execute, launch = runner.execute, runner.launch
     in_runner = [0.0]  # seconds spent in the model runner during the current step
     pure_decode = [False]  # whether the step that just ran (launched, with async scheduling) had no prefill
+    shape = [0, 0]  # its prefill tokens and decode rows
 
     def timed_execute(batch):  # synchronous: execute() ends in a device sync (tokens to Python), so this is exact
         t0 = time.perf_counter()
         tokens = execute(batch)
         in_runner[0] += time.perf_counter() - t0
         pure_decode[0] = not batch.prefills
+        shape[:] = batch.num_tokens - len(batch.decodes), len(batch.decodes)
         return tokens
 
     def timed_launch(batch, prev):  # async scheduling: launching, and later waiting for the tokens
@@ -70,6 +91,7 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
         step = launch(batch, prev)
         in_runner[0] += time.perf_counter() - t0
         pure_decode[0] = not batch.prefills
+        shape[:] = batch.num_tokens - len(batch.decodes), len(batch.decodes)
         read = step.token_ids
 
         def timed_read():
@@ -85,19 +107,22 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     for prompt in prompts:
         engine.add_request(prompt, params)
     decode_steps: list[float] = []
+    steps: list[tuple[int, int, float]] = []
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        in_runner[0], pure_decode[0] = 0.0, False
+        in_runner[0], pure_decode[0], shape[:] = 0.0, False, (0, 0)
         t0 = time.perf_counter()
         engine.step()  # returns once a step's tokens are read back, which waits for the device
+        elapsed = time.perf_counter() - t0
+        steps.append((shape[0], shape[1], elapsed))
         if pure_decode[0]:
-            decode_steps.append(time.perf_counter() - t0)
+            decode_steps.append(elapsed)
             forward_times.append(in_runner[0])
     seconds = time.perf_counter() - start
     runner.execute, runner.launch = execute, launch
-    return seconds, decode_steps, forward_times
+    return seconds, decode_steps, forward_times, steps
 
 
 def run_throughput(config_name: str, precision: str, group_size: int, batch: int, input_len: int,
@@ -148,14 +173,14 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
         prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds, decode_steps, forward_times = _run_requests(engine, prompts, output_len)
+        seconds, decode_steps, forward_times, steps = _run_requests(engine, prompts, output_len)
         tokens_per_s = batch * output_len / seconds
         roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
         result = ThroughputResult("qoq", config_name, precision, group_size if quant.weight_bits == 4 else -1,
                                   batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
                                   _median_ms(forward_times), peak,
-                                  roof, tokens_per_s / roof if roof else None)
+                                  roof, tokens_per_s / roof if roof else None, step_phases(steps, batch))
     finally:
         gc.unfreeze()
     # The engine's CUDA graphs and runner refer to each other: collect the cycle before the next

@@ -35,6 +35,10 @@ def test_run_throughput_generates_every_token(tiny_config):
     result = run_throughput(tiny_config, "w4a8kv4", 128, batch=3, input_len=12, output_len=5, device="cpu")
     assert result.batch == 3 and result.tokens_per_s > 0 and result.seconds > 0
     assert result.decode_forward_ms <= result.decode_step_ms
+    phases = result.phases  # every prompt token prefilled once; the rest of the tokens decoded
+    assert sum(p["prefill_tokens"] for p in phases.values()) == 3 * 12
+    assert sum(p["decode_tokens"] for p in phases.values()) <= 3 * (5 - 1)
+    assert sum(p["seconds"] for p in phases.values()) <= result.seconds + 1e-3
 
 
 def test_unknown_config_is_refused():
