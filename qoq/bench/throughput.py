@@ -142,7 +142,7 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
             enforce_eager=eager, cpu_kv_cache_gib=0.25))
 
     if batch <= 0:  # "max": as many sequences as the KV pages that fit in memory can hold in full
-        probe = make_engine(1024, num_pages, eager=True)
+        probe = make_engine(max_batch, num_pages, eager=True)  # sized for max_batch sequences at most
         num_pages = int(probe.block_manager.num_pages * 0.97)  # leave room for the CUDA graphs' pool
         batch = min(max_batch, num_pages // -(-max_len // probe.config.page_size))
         del probe

@@ -40,11 +40,11 @@ class PagedAttention:
         cache = self.kv_cache[layer_idx]
         q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
         num_prefill = md.num_prefill_tokens
-        parts = []
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # both kernels write their rows in place
         if num_prefill:
-            parts.append(prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill],
-                                           md.cu_seqlens, self.scale, md.max_seqlen))
+            prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill], md.cu_seqlens, self.scale,
+                              md.max_seqlen, out=out[:num_prefill])
         if num_prefill < q.shape[0]:
-            parts.append(paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
+                                   out=out[num_prefill:])
         return out.view(batch, num_tokens, num_heads, head_dim)

@@ -14,12 +14,22 @@ from qoq.kernels.kv_cache import (
     rope_kv_write,
 )
 from qoq.kernels.prefill_attention import prefill_attention
-from qoq.kernels.quant import quantize_per_token, rmsnorm, rmsnorm_quant, silu_mul, silu_mul_quant
+from qoq.kernels.quant import (
+    add_rmsnorm,
+    add_rmsnorm_quant,
+    quantize_per_token,
+    rmsnorm,
+    rmsnorm_quant,
+    silu_mul,
+    silu_mul_quant,
+)
 from qoq.kernels.w4a8_gemm import pack_w4, unpack_w4, w4a8_g128_gemm, w4a8_per_channel_gemm
 from qoq.kernels.w8a8_gemm import w8a8_gemm
 
 __all__ = [
     "KVCacheLayer",
+    "add_rmsnorm",
+    "add_rmsnorm_quant",
     "allocate_kv_cache",
     "dequantize_kv_ref",
     "pack_w4",

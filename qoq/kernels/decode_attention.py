@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit
+from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like
 from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
 
 try:
@@ -53,7 +53,7 @@ def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.flo
 
 
 def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                               num_splits=None, options=None):
+                               num_splits=None, options=None, out=None):
     """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens."""
     _check(q, cache, block_tables, context_lens)
     k = gather_kv_ref(cache, block_tables, "k")
@@ -64,7 +64,8 @@ def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_len
     t = torch.arange(k.shape[2], device=q.device)
     scores = scores.masked_fill(t[None, None, :] >= context_lens[:, None, None].long(), -math.inf)
     p = torch.softmax(scores, dim=-1)
-    return torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
+    result = torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
+    return result if out is None else output_like(q, out).copy_(result)
 
 
 # Inline PTX for the fast code -> fp16 unpack (pack=4: one 32-bit word of 4 code bytes per call).
@@ -280,7 +281,7 @@ DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2),
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                                  num_splits=None, options=None):
+                                  num_splits=None, options=None, out=None):
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -295,7 +296,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     splits = num_splits or _default_splits(b, hkv, max_blocks, q.device, opts["num_warps"])
     if cache.bits != 16 and splits == 1 and b * hkv >= 4096 and "NUM_STAGES" not in (options or {}):
         opts["NUM_STAGES"] = 3  # many waves of programs: a deeper prefetch wins 1-2% (batch 1024, probe)
-    out = torch.empty_like(q)
+    out = output_like(q, out)
     if splits == 1:
         part, lse, cnt = out, out, context_lens
     else:

@@ -86,6 +86,17 @@ def dispatch(ref_fn, triton_fn):
     return public
 
 
+def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's output buffer: a fresh one like q, or the caller's `out` (e.g. a slice of a
+    larger buffer, so that two kernels fill one tensor without a concatenation)."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
 _ARRIVAL_COUNTERS: dict = {}
 
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit
+from qoq.kernels.dispatch import dispatch, lazy_jit, output_like
 from qoq.kernels.kv_cache import token_rows
 
 try:
@@ -33,10 +33,10 @@ def _check(q, k, v, cu_seqlens):
         raise ValueError("cu_seqlens must be [B + 1]")
 
 
-def prefill_attention_ref(q, k, v, cu_seqlens, scale, max_seqlen=None):
+def prefill_attention_ref(q, k, v, cu_seqlens, scale, max_seqlen=None, out=None):
     _check(q, k, v, cu_seqlens)
     group = q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
+    out = output_like(q, out)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
@@ -96,7 +96,7 @@ def _prefill_kernel(
              mask=m_mask[:, None])
 
 
-def prefill_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen=None):
+def prefill_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen=None, out=None):
     _check(q, k, v, cu_seqlens)
     t, hq, d = q.shape
     if d & (d - 1) or d < 16:
@@ -104,7 +104,7 @@ def prefill_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen=None):
     q, k, v = (token_rows(x) for x in (q, k, v))
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = output_like(q, out)
     block_m, block_n = (128, 64) if q.is_cuda and d <= 128 else (64, 64)
     if not q.is_cuda:
         block_m, block_n = 16, 16  # interpreter: small tiles keep the CPU test fast

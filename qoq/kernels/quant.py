@@ -10,6 +10,9 @@ Each returns (x8 int8 [M, H], scale fp32 [M], xsum fp32 [M]):
 - quantize_per_token(x): y = x.
 rmsnorm(x, weight, eps) and silu_mul(gate_up) are the same row kernels writing y in x's dtype
 instead of int8: the full-precision (w16a16) model's fused norm and activation.
+add_rmsnorm_quant(x, residual, weight, eps) / add_rmsnorm(...) first add the residual stream,
+s = x + residual (rounded to x's dtype, exactly as the unfused add), and return s as well: the
+decoder's residual add and the next norm in one pass over the rows.
 
 Triton: one program per row holds the whole row in registers (H <= 16384 for Llama-3-8B's
 14336-wide MLP), so the row is read once and written once as int8: memory-bound by design.
@@ -61,6 +64,25 @@ def quantize_per_token_ref(x: torch.Tensor):
     return _quantize_rows_ref(x)
 
 
+def _check_residual(x, residual):
+    _check_2d(x, "x")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)}), got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+
+
+def add_rmsnorm_quant_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_residual(x, residual)
+    s = x + residual
+    return (*rmsnorm_quant_ref(s, weight, eps), s)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_residual(x, residual)
+    s = x + residual
+    return rmsnorm_ref(s, weight, eps), s
+
+
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """y = x * rsqrt(mean(x^2) + eps) * weight in fp32, returned in x's dtype (as HF Llama does)."""
     _check_2d(x, "x")
@@ -79,8 +101,9 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @lazy_jit
 def _row_quant_kernel(
-    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, H, stride_x, eps,
+    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -92,6 +115,11 @@ def _row_quant_kernel(
         y = g / (1.0 + tl.exp(-g)) * u
     else:
         y = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the residual stream: s = x + residual in x's dtype, stored, then normalized
+        r = tl.load(r_ptr + row.to(tl.int64) * H + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (y + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row.to(tl.int64) * H + offs, y, mask=mask)
+        y = y.to(tl.float32)
     if MODE == 1:
         ms = tl.sum(y * y, axis=0) / H
         y = y * (1.0 / tl.sqrt(ms + eps))
@@ -110,10 +138,14 @@ def _row_quant_kernel(
     tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
 
 
-def _launch(x, weight, eps, mode, h, quant=True):
+def _launch(x, weight, eps, mode, h, quant=True, residual=None):
     m = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
+    s = None
+    if residual is not None:
+        residual = residual.contiguous()
+        s = torch.empty_like(residual)
     q = torch.empty((m, h), dtype=torch.int8 if quant else x.dtype, device=x.device)
     scale = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
     xsum = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
@@ -121,10 +153,15 @@ def _launch(x, weight, eps, mode, h, quant=True):
         block = triton.next_power_of_2(h)
         num_warps = max(1, min(16, block // 512))
         _row_quant_kernel[(m,)](
-            x, weight if weight is not None else x, q, scale, xsum, h, x.stride(0), eps,
-            MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, num_warps=num_warps,
+            x, weight if weight is not None else x, q, scale, xsum,
+            residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
+            MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
+            num_warps=num_warps,
         )
-    return (q, scale, xsum) if quant else q
+    out = (q, scale, xsum) if quant else (q,)
+    if s is not None:
+        return (*out, s)
+    return out if quant else q
 
 
 def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
@@ -147,6 +184,16 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
     return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], quant=False)
 
 
+def add_rmsnorm_quant_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_residual(x, residual)
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], residual=residual)
+
+
+def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    _check_residual(x, residual)
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], quant=False, residual=residual)
+
+
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     _check_2d(gate_up, "gate_up")
     return _launch(gate_up, None, 0.0, _SILU_MUL, gate_up.shape[1] // 2, quant=False)
@@ -155,5 +202,7 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 rmsnorm = dispatch(rmsnorm_ref, rmsnorm_triton)
 silu_mul = dispatch(silu_mul_ref, silu_mul_triton)
 rmsnorm_quant = dispatch(rmsnorm_quant_ref, rmsnorm_quant_triton)
+add_rmsnorm = dispatch(add_rmsnorm_ref, add_rmsnorm_triton)
+add_rmsnorm_quant = dispatch(add_rmsnorm_quant_ref, add_rmsnorm_quant_triton)
 silu_mul_quant = dispatch(silu_mul_quant_ref, silu_mul_quant_triton)
 quantize_per_token = dispatch(quantize_per_token_ref, quantize_per_token_triton)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from qoq.kernels import rmsnorm_quant, silu_mul_quant
+from qoq.kernels import add_rmsnorm_quant, rmsnorm_quant, silu_mul_quant
 
 
 class QuantizedActivation(NamedTuple):
@@ -32,6 +32,14 @@ def accepts_int8(linear: nn.Module) -> bool:
 def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> QuantizedActivation:
     x8, scale, xsum = rmsnorm_quant(x.reshape(-1, x.shape[-1]), weight, eps)
     return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype)
+
+
+def add_rmsnorm_quantized(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                          eps: float) -> tuple[QuantizedActivation, torch.Tensor]:
+    """(int8 rows of rmsnorm(x + residual), x + residual) in one pass."""
+    flat = x.shape[-1]
+    x8, scale, xsum, s = add_rmsnorm_quant(x.reshape(-1, flat), residual.reshape(-1, flat), weight, eps)
+    return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype), s.view(x.shape)
 
 
 def silu_mul_quantized(gate_up: torch.Tensor) -> QuantizedActivation:

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from qoq.kernels import rmsnorm
-from qoq.layers.activation import QuantizedActivation, rmsnorm_quantized
+from qoq.kernels import add_rmsnorm, rmsnorm
+from qoq.layers.activation import QuantizedActivation, add_rmsnorm_quantized, rmsnorm_quantized
 
 
 class RMSNorm(nn.Module):
@@ -11,8 +11,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor, quantize: bool = False) -> torch.Tensor | QuantizedActivation:
-        """quantize=True: int8 per token for a quantized linear, in one fused kernel."""
+    def forward(self, x: torch.Tensor, quantize: bool = False, residual: torch.Tensor | None = None):
+        """quantize=True: int8 per token for a quantized linear, in one fused kernel.
+
+        With `residual`, the norm is of s = x + residual (the decoder's residual add, fused into
+        the same kernel) and the result is (normed, s).
+        """
+        if residual is not None:
+            if quantize:
+                return add_rmsnorm_quantized(x, residual, self.weight, self.eps)
+            flat = x.shape[-1]
+            y, s = add_rmsnorm(x.reshape(-1, flat), residual.reshape(-1, flat), self.weight, self.eps)
+            return y.view(x.shape), s.view(x.shape)
         if quantize:
             return rmsnorm_quantized(x, self.weight, self.eps)
         # One fused kernel on a GPU; statistics in fp32 whatever the storage dtype, as HF Llama does.

@@ -56,6 +56,9 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
 
     def forward(self, x) -> torch.Tensor:
+        if accepts_int8(self.gate_up_proj) and self.gate_up_proj.bias is None:
+            # SiLU*mul in the gate/up GEMM's epilogue: the [M, 2I] gate_up never goes to memory
+            return self.down_proj(self.gate_up_proj(x, silu_mul=True))
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
             return self.down_proj(silu_mul_quantized(gate_up))
@@ -71,13 +74,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, layer_idx, make_linear)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
-    ) -> torch.Tensor:
-        # A quantized linear after a norm gets int8 rows from one fused RMSNorm+quant kernel.
-        h = self.input_layernorm(x, quantize=accepts_int8(self.self_attn.qkv_proj))
-        x = x + self.self_attn(h, positions, rotary, attn)
-        h = self.post_attention_layernorm(x, quantize=accepts_int8(self.mlp.gate_up_proj))
-        return x + self.mlp(h)
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the MLP's output, the residual stream before it): the layer's output is their sum.
+
+        The caller hands that pair on as (x, residual), and the next norm adds them in its own
+        kernel (the residual add costs no pass of its own); residual None: x is the stream itself.
+        A quantized linear after a norm gets int8 rows from the same fused kernel.
+        """
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x, quantize=accepts_int8(self.self_attn.qkv_proj))
+        else:
+            h, residual = self.input_layernorm(x, accepts_int8(self.self_attn.qkv_proj), residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rotary, attn),
+                                                    accepts_int8(self.mlp.gate_up_proj), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -105,10 +118,10 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         attn = attn if attn is not None else CausalAttention(self.quant_config.kv_bits, self.quant_config.qk_hadamard)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, positions, self.rotary, attn, residual)
+        return self.norm(x) if residual is None else self.norm(x, residual=residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

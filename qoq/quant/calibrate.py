@@ -74,7 +74,8 @@ def capture_layer(layer: DecoderLayer, x: torch.Tensor, rotary, chunk_seqs: int 
         for start in range(0, x.shape[0], chunk_seqs):
             chunk = x[start : start + chunk_seqs]
             positions = torch.arange(chunk.shape[1], device=chunk.device).expand(chunk.shape[:2])
-            outputs.append(layer(chunk, positions, rotary, backend))
+            mlp_out, residual = layer(chunk, positions, rotary, backend)
+            outputs.append(residual + mlp_out)
     finally:
         for h in hooks:
             h.remove()

@@ -83,6 +83,27 @@ def test_prefill_matches_ref(hq, hkv, fused, device, gen, poison):
         assert rel_err(ref[s:e], exp.transpose(0, 1)) < 1e-3
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
+    """A mixed step: prefill rows then decode rows of one buffer (out=), no concatenation."""
+    prefill = prefill_attention_triton if impl == "triton" else prefill_attention_ref
+    decode = paged_decode_attention_triton if impl == "triton" else paged_decode_attention_ref
+    hq, hkv, d, page = 4, 2, 32, 16
+    cu = torch.tensor([0, 9, 30], dtype=torch.int32, device=device)
+    q = torch.randn(32, hq, d, generator=gen).half().to(device)  # 30 prefill rows, then 2 decodes
+    k, v = (torch.randn(30, hkv, d, generator=gen).half().to(device) for _ in range(2))
+    cache = random_cache(4, hkv, d, page, 4, device, gen)
+    bt = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 7], dtype=torch.int32, device=device)
+    out = torch.full_like(q, float("nan"))
+    assert prefill(q[:30], k, v, cu, d ** -0.5, 21, out=out[:30]).data_ptr() == out.data_ptr()
+    decode(q[30:], cache, bt, lens, d ** -0.5, out=out[30:])
+    assert torch.equal(out[:30], prefill(q[:30], k, v, cu, d ** -0.5, 21))
+    assert torch.equal(out[30:], decode(q[30:], cache, bt, lens, d ** -0.5))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        decode(q[30:], cache, bt, lens, d ** -0.5, out=out[30:, :2])
+
+
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_decode_real_shapes_gpu(bits, gen, poison):

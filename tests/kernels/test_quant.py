@@ -91,3 +91,33 @@ def test_rmsnorm_and_silu_mul_full_precision(dtype, device, gen, poison):
     out, ref = silu_mul_triton(gu), silu_mul_ref(gu)
     assert out.dtype == dtype and out.shape == (4, 96)
     assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, width", [(5, 200), pytest.param(300, 4096, marks=requires_cuda)])
+def test_add_rmsnorm_fused_residual(dtype, rows, width, device, gen, poison):
+    """x + residual in one pass with the norm: the sum bit-equal to torch's add in x's dtype,
+    and the normed / quantized rows equal to the unfused kernels run on that sum."""
+    from qoq.kernels.quant import (
+        add_rmsnorm_quant_ref,
+        add_rmsnorm_quant_triton,
+        add_rmsnorm_ref,
+        add_rmsnorm_triton,
+        rmsnorm_ref,
+    )
+
+    x = (torch.randn(rows, width, generator=gen) * 3).to(dtype).to(device)
+    r = (torch.randn(rows, width, generator=gen) * 5).to(dtype).to(device)
+    w = (torch.rand(width, generator=gen) + 0.5).to(dtype).to(device)
+    *quant, s = add_rmsnorm_quant_triton(x, r, w, 1e-6)
+    assert s.dtype == dtype and torch.equal(s, x + r)
+    _compare(quant, rmsnorm_quant_ref(x + r, w, 1e-6))
+    *quant_ref, s_ref = add_rmsnorm_quant_ref(x, r, w, 1e-6)
+    assert torch.equal(s_ref, x + r)
+    _compare(quant_ref, rmsnorm_quant_ref(x + r, w, 1e-6))
+    y, s = add_rmsnorm_triton(x, r, w, 1e-6)
+    assert torch.equal(s, x + r) and y.dtype == dtype
+    assert rel_err(y, rmsnorm_ref(x + r, w, 1e-6)) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert torch.equal(add_rmsnorm_ref(x, r, w, 1e-6)[0], rmsnorm_ref(x + r, w, 1e-6))
+    with pytest.raises(ValueError, match="residual must match x"):
+        add_rmsnorm_ref(x, r[:, :-1], w, 1e-6)

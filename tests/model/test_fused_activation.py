@@ -1,7 +1,9 @@
-"""Quantized layers take int8 rows straight from the fused RMSNorm / SiLU*mul kernels.
+"""Quantized layers take int8 rows straight from the fused (residual add +) RMSNorm kernels, and
+the gate/up GEMM applies SiLU*mul in its epilogue.
 
-The fused path must compute exactly what the unfused one does (norm or SiLU*mul in fp32, then
-the per-token quantizer), so an fp32 model's outputs are bit-identical either way.
+The fused norms compute exactly what the unfused ones do (norm in fp32, then the per-token
+quantizer). The epilogue rounds silu(gate) * up to fp16 where the unfused path rounds gate and up:
+the outputs agree to that rounding.
 """
 
 import pytest
@@ -28,15 +30,16 @@ def test_fused_quantization_equals_the_unfused_path(monkeypatch, precision, grou
     seen = []
     original = QuantLinear.forward
 
-    def spy(self, x):
-        seen.append(isinstance(x, QuantizedActivation))
-        return original(self, x)
+    def spy(self, x, **kwargs):
+        seen.append((isinstance(x, QuantizedActivation), kwargs.get("silu_mul", False)))
+        return original(self, x, **kwargs)
 
     monkeypatch.setattr(QuantLinear, "forward", spy)
     with torch.no_grad():
         fused = model(ids)
-        # qkv, gate_up (after the norms) and down (after SiLU*mul) get int8 rows; o_proj does not.
-        assert seen[:4] == [True, False, True, True]
+        # qkv and gate_up (after the norms) get int8 rows, gate_up applies SiLU*mul; o_proj and down
+        # get fp rows (quantized by the layer).
+        assert seen[:4] == [(True, False), (False, False), (True, True), (False, False)]
         monkeypatch.setattr(QuantLinear, "accepts_int8", False)
         unfused = model(ids)
-    assert torch.equal(fused, unfused)
+    assert (fused - unfused).abs().max() <= 2e-3 * unfused.abs().max()  # measured: 1.5e-5 to 4.5e-4
