@@ -106,65 +106,13 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
     return w_lo, w_hi
 
 
-@lazy_jit.helper
-def _weight_tile(w_base, s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constexpr, FAST: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """The int8 weight rows offs_n of chunk c, as its two 64-wide K halves (register-A kernel)."""
-    if MODE == 0:
-        w_lo = tl.load(w_base + c * 128, mask=n_mask[:, None], other=0)
-        w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
-    else:
-        p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
-        s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
-        w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
-    return w_lo, w_hi
-
-
-@lazy_jit.helper
-def _mma(acc, w_lo, w_hi, x_lo, x_hi, SWAP: tl.constexpr):
-    if SWAP:
-        acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
-        acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
-    else:
-        acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-        acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
-    return acc
-
-
-@lazy_jit.helper
-def _dequant_tile(acc, sx, xsum, s1_ptr, sz_ptr, offs_n, n_mask, zero_on, ZERO: tl.constexpr,
-                  SWAP: tl.constexpr):
-    """fp32 Y tile of weight rows offs_n: per-token x per-channel scales (+ per-channel zero term).
-    SWAP: acc is [rows, tokens], else [tokens, rows]."""
-    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if ZERO:
-        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * zero_on
-    if SWAP:
-        y = acc.to(tl.float32) * s1[:, None] * sx[None, :]
-        if ZERO:
-            y = y - szero[:, None] * xsum[None, :]
-    else:
-        y = acc.to(tl.float32) * sx[:, None] * s1[None, :]
-        if ZERO:
-            y = y - xsum[:, None] * szero[None, :]
-    return y
-
-
-@lazy_jit.helper
-def _silu_mul(g, u):
-    return g / (1.0 + tl.exp(-g)) * u
-
-
 @lazy_jit
 def _int8_gemm_kernel(
     x_ptr, w_ptr, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
-    GATED: tl.constexpr,
 ):
-    """GATED: the weight has 2N rows [gate | up] and Y [M, N] = silu(X gate^T) * (X up^T), the
-    MLP's activation in the epilogue (each tile holds both halves of its output columns)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -190,90 +138,74 @@ def _int8_gemm_kernel(
         x_base = x_ptr + offs_m[:, None].to(tl.int64) * K + offs_h[None, :]
         x_mask = m_mask[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_up = tl.zeros_like(acc)
-    row_bytes = K if MODE == 0 else K // 2
-    w_base = w_ptr + offs_n[:, None].to(tl.int64) * row_bytes + offs_h[None, :]
-    w_up = w_base + N.to(tl.int64) * row_bytes  # GATED: the up rows, N below the gate rows
+    if MODE == 0:
+        w_base = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_h[None, :]
+    else:
+        w_base = w_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_h[None, :]
 
     for c in tl.range(c_begin, c_end, num_stages=NUM_STAGES):
         x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
         x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
-        w_lo, w_hi = _weight_tile(w_base, s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE, FAST, BLOCK_N)
-        acc = _mma(acc, w_lo, w_hi, x_lo, x_hi, SWAP)
-        if GATED:
-            w_lo, w_hi = _weight_tile(w_up, s2_ptr, sz_ptr, offs_n + N, n_mask, stride_sg, c, MODE, FAST, BLOCK_N)
-            acc_up = _mma(acc_up, w_lo, w_hi, x_lo, x_hi, SWAP)
+        if MODE == 0:
+            w_lo = tl.load(w_base + c * 128, mask=n_mask[:, None], other=0)
+            w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
+        else:
+            p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
+            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+            w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
+        if SWAP:
+            acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
 
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    xsum = sx
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if MODE == 2:
         xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
-    zero_on = (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
-    y = _dequant_tile(acc, sx, xsum, s1_ptr, sz_ptr, offs_n, n_mask, zero_on, MODE == 2, SWAP)
-    if GATED:
-        y_up = _dequant_tile(acc_up, sx, xsum, s1_ptr, sz_ptr, offs_n + N, n_mask, zero_on, MODE == 2, SWAP)
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        szero = szero * (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
     if SWAP:
+        y = acc.to(tl.float32) * s1[:, None] * sx[None, :]
+        if MODE == 2:
+            y = y - szero[:, None] * xsum[None, :]
         offs_y = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
     else:
+        y = acc.to(tl.float32) * sx[:, None] * s1[None, :]
+        if MODE == 2:
+            y = y - xsum[:, None] * szero[None, :]
         offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        if GATED:
-            y = _silu_mul(y, y_up)
         tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # Split-K in one launch: every split writes its fp32 partial tile(s) to the workspace; the
-        # last split to arrive at the tile's counter (acq_rel) sums the partials (then applies
-        # the gate), stores fp16 and resets the counter to 0 for the next call.
+        # Split-K in one launch: every split writes its fp32 partial tile to the workspace; the
+        # last split to arrive at the tile's counter (acq_rel) sums the partials, stores fp16
+        # and resets the counter to 0 for the next call.
         mn = N.to(tl.int64) * M
-        halves = 1
-        if GATED:
-            halves = 2
-        tl.store(ws_ptr + pid_k * halves * mn + offs_y, y, mask=mask)
-        if GATED:
-            tl.store(ws_ptr + (pid_k * 2 + 1) * mn + offs_y, y_up, mask=mask)
+        tl.store(ws_ptr + pid_k * mn + offs_y, y, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.load(ws_ptr + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-            for sp in tl.static_range(1, SPLIT_K):
-                total += tl.load(ws_ptr + sp * halves * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-            if GATED:
-                up = tl.load(ws_ptr + mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-                for sp in tl.static_range(1, SPLIT_K):
-                    up += tl.load(ws_ptr + (sp * 2 + 1) * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-                total = _silu_mul(total, up)
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptr + s * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
-
-
-@lazy_jit.helper
-def _tma_mma(acc, x_desc, w_desc, s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, row_m, row_n, c,
-             MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    if MODE == 0:  # descriptors with 128-wide K blocks: one MMA per chunk
-        acc = tl.dot(x_desc.load([row_m, c * 128]), w_desc.load([row_n, c * 128]).T, acc, out_dtype=tl.int32)
-    else:  # descriptors with 64-wide K blocks: the two nibble halves of the chunk
-        x_lo = x_desc.load([row_m, c * 128])
-        x_hi = x_desc.load([row_m, c * 128 + 64])
-        p = w_desc.load([row_n, c * 64])
-        s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
-        w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
-        acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
-        acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
-    return acc
 
 
 @lazy_jit
 def _int8_gemm_tma_kernel(
     x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr, GATED: tl.constexpr,
+    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr,
 ):
     """Y = X @ W'^T with both MMA operands in shared memory (the large-M kernel, Hopper).
 
     ZERO applies the per-channel zero term (MODE 2, or MODE 0 over per-channel W4 unpacked
-    ahead of time by `_unpack_w4_kernel`). GATED as in `_int8_gemm_kernel` (up rows N below).
+    ahead of time by `_unpack_w4_kernel`).
 
     X and the packed (or int8) weight tiles arrive by TMA (out-of-bounds rows read as zeros);
     W4 tiles are unpacked in registers and handed to the MMA as its shared-memory B operand, so
@@ -297,21 +229,26 @@ def _int8_gemm_tma_kernel(
     row_n = pid_n * BLOCK_N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_up = tl.zeros_like(acc)
     for c in tl.range(0, K // 128, num_stages=NUM_STAGES):
-        acc = _tma_mma(acc, x_desc, w_desc, s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, row_m, row_n, c,
-                       MODE, FAST, BLOCK_N)
-        if GATED:  # a gate tile's rows can reach past N: the descriptor spans all 2N rows, the masks drop them
-            acc_up = _tma_mma(acc_up, x_desc, w_desc, s2_ptr, sz_ptr, offs_n + N, n_mask, stride_sg, row_m,
-                              row_n + N, c, MODE, FAST, BLOCK_N)
+        if MODE == 0:  # descriptors with 128-wide K blocks: one MMA per chunk
+            acc = tl.dot(x_desc.load([row_m, c * 128]), w_desc.load([row_n, c * 128]).T, acc,
+                         out_dtype=tl.int32)
+        else:  # descriptors with 64-wide K blocks: the two nibble halves of the chunk
+            x_lo = x_desc.load([row_m, c * 128])
+            x_hi = x_desc.load([row_m, c * 128 + 64])
+            p = w_desc.load([row_n, c * 64])
+            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+            w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
+            acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
+            acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
 
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    xsum = sx
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * s1[None, :]
     if ZERO:
         xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
-    y = _dequant_tile(acc, sx, xsum, s1_ptr, sz_ptr, offs_n, n_mask, 1.0, ZERO, False)
-    if GATED:
-        y = _silu_mul(y, _dequant_tile(acc_up, sx, xsum, s1_ptr, sz_ptr, offs_n + N, n_mask, 1.0, ZERO, False))
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y - xsum[:, None] * szero[None, :]
     offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -373,24 +310,7 @@ def has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def finish_ref(y: torch.Tensor, silu_mul: bool) -> torch.Tensor:
-    """The references' epilogue: fp16 Y, or with silu_mul (rows of W = [gate | up]) silu(gate) * up
-    computed before rounding, as the kernels' gated epilogue does."""
-    if silu_mul:
-        if y.shape[1] % 2:
-            raise ValueError(f"silu_mul needs an even number of weight rows [gate | up], got {y.shape[1]}")
-        gate, up = y.chunk(2, dim=1)
-        y = torch.nn.functional.silu(gate) * up
-    return y.to(torch.float16)
-
-
-def _gated_block_n(block_n: int) -> int:
-    """A gated tile (silu * mul epilogue) holds gate and up rows: half the output columns of the
-    plain tile keep its registers, down to 64 (the register-A MMA's row minimum)."""
-    return block_n // 2 if block_n >= 128 else block_n
-
-
-def default_config(M: int, N: int, K: int, mode: int, tma: bool = False, gated: bool = False) -> dict:
+def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict:
     """Tiles by M bucket, from the H100 sweeps (docs/kernels.md, "Tuning log").
 
     With `tma` (a Hopper GPU) the large-M buckets go to the TMA kernel (`tma_config`).
@@ -403,8 +323,6 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False, gated: 
     split-K 2 for the K=14336 down projection.
     """
     if tma and (cfg := tma_config(M, N, K, mode)) is not None:
-        if gated:
-            cfg = dict(cfg, BLOCK_N=_gated_block_n(cfg["BLOCK_N"]))
         return dict(cfg, TMA=True, SPLIT_K=1)
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
@@ -442,9 +360,6 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False, gated: 
     else:
         cfg = dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3)
         want = 0
-    if gated:  # N weight rows, N / 2 output columns
-        cfg["BLOCK_N"] = _gated_block_n(cfg["BLOCK_N"])
-        N //= 2
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     split = 1
     while tiles * split < want and split < 8 and (K // 128) // (split * 2) >= 4:
@@ -454,27 +369,23 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False, gated: 
     return cfg
 
 
-def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None, gated: bool = False):
-    """Launch the shared kernel; inputs are validated by the callers.
-
-    gated: w holds 2N rows [gate | up] and the result is silu(gate) * up, [M, N].
-    """
+def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None):
+    """Launch the shared kernel; inputs are validated by the callers."""
     M, K = x8.shape
-    N = w.shape[0] // 2 if gated else w.shape[0]
+    N = w.shape[0]
     if config is None:
-        config = default_config(M, w.shape[0], K, mode, tma=x8.is_cuda and has_tma(x8.device.index or 0),
-                                gated=gated)
+        config = default_config(M, N, K, mode, tma=x8.is_cuda and has_tma(x8.device.index or 0))
     cfg = dict(config)
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
     if cfg.pop("TMA", False) and x8.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0:
-        _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg, gated)
+        _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg)
         return y
     split = cfg.pop("SPLIT_K", 1)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if split == 1:
         ws, cnt = y, y
     else:
-        ws = torch.empty((split * (2 if gated else 1), M, N), dtype=torch.float32, device=x8.device)
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x8.device)
         cnt = arrival_counters(x8.device, tiles)
     dummy = sx
     _int8_gemm_kernel[(tiles, split)](
@@ -484,7 +395,7 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
         NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True),
         # the word-wide unpack is inline PTX, which the CPU interpreter cannot run
-        FAST=cfg.get("FAST", x8.is_cuda), GATED=gated, num_warps=cfg["num_warps"],
+        FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"],
     )
     return y
 
@@ -501,9 +412,9 @@ def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None) -> torch
     return out
 
 
-def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: bool = False) -> None:
+def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict) -> None:
     M, K = x8.shape
-    N = y.shape[1]
+    N = w.shape[0]
     zero = mode == MODE_W4_PER_CHANNEL
     if cfg.get("UNPACK", False) and mode != MODE_W8:
         # Prefill-sized M: unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of
@@ -522,5 +433,5 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
-        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"],
+        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, num_warps=cfg["num_warps"],
     )

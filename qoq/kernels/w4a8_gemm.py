@@ -15,7 +15,6 @@ from qoq.kernels.int_gemm import (
     MODE_W4_G128,
     MODE_W4_PER_CHANNEL,
     PACK_BLOCK,
-    finish_ref,
     int8_gemm_triton,
 )
 
@@ -38,12 +37,6 @@ def unpack_w4(packed: torch.Tensor) -> torch.Tensor:
     n, kh = packed.shape
     p = packed.reshape(n, kh // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
     return torch.cat([p & 0xF, p >> 4], dim=2).reshape(n, kh * 2)
-
-
-def _gated(silu_mul: bool, w: torch.Tensor) -> bool:
-    if silu_mul and w.shape[0] % 2:
-        raise ValueError(f"silu_mul needs an even number of weight rows [gate | up], got {w.shape[0]}")
-    return bool(silu_mul)
 
 
 def _check_common(x8, x_scale, packed, s1):
@@ -81,11 +74,8 @@ def _check_per_channel(x8, x_scale, x_sum, packed, s, szero):
         raise ValueError(f"szero must be [{n}], got {tuple(szero.shape)}")
 
 
-def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, silu_mul: bool = False):
-    """Y[m, n] = sx[m] * s1[n] * sum_k x8[m, k] * (q4 * s2 - sz)[n, k], fp16 [M, N].
-
-    silu_mul: the weight's rows are [gate | up] and the result is silu(gate) * up, [M, N / 2]
-    (the MLP activation in the GEMM's epilogue; the same option on every GEMM)."""
+def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128):
+    """Y[m, n] = sx[m] * s1[n] * sum_k x8[m, k] * (q4 * s2 - sz)[n, k], fp16 [M, N]."""
     _check_g128(x8, x_scale, packed, s1, s2, sz, group_size)
     q4 = unpack_w4(packed).to(torch.int32)
     step = s2.to(torch.int32).repeat_interleave(group_size, dim=1)
@@ -96,35 +86,34 @@ def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, s
         raise ValueError("q4 * s2 - sz leaves int8: s2/sz are not a valid progressive quantization")
     acc = x8.to(torch.float64) @ q8.to(torch.float64).T
     y = acc * x_scale.double()[:, None] * s1.double()[None, :]
-    return finish_ref(y, silu_mul)
+    return y.to(torch.float16)
 
 
-def w4a8_g128_gemm_triton(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, silu_mul: bool = False,
-                          config=None):
+def w4a8_g128_gemm_triton(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, config=None):
     _check_g128(x8, x_scale, packed, s1, s2, sz, group_size)
     if group_size != PACK_BLOCK:
         raise ValueError(f"the Triton W4A8 kernel runs group_size={PACK_BLOCK} only")
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), None, packed.contiguous(), s1.contiguous(),
-        s2.contiguous(), sz.contiguous(), MODE_W4_G128, config, gated=_gated(silu_mul, packed),
+        s2.contiguous(), sz.contiguous(), MODE_W4_G128, config,
     )
 
 
-def w4a8_per_channel_gemm_ref(x8, x_scale, x_sum, packed, s, szero, silu_mul: bool = False):
+def w4a8_per_channel_gemm_ref(x8, x_scale, x_sum, packed, s, szero):
     """Y[m, n] = sx[m] * s[n] * sum_k x8 * q4 - szero[n] * x_sum[m], fp16 [M, N]."""
     _check_per_channel(x8, x_scale, x_sum, packed, s, szero)
     q4 = unpack_w4(packed).to(torch.float64)
     acc = x8.to(torch.float64) @ q4.T
     y = acc * x_scale.double()[:, None] * s.double()[None, :]
     y = y - szero.double()[None, :] * x_sum.double()[:, None]
-    return finish_ref(y, silu_mul)
+    return y.to(torch.float16)
 
 
-def w4a8_per_channel_gemm_triton(x8, x_scale, x_sum, packed, s, szero, silu_mul: bool = False, config=None):
+def w4a8_per_channel_gemm_triton(x8, x_scale, x_sum, packed, s, szero, config=None):
     _check_per_channel(x8, x_scale, x_sum, packed, s, szero)
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), x_sum.contiguous(), packed.contiguous(),
-        s.contiguous(), None, szero.contiguous(), MODE_W4_PER_CHANNEL, config, gated=_gated(silu_mul, packed),
+        s.contiguous(), None, szero.contiguous(), MODE_W4_PER_CHANNEL, config,
     )
 
 

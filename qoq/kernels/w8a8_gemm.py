@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from qoq.kernels.dispatch import dispatch
-from qoq.kernels.int_gemm import MODE_W8, PACK_BLOCK, finish_ref, int8_gemm_triton
-from qoq.kernels.w4a8_gemm import _gated
+from qoq.kernels.int_gemm import MODE_W8, PACK_BLOCK, int8_gemm_triton
 
 
 def _check_w8a8(x8, x_scale, w, s):
@@ -27,17 +26,17 @@ def _check_w8a8(x8, x_scale, w, s):
         raise ValueError(f"s must be [{w.shape[0]}], got {tuple(s.shape)}")
 
 
-def w8a8_gemm_ref(x8, x_scale, w, s, silu_mul: bool = False):
+def w8a8_gemm_ref(x8, x_scale, w, s):
     _check_w8a8(x8, x_scale, w, s)
     acc = x8.to(torch.float64) @ w.to(torch.float64).T
-    return finish_ref(acc * x_scale.double()[:, None] * s.double()[None, :], silu_mul)
+    return (acc * x_scale.double()[:, None] * s.double()[None, :]).to(torch.float16)
 
 
-def w8a8_gemm_triton(x8, x_scale, w, s, silu_mul: bool = False, config=None):
+def w8a8_gemm_triton(x8, x_scale, w, s, config=None):
     _check_w8a8(x8, x_scale, w, s)
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), None, w.contiguous(), s.contiguous(),
-        None, None, MODE_W8, config, gated=_gated(silu_mul, w),
+        None, None, MODE_W8, config,
     )
 
 

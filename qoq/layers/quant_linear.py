@@ -34,14 +34,10 @@ class QuantLinear(nn.Module):
         self.padded_in = padded_k(in_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor | QuantizedActivation, silu_mul: bool = False) -> torch.Tensor:
-        """silu_mul: this is a [gate | up] projection; return silu(gate) * up, computed in the
-        GEMM's epilogue (out_features / 2 wide; the gate_up output is never written)."""
-        if silu_mul and self.bias is not None:
-            raise ValueError("silu_mul in the epilogue needs a projection without bias")
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
             x8, x_scale, x_sum, lead, dtype = x
         else:
@@ -50,10 +46,10 @@ class QuantLinear(nn.Module):
         if self.padded_in != self.in_features:
             # Zero columns change neither the per-token scale nor the sum.
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
-        y = self.gemm(x8, x_scale, x_sum, silu_mul).to(dtype)
+        y = self.gemm(x8, x_scale, x_sum).to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
@@ -73,8 +69,8 @@ class W4A8G128Linear(QuantLinear):
         self.register_buffer("s2", params.s2.to(torch.int8))
         self.register_buffer("sz", params.sz.to(torch.int8))
 
-    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
-        return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size, silu_mul=silu_mul)
+    def gemm(self, x8, x_scale, x_sum):
+        return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size)
 
 
 class W4A8PerChannelLinear(QuantLinear):
@@ -89,8 +85,8 @@ class W4A8PerChannelLinear(QuantLinear):
         self.register_buffer("s1", params.scale.to(torch.float16))
         self.register_buffer("szero", params.szero.to(torch.float16))
 
-    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
-        return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero, silu_mul=silu_mul)
+    def gemm(self, x8, x_scale, x_sum):
+        return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero)
 
 
 class W8A8Linear(QuantLinear):
@@ -101,8 +97,8 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("weight", params.w8.to(torch.int8))
         self.register_buffer("s", params.scale.to(torch.float16))
 
-    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
-        return w8a8_gemm(x8, x_scale, self.weight, self.s, silu_mul=silu_mul)
+    def gemm(self, x8, x_scale, x_sum):
+        return w8a8_gemm(x8, x_scale, self.weight, self.s)
 
 
 class FakeQuantLinear(nn.Module):

@@ -56,9 +56,6 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
 
     def forward(self, x) -> torch.Tensor:
-        if accepts_int8(self.gate_up_proj) and self.gate_up_proj.bias is None:
-            # SiLU*mul in the gate/up GEMM's epilogue: the [M, 2I] gate_up never goes to memory
-            return self.down_proj(self.gate_up_proj(x, silu_mul=True))
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
             return self.down_proj(silu_mul_quantized(gate_up))

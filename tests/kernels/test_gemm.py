@@ -65,36 +65,6 @@ def test_w8a8_triton_matches_ref(config, device, gen, poison):
     assert rel_err(w8a8_gemm_triton(x8, sx, w, s, config=config), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
 
 
-@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
-@pytest.mark.parametrize("m", [3, 37])
-@pytest.mark.parametrize("config", [None, SPLIT, NOSWAP, TMA, UNPACK])
-def test_silu_mul_epilogue_matches_ref(kind, m, config, device, gen, poison):
-    """The MLP's gate/up GEMM with silu(gate) * up in the epilogue: weight rows [gate | up], 40
-    output columns (not a multiple of the tiles: gate tiles reach into the up rows, masked)."""
-    if kind == "g128":
-        case, triton_fn, ref_fn = g128_case(m, 80, 256, device, gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
-    elif kind == "per_channel":
-        case = per_channel_case(m, 80, 256, device, gen)
-        triton_fn, ref_fn = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
-    else:
-        if config is UNPACK:
-            pytest.skip("int8 weights have nothing to unpack")
-        x8, sx, _ = random_activations(m, 256, device, gen)
-        w = torch.randint(-127, 128, (80, 256), dtype=torch.int8, generator=gen).to(device)
-        case, triton_fn, ref_fn = (x8, sx, w, (torch.rand(80, generator=gen) * 0.01 + 1e-4).half().to(device)), \
-            w8a8_gemm_triton, w8a8_gemm_ref
-    ref = ref_fn(*case, silu_mul=True)
-    assert ref.shape == (m, 40) and ref.dtype == torch.float16
-    gate, up = ref_fn(*case).double().chunk(2, dim=1)  # independent: the plain GEMM's halves
-    assert rel_err(ref, torch.nn.functional.silu(gate) * up) < 5e-3
-    for _ in range(2):  # split-K: the arrival counters are reset for the next call
-        assert rel_err(triton_fn(*case, silu_mul=True, config=config), ref) < EXACT
-    lead = 3 if kind == "per_channel" else 2  # activation arguments before the weight's
-    odd = case[:lead] + tuple(a[:-1] for a in case[lead:])  # 79 weight rows: no [gate | up] split
-    with pytest.raises(ValueError, match="even number of weight rows"):
-        triton_fn(*odd, silu_mul=True)
-
-
 def test_refs_match_float64_dequantized_matmul(gen):
     """Independent check: dequantize everything in float64 and multiply."""
     m, n, k = 4, 32, 256
