@@ -14,7 +14,7 @@ part=${2:-all}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 run() {  # config cases hf-batches name
-  python benchmarks/bench_e2e.py --config "$1" --max-batch 1024 --cases "$2" --hf-batches "$3" \
+  python benchmarks/bench_e2e.py --config "$1" --max-batch "${QOQ_MAX_BATCH:-2048}" --cases "$2" --hf-batches "$3" \
     --out "$out/$4.json" > "$out/$4.log" 2>&1
 }
 if [ "$part" = core ]; then  # the headline ratio only: w4a8kv4 at max batch against fp16
