@@ -1,0 +1,133 @@
+"""Probe: does Triton's warp specialization or a persistent tile loop speed up the int8 TMA GEMM
+(the prefill GEMM after the W4 unpack) on the H100?
+
+Variants of one TMA int8 x int8 -> fp16 kernel (per-token x per-channel scales): the shipped
+non-persistent loop, the same with `tl.range(warp_specialize=True)`, and a persistent grid (one
+program per SM walking the tiles, `flatten=True`) with and without warp specialization. Each is
+checked against torch._int_mm first; a variant that fails to compile is reported as such.
+
+    python benchmarks/probe_ws_gemm.py --out $OUT/ws-gemm-probe-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qoq.kernels import w8a8_gemm  # noqa: E402
+
+
+@triton.jit
+def _tile(t, num_m, num_n, GROUP_M: tl.constexpr):
+    per_group = GROUP_M * num_n
+    first_m = (t // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (t % per_group) % size_m, (t % per_group) // size_m
+
+
+@triton.jit
+def _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * s[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y.to(tl.float16), mask=mask)
+
+
+@triton.jit
+def _mm(x_desc, w_desc, sx_ptr, s_ptr, y_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES, warp_specialize=WS):
+        acc = tl.dot(x_desc.load([pid_m * BM, k * BK]), w_desc.load([pid_n * BN, k * BK]).T, acc,
+                     out_dtype=tl.int32)
+    _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM, BN)
+
+
+@triton.jit
+def _mm_persistent(x_desc, w_desc, sx_ptr, s_ptr, y_ptr, M, N, K, NUM_SMS: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
+                   WS: tl.constexpr):
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    for t in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True, warp_specialize=WS,
+                      num_stages=STAGES):
+        pid_m, pid_n = _tile(t, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(k_tiles):
+            acc = tl.dot(x_desc.load([pid_m * BM, k * BK]), w_desc.load([pid_n * BN, k * BK]).T, acc,
+                         out_dtype=tl.int32)
+        _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM, BN)
+
+
+def run(variant, x, w, sx, s, cfg):
+    M, K = x.shape
+    N = w.shape[0]
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    y = torch.empty((M, N), dtype=torch.float16, device=x.device)
+    xd, wd = TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
+    common = dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=cfg["stages"], WS=cfg["ws"], num_warps=cfg["warps"])
+    if variant == "persistent":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+        _mm_persistent[grid](xd, wd, sx, s, y, M, N, K, NUM_SMS=sms, **common)
+    else:
+        _mm[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](xd, wd, sx, s, y, M, N, K, **common)
+    return y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--m", type=int, default=8192)
+    parser.add_argument("--out", default="ws-gemm-probe.json")
+    args = parser.parse_args()
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    configs = []
+    for variant in ("plain", "persistent"):
+        for ws in (False, True):
+            for bm, bn, warps, stages in ((128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (128, 256, 4, 4)):
+                configs.append(dict(variant=variant, ws=ws, BM=bm, BN=bn, BK=128, warps=warps, stages=stages))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    records = []
+    for n, k in shapes:
+        x = torch.randint(-127, 128, (args.m, k), dtype=torch.int8, device="cuda", generator=gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=gen)
+        sx = torch.rand(args.m, device="cuda", generator=gen) * 1e-3
+        s = (torch.rand(n, device="cuda", generator=gen) * 1e-3).half()
+        want = (torch._int_mm(x, w.t()).float() * sx[:, None] * s.float()[None, :]).half()
+        ops = 2 * args.m * n * k
+        shipped = triton.testing.do_bench(lambda: w8a8_gemm(x, sx, w, s), return_mode="median")
+        records.append(dict(variant="shipped_w8a8", N=n, K=k, M=args.m, ms=shipped, tops=ops / shipped / 1e9))
+        print(f"N={n} K={k}: shipped w8a8 {shipped * 1e3:.0f} us {ops / shipped / 1e9:.0f} TOP/s", flush=True)
+        for cfg in configs:
+            name = f"{cfg['variant']} ws={int(cfg['ws'])} {cfg['BM']}x{cfg['BN']} w{cfg['warps']} s{cfg['stages']}"
+            try:
+                got = run(cfg["variant"], x, w, sx, s, cfg)
+                torch.cuda.synchronize()
+                if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2):
+                    raise AssertionError("wrong result")
+                ms = triton.testing.do_bench(lambda: run(cfg["variant"], x, w, sx, s, cfg), return_mode="median")
+                records.append(dict(cfg, N=n, K=k, M=args.m, ms=ms, tops=ops / ms / 1e9))
+                print(f"  {name:40} {ms * 1e3:8.0f} us {ops / ms / 1e9:6.0f} TOP/s  {shipped / ms:5.2f}x", flush=True)
+            except Exception as err:  # noqa: BLE001 - a variant that does not compile is a result too
+                records.append(dict(cfg, N=n, K=k, M=args.m, error=repr(err)[:300]))
+                print(f"  {name:40} failed: {traceback.format_exception_only(err)[-1].strip()[:150]}", flush=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
