@@ -48,6 +48,28 @@ def config_table(records: list[dict], runs: dict) -> list[str]:
     return lines
 
 
+def phase_table(records: list[dict]) -> list[str]:
+    """Where each run's wall time went (runs that recorded it): steps with prefill work (the
+    ramp-up, whose admitted sequences already decode), full-batch decode steps and the tail."""
+    rows = [r for r in records if r.get("phases")]
+    if not rows:
+        return []
+    lines = ["## Where the wall time goes", "",
+             "Per run, by kind of step (`ThroughputResult.phases`): *mixed* = steps with prefill work (prompts "
+             "admitted up to the step's token budget while earlier sequences decode), *full* = pure decode at >= 95% "
+             "of the batch, *tail* = pure decode while sequences finish.", "",
+             "| run | mixed steps | mixed s | ms/step | full steps | full s | ms/step | tail steps | tail s | "
+             "ms/step | total s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["phases"]
+        cells = []
+        for kind in ("mixed", "full_decode", "tail_decode"):
+            cells += [str(p[kind]["steps"]), f"{p[kind]['seconds']:.2f}", fmt(p[kind]["ms_per_step"], ".1f")]
+        lines.append(f"| {r['config']} {label(r)} b{r['batch']} ({r['run']}) | " + " | ".join(cells)
+                     + f" | {r['seconds']:.2f} |")
+    return lines + [""]
+
+
 def table(report: dict) -> str:
     meta, records = report["meta"], _ok(report)
     runs = meta["runs"]
@@ -59,8 +81,8 @@ def table(report: dict) -> str:
         f"{any_run['torch']}, triton {any_run['triton']}, {any_run['date'][:10]}; cases run by "
         "`benchmarks/run_e2e_h100.sh`, one process per case). Input 1024 / output 512 tokens, EOS ignored, "
         "random weights in the packed format, all requests submitted at once; throughput = generated tokens / "
-        "wall time, prefill included. Batch = the largest whose KV cache fits (capped at 1024) unless the run "
-        "name ends in a batch size. Roofline: GEMM operations over the measured int8 (or bf16) rate plus "
+        "wall time, prefill included. Batch = the largest whose KV cache fits (capped by --max-batch: 1024 "
+        "for runs before 0a58265, 2048 since) unless the run name ends in a batch size. Roofline: GEMM operations over the measured int8 (or bf16) rate plus "
         "weight and KV bytes over the measured copy bandwidth, per step, for the same batch.",
         "",
     ]
@@ -76,6 +98,7 @@ def table(report: dict) -> str:
         lines += ["## Cases that did not run", ""]
         lines += [f"- {r['config']} {r['system']} batch {r.get('batch', '-')}: {r['error'][:120]}" for r in failed]
         lines.append("")
+    lines += phase_table(records)
     lines += ["Where the time goes and what would close the gaps: `docs/serving.md`, last section.", ""]
     notes = sorted({m["note"] for m in runs.values() if m.get("note")})
     if notes:

@@ -115,7 +115,7 @@ def test_refs_reject_bad_inputs(gen):
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 256, 513, 1000, 2085, 4100])
+@pytest.mark.parametrize("m", [1, 16, 256, 513, 700, 1000, 2085, 4100])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel)."""
