@@ -13,9 +13,11 @@ out=${1:-/tmp/e2e}
 part=${2:-all}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+budget=${QOQ_TOKEN_BUDGET:-8192}  # the engine's token budget per step; run names get -t<budget> when not 8192
+suffix=$([ "$budget" = 8192 ] || echo "-t$budget")
 run() {  # config cases hf-batches name
   python benchmarks/bench_e2e.py --config "$1" --max-batch "${QOQ_MAX_BATCH:-2048}" --cases "$2" --hf-batches "$3" \
-    --out "$out/$4.json" > "$out/$4.log" 2>&1
+    --max-num-batched-tokens "$budget" --out "$out/$4$suffix.json" > "$out/$4$suffix.log" 2>&1
 }
 if [ "$part" = core ]; then  # the headline ratio only: w4a8kv4 at max batch against fp16
 run llama-3-8b w4a8kv4:-1 "" l3-w4a8kv4-pc-max
