@@ -11,11 +11,11 @@ wgmma, while X^T (K-major in memory) is the B side read from shared memory. It a
 decode-sized M be the narrow N side of the MMA (down to 16) instead of padding it to 64.
 
 On Hopper, larger M (from M > 128 to M > 768 by mode and shape, `tma_config`) runs
-`_int8_gemm_tma_kernel` instead: X and
-the packed weight arrive by TMA, the weight is unpacked in registers and handed to the MMA as its
-shared-memory B operand, so wgmma stays asynchronous across chunks (a register A operand forces a
-wait per chunk); from M >= UNPACK_MIN_M (prefill; g128 from decode-sized M) W4 is unpacked to int8 by its own kernel first
-and the int8 GEMM runs with 128x256 tiles. `default_config` / `tma_config` hold the tile choices.
+`_int8_gemm_tma_kernel` instead: X and the packed weight arrive by TMA, the weight is unpacked in
+registers and handed to the MMA as its shared-memory B operand, so wgmma stays asynchronous
+across chunks (a register A operand forces a wait per chunk); from M >= UNPACK_MIN_M (prefill;
+g128 from decode-sized M) W4 is unpacked to int8 by its own kernel first and the int8 GEMM runs
+with 128x256 tiles. `default_config` / `tma_config` hold the tile choices.
 
 MODE 0: W8A8 (int8 weights). MODE 1: W4A8 g128, Q8' = q4 * s2 - sz. On CUDA (FAST) it is computed
 four weights per 32-bit word in inline PTX: q4 * s2 + (128 - sz) = Q8' + 128 lies in 0..255 for
@@ -45,9 +45,10 @@ except ImportError:  # pragma: no cover
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 # From these M on, the TMA path unpacks W4 to int8 ahead of the GEMM (the unpack is a fixed cost
-# per layer; the int8 tiles it enables win by more). g128 gains already at decode-sized M: at M=768-2048
-# its in-loop multiply-add unpack costs more than the separate pass (0.80-0.85x the time per decoder
-# layer with it, benchmarks/results/decode-gemm-probe-h100.json); per-channel only from M=2048 (0.97x).
+# per layer; the int8 tiles it enables win by more). g128 gains already at decode-sized M: at
+# M=768-2048 its in-loop multiply-add unpack costs more than the separate pass (0.78-0.90x the time
+# per decoder layer with it, benchmarks/results/decode-gemm-probe-h100.json); per-channel only from
+# M=2048 (0.97x).
 UNPACK_MIN_M = {MODE_W4_G128: 641, MODE_W4_PER_CHANNEL: 2048}
 
 
@@ -285,8 +286,9 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
     """
     if mode != MODE_W8 and M >= UNPACK_MIN_M[mode]:
         return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
-    if mode == MODE_W4_PER_CHANNEL and 512 < M <= 768 and K >= 8192:
-        # the K=14336 down projection: 0.77x the register-A kernel's time at M=768 (decode probe)
+    if mode == MODE_W4_PER_CHANNEL and 512 < M <= 768 and K >= 8192 and N < 8192:
+        # the K=14336 down projection: 0.77x the register-A kernel's time at M=768 (decode probe);
+        # 70B-sized layers keep their own rule below
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
     if mode == MODE_W4_PER_CHANNEL and (M > 768 or (M > 256 and K >= 8192 and N >= 8192)):
         # 70B-sized layers (K, N >= 8192) gain already from M > 256: 0.65-0.9x the register-A
