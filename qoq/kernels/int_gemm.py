@@ -65,6 +65,15 @@ def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constex
 
 
 @lazy_jit.helper
+def _gate_row(rows, half, INTERLEAVE: tl.constexpr):
+    """The [gate | up] weight row behind row `rows` of the interleaved order (gate j at 2j, up j
+    at 2j + 1); the identity without INTERLEAVE."""
+    if INTERLEAVE:
+        rows = (rows % 2) * half + rows // 2
+    return rows
+
+
+@lazy_jit.helper
 def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """Packed bytes [BLOCK_N, 64] of one 128-channel chunk -> int8 (low half, high half).
 
@@ -205,9 +214,13 @@ def _int8_gemm_kernel(
 def _int8_gemm_tma_kernel(
     x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr,
+    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr, GATED: tl.constexpr,
 ):
     """Y = X @ W'^T with both MMA operands in shared memory (the large-M kernel, Hopper).
+
+    GATED (MODE 0 over weights `_unpack_w4_kernel` interleaved): the N weight rows are gate/up
+    pairs and Y [M, N / 2] = silu(gate) * up, the MLP's activation, split off in the epilogue;
+    the per-channel scales stay in [gate | up] order.
 
     ZERO applies the per-channel zero term (MODE 2, or MODE 0 over per-channel W4 unpacked
     ahead of time by `_unpack_w4_kernel`).
@@ -248,31 +261,52 @@ def _int8_gemm_tma_kernel(
             acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
 
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    src = _gate_row(offs_n, N // 2, GATED)
+    s1 = tl.load(s1_ptr + src, mask=n_mask, other=0.0).to(tl.float32)
     y = acc.to(tl.float32) * sx[:, None] * s1[None, :]
     if ZERO:
         xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
-        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        szero = tl.load(sz_ptr + src, mask=n_mask, other=0.0).to(tl.float32)
         y = y - xsum[:, None] * szero[None, :]
-    offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if GATED:
+        gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * (N // 2) + offs_o[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_o < N // 2)[None, :])
+    else:
+        offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @lazy_jit
 def _unpack_w4_kernel(p_ptr, s2_ptr, sz_ptr, out_ptr, N, K, stride_sg,
-                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
-    """Packed W4 [N, K/2] -> the int8 weights [N, K] the W4A8 kernels multiply by (q4 or Q8')."""
+                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Packed W4 [N, K/2] -> the int8 weights [N, K] the W4A8 kernels multiply by (q4 or Q8').
+
+    INTERLEAVE: the rows are [gate | up] and come out interleaved (gate 0, up 0, gate 1, ...), so
+    that every GEMM tile holds both halves of its output columns (`_gate_row`)."""
     c = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, 64)
     n_mask = offs_n < N
-    p = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + c * 64 + offs_h[None, :],
+    src = _gate_row(offs_n, N // 2, INTERLEAVE)
+    p = tl.load(p_ptr + src[:, None].to(tl.int64) * (K // 2) + c * 64 + offs_h[None, :],
                 mask=n_mask[:, None], other=0)
-    s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+    s2, sz = _group_params(s2_ptr, sz_ptr, src, n_mask, stride_sg, c, MODE)
     w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
     out = out_ptr + offs_n[:, None].to(tl.int64) * K + c * 128 + offs_h[None, :]
     tl.store(out, w_lo, mask=n_mask[:, None])
     tl.store(out + 64, w_hi, mask=n_mask[:, None])
+
+
+def finish_ref(y: torch.Tensor, silu_mul: bool) -> torch.Tensor:
+    """The references' epilogue: fp16 Y, or with silu_mul (W's rows [gate | up]) silu(gate) * up
+    computed before rounding, as the gated kernel's epilogue does."""
+    if silu_mul:
+        gate, up = y.chunk(2, dim=1)
+        y = torch.nn.functional.silu(gate) * up
+    return y.to(torch.float16)
 
 
 def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
@@ -378,15 +412,37 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
     return cfg
 
 
-def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None):
-    """Launch the shared kernel; inputs are validated by the callers."""
+def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
+    """Whether a GEMM of [gate | up] weights applies silu(gate) * up in its own epilogue at this
+    size: the unpack-first TMA path (W4 on Hopper, M >= UNPACK_MIN_M), whose unpack interleaves
+    the gate and up rows. Elsewhere `silu_mul=True` runs the GEMM and then a SiLU*mul pass."""
+    if mode == MODE_W8 or device.type != "cuda" or triton is None or not has_tma(device.index or 0):
+        return False
+    cfg = tma_config(M, N, K, mode)
+    return bool(cfg and cfg.get("UNPACK"))
+
+
+def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None, silu_mul: bool = False):
+    """Launch the shared kernel; inputs are validated by the callers.
+
+    silu_mul: w's rows are [gate | up]; returns silu(gate) * up [M, N / 2] (in the epilogue on the
+    unpack-first TMA path, else after the GEMM)."""
     M, K = x8.shape
     N = w.shape[0]
     if config is None:
         config = default_config(M, N, K, mode, tma=x8.is_cuda and has_tma(x8.device.index or 0))
     cfg = dict(config)
+    tma = cfg.pop("TMA", False) and x8.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if silu_mul:
+        if tma and cfg.get("UNPACK", False) and mode != MODE_W8:
+            y = torch.empty((M, N // 2), dtype=torch.float16, device=x8.device)
+            _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg, gated=True)
+            return y
+        from qoq.kernels.quant import silu_mul_triton
+
+        return silu_mul_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, config))
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
-    if cfg.pop("TMA", False) and x8.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0:
+    if tma:
         _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg)
         return y
     split = cfg.pop("SPLIT_K", 1)
@@ -409,27 +465,30 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
     return y
 
 
-def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None) -> torch.Tensor:
-    """The int8 weights [N, K] of packed W4 (per-channel q4, or g128 Q8'), on the GPU."""
+def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None, interleave: bool = False) -> torch.Tensor:
+    """The int8 weights [N, K] of packed W4 (per-channel q4, or g128 Q8'), on the GPU.
+
+    interleave: rows [gate | up] come out as gate/up pairs (gate j at 2j, up j at 2j + 1)."""
     N, K = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((N, K), dtype=torch.int8, device=packed.device)
     dummy = packed
     _unpack_w4_kernel[(triton.cdiv(N, 64), K // 128)](
         packed, s2 if s2 is not None else dummy, sz if sz is not None else dummy, out, N, K,
         (s2.stride(0) if s2 is not None else 0), MODE=mode, BLOCK_N=64,
-        FAST=packed.is_cuda if fast is None else fast)
+        FAST=packed.is_cuda if fast is None else fast, INTERLEAVE=interleave)
     return out
 
 
-def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict) -> None:
+def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: bool = False) -> None:
     M, K = x8.shape
     N = w.shape[0]
     zero = mode == MODE_W4_PER_CHANNEL
     if cfg.get("UNPACK", False) and mode != MODE_W8:
         # Prefill-sized M: unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of
         # the GEMM at M=8192) and run the int8 kernel, whose 128x256 tiles the in-loop unpack's
-        # registers do not allow. The integers multiplied are the same, so is the result.
-        w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda))
+        # registers do not allow. The integers multiplied are the same, so is the result. For a
+        # gated GEMM the unpack interleaves gate and up rows, which the epilogue splits again.
+        w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda), interleave=gated)
         mode = MODE_W8
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk
@@ -442,5 +501,5 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict) -> None:
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
-        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, num_warps=cfg["num_warps"],
+        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"],
     )

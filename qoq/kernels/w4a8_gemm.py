@@ -15,6 +15,7 @@ from qoq.kernels.int_gemm import (
     MODE_W4_G128,
     MODE_W4_PER_CHANNEL,
     PACK_BLOCK,
+    finish_ref,
     int8_gemm_triton,
 )
 
@@ -37,6 +38,11 @@ def unpack_w4(packed: torch.Tensor) -> torch.Tensor:
     n, kh = packed.shape
     p = packed.reshape(n, kh // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
     return torch.cat([p & 0xF, p >> 4], dim=2).reshape(n, kh * 2)
+
+
+def check_silu_mul(silu_mul: bool, rows: int) -> None:
+    if silu_mul and rows % 2:
+        raise ValueError(f"silu_mul needs weight rows [gate | up], an even count; got {rows}")
 
 
 def _check_common(x8, x_scale, packed, s1):
@@ -74,9 +80,14 @@ def _check_per_channel(x8, x_scale, x_sum, packed, s, szero):
         raise ValueError(f"szero must be [{n}], got {tuple(szero.shape)}")
 
 
-def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128):
-    """Y[m, n] = sx[m] * s1[n] * sum_k x8[m, k] * (q4 * s2 - sz)[n, k], fp16 [M, N]."""
+def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, silu_mul: bool = False):
+    """Y[m, n] = sx[m] * s1[n] * sum_k x8[m, k] * (q4 * s2 - sz)[n, k], fp16 [M, N].
+
+    silu_mul (every GEMM has it): the weight's rows are [gate | up] and the result is
+    silu(gate) * up, fp16 [M, N / 2], the MLP's activation (fused into the GEMM where
+    `int_gemm.fused_silu_mul` says so)."""
     _check_g128(x8, x_scale, packed, s1, s2, sz, group_size)
+    check_silu_mul(silu_mul, packed.shape[0])
     q4 = unpack_w4(packed).to(torch.int32)
     step = s2.to(torch.int32).repeat_interleave(group_size, dim=1)
     zero = sz.to(torch.int32).repeat_interleave(group_size, dim=1)
@@ -86,34 +97,38 @@ def w4a8_g128_gemm_ref(x8, x_scale, packed, s1, s2, sz, group_size: int = 128):
         raise ValueError("q4 * s2 - sz leaves int8: s2/sz are not a valid progressive quantization")
     acc = x8.to(torch.float64) @ q8.to(torch.float64).T
     y = acc * x_scale.double()[:, None] * s1.double()[None, :]
-    return y.to(torch.float16)
+    return finish_ref(y, silu_mul)
 
 
-def w4a8_g128_gemm_triton(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, config=None):
+def w4a8_g128_gemm_triton(x8, x_scale, packed, s1, s2, sz, group_size: int = 128, silu_mul: bool = False,
+                          config=None):
     _check_g128(x8, x_scale, packed, s1, s2, sz, group_size)
+    check_silu_mul(silu_mul, packed.shape[0])
     if group_size != PACK_BLOCK:
         raise ValueError(f"the Triton W4A8 kernel runs group_size={PACK_BLOCK} only")
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), None, packed.contiguous(), s1.contiguous(),
-        s2.contiguous(), sz.contiguous(), MODE_W4_G128, config,
+        s2.contiguous(), sz.contiguous(), MODE_W4_G128, config, silu_mul,
     )
 
 
-def w4a8_per_channel_gemm_ref(x8, x_scale, x_sum, packed, s, szero):
-    """Y[m, n] = sx[m] * s[n] * sum_k x8 * q4 - szero[n] * x_sum[m], fp16 [M, N]."""
+def w4a8_per_channel_gemm_ref(x8, x_scale, x_sum, packed, s, szero, silu_mul: bool = False):
+    """Y[m, n] = sx[m] * s[n] * sum_k x8 * q4 - szero[n] * x_sum[m], fp16 [M, N] (silu_mul as above)."""
     _check_per_channel(x8, x_scale, x_sum, packed, s, szero)
+    check_silu_mul(silu_mul, packed.shape[0])
     q4 = unpack_w4(packed).to(torch.float64)
     acc = x8.to(torch.float64) @ q4.T
     y = acc * x_scale.double()[:, None] * s.double()[None, :]
     y = y - szero.double()[None, :] * x_sum.double()[:, None]
-    return y.to(torch.float16)
+    return finish_ref(y, silu_mul)
 
 
-def w4a8_per_channel_gemm_triton(x8, x_scale, x_sum, packed, s, szero, config=None):
+def w4a8_per_channel_gemm_triton(x8, x_scale, x_sum, packed, s, szero, silu_mul: bool = False, config=None):
     _check_per_channel(x8, x_scale, x_sum, packed, s, szero)
+    check_silu_mul(silu_mul, packed.shape[0])
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), x_sum.contiguous(), packed.contiguous(),
-        s.contiguous(), None, szero.contiguous(), MODE_W4_PER_CHANNEL, config,
+        s.contiguous(), None, szero.contiguous(), MODE_W4_PER_CHANNEL, config, silu_mul,
     )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from qoq.kernels.dispatch import dispatch
-from qoq.kernels.int_gemm import MODE_W8, PACK_BLOCK, int8_gemm_triton
+from qoq.kernels.int_gemm import MODE_W8, PACK_BLOCK, finish_ref, int8_gemm_triton
+from qoq.kernels.w4a8_gemm import check_silu_mul
 
 
 def _check_w8a8(x8, x_scale, w, s):
@@ -26,17 +27,19 @@ def _check_w8a8(x8, x_scale, w, s):
         raise ValueError(f"s must be [{w.shape[0]}], got {tuple(s.shape)}")
 
 
-def w8a8_gemm_ref(x8, x_scale, w, s):
+def w8a8_gemm_ref(x8, x_scale, w, s, silu_mul: bool = False):
     _check_w8a8(x8, x_scale, w, s)
+    check_silu_mul(silu_mul, w.shape[0])
     acc = x8.to(torch.float64) @ w.to(torch.float64).T
-    return (acc * x_scale.double()[:, None] * s.double()[None, :]).to(torch.float16)
+    return finish_ref(acc * x_scale.double()[:, None] * s.double()[None, :], silu_mul)
 
 
-def w8a8_gemm_triton(x8, x_scale, w, s, config=None):
+def w8a8_gemm_triton(x8, x_scale, w, s, silu_mul: bool = False, config=None):
     _check_w8a8(x8, x_scale, w, s)
+    check_silu_mul(silu_mul, w.shape[0])
     return int8_gemm_triton(
         x8.contiguous(), x_scale.contiguous(), None, w.contiguous(), s.contiguous(),
-        None, None, MODE_W8, config,
+        None, None, MODE_W8, config, silu_mul,
     )
 
 

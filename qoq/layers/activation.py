@@ -29,6 +29,11 @@ def accepts_int8(linear: nn.Module) -> bool:
     return getattr(linear, "accepts_int8", False)
 
 
+def num_rows(x: torch.Tensor | QuantizedActivation) -> int:
+    """Tokens in an activation handed to a linear (M of its GEMM)."""
+    return x.x8.shape[0] if isinstance(x, QuantizedActivation) else x.numel() // x.shape[-1]
+
+
 def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> QuantizedActivation:
     x8, scale, xsum = rmsnorm_quant(x.reshape(-1, x.shape[-1]), weight, eps)
     return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qoq.kernels import quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
+from qoq.kernels import int_gemm, quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
 from qoq.layers.activation import QuantizedActivation
 from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
 
@@ -26,6 +26,7 @@ class QuantLinear(nn.Module):
 
     kind = ""
     accepts_int8 = True  # forward takes a QuantizedActivation from a fused producer
+    gemm_mode: int | None = None  # the shared GEMM kernel's mode (int_gemm.MODE_*)
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -34,10 +35,18 @@ class QuantLinear(nn.Module):
         self.padded_in = padded_k(in_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor, silu_mul: bool = False):
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def fuses_silu_mul(self, num_tokens: int) -> bool:
+        """Whether this [gate | up] projection computes silu(gate) * up in its GEMM's epilogue for
+        a batch of num_tokens (int_gemm.fused_silu_mul); the MLP asks before choosing its path."""
+        device = next(self.buffers()).device
+        return self.bias is None and int_gemm.fused_silu_mul(num_tokens, self.out_features, self.padded_in,
+                                                              self.gemm_mode, device)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation, silu_mul: bool = False) -> torch.Tensor:
+        """silu_mul: this is a [gate | up] projection; return silu(gate) * up (out_features / 2 wide)."""
         if isinstance(x, QuantizedActivation):
             x8, x_scale, x_sum, lead, dtype = x
         else:
@@ -46,10 +55,12 @@ class QuantLinear(nn.Module):
         if self.padded_in != self.in_features:
             # Zero columns change neither the per-token scale nor the sum.
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
-        y = self.gemm(x8, x_scale, x_sum).to(dtype)
+        if silu_mul and self.bias is not None:
+            raise ValueError("silu_mul in the GEMM needs a projection without bias")
+        y = self.gemm(x8, x_scale, x_sum, silu_mul).to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
@@ -57,6 +68,7 @@ class QuantLinear(nn.Module):
 
 class W4A8G128Linear(QuantLinear):
     kind = "w4a8_g128"
+    gemm_mode = int_gemm.MODE_W4_G128
 
     def __init__(self, in_features: int, params: W4G128Params, bias: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
@@ -69,12 +81,13 @@ class W4A8G128Linear(QuantLinear):
         self.register_buffer("s2", params.s2.to(torch.int8))
         self.register_buffer("sz", params.sz.to(torch.int8))
 
-    def gemm(self, x8, x_scale, x_sum):
-        return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size)
+    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
+        return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size, silu_mul=silu_mul)
 
 
 class W4A8PerChannelLinear(QuantLinear):
     kind = "w4a8_per_channel"
+    gemm_mode = int_gemm.MODE_W4_PER_CHANNEL
 
     def __init__(self, in_features: int, params: W4ChannelParams, bias: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
@@ -85,20 +98,21 @@ class W4A8PerChannelLinear(QuantLinear):
         self.register_buffer("s1", params.scale.to(torch.float16))
         self.register_buffer("szero", params.szero.to(torch.float16))
 
-    def gemm(self, x8, x_scale, x_sum):
-        return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero)
+    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
+        return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero, silu_mul=silu_mul)
 
 
 class W8A8Linear(QuantLinear):
     kind = "w8a8"
+    gemm_mode = int_gemm.MODE_W8
 
     def __init__(self, in_features: int, params: W8Params, bias: torch.Tensor | None = None) -> None:
         super().__init__(in_features, params.scale.shape[0], bias)
         self.register_buffer("weight", params.w8.to(torch.int8))
         self.register_buffer("s", params.scale.to(torch.float16))
 
-    def gemm(self, x8, x_scale, x_sum):
-        return w8a8_gemm(x8, x_scale, self.weight, self.s)
+    def gemm(self, x8, x_scale, x_sum, silu_mul=False):
+        return w8a8_gemm(x8, x_scale, self.weight, self.s, silu_mul=silu_mul)
 
 
 class FakeQuantLinear(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 
 from qoq.config import ModelConfig, QuantConfig
 from qoq.kernels import silu_mul
-from qoq.layers.activation import accepts_int8, silu_mul_quantized
+from qoq.layers.activation import accepts_int8, num_rows, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.norm import RMSNorm
@@ -56,6 +56,11 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
 
     def forward(self, x) -> torch.Tensor:
+        fuses = getattr(self.gate_up_proj, "fuses_silu_mul", None)
+        if accepts_int8(self.down_proj) and fuses is not None and fuses(num_rows(x)):
+            # SiLU*mul in the gate/up GEMM's epilogue (W4 on Hopper at large M): the [M, 2I] gate_up
+            # is never written; down_proj quantizes the [M, I] product itself.
+            return self.down_proj(self.gate_up_proj(x, silu_mul=True))
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
             return self.down_proj(silu_mul_quantized(gate_up))

@@ -65,6 +65,34 @@ def test_w8a8_triton_matches_ref(config, device, gen, poison):
     assert rel_err(w8a8_gemm_triton(x8, sx, w, s, config=config), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
 
 
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("m", [3, 37])
+@pytest.mark.parametrize("config", [None, SPLIT, TMA, UNPACK])
+def test_silu_mul_matches_ref(kind, m, config, device, gen, poison):
+    """The MLP's gate/up GEMM with silu(gate) * up: fused into the epilogue on the unpack-first
+    TMA path (the unpack interleaves gate and up rows, the epilogue splits them), the GEMM then a
+    SiLU*mul pass elsewhere. 80 weight rows -> 40 outputs, not a multiple of the tiles."""
+    if kind == "g128":
+        case, triton_fn, ref_fn = g128_case(m, 80, 256, device, gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    elif kind == "per_channel":
+        case = per_channel_case(m, 80, 256, device, gen)
+        triton_fn, ref_fn = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    else:
+        x8, sx, _ = random_activations(m, 256, device, gen)
+        w = torch.randint(-127, 128, (80, 256), dtype=torch.int8, generator=gen).to(device)
+        s = (torch.rand(80, generator=gen) * 0.01 + 1e-4).half().to(device)
+        case, triton_fn, ref_fn = (x8, sx, w, s), w8a8_gemm_triton, w8a8_gemm_ref
+    ref = ref_fn(*case, silu_mul=True)
+    assert ref.shape == (m, 40) and ref.dtype == torch.float16
+    gate, up = ref_fn(*case).double().chunk(2, dim=1)  # independent: the plain GEMM's two halves
+    assert rel_err(ref, torch.nn.functional.silu(gate) * up) < 5e-3
+    assert rel_err(triton_fn(*case, silu_mul=True, config=config), ref) < EXACT
+    lead = 3 if kind == "per_channel" else 2  # the activation arguments before the weight's
+    odd = case[:lead] + tuple(a[:-1] for a in case[lead:])  # 79 weight rows: no [gate | up] halves
+    with pytest.raises(ValueError, match="even count"):
+        triton_fn(*odd, silu_mul=True)
+
+
 def test_refs_match_float64_dequantized_matmul(gen):
     """Independent check: dequantize everything in float64 and multiply."""
     m, n, k = 4, 32, 256
@@ -118,11 +146,15 @@ def test_refs_reject_bad_inputs(gen):
 @pytest.mark.parametrize("m", [1, 16, 256, 513, 700, 1000, 2085, 4100])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
-    """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel)."""
+    """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel), and silu_mul
+    (fused on the unpack-first path: g128 from M > 640, per-channel from M >= 2048)."""
     case = g128_case(m, n, k, "cuda", gen)
     assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
+    assert rel_err(w4a8_g128_gemm_triton(*case, silu_mul=True), w4a8_g128_gemm_ref(*case, silu_mul=True)) < EXACT
     case = per_channel_case(m, n, k, "cuda", gen)
     assert rel_err(w4a8_per_channel_gemm_triton(*case), w4a8_per_channel_gemm_ref(*case)) < EXACT
+    assert rel_err(w4a8_per_channel_gemm_triton(*case, silu_mul=True),
+                   w4a8_per_channel_gemm_ref(*case, silu_mul=True)) < EXACT
     x8, sx = case[0], case[1]
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to("cuda")
     s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to("cuda")
