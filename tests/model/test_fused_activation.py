@@ -40,3 +40,28 @@ def test_fused_quantization_equals_the_unfused_path(monkeypatch, precision, grou
         monkeypatch.setattr(QuantLinear, "accepts_int8", False)
         unfused = model(ids)
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", 128), ("w4a8kv4", -1)])
+def test_silu_mul_in_the_gemm_epilogue_path(monkeypatch, precision, group):
+    """Where the gate/up GEMM fuses SiLU*mul (W4 on Hopper at large M; forced here on the CPU,
+    where the reference GEMM computes the same product), the MLP hands down_proj the [M, I]
+    product and the model's output matches the unfused path up to that product's fp16 rounding."""
+    from qoq.kernels import int_gemm
+
+    model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=5)
+    ids = torch.randint(0, TINY.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unfused = model(ids)
+        calls = []
+        original = QuantLinear.forward
+
+        def spy(self, x, silu_mul=False):
+            calls.append(silu_mul)
+            return original(self, x, silu_mul=silu_mul)
+
+        monkeypatch.setattr(QuantLinear, "forward", spy)
+        monkeypatch.setattr(int_gemm, "fused_silu_mul", lambda *args: True)
+        fused = model(ids)
+    assert calls[:4] == [False, False, True, False]  # qkv, o, gate_up (fused), down
+    assert (fused - unfused).abs().max() <= 2e-3 * unfused.abs().max()
