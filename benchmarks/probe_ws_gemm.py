@@ -59,7 +59,7 @@ def _mm(x_desc, w_desc, sx_ptr, s_ptr, y_ptr, M, N, K, BM: tl.constexpr, BN: tl.
     _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM, BN)
 
 
-def run(variant, x, w, sx, s, cfg):
+def run(x, w, sx, s, cfg):
     M, K = x.shape
     N = w.shape[0]
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -94,11 +94,11 @@ def main() -> None:
         for cfg in configs:
             name = f"{cfg['variant']} ws={int(cfg['ws'])} {cfg['BM']}x{cfg['BN']} w{cfg['warps']} s{cfg['stages']}"
             try:
-                got = run(cfg["variant"], x, w, sx, s, cfg)
+                got = run(x, w, sx, s, cfg)
                 torch.cuda.synchronize()
                 if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2):
                     raise AssertionError("wrong result")
-                ms = triton.testing.do_bench(lambda: run(cfg["variant"], x, w, sx, s, cfg), return_mode="median")
+                ms = triton.testing.do_bench(lambda: run(x, w, sx, s, cfg), return_mode="median")
                 records.append(dict(cfg, N=n, K=k, M=args.m, ms=ms, tops=ops / ms / 1e9))
                 print(f"  {name:40} {ms * 1e3:8.0f} us {ops / ms / 1e9:6.0f} TOP/s  {shipped / ms:5.2f}x", flush=True)
             except Exception as err:  # noqa: BLE001 - a variant that does not compile is a result too
