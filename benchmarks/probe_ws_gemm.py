@@ -25,38 +25,22 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_int8_mm import _store_scaled, _tile_ids  # noqa: E402  (the plain int8 probe's tile order and epilogue)
 
 from qoq.kernels import w8a8_gemm  # noqa: E402
 
 
 @triton.jit
-def _tile(t, num_m, num_n, GROUP_M: tl.constexpr):
-    per_group = GROUP_M * num_n
-    first_m = (t // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (t % per_group) % size_m, (t % per_group) // size_m
-
-
-@triton.jit
-def _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
-    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    y = acc.to(tl.float32) * sx[:, None] * s[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y.to(tl.float16), mask=mask)
-
-
-@triton.jit
 def _mm(x_desc, w_desc, sx_ptr, s_ptr, y_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         GROUP_M: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):
-    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES, warp_specialize=WS):
         acc = tl.dot(x_desc.load([pid_m * BM, k * BK]), w_desc.load([pid_n * BN, k * BK]).T, acc,
                      out_dtype=tl.int32)
-    _epilogue(acc, sx_ptr, s_ptr, y_ptr, pid_m, pid_n, M, N, BM, BN)
+    _store_scaled(acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), sx_ptr, s_ptr, y_ptr, M, N)
 
 
 def run(x, w, sx, s, cfg):
