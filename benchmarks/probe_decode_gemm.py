@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--ms", default="1024,1200")
     parser.add_argument("--kernels", default="w4a8_per_channel,w4a8_g128")
     parser.add_argument("--out", default="decode-gemm-probe.json")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of: default, nosplit (the default tiles without the "
+                             "TMA kernel's split tail), " + ", ".join(VARIANTS))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
@@ -57,7 +60,13 @@ def main() -> None:
                 sets = case_args(name, m, k, wsets[name], gen)
                 want = ref(*sets[0])
                 default = int_gemm.default_config(m, n, k, {"w4a8_g128": 1, "w4a8_per_channel": 2}[name], tma=True)
-                for label, cfg in {"default": default, **{v: dict(c, TMA=True, SPLIT_K=1) for v, c in VARIANTS.items()}}.items():
+                variants = {"default": default, "nosplit": dict(default, SLOTS=1 << 30),
+                            **{v: dict(c, TMA=True, SPLIT_K=1) for v, c in VARIANTS.items()}}
+                if args.variants:
+                    variants = {v: variants[v] for v in args.variants.split(",")}
+                else:
+                    variants.pop("nosplit")
+                for label, cfg in variants.items():
                     rec = dict(kernel=name, M=m, N=n, K=k, variant=label, config=cfg)
                     try:
                         err = rel_err(fn(*sets[0], config=cfg), want)
@@ -74,6 +83,7 @@ def main() -> None:
         del wsets
         torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "records": records}, indent=1))
+    print("resident CTAs learned per TMA kernel variant:", sorted(set(int_gemm._TMA_SLOTS.values())))
     print("\nper decoder layer (sum over the four shapes), us:")
     for (name, m, label), us in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1], sum(kv[1]))):
         if len(us) == len(SHAPES):

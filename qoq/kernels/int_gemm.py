@@ -212,9 +212,10 @@ def _int8_gemm_kernel(
 
 @lazy_jit
 def _int8_gemm_tma_kernel(
-    x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
+    x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_sg,
+    num_dp, split,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr, GATED: tl.constexpr,
+    GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr, GATED: tl.constexpr, SK: tl.constexpr,
 ):
     """Y = X @ W'^T with both MMA operands in shared memory (the large-M kernel, Hopper).
 
@@ -230,15 +231,31 @@ def _int8_gemm_tma_kernel(
     wgmma runs asynchronously and overlaps the next chunk's unpacking, which the register-A
     order of `_int8_gemm_kernel` cannot. Tiles are visited in groups of GROUP_M token tiles per
     weight column so that CTAs running together share weight tiles through L2.
+
+    SK (data-parallel + split-K tail): programs below num_dp each own a whole tile; the last
+    tiles, which would make a last, mostly empty wave, are cut into `split` K ranges, one program
+    each. Their int32 partial accumulators go to a workspace and the last piece of a tile to
+    arrive (acq_rel counter) adds them up, exactly (integers), and runs the epilogue: the output
+    is bit-identical to the unsplit kernel's.
     """
     pid = tl.program_id(0)
+    num_chunks = K // 128
+    tile = pid
+    c_begin = 0
+    c_end = num_chunks
+    if SK:
+        piece = tl.maximum(pid - num_dp, 0)
+        per_piece = tl.cdiv(num_chunks, split)
+        tile = tl.where(pid < num_dp, pid, num_dp + piece // split)
+        c_begin = tl.where(pid < num_dp, 0, (piece % split) * per_piece)
+        c_end = tl.where(pid < num_dp, num_chunks, tl.minimum(c_begin + per_piece, num_chunks))
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -247,7 +264,7 @@ def _int8_gemm_tma_kernel(
     row_n = pid_n * BLOCK_N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for c in tl.range(0, K // 128, num_stages=NUM_STAGES):
+    for c in tl.range(c_begin, c_end, num_stages=NUM_STAGES):
         if MODE == 0:  # descriptors with 128-wide K blocks: one MMA per chunk
             acc = tl.dot(x_desc.load([row_m, c * 128]), w_desc.load([row_n, c * 128]).T, acc,
                          out_dtype=tl.int32)
@@ -259,6 +276,23 @@ def _int8_gemm_tma_kernel(
             w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
             acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
             acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
+
+    write = pid >= 0  # a split tile's pieces: only the last to arrive writes
+    if SK:
+        if pid >= num_dp:
+            piece = pid - num_dp
+            sk_tile = piece // split
+            offs_ws = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tl.store(ws_ptr + piece.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs_ws, acc)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + sk_tile, 1, sem="acq_rel", scope="gpu")
+            write = arrived == split - 1
+            if write:
+                first = sk_tile.to(tl.int64) * split
+                for s in range(0, split):
+                    if first + s != piece:
+                        acc += tl.load(ws_ptr + (first + s) * (BLOCK_M * BLOCK_N) + offs_ws, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + sk_tile, 0, sem="relaxed", scope="gpu")
 
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     src = _gate_row(offs_n, N // 2, GATED)
@@ -273,10 +307,10 @@ def _int8_gemm_tma_kernel(
         y = gate / (1.0 + tl.exp(-gate)) * up
         offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(y_ptr + offs_m[:, None].to(tl.int64) * (N // 2) + offs_o[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & (offs_o < N // 2)[None, :])
+                 mask=(m_mask[:, None] & (offs_o < N // 2)[None, :]) & write)
     else:
         offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=(m_mask[:, None] & n_mask[None, :]) & write)
 
 
 @lazy_jit
@@ -494,12 +528,59 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
     bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk
     x_desc = TensorDescriptor.from_tensor(x8, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    consts = dict(MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
+                  FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"])
+    key = (x8.device, tuple(sorted(consts.items())))
+    slots = cfg.get("SLOTS") or _TMA_SLOTS.get(key)
+    num_dp, split = split_tail(tiles, slots, K // 128) if slots else (tiles, 1)
+    if split > 1:
+        ws = torch.empty((tiles - num_dp) * split * bm * bn, dtype=torch.int32, device=x8.device)
+        cnt = arrival_counters(x8.device, tiles - num_dp)
+    else:
+        ws = cnt = y
     dummy = sx
-    _int8_gemm_tma_kernel[grid](
+    kernel = _int8_gemm_tma_kernel[(num_dp + (tiles - num_dp) * split,)](
         x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1,
-        s2 if s2 is not None else dummy, sz if sz is not None else dummy, y,
-        M, N, K, (s2.stride(0) if s2 is not None else 0),
-        MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
-        FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"],
+        s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
+        M, N, K, (s2.stride(0) if s2 is not None else 0), num_dp, split, SK=split > 1, **consts,
     )
+    if key not in _TMA_SLOTS and x8.is_cuda and kernel is not None:
+        _TMA_SLOTS[key] = resident_slots(kernel, cfg["num_warps"], x8.device)
+
+
+# Resident CTAs of the TMA kernel on the whole GPU, per (device, compile-time constants): learned
+# from the first launch's compiled kernel (registers, shared memory), used from the second on.
+# Splitting changes only which programs add which exact int32 partials, so the first (unsplit)
+# call and the later ones give identical results.
+_TMA_SLOTS: dict = {}
+
+
+def resident_slots(kernel, num_warps: int, device) -> int:
+    """How many CTAs of a compiled Triton kernel an entire GPU holds at once (64K registers per SM
+    on every NVIDIA GPU since Volta; shared memory and SM count from the device)."""
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    by_regs = 65536 // max(1, kernel.n_regs * threads)
+    by_smem = props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared + 1024)
+    by_threads = props.max_threads_per_multi_processor // threads
+    return props.multi_processor_count * max(1, min(by_regs, by_smem, by_threads))
+
+
+def split_tail(tiles: int, slots: int, chunks: int, min_chunks: int = 24) -> tuple[int, int]:
+    """(whole-tile programs, K pieces per tail tile) for `tiles` output tiles on `slots` resident
+    CTAs: the tiles that would form a last wave at most half full are cut into as many K pieces
+    as fill it, so that the last wave is not one tile's full time with most SMs idle (e.g. 320
+    tiles on 264 slots: 264 whole tiles, then 56 tiles in 4 pieces each). (tiles, 1) where
+    splitting does not pay, and below one full wave (decode-sized M, whose tiles and split-K
+    `default_config` already chooses).
+
+    Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid only on
+    long K (Llama-3-8B's K=14336 down projection: 213 -> 163 us at M=1200, 808 -> 767 us at
+    M=8704), while pieces of 4-8 chunks of K=4096 were slower than the whole tiles (62 -> 77 us
+    at M=1100; benchmarks/results/split-tail-probe-h100.json)."""
+    tail = tiles % slots
+    if tiles < slots or tail == 0 or 2 * tail > slots:
+        return tiles, 1
+    split = min(slots // tail, chunks // min_chunks)
+    return (tiles - tail, split) if split > 1 else (tiles, 1)

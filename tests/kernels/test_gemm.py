@@ -11,6 +11,7 @@ from helpers import (
     rel_err,
 )
 
+from qoq.kernels.int_gemm import split_tail
 from qoq.kernels.w4a8_gemm import (
     pack_w4,
     unpack_w4,
@@ -171,5 +172,45 @@ def test_one_launch_split_k_resets_its_counters(split, device, gen, poison):
     want = w4a8_per_channel_gemm_ref(*case)
     for _ in range(2):
         assert rel_err(w4a8_per_channel_gemm_triton(*case, config=cfg), want) < EXACT
+    counters = dispatch._ARRIVAL_COUNTERS
+    assert counters and all(int(b.abs().sum()) == 0 for b in counters.values())
+
+
+def test_split_tail_rule():
+    assert split_tail(320, 264, 112) == (264, 4)  # 56 tail tiles of the K=14336 GEMM at M=1200
+    assert split_tail(2240, 264, 112) == (2112, 2)  # 128 tail tiles: 2 pieces fill the last wave
+    assert split_tail(480, 264, 112) == (480, 1)  # a tail of 216: most of a wave, left whole
+    assert split_tail(528, 264, 112) == (528, 1)  # whole waves
+    assert split_tail(100, 264, 112) == (100, 1)  # below one wave: default_config's business
+    assert split_tail(320, 264, 32) == (320, 1)  # K=4096: pieces too short to pay
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("unpack,silu", [(False, False), (True, False), (True, True)])
+def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
+    """The TMA kernel with its last tiles cut into K pieces (SLOTS forces the resident-CTA count
+    that the GPU path learns from the compiled kernel): 3 x 2 tiles on 4 slots run 4 whole tiles
+    and 2 tiles in 2 pieces each. The int32 partials add up exactly, so the output equals the
+    unsplit kernel's bit for bit; twice in a row (the arrival counters reset)."""
+    from qoq.kernels import dispatch
+
+    m, n, k = 37, 64 * (2 if silu else 1), 6144  # 48 chunks: 2 pieces of 24
+    if kind == "g128":
+        case, fn = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton
+    elif kind == "per_channel":
+        case, fn = per_channel_case(m, n, k, device, gen), w4a8_per_channel_gemm_triton
+    else:
+        x8, sx, _ = random_activations(m, k, device, gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to(device)
+        s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to(device)
+        case, fn = (x8, sx, w, s), w8a8_gemm_triton
+    if silu and kind == "w8a8":
+        pytest.skip("int8 weights take the GEMM-then-SiLU*mul path")
+    cfg = dict(TMA, UNPACK=True) if unpack else dict(TMA)
+    if unpack and kind == "w8a8":
+        pytest.skip("int8 weights need no unpack")
+    whole = fn(*case, silu_mul=silu, config=cfg)
+    for _ in range(2):
+        assert torch.equal(fn(*case, silu_mul=silu, config=dict(cfg, SLOTS=4)), whole)
     counters = dispatch._ARRIVAL_COUNTERS
     assert counters and all(int(b.abs().sum()) == 0 for b in counters.values())
