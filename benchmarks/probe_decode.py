@@ -31,15 +31,18 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="*", default=[2, 3])
     p.add_argument("--maxnreg", type=int, nargs="*", default=[0], help="register cap per thread (0: none)")
     p.add_argument("--splits", type=int, nargs="*", default=[0], help="split-K programs per sequence (0: default)")
+    p.add_argument("--biased", type=int, nargs="*", default=[0], help="1: codes kept as 1024 + code (BIASED)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     copy_bw = measure_ceilings()["copy_gbps"]
     records = []
     for case, bits in itertools.product(args.cases, args.bits):
         batch, ctx = map(int, case.split("x"))
-        grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits)
-        for block_t, warps, stages, maxnreg, splits in grid:
+        grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits, args.biased)
+        for block_t, warps, stages, maxnreg, splits, biased in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
+            if biased:
+                opts["BIASED"] = True
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}

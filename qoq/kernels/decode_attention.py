@@ -98,8 +98,17 @@ _KV8_ASM = """{
         sub.f16x2 $2, $2, m;
         sub.f16x2 $3, $3, m;
         }"""
+# The same without the bias subtraction, for K (BIASED): the codes arrive as fp16 1024 + code (KV4
+# high nibbles: 1024 + 16 * code), and the kernel takes the bias off each score once per row:
+# q . (k + 1024) = q . k + 1024 * sum(q). Per page the scores come from a fresh MMA over one head
+# dimension, so the bias costs little precision. V keeps the exact unpack: its accumulator runs
+# over the whole context, where the tensor cores' fp32 adds on top of a 1024x larger bias broke
+# the 3e-3 tolerance at context 4096 on the H100.
+_KV4_BIASED_ASM = "\n".join(line for line in _KV4_ASM.splitlines() if "sub.f16x2" not in line)
+_KV8_BIASED_ASM = "\n".join(line for line in _KV8_ASM.splitlines() if "sub.f16x2" not in line)
 if tl is not None:  # Triton kernels read globals only as constexpr
     _KV4_ASM, _KV8_ASM = tl.constexpr(_KV4_ASM), tl.constexpr(_KV8_ASM)
+    _KV4_BIASED_ASM, _KV8_BIASED_ASM = tl.constexpr(_KV4_BIASED_ASM), tl.constexpr(_KV8_BIASED_ASM)
 
 
 @lazy_jit
@@ -108,10 +117,14 @@ def _decode_kernel(
     HQ, HKV, bt_stride, sm_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
-    BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
-    run passes through, each with its own split count, share one compiled kernel."""
+    run passes through, each with its own split count, share one compiled kernel.
+
+    FAST: the codes are unpacked to fp16 by inline PTX (CUDA only). BIASED (KV4 / KV8): the K
+    codes stay 1024 + code, and the bias comes off each score row (`_KV4_BIASED_ASM`); off CUDA
+    the same biased values are computed element-wise, so the interpreter tests the algebra."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,8 +140,11 @@ def _decode_kernel(
     q_lo = tl.load(q_ptr + q_off, mask=g_mask[:, None], other=0.0).to(tl.float16)
     q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[:, None], other=0.0).to(tl.float16)
     q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
-    if BITS == 4 and FAST:
+    HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
+    if HI16:
         q_hi = q_hi * 0.0625  # the fast unpack yields 16 * (high code); exact power-of-2 scale
+    if BIASED:  # what 1024 + code adds to each score
+        k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1))
 
     ctx = tl.load(len_ptr + b)
     num_blocks = tl.cdiv(ctx, BLOCK_T)
@@ -160,14 +176,20 @@ def _decode_kernel(
             kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
             vb = tl.load(vc_ptr + row[:, None] * W + j[None, :])
             if FAST:
-                # 1.25 ops per code (_KV4_ASM) instead of a per-element int->fp16 conversion,
-                # a quarter-rate instruction that bound the loop.
+                # 1.25 ops per code (_KV4_ASM; K 0.75 BIASED) instead of a per-element int->fp16
+                # conversion, a quarter-rate instruction that bound the loop.
                 # The high codes stay multiplied by 16: q_hi was pre-divided by 16 and the
                 # V high-half accumulator is divided by 16 at the end (both exact).
+                k_asm: tl.constexpr = _KV4_BIASED_ASM if BIASED else _KV4_ASM
                 k_lo, k_hi = tl.inline_asm_elementwise(
-                    _KV4_ASM, "=r,=r,=r,=r,r", [kb], (tl.float16, tl.float16), True, 4)
+                    k_asm, "=r,=r,=r,=r,r", [kb], (tl.float16, tl.float16), True, 4)
                 v_lo, v_hi = tl.inline_asm_elementwise(
                     _KV4_ASM, "=r,=r,=r,=r,r", [vb], (tl.float16, tl.float16), True, 4)
+            elif BIASED:  # the biased unpack's values for K, element-wise
+                k_lo = (kb & 0xF).to(tl.float16) + 1024.0
+                k_hi = (kb & 0xF0).to(tl.float16) + 1024.0
+                v_lo = (vb & 0xF).to(tl.float16)
+                v_hi = (vb & 0xF0).to(tl.float16)
             else:
                 k_lo = (kb & 0xF).to(tl.float16)
                 k_hi = (kb >> 4).to(tl.float16)
@@ -179,10 +201,16 @@ def _decode_kernel(
             v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :])
             v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :])
             if BITS == 8 and FAST:
+                k_asm8: tl.constexpr = _KV8_BIASED_ASM if BIASED else _KV8_ASM
                 k_lo, k_hi = tl.inline_asm_elementwise(
-                    _KV8_ASM, "=r,=r,=r,=r,r,r", [k_lo, k_hi], (tl.float16, tl.float16), True, 4)
+                    k_asm8, "=r,=r,=r,=r,r,r", [k_lo, k_hi], (tl.float16, tl.float16), True, 4)
                 v_lo, v_hi = tl.inline_asm_elementwise(
                     _KV8_ASM, "=r,=r,=r,=r,r,r", [v_lo, v_hi], (tl.float16, tl.float16), True, 4)
+            elif BITS == 8 and BIASED:
+                k_lo = k_lo.to(tl.float16) + 1024.0
+                k_hi = k_hi.to(tl.float16) + 1024.0
+                v_lo = v_lo.to(tl.float16)
+                v_hi = v_hi.to(tl.float16)
             else:
                 k_lo = k_lo.to(tl.float16)
                 k_hi = k_hi.to(tl.float16)
@@ -190,11 +218,17 @@ def _decode_kernel(
                 v_hi = v_hi.to(tl.float16)
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_G, BLOCK_T]
-        if BITS != 16:
-            k_scale = tl.load(ks_ptr + row).to(tl.float32)
-            k_zero = tl.load(kz_ptr + row).to(tl.float32)
-            s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
-        s = s * sm_scale_log2
+        if BIASED:
+            # the softmax scale rides on the per-token vectors: one op per score fewer
+            k_scale = tl.load(ks_ptr + row).to(tl.float32) * sm_scale_log2
+            k_zero = tl.load(kz_ptr + row).to(tl.float32) * sm_scale_log2
+            s = (s - k_bias[:, None]) * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+        else:
+            if BITS != 16:
+                k_scale = tl.load(ks_ptr + row).to(tl.float32)
+                k_zero = tl.load(kz_ptr + row).to(tl.float32)
+                s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+            s = s * sm_scale_log2
         s = tl.where((tok < ctx)[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -213,7 +247,7 @@ def _decode_kernel(
         acc_hi = tl.dot(p16, v_hi, acc_hi)
         m_i = m_new
 
-    if BITS == 4 and FAST:
+    if HI16:
         acc_hi = acc_hi * 0.0625
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_lo = (acc_lo + z_acc[:, None]) / l_safe[:, None]
@@ -311,6 +345,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=opts["NUM_STAGES"],
         BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)),
+        BIASED=bool(opts.get("BIASED", False)) and cache.bits != 16,
         num_warps=opts["num_warps"], **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
     )
     return out

@@ -31,7 +31,9 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
 @pytest.mark.parametrize("page,num_splits,options", [
     (16, None, None),  # one page per iteration
     (16, 1, dict(BLOCK_T=32)), (16, 3, dict(BLOCK_T=32)), (16, 1, dict(BLOCK_T=64)),  # whole pages per iteration
-    (32, 2, dict(BLOCK_T=16)), (32, 1, dict(BLOCK_T=16, NUM_STAGES=3))])  # part of a page per iteration
+    (32, 2, dict(BLOCK_T=16)), (32, 1, dict(BLOCK_T=16, NUM_STAGES=3)),  # part of a page per iteration
+    # the codes kept as 1024 + code, the bias taken off per row (the sub-free unpack's values)
+    (16, None, dict(BIASED=True)), (16, 3, dict(BLOCK_T=32, BIASED=True)), (32, 2, dict(BLOCK_T=16, BIASED=True))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -106,7 +108,8 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_decode_real_shapes_gpu(bits, gen, poison):
+@pytest.mark.parametrize("options", [None, dict(BIASED=True)])
+def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
     cache = random_cache(b * pages, hkv, d, page, bits, "cuda", gen)
@@ -114,7 +117,7 @@ def test_decode_real_shapes_gpu(bits, gen, poison):
     lens = torch.randint(1, ctx + 1, (b,), generator=gen).int().cuda()
     q = torch.randn(b, hq, d, generator=gen).half().cuda()
     ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
-    assert rel_err(paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5), ref) < 3e-3
+    assert rel_err(paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, options=options), ref) < 3e-3
 
 
 @requires_cuda
