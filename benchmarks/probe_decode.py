@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="*", default=[2, 3])
     p.add_argument("--maxnreg", type=int, nargs="*", default=[0], help="register cap per thread (0: none)")
     p.add_argument("--splits", type=int, nargs="*", default=[0], help="split-K programs per sequence (0: default)")
-    p.add_argument("--biased", type=int, nargs="*", default=[0], help="1: codes kept as 1024 + code (BIASED)")
+    p.add_argument("--biased", type=int, nargs="*", default=[0, 1], help="1: K codes kept as 1024 + code (BIASED, the default)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     copy_bw = measure_ceilings()["copy_gbps"]
@@ -41,8 +41,7 @@ def main() -> None:
         grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits, args.biased)
         for block_t, warps, stages, maxnreg, splits, biased in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
-            if biased:
-                opts["BIASED"] = True
+            opts["BIASED"] = bool(biased)
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}
@@ -56,7 +55,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         ok = sorted((r for r in records if r["batch"] == batch and r["context"] == ctx and r["bits"] == bits
                      and "median_ms" in r), key=lambda r: r["median_ms"])
-        base = next((r for r in ok if r["options"] == dict(BLOCK_T=64, num_warps=1, NUM_STAGES=2)
+        base = next((r for r in ok if r["options"] == dict(BLOCK_T=64, num_warps=1, NUM_STAGES=2, BIASED=False)
                      and not r["num_splits"]), None)
         print(f"kv{bits} b{batch} ctx{ctx}: default {base['median_ms'] * 1e3:.1f} us "
               f"({base['bandwidth_fraction']:.2f})" if base else f"kv{bits} b{batch} ctx{ctx}", flush=True)

@@ -42,7 +42,7 @@ def _check(q, cache, block_tables, context_lens):
 def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.float32):
     """Dequantized K or V of every page in block_tables: [B, Hkv, max_pages * page_size, D]."""
     bt = block_tables.long().clamp_min(0)
-    data = getattr(cache, f"{which}_cache")[bt]  # [B, P, Hkv, S, W]
+    data = cache.codes(which)[bt]  # [B, P, Hkv, S, W]
     scale = zero = None
     if cache.bits != 16:
         scale = getattr(cache, f"{which}_scale")[bt]
@@ -167,14 +167,20 @@ def _decode_kernel(
             SUB: tl.constexpr = PAGE // BLOCK_T
             page = tl.load(bt_ptr + b * bt_stride + blk // SUB).to(tl.int64)
             row = (page * HKV + h) * PAGE + (blk % SUB) * BLOCK_T + t
+            # V codes are stored transposed per page (kv_cache.py): byte (j, o) of the page-head
+            # block. Written as block start + token so that the compiler sees tokens contiguous.
+            v_tok = (page * HKV + h) * (PAGE * W) + (blk % SUB) * BLOCK_T + t
         else:
             PAGES: tl.constexpr = BLOCK_T // PAGE
             pi = blk * PAGES + tl.arange(0, PAGES)
             pages = tl.load(bt_ptr + b * bt_stride + pi, mask=pi * PAGE < ctx, other=0).to(tl.int64)
-            row = tl.reshape((pages[:, None] * HKV + h) * PAGE + tl.arange(0, PAGE)[None, :], (BLOCK_T,))
+            o = tl.arange(0, PAGE)[None, :]
+            row = tl.reshape((pages[:, None] * HKV + h) * PAGE + o, (BLOCK_T,))
+            v_tok = tl.reshape((pages[:, None] * HKV + h) * (PAGE * W) + o, (BLOCK_T,))
+        v_off = v_tok[:, None] + j[None, :] * PAGE
         if BITS == 4:
             kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
-            vb = tl.load(vc_ptr + row[:, None] * W + j[None, :])
+            vb = tl.load(vc_ptr + v_off)
             if FAST:
                 # 1.25 ops per code (_KV4_ASM; K 0.75 BIASED) instead of a per-element int->fp16
                 # conversion, a quarter-rate instruction that bound the loop.
@@ -198,8 +204,12 @@ def _decode_kernel(
         else:
             k_lo = tl.load(kc_ptr + row[:, None] * W + j[None, :])
             k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
-            v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :])
-            v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :])
+            if BITS == 8:
+                v_lo = tl.load(vc_ptr + v_off)
+                v_hi = tl.load(vc_ptr + v_off + HALF * PAGE)
+            else:
+                v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :])
+                v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :])
             if BITS == 8 and FAST:
                 k_asm8: tl.constexpr = _KV8_BIASED_ASM if BIASED else _KV8_ASM
                 k_lo, k_hi = tl.inline_asm_elementwise(
@@ -309,8 +319,9 @@ def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
 # From the H100 sweeps (docs/kernels.md, batch 64): one page per iteration on the scalar-page-table
 # path; one warp per program (no cross-warp softmax reductions, many programs per SM) beat 4 warps
 # by 1.15-1.25x at KV4/KV8 once the int->fp16 conversion was gone (FAST, on by default on CUDA).
-DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2),
-                   8: dict(num_warps=1, NUM_STAGES=2),
+# BIASED (K codes kept as 1024 + code): fewer instructions per page, see _decode_kernel.
+DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
+                   8: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
                    16: dict(num_warps=4, NUM_STAGES=2)}
 
 

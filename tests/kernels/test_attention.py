@@ -20,7 +20,7 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     for which in ("k", "v"):
         x = torch.randn(num_pages, hkv, page, d, generator=gen)
         data, scale, zero = quantize_kv_ref(x, bits)
-        getattr(cache, f"{which}_cache").copy_(data)
+        cache.codes(which).copy_(data)
         if scale is not None:
             getattr(cache, f"{which}_scale").copy_(scale)
             getattr(cache, f"{which}_zero").copy_(zero)
@@ -32,8 +32,8 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     (16, None, None),  # one page per iteration
     (16, 1, dict(BLOCK_T=32)), (16, 3, dict(BLOCK_T=32)), (16, 1, dict(BLOCK_T=64)),  # whole pages per iteration
     (32, 2, dict(BLOCK_T=16)), (32, 1, dict(BLOCK_T=16, NUM_STAGES=3)),  # part of a page per iteration
-    # the codes kept as 1024 + code, the bias taken off per row (the sub-free unpack's values)
-    (16, None, dict(BIASED=True)), (16, 3, dict(BLOCK_T=32, BIASED=True)), (32, 2, dict(BLOCK_T=16, BIASED=True))])
+    # K codes as exact values instead of the default 1024 + code with the bias taken off per row
+    (16, None, dict(BIASED=False)), (16, 3, dict(BLOCK_T=32, BIASED=False)), (32, 2, dict(BLOCK_T=16, BIASED=False))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -108,7 +108,7 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("options", [None, dict(BIASED=True)])
+@pytest.mark.parametrize("options", [None, dict(BIASED=False)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
