@@ -531,7 +531,7 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     consts = dict(MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
                   FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"])
-    key = (x8.device, tuple(sorted(consts.items())))
+    key = (x8.device, *consts.values())  # consts is built in one fixed order
     slots = cfg.get("SLOTS") or _TMA_SLOTS.get(key)
     num_dp, split = split_tail(tiles, slots, K // 128) if slots else (tiles, 1)
     if split > 1:

@@ -196,20 +196,22 @@ def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
 
     m, n, k = 37, 64 * (2 if silu else 1), 6144  # 48 chunks: 2 pieces of 24
     if kind == "g128":
-        case, fn = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton
+        case, fn, ref = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
     elif kind == "per_channel":
-        case, fn = per_channel_case(m, n, k, device, gen), w4a8_per_channel_gemm_triton
+        case = per_channel_case(m, n, k, device, gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
     else:
         x8, sx, _ = random_activations(m, k, device, gen)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to(device)
         s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to(device)
-        case, fn = (x8, sx, w, s), w8a8_gemm_triton
+        case, fn, ref = (x8, sx, w, s), w8a8_gemm_triton, w8a8_gemm_ref
     if silu and kind == "w8a8":
         pytest.skip("int8 weights take the GEMM-then-SiLU*mul path")
     cfg = dict(TMA, UNPACK=True) if unpack else dict(TMA)
     if unpack and kind == "w8a8":
         pytest.skip("int8 weights need no unpack")
     whole = fn(*case, silu_mul=silu, config=cfg)
+    assert rel_err(whole, ref(*case, silu_mul=silu)) < EXACT
     for _ in range(2):
         assert torch.equal(fn(*case, silu_mul=silu, config=dict(cfg, SLOTS=4)), whole)
     counters = dispatch._ARRIVAL_COUNTERS
