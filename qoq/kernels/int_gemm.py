@@ -31,6 +31,7 @@ import functools
 
 import torch
 
+from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit
 
 try:
@@ -50,6 +51,10 @@ MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 # per decoder layer with it, benchmarks/results/decode-gemm-probe-h100.json); per-channel only from
 # M=2048 (0.97x).
 UNPACK_MIN_M = {MODE_W4_G128: 641, MODE_W4_PER_CHANNEL: 2048}
+# The warp-specialized Gluon kernel (`_ws_config`): every shape from WS_MIN_M, the K=4096 shapes
+# above WS_DECODE_M (per mode).
+WS_MIN_M = 2048
+WS_DECODE_M = {MODE_W8: WS_MIN_M, MODE_W4_G128: 640, MODE_W4_PER_CHANNEL: 768}
 
 
 @lazy_jit.helper
@@ -352,6 +357,9 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
     1.25-1.5x), int8 weights (no unpack) from M > 256, with 128x256 tiles from M > 1024 (1.3-1.45x
     at M=8192). From M >= UNPACK_MIN_M W4 is unpacked to int8 first and runs the int8 tiles.
     """
+    ws = _ws_config(M, N, K, mode)
+    if ws is not None:
+        return ws
     if mode != MODE_W8 and M >= UNPACK_MIN_M[mode]:
         return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
     if mode == MODE_W4_PER_CHANNEL and 512 < M <= 768 and K >= 8192 and N < 8192:
@@ -379,6 +387,27 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
         if M > 1024:
             return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4)
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
+    return None
+
+
+def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
+    """Where the warp-specialized Gluon kernel (ws_gemm.py; W4 unpacked to int8 first) takes the
+    GEMM, from the H100 probe benchmarks/results/ws-gemm-probe-h100.json (M = 1200 and 8192).
+
+    From M >= WS_MIN_M (prefill) every shape: 128x256 tiles, per decoder layer 0.90x the tl.dot
+    kernel's time for per-channel W4, ~1.0x for g128 (whose full-range int8 weights run the H100
+    at its power limit either way). At decode sizes (WS_DECODE_M) the K=4096 shapes, N=4096 with
+    128x128 tiles (o_proj at M=1200: 58 against 67-69 us); the K=14336 down projection keeps the
+    tl.dot kernel's split tail (164 against 178 us). The num_warps given are the tl.dot kernel's,
+    which runs these tiles where Gluon is missing."""
+    if not ws_gemm.available():
+        return None
+    unpack = mode != MODE_W8
+    wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=unpack, WS=True)
+    if M >= WS_MIN_M:
+        return wide
+    if M > WS_DECODE_M[mode] and K < 8192:
+        return wide if N > 4096 else dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True)
     return None
 
 
@@ -524,6 +553,10 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
         # gated GEMM the unpack interleaves gate and up rows, which the epilogue splits again.
         w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda), interleave=gated)
         mode = MODE_W8
+    if cfg.get("WS", False) and mode == MODE_W8 and ws_gemm.available():
+        # int8 x int8: the warp-specialized persistent Gluon kernel (ws_gemm.py), same result
+        ws_gemm.ws_int8_gemm(x8, w, sx, xsum, s1, sz, y, cfg, zero=zero, gated=gated)
+        return
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk
     x_desc = TensorDescriptor.from_tensor(x8, [bm, bk])

@@ -144,8 +144,8 @@ def test_refs_reject_bad_inputs(gen):
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 256, 513, 700, 1000, 2085, 4100])
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
+@pytest.mark.parametrize("m", [1, 16, 256, 513, 700, 1000, 1200, 2085, 4100])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336)])
 def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel), and silu_mul
     (fused on the unpack-first path: g128 from M > 640, per-channel from M >= 2048)."""
@@ -216,3 +216,60 @@ def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
         assert torch.equal(fn(*case, silu_mul=silu, config=dict(cfg, SLOTS=4)), whole)
     counters = dispatch._ARRIVAL_COUNTERS
     assert counters and all(int(b.abs().sum()) == 0 for b in counters.values())
+
+
+# The warp-specialized Gluon kernel (ws_gemm.py) behind the unpack-first TMA path on Hopper.
+WS = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, TMA=True, WS=True)
+
+
+@pytest.mark.parametrize("zero,gated", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("tile", [(128, 256), (64, 256), (256, 128)])
+def test_ws_gemm_compiles_for_sm90(zero, gated, tile):
+    """Gluon kernels do not run in the CPU interpreter: build this one for an H100 instead, and
+    check that it is what it claims (async wgmma, register hand-off between its partitions)."""
+    from qoq.kernels import ws_gemm
+
+    if not ws_gemm.available():
+        pytest.skip("this Triton has no Gluon")
+    m, n, k = 300, 512, 1024
+    x8, w = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k, dtype=torch.int8)
+    sx, s1 = torch.empty(m), torch.empty(n, dtype=torch.float16)
+    y = torch.empty(m, n // 2 if gated else n, dtype=torch.float16)
+    cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
+    kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s1 if zero else None, y, cfg, zero, gated)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
+    assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("m,n,k", [(77, 384, 1024), (1000, 6144, 4096), (4100, 4096, 14336), (8192, 28672, 4096)])
+def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
+    """The Gluon kernel gives the tl.dot TMA kernel's output bit for bit (the same exact int32 sums
+    and fp32 epilogue), at tile, M and N tails and real shapes, and matches the reference."""
+    from qoq.kernels import ws_gemm
+
+    if not ws_gemm.available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs Gluon and a Hopper GPU")
+    if silu and kind == "w8a8":
+        pytest.skip("int8 weights take the GEMM-then-SiLU*mul path")
+    if kind == "g128":
+        case, fn, ref = g128_case(m, n, k, "cuda", gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    elif kind == "per_channel":
+        case = per_channel_case(m, n, k, "cuda", gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    else:
+        x8, sx, _ = random_activations(m, k, "cuda", gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to("cuda")
+        s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to("cuda")
+        case, fn, ref = (x8, sx, w, s), w8a8_gemm_triton, w8a8_gemm_ref
+    unpack = {} if kind == "w8a8" else dict(UNPACK=True)
+    tl_cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True, **unpack)
+    want = fn(*case, silu_mul=silu, config=tl_cfg)
+    assert rel_err(want, ref(*case, silu_mul=silu)) < EXACT
+    for tile in [(128, 256), (64, 256), (256, 128)]:
+        cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], **unpack)
+        assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
