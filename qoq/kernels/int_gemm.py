@@ -55,6 +55,7 @@ UNPACK_MIN_M = {MODE_W4_G128: 641, MODE_W4_PER_CHANNEL: 2048}
 # above WS_DECODE_M (per mode).
 WS_MIN_M = 2048
 WS_DECODE_M = {MODE_W8: WS_MIN_M, MODE_W4_G128: 640, MODE_W4_PER_CHANNEL: 768}
+NARROW_ROUND_COST = 0.58  # a persistent round of 128x128 tiles against one of 128x256 (H100, K=4096)
 
 
 @lazy_jit.helper
@@ -392,23 +393,47 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
 
 def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
     """Where the warp-specialized Gluon kernel (ws_gemm.py; W4 unpacked to int8 first) takes the
-    GEMM, from the H100 probe benchmarks/results/ws-gemm-probe-h100.json (M = 1200 and 8192).
+    GEMM on Hopper, from the H100 probes benchmarks/results/ws-gemm-probe-h100.json (M = 1200,
+    8192) and ws-gemm-decode-probe-h100.json (M = 768, 1024, 1536). None: the tl.dot kernels.
 
-    From M >= WS_MIN_M (prefill) every shape: 128x256 tiles, per decoder layer 0.90x the tl.dot
-    kernel's time for per-channel W4, ~1.0x for g128 (whose full-range int8 weights run the H100
-    at its power limit either way). At decode sizes (WS_DECODE_M) the K=4096 shapes, N=4096 with
-    128x128 tiles (o_proj at M=1200: 58 against 67-69 us); the K=14336 down projection keeps the
-    tl.dot kernel's split tail (164 against 178 us). The num_warps given are the tl.dot kernel's,
-    which runs these tiles where Gluon is missing."""
+    - M >= WS_MIN_M (prefill): every shape, 128x256 tiles. Per decoder layer at M = 8192: 0.90x
+      the tl.dot kernel's time for per-channel W4; ~1.0x for g128, whose full-range int8 weights
+      hold the H100 at its power limit either way.
+    - Decode sizes above WS_DECODE_M: a persistent kernel runs ceil(tiles / SMs) rounds of tiles.
+      N <= 6144 (qkv, o_proj) takes the 128x128 tiles where their rounds cost less (a 128x128
+      round measured 0.58 of a 128x256 one): at M = 1200 o_proj 58 against 67-69 us before. The
+      K = 14336 down projection takes 128x256 tiles only where they make one round; past it the
+      tl.dot kernel's split tail is faster (164 against 178 us at M = 1200). Per-channel W4 keeps
+      its in-loop-unpack kernel up to M = 1024 for o_proj and gate/up (one wave of its 128x128
+      tiles, and no unpack pass: 237 against 263 us for gate/up).
+    The num_warps given are the tl.dot kernel's, which runs these tiles where Gluon is missing."""
     if not ws_gemm.available():
         return None
     unpack = mode != MODE_W8
     wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=unpack, WS=True)
     if M >= WS_MIN_M:
         return wide
-    if M > WS_DECODE_M[mode] and K < 8192:
-        return wide if N > 4096 else dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True)
-    return None
+    if M <= WS_DECODE_M[mode]:
+        return None
+    sms = _sm_count()
+
+    def rounds(bn: int) -> int:
+        return -(-(-(-M // 128) * -(-N // bn)) // sms)
+
+    if K >= 8192:
+        return wide if rounds(256) == 1 else None
+    if mode == MODE_W4_PER_CHANNEL and M <= 1024 and N != 6144:
+        return None
+    if N >= 16384 or rounds(256) <= NARROW_ROUND_COST * rounds(128):
+        return wide
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _sm_count() -> int:
+    """SMs of the current GPU (the persistent kernel's grid); an H100's 132 without one."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 132
 
 
 @functools.lru_cache(maxsize=None)
