@@ -38,13 +38,17 @@ VARIANTS = {
     "128x128 w4 s4 g16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, GROUP_M=16),
     "unpack 128x256 w8 s4": dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True),
     "unpack 128x128 w4 s4": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True),
-    # the warp-specialized persistent Gluon kernel after the unpack (ws_gemm.py)
-    "unpack ws 128x256 s4": dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, UNPACK=True, WS=True),
-    "unpack ws 128x256 s4 g16": dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, UNPACK=True, WS=True,
-                                     GROUP_M=16),
-    "unpack ws 128x128 s7": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=7, UNPACK=True, WS=True),
-    "unpack ws 64x256 s5": dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=5, UNPACK=True, WS=True),
-    "unpack ws 256x128 s4": dict(BLOCK_M=256, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True),
+    # the warp-specialized persistent Gluon kernel (ws_gemm.py): after the unpack pass, or with W4
+    # unpacked inside it (FUSE)
+    "unpack ws 128x256 s4": dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True, WS=True, FUSE=False),
+    "unpack ws 128x256 s4 g16": dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True, WS=True,
+                                     FUSE=False, GROUP_M=16),
+    "unpack ws 128x128 s7": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=False),
+    "unpack ws 64x256 s5": dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=False),
+    "unpack ws 256x128 s4": dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3, UNPACK=True, WS=True, FUSE=False),
+    "fused ws 128x256": dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True, WS=True, FUSE=True),
+    "fused ws 128x128": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
+    "fused ws 256x128": dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3, UNPACK=True, WS=True, FUSE=True),
 }
 
 

@@ -32,6 +32,7 @@ import functools
 import torch
 
 from qoq.kernels import ws_gemm
+from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.dispatch import arrival_counters, lazy_jit
 
 try:
@@ -42,6 +43,10 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
     TensorDescriptor = None
+
+if tl is not None:  # the kernels see module globals only as constexprs
+    _G128_ASM = tl.constexpr(G128_UNPACK_ASM)
+    _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
@@ -87,24 +92,11 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
     """
     if MODE == 1:
         if FAST:
-            # 4 weights per 32-bit word: q4 * s2 + (128 - sz) = Q8' + 128 lies in 0..255 for
-            # valid data, so a word-wide multiply-add never carries between bytes; xor 0x80 per
-            # byte turns Q8' + 128 into int8 Q8'.
+            # 4 weights per 32-bit word (qoq/kernels/ptx.py)
             s2b = tl.broadcast_to(s2.to(tl.uint8)[:, None], (BLOCK_N, 64))
             cb = tl.broadcast_to((128 - sz).to(tl.uint8)[:, None], (BLOCK_N, 64))
             w_lo, w_hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, s;
-                and.b32 s, $3, 0xFF;
-                and.b32 t, $2, 0x0F0F0F0F;
-                mad.lo.u32 t, t, s, $4;
-                xor.b32 $0, t, 0x80808080;
-                shr.u32 t, $2, 4;
-                and.b32 t, t, 0x0F0F0F0F;
-                mad.lo.u32 t, t, s, $4;
-                xor.b32 $1, t, 0x80808080;
-                }""",
-                constraints="=r,=r,r,r,r", args=[p, s2b, cb],
+                asm=_G128_ASM, constraints="=r,=r,r,r,r", args=[p, s2b, cb],
                 dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             w_lo = ((p & 0xF).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
@@ -112,13 +104,7 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
     else:
         if FAST:
             w_lo, w_hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                and.b32 $0, $2, 0x0F0F0F0F;
-                shr.u32 t, $2, 4;
-                and.b32 $1, t, 0x0F0F0F0F;
-                }""",
-                constraints="=r,=r,r", args=[p],
+                asm=_PER_CHANNEL_ASM, constraints="=r,=r,r", args=[p],
                 dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             w_lo = (p & 0xF).to(tl.int8)
@@ -571,6 +557,11 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
     M, K = x8.shape
     N = w.shape[0]
     zero = mode == MODE_W4_PER_CHANNEL
+    ws = cfg.get("WS", False) and ws_gemm.available()
+    if ws and mode != MODE_W8 and not gated and cfg.get("FUSE", True):
+        # the warp-specialized Gluon kernel (ws_gemm.py), W4 unpacked in shared memory per chunk
+        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero=zero)
+        return
     if cfg.get("UNPACK", False) and mode != MODE_W8:
         # Prefill-sized M: unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of
         # the GEMM at M=8192) and run the int8 kernel, whose 128x256 tiles the in-loop unpack's
@@ -578,9 +569,8 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
         # gated GEMM the unpack interleaves gate and up rows, which the epilogue splits again.
         w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda), interleave=gated)
         mode = MODE_W8
-    if cfg.get("WS", False) and mode == MODE_W8 and ws_gemm.available():
-        # int8 x int8: the warp-specialized persistent Gluon kernel (ws_gemm.py), same result
-        ws_gemm.ws_int8_gemm(x8, w, sx, xsum, s1, sz, y, cfg, zero=zero, gated=gated)
+    if ws and mode == MODE_W8:
+        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, None, sz, y, MODE_W8, cfg, zero=zero, gated=gated)
         return
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk

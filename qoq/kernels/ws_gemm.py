@@ -32,10 +32,18 @@ import functools
 
 import torch
 
+from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 except ImportError:  # pragma: no cover - an old Triton, or none
     gluon = None
@@ -60,6 +68,8 @@ if gluon is not None:
     _PRODUCER = gl.constexpr(ROLE_PRODUCER)
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
+    _G128_ASM = gl.constexpr(G128_UNPACK_ASM)
+    _PER_CHANNEL_ASM = gl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
     @gluon.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
@@ -71,10 +81,14 @@ if gluon is not None:
 
     @gluon.jit
     def _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr):
+        """The TMA warp: per 128-deep chunk, X's [BLOCK_M, 128] (W4: as two 64-wide halves) and the
+        two consumers' weight halves, int8 [BLOCK_N / 2, 128] or packed W4 [BLOCK_N / 2, 64]."""
+        STAGES: gl.constexpr = ready.type.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
-        nbytes: gl.constexpr = x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
+        WK: gl.constexpr = w_desc.block_type.shape[1]  # weight bytes per row and chunk
+        X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
+        nbytes: gl.constexpr = X_PARTS * x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
         seq = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
@@ -85,10 +99,12 @@ if gluon is not None:
                 mbarrier.wait(empty.index(s), ((seq // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, c * _BK], bar, x_bufs.index(s))
-                tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, c * _BK], bar, w_bufs.index(2 * s))
-                tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N + HALF, c * _BK], bar,
-                                                w_bufs.index(2 * s + 1))
+                for part in gl.static_range(X_PARTS):
+                    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, c * _BK + part * (_BK // X_PARTS)],
+                                                    bar, x_bufs.index(X_PARTS * s + part))
+                for h in gl.static_range(2):
+                    tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N + h * HALF, c * WK], bar,
+                                                    w_bufs.index(2 * s + h))
                 seq += 1
 
     @gluon.jit
@@ -126,51 +142,95 @@ if gluon is not None:
             gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y.to(gl.float16), mask=mask)
 
     @gluon.jit
-    def _consume(x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, num_m, num_n, chunks,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, ZERO: gl.constexpr,
-                 GATED: gl.constexpr, WHICH: gl.constexpr):
+    def _unpack(p, s2, sz, MODE: gl.constexpr):
+        """Packed W4 bytes [rows, 64] of one chunk -> int8 (low half, high half): Q8' (g128, MODE 1)
+        or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py)."""
+        if MODE == 1:
+            s2b, _ = gl.broadcast(gl.expand_dims(s2.to(gl.uint8), 1), p)
+            cb, _ = gl.broadcast(gl.expand_dims((128 - sz).to(gl.uint8), 1), p)
+            lo, hi = gl.inline_asm_elementwise(asm=_G128_ASM, constraints="=r,=r,r,r,r", args=[p, s2b, cb],
+                                               dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        else:
+            lo, hi = gl.inline_asm_elementwise(asm=_PER_CHANNEL_ASM, constraints="=r,=r,r", args=[p],
+                                               dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        return lo, hi
+
+    @gluon.jit
+    def _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
+                 stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
+                 WHICH: gl.constexpr):
         """One consumer warpgroup: columns [WHICH * BLOCK_N / 2, (WHICH + 1) * BLOCK_N / 2) of every
-        tile of this CTA."""
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        tile of this CTA. W4 (MODE 1, 2): the packed chunk is unpacked in registers into this
+        warpgroup's own int8 buffers (two, alternating by chunk: the MMA of chunk c - 1 may still
+        read the other) and multiplied from there, two 64-deep MMAs per chunk."""
+        STAGES: gl.constexpr = ready.type.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128 if HALF > 128 else HALF, 32])
+        # packed bytes [HALF, 64]: 16 consecutive bytes (four words) per thread
+        packed: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+        GROUPS: gl.constexpr = 1 if MODE == 0 else 2  # MMA groups per chunk
         seq = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            col0 = pid_n * BLOCK_N + WHICH * HALF
             acc = gl.zeros((BLOCK_M, HALF), gl.int32, layout)
             prev = 0
             for c in range(chunks):
                 s = seq % STAGES
                 mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
-                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(2 * s + WHICH).permute((1, 0)), acc, is_async=True)
+                if MODE == 0:
+                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(2 * s + WHICH).permute((1, 0)), acc,
+                                        is_async=True)
+                else:
+                    rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
+                    s2 = rows
+                    sz = rows
+                    if MODE == 1:
+                        s2 = gl.load(s2_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
+                        sz = gl.load(sz_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
+                    lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(packed), s2, sz, MODE)
+                    w_lo = wq_bufs.index(4 * WHICH + 2 * (c % 2))
+                    w_hi = wq_bufs.index(4 * WHICH + 2 * (c % 2) + 1)
+                    w_lo.store(lo)
+                    w_hi.store(hi)
+                    fence_async_shared()  # the stores, before the MMA (async proxy) reads them
+                    gl.thread_barrier()  # all of this warpgroup's stores
+                    acc = warpgroup_mma(x_bufs.index(2 * s), w_lo.permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(x_bufs.index(2 * s + 1), w_hi.permute((1, 0)), acc, is_async=True)
                 # chunk c - 1's MMAs are done once at most this chunk's are in flight: release its
                 # slot (it is free when both consumers have)
-                acc = warpgroup_mma_wait(1, deps=(acc, ))
+                acc = warpgroup_mma_wait(GROUPS, deps=(acc, ))
                 mbarrier.arrive(empty.index(prev), pred=c > 0)
                 prev = s
                 seq += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(empty.index(prev))
-            _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N + WHICH * HALF, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr,
-                      M, N, ZERO, GATED)
+            _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
 
     @gluon.jit
-    def _partition(x_desc, w_desc, x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
-                   num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                   ZERO: gl.constexpr, GATED: gl.constexpr, ROLE: gl.constexpr):
+    def _partition(x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr,
+                   y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
+                   ROLE: gl.constexpr):
         if ROLE == _PRODUCER:
-            _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M)
+            _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M,
+                     MODE)
         else:
-            _consume(x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, num_m, num_n,
-                     chunks, BLOCK_M, BLOCK_N, GROUP_M, ZERO, GATED, ROLE)
+            _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
+                     stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED, ROLE)
 
     @gluon.jit
-    def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, K,
+    def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                        ZERO: gl.constexpr, GATED: gl.constexpr):
-        x_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BK], x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES, BLOCK_N // 2, _BK], w_desc.layout)
+                        MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr):
+        X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
+        x_bufs = gl.allocate_shared_memory(gl.int8, [X_PARTS * STAGES] + x_desc.block_type.shape, x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
+        # W4: each consumer's unpacked chunk, [2 parities x (low, high)] of [BLOCK_N / 2, 64] int8
+        wq_bufs = gl.allocate_shared_memory(gl.int8, [8 if MODE != 0 else 1] + w_desc.block_type.shape,
+                                            w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -180,18 +240,25 @@ if gluon is not None:
         num_n = gl.cdiv(N, BLOCK_N)
         chunks = K // _BK
         gl.warp_specialize([
-            (_partition, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
-                          num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, ZERO, GATED, _CONSUMER_0)),
-            (_partition, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
-                          num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, ZERO, GATED, _CONSUMER_1)),
-            (_partition, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
-                          num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, ZERO, GATED, _PRODUCER)),
+            (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
+                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
+                          GATED, _CONSUMER_0)),
+            (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
+                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
+                          GATED, _CONSUMER_1)),
+            (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
+                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
+                          GATED, _PRODUCER)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
-def stages_for(block_m: int, block_n: int, smem_bytes: int = 227 * 1024) -> int:
-    """Ring slots that fit the SM's shared memory (one X and one W chunk each), at most 8."""
-    return min(8, (smem_bytes - 1024) // ((block_m + block_n) * BLOCK_K))
+def stages_for(block_m: int, block_n: int, mode: int = 0, smem_bytes: int = 227 * 1024) -> int:
+    """Ring slots that fit the SM's shared memory, at most 8: each holds X's [block_m, 128] and the
+    weights' [block_n, 128] (int8) or [block_n, 64] (packed W4, which also needs the consumers'
+    four unpacked [block_n / 2, 64] buffers)."""
+    if mode == 0:
+        return min(8, (smem_bytes - 1024) // ((block_m + block_n) * BLOCK_K))
+    return min(8, (smem_bytes - 1024 - 4 * block_n * 64) // ((2 * block_m + block_n) * 64))
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,32 +266,36 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_args(x8, w, sx, xsum, s1, sz, y, cfg: dict, zero: bool, gated: bool):
+def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool, gated: bool):
     """(grid, positional args, constexpr kwargs) of one `_ws_gemm_kernel` launch."""
     M, K = x8.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    x_desc = GluonDescriptor.from_tensor(x8, [bm, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bm, BLOCK_K], gl.int8))
-    half = [bn // 2, BLOCK_K]  # each consumer warpgroup's half of the weight tile
+    xk = BLOCK_K if mode == 0 else BLOCK_K // 2  # W4: X as two 64-wide halves per chunk
+    x_desc = GluonDescriptor.from_tensor(x8, [bm, xk], gl.NVMMASharedLayout.get_default_for([bm, xk], gl.int8))
+    half = [bn // 2, xk]  # each consumer warpgroup's half of the weight tile (W4: packed bytes)
     w_desc = GluonDescriptor.from_tensor(w, half, gl.NVMMASharedLayout.get_default_for(half, gl.int8))
     tiles = -(-M // bm) * -(-N // bn)
     sms = _num_sms(x8.device.index or 0) if x8.is_cuda else 132
     dummy = sx
-    args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, sz if sz is not None else dummy, y, M, N, K)
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn),
-                  GROUP_M=cfg.get("GROUP_M", 8), ZERO=zero, GATED=gated)
+    args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
+            sz if sz is not None else dummy, y, M, N, K, s2.stride(0) if s2 is not None else 0)
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode),
+                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated)
     return (min(sms, tiles),), args, consts
 
 
-def ws_int8_gemm(x8, w, sx, xsum, s1, sz, y, cfg: dict, zero: bool = False, gated: bool = False) -> None:
+def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False) -> None:
     """Run the kernel into y ([M, N] fp16, or [M, N / 2] with gated); inputs validated by callers.
 
-    zero: subtract xsum[m] * sz[n] (per-channel W4 unpacked to its uint4 codes)."""
-    grid, args, consts = launch_args(x8, w, sx, xsum, s1, sz, y, cfg, zero, gated)
+    mode: int_gemm's MODE (0 int8 weights [N, K]; 1 g128 / 2 per-channel packed W4 [N, K / 2],
+    unpacked in the kernel). zero: subtract xsum[m] * sz[n] (per-channel W4, packed or unpacked to
+    its uint4 codes). gated: the int8 weights' rows are gate/up pairs (mode 0 only)."""
+    grid, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero, gated)
     _ws_gemm_kernel[grid](*args, **consts, num_warps=4, maxnreg=MAXNREG)
 
 
-def compile_sm90(x8, w, sx, xsum, s1, sz, y, cfg: dict, zero: bool = False, gated: bool = False):
+def compile_sm90(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False):
     """Compile the kernel for an H100 (sm_90) without a GPU (tensors on any device give the
     signature): the CPU tests' check that it builds, and a way to read its SASS offline."""
     import triton
@@ -232,10 +303,9 @@ def compile_sm90(x8, w, sx, xsum, s1, sz, y, cfg: dict, zero: bool = False, gate
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    _, args, consts = launch_args(x8, w, sx, xsum, s1, sz, y, cfg, zero, gated)
+    _, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero, gated)
     fn = _ws_gemm_kernel
-    names = fn.arg_names
-    signature = {name: mangle_type(arg) for name, arg in zip(names, args)}
+    signature = {name: mangle_type(arg) for name, arg in zip(fn.arg_names, args)}
     signature.update({name: "constexpr" for name in consts})
     src = GluonASTSource(fn, signature, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAXNREG))

@@ -222,24 +222,30 @@ def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
 WS = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, TMA=True, WS=True)
 
 
-@pytest.mark.parametrize("zero,gated", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("mode,zero,gated", [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
+                                             (1, False, False), (2, True, False)])
 @pytest.mark.parametrize("tile", [(128, 256), (64, 256), (256, 128)])
-def test_ws_gemm_compiles_for_sm90(zero, gated, tile):
+def test_ws_gemm_compiles_for_sm90(mode, zero, gated, tile):
     """Gluon kernels do not run in the CPU interpreter: build this one for an H100 instead, and
-    check that it is what it claims (async wgmma, register hand-off between its partitions)."""
+    check that it is what it claims (async wgmma on int8, TMA loads, register hand-off between its
+    partitions; W4 modes store their unpacked chunk and fence it before the MMA reads it)."""
     from qoq.kernels import ws_gemm
 
     if not ws_gemm.available():
         pytest.skip("this Triton has no Gluon")
     m, n, k = 300, 512, 1024
-    x8, w = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k, dtype=torch.int8)
-    sx, s1 = torch.empty(m), torch.empty(n, dtype=torch.float16)
+    x8, sx = torch.empty(m, k, dtype=torch.int8), torch.empty(m)
+    w = torch.empty(n, k, dtype=torch.int8) if mode == 0 else torch.empty(n, k // 2, dtype=torch.uint8)
+    s1 = torch.empty(n, dtype=torch.float16)
+    s2 = torch.empty(n, k // 128, dtype=torch.uint8) if mode == 1 else None
+    sz = s2 if mode == 1 else (s1 if zero else None)
     y = torch.empty(m, n // 2 if gated else n, dtype=torch.float16)
     cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
-    kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s1 if zero else None, y, cfg, zero, gated)
+    kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s2, sz, y, mode, cfg, zero, gated)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
     assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert ("fence.proxy.async" in ptx) == (mode != 0)
     assert kernel.metadata.shared <= 227 * 1024
 
 
@@ -271,5 +277,6 @@ def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
     want = fn(*case, silu_mul=silu, config=tl_cfg)
     assert rel_err(want, ref(*case, silu_mul=silu)) < EXACT
     for tile in [(128, 256), (64, 256), (256, 128)]:
-        cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], **unpack)
-        assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
+        for fuse in ([False, True] if unpack else [False]):  # W4 unpacked ahead, or in the kernel
+            cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, **unpack)
+            assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
