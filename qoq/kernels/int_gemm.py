@@ -378,41 +378,46 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
 
 
 def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
-    """Where the warp-specialized Gluon kernel (ws_gemm.py; W4 unpacked to int8 first) takes the
-    GEMM on Hopper, from the H100 probes benchmarks/results/ws-gemm-probe-h100.json (M = 1200,
-    8192) and ws-gemm-decode-probe-h100.json (M = 768, 1024, 1536). None: the tl.dot kernels.
+    """Where the warp-specialized Gluon kernel (ws_gemm.py) takes the GEMM on Hopper, from the H100
+    probes benchmarks/results/ws-gemm-probe-h100.json (M = 1200, 8192), ws-gemm-decode-probe-h100.json
+    (M = 768, 1024, 1536) and ws-fused-probe-h100.json (W4 unpacked inside the kernel). None: the
+    tl.dot kernels.
 
-    - M >= WS_MIN_M (prefill): every shape, 128x256 tiles. Per decoder layer at M = 8192: 0.90x
-      the tl.dot kernel's time for per-channel W4; ~1.0x for g128, whose full-range int8 weights
-      hold the H100 at its power limit either way.
+    - M >= WS_MIN_M (prefill): every shape, 128x256 tiles, W4 unpacked to int8 by its own pass
+      first (FUSE=False). Per decoder layer at M = 8192: 0.90x the tl.dot kernel's time for
+      per-channel W4; ~1.0x for g128, whose full-range int8 weights hold the H100 at its power limit
+      either way. Unpacking inside the kernel was slower here (per-channel 1.06x, g128 1.27x).
     - Decode sizes above WS_DECODE_M: a persistent kernel runs ceil(tiles / SMs) rounds of tiles.
       N <= 6144 (qkv, o_proj) takes the 128x128 tiles where their rounds cost less (a 128x128
       round measured 0.58 of a 128x256 one): at M = 1200 o_proj 58 against 67-69 us before. The
       K = 14336 down projection takes 128x256 tiles only where they make one round; past it the
-      tl.dot kernel's split tail is faster (164 against 178 us at M = 1200). Per-channel W4 keeps
-      its in-loop-unpack kernel up to M = 1024 for o_proj and gate/up (one wave of its 128x128
-      tiles, and no unpack pass: 237 against 263 us for gate/up).
+      tl.dot kernel's split tail is faster (164 against 178 us at M = 1200). Per-channel W4 is
+      unpacked inside the kernel (FUSE: no unpack pass; 563 against 636 us per decoder layer at
+      M = 1200) and keeps its in-loop-unpack tl.dot kernel up to M = 1024 for o_proj and gate/up
+      (one wave of its 128x128 tiles: 237 against 263 us for gate/up with the unpack pass); g128
+      is unpacked ahead (its in-kernel unpack's scale loads cost more than the pass).
     The num_warps given are the tl.dot kernel's, which runs these tiles where Gluon is missing."""
     if not ws_gemm.available():
         return None
     unpack = mode != MODE_W8
-    wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=unpack, WS=True)
+    wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=unpack, WS=True, FUSE=False)
     if M >= WS_MIN_M:
         return wide
     if M <= WS_DECODE_M[mode]:
         return None
     sms = _sm_count()
+    fuse = mode == MODE_W4_PER_CHANNEL
 
     def rounds(bn: int) -> int:
         return -(-(-(-M // 128) * -(-N // bn)) // sms)
 
     if K >= 8192:
-        return wide if rounds(256) == 1 else None
+        return dict(wide, FUSE=fuse) if rounds(256) == 1 else None
     if mode == MODE_W4_PER_CHANNEL and M <= 1024 and N != 6144:
         return None
     if N >= 16384 or rounds(256) <= NARROW_ROUND_COST * rounds(128):
-        return wide
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True)
+        return dict(wide, FUSE=fuse)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True, FUSE=fuse)
 
 
 @functools.lru_cache(maxsize=1)
@@ -488,12 +493,14 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
 
 def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
     """Whether a GEMM of [gate | up] weights applies silu(gate) * up in its own epilogue at this
-    size: the unpack-first TMA path (W4 on Hopper, M >= UNPACK_MIN_M), whose unpack interleaves
-    the gate and up rows. Elsewhere `silu_mul=True` runs the GEMM and then a SiLU*mul pass."""
+    size: the unpack-first TMA paths (W4 on Hopper, M >= UNPACK_MIN_M or the Gluon kernel without
+    FUSE), whose unpack interleaves the gate and up rows. Elsewhere `silu_mul=True` runs the GEMM
+    and then a SiLU*mul pass."""
     if mode == MODE_W8 or device.type != "cuda" or triton is None or not has_tma(device.index or 0):
         return False
     cfg = tma_config(M, N, K, mode)
-    return bool(cfg and cfg.get("UNPACK"))
+    # the W4-in-kernel Gluon path (FUSE) has no interleaved int8 weights: GEMM, then SiLU*mul
+    return bool(cfg and cfg.get("UNPACK") and not (cfg.get("WS") and cfg.get("FUSE", True)))
 
 
 def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None, silu_mul: bool = False):
