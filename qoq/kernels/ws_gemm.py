@@ -142,6 +142,18 @@ if gluon is not None:
             gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y.to(gl.float16), mask=mask)
 
     @gluon.jit
+    def _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c, MODE: gl.constexpr):
+        """g128 (MODE 1): chunk c's step s2 and scaled zero sz of the weight rows `rows` (int32);
+        other modes: placeholders, unused."""
+        if MODE == 1:
+            s2 = gl.load(s2_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
+            sz = gl.load(sz_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
+        else:
+            s2 = rows
+            sz = rows
+        return s2, sz
+
+    @gluon.jit
     def _unpack(p, s2, sz, MODE: gl.constexpr):
         """Packed W4 bytes [rows, 64] of one chunk -> int8 (low half, high half): Q8' (g128, MODE 1)
         or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py)."""
@@ -177,19 +189,21 @@ if gluon is not None:
             col0 = pid_n * BLOCK_N + WHICH * HALF
             acc = gl.zeros((BLOCK_M, HALF), gl.int32, layout)
             prev = 0
+            rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
+            # g128: each chunk's s2 / sz are loaded one chunk ahead, off the unpack's critical path
+            s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, 0, MODE)
             for c in range(chunks):
                 s = seq % STAGES
+                s2 = s2_next
+                sz = sz_next
+                if MODE == 1:
+                    s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg,
+                                                     gl.minimum(c + 1, chunks - 1), MODE)
                 mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
                 if MODE == 0:
                     acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(2 * s + WHICH).permute((1, 0)), acc,
                                         is_async=True)
                 else:
-                    rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
-                    s2 = rows
-                    sz = rows
-                    if MODE == 1:
-                        s2 = gl.load(s2_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
-                        sz = gl.load(sz_ptr + rows * stride_sg + c, mask=rows < N, other=0).to(gl.int32)
                     lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(packed), s2, sz, MODE)
                     w_lo = wq_bufs.index(4 * WHICH + 2 * (c % 2))
                     w_hi = wq_bufs.index(4 * WHICH + 2 * (c % 2) + 1)
