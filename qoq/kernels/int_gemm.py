@@ -404,7 +404,7 @@ def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
     if M >= WS_MIN_M:
         return wide
     if M <= WS_DECODE_M[mode]:
-        return None
+        return _ws_small_m(M, N, K, mode)
     sms = _sm_count()
     fuse = mode == MODE_W4_PER_CHANNEL
 
@@ -418,6 +418,28 @@ def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
     if N >= 16384 or rounds(256) <= NARROW_ROUND_COST * rounds(128):
         return dict(wide, FUSE=fuse)
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True, FUSE=fuse)
+
+
+def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
+    """Mid-size M (64 < M <= 640): the Gluon kernel with W4 unpacked inside it, per shape
+    where it beat the tl.dot kernels on the H100 (benchmarks/results/ws-small-m-probe-h100.json,
+    M = 128 / 256 / 512; e.g. the K = 14336 down projection at M = 256: per-channel 40.8 against
+    49.7 us, g128 56.4 against 78.9). Narrow 64-row tiles at M <= 384 for the narrow and the long-K
+    shapes (more CTAs streaming weights), 128x128 elsewhere; None where the tl.dot kernel won."""
+    if M <= 64 or M > 640 or mode == MODE_W8:
+        return None
+    narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
+    square = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
+    g128 = mode == MODE_W4_G128
+    if K >= 8192:  # the down projection
+        return narrow if M <= 384 else square
+    if N >= 16384:  # gate/up
+        return square if M <= 192 or (g128 and M > 384) else None
+    if M <= 192:
+        return narrow
+    if M <= 384:
+        return narrow if N <= 4096 else (square if g128 else None)
+    return square if N <= 4096 else None
 
 
 @functools.lru_cache(maxsize=1)
