@@ -280,3 +280,37 @@ def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
         for fuse in ([False, True] if unpack else [False]):  # W4 unpacked ahead, or in the kernel
             cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, **unpack)
             assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
+
+
+def test_ws_dispatch_rules(monkeypatch):
+    """Where the Gluon kernel takes a GEMM on Hopper (int_gemm._ws_config, from the H100 probes),
+    on an H100's 132 SMs: every prefill shape with 128x256 tiles and the unpack pass; at the serving
+    batch the persistent rounds pick 128x128 for o_proj and 128x256 for qkv, the long-K down
+    projection keeps the tl.dot split tail past one round; per-channel unpacks W4 inside the kernel
+    at decode sizes (and then fuses no SiLU*mul), g128 does not."""
+    from qoq.kernels import int_gemm, ws_gemm
+
+    if not ws_gemm.available():
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(int_gemm, "_sm_count", lambda: 132)
+    g128, pc = int_gemm.MODE_W4_G128, int_gemm.MODE_W4_PER_CHANNEL
+
+    def cfg(m, n, k, mode):
+        c = int_gemm.tma_config(m, n, k, mode) or {}
+        return (c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("FUSE")) if c.get("WS") else None
+
+    for mode in (g128, pc, int_gemm.MODE_W8):
+        assert all(cfg(8192, n, k, mode) == (128, 256, False) for n, k in [(6144, 4096), (4096, 14336)])
+    assert cfg(1200, 6144, 4096, pc) == (128, 256, True)  # 240 tiles: 2 rounds either way
+    assert cfg(1200, 4096, 4096, pc) == (128, 128, True)  # 3 rounds of 128x128 < 2 of 128x256
+    assert cfg(1200, 4096, 4096, g128) == (128, 128, False)
+    assert cfg(1200, 4096, 14336, g128) is None  # 160 tiles of 128x256: the split tail instead
+    assert cfg(1024, 4096, 14336, pc) == (128, 256, True)  # one round
+    assert cfg(1024, 28672, 4096, pc) is None  # one wave of the in-loop kernel's tiles
+    assert cfg(256, 4096, 14336, g128) == (64, 128, True)  # mid-size M: W4 unpacked inside
+    assert cfg(64, 4096, 14336, g128) is None and cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(int_gemm, "has_tma", lambda index: True)
+    assert int_gemm.fused_silu_mul(8192, 28672, 4096, pc, dev)  # the unpack pass interleaves gate/up
+    assert int_gemm.fused_silu_mul(1200, 28672, 4096, g128, dev)
+    assert not int_gemm.fused_silu_mul(1200, 28672, 4096, pc, dev)  # W4 unpacked in the kernel
