@@ -48,6 +48,8 @@ VARIANTS = {
     "unpack ws 256x128 s4": dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3, UNPACK=True, WS=True, FUSE=False),
     "fused ws 128x256": dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True, WS=True, FUSE=True),
     "fused ws 128x128": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
+    "fused ws 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
+    "fused ws 128x64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
     "fused ws 64x128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
     "fused ws 64x256": dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True),
     "fused ws 256x128": dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3, UNPACK=True, WS=True, FUSE=True),
