@@ -32,7 +32,6 @@ import functools
 
 import torch
 
-from qoq.kernels.dispatch import arrival_counters
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 
 try:
@@ -81,62 +80,8 @@ if gluon is not None:
         return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
 
     @gluon.jit
-    def _schedule(num_tiles, chunks, SK: gl.constexpr):
-        """This CTA's work: tiles range(t0, t1, step), and of them the chunk iterations [it0, it1)
-        of the whole GEMM's tiles x chunks. Without SK, whole tiles pid, pid + grid, ...; with SK
-        (stream-K) an equal share of all iterations, so that a tile may be split between
-        neighbouring CTAs (`_stream_k_finish` adds the pieces up)."""
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        total = num_tiles * chunks
-        if SK:
-            it0 = pid * total // nprog
-            it1 = (pid + 1) * total // nprog
-            t0 = it0 // chunks
-            t1 = (it1 + chunks - 1) // chunks
-            step = 1
-        else:
-            it0 = 0
-            it1 = total
-            t0 = pid
-            t1 = num_tiles
-            step = nprog
-        return t0, t1, step, it0, it1
-
-    @gluon.jit
-    def _stream_k_finish(acc, tile, c_lo, c_hi, it0, chunks, num_tiles, ws_ptr, cnt_ptr, WHICH: gl.constexpr):
-        """A tile this CTA computed only part of (chunks [c_lo, c_hi)): store the int32 partial to
-        this CTA's workspace slot (its first tile or its last one), count it in at the tile's
-        counter (acq_rel), and if it is the last piece to arrive, add up the others (exact) and
-        return (True, the whole accumulator); the counter is reset for the next launch."""
-        BM: gl.constexpr = acc.shape[0]
-        HALF: gl.constexpr = acc.shape[1]
-        layout: gl.constexpr = acc.type.layout
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        total = num_tiles * chunks
-        offs = (gl.arange(0, BM, layout=gl.SliceLayout(1, layout))[:, None] * HALF
-                + gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))[None, :])
-        slot = 2 * pid + (tile != it0 // chunks).to(gl.int32)
-        gl.store(ws_ptr + (slot * 2 + WHICH).to(gl.int64) * (BM * HALF) + offs, acc)
-        gl.thread_barrier()  # every thread's partial is written before the release below
-        first = ((tile * chunks + 1) * nprog - 1) // total  # the CTAs that share this tile
-        last = ((tile * chunks + chunks) * nprog - 1) // total
-        arrived = gl.atomic_add(cnt_ptr + 2 * tile + WHICH, 1, sem="acq_rel", scope="gpu")
-        done = arrived == last - first
-        if done:
-            for q in range(first, last + 1):
-                if q != pid:
-                    other = 2 * q + (tile != (q * total // nprog) // chunks).to(gl.int32)
-                    acc += gl.load(ws_ptr + (other * 2 + WHICH).to(gl.int64) * (BM * HALF) + offs,
-                                   cache_modifier=".cg")
-            gl.atomic_xchg(cnt_ptr + 2 * tile + WHICH, 0, sem="relaxed", scope="gpu")
-        return done, acc
-
-    @gluon.jit
     def _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr,
-                 SK: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr):
         """The TMA warp: per 128-deep chunk, X's [BLOCK_M, 128] (W4: as two 64-wide halves) and the
         two consumers' weight halves, int8 [BLOCK_N / 2, 128] or packed W4 [BLOCK_N / 2, 64]."""
         STAGES: gl.constexpr = ready.type.shape[0]
@@ -145,10 +90,9 @@ if gluon is not None:
         X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
         nbytes: gl.constexpr = X_PARTS * x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
         seq = 0
-        t0, t1, step, it0, it1 = _schedule(num_m * num_n, chunks, SK)
-        for tile in range(t0, t1, step):
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            for c in range(gl.maximum(it0 - tile * chunks, 0), gl.minimum(it1 - tile * chunks, chunks)):
+            for c in range(chunks):
                 s = seq % STAGES
                 # a fresh mbarrier counts as having completed the phase before 0: the first pass
                 # over the ring does not wait
@@ -227,7 +171,7 @@ if gluon is not None:
     def _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
                  stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                 ws_ptr, cnt_ptr, SK: gl.constexpr, WHICH: gl.constexpr):
+                 WHICH: gl.constexpr):
         """One consumer warpgroup: columns [WHICH * BLOCK_N / 2, (WHICH + 1) * BLOCK_N / 2) of every
         tile of this CTA. W4 (MODE 1, 2): the packed chunk is unpacked in registers into this
         warpgroup's own int8 buffers (two, alternating by chunk: the MMA of chunk c - 1 may still
@@ -240,18 +184,15 @@ if gluon is not None:
         packed: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
         GROUPS: gl.constexpr = 1 if MODE == 0 else 2  # MMA groups per chunk
         seq = 0
-        t0, t1, step, it0, it1 = _schedule(num_m * num_n, chunks, SK)
-        for tile in range(t0, t1, step):
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             col0 = pid_n * BLOCK_N + WHICH * HALF
             acc = gl.zeros((BLOCK_M, HALF), gl.int32, layout)
             prev = 0
             rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
-            c_lo = gl.maximum(it0 - tile * chunks, 0)
-            c_hi = gl.minimum(it1 - tile * chunks, chunks)
             # g128: each chunk's s2 / sz are loaded one chunk ahead, off the unpack's critical path
-            s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c_lo, MODE)
-            for c in range(c_lo, c_hi):
+            s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, 0, MODE)
+            for c in range(chunks):
                 s = seq % STAGES
                 s2 = s2_next
                 sz = sz_next
@@ -275,39 +216,29 @@ if gluon is not None:
                 # chunk c - 1's MMAs are done once at most this chunk's are in flight: release its
                 # slot (it is free when both consumers have)
                 acc = warpgroup_mma_wait(GROUPS, deps=(acc, ))
-                mbarrier.arrive(empty.index(prev), pred=c > c_lo)
+                mbarrier.arrive(empty.index(prev), pred=c > 0)
                 prev = s
                 seq += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(empty.index(prev))
-            if SK:
-                done = (c_lo == 0) & (c_hi == chunks)
-                if (c_lo != 0) | (c_hi != chunks):
-                    done, acc = _stream_k_finish(acc, tile, c_lo, c_hi, it0, chunks, num_m * num_n, ws_ptr, cnt_ptr,
-                                                 WHICH)
-                if done:
-                    _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
-            else:
-                _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
+            _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
 
     @gluon.jit
     def _partition(x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr,
                    y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                   ws_ptr, cnt_ptr, SK: gl.constexpr, ROLE: gl.constexpr):
+                   ROLE: gl.constexpr):
         if ROLE == _PRODUCER:
             _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M,
-                     MODE, SK)
+                     MODE)
         else:
             _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
-                     stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED, ws_ptr, cnt_ptr,
-                     SK, ROLE)
+                     stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED, ROLE)
 
     @gluon.jit
     def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
-                        ws_ptr, cnt_ptr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                        MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr, SK: gl.constexpr):
+                        MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr):
         X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
         x_bufs = gl.allocate_shared_memory(gl.int8, [X_PARTS * STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -325,13 +256,13 @@ if gluon is not None:
         gl.warp_specialize([
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, ws_ptr, cnt_ptr, SK, _CONSUMER_0)),
+                          GATED, _CONSUMER_0)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, ws_ptr, cnt_ptr, SK, _CONSUMER_1)),
+                          GATED, _CONSUMER_1)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, ws_ptr, cnt_ptr, SK, _PRODUCER)),
+                          GATED, _PRODUCER)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -360,21 +291,12 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
     w_desc = GluonDescriptor.from_tensor(w, half, gl.NVMMASharedLayout.get_default_for(half, gl.int8))
     tiles = -(-M // bm) * -(-N // bn)
     sms = _num_sms(x8.device.index or 0) if x8.is_cuda else 132
-    sk = bool(cfg.get("SK", False))
-    # stream-K: every CTA gets at least one chunk iteration; its workspace holds two partial tiles
-    # per CTA (its first and its last) for each consumer, and one arrival counter per tile half
-    grid = min(sms, tiles * (K // BLOCK_K)) if sk else min(sms, tiles)
     dummy = sx
-    if sk:
-        ws = torch.empty(grid * 4 * bm * (bn // 2), dtype=torch.int32, device=x8.device)
-        cnt = arrival_counters(x8.device, 2 * tiles)
-    else:
-        ws = cnt = y
     args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
-            sz if sz is not None else dummy, y, M, N, K, s2.stride(0) if s2 is not None else 0, ws, cnt)
+            sz if sz is not None else dummy, y, M, N, K, s2.stride(0) if s2 is not None else 0)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode),
-                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated, SK=sk)
-    return (grid,), args, consts
+                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated)
+    return (min(sms, tiles),), args, consts
 
 
 def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False) -> None:

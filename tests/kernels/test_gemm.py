@@ -224,8 +224,8 @@ WS = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, TMA=True, WS=True
 
 @pytest.mark.parametrize("mode,zero,gated", [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
                                              (1, False, False), (2, True, False)])
-@pytest.mark.parametrize("tile,sk", [((128, 256), False), ((64, 256), False), ((256, 128), False), ((128, 128), True)])
-def test_ws_gemm_compiles_for_sm90(mode, zero, gated, tile, sk):
+@pytest.mark.parametrize("tile", [(128, 256), (64, 256), (256, 128)])
+def test_ws_gemm_compiles_for_sm90(mode, zero, gated, tile):
     """Gluon kernels do not run in the CPU interpreter: build this one for an H100 instead, and
     check that it is what it claims (async wgmma on int8, TMA loads, register hand-off between its
     partitions; W4 modes store their unpacked chunk and fence it before the MMA reads it)."""
@@ -240,13 +240,12 @@ def test_ws_gemm_compiles_for_sm90(mode, zero, gated, tile, sk):
     s2 = torch.empty(n, k // 128, dtype=torch.uint8) if mode == 1 else None
     sz = s2 if mode == 1 else (s1 if zero else None)
     y = torch.empty(m, n // 2 if gated else n, dtype=torch.float16)
-    cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], SK=sk)
+    cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
     kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s2, sz, y, mode, cfg, zero, gated)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
     assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
     assert ("fence.proxy.async" in ptx) == (mode != 0)
-    assert ("atom.global.gpu.acq_rel" in ptx) == sk  # stream-K's arrival counters
     assert kernel.metadata.shared <= 227 * 1024
 
 
@@ -279,13 +278,8 @@ def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
     assert rel_err(want, ref(*case, silu_mul=silu)) < EXACT
     for tile in [(128, 256), (64, 256), (256, 128)]:
         for fuse in ([False, True] if unpack else [False]):  # W4 unpacked ahead, or in the kernel
-            for sk in [False, True]:  # whole tiles per CTA, or stream-K (tiles split between CTAs)
-                cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, SK=sk, **unpack)
-                for _ in range(2 if sk else 1):  # twice: the arrival counters reset
-                    assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
-    from qoq.kernels import dispatch
-
-    assert all(int(b.abs().sum()) == 0 for b in dispatch._ARRIVAL_COUNTERS.values())
+            cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, **unpack)
+            assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
 
 
 def test_ws_dispatch_rules(monkeypatch):
