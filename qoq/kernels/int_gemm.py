@@ -442,11 +442,9 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
     return square if N <= 4096 else None
 
 
-@functools.lru_cache(maxsize=1)
 def _sm_count() -> int:
     """SMs of the current GPU (the persistent kernel's grid); an H100's 132 without one."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
-        if torch.cuda.is_available() else 132
+    return ws_gemm.num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,7 +584,7 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
     M, K = x8.shape
     N = w.shape[0]
     zero = mode == MODE_W4_PER_CHANNEL
-    ws = cfg.get("WS", False) and ws_gemm.available()
+    ws = cfg.get("WS", False) and x8.is_cuda and ws_gemm.supported(x8.device.index or 0)
     if ws and mode != MODE_W8 and not gated and cfg.get("FUSE", True):
         # the warp-specialized Gluon kernel (ws_gemm.py), W4 unpacked in shared memory per chunk
         ws_gemm.ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero=zero)

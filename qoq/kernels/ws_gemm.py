@@ -1,29 +1,34 @@
-"""Warp-specialized persistent int8 GEMM for Hopper (Gluon): the prefill-sized GEMMs.
+"""Warp-specialized persistent int8 GEMM for Hopper, written in Gluon.
 
-Y = X @ W^T for int8 X [M, K] and int8 W [N, K] (W8A8, or W4 unpacked to int8 by
-`int_gemm.unpack_w4_int8`), int32 accumulation, the same epilogues as `_int8_gemm_tma_kernel`
-(per-token x per-channel scales, the per-channel zero term, silu(gate) * up of interleaved gate/up
-rows). The result is bit-identical to that kernel's: the same integers are summed exactly and the
-epilogue runs the same fp32 operations.
+Y = X @ W'^T for int8 X [M, K] and the weights as int8 W [N, K] (MODE 0: W8A8, or W4 unpacked by
+`int_gemm.unpack_w4_int8`) or as packed W4 [N, K / 2] unpacked inside the kernel (MODE 1 g128,
+MODE 2 per-channel; `int_gemm.pack_w4`'s layout), int32 accumulation, and the epilogues of
+`int_gemm._int8_gemm_tma_kernel`: per-token x per-channel scales, the per-channel zero term, and
+silu(gate) * up over interleaved gate/up rows. The result is bit-identical to that kernel's: the
+same integers are summed exactly and the epilogue runs the same fp32 operations.
 
-Why a second kernel: `tl.dot` on Hopper gives one CTA per SM for 128x256 tiles (192 KB of operand
+Why a second kernel: `tl.dot` on Hopper gives one CTA per SM at 128x256 tiles (192 KB of operand
 stages), which runs its prologue and epilogue with the tensor cores idle, and Triton 3.6 does not
 warp-specialize it (`tl.range(warp_specialize=True)` changed nothing, docs/kernels.md). Gluon lets
-us write the schedule explicitly:
+the schedule be written out:
 
-- one persistent CTA per SM walks the output tiles (grouped along M so that CTAs running together
-  share weight tiles in L2);
-- a producer warp issues the TMA loads of X and W chunks (BLOCK_K = 128) into a ring of STAGES
-  shared-memory slots, each with a `ready` (TMA bytes landed) and an `empty` (MMA done) mbarrier;
-- two consumer warpgroups take alternate tiles ("ping-pong"): since the producer fills the ring in
-  tile order, one consumer's main loop runs while the other converts, scales and stores its
-  accumulator, so the tensor cores do not wait for epilogues. Each consumer keeps one wgmma group
-  in flight (issue chunk c, wait until chunk c-1 is done, release c-1's slot).
+- one persistent CTA per SM walks the output tiles, GROUP_M row blocks per column sweep so that
+  CTAs running together share weight tiles in L2;
+- a producer warp issues the TMA loads of each 128-deep chunk (X, and the weight tile as two column
+  halves) into a ring of STAGES shared-memory slots, each with a `ready` mbarrier (TMA bytes
+  landed) and an `empty` one (count 2: both consumers are done with the slot); it runs ahead into
+  the next tile while the consumers run an epilogue;
+- two consumer warpgroups each compute one column half of every tile ("cooperative"; both wait on
+  every fill in order, so neither can mistake a slot's parity two phases ahead), keeping one async
+  wgmma group in flight: issue chunk c, wait until chunk c-1 is done, release its slot;
+- W4: each consumer unpacks its packed half in registers (the PTX of qoq/kernels/ptx.py), stores
+  it to its own int8 buffers (two, alternating by chunk), fences and syncs its warpgroup, and
+  multiplies from there.
 
-Hopper only (wgmma, TMA, mbarriers); `int_gemm._launch_tma` uses it where `ws_config` says so and
-keeps `_int8_gemm_tma_kernel` elsewhere. Gluon kernels do not run in the CPU interpreter: the CPU
-tests compile this kernel for sm_90 (`compile_sm90`) and the GPU tests compare it with the torch
-reference and with the tl.dot kernel at real shapes.
+Hopper only (wgmma, TMA, mbarriers, setmaxnreg). `int_gemm._ws_config` decides where it runs and
+`int_gemm._launch_tma` launches it; elsewhere the tl.dot kernels run. Gluon kernels do not run in
+the CPU interpreter: the CPU tests compile this one for sm_90 (`compile_sm90`) and check its PTX,
+and the GPU tests compare it bit for bit with the tl.dot TMA kernel and with the torch reference.
 """
 
 from __future__ import annotations
@@ -57,7 +62,19 @@ MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 
 
 def available() -> bool:
+    """Whether this Triton has Gluon (the CPU tests compile the kernel whenever it does)."""
     return gluon is not None
+
+
+@functools.lru_cache(maxsize=None)
+def supported(device_index: int) -> bool:
+    """Whether the kernel runs on this GPU: Hopper (sm_90) only, wgmma does not exist elsewhere."""
+    return available() and torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if gluon is not None:
@@ -275,11 +292,6 @@ def stages_for(block_m: int, block_n: int, mode: int = 0, smem_bytes: int = 227 
     return min(8, (smem_bytes - 1024 - 4 * block_n * 64) // ((2 * block_m + block_n) * 64))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool, gated: bool):
     """(grid, positional args, constexpr kwargs) of one `_ws_gemm_kernel` launch."""
     M, K = x8.shape
@@ -290,7 +302,7 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
     half = [bn // 2, xk]  # each consumer warpgroup's half of the weight tile (W4: packed bytes)
     w_desc = GluonDescriptor.from_tensor(w, half, gl.NVMMASharedLayout.get_default_for(half, gl.int8))
     tiles = -(-M // bm) * -(-N // bn)
-    sms = _num_sms(x8.device.index or 0) if x8.is_cuda else 132
+    sms = num_sms(x8.device.index or 0) if x8.is_cuda else 132  # CPU: compile_sm90 for an H100
     dummy = sx
     args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
             sz if sz is not None else dummy, y, M, N, K, s2.stride(0) if s2 is not None else 0)
@@ -305,6 +317,8 @@ def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = F
     mode: int_gemm's MODE (0 int8 weights [N, K]; 1 g128 / 2 per-channel packed W4 [N, K / 2],
     unpacked in the kernel). zero: subtract xsum[m] * sz[n] (per-channel W4, packed or unpacked to
     its uint4 codes). gated: the int8 weights' rows are gate/up pairs (mode 0 only)."""
+    if x8.shape[0] == 0:
+        return
     grid, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero, gated)
     _ws_gemm_kernel[grid](*args, **consts, num_warps=4, maxnreg=MAXNREG)
 
