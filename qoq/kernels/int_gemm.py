@@ -56,8 +56,8 @@ MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 # per decoder layer with it, benchmarks/results/decode-gemm-probe-h100.json); per-channel only from
 # M=2048 (0.97x).
 UNPACK_MIN_M = {MODE_W4_G128: 641, MODE_W4_PER_CHANNEL: 2048}
-# The warp-specialized Gluon kernel (`_ws_config`): every shape from WS_MIN_M, the K=4096 shapes
-# above WS_DECODE_M (per mode).
+# The warp-specialized Gluon kernel (`_ws_config`): every shape from WS_MIN_M; above WS_DECODE_M
+# (per mode) by persistent rounds per shape; below it `_ws_small_m`'s shapes from M > 64.
 WS_MIN_M = 2048
 WS_DECODE_M = {MODE_W8: WS_MIN_M, MODE_W4_G128: 640, MODE_W4_PER_CHANNEL: 768}
 NARROW_ROUND_COST = 0.58  # a persistent round of 128x128 tiles against one of 128x256 (H100, K=4096)
