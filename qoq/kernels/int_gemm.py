@@ -385,8 +385,8 @@ def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
 
     - M >= WS_MIN_M (prefill): every shape, 128x256 tiles, W4 unpacked to int8 by its own pass
       first (FUSE=False). Per decoder layer at M = 8192: 0.90x the tl.dot kernel's time for
-      per-channel W4; ~1.0x for g128, whose full-range int8 weights hold the H100 at its power limit
-      either way. Unpacking inside the kernel was slower here (per-channel 1.06x, g128 1.27x).
+      per-channel W4; ~1.0x for g128, whose full-range int8 weights run the same integer GEMM 5-10%
+      slower with either kernel (presumably the power limit; not measured). Unpacking inside the kernel was slower here (per-channel 1.06x, g128 1.27x).
     - Decode sizes above WS_DECODE_M: a persistent kernel runs ceil(tiles / SMs) rounds of tiles.
       N <= 6144 (qkv, o_proj) takes the 128x128 tiles where their rounds cost less (a 128x128
       round measured 0.58 of a 128x256 one): at M = 1200 o_proj 58 against 67-69 us before. The
@@ -442,6 +442,7 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
     return square if N <= 4096 else None
 
 
+@functools.lru_cache(maxsize=1)
 def _sm_count() -> int:
     """SMs of the current GPU (the persistent kernel's grid); an H100's 132 without one."""
     return ws_gemm.num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132
