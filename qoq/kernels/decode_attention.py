@@ -111,6 +111,98 @@ if tl is not None:  # Triton kernels read globals only as constexpr
     _KV4_BIASED_ASM, _KV8_BIASED_ASM = tl.constexpr(_KV4_BIASED_ASM), tl.constexpr(_KV8_BIASED_ASM)
 
 
+@lazy_jit.helper
+def _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+                W: tl.constexpr):
+    """Cache rows of the BLOCK_T tokens of iteration `blk` (K codes / scales, token-major) and the
+    offset of each token's first byte in the transposed V^T page block.
+
+    Whole pages, or whole fractions of one, per iteration (page_size and BLOCK_T are powers of two):
+    page-table loads per page, not per token, and no masks on the KV loads (a tail past the context
+    is allocated memory: the rest of the last page, page 0 for pages past it; its scores are masked
+    by the kernel). A per-token gather with masks cost ~20% at KV8 on H100."""
+    t = tl.arange(0, BLOCK_T)
+    if BLOCK_T <= PAGE:
+        SUB: tl.constexpr = PAGE // BLOCK_T
+        page = tl.load(bt_ptr + b * bt_stride + blk // SUB).to(tl.int64)
+        row = (page * HKV + h) * PAGE + (blk % SUB) * BLOCK_T + t
+        # V codes are stored transposed per page (kv_cache.py): byte (j, o) of the page-head
+        # block. Written as block start + token so that the compiler sees tokens contiguous.
+        v_tok = (page * HKV + h) * (PAGE * W) + (blk % SUB) * BLOCK_T + t
+    else:
+        PAGES: tl.constexpr = BLOCK_T // PAGE
+        pi = blk * PAGES + tl.arange(0, PAGES)
+        pages = tl.load(bt_ptr + b * bt_stride + pi, mask=pi * PAGE < ctx, other=0).to(tl.int64)
+        o = tl.arange(0, PAGE)[None, :]
+        row = tl.reshape((pages[:, None] * HKV + h) * PAGE + o, (BLOCK_T,))
+        v_tok = tl.reshape((pages[:, None] * HKV + h) * (PAGE * W) + o, (BLOCK_T,))
+    return row, v_tok
+
+
+@lazy_jit.helper
+def _kv4_codes(x, FAST: tl.constexpr, BIASED: tl.constexpr, HI16: tl.constexpr):
+    """KV4 code bytes -> fp16 (low nibbles, high nibbles). HI16: the high codes come multiplied
+    by 16 (the word-wide unpack's form; exact). BIASED: both come as 1024 + code (K only)."""
+    if FAST:
+        # 1.25 ops per code (_KV4_ASM; 0.75 BIASED) instead of a per-element int->fp16
+        # conversion, a quarter-rate instruction that bound the loop.
+        asm: tl.constexpr = _KV4_BIASED_ASM if BIASED else _KV4_ASM
+        lo, hi = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [x], (tl.float16, tl.float16), True, 4)
+    elif BIASED:  # the biased unpack's values, element-wise: the interpreter tests the algebra
+        lo = (x & 0xF).to(tl.float16) + 1024.0
+        hi = (x & 0xF0).to(tl.float16) + 1024.0
+    elif HI16:
+        lo = (x & 0xF).to(tl.float16)
+        hi = (x & 0xF0).to(tl.float16)
+    else:
+        lo = (x & 0xF).to(tl.float16)
+        hi = (x >> 4).to(tl.float16)
+    return lo, hi
+
+
+@lazy_jit.helper
+def _kv8_codes(lo, hi, FAST: tl.constexpr, BIASED: tl.constexpr):
+    """KV8 code bytes (two halves of the head dimension) -> fp16; BIASED: as 1024 + code."""
+    if FAST:
+        asm: tl.constexpr = _KV8_BIASED_ASM if BIASED else _KV8_ASM
+        lo, hi = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r", [lo, hi], (tl.float16, tl.float16), True, 4)
+    elif BIASED:
+        lo = lo.to(tl.float16) + 1024.0
+        hi = hi.to(tl.float16) + 1024.0
+    else:
+        lo = lo.to(tl.float16)
+        hi = hi.to(tl.float16)
+    return lo, hi
+
+
+@lazy_jit.helper
+def _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D: tl.constexpr,
+                  HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The last split of a (sequence, kv head) to finish: merge the splits' partial outputs by
+    their log-sum-exps, in split order (deterministic), into the output rows of `head`."""
+    j = tl.arange(0, HALF)
+    q_off = (b * HQ + head)[:, None] * D + j[None, :]
+    sp = tl.arange(0, BLOCK_S)
+    first = (b * HQ + head) * num_splits  # [BLOCK_G]
+    lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
+                      mask=g_mask[:, None] & (sp < num_splits)[None, :], other=-float("inf"),
+                      cache_modifier=".cg")
+    m_all = tl.max(lse_all, axis=1)
+    m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
+    w_all = tl.where(lse_all > -float("inf"), tl.exp2(lse_all - m_safe[:, None]), 0.0)
+    w_sum = tl.sum(w_all, axis=1)
+    m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
+    m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
+    for i in range(num_splits):
+        w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
+        p_off = (first + i)[:, None] * D + j[None, :]
+        m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+    w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+    tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
 @lazy_jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
@@ -159,73 +251,24 @@ def _decode_kernel(
     z_acc = tl.zeros((BLOCK_G,), tl.float32)
     for blk in tl.range(blk_begin, blk_end, num_stages=NUM_STAGES):
         tok = blk * BLOCK_T + t
-        # Whole pages, or whole fractions of one, per iteration (page_size and BLOCK_T are powers
-        # of two): page-table loads per page, not per token, and no masks on the KV loads (a tail
-        # past the context is allocated memory: the rest of the last page, page 0 for pages past
-        # it; its scores are masked below). A per-token gather with masks cost ~20% at KV8 on H100.
-        if BLOCK_T <= PAGE:
-            SUB: tl.constexpr = PAGE // BLOCK_T
-            page = tl.load(bt_ptr + b * bt_stride + blk // SUB).to(tl.int64)
-            row = (page * HKV + h) * PAGE + (blk % SUB) * BLOCK_T + t
-            # V codes are stored transposed per page (kv_cache.py): byte (j, o) of the page-head
-            # block. Written as block start + token so that the compiler sees tokens contiguous.
-            v_tok = (page * HKV + h) * (PAGE * W) + (blk % SUB) * BLOCK_T + t
-        else:
-            PAGES: tl.constexpr = BLOCK_T // PAGE
-            pi = blk * PAGES + tl.arange(0, PAGES)
-            pages = tl.load(bt_ptr + b * bt_stride + pi, mask=pi * PAGE < ctx, other=0).to(tl.int64)
-            o = tl.arange(0, PAGE)[None, :]
-            row = tl.reshape((pages[:, None] * HKV + h) * PAGE + o, (BLOCK_T,))
-            v_tok = tl.reshape((pages[:, None] * HKV + h) * (PAGE * W) + o, (BLOCK_T,))
+        row, v_tok = _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W)
         v_off = v_tok[:, None] + j[None, :] * PAGE
         if BITS == 4:
-            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
-            vb = tl.load(vc_ptr + v_off)
-            if FAST:
-                # 1.25 ops per code (_KV4_ASM; K 0.75 BIASED) instead of a per-element int->fp16
-                # conversion, a quarter-rate instruction that bound the loop.
-                # The high codes stay multiplied by 16: q_hi was pre-divided by 16 and the
-                # V high-half accumulator is divided by 16 at the end (both exact).
-                k_asm: tl.constexpr = _KV4_BIASED_ASM if BIASED else _KV4_ASM
-                k_lo, k_hi = tl.inline_asm_elementwise(
-                    k_asm, "=r,=r,=r,=r,r", [kb], (tl.float16, tl.float16), True, 4)
-                v_lo, v_hi = tl.inline_asm_elementwise(
-                    _KV4_ASM, "=r,=r,=r,=r,r", [vb], (tl.float16, tl.float16), True, 4)
-            elif BIASED:  # the biased unpack's values for K, element-wise
-                k_lo = (kb & 0xF).to(tl.float16) + 1024.0
-                k_hi = (kb & 0xF0).to(tl.float16) + 1024.0
-                v_lo = (vb & 0xF).to(tl.float16)
-                v_hi = (vb & 0xF0).to(tl.float16)
-            else:
-                k_lo = (kb & 0xF).to(tl.float16)
-                k_hi = (kb >> 4).to(tl.float16)
-                v_lo = (vb & 0xF).to(tl.float16)
-                v_hi = (vb >> 4).to(tl.float16)
+            # The high codes stay multiplied by 16 (HI16): q_hi was pre-divided by 16 and the
+            # V high-half accumulator is divided by 16 at the end (both exact).
+            k_lo, k_hi = _kv4_codes(tl.load(kc_ptr + row[:, None] * W + j[None, :]), FAST, BIASED, HI16)
+            v_lo, v_hi = _kv4_codes(tl.load(vc_ptr + v_off), FAST, False, HI16)
         else:
             k_lo = tl.load(kc_ptr + row[:, None] * W + j[None, :])
             k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
             if BITS == 8:
-                v_lo = tl.load(vc_ptr + v_off)
-                v_hi = tl.load(vc_ptr + v_off + HALF * PAGE)
+                v_lo, v_hi = _kv8_codes(tl.load(vc_ptr + v_off), tl.load(vc_ptr + v_off + HALF * PAGE), FAST, False)
+                k_lo, k_hi = _kv8_codes(k_lo, k_hi, FAST, BIASED)
             else:
-                v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :])
-                v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :])
-            if BITS == 8 and FAST:
-                k_asm8: tl.constexpr = _KV8_BIASED_ASM if BIASED else _KV8_ASM
-                k_lo, k_hi = tl.inline_asm_elementwise(
-                    k_asm8, "=r,=r,=r,=r,r,r", [k_lo, k_hi], (tl.float16, tl.float16), True, 4)
-                v_lo, v_hi = tl.inline_asm_elementwise(
-                    _KV8_ASM, "=r,=r,=r,=r,r,r", [v_lo, v_hi], (tl.float16, tl.float16), True, 4)
-            elif BITS == 8 and BIASED:
-                k_lo = k_lo.to(tl.float16) + 1024.0
-                k_hi = k_hi.to(tl.float16) + 1024.0
-                v_lo = v_lo.to(tl.float16)
-                v_hi = v_hi.to(tl.float16)
-            else:
+                v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :]).to(tl.float16)
+                v_hi = tl.load(vc_ptr + row[:, None] * W + HALF + j[None, :]).to(tl.float16)
                 k_lo = k_lo.to(tl.float16)
                 k_hi = k_hi.to(tl.float16)
-                v_lo = v_lo.to(tl.float16)
-                v_hi = v_hi.to(tl.float16)
         s = tl.dot(q_lo, tl.trans(k_lo))
         s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_G, BLOCK_T]
         if BIASED:
@@ -277,26 +320,128 @@ def _decode_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
-            sp = tl.arange(0, BLOCK_S)
-            first = (b * HQ + head) * num_splits  # [BLOCK_G]
-            lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
-                              mask=g_mask[:, None] & (sp < num_splits)[None, :], other=-float("inf"),
-                              cache_modifier=".cg")
-            m_all = tl.max(lse_all, axis=1)
-            m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
-            w_all = tl.where(lse_all > -float("inf"), tl.exp2(lse_all - m_safe[:, None]), 0.0)
-            w_sum = tl.sum(w_all, axis=1)
-            m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
-            m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
-            for i in range(num_splits):
-                w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
-                p_off = (first + i)[:, None] * D + j[None, :]
-                m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-                m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0,
-                                      cache_modifier=".cg")
-            w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-            tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
-            tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+            _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D, HALF, BLOCK_G, BLOCK_S)
+            tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
+
+
+@lazy_jit
+def _decode_kernel_t(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
+    HQ, HKV, bt_stride, sm_scale_log2, num_splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+    BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
+):
+    """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
+
+    S^T = K q^T ([BLOCK_T, BLOCK_G]) and O^T = V^T P^T ([D, BLOCK_G]): the group pads to the
+    8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
+    hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
+    V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    D: tl.constexpr = 2 * HALF
+    W: tl.constexpr = HALF if BITS == 4 else D
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, HALF)
+    t = tl.arange(0, BLOCK_T)
+    g_mask = g < GROUP
+    head = h * GROUP + g
+
+    q_off = (b * HQ + head)[None, :] * D + j[:, None]  # q^T [HALF, BLOCK_G]
+    q_lo = tl.load(q_ptr + q_off, mask=g_mask[None, :], other=0.0).to(tl.float16)
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[None, :], other=0.0).to(tl.float16)
+    q_sum = tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0)
+    HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
+    if HI16:
+        q_hi = q_hi * 0.0625
+    if BIASED:
+        k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0))
+
+    ctx = tl.load(len_ptr + b)
+    num_blocks = tl.cdiv(ctx, BLOCK_T)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    blk_begin = split * per_split
+    blk_end = tl.minimum(blk_begin + per_split, num_blocks)
+
+    m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc_lo = tl.zeros((HALF, BLOCK_G), tl.float32)
+    acc_hi = tl.zeros((HALF, BLOCK_G), tl.float32)
+    z_acc = tl.zeros((BLOCK_G,), tl.float32)
+    for blk in tl.range(blk_begin, blk_end, num_stages=NUM_STAGES):
+        tok = blk * BLOCK_T + t
+        row, v_tok = _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W)
+        vt_off = v_tok[None, :] + j[:, None] * PAGE  # V^T [HALF, BLOCK_T]
+        if BITS == 4:
+            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
+            vb = tl.load(vc_ptr + vt_off)
+        else:
+            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
+            kb_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
+            if BITS == 8:
+                vb = tl.load(vc_ptr + vt_off)
+                vb_hi = tl.load(vc_ptr + vt_off + HALF * PAGE)
+            else:
+                vb = tl.load(vc_ptr + row[None, :] * W + j[:, None])
+                vb_hi = tl.load(vc_ptr + row[None, :] * W + HALF + j[:, None])
+        if BITS == 16:
+            k_lo, k_hi, v_lo, v_hi = kb.to(tl.float16), kb_hi.to(tl.float16), vb.to(tl.float16), vb_hi.to(tl.float16)
+        elif BITS == 4:
+            k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
+            v_lo, v_hi = _kv4_codes(vb, FAST, False, HI16)
+        else:
+            k_lo, k_hi = _kv8_codes(kb, kb_hi, FAST, BIASED)
+            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, False)
+        s = tl.dot(k_lo, q_lo)
+        s = tl.dot(k_hi, q_hi, s)  # S^T [BLOCK_T, BLOCK_G]
+        if BIASED:
+            k_scale = tl.load(ks_ptr + row).to(tl.float32) * sm_scale_log2
+            k_zero = tl.load(kz_ptr + row).to(tl.float32) * sm_scale_log2
+            s = (s - k_bias[None, :]) * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
+        else:
+            if BITS != 16:
+                k_scale = tl.load(ks_ptr + row).to(tl.float32)
+                k_zero = tl.load(kz_ptr + row).to(tl.float32)
+                s = s * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
+            s = s * sm_scale_log2
+        s = tl.where((tok < ctx)[:, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        prob = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(prob, axis=0)
+        acc_lo = acc_lo * alpha[None, :]
+        acc_hi = acc_hi * alpha[None, :]
+        if BITS != 16:
+            v_scale = tl.load(vs_ptr + row).to(tl.float32)
+            v_zero = tl.load(vz_ptr + row).to(tl.float32)
+            p16 = (prob * v_scale[:, None]).to(tl.float16)
+            z_acc = z_acc * alpha + tl.sum(prob * v_zero[:, None], axis=0)
+        else:
+            p16 = prob.to(tl.float16)
+        acc_lo = tl.dot(v_lo, p16, acc_lo)  # O^T [HALF, BLOCK_G]
+        acc_hi = tl.dot(v_hi, p16, acc_hi)
+        m_i = m_new
+
+    if HI16:
+        acc_hi = acc_hi * 0.0625
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_lo = (acc_lo + z_acc[None, :]) / l_safe[None, :]
+    out_hi = (acc_hi + z_acc[None, :]) / l_safe[None, :]
+    if not SPLIT:
+        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+    else:
+        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
+        tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
+        tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
+        tl.store(lse_ptr + part, lse, mask=g_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D, HALF, BLOCK_G, BLOCK_S)
             tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
 
 
@@ -320,7 +465,11 @@ def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
 # path; one warp per program (no cross-warp softmax reductions, many programs per SM) beat 4 warps
 # by 1.15-1.25x at KV4/KV8 once the int->fp16 conversion was gone (FAST, on by default on CUDA).
 # BIASED (K codes kept as 1024 + code): fewer instructions per page, see _decode_kernel.
-DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
+# SWAP (`_decode_kernel_t`, tokens as the MMA's M) for KV4: 168 registers against 254, 12 programs
+# per SM against 8, 2,232 SASS against 2,848; batch 64 ctx 1024 / 4096 38.8 -> 34.8 / 123 -> 112 us,
+# batch 1024 ctx 1280 548 -> 512 us (benchmarks/results/decode-swap-probe-h100.json). KV8 and fp16
+# stay on the row kernel: within +-3% either way, the row kernel ahead at large batch.
+DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True, SWAP=True),
                    8: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
                    16: dict(num_warps=4, NUM_STAGES=2)}
 
@@ -350,10 +499,12 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         cnt = arrival_counters(q.device, b * hkv)
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    _decode_kernel[(b, hkv, splits)](
+    swap = bool(opts.get("SWAP", False))
+    kernel = _decode_kernel_t if swap else _decode_kernel
+    kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HALF=d // 2,
+        GROUP=group, BLOCK_G=max(8 if swap else 16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=opts["NUM_STAGES"],
         BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)),
         BIASED=bool(opts.get("BIASED", False)) and cache.bits != 16,

@@ -33,7 +33,10 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     (16, 1, dict(BLOCK_T=32)), (16, 3, dict(BLOCK_T=32)), (16, 1, dict(BLOCK_T=64)),  # whole pages per iteration
     (32, 2, dict(BLOCK_T=16)), (32, 1, dict(BLOCK_T=16, NUM_STAGES=3)),  # part of a page per iteration
     # K codes as exact values instead of the default 1024 + code with the bias taken off per row
-    (16, None, dict(BIASED=False)), (16, 3, dict(BLOCK_T=32, BIASED=False)), (32, 2, dict(BLOCK_T=16, BIASED=False))])
+    (16, None, dict(BIASED=False)), (16, 3, dict(BLOCK_T=32, BIASED=False)), (32, 2, dict(BLOCK_T=16, BIASED=False)),
+    # both kernels at every precision: rows = query heads (SWAP off) or rows = tokens (SWAP on)
+    (16, None, dict(SWAP=False)), (16, 3, dict(BLOCK_T=32, SWAP=True)), (32, 2, dict(BLOCK_T=16, SWAP=True)),
+    (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -47,6 +50,20 @@ def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison
                                             num_splits=num_splits, options=options)
         assert rel_err(out, ref) < 3e-3  # P and q go through fp16 into the MMA
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("hq,swap", [(2, True), (2, False), (16, True), (16, False)])
+def test_decode_group_sizes(hq, swap, device, gen, poison):
+    """GQA groups of 1 (MHA, Llama-2-7B) and 8 (Llama-2-70B), which pad to the MMA differently:
+    group rows to 16 (SWAP off) or group columns to 8 (SWAP on)."""
+    b, hkv, d, page = 2, 2, 32, 16
+    cache = random_cache(8, hkv, d, page, 4, device, gen)
+    bt = torch.randperm(8, generator=gen).reshape(b, 4).int().to(device)
+    lens = torch.tensor([50, 23], dtype=torch.int32, device=device)
+    q = torch.randn(b, hq, d, generator=gen).half().to(device)
+    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
+    out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=2, options=dict(SWAP=swap))
+    assert rel_err(out, ref) < 3e-3
 
 
 def test_decode_ref_matches_float64_loop(device, gen):
@@ -108,7 +125,7 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("options", [None, dict(BIASED=False)])
+@pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
