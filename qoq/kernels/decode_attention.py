@@ -449,15 +449,23 @@ MAX_SPLITS = 32  # the default rule's cap; the merge reads the log-sum-exps of u
 
 
 def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
-    """Split-K programs per sequence: as many as make one full wave of resident programs.
+    """Split-K programs per sequence: as many as make one full wave of resident programs, and
+    where the (sequence, kv head) programs make more than one wave but fewer than three, enough
+    to make three: the last, partial wave of a few waves left SMs idle.
 
-    The kernel needs ~254 registers per thread, so an SM holds 8 one-warp programs (2 of 4 warps)
-    at once (ncu, H100). Splitting beyond one wave only added merge traffic and a second, partial
-    wave: at batch 64, 2 splits ran ctx 1024 / 4096 in 41 / 132 us against 51 / 141 us with 7
-    (benchmarks/results/decode-probe-h100.json)."""
+    The row kernel needs ~254 registers per thread, so an SM holds 8 one-warp programs (2 of 4
+    warps) at once (ncu, H100); the transposed KV4 kernel (168) holds 12, but 8 still sized its
+    waves best. Splitting beyond one wave only added merge traffic and a second, partial wave: at
+    batch 64, 2 splits ran ctx 1024 / 4096 in 41 / 132 us against 51 / 141 us with 7
+    (benchmarks/results/decode-probe-h100.json). At batch 256 (2,048 programs, ~2 waves) 2 splits
+    ran ctx 1024 in 119 us against 129 us with none, ctx 4096 413 against 487; at batch 128 and
+    512 (1 and 4 waves) none was best (decode-swap-batch-probe-h100.json)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     resident = (8 if num_warps == 1 else 2) * sms
-    splits = max(1, resident // (batch * num_kv_heads))
+    programs = batch * num_kv_heads
+    splits = max(1, resident // programs)
+    while resident < programs * splits < 3 * resident:
+        splits += 1
     return min(splits, max(1, max_blocks // 2), MAX_SPLITS)
 
 
