@@ -118,7 +118,10 @@ def _int8_gemm_kernel(
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
+    UNROLL: tl.constexpr = 1,
 ):
+    """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
+    contiguous weight bytes per row per pipeline stage."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -149,22 +152,24 @@ def _int8_gemm_kernel(
     else:
         w_base = w_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_h[None, :]
 
-    for c in tl.range(c_begin, c_end, num_stages=NUM_STAGES):
-        x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
-        x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
-        if MODE == 0:
-            w_lo = tl.load(w_base + c * 128, mask=n_mask[:, None], other=0)
-            w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
-        else:
-            p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
-            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
-            w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
-        if SWAP:
-            acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
-            acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
-        else:
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+    for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
+        for u in tl.static_range(UNROLL):
+            c = c0 + u
+            x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
+            x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
+            if MODE == 0:
+                w_lo = tl.load(w_base + c * 128, mask=n_mask[:, None], other=0)
+                w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
+            else:
+                p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
+                s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+                w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
+            if SWAP:
+                acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
 
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -548,6 +553,10 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg)
         return y
     split = cfg.pop("SPLIT_K", 1)
+    unroll = cfg.get("UNROLL", 1)
+    per = triton.cdiv(K // 128, split)
+    if per % unroll or (K // 128) % per % unroll:
+        raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if split == 1:
         ws, cnt = y, y
@@ -560,7 +569,7 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
-        NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True),
+        NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll,
         # the word-wide unpack is inline PTX, which the CPU interpreter cannot run
         FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"],
     )

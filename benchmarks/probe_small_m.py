@@ -1,0 +1,103 @@
+"""Small-M (decode-size) W4A8 GEMM probe on the GPU: chunks per loop iteration (UNROLL), tile
+width and split-K around the M<=16 default, for the four Llama-3-8B shapes. Each config is
+checked against the reference before timing; prints the best per case and writes JSON.
+
+    python benchmarks/probe_small_m.py --out $OUT/small-m-probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernels import (  # noqa: E402
+    KERNELS, MODE_OF, SHAPES, case_args, measure_ceilings, metadata, rel_err, time_calls, weight_sets,
+)
+
+from qoq.kernels import int_gemm  # noqa: E402
+
+
+def variants(m, n, k, mode):
+    """The default first, then tile width x split-K x chunks per iteration around it."""
+    base = int_gemm.default_config(m, n, k, mode, tma=False)
+    out = [dict(base)]
+    for bn in (64, 128):
+        for split in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], base["SPLIT_K"] * 2}):
+            for unroll in (1, 2):
+                per = -(-(k // 128) // split)
+                if per % unroll or (k // 128) % per % unroll:
+                    continue
+                cfg = dict(base, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def variants_mid(m, n, k, mode):
+    """Mid-size M on Hopper: the dispatch's choice (None), the Gluon kernel with W4 unpacked inside
+    it (FUSE) or ahead, the tl TMA kernel and the register-A kernel."""
+    ws = dict(num_warps=4, num_stages=4, UNPACK=True, WS=True, TMA=True, SPLIT_K=1)
+    return [None,
+            dict(ws, BLOCK_M=64, BLOCK_N=128, FUSE=True), dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=True),
+            dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=False), dict(ws, BLOCK_M=128, BLOCK_N=256, num_warps=8, FUSE=False),
+            dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, SPLIT_K=1),
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, SPLIT_K=1),
+            int_gemm.default_config(m, n, k, mode, tma=False)]
+
+
+SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
+
+
+def short(cfg) -> str:
+    if cfg is None:
+        return "dispatch"
+    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "num_warps", "WS", "FUSE", "TMA")
+    return ",".join(f"{k[:2].lower()}{cfg[k]}" for k in keys if k in cfg)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--kernels", nargs="*", default=["w4a8_per_channel", "w4a8_g128"])
+    p.add_argument("--mid-70b", action="store_true", help="Llama-2-70B shapes, the mid-size M dispatch variants")
+    args = p.parse_args()
+    shapes, make = (SHAPES_70B, variants_mid) if args.mid_70b else (SHAPES, variants)
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    records = []
+    for n, k in shapes:
+        wsets = weight_sets(n, k, gen)
+        for name in args.kernels:
+            fn, ref, _ = KERNELS[name]
+            for m in args.ms:
+                sets = case_args(name, m, k, wsets[name], gen)
+                want = ref(*sets[0])
+                case = []
+                for cfg in make(m, n, k, MODE_OF[name]):
+                    rec = {"kernel": name, "M": m, "N": n, "K": k, "config": cfg}
+                    try:
+                        err = rel_err(fn(*sets[0], config=cfg), want)
+                        if not err < 2e-3:
+                            raise AssertionError(f"rel err {err:.3g}")
+                        rec["median_ms"] = time_calls([lambda a=a: fn(*a, config=cfg) for a in sets])
+                    except Exception as e:  # a config that fails is a result too
+                        rec["error"] = str(e)[:200]
+                    case.append(rec)
+                records += case
+                ok = sorted((r for r in case if "median_ms" in r), key=lambda r: r["median_ms"])
+                print(f"{name} M={m} N={n} K={k}: default {case[0].get('median_ms', 0) * 1e3:.1f} us; best "
+                      + "; ".join(f"{r['median_ms'] * 1e3:.1f} {short(r['config'])}" for r in ok[:3]), flush=True)
+                del sets
+        del wsets
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"meta": metadata(sys.argv), "ceilings": measure_ceilings(), "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
