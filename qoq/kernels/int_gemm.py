@@ -436,6 +436,14 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
     narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
     square = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
     g128 = mode == MODE_W4_G128
+    if K >= 8192 and N >= 8192:
+        # Llama-2-70B-sized layers (benchmarks/results/mid-70b-probe-h100.json, M = 257): g128 on
+        # 128x128 tiles (qkv 84 against 116 us with 64-row tiles, gate/up 442 against 472), its
+        # K = 28672 down projection unpacked ahead on 128x256 tiles (296 against 321); per-channel
+        # keeps the 64-row tiles but for qkv (N = 10240: 80 against 91 us).
+        if g128:
+            return dict(square, BLOCK_N=256, num_warps=8, FUSE=False) if K > 16384 else square
+        return square if N < 16384 and K < 16384 and N > 8192 else narrow
     if K >= 8192:  # the down projection
         return narrow if M <= 384 else square
     if N >= 16384:  # gate/up
