@@ -33,7 +33,6 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="*", default=[0], help="split-K programs per sequence (0: default)")
     p.add_argument("--biased", type=int, nargs="*", default=[0, 1], help="1: K codes kept as 1024 + code (BIASED, the default)")
     p.add_argument("--swap", type=int, nargs="*", default=[0], help="1: the transposed kernel (tokens as the MMA's M)")
-    p.add_argument("--vbiased", type=int, nargs="*", default=[0], help="1: V codes as 1024 + code (transposed kernel)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     copy_bw = measure_ceilings()["copy_gbps"]
@@ -41,15 +40,12 @@ def main() -> None:
     for case, bits in itertools.product(args.cases, args.bits):
         batch, ctx = map(int, case.split("x"))
         grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits, args.biased,
-                                 args.swap, args.vbiased)
-        for block_t, warps, stages, maxnreg, splits, biased, swap, vbiased in grid:
-            if vbiased and not swap:
-                continue
+                                 args.swap)
+        for block_t, warps, stages, maxnreg, splits, biased, swap in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
             opts["BIASED"] = bool(biased)
             if swap:
                 opts["SWAP"] = True
-                opts["V_BIASED"] = bool(vbiased)
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}

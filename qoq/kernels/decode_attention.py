@@ -331,19 +331,13 @@ def _decode_kernel_t(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    V_BIASED: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
     S^T = K q^T ([BLOCK_T, BLOCK_G]) and O^T = V^T P^T ([D, BLOCK_G]): the group pads to the
     8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
     hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
-    V^T is the page's stored layout (codes transposed per page), read as the A operand directly.
-
-    V_BIASED (KV4 / KV8): the V codes stay 1024 + code too (no per-element subtraction). The
-    accumulator takes this page's bias, 1024 * sum(P), off just before the page's MMA adds it
-    back, so it holds a page's bias at most, never the whole context's (the row kernel's biased V
-    accumulated it and lost precision at context 4096)."""
+    V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -359,7 +353,7 @@ def _decode_kernel_t(
     q_lo = tl.load(q_ptr + q_off, mask=g_mask[None, :], other=0.0).to(tl.float16)
     q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[None, :], other=0.0).to(tl.float16)
     q_sum = tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0)
-    HI16: tl.constexpr = BITS == 4 and (FAST or BIASED or V_BIASED)
+    HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
     if HI16:
         q_hi = q_hi * 0.0625
     if BIASED:
@@ -396,10 +390,10 @@ def _decode_kernel_t(
             k_lo, k_hi, v_lo, v_hi = kb.to(tl.float16), kb_hi.to(tl.float16), vb.to(tl.float16), vb_hi.to(tl.float16)
         elif BITS == 4:
             k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
-            v_lo, v_hi = _kv4_codes(vb, FAST, V_BIASED, HI16)
+            v_lo, v_hi = _kv4_codes(vb, FAST, False, HI16)
         else:
             k_lo, k_hi = _kv8_codes(kb, kb_hi, FAST, BIASED)
-            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, V_BIASED)
+            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, False)
         s = tl.dot(k_lo, q_lo)
         s = tl.dot(k_hi, q_hi, s)  # S^T [BLOCK_T, BLOCK_G]
         if BIASED:
@@ -417,6 +411,8 @@ def _decode_kernel_t(
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(prob, axis=0)
+        acc_lo = acc_lo * alpha[None, :]
+        acc_hi = acc_hi * alpha[None, :]
         if BITS != 16:
             v_scale = tl.load(vs_ptr + row).to(tl.float32)
             v_zero = tl.load(vz_ptr + row).to(tl.float32)
@@ -424,12 +420,6 @@ def _decode_kernel_t(
             z_acc = z_acc * alpha + tl.sum(prob * v_zero[:, None], axis=0)
         else:
             p16 = prob.to(tl.float16)
-        acc_lo = acc_lo * alpha[None, :]
-        acc_hi = acc_hi * alpha[None, :]
-        if V_BIASED:  # the MMA adds this page's bias back: it never accumulates across pages
-            v_bias = 1024.0 * tl.sum(p16.to(tl.float32), axis=0)
-            acc_lo = acc_lo - v_bias[None, :]
-            acc_hi = acc_hi - v_bias[None, :]
         acc_lo = tl.dot(v_lo, p16, acc_lo)  # O^T [HALF, BLOCK_G]
         acc_hi = tl.dot(v_hi, p16, acc_hi)
         m_i = m_new
@@ -487,7 +477,7 @@ def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
 # per SM against 8, 2,232 SASS against 2,848; batch 64 ctx 1024 / 4096 38.8 -> 34.8 / 123 -> 112 us,
 # batch 1024 ctx 1280 548 -> 512 us (benchmarks/results/decode-swap-probe-h100.json). KV8 and fp16
 # stay on the row kernel: within +-3% either way, the row kernel ahead at large batch.
-DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True, SWAP=True, V_BIASED=True),
+DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True, SWAP=True),
                    8: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
                    16: dict(num_warps=4, NUM_STAGES=2)}
 
@@ -526,7 +516,6 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=opts["NUM_STAGES"],
         BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)),
         BIASED=bool(opts.get("BIASED", False)) and cache.bits != 16,
-        **({"V_BIASED": bool(opts.get("V_BIASED", False)) and cache.bits != 16} if swap else {}),
         num_warps=opts["num_warps"], **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
     )
     return out

@@ -36,9 +36,7 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     (16, None, dict(BIASED=False)), (16, 3, dict(BLOCK_T=32, BIASED=False)), (32, 2, dict(BLOCK_T=16, BIASED=False)),
     # both kernels at every precision: rows = query heads (SWAP off) or rows = tokens (SWAP on)
     (16, None, dict(SWAP=False)), (16, 3, dict(BLOCK_T=32, SWAP=True)), (32, 2, dict(BLOCK_T=16, SWAP=True)),
-    (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False)),
-    # the transposed kernel's V codes as exact values or as 1024 + code (V_BIASED)
-    (16, None, dict(SWAP=True, V_BIASED=False)), (16, 3, dict(BLOCK_T=32, SWAP=True, V_BIASED=True))])
+    (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -127,8 +125,7 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True, V_BIASED=False),
-                                     dict(SWAP=True, V_BIASED=True)])
+@pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
