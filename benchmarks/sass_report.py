@@ -1,0 +1,117 @@
+"""Compile a kernel for an H100 (sm_90) on a machine without a GPU and report what ptxas made of
+it: registers, stack (spills), shared memory, instructions in all and in the main loop, and the
+most frequent opcodes. The numbers behind the register and instruction counts in docs/kernels.md.
+
+    python benchmarks/sass_report.py decode --bits 4 --swap 1
+    python benchmarks/sass_report.py gemm --mode 2 --block-m 16 --block-n 64 --split 8
+
+Pointer arguments are compiled as 16-byte aligned and the strides that the launchers pass as
+multiples of 16, as the runtime JIT specializes them; without that every load of the offline
+build is byte-wide and its counts say nothing about the kernel that runs. The SASS goes to --dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qoq.kernels import decode_attention, int_gemm
+
+SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def decode_kernel(args):
+    fn = (decode_attention._decode_kernel_t if args.swap else decode_attention._decode_kernel).jitted
+    code = "*fp16" if args.bits == 16 else "*u8"
+    sig = dict(q_ptr="*fp16", kc_ptr=code, vc_ptr=code, ks_ptr="*fp16", kz_ptr="*fp16", vs_ptr="*fp16",
+               vz_ptr="*fp16", bt_ptr="*i32", len_ptr="*i32", o_ptr="*fp16", part_ptr="*fp32", lse_ptr="*fp32",
+               cnt_ptr="*i32", HQ="i32", HKV="i32", bt_stride="i32", sm_scale_log2="fp32", num_splits="i32")
+    block_g = max(8 if args.swap else 16, triton.next_power_of_2(args.group))
+    consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
+                  SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
+                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16)
+    return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
+
+
+def gemm_kernel(args):
+    fn = int_gemm._int8_gemm_kernel.jitted
+    sig = dict(x_ptr="*i8", w_ptr="*i8" if args.mode == int_gemm.MODE_W8 else "*u8", sx_ptr="*fp32",
+               xsum_ptr="*fp32", s1_ptr="*fp16", s2_ptr="*u8", sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32",
+               cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
+    consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
+                  NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll)
+    return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
+
+
+def build(fn, sig, consts, aligned_ints, num_warps, maxnreg):
+    names = list(fn.arg_names)
+    signature = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {(names.index(k),): [["tt.divisibility", 16]]
+             for k, v in sig.items() if v.startswith("*") or k in aligned_ints}
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def report(kernel, dump: str | None) -> dict:
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True, check=True).stdout
+    if dump:
+        with open(dump, "w") as f:
+            f.write(sass)
+    lines = sass.splitlines()
+    ops = [m.group(1) for m in map(SASS_LINE.match, lines) if m]
+    # the main loop: the first backward branch's span (the software-pipelined steady state)
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loop = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            loop = sum(1 for x in lines[labels[m.group(1)]:i + 1] if SASS_LINE.match(x))
+            break
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "shared": kernel.metadata.shared, "instructions": len(ops), "loop_instructions": loop,
+            "top": collections.Counter(op.split(".")[0] for op in ops).most_common(12)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("kernel", choices=["decode", "gemm"])
+    p.add_argument("--bits", type=int, default=4, help="decode: 4, 8 or 16")
+    p.add_argument("--swap", type=int, default=1, help="decode: 1 the transposed kernel, 0 the row kernel")
+    p.add_argument("--group", type=int, default=4, help="decode: query heads per kv head")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page", type=int, default=64)
+    p.add_argument("--mode", type=int, default=int_gemm.MODE_W4_PER_CHANNEL, help="gemm: 0 W8, 1 g128, 2 per-channel")
+    p.add_argument("--block-m", type=int, default=16)
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--unroll", type=int, default=1)
+    p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
+    p.add_argument("--maxnreg", type=int, default=0)
+    p.add_argument("--dump", help="write the SASS here")
+    args = p.parse_args()
+    fn, sig, consts, aligned, warps = (decode_kernel if args.kernel == "decode" else gemm_kernel)(args)
+    for key, value in report(build(fn, sig, consts, aligned, warps, args.maxnreg), args.dump).items():
+        print(f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    main()
