@@ -167,6 +167,21 @@ def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     assert rel_err(w8a8_gemm_triton(x8, sx, w, s), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
 
 
+@pytest.mark.parametrize("kind", ["g128", "per_channel"])
+def test_unrolled_chunks_match_ref(kind, device, gen, poison):
+    """UNROLL chunks per loop iteration (the small-M probe's option) give the same sums; a count
+    that does not divide each split's chunks is refused."""
+    case = (g128_case if kind == "g128" else per_channel_case)(3, 64, 1024, device, gen)
+    fn, ref = ((w4a8_g128_gemm_triton, w4a8_g128_gemm_ref) if kind == "g128"
+               else (w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref))
+    want = ref(*case)
+    for split, unroll in ((1, 4), (2, 2)):  # K=1024: 8 chunks
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=split, UNROLL=unroll)
+        assert rel_err(fn(*case, config=cfg), want) < EXACT
+    with pytest.raises(ValueError, match="UNROLL=3"):
+        fn(*case, config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=1, UNROLL=3))
+
+
 @pytest.mark.parametrize("split", [2, 4])
 def test_one_launch_split_k_resets_its_counters(split, device, gen, poison):
     """The last split to arrive reduces the tile and zeroes its counter: repeat calls stay exact."""
