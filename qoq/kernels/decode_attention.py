@@ -474,7 +474,8 @@ def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
 # by 1.15-1.25x at KV4/KV8 once the int->fp16 conversion was gone (FAST, on by default on CUDA).
 # BIASED (K codes kept as 1024 + code): fewer instructions per page, see _decode_kernel.
 # SWAP (`_decode_kernel_t`, tokens as the MMA's M) for KV4: 168 registers against 254, 12 programs
-# per SM against 8, 2,232 SASS against 2,848; batch 64 ctx 1024 / 4096 38.8 -> 34.8 / 123 -> 112 us,
+# per SM against 8, 1,113 SASS per page against 1,535 (benchmarks/sass_report.py); batch 64
+# ctx 1024 / 4096 38.8 -> 34.8 / 123 -> 112 us,
 # batch 1024 ctx 1280 548 -> 512 us (benchmarks/results/decode-swap-probe-h100.json). KV8 and fp16
 # stay on the row kernel: within +-3% either way, the row kernel ahead at large batch.
 DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True, SWAP=True),
