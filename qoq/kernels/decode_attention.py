@@ -176,31 +176,50 @@ def _kv8_codes(lo, hi, FAST: tl.constexpr, BIASED: tl.constexpr):
 
 
 @lazy_jit.helper
-def _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D: tl.constexpr,
-                  HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The last split of a (sequence, kv head) to finish: merge the splits' partial outputs by
-    their log-sum-exps, in split order (deterministic), into the output rows of `head`."""
-    j = tl.arange(0, HALF)
-    q_off = (b * HQ + head)[:, None] * D + j[None, :]
-    sp = tl.arange(0, BLOCK_S)
-    first = (b * HQ + head) * num_splits  # [BLOCK_G]
-    lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
-                      mask=g_mask[:, None] & (sp < num_splits)[None, :], other=-float("inf"),
-                      cache_modifier=".cg")
-    m_all = tl.max(lse_all, axis=1)
-    m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
-    w_all = tl.where(lse_all > -float("inf"), tl.exp2(lse_all - m_safe[:, None]), 0.0)
-    w_sum = tl.sum(w_all, axis=1)
-    m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
-    m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
-    for i in range(num_splits):
-        w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
-        p_off = (first + i)[:, None] * D + j[None, :]
-        m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-        m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-    w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-    tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
-    tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr):
+    """Sequence b's context length and the [begin, end) of the BLOCK_T-token blocks that split
+    `split` of `num_splits` covers."""
+    ctx = tl.load(len_ptr + b)
+    num_blocks = tl.cdiv(ctx, BLOCK_T)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    blk_begin = split * per_split
+    return ctx, blk_begin, tl.minimum(blk_begin + per_split, num_blocks)
+
+
+@lazy_jit.helper
+def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
+                  D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split-K in one launch, after a split stored its partial output: store its log-sum-exp and
+    arrive at the (sequence, kv head) counter (acq_rel); the last split to arrive merges all the
+    partial outputs by their log-sum-exps, in split order (deterministic), into the output rows of
+    `head`, and resets the counter for the next call."""
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
+    tl.store(lse_ptr + (b * HQ + head) * num_splits + split, lse, mask=g_mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        j = tl.arange(0, HALF)
+        q_off = (b * HQ + head)[:, None] * D + j[None, :]
+        sp = tl.arange(0, BLOCK_S)
+        first = (b * HQ + head) * num_splits  # [BLOCK_G]
+        lse_all = tl.load(lse_ptr + first[:, None] + sp[None, :],
+                          mask=g_mask[:, None] & (sp < num_splits)[None, :], other=-float("inf"),
+                          cache_modifier=".cg")
+        m_all = tl.max(lse_all, axis=1)
+        m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
+        w_all = tl.where(lse_all > -float("inf"), tl.exp2(lse_all - m_safe[:, None]), 0.0)
+        w_sum = tl.sum(w_all, axis=1)
+        m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
+        m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
+        for i in range(num_splits):
+            w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
+            p_off = (first + i)[:, None] * D + j[None, :]
+            m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+            m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+        w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+        tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
 
 
 @lazy_jit
@@ -238,11 +257,7 @@ def _decode_kernel(
     if BIASED:  # what 1024 + code adds to each score
         k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1))
 
-    ctx = tl.load(len_ptr + b)
-    num_blocks = tl.cdiv(ctx, BLOCK_T)
-    per_split = tl.cdiv(num_blocks, num_splits)
-    blk_begin = split * per_split
-    blk_end = tl.minimum(blk_begin + per_split, num_blocks)
+    ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -315,13 +330,8 @@ def _decode_kernel(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
         tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
-        tl.store(lse_ptr + part, lse, mask=g_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D, HALF, BLOCK_G, BLOCK_S)
-            tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
+                      D, HALF, BLOCK_G, BLOCK_S)
 
 
 @lazy_jit
@@ -359,11 +369,7 @@ def _decode_kernel_t(
     if BIASED:
         k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0))
 
-    ctx = tl.load(len_ptr + b)
-    num_blocks = tl.cdiv(ctx, BLOCK_T)
-    per_split = tl.cdiv(num_blocks, num_splits)
-    blk_begin = split * per_split
-    blk_end = tl.minimum(blk_begin + per_split, num_blocks)
+    ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -436,13 +442,8 @@ def _decode_kernel_t(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
         tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
-        tl.store(lse_ptr + part, lse, mask=g_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            _merge_splits(part_ptr, lse_ptr, o_ptr, b, head, g_mask, num_splits, HQ, D, HALF, BLOCK_G, BLOCK_S)
-            tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
+                      D, HALF, BLOCK_G, BLOCK_S)
 
 
 MAX_SPLITS = 32  # the default rule's cap; the merge reads the log-sum-exps of up to this many at once
