@@ -44,8 +44,7 @@ def main() -> None:
         for block_t, warps, stages, maxnreg, splits, biased, swap in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
             opts["BIASED"] = bool(biased)
-            if swap:
-                opts["SWAP"] = True
+            opts["SWAP"] = bool(swap)
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}

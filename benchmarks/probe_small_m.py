@@ -38,16 +38,29 @@ def variants(m, n, k, mode):
     return out
 
 
-def variants_mid(m, n, k, mode):
-    """Mid-size M on Hopper: the dispatch's choice (None), the Gluon kernel with W4 unpacked inside
-    it (FUSE) or ahead, the tl TMA kernel and the register-A kernel."""
-    ws = dict(num_warps=4, num_stages=4, UNPACK=True, WS=True, TMA=True, SPLIT_K=1)
-    return [None,
-            dict(ws, BLOCK_M=64, BLOCK_N=128, FUSE=True), dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=True),
-            dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=False), dict(ws, BLOCK_M=128, BLOCK_N=256, num_warps=8, FUSE=False),
-            dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, SPLIT_K=1),
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, SPLIT_K=1),
-            int_gemm.default_config(m, n, k, mode, tma=False)]
+def variants_hopper(m, n, k, mode):
+    """The default, then the L2 prefetch distance (PREFETCH) around it, also with half and double
+    the split-K."""
+    base = int_gemm.default_config(m, n, k, mode, tma=False)
+    out = [dict(base)]
+    for split in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], min(16, base["SPLIT_K"] * 2)}):
+        for pf in (0, 2, 4, 8, 64):
+            cfg = dict(base, SPLIT_K=split, PREFETCH=pf)
+            if (k // 128) // split >= 2 and cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def variants_stream(m, n, k, mode):
+    """Mid-size M on Hopper: the dispatch's choice (None), the register-A kernel's tiles, then the
+    Gluon kernel with W4 unpacked inside it, stream-K (STREAM: the grid shares the tile x chunk
+    units) or whole tiles, at 64x128 and 128x128."""
+    ws = dict(num_warps=4, num_stages=4, UNPACK=True, WS=True, TMA=True, SPLIT_K=1, FUSE=True)
+    out = [None, int_gemm.default_config(m, n, k, mode, tma=False)]
+    for bm, bn in ((64, 128), (128, 128)):
+        for stream in (True, False):
+            out.append(dict(ws, BLOCK_M=bm, BLOCK_N=bn, STREAM=stream))
+    return out
 
 
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
@@ -56,7 +69,7 @@ SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 def short(cfg) -> str:
     if cfg is None:
         return "dispatch"
-    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "num_warps", "WS", "FUSE", "TMA")
+    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "PREFETCH", "num_warps", "WS", "FUSE", "STREAM", "TMA")
     return ",".join(f"{k[:2].lower()}{cfg[k]}" for k in keys if k in cfg)
 
 
@@ -66,8 +79,13 @@ def main() -> None:
     p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
     p.add_argument("--kernels", nargs="*", default=["w4a8_per_channel", "w4a8_g128"])
     p.add_argument("--mid-70b", action="store_true", help="Llama-2-70B shapes, the mid-size M dispatch variants")
+    p.add_argument("--hopper", action="store_true", help="the L2 prefetch option around the default")
+    p.add_argument("--stream", action="store_true", help="mid-size M: stream-K Gluon variants against the dispatch")
     args = p.parse_args()
-    shapes, make = (SHAPES_70B, variants_mid) if args.mid_70b else (SHAPES, variants)
+    if args.mid_70b:
+        shapes, make = SHAPES_70B, variants_mid
+    else:
+        shapes, make = SHAPES, (variants_hopper if args.hopper else variants_stream if args.stream else variants)
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
     for n, k in shapes:

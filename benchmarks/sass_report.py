@@ -47,7 +47,7 @@ def gemm_kernel(args):
                xsum_ptr="*fp32", s1_ptr="*fp16", s2_ptr="*u8", sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32",
                cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
-                  NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll)
+                  NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch)
     return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
 
 
@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--block-m", type=int, default=16)
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")

@@ -76,6 +76,13 @@ def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constex
 
 
 @lazy_jit.helper
+def _prefetch_line_l2(ptrs):
+    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs.to(tl.int64, bitcast=False)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@lazy_jit.helper
 def _gate_row(rows, half, INTERLEAVE: tl.constexpr):
     """The [gate | up] weight row behind row `rows` of the interleaved order (gate j at 2j, up j
     at 2j + 1); the identity without INTERLEAVE."""
@@ -118,10 +125,15 @@ def _int8_gemm_kernel(
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
-    UNROLL: tl.constexpr = 1,
+    UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
-    contiguous weight bytes per row per pipeline stage."""
+    contiguous weight bytes per row per pipeline stage.
+
+    PREFETCH (Hopper): the weight rows run PREFETCH chunks ahead of the loads in L2 (line
+    prefetches: the first PREFETCH chunks of the program's K range at its start, then one line
+    per row every 128 bytes), so more weight bytes are in flight than the pipeline's shared-memory
+    stages hold."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -147,14 +159,20 @@ def _int8_gemm_kernel(
         x_base = x_ptr + offs_m[:, None].to(tl.int64) * K + offs_h[None, :]
         x_mask = m_mask[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    if MODE == 0:
-        w_base = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_h[None, :]
-    else:
-        w_base = w_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_h[None, :]
+    row_bytes: tl.constexpr = 128 if MODE == 0 else 64  # weight bytes per row per chunk
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * row_bytes)
+    w_base = w_rows[:, None] + offs_h[None, :]
 
+    if PREFETCH > 0:  # the lines of the first PREFETCH chunks
+        for j in tl.static_range(0, PREFETCH * row_bytes, 128):
+            if c_begin * row_bytes + j < c_end * row_bytes:
+                _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
         for u in tl.static_range(UNROLL):
             c = c0 + u
+            if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
+                if (c + PREFETCH < c_end) & ((c + PREFETCH) * row_bytes % 128 == 0):
+                    _prefetch_line_l2(w_rows + (c + PREFETCH) * row_bytes)
             x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
             x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
             if MODE == 0:
@@ -363,13 +381,14 @@ def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
         # kernel's time at M=262/512 (benchmarks/results/pc-mid-m-probe-h100.json).
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
     if 128 < M <= 256 and mode != MODE_W8:
-        # M=256 probe: g128 gains on all four shapes (1.24x geomean), per-channel only on the
-        # mid-width qkv shape (N=6144: 27.9 against 36.4 us); elsewhere the register-A kernel wins.
+        # M=256 probe: g128 gains on all four shapes (1.24x geomean); per-channel nowhere (its
+        # qkv shape gained in 2026-11-24's probe, 27.9 against 36.4 us, but the register-A kernel
+        # ran it in 22.2 against 24.1 us in stream-k-probe2-h100.json).
         if mode == MODE_W4_G128 and N >= 16384:
             return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
         if mode == MODE_W4_G128 and K >= 8192:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4)
-        if mode == MODE_W4_G128 or (4096 < N < 16384 and K < 8192):
+        if mode == MODE_W4_G128:
             return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         return None
     if mode == MODE_W4_G128 and M > 256:
@@ -426,16 +445,27 @@ def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
 
 
 def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
-    """Mid-size M (64 < M <= 640): the Gluon kernel with W4 unpacked inside it, per shape
-    where it beat the tl.dot kernels on the H100 (benchmarks/results/ws-small-m-probe-h100.json,
-    M = 128 / 256 / 512; e.g. the K = 14336 down projection at M = 256: per-channel 40.8 against
-    49.7 us, g128 56.4 against 78.9). Narrow 64-row tiles at M <= 384 for the narrow and the long-K
-    shapes (more CTAs streaming weights), 128x128 elsewhere; None where the tl.dot kernel won."""
-    if M <= 64 or M > 640 or mode == MODE_W8:
+    """Mid-size M (16 < M <= 640): the Gluon kernel with W4 unpacked inside it, per shape where it
+    beat the tl.dot kernels on the H100 (benchmarks/results/ws-small-m-probe-h100.json, M = 128 /
+    256 / 512, and stream-k-probe-h100.json / stream-k-probe2-h100.json, M = 32-512). None where
+    the tl.dot kernel won.
+
+    - Stream-K (STREAM) where few tiles would leave most SMs idle: the K = 14336 down projection
+      up to M = 128 (g128: 256), 64x128 tiles to M = 64 (32 tiles: per-channel 30.1 -> 21.6 us,
+      g128 33.1 -> 25.7 at M = 64), 128x128 from there (M = 128: 40.0 -> 29.6, g128 52.8 ->
+      34.0); o_proj at 64 < M <= 128 (g128 17.6 -> 14.6). Elsewhere the partial-tile round trip
+      cost more than the idle SMs (qkv at M = 256: 27.1 against 22.7 us).
+    - Narrow 64-row tiles at M <= 384 for the narrow and the long-K shapes (more CTAs streaming
+      weights), and for gate/up at M <= 64 (34.0 against 39.3 us at M = 64); 128x128 elsewhere."""
+    if M <= 16 or M > 640 or mode == MODE_W8:
         return None
     narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
     square = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
     g128 = mode == MODE_W4_G128
+    if K >= 8192 and N < 8192 and (M <= 128 or (g128 and M <= 256)):
+        return dict(narrow if M <= 64 else square, STREAM=True)
+    if M <= 64:  # gate/up only (Llama-2-70B's K = 8192 one unmeasured)
+        return narrow if N >= 16384 and K < 8192 else None
     if K >= 8192 and N >= 8192:
         # Llama-2-70B-sized layers (benchmarks/results/mid-70b-probe-h100.json, M = 257): g128 on
         # 128x128 tiles (qkv 84 against 116 us with 64-row tiles, gate/up 442 against 472), its
@@ -448,6 +478,8 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
         return narrow if M <= 384 else square
     if N >= 16384:  # gate/up
         return square if M <= 192 or (g128 and M > 384) else None
+    if M <= 128 and N <= 4096:
+        return dict(narrow, STREAM=True)
     if M <= 192:
         return narrow
     if M <= 384:
@@ -483,6 +515,12 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 256 if mode == MODE_W8 else 512
+        if mode != MODE_W8 and N >= 16384:
+            # the wide gate/up GEMM (16 chunks per program): weight rows prefetched 4 chunks ahead
+            # into L2, 30-35 against 35-38 us (benchmarks/results/hopper-small-m-probe-h100.json;
+            # ignored off Hopper). Shorter programs lost: the prefetch instructions cost more than
+            # the latency they hide.
+            cfg["PREFETCH"] = 4
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
@@ -578,10 +616,18 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
         NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll,
-        # the word-wide unpack is inline PTX, which the CPU interpreter cannot run
-        FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"],
+                # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
+        FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"], **_hopper_options(cfg, x8),
     )
     return y
+
+
+def _hopper_options(cfg: dict, x8: torch.Tensor) -> dict:
+    """The register-A kernel's Hopper-only option (L2 prefetch): off unless the config asks and the
+    GPU is a Hopper or later."""
+    if not (x8.is_cuda and has_tma(x8.device.index or 0)):
+        return {}
+    return dict(PREFETCH=int(cfg.get("PREFETCH", 0)))
 
 
 def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None, interleave: bool = False) -> torch.Tensor:

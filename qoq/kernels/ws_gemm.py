@@ -37,6 +37,7 @@ import functools
 
 import torch
 
+from qoq.kernels.dispatch import arrival_counters
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 
 try:
@@ -97,32 +98,58 @@ if gluon is not None:
         return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
 
     @gluon.jit
-    def _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr):
-        """The TMA warp: per 128-deep chunk, X's [BLOCK_M, 128] (W4: as two 64-wide halves) and the
-        two consumers' weight halves, int8 [BLOCK_N / 2, 128] or packed W4 [BLOCK_N / 2, 64]."""
+    def _stream_range(num_tiles, chunks):
+        """Stream-K: this program's [start, end) of the (tile, chunk) units, tile-major, in equal
+        shares over the grid; `per` is the share."""
+        total = num_tiles * chunks
+        per = gl.cdiv(total, gl.num_programs(0))
+        start = gl.program_id(0) * per
+        return start, gl.minimum(start + per, total), per
+
+    @gluon.jit
+    def _load_chunk(x_desc, w_desc, x_bufs, w_bufs, ready, empty, seq, pid_m, pid_n, c,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MODE: gl.constexpr):
+        """Ring slot seq % STAGES <- chunk c of X's [BLOCK_M, 128] (W4: as two 64-wide halves) and
+        the two consumers' weight halves, int8 [BLOCK_N / 2, 128] or packed W4 [BLOCK_N / 2, 64]."""
         STAGES: gl.constexpr = ready.type.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
         WK: gl.constexpr = w_desc.block_type.shape[1]  # weight bytes per row and chunk
         X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
         nbytes: gl.constexpr = X_PARTS * x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
+        s = seq % STAGES
+        # a fresh mbarrier counts as having completed the phase before 0: the first pass over the
+        # ring does not wait
+        mbarrier.wait(empty.index(s), ((seq // STAGES) & 1) ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, nbytes)
+        for part in gl.static_range(X_PARTS):
+            tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, c * _BK + part * (_BK // X_PARTS)],
+                                            bar, x_bufs.index(X_PARTS * s + part))
+        for h in gl.static_range(2):
+            tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N + h * HALF, c * WK], bar,
+                                            w_bufs.index(2 * s + h))
+
+    @gluon.jit
+    def _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr,
+                 STREAM: gl.constexpr):
+        """The TMA warp: every chunk of this program's tiles (STREAM: of its stream-K units), in
+        the order the consumers take them."""
         seq = 0
-        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            for c in range(chunks):
-                s = seq % STAGES
-                # a fresh mbarrier counts as having completed the phase before 0: the first pass
-                # over the ring does not wait
-                mbarrier.wait(empty.index(s), ((seq // STAGES) & 1) ^ 1)
-                bar = ready.index(s)
-                mbarrier.expect(bar, nbytes)
-                for part in gl.static_range(X_PARTS):
-                    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, c * _BK + part * (_BK // X_PARTS)],
-                                                    bar, x_bufs.index(X_PARTS * s + part))
-                for h in gl.static_range(2):
-                    tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N + h * HALF, c * WK], bar,
-                                                    w_bufs.index(2 * s + h))
+        if STREAM:
+            start, end, per = _stream_range(num_m * num_n, chunks)
+            for u in range(start, end):
+                pid_m, pid_n = _tile_coords(u // chunks, num_m, num_n, GROUP_M)
+                _load_chunk(x_desc, w_desc, x_bufs, w_bufs, ready, empty, seq, pid_m, pid_n, u % chunks,
+                            BLOCK_M, BLOCK_N, MODE)
                 seq += 1
+        else:
+            for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+                pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+                for c in range(chunks):
+                    _load_chunk(x_desc, w_desc, x_bufs, w_bufs, ready, empty, seq, pid_m, pid_n, c,
+                                BLOCK_M, BLOCK_N, MODE)
+                    seq += 1
 
     @gluon.jit
     def _epilogue(acc, row0, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
@@ -185,77 +212,141 @@ if gluon is not None:
         return lo, hi
 
     @gluon.jit
-    def _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
-                 stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                 WHICH: gl.constexpr):
-        """One consumer warpgroup: columns [WHICH * BLOCK_N / 2, (WHICH + 1) * BLOCK_N / 2) of every
-        tile of this CTA. W4 (MODE 1, 2): the packed chunk is unpacked in registers into this
-        warpgroup's own int8 buffers (two, alternating by chunk: the MMA of chunk c - 1 may still
-        read the other) and multiplied from there, two 64-deep MMAs per chunk."""
+    def _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0, c0, c1, seq,
+                    BLOCK_M: gl.constexpr, HALF: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
+        """One consumer warpgroup's int32 [BLOCK_M, HALF] product over chunks [c0, c1) of the weight
+        columns col0.., from ring slot seq % STAGES on; returns it and the next seq. W4 (MODE 1, 2):
+        the packed chunk is unpacked in registers into this warpgroup's own int8 buffers (two,
+        alternating by chunk: the MMA of chunk c - 1 may still read the other) and multiplied from
+        there, two 64-deep MMAs per chunk."""
         STAGES: gl.constexpr = ready.type.shape[0]
-        HALF: gl.constexpr = BLOCK_N // 2
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128 if HALF > 128 else HALF, 32])
         # packed bytes [HALF, 64]: 16 consecutive bytes (four words) per thread
         packed: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
         GROUPS: gl.constexpr = 1 if MODE == 0 else 2  # MMA groups per chunk
+        acc = gl.zeros((BLOCK_M, HALF), gl.int32, layout)
+        prev = 0
+        rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
+        # g128: each chunk's s2 / sz are loaded one chunk ahead, off the unpack's critical path
+        s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c0, MODE)
+        for c in range(c0, c1):
+            s = seq % STAGES
+            s2 = s2_next
+            sz = sz_next
+            if MODE == 1:
+                s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + 1, c1 - 1), MODE)
+            mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
+            if MODE == 0:
+                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(2 * s + WHICH).permute((1, 0)), acc,
+                                    is_async=True)
+            else:
+                lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(packed), s2, sz, MODE)
+                w_lo = wq_bufs.index(4 * WHICH + 2 * (c % 2))
+                w_hi = wq_bufs.index(4 * WHICH + 2 * (c % 2) + 1)
+                w_lo.store(lo)
+                w_hi.store(hi)
+                fence_async_shared()  # the stores, before the MMA (async proxy) reads them
+                gl.thread_barrier()  # all of this warpgroup's stores
+                acc = warpgroup_mma(x_bufs.index(2 * s), w_lo.permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(x_bufs.index(2 * s + 1), w_hi.permute((1, 0)), acc, is_async=True)
+            # chunk c - 1's MMAs are done once at most this chunk's are in flight: release its
+            # slot (it is free when both consumers have)
+            acc = warpgroup_mma_wait(GROUPS, deps=(acc, ))
+            mbarrier.arrive(empty.index(prev), pred=c > c0)
+            prev = s
+            seq += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index(prev))
+        return acc, seq
+
+    @gluon.jit
+    def _stream_fixup(acc, ws_ptr, cnt_ptr, tile, first, per, chunks, WHICH: gl.constexpr):
+        """Stream-K: this warpgroup's partial sum of a tile that several programs share. It goes to
+        the workspace (slot: the program's first or last segment), the tile half's arrival counter
+        counts it (acq_rel), and the last piece to arrive adds the others' (exact int32) and resets
+        the counter. Returns (the sum, whether this piece is the last)."""
+        BM: gl.constexpr = acc.shape[0]
+        HALF: gl.constexpr = acc.shape[1]
+        layout: gl.constexpr = acc.type.layout
+        offs = (gl.arange(0, BM, layout=gl.SliceLayout(1, layout))[:, None] * HALF
+                + gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))[None, :])
+        slot = 2 * gl.program_id(0) + gl.where(first, 0, 1)
+        gl.store(ws_ptr + (2 * slot + WHICH).to(gl.int64) * (BM * HALF) + offs, acc)
+        gl.thread_barrier()  # the warpgroup's stores, before its arrival
+        arrived = gl.atomic_add(cnt_ptr + 2 * tile + WHICH, 1, sem="acq_rel", scope="gpu")
+        p_first = tile * chunks // per
+        p_last = ((tile + 1) * chunks - 1) // per
+        last = arrived == p_last - p_first
+        if last:
+            for q in range(p_first, p_last + 1):
+                if q != gl.program_id(0):
+                    # q's piece is its first segment unless q started before this tile
+                    q_slot = 2 * q + gl.where(q * per >= tile * chunks, 0, 1)
+                    acc += gl.load(ws_ptr + (2 * q_slot + WHICH).to(gl.int64) * (BM * HALF) + offs,
+                                   cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + 2 * tile + WHICH, 0, sem="relaxed", scope="gpu")
+        return acc, last
+
+    @gluon.jit
+    def _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr,
+                 cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
+                 STREAM: gl.constexpr, WHICH: gl.constexpr):
+        """One consumer warpgroup: columns [WHICH * BLOCK_N / 2, (WHICH + 1) * BLOCK_N / 2) of every
+        tile of this CTA (STREAM: of every tile segment of its units; a tile's last piece to finish
+        runs the epilogue)."""
+        HALF: gl.constexpr = BLOCK_N // 2
         seq = 0
-        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            col0 = pid_n * BLOCK_N + WHICH * HALF
-            acc = gl.zeros((BLOCK_M, HALF), gl.int32, layout)
-            prev = 0
-            rows = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, packed))
-            # g128: each chunk's s2 / sz are loaded one chunk ahead, off the unpack's critical path
-            s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, 0, MODE)
-            for c in range(chunks):
-                s = seq % STAGES
-                s2 = s2_next
-                sz = sz_next
-                if MODE == 1:
-                    s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg,
-                                                     gl.minimum(c + 1, chunks - 1), MODE)
-                mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
-                if MODE == 0:
-                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(2 * s + WHICH).permute((1, 0)), acc,
-                                        is_async=True)
-                else:
-                    lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(packed), s2, sz, MODE)
-                    w_lo = wq_bufs.index(4 * WHICH + 2 * (c % 2))
-                    w_hi = wq_bufs.index(4 * WHICH + 2 * (c % 2) + 1)
-                    w_lo.store(lo)
-                    w_hi.store(hi)
-                    fence_async_shared()  # the stores, before the MMA (async proxy) reads them
-                    gl.thread_barrier()  # all of this warpgroup's stores
-                    acc = warpgroup_mma(x_bufs.index(2 * s), w_lo.permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma(x_bufs.index(2 * s + 1), w_hi.permute((1, 0)), acc, is_async=True)
-                # chunk c - 1's MMAs are done once at most this chunk's are in flight: release its
-                # slot (it is free when both consumers have)
-                acc = warpgroup_mma_wait(GROUPS, deps=(acc, ))
-                mbarrier.arrive(empty.index(prev), pred=c > 0)
-                prev = s
-                seq += 1
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-            mbarrier.arrive(empty.index(prev))
-            _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
+        if STREAM:
+            start, end, per = _stream_range(num_m * num_n, chunks)
+            u = start
+            while u < end:
+                tile = u // chunks
+                c0 = u - tile * chunks
+                c1 = gl.minimum(chunks, c0 + end - u)
+                pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+                col0 = pid_n * BLOCK_N + WHICH * HALF
+                acc, seq = _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
+                                       c0, c1, seq, BLOCK_M, HALF, MODE, WHICH)
+                last = c1 - c0 == chunks
+                if not last:
+                    acc, last = _stream_fixup(acc, ws_ptr, cnt_ptr, tile, u == start, per, chunks, WHICH)
+                if last:
+                    _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO,
+                              GATED)
+                u += c1 - c0
+        else:
+            for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+                pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+                col0 = pid_n * BLOCK_N + WHICH * HALF
+                acc, seq = _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
+                                       0, chunks, seq, BLOCK_M, HALF, MODE, WHICH)
+                _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
 
     @gluon.jit
     def _partition(x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr,
-                   y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                   ROLE: gl.constexpr):
+                   y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr,
+                   GATED: gl.constexpr, STREAM: gl.constexpr, ROLE: gl.constexpr):
         if ROLE == _PRODUCER:
             _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M,
-                     MODE)
+                     MODE, STREAM)
         else:
-            _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N,
-                     stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED, ROLE)
+            _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr,
+                     cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED,
+                     STREAM, ROLE)
 
     @gluon.jit
-    def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, M, N, K, stride_sg,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                        MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr):
+    def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                        stride_sg, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
+                        STREAM: gl.constexpr):
+        """STREAM (stream-K): the grid shares the (tile, 128-deep chunk) units equally instead of
+        taking whole tiles in rounds, so that no SM idles when the tiles do not divide into the
+        grid (e.g. 96 tiles on 132 SMs); tiles split between programs are summed through a
+        workspace ws_ptr (int32 [2 * grid, 2, BLOCK_M, BLOCK_N / 2]) with arrival counters
+        cnt_ptr (int32 [2 * tiles], zero), bit-identical to the unsplit sums."""
         X_PARTS: gl.constexpr = 1 if MODE == 0 else 2
         x_bufs = gl.allocate_shared_memory(gl.int8, [X_PARTS * STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -272,14 +363,14 @@ if gluon is not None:
         chunks = K // _BK
         gl.warp_specialize([
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
-                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, _CONSUMER_0)),
+                          sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
+                          GROUP_M, MODE, ZERO, GATED, STREAM, _CONSUMER_0)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
-                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, _CONSUMER_1)),
+                          sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
+                          GROUP_M, MODE, ZERO, GATED, STREAM, _CONSUMER_1)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
-                          sz_ptr, y_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO,
-                          GATED, _PRODUCER)),
+                          sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
+                          GROUP_M, MODE, ZERO, GATED, STREAM, _PRODUCER)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -302,13 +393,20 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
     half = [bn // 2, xk]  # each consumer warpgroup's half of the weight tile (W4: packed bytes)
     w_desc = GluonDescriptor.from_tensor(w, half, gl.NVMMASharedLayout.get_default_for(half, gl.int8))
     tiles = -(-M // bm) * -(-N // bn)
-    sms = num_sms(x8.device.index or 0) if x8.is_cuda else 132  # CPU: compile_sm90 for an H100
+    sms = cfg.get("GRID") or (num_sms(x8.device.index or 0) if x8.is_cuda else 132)  # CPU: compile_sm90, an H100
+    stream = bool(cfg.get("STREAM", False))
+    grid = sms if stream else min(sms, tiles)
     dummy = sx
+    if stream:  # each program holds at most two partial tiles (its first and last segments)
+        ws = torch.empty(2 * grid * bm * bn, dtype=torch.int32, device=x8.device)
+        cnt = arrival_counters(x8.device, 2 * tiles)
+    else:
+        ws = cnt = dummy
     args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
-            sz if sz is not None else dummy, y, M, N, K, s2.stride(0) if s2 is not None else 0)
+            sz if sz is not None else dummy, y, ws, cnt, M, N, K, s2.stride(0) if s2 is not None else 0)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode),
-                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated)
-    return (min(sms, tiles),), args, consts
+                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated, STREAM=stream)
+    return (grid,), args, consts
 
 
 def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False) -> None:

@@ -167,6 +167,31 @@ def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     assert rel_err(w8a8_gemm_triton(x8, sx, w, s), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
 
 
+@requires_cuda
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_small_m_prefetch_gpu(kind, m, gen, poison):
+    """The register-A kernel's L2 prefetch (Hopper; PREFETCH chunks ahead, up to past the end of
+    each split's K range) leaves the sums unchanged."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("a Hopper option")
+    n, k = 4096, 4096
+    if kind == "w8a8":
+        x8, sx, _ = random_activations(m, k, "cuda", gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to("cuda")
+        s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to("cuda")
+        case, fn, ref = (x8, sx, w, s), w8a8_gemm_triton, w8a8_gemm_ref
+    elif kind == "g128":
+        case, fn, ref = g128_case(m, n, k, "cuda", gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    else:
+        case = per_channel_case(m, n, k, "cuda", gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    want = ref(*case)
+    for split, prefetch in ((2, 4), (8, 3), (8, 64)):
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4, SPLIT_K=split, PREFETCH=prefetch)
+        assert rel_err(fn(*case, config=cfg), want) < EXACT
+
+
 @pytest.mark.parametrize("kind", ["g128", "per_channel"])
 def test_unrolled_chunks_match_ref(kind, device, gen, poison):
     """UNROLL chunks per loop iteration (the small-M probe's option) give the same sums; a count
@@ -242,10 +267,12 @@ def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
 WS = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, TMA=True, WS=True)
 
 
-WS_BUILDS = [[mode, zero, gated, *tile]
+WS_BUILDS = [[mode, zero, gated, *tile, False]
              for mode, zero, gated in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
                                        (1, False, False), (2, True, False)]
              for tile in [(128, 256), (64, 256), (256, 128), (64, 128)]]
+# stream-K builds (STREAM): the split tiles' partial sums meet through acq_rel arrival counters
+WS_BUILDS += [[2, True, False, 128, 128, True], [1, False, False, 128, 256, True], [0, False, True, 128, 256, True]]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +291,7 @@ def ws_builds():
     return {tuple(r["case"]): r for r in map(json.loads, run.stdout.splitlines())}
 
 
-@pytest.mark.parametrize("case", WS_BUILDS, ids=lambda c: "mode{}-zero{}-gated{}-{}x{}".format(*c))
+@pytest.mark.parametrize("case", WS_BUILDS, ids=lambda c: "mode{}-zero{}-gated{}-{}x{}-stream{}".format(*c))
 def test_ws_gemm_compiles_for_sm90(case, ws_builds):
     """Gluon kernels do not run in the CPU interpreter: build this one for an H100 instead, and
     check that it is what it claims (async wgmma on int8, TMA loads, register hand-off between its
@@ -272,6 +299,7 @@ def test_ws_gemm_compiles_for_sm90(case, ws_builds):
     built = ws_builds[tuple(case)]
     assert built["int8_wgmma"] and built["setmaxnreg"] and built["tma"]
     assert built["fence"] == (case[0] != 0)
+    assert built["atomics"] == case[5]
     assert built["shared"] <= 227 * 1024
 
 
@@ -282,7 +310,7 @@ def test_ws_gemm_compiles_for_sm90(case, ws_builds):
 def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
     """The Gluon kernel gives the tl.dot TMA kernel's output bit for bit (the same exact int32 sums
     and fp32 epilogue), at tile, M and N tails and real shapes, and matches the reference."""
-    from qoq.kernels import ws_gemm
+    from qoq.kernels import dispatch, ws_gemm
 
     if not ws_gemm.available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs Gluon and a Hopper GPU")
@@ -306,6 +334,12 @@ def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
         for fuse in ([False, True] if unpack else [False]):  # W4 unpacked ahead, or in the kernel
             cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, **unpack)
             assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
+    # stream-K: the SMs' grid, and a grid of 7 programs (most tiles split, several segments each)
+    for tile, grid in [((128, 128), None), ((128, 256), 7)]:
+        for fuse in ([False, True] if unpack else [False]):
+            cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=fuse, STREAM=True, GRID=grid, **unpack)
+            assert torch.equal(fn(*case, silu_mul=silu, config=cfg), want)
+    assert all(int(b.abs().sum()) == 0 for b in dispatch._ARRIVAL_COUNTERS.values())
 
 
 def test_ws_dispatch_rules(monkeypatch):
@@ -333,8 +367,17 @@ def test_ws_dispatch_rules(monkeypatch):
     assert cfg(1200, 4096, 14336, g128) is None  # 160 tiles of 128x256: the split tail instead
     assert cfg(1024, 4096, 14336, pc) == (128, 256, True)  # one round
     assert cfg(1024, 28672, 4096, pc) is None  # one wave of the in-loop kernel's tiles
-    assert cfg(256, 4096, 14336, g128) == (64, 128, True)  # mid-size M: W4 unpacked inside
-    assert cfg(64, 4096, 14336, g128) is None and cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
+    assert cfg(256, 4096, 14336, pc) == (64, 128, True)  # mid-size M: W4 unpacked inside
+    # few tiles for the SMs: stream-K (down projection; o_proj at 64 < M <= 128)
+    for m, n, k, mode, tile in [(32, 4096, 14336, pc, (64, 128)), (64, 4096, 14336, g128, (64, 128)),
+                                (128, 4096, 14336, pc, (128, 128)), (256, 4096, 14336, g128, (128, 128)),
+                                (128, 4096, 4096, g128, (64, 128))]:
+        assert cfg(m, n, k, mode) == (*tile, True)
+        assert int_gemm.tma_config(m, n, k, mode)["STREAM"]
+    assert not int_gemm.tma_config(128, 6144, 4096, pc).get("STREAM")
+    assert cfg(48, 28672, 4096, pc) == (64, 128, True)  # gate/up at M <= 64: narrow Gluon tiles
+    assert cfg(16, 4096, 14336, pc) is None and cfg(64, 4096, 4096, pc) is None
+    assert cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
     dev = torch.device("cuda", 0)
     monkeypatch.setattr(int_gemm, "has_tma", lambda index: True)
     assert int_gemm.fused_silu_mul(8192, 28672, 4096, pc, dev)  # the unpack pass interleaves gate/up
