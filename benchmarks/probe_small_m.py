@@ -44,7 +44,7 @@ def variants_hopper(m, n, k, mode):
     base = int_gemm.default_config(m, n, k, mode, tma=False)
     out = [dict(base)]
     for split in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], min(16, base["SPLIT_K"] * 2)}):
-        for pf in (0, 2, 4, 8, 64):
+        for pf in (0, 4, 8):
             cfg = dict(base, SPLIT_K=split, PREFETCH=pf)
             if (k // 128) // split >= 2 and cfg not in out:
                 out.append(cfg)

@@ -514,12 +514,14 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         return dict(cfg, TMA=True, SPLIT_K=1)
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
-        want = 256 if mode == MODE_W8 else 512
-        if mode != MODE_W8 and N >= 16384:
-            # the wide gate/up GEMM (16 chunks per program): weight rows prefetched 4 chunks ahead
-            # into L2, 30-35 against 35-38 us (benchmarks/results/hopper-small-m-probe-h100.json;
-            # ignored off Hopper). Shorter programs lost: the prefetch instructions cost more than
-            # the latency they hide.
+        # g128 programs also load a byte of s2 and of sz per row and chunk: half the split-K
+        # (longer programs) won on all four shapes (benchmarks/results/g128-small-m-probe-h100.json)
+        want = 256 if mode in (MODE_W8, MODE_W4_G128) else 512
+        if (mode == MODE_W4_PER_CHANNEL and N >= 16384) or (mode == MODE_W4_G128 and (N >= 16384 or K >= 8192)):
+            # long programs (gate/up, g128's down projection): weight rows prefetched 4 chunks
+            # ahead into L2 (ignored off Hopper). Per-channel gate/up 30-33 against 35-36 us
+            # (hopper-small-m-probe-h100.json), g128 down 18.2 against 20.5 at M = 1. Shorter
+            # programs lost: the prefetch instructions cost more than the latency they hide.
             cfg["PREFETCH"] = 4
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
