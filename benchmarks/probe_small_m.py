@@ -8,6 +8,7 @@ checked against the reference before timing; prints the best per case and writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def variants(m, n, k, mode):
     return out
 
 
-def variants_hopper(m, n, k, mode):
+def variants_hopper(m, n, k, mode, unroll=False):
     """The default, then the L2 prefetch distance (PREFETCH) around it, also with half and double
     the split-K."""
     base = int_gemm.default_config(m, n, k, mode, tma=False)
@@ -48,6 +49,12 @@ def variants_hopper(m, n, k, mode):
             cfg = dict(base, SPLIT_K=split, PREFETCH=pf)
             if (k // 128) // split >= 2 and cfg not in out:
                 out.append(cfg)
+    if unroll:  # chunks per iteration (g128: their scales in one load per row), fewer stages
+        for split in sorted({base["SPLIT_K"], max(1, base["SPLIT_K"] // 2)}):
+            for chunks, stages in ((2, 3), (2, 4), (4, 2), (4, 3)):
+                per = -(-(k // 128) // split)
+                if per % chunks == 0 and (k // 128) % per % chunks == 0:
+                    out.append(dict(base, SPLIT_K=split, UNROLL=chunks, num_stages=stages))
     return out
 
 
@@ -69,7 +76,7 @@ SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 def short(cfg) -> str:
     if cfg is None:
         return "dispatch"
-    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "PREFETCH", "num_warps", "WS", "FUSE", "STREAM", "TMA")
+    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "num_stages", "PREFETCH", "num_warps", "WS", "FUSE", "STREAM", "TMA")
     return ",".join(f"{k[:2].lower()}{cfg[k]}" for k in keys if k in cfg)
 
 
@@ -80,12 +87,14 @@ def main() -> None:
     p.add_argument("--kernels", nargs="*", default=["w4a8_per_channel", "w4a8_g128"])
     p.add_argument("--mid-70b", action="store_true", help="Llama-2-70B shapes, the mid-size M dispatch variants")
     p.add_argument("--hopper", action="store_true", help="the L2 prefetch option around the default")
+    p.add_argument("--unroll", action="store_true", help="with --hopper: also UNROLL 2 / 4 at fewer stages")
     p.add_argument("--stream", action="store_true", help="mid-size M: stream-K Gluon variants against the dispatch")
     args = p.parse_args()
     if args.mid_70b:
         shapes, make = SHAPES_70B, variants_mid
     else:
-        shapes, make = SHAPES, (variants_hopper if args.hopper else variants_stream if args.stream else variants)
+        hopper = functools.partial(variants_hopper, unroll=args.unroll)
+        shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream else variants)
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
     for n, k in shapes:

@@ -47,7 +47,8 @@ def gemm_kernel(args):
                xsum_ptr="*fp32", s1_ptr="*fp16", s2_ptr="*u8", sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32",
                cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
-                  NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch)
+                  NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
     return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
 
 

@@ -125,7 +125,7 @@ def _int8_gemm_kernel(
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
-    UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0,
+    UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, PACKED: tl.constexpr = False,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -133,7 +133,10 @@ def _int8_gemm_kernel(
     PREFETCH (Hopper): the weight rows run PREFETCH chunks ahead of the loads in L2 (line
     prefetches: the first PREFETCH chunks of the program's K range at its start, then one line
     per row every 128 bytes), so more weight bytes are in flight than the pipeline's shared-memory
-    stages hold."""
+    stages hold.
+
+    PACKED (g128, UNROLL 2 or 4, scale rows aligned to it): the UNROLL chunks' s2 / sz bytes of a
+    row come in one 16- or 32-bit load per iteration instead of one byte load per chunk."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -168,6 +171,11 @@ def _int8_gemm_kernel(
             if c_begin * row_bytes + j < c_end * row_bytes:
                 _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
+        if PACKED:
+            word: tl.constexpr = tl.uint16 if UNROLL == 2 else tl.uint32
+            s_off = offs_n * stride_sg + c0
+            s2w = tl.load((s2_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+            szw = tl.load((sz_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
         for u in tl.static_range(UNROLL):
             c = c0 + u
             if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
@@ -180,7 +188,11 @@ def _int8_gemm_kernel(
                 w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
             else:
                 p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
-                s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
+                if PACKED:  # byte u of the words, little-endian
+                    s2 = (s2w >> (8 * u)) & 0xFF
+                    sz = (szw >> (8 * u)) & 0xFF
+                else:
+                    s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
                 w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
             if SWAP:
                 acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
@@ -523,6 +535,11 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             # (hopper-small-m-probe-h100.json), g128 down 18.2 against 20.5 at M = 1. Shorter
             # programs lost: the prefetch instructions cost more than the latency they hide.
             cfg["PREFETCH"] = 4
+        if mode == MODE_W4_G128:
+            # four chunks per iteration, their scale bytes in one 32-bit load per row (PACKED):
+            # gate/up 29.2 / 31.0 against 32.9 / 34.9 us at M = 1 / 16, o_proj 8.5 against 9.0 and
+            # the down projection 20.5 against 21.9 at M = 16 (g128-unroll-probe-h100.json)
+            cfg.update(UNROLL=4, num_stages=2 if N >= 16384 else 3)
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
@@ -562,6 +579,10 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         split *= 2
     cfg["SPLIT_K"] = split
     cfg["SWAP"] = True
+    chunks = K // 128
+    per = -(-chunks // split)
+    while cfg.get("UNROLL", 1) > 1 and (per % cfg["UNROLL"] or chunks % per % cfg["UNROLL"]):
+        cfg["UNROLL"] //= 2  # it must divide every split's chunks (e.g. K = 11008: 86 chunks)
     return cfg
 
 
@@ -612,12 +633,14 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x8.device)
         cnt = arrival_counters(x8.device, tiles)
     dummy = sx
+    packed = (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
+              and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
-        NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll,
+        NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll, PACKED=packed,
                 # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
         FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"], **_hopper_options(cfg, x8),
     )

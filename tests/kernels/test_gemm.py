@@ -207,6 +207,21 @@ def test_unrolled_chunks_match_ref(kind, device, gen, poison):
         fn(*case, config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=1, UNROLL=3))
 
 
+@pytest.mark.parametrize("chunks", [13, 22])
+def test_small_m_default_unroll_divides_the_splits(chunks, device, gen, poison):
+    """g128's M <= 16 default takes four chunks per iteration; where they do not divide each
+    split's chunks (Llama-2-7B's K = 11008: 86 chunks in 4 splits of 22) it takes fewer."""
+    from qoq.kernels import int_gemm
+
+    k = 128 * chunks
+    cfg = int_gemm.default_config(3, 64, k, int_gemm.MODE_W4_G128)
+    per = -(-chunks // cfg["SPLIT_K"])
+    assert per % cfg["UNROLL"] == 0 and chunks % per % cfg["UNROLL"] == 0
+    case = g128_case(3, 64, k, device, gen)
+    assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
+    assert int_gemm.default_config(1, 4096, 11008, int_gemm.MODE_W4_G128)["UNROLL"] == 2
+
+
 @pytest.mark.parametrize("split", [2, 4])
 def test_one_launch_split_k_resets_its_counters(split, device, gen, poison):
     """The last split to arrive reduces the tile and zeroes its counter: repeat calls stay exact."""
