@@ -526,20 +526,22 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         return dict(cfg, TMA=True, SPLIT_K=1)
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
-        # g128 programs also load a byte of s2 and of sz per row and chunk: half the split-K
-        # (longer programs) won on all four shapes (benchmarks/results/g128-small-m-probe-h100.json)
-        want = 256 if mode in (MODE_W8, MODE_W4_G128) else 512
-        if (mode == MODE_W4_PER_CHANNEL and N >= 16384) or (mode == MODE_W4_G128 and (N >= 16384 or K >= 8192)):
-            # long programs (gate/up, g128's down projection): weight rows prefetched 4 chunks
-            # ahead into L2 (ignored off Hopper). Per-channel gate/up 30-33 against 35-36 us
-            # (hopper-small-m-probe-h100.json), g128 down 18.2 against 20.5 at M = 1. Shorter
-            # programs lost: the prefetch instructions cost more than the latency they hide.
-            cfg["PREFETCH"] = 4
-        if mode == MODE_W4_G128:
-            # four chunks per iteration, their scale bytes in one 32-bit load per row (PACKED):
-            # gate/up 29.2 / 31.0 against 32.9 / 34.9 us at M = 1 / 16, o_proj 8.5 against 9.0 and
-            # the down projection 20.5 against 21.9 at M = 16 (g128-unroll-probe-h100.json)
+        # Split-K until ~256 programs stream weights (longer programs than 512 won on every
+        # shape for both W4 modes: benchmarks/results/g128-small-m-probe-h100.json,
+        # pc-unroll-probe-h100.json). Gate/up takes four chunks per iteration and prefetches its
+        # weight rows 4 chunks ahead into L2 (PREFETCH; ignored off Hopper): 27.0 / 28.9 us
+        # per-channel and 29.2 / 31.0 g128 at M = 1 / 16, against 30.9 / 32.2 and 32.9 / 34.9
+        # (g128-unroll-probe-h100.json). g128 runs four chunks per iteration everywhere (its
+        # scale bytes in one 32-bit load per row, PACKED) and prefetches on the long-K down
+        # projection; per-channel's down projection two chunks. Shorter programs lost with the
+        # prefetch: its instructions cost more than the latency they hide.
+        want = 256
+        if mode == MODE_W4_G128 or (mode == MODE_W4_PER_CHANNEL and N >= 16384):
             cfg.update(UNROLL=4, num_stages=2 if N >= 16384 else 3)
+        elif mode == MODE_W4_PER_CHANNEL and K >= 8192:
+            cfg.update(UNROLL=2)
+        if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192)):
+            cfg["PREFETCH"] = 4
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
