@@ -13,7 +13,9 @@ warp-specialize it (`tl.range(warp_specialize=True)` changed nothing, docs/kerne
 the schedule be written out:
 
 - one persistent CTA per SM walks the output tiles, GROUP_M row blocks per column sweep so that
-  CTAs running together share weight tiles in L2;
+  CTAs running together share weight tiles in L2; or (STREAM, stream-K) takes an equal share of
+  the (tile, 128-deep chunk) units, where whole tiles would leave SMs idle, and the pieces of a
+  shared tile are summed exactly through a workspace (`_stream_fixup`);
 - a producer warp issues the TMA loads of each 128-deep chunk (X, and the weight tile as two column
   halves) into a ring of STAGES shared-memory slots, each with a `ready` mbarrier (TMA bytes
   landed) and an `empty` one (count 2: both consumers are done with the slot); it runs ahead into
