@@ -516,10 +516,10 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
     With `tma` (a Hopper GPU) the large-M buckets go to the TMA kernel (`tma_config`).
 
     The weight-as-A order (SWAP) won at every size. Small M is weight-bandwidth bound: narrow
-    64-row weight tiles and a one-launch split-K until ~512 CTAs stream weights (256 for W8A8,
-    whose CTAs move twice the bytes). At M=256 the main loop is latency-bound (the register-A
-    wgmma is waited on every chunk), so the best tile is the one that keeps the most CTAs per SM
-    busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
+    64-row weight tiles and a one-launch split-K until ~256 CTAs stream weights (M <= 16; its
+    chunks per iteration and L2 prefetch are below). At M=256 the main loop is latency-bound (the
+    register-A wgmma is waited on every chunk), so the best tile is the one that keeps the most
+    CTAs per SM busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
     split-K 2 for the K=14336 down projection.
     """
     if tma and (cfg := tma_config(M, N, K, mode)) is not None:
@@ -643,7 +643,7 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
         NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll, PACKED=packed,
-                # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
+        # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
         FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"], **_hopper_options(cfg, x8),
     )
     return y
