@@ -39,11 +39,17 @@ def variants(m, n, k, mode):
     return out
 
 
-def variants_hopper(m, n, k, mode, unroll=False):
+def variants_hopper(m, n, k, mode, unroll=False, wide=False):
     """The default, then the L2 prefetch distance (PREFETCH) around it, also with half and double
-    the split-K."""
+    the split-K; `unroll`: chunks per iteration at fewer stages; `wide`: the default's chunks per
+    iteration on 128-row tiles and 8 warps, at the default's split-K and half of it."""
     base = int_gemm.default_config(m, n, k, mode, tma=False)
     out = [dict(base)]
+    if wide:
+        for bn, warps in ((64, 8), (128, 4), (128, 8)):
+            for split in sorted({base["SPLIT_K"], max(1, base["SPLIT_K"] // 2)}):
+                out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=split))
+        return out
     for split in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], min(16, base["SPLIT_K"] * 2)}):
         for pf in (0, 4, 8):
             cfg = dict(base, SPLIT_K=split, PREFETCH=pf)
@@ -88,12 +94,13 @@ def main() -> None:
     p.add_argument("--mid-70b", action="store_true", help="Llama-2-70B shapes, the mid-size M dispatch variants")
     p.add_argument("--hopper", action="store_true", help="the L2 prefetch option around the default")
     p.add_argument("--unroll", action="store_true", help="with --hopper: also UNROLL 2 / 4 at fewer stages")
+    p.add_argument("--wide", action="store_true", help="with --hopper: only 128-row tiles and 8 warps around the default")
     p.add_argument("--stream", action="store_true", help="mid-size M: stream-K Gluon variants against the dispatch")
     args = p.parse_args()
     if args.mid_70b:
         shapes, make = SHAPES_70B, variants_mid
     else:
-        hopper = functools.partial(variants_hopper, unroll=args.unroll)
+        hopper = functools.partial(variants_hopper, unroll=args.unroll, wide=args.wide)
         shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream else variants)
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
