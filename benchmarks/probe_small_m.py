@@ -76,6 +76,18 @@ def variants_stream(m, n, k, mode):
     return out
 
 
+def variants_mid(m, n, k, mode):
+    """Mid-size M on Hopper: the dispatch's choice (None), the Gluon kernel with W4 unpacked inside
+    it (FUSE) or ahead, the tl TMA kernel and the register-A kernel."""
+    ws = dict(num_warps=4, num_stages=4, UNPACK=True, WS=True, TMA=True, SPLIT_K=1)
+    return [None,
+            dict(ws, BLOCK_M=64, BLOCK_N=128, FUSE=True), dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=True),
+            dict(ws, BLOCK_M=128, BLOCK_N=128, FUSE=False), dict(ws, BLOCK_M=128, BLOCK_N=256, num_warps=8, FUSE=False),
+            dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, SPLIT_K=1),
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, TMA=True, SPLIT_K=1),
+            int_gemm.default_config(m, n, k, mode, tma=False)]
+
+
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
