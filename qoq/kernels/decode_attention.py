@@ -176,6 +176,29 @@ def _kv8_codes(lo, hi, FAST: tl.constexpr, BIASED: tl.constexpr):
 
 
 @lazy_jit.helper
+def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, HI16: tl.constexpr,
+            TRANS: tl.constexpr):
+    """The query rows `head` of sequence b as fp16 halves of the head dimension, [BLOCK_G, HALF]
+    (TRANS: q^T, [HALF, BLOCK_G]), with their offsets, each head's sum(q) (the zero-point term) and
+    1024 * sum(q) after the HI16 scaling (what biased K codes, 1024 + code, add to each score).
+    HI16: the fast unpack yields 16 * (high code), so q_hi comes pre-divided by 16 (exact)."""
+    if TRANS:
+        q_off = (b * HQ + head)[None, :] * D + j[:, None]
+        mask = g_mask[None, :]
+    else:
+        q_off = (b * HQ + head)[:, None] * D + j[None, :]
+        mask = g_mask[:, None]
+    AXIS: tl.constexpr = 0 if TRANS else 1
+    q_lo = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float16)
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float16)
+    q_sum = tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS)
+    if HI16:
+        q_hi = q_hi * 0.0625
+    k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS))
+    return q_off, q_lo, q_hi, q_sum, k_bias
+
+
+@lazy_jit.helper
 def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr):
     """Sequence b's context length and the [begin, end) of the BLOCK_T-token blocks that split
     `split` of `num_splits` covers."""
@@ -247,15 +270,8 @@ def _decode_kernel(
     g_mask = g < GROUP
     head = h * GROUP + g
 
-    q_off = (b * HQ + head)[:, None] * D + j[None, :]
-    q_lo = tl.load(q_ptr + q_off, mask=g_mask[:, None], other=0.0).to(tl.float16)
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[:, None], other=0.0).to(tl.float16)
-    q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    if HI16:
-        q_hi = q_hi * 0.0625  # the fast unpack yields 16 * (high code); exact power-of-2 scale
-    if BIASED:  # what 1024 + code adds to each score
-        k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1))
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False)
 
     ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
@@ -359,15 +375,8 @@ def _decode_kernel_t(
     g_mask = g < GROUP
     head = h * GROUP + g
 
-    q_off = (b * HQ + head)[None, :] * D + j[:, None]  # q^T [HALF, BLOCK_G]
-    q_lo = tl.load(q_ptr + q_off, mask=g_mask[None, :], other=0.0).to(tl.float16)
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=g_mask[None, :], other=0.0).to(tl.float16)
-    q_sum = tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0)
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    if HI16:
-        q_hi = q_hi * 0.0625
-    if BIASED:
-        k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=0) + tl.sum(q_hi.to(tl.float32), axis=0))
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
 
     ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
