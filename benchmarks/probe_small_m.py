@@ -88,13 +88,31 @@ def variants_mid(m, n, k, mode):
             int_gemm.default_config(m, n, k, mode, tma=False)]
 
 
+def variants_reg_a(m, n, k, mode):
+    """Mid-size M on Hopper: the dispatch's choice (None), then the Gluon kernel with the packed
+    weights as wgmma's register operand (REG_A: the transposed tile, no unpacked copy in shared
+    memory) at 64 / 128 / 256 tokens x 128 weight rows (and 128 x 256), whole tiles or stream-K,
+    and the shared-memory-unpack Gluon kernel at the same tiles for comparison."""
+    ws = dict(num_warps=4, num_stages=4, UNPACK=True, WS=True, TMA=True, SPLIT_K=1, FUSE=True)
+    out = [None]
+    for bm, bn in ((64, 128), (128, 128), (256, 128), (128, 256)):
+        if bm > 2 * m and bm > 64:
+            continue
+        for stream in (False, True):
+            out.append(dict(ws, BLOCK_M=bm, BLOCK_N=bn, STREAM=stream, REG_A=True))
+        if bn == 128 and bm <= 128:
+            out.append(dict(ws, BLOCK_M=bm, BLOCK_N=bn, STREAM=False))
+    return out
+
+
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
 def short(cfg) -> str:
     if cfg is None:
         return "dispatch"
-    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "num_stages", "PREFETCH", "num_warps", "WS", "FUSE", "STREAM", "TMA")
+    keys = ("BLOCK_M", "BLOCK_N", "SPLIT_K", "UNROLL", "num_stages", "PREFETCH", "num_warps", "WS", "FUSE", "STREAM",
+            "REG_A", "TMA")
     return ",".join(f"{k[:2].lower()}{cfg[k]}" for k in keys if k in cfg)
 
 
@@ -108,12 +126,14 @@ def main() -> None:
     p.add_argument("--unroll", action="store_true", help="with --hopper: also UNROLL 2 / 4 at fewer stages")
     p.add_argument("--wide", action="store_true", help="with --hopper: only 128-row tiles and 8 warps around the default")
     p.add_argument("--stream", action="store_true", help="mid-size M: stream-K Gluon variants against the dispatch")
+    p.add_argument("--reg-a", action="store_true", help="mid-size M: the Gluon kernel's register-operand W4 (REG_A)")
     args = p.parse_args()
     if args.mid_70b:
         shapes, make = SHAPES_70B, variants_mid
     else:
         hopper = functools.partial(variants_hopper, unroll=args.unroll, wide=args.wide)
-        shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream else variants)
+        shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream
+                                else variants_reg_a if args.reg_a else variants)
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
     for n, k in shapes:

@@ -468,7 +468,12 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
       34.0); o_proj at 64 < M <= 128 (g128 17.6 -> 14.6). Elsewhere the partial-tile round trip
       cost more than the idle SMs (qkv at M = 256: 27.1 against 22.7 us).
     - Narrow 64-row tiles at M <= 384 for the narrow and the long-K shapes (more CTAs streaming
-      weights), and for gate/up at M <= 64 (34.0 against 39.3 us at M = 64); 128x128 elsewhere."""
+      weights), and for gate/up at M <= 64 (34.0 against 39.3 us at M = 64); 128x128 elsewhere.
+    - The packed weights as wgmma's register operand (REG_A) on 256-token x 128-row tiles for
+      gate/up at 192 < M <= 256 (reg-a-probe-h100.json, M = 256: g128 78.7 against 87.2 us,
+      per-channel 76.8 against 78.6). Its chunks do not overlap their own unpack (ptxas waits
+      before it rewrites the A registers), so it pays only where the tiles are large enough for
+      the other consumer's MMAs to keep the tensor cores busy."""
     if M <= 16 or M > 640 or mode == MODE_W8:
         return None
     narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
@@ -489,6 +494,8 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
     if K >= 8192:  # the down projection
         return narrow if M <= 384 else square
     if N >= 16384:  # gate/up
+        if 192 < M <= 256:
+            return dict(square, BLOCK_M=256, REG_A=True)
         return square if M <= 192 or (g128 and M > 384) else None
     if M <= 128 and N <= 4096:
         return dict(narrow, STREAM=True)
@@ -687,6 +694,7 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
         # gated GEMM the unpack interleaves gate and up rows, which the epilogue splits again.
         w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda), interleave=gated)
         mode = MODE_W8
+        cfg = dict(cfg, REG_A=False)  # the packed-W4 register operand does not apply to int8 weights
     if ws and mode == MODE_W8:
         ws_gemm.ws_gemm(x8, w, sx, xsum, s1, None, sz, y, MODE_W8, cfg, zero=zero, gated=gated)
         return

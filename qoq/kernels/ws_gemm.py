@@ -155,13 +155,16 @@ if gluon is not None:
 
     @gluon.jit
     def _epilogue(acc, row0, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N,
-                  ZERO: gl.constexpr, GATED: gl.constexpr):
-        """Scale the int32 tile acc (rows row0.., columns col0..) and store it (fp16)."""
-        BM: gl.constexpr = acc.shape[0]
-        BN: gl.constexpr = acc.shape[1]
+                  ZERO: gl.constexpr, GATED: gl.constexpr, TRANS: gl.constexpr = False):
+        """Scale the int32 tile acc (rows row0.., columns col0..; TRANS: acc holds the transposed
+        tile, weight columns down, rows across) and store it (fp16)."""
         layout: gl.constexpr = acc.type.layout
-        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        offs_n = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        AX_M: gl.constexpr = 1 if TRANS else 0  # acc's axis of the output rows (tokens)
+        AX_N: gl.constexpr = 1 - AX_M
+        BM: gl.constexpr = acc.shape[AX_M]
+        BN: gl.constexpr = acc.shape[AX_N]
+        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(AX_N, layout))
+        offs_n = col0 + gl.arange(0, BN, layout=gl.SliceLayout(AX_M, layout))
         m_mask = offs_m < M
         n_mask = offs_n < N
         src = offs_n
@@ -169,12 +172,13 @@ if gluon is not None:
             src = (offs_n % 2) * (N // 2) + offs_n // 2
         sx = gl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
         s1 = gl.load(s1_ptr + src, mask=n_mask, other=0.0).to(gl.float32)
-        y = acc.to(gl.float32) * sx[:, None] * s1[None, :]
+        y = acc.to(gl.float32) * gl.expand_dims(sx, AX_N) * gl.expand_dims(s1, AX_M)
         if ZERO:
             xsum = gl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
             szero = gl.load(sz_ptr + src, mask=n_mask, other=0.0).to(gl.float32)
-            y = y - xsum[:, None] * szero[None, :]
+            y = y - gl.expand_dims(xsum, AX_N) * gl.expand_dims(szero, AX_M)
         if GATED:
+            gl.static_assert(not TRANS, "the gated epilogue takes untransposed tiles")
             # each thread holds column pairs (2j, 2j + 1) of the wgmma layout: a register-local split
             gate, up = gl.split(gl.reshape(y, (BM, BN // 2, 2)))
             out = gate / (1.0 + gl.exp(-gate)) * up
@@ -184,8 +188,9 @@ if gluon is not None:
             mask = (rows < M)[:, None] & (cols < N // 2)[None, :]
             gl.store(y_ptr + rows[:, None].to(gl.int64) * (N // 2) + cols[None, :], out.to(gl.float16), mask=mask)
         else:
-            mask = m_mask[:, None] & n_mask[None, :]
-            gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], y.to(gl.float16), mask=mask)
+            mask = gl.expand_dims(m_mask, AX_N) & gl.expand_dims(n_mask, AX_M)
+            ptrs = y_ptr + gl.expand_dims(offs_m.to(gl.int64) * N, AX_N) + gl.expand_dims(offs_n, AX_M)
+            gl.store(ptrs, y.to(gl.float16), mask=mask)
 
     @gluon.jit
     def _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c, MODE: gl.constexpr):
@@ -200,17 +205,18 @@ if gluon is not None:
         return s2, sz
 
     @gluon.jit
-    def _unpack(p, s2, sz, MODE: gl.constexpr):
+    def _unpack(p, s2, sz, MODE: gl.constexpr, PINNED: gl.constexpr = False):
         """Packed W4 bytes [rows, 64] of one chunk -> int8 (low half, high half): Q8' (g128, MODE 1)
-        or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py)."""
+        or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py).
+        PINNED: volatile asm, kept in program order with the wgmma waits."""
         if MODE == 1:
             s2b, _ = gl.broadcast(gl.expand_dims(s2.to(gl.uint8), 1), p)
             cb, _ = gl.broadcast(gl.expand_dims((128 - sz).to(gl.uint8), 1), p)
             lo, hi = gl.inline_asm_elementwise(asm=_G128_ASM, constraints="=r,=r,r,r,r", args=[p, s2b, cb],
-                                               dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+                                               dtype=(gl.int8, gl.int8), is_pure=not PINNED, pack=4)
         else:
             lo, hi = gl.inline_asm_elementwise(asm=_PER_CHANNEL_ASM, constraints="=r,=r,r", args=[p],
-                                               dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+                                               dtype=(gl.int8, gl.int8), is_pure=not PINNED, pack=4)
         return lo, hi
 
     @gluon.jit
@@ -263,6 +269,61 @@ if gluon is not None:
         return acc, seq
 
     @gluon.jit
+    def _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, c_last, seq, s2, sz,
+                       a_layout: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
+        """Chunk c's unpacked weights (low, high) as wgmma A operands, once its ring slot (seq) has
+        landed, and the g128 parameters of the chunk after it (loaded one chunk ahead)."""
+        STAGES: gl.constexpr = ready.type.shape[0]
+        s = seq % STAGES
+        s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + 1, c_last), MODE)
+        mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
+        lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(a_layout), s2, sz, MODE, True)
+        return lo, hi, s2_next, sz_next
+
+    @gluon.jit
+    def _reg_a_mma(x_bufs, empty, acc, lo, hi, seq):
+        """Issue one chunk's two MMAs (A: lo / hi in registers, B: X's halves in ring slot seq)."""
+        STAGES: gl.constexpr = empty.type.shape[0]
+        s = seq % STAGES
+        acc = warpgroup_mma(lo, x_bufs.index(2 * s).permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma(hi, x_bufs.index(2 * s + 1).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
+    def _mma_chunks_reg_a(x_bufs, w_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, row0, c0, c1, seq,
+                          BLOCK_M: gl.constexpr, HALF: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
+        """REG_A (W4 only): one consumer warpgroup's int32 [HALF, BLOCK_M] = W X^T over chunks
+        [c0, c1) of the weight rows row0.. (the transposed tile): the packed chunk is loaded from
+        its ring slot straight into the registers of wgmma's A operand, unpacked there and
+        multiplied with X's two 64-wide halves (B, from shared memory). No unpacked copy in shared
+        memory, no proxy fence, no warpgroup barrier.
+
+        Each iteration issues chunk c's MMAs, loads chunk c + 1 from its slot, waits for the MMAs
+        and unpacks chunk c + 1 (ptxas keeps every chunk's A operand in the same registers and
+        places the wait before they are rewritten: the unpack overlaps the other consumer's MMAs,
+        not this one's). Every MMA retires in the iteration that issued it: one still in flight
+        across the loop's back edge makes ptxas serialize all of them (C7512)."""
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128 if BLOCK_M > 128 else BLOCK_M, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=4)
+        acc = gl.zeros((HALF, BLOCK_M), gl.int32, layout)
+        rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
+        last = c1 - 1
+        s2, sz = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c0, MODE)
+        lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c0, last, seq, s2, sz,
+                                        a_layout, MODE, WHICH)
+        for c in range(c0, last):
+            acc = _reg_a_mma(x_bufs, empty, acc, lo, hi, seq)
+            lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c + 1, last, seq + 1,
+                                            s2, sz, a_layout, MODE, WHICH)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
+            seq += 1
+        acc = _reg_a_mma(x_bufs, empty, acc, lo, hi, seq)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
+        return acc, seq + 1
+
+    @gluon.jit
     def _stream_fixup(acc, ws_ptr, cnt_ptr, tile, first, per, chunks, WHICH: gl.constexpr):
         """Stream-K: this warpgroup's partial sum of a tile that several programs share. It goes to
         the workspace (slot: the program's first or last segment), the tile half's arrival counter
@@ -291,10 +352,24 @@ if gluon is not None:
         return acc, last
 
     @gluon.jit
+    def _product(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0, c0, c1, seq,
+                 BLOCK_M: gl.constexpr, HALF: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr,
+                 REG_A: gl.constexpr):
+        """This warpgroup's int32 product over chunks [c0, c1) and the next ring seq: [BLOCK_M, HALF],
+        or (REG_A) its transpose, the weights as the register operand."""
+        if REG_A:
+            acc, seq = _mma_chunks_reg_a(x_bufs, w_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0, c0, c1,
+                                         seq, BLOCK_M, HALF, MODE, WHICH)
+        else:
+            acc, seq = _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0, c0, c1,
+                                   seq, BLOCK_M, HALF, MODE, WHICH)
+        return acc, seq
+
+    @gluon.jit
     def _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr,
                  cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                 STREAM: gl.constexpr, WHICH: gl.constexpr):
+                 STREAM: gl.constexpr, REG_A: gl.constexpr, WHICH: gl.constexpr):
         """One consumer warpgroup: columns [WHICH * BLOCK_N / 2, (WHICH + 1) * BLOCK_N / 2) of every
         tile of this CTA (STREAM: of every tile segment of its units; a tile's last piece to finish
         runs the epilogue)."""
@@ -309,41 +384,42 @@ if gluon is not None:
                 c1 = gl.minimum(chunks, c0 + end - u)
                 pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
                 col0 = pid_n * BLOCK_N + WHICH * HALF
-                acc, seq = _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
-                                       c0, c1, seq, BLOCK_M, HALF, MODE, WHICH)
+                acc, seq = _product(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
+                                    c0, c1, seq, BLOCK_M, HALF, MODE, WHICH, REG_A)
                 last = c1 - c0 == chunks
                 if not last:
                     acc, last = _stream_fixup(acc, ws_ptr, cnt_ptr, tile, u == start, per, chunks, WHICH)
                 if last:
                     _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO,
-                              GATED)
+                              GATED, REG_A)
                 u += c1 - c0
         else:
             for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
                 pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
                 col0 = pid_n * BLOCK_N + WHICH * HALF
-                acc, seq = _mma_chunks(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
-                                       0, chunks, seq, BLOCK_M, HALF, MODE, WHICH)
-                _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED)
+                acc, seq = _product(x_bufs, w_bufs, wq_bufs, ready, empty, s2_ptr, sz_ptr, N, stride_sg, col0,
+                                    0, chunks, seq, BLOCK_M, HALF, MODE, WHICH, REG_A)
+                _epilogue(acc, pid_m * BLOCK_M, col0, sx_ptr, xsum_ptr, s1_ptr, sz_ptr, y_ptr, M, N, ZERO, GATED,
+                          REG_A)
 
     @gluon.jit
     def _partition(x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr,
                    y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M: gl.constexpr,
                    BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr,
-                   GATED: gl.constexpr, STREAM: gl.constexpr, ROLE: gl.constexpr):
+                   GATED: gl.constexpr, STREAM: gl.constexpr, REG_A: gl.constexpr, ROLE: gl.constexpr):
         if ROLE == _PRODUCER:
             _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M,
                      MODE, STREAM)
         else:
             _consume(x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr,
                      cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N, GROUP_M, MODE, ZERO, GATED,
-                     STREAM, ROLE)
+                     STREAM, REG_A, ROLE)
 
     @gluon.jit
     def _ws_gemm_kernel(x_desc, w_desc, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                         stride_sg, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         GROUP_M: gl.constexpr, MODE: gl.constexpr, ZERO: gl.constexpr, GATED: gl.constexpr,
-                        STREAM: gl.constexpr):
+                        STREAM: gl.constexpr, REG_A: gl.constexpr = False):
         """STREAM (stream-K): the grid shares the (tile, 128-deep chunk) units equally instead of
         taking whole tiles in rounds, so that no SM idles when the tiles do not divide into the
         grid (e.g. 96 tiles on 132 SMs); tiles split between programs are summed through a
@@ -353,7 +429,8 @@ if gluon is not None:
         x_bufs = gl.allocate_shared_memory(gl.int8, [X_PARTS * STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
         # W4: each consumer's unpacked chunk, [2 parities x (low, high)] of [BLOCK_N / 2, 64] int8
-        wq_bufs = gl.allocate_shared_memory(gl.int8, [8 if MODE != 0 else 1] + w_desc.block_type.shape,
+        # (REG_A unpacks into registers: none)
+        wq_bufs = gl.allocate_shared_memory(gl.int8, [8 if MODE != 0 and not REG_A else 1] + w_desc.block_type.shape,
                                             w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -366,23 +443,24 @@ if gluon is not None:
         gl.warp_specialize([
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
-                          GROUP_M, MODE, ZERO, GATED, STREAM, _CONSUMER_0)),
+                          GROUP_M, MODE, ZERO, GATED, STREAM, REG_A, _CONSUMER_0)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
-                          GROUP_M, MODE, ZERO, GATED, STREAM, _CONSUMER_1)),
+                          GROUP_M, MODE, ZERO, GATED, STREAM, REG_A, _CONSUMER_1)),
             (_partition, (x_desc, w_desc, x_bufs, w_bufs, wq_bufs, ready, empty, sx_ptr, xsum_ptr, s1_ptr, s2_ptr,
                           sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_sg, num_m, num_n, chunks, BLOCK_M, BLOCK_N,
-                          GROUP_M, MODE, ZERO, GATED, STREAM, _PRODUCER)),
+                          GROUP_M, MODE, ZERO, GATED, STREAM, REG_A, _PRODUCER)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
-def stages_for(block_m: int, block_n: int, mode: int = 0, smem_bytes: int = 227 * 1024) -> int:
+def stages_for(block_m: int, block_n: int, mode: int = 0, smem_bytes: int = 227 * 1024, reg_a: bool = False) -> int:
     """Ring slots that fit the SM's shared memory, at most 8: each holds X's [block_m, 128] and the
     weights' [block_n, 128] (int8) or [block_n, 64] (packed W4, which also needs the consumers'
-    four unpacked [block_n / 2, 64] buffers)."""
+    four unpacked [block_n / 2, 64] buffers unless it unpacks into registers, reg_a)."""
     if mode == 0:
         return min(8, (smem_bytes - 1024) // ((block_m + block_n) * BLOCK_K))
-    return min(8, (smem_bytes - 1024 - 4 * block_n * 64) // ((2 * block_m + block_n) * 64))
+    unpacked = 0 if reg_a else 4 * block_n * 64
+    return min(8, (smem_bytes - 1024 - unpacked) // ((2 * block_m + block_n) * 64))
 
 
 def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool, gated: bool):
@@ -397,6 +475,10 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
     tiles = -(-M // bm) * -(-N // bn)
     sms = cfg.get("GRID") or (num_sms(x8.device.index or 0) if x8.is_cuda else 132)  # CPU: compile_sm90, an H100
     stream = bool(cfg.get("STREAM", False))
+    reg_a = bool(cfg.get("REG_A", False))
+    if reg_a and (mode == 0 or gated or bn // 2 not in (64, 128) or bm > 256):
+        raise ValueError(f"REG_A takes packed W4 (mode 1 or 2), no gated epilogue, BLOCK_N 128 or 256 and "
+                         f"BLOCK_M <= 256; got mode {mode}, gated {gated}, {bm}x{bn} tiles")
     grid = sms if stream else min(sms, tiles)
     dummy = sx
     if stream:  # each program holds at most two partial tiles (its first and last segments)
@@ -406,8 +488,8 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
         ws = cnt = dummy
     args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
             sz if sz is not None else dummy, y, ws, cnt, M, N, K, s2.stride(0) if s2 is not None else 0)
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode),
-                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated, STREAM=stream)
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode, reg_a=reg_a),
+                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated, STREAM=stream, REG_A=reg_a)
     return (grid,), args, consts
 
 

@@ -282,12 +282,17 @@ def test_tma_split_tail_is_exact(kind, unpack, silu, device, gen, poison):
 WS = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=4, TMA=True, WS=True)
 
 
-WS_BUILDS = [[mode, zero, gated, *tile, False]
+WS_BUILDS = [[mode, zero, gated, *tile, False, False]
              for mode, zero, gated in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
                                        (1, False, False), (2, True, False)]
              for tile in [(128, 256), (64, 256), (256, 128), (64, 128)]]
 # stream-K builds (STREAM): the split tiles' partial sums meet through acq_rel arrival counters
-WS_BUILDS += [[2, True, False, 128, 128, True], [1, False, False, 128, 256, True], [0, False, True, 128, 256, True]]
+WS_BUILDS += [[2, True, False, 128, 128, True, False], [1, False, False, 128, 256, True, False],
+              [0, False, True, 128, 256, True, False]]
+# packed W4 as wgmma's register operand (REG_A): no unpacked copy in shared memory, so no fence
+WS_BUILDS += [[mode, mode == 2, False, *tile, stream, True] for mode in (1, 2)
+              for tile, stream in [((64, 128), False), ((128, 128), False), ((256, 128), False), ((128, 256), False),
+                                   ((128, 128), True)]]
 
 
 @pytest.fixture(scope="module")
@@ -306,14 +311,16 @@ def ws_builds():
     return {tuple(r["case"]): r for r in map(json.loads, run.stdout.splitlines())}
 
 
-@pytest.mark.parametrize("case", WS_BUILDS, ids=lambda c: "mode{}-zero{}-gated{}-{}x{}-stream{}".format(*c))
+@pytest.mark.parametrize("case", WS_BUILDS, ids=lambda c: "mode{}-zero{}-gated{}-{}x{}-stream{}-rega{}".format(*c))
 def test_ws_gemm_compiles_for_sm90(case, ws_builds):
     """Gluon kernels do not run in the CPU interpreter: build this one for an H100 instead, and
     check that it is what it claims (async wgmma on int8, TMA loads, register hand-off between its
-    partitions; W4 modes store their unpacked chunk and fence it before the MMA reads it)."""
+    partitions; W4 modes store their unpacked chunk and fence it before the MMA reads it, unless
+    the MMA takes it from registers, REG_A, which ptxas must then not serialize)."""
     built = ws_builds[tuple(case)]
     assert built["int8_wgmma"] and built["setmaxnreg"] and built["tma"]
-    assert built["fence"] == (case[0] != 0)
+    assert built["fence"] == (case[0] != 0 and not case[6])
+    assert built["serialized"] is False
     assert built["atomics"] == case[5]
     assert built["shared"] <= 227 * 1024
 
@@ -357,6 +364,31 @@ def test_ws_gemm_matches_tma_kernel_gpu(kind, silu, m, n, k, gen, poison):
     assert all(int(b.abs().sum()) == 0 for b in dispatch._ARRIVAL_COUNTERS.values())
 
 
+@requires_cuda
+@pytest.mark.parametrize("kind", ["g128", "per_channel"])
+@pytest.mark.parametrize("m,n,k", [(77, 384, 1024), (256, 6144, 4096), (300, 4096, 14336), (129, 28672, 4096)])
+def test_ws_gemm_reg_a_matches_tma_kernel_gpu(kind, m, n, k, gen, poison):
+    """The packed weights as wgmma's register operand (REG_A, the transposed tile) give the tl.dot
+    TMA kernel's output bit for bit: every tile shape, whole tiles and stream-K (also a grid of 7
+    programs, which splits nearly every tile into odd and even chunk counts)."""
+    from qoq.kernels import dispatch, ws_gemm
+
+    if not ws_gemm.available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs Gluon and a Hopper GPU")
+    if kind == "g128":
+        case, fn, ref = g128_case(m, n, k, "cuda", gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    else:
+        case = per_channel_case(m, n, k, "cuda", gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    want = fn(*case, config=dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True, UNPACK=True))
+    assert rel_err(want, ref(*case)) < EXACT
+    for tile, stream, grid in [((64, 128), False, None), ((128, 128), False, None), ((256, 128), False, None),
+                               ((128, 256), False, None), ((128, 128), True, None), ((64, 128), True, 7)]:
+        cfg = dict(WS, BLOCK_M=tile[0], BLOCK_N=tile[1], FUSE=True, UNPACK=True, REG_A=True, STREAM=stream, GRID=grid)
+        assert torch.equal(fn(*case, config=cfg), want), (tile, stream, grid)
+    assert all(int(b.abs().sum()) == 0 for b in dispatch._ARRIVAL_COUNTERS.values())
+
+
 def test_ws_dispatch_rules(monkeypatch):
     """Where the Gluon kernel takes a GEMM on Hopper (int_gemm._ws_config, from the H100 probes),
     on an H100's 132 SMs: every prefill shape with 128x256 tiles and the unpack pass; at the serving
@@ -391,6 +423,10 @@ def test_ws_dispatch_rules(monkeypatch):
         assert int_gemm.tma_config(m, n, k, mode)["STREAM"]
     assert not int_gemm.tma_config(128, 6144, 4096, pc).get("STREAM")
     assert cfg(48, 28672, 4096, pc) == (64, 128, True)  # gate/up at M <= 64: narrow Gluon tiles
+    for mode in (g128, pc):  # gate/up at M = 256: the packed weights as the register operand
+        assert int_gemm.tma_config(256, 28672, 4096, mode) == dict(
+            BLOCK_M=256, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True, REG_A=True)
+        assert not int_gemm.tma_config(128, 28672, 4096, mode).get("REG_A")
     assert cfg(16, 4096, 14336, pc) is None and cfg(64, 4096, 4096, pc) is None
     assert cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
     dev = torch.device("cuda", 0)
