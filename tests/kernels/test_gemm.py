@@ -427,6 +427,8 @@ def test_ws_dispatch_rules(monkeypatch):
         assert int_gemm.tma_config(256, 28672, 4096, mode) == dict(
             BLOCK_M=256, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True, REG_A=True)
         assert not int_gemm.tma_config(128, 28672, 4096, mode).get("REG_A")
+    assert int_gemm.tma_config(512, 6144, 4096, g128)["REG_A"]
+    assert not (int_gemm.tma_config(512, 6144, 4096, pc) or {}).get("REG_A")
     assert cfg(16, 4096, 14336, pc) is None and cfg(64, 4096, 4096, pc) is None
     assert cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
     dev = torch.device("cuda", 0)
