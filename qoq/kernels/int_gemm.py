@@ -471,9 +471,10 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
       weights), and for gate/up at M <= 64 (34.0 against 39.3 us at M = 64); 128x128 elsewhere.
     - The packed weights as wgmma's register operand (REG_A) on 256-token x 128-row tiles for
       gate/up at 192 < M <= 256 (reg-a-probe-h100.json, M = 256: g128 78.7 against 87.2 us,
-      per-channel 76.8 against 78.6) and g128 qkv at 384 < M <= 512. Its chunks do not overlap their own unpack (ptxas waits
-      before it rewrites the A registers), so it pays only where the tiles are large enough for
-      the other consumer's MMAs to keep the tensor cores busy."""
+      per-channel 76.8 against 78.6) and g128 qkv at 384 < M <= 512 (41.5 against 43.6 us).
+      Its chunks do not overlap their own unpack (ptxas waits before it rewrites the A
+      registers), so it pays only where the tiles are large enough for the other consumer's MMAs
+      to keep the tensor cores busy."""
     if M <= 16 or M > 640 or mode == MODE_W8:
         return None
     narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
@@ -503,7 +504,7 @@ def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
         return narrow
     if M <= 384:
         return narrow if N <= 4096 else (square if g128 else None)
-    if g128 and M <= 512 and N == 6144:  # qkv: REG_A 41.5 against 43.6 us at M = 512 (reg-a-probe)
+    if g128 and M <= 512 and N == 6144:  # qkv
         return dict(square, BLOCK_M=256, REG_A=True)
     return square if N <= 4096 else None
 

@@ -208,7 +208,8 @@ if gluon is not None:
     def _unpack(p, s2, sz, MODE: gl.constexpr, PINNED: gl.constexpr = False):
         """Packed W4 bytes [rows, 64] of one chunk -> int8 (low half, high half): Q8' (g128, MODE 1)
         or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py).
-        PINNED: volatile asm, kept in program order with the wgmma waits."""
+        PINNED: volatile asm, which LLVM keeps in program order with the wgmma waits (ptxas may
+        still schedule a wait ahead of it: `_mma_chunks_reg_a`)."""
         if MODE == 1:
             s2b, _ = gl.broadcast(gl.expand_dims(s2.to(gl.uint8), 1), p)
             cb, _ = gl.broadcast(gl.expand_dims((128 - sz).to(gl.uint8), 1), p)

@@ -5,9 +5,13 @@ kernels under TRITON_INTERPRET=1 leaves the interpreter's patches on `triton.lan
 a real compilation afterwards."""
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 
 import torch
+import triton
 
 from qoq.kernels import ws_gemm
 
@@ -33,12 +37,6 @@ def build(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = F
 def serialized(ptx: str) -> bool:
     """Whether ptxas reports serializing the wgmma instructions (C7512: each one waited for before
     the next), which the kernel's schedule is written to avoid."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "kernel.ptx")
