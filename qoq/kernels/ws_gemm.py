@@ -282,9 +282,9 @@ if gluon is not None:
         return lo, hi, s2_next, sz_next
 
     @gluon.jit
-    def _reg_a_mma(x_bufs, empty, acc, lo, hi, seq):
+    def _reg_a_mma(x_bufs, acc, lo, hi, seq):
         """Issue one chunk's two MMAs (A: lo / hi in registers, B: X's halves in ring slot seq)."""
-        STAGES: gl.constexpr = empty.type.shape[0]
+        STAGES: gl.constexpr = x_bufs.type.shape[0] // 2  # X in two 64-wide halves per slot
         s = seq % STAGES
         acc = warpgroup_mma(lo, x_bufs.index(2 * s).permute((1, 0)), acc, is_async=True)
         return warpgroup_mma(hi, x_bufs.index(2 * s + 1).permute((1, 0)), acc, is_async=True)
@@ -313,13 +313,13 @@ if gluon is not None:
         lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c0, last, seq, s2, sz,
                                         a_layout, MODE, WHICH)
         for c in range(c0, last):
-            acc = _reg_a_mma(x_bufs, empty, acc, lo, hi, seq)
+            acc = _reg_a_mma(x_bufs, acc, lo, hi, seq)
             lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c + 1, last, seq + 1,
                                             s2, sz, a_layout, MODE, WHICH)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
             seq += 1
-        acc = _reg_a_mma(x_bufs, empty, acc, lo, hi, seq)
+        acc = _reg_a_mma(x_bufs, acc, lo, hi, seq)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
         return acc, seq + 1

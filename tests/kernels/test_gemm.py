@@ -389,6 +389,25 @@ def test_ws_gemm_reg_a_matches_tma_kernel_gpu(kind, m, n, k, gen, poison):
     assert all(int(b.abs().sum()) == 0 for b in dispatch._ARRIVAL_COUNTERS.values())
 
 
+@pytest.mark.parametrize("mode,gated,tile", [(0, False, (128, 128)), (2, True, (128, 128)), (2, False, (128, 512)),
+                                             (1, False, (512, 128))])
+def test_ws_gemm_reg_a_refuses_what_it_cannot_run(mode, gated, tile):
+    """REG_A takes packed W4 only, without the gated epilogue, 64 or 128 weight rows per consumer
+    and at most 256 tokens per tile: anything else is refused before a launch, with what was asked."""
+    from qoq.kernels import ws_gemm
+
+    if not ws_gemm.available():
+        pytest.skip("this Triton has no Gluon")
+    m, n, k = 64, 1024, 1024
+    x8, sx = torch.zeros(m, k, dtype=torch.int8), torch.zeros(m)
+    w = torch.zeros(n, k if mode == 0 else k // 2, dtype=torch.int8 if mode == 0 else torch.uint8)
+    s1, y = torch.zeros(n, dtype=torch.float16), torch.zeros(m, n, dtype=torch.float16)
+    s2 = torch.zeros(n, k // 128, dtype=torch.uint8) if mode == 1 else None
+    with pytest.raises(ValueError, match="REG_A takes packed W4"):
+        ws_gemm.launch_args(x8, w, sx, None, s1, s2, s2, y, mode, dict(BLOCK_M=tile[0], BLOCK_N=tile[1], REG_A=True),
+                            zero=False, gated=gated)
+
+
 def test_ws_dispatch_rules(monkeypatch):
     """Where the Gluon kernel takes a GEMM on Hopper (int_gemm._ws_config, from the H100 probes),
     on an H100's 132 SMs: every prefill shape with 128x256 tiles and the unpack pass; at the serving
