@@ -105,6 +105,24 @@ def variants_reg_a(m, n, k, mode):
     return out
 
 
+def variants_narrow_m(m, n, k, mode):
+    """M <= 8: the default (16-token tiles), then 8-token tiles (wgmma's narrowest N: half the X
+    tile and the accumulator) at the default's split-K, half and double it, and on 128-row tiles."""
+    base = int_gemm.default_config(m, n, k, mode, tma=False)
+    out = [dict(base)]
+    chunks = k // 128
+    for bn, split in ((64, base["SPLIT_K"]), (64, max(1, base["SPLIT_K"] // 2)), (64, min(16, base["SPLIT_K"] * 2)),
+                      (128, base["SPLIT_K"]), (128, max(1, base["SPLIT_K"] // 2))):
+        per = -(-chunks // split)
+        unroll = base.get("UNROLL", 1)
+        while unroll > 1 and (per % unroll or chunks % per % unroll):
+            unroll //= 2
+        cfg = dict(base, BLOCK_M=8, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
@@ -127,13 +145,15 @@ def main() -> None:
     p.add_argument("--wide", action="store_true", help="with --hopper: only 128-row tiles and 8 warps around the default")
     p.add_argument("--stream", action="store_true", help="mid-size M: stream-K Gluon variants against the dispatch")
     p.add_argument("--reg-a", action="store_true", help="mid-size M: the Gluon kernel's register-operand W4 (REG_A)")
+    p.add_argument("--narrow-m", action="store_true", help="M <= 8: 8-token tiles against the default's 16")
     args = p.parse_args()
     if args.mid_70b:
         shapes, make = SHAPES_70B, variants_mid
     else:
         hopper = functools.partial(variants_hopper, unroll=args.unroll, wide=args.wide)
         shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream
-                                else variants_reg_a if args.reg_a else variants)
+                                else variants_reg_a if args.reg_a else variants_narrow_m if args.narrow_m
+                                else variants)
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
     for n, k in shapes:

@@ -207,6 +207,29 @@ def test_unrolled_chunks_match_ref(kind, device, gen, poison):
         fn(*case, config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=1, UNROLL=3))
 
 
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("m", [1, 8, 13])
+def test_eight_token_tiles_match_ref(kind, m, device, gen, poison):
+    """8-token tiles (the narrowest wgmma N; decode batches of up to 8), also when M spills into
+    a second token tile, whole and split-K."""
+    k = 512
+    if kind == "w8a8":
+        x8, sx, _ = random_activations(m, k, device, gen)
+        w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=gen).to(device)
+        s = (torch.rand(64, generator=gen) * 0.01 + 1e-4).half().to(device)
+        case, fn, ref = (x8, sx, w, s), w8a8_gemm_triton, w8a8_gemm_ref
+    elif kind == "g128":
+        case, fn, ref = g128_case(m, 64, k, device, gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    else:
+        case = per_channel_case(m, 64, k, device, gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    want = ref(*case)
+    for split in (1, 2):
+        cfg = dict(BLOCK_M=8, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=split)
+        out = fn(*case, config=cfg)
+        assert out.shape == want.shape and rel_err(out, want) < EXACT
+
+
 @pytest.mark.parametrize("chunks", [13, 22])
 def test_small_m_default_unroll_divides_the_splits(chunks, device, gen, poison):
     """g128's M <= 16 default takes four chunks per iteration; where they do not divide each
