@@ -552,6 +552,17 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             cfg.update(UNROLL=2)
         if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192)):
             cfg["PREFETCH"] = 4
+        if mode != MODE_W8 and M <= 8:
+            # 8-token tiles (wgmma's narrowest N): half the X tile and the accumulator, 12-20%
+            # fewer instructions per chunk (g128 M=1: 10.6 -> 10.0 us on qkv, 32.2 -> 28.7 on
+            # gate/up with 128-row tiles; benchmarks/results/narrow-m-probe-h100.json). gate/up
+            # on 128-row tiles; g128's down projection at half the split-K.
+            cfg["BLOCK_M"] = 8
+            if N >= 16384:
+                cfg["BLOCK_N"] = 128
+                want = 128  # no split-K (224 programs)
+            elif mode == MODE_W4_G128 and K >= 8192:
+                want = 128
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
