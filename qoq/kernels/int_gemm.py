@@ -561,8 +561,8 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             if N >= 16384:
                 cfg["BLOCK_N"] = 128
                 want = 128  # no split-K (224 programs)
-            elif mode == MODE_W4_G128 and K >= 8192:
-                want = 128
+            elif mode == MODE_W4_G128 and K >= 8192 and (K // 128) % 8 == 0:
+                want = 128  # two splits that keep four chunks per iteration
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
