@@ -554,15 +554,14 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             cfg["PREFETCH"] = 4
         if mode != MODE_W8 and M <= 8:
             # 8-token tiles (wgmma's narrowest N): half the X tile and the accumulator, 12-20%
-            # fewer instructions per chunk (g128 M=1: 10.6 -> 10.0 us on qkv, 32.2 -> 28.7 on
-            # gate/up with 128-row tiles; benchmarks/results/narrow-m-probe-h100.json). gate/up
-            # on 128-row tiles; g128's down projection at half the split-K.
+            # fewer instructions per chunk; gate/up on 128-row tiles without split-K; no L2
+            # prefetch, which no longer pays (g128 M = 1: qkv 10.6 -> 9.8 us, gate/up 32.2 ->
+            # 27.6, down 18.7 -> 16.7; narrow-m-probe-h100.json, narrow-m-hopper-probe-h100.json).
             cfg["BLOCK_M"] = 8
+            cfg.pop("PREFETCH", None)
             if N >= 16384:
                 cfg["BLOCK_N"] = 128
-                want = 128  # no split-K (224 programs)
-            elif mode == MODE_W4_G128 and K >= 8192 and (K // 128) % 8 == 0:
-                want = 128  # two splits that keep four chunks per iteration
+                want = 128  # 224 programs: no split-K
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
