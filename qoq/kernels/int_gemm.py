@@ -562,6 +562,11 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             if N >= 16384:
                 cfg["BLOCK_N"] = 128
                 want = 128  # 224 programs: no split-K
+        elif mode == MODE_W4_G128 and (N >= 16384 or K >= 8192):
+            # two warps, which Triton runs on mma.sync instead of a warpgroup's wgmma: ~20% fewer
+            # instructions per weight (offline sm_90 build); g128 M = 16 gate/up 33.3 -> 30.3 us,
+            # down 20.8 -> 18.8 (mma2-probe-h100.json). qkv and o_proj lost (11.2 -> 11.7 us).
+            cfg["num_warps"] = 2
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
