@@ -552,21 +552,21 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             cfg.update(UNROLL=2)
         if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192)):
             cfg["PREFETCH"] = 4
+        if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192 and M > 8)):
+            # two warps, which Triton runs on mma.sync instead of a warpgroup's wgmma: 20-30% fewer
+            # instructions per weight (offline sm_90 build, benchmarks/sass_report.py --warps).
+            # gate/up at M = 1 / 16: g128 27.5-27.9 / 33.3 -> 27.4-27.9 / 29.7-30.3 us,
+            # per-channel 26.5-26.9 / 28.6 -> 25.6 / 28.5-29.0; g128's down projection at M = 16
+            # 20.8 -> 18.8-19.0 (mma2-probe-h100.json, mma2-probe2-h100.json). qkv and o_proj,
+            # per-channel's down projection and g128's at M <= 8 stay on wgmma (up to 8% slower).
+            cfg["num_warps"] = 2
         if mode != MODE_W8 and M <= 8:
-            # 8-token tiles (wgmma's narrowest N): half the X tile and the accumulator, 12-20%
-            # fewer instructions per chunk; gate/up on 128-row tiles without split-K; no L2
-            # prefetch, which no longer pays (g128 M = 1: qkv 10.6 -> 9.8 us, gate/up 32.2 ->
-            # 27.6, down 18.7 -> 16.7; narrow-m-probe-h100.json, narrow-m-hopper-probe-h100.json).
+            # 8-token tiles (wgmma's and mma.sync's narrowest N): half the X tile and the
+            # accumulator, 12-20% fewer instructions per chunk, and no L2 prefetch, which no longer
+            # pays (g128 M = 1: qkv 10.6 -> 9.8 us, down 18.7 -> 16.7; narrow-m-probe-h100.json,
+            # narrow-m-hopper-probe-h100.json).
             cfg["BLOCK_M"] = 8
             cfg.pop("PREFETCH", None)
-            if N >= 16384:
-                cfg["BLOCK_N"] = 128
-                want = 128  # 224 programs: no split-K
-        elif mode == MODE_W4_G128 and (N >= 16384 or K >= 8192):
-            # two warps, which Triton runs on mma.sync instead of a warpgroup's wgmma: ~20% fewer
-            # instructions per weight (offline sm_90 build); g128 M = 16 gate/up 33.3 -> 30.3 us,
-            # down 20.8 -> 18.8 (mma2-probe-h100.json). qkv and o_proj lost (11.2 -> 11.7 us).
-            cfg["num_warps"] = 2
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128

@@ -149,7 +149,7 @@ def test_refs_reject_bad_inputs(gen):
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 256, 513, 700, 1000, 1200, 2085, 4100])
+@pytest.mark.parametrize("m", [1, 8, 16, 256, 513, 700, 1000, 1200, 2085, 4100])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336)])
 def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     """Default tiles at every M bucket (on Hopper, M > 256 runs the TMA kernel), and silu_mul
@@ -165,6 +165,18 @@ def test_gemms_real_shapes_gpu(m, n, k, gen, poison):
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to("cuda")
     s = (torch.rand(n, generator=gen) * 0.01 + 1e-4).half().to("cuda")
     assert rel_err(w8a8_gemm_triton(x8, sx, w, s), w8a8_gemm_ref(x8, sx, w, s)) < EXACT
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_gate_up_shape_small_m_gpu(m, gen, poison):
+    """The gate/up shape at decode-sized M (its own defaults: 8-token tiles, two warps on
+    mma.sync)."""
+    n, k = 28672, 4096
+    case = g128_case(m, n, k, "cuda", gen)
+    assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
+    case = per_channel_case(m, n, k, "cuda", gen)
+    assert rel_err(w4a8_per_channel_gemm_triton(*case), w4a8_per_channel_gemm_ref(*case)) < EXACT
 
 
 @requires_cuda
