@@ -74,6 +74,7 @@ def metadata(argv) -> dict:
 
 
 WARMUP_MS = 25.0
+MEASURE_MS = 100.0
 
 
 def time_calls(calls, reps: int = 25) -> float:
@@ -96,9 +97,13 @@ def time_calls(calls, reps: int = 25) -> float:
     graph.replay()
     end.record()
     end.synchronize()
-    for _ in range(min(1000, int(WARMUP_MS / max(start.elapsed_time(end), 1e-3)))):
+    once = max(start.elapsed_time(end), 1e-3)
+    for _ in range(min(1000, int(WARMUP_MS / once))):
         graph.replay()
     torch.cuda.synchronize()
+    # at least ~MEASURE_MS of replays, so that a slow spell of a few ms (seen as single cases
+    # 20-60% slow in otherwise equal runs) moves the median little
+    reps = max(reps, min(2000, int(MEASURE_MS / once)))
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
