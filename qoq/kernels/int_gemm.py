@@ -527,7 +527,8 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
 
     The weight-as-A order (SWAP) won at every size. Small M is weight-bandwidth bound: narrow
     64-row weight tiles and a one-launch split-K until ~256 CTAs stream weights (M <= 16; its
-    chunks per iteration and L2 prefetch are below). At M=256 the main loop is latency-bound (the
+    chunks per iteration, L2 prefetch, 8-token tiles at M <= 8 and the two-warp mma.sync
+    programs are below). At M=256 the main loop is latency-bound (the
     register-A wgmma is waited on every chunk), so the best tile is the one that keeps the most
     CTAs per SM busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
     split-K 2 for the K=14336 down projection.
