@@ -142,6 +142,24 @@ def variants_mma2(m, n, k, mode):
     return out
 
 
+def variants_short(m, n, k, mode):
+    """M <= 16, the short programs (qkv, o_proj): the default, then 4 or 2 warps x chunks per
+    iteration x stages x split-K (fewer shared-memory bytes per program: more programs per SM)."""
+    base = int_gemm.default_config(m, n, k, mode, tma=False)
+    out = [dict(base)]
+    chunks = k // 128
+    for warps in (4, 2):
+        for unroll, stages in ((4, 2), (4, 3), (4, 4), (2, 3), (2, 4), (2, 6)):
+            for split in (2, 4, 8):
+                per = -(-chunks // split)
+                if per % unroll or chunks % per % unroll or per < 2 * unroll:
+                    continue
+                cfg = dict(base, num_warps=warps, UNROLL=unroll, num_stages=stages, SPLIT_K=split)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
@@ -166,6 +184,8 @@ def main() -> None:
     p.add_argument("--reg-a", action="store_true", help="mid-size M: the Gluon kernel's register-operand W4 (REG_A)")
     p.add_argument("--narrow-m", action="store_true", help="M <= 8: 8-token tiles against the default's 16")
     p.add_argument("--mma2", action="store_true", help="M <= 16: 1-2 warps (mma.sync) against the default's warpgroup")
+    p.add_argument("--short", action="store_true", help="M <= 16: warps x chunks per iteration x stages x split-K")
+    p.add_argument("--shapes", nargs="*", help="only these NxK shapes, e.g. 6144x4096 (default: all)")
     args = p.parse_args()
     if args.mid_70b:
         shapes, make = SHAPES_70B, variants_mid
@@ -173,7 +193,10 @@ def main() -> None:
         hopper = functools.partial(variants_hopper, unroll=args.unroll, wide=args.wide)
         shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream
                                 else variants_reg_a if args.reg_a else variants_narrow_m if args.narrow_m
-                                else variants_mma2 if args.mma2 else variants)
+                                else variants_mma2 if args.mma2
+                                else variants_short if args.short else variants)
+    if args.shapes:
+        shapes = [(n, k) for n, k in shapes if f"{n}x{k}" in args.shapes]
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     records = []
     for n, k in shapes:
