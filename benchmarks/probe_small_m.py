@@ -160,6 +160,16 @@ def variants_short(m, n, k, mode):
     return out
 
 
+def variants_mid_mma2(m, n, k, mode):
+    """Mid-size M: the dispatch's choice (None), then the register-A kernel on 1-2 warps (mma.sync)
+    at small tiles, 3 or 4 stages."""
+    out = [None]
+    for bm, bn, warps in ((64, 64, 2), (32, 64, 2), (64, 32, 2), (128, 64, 2), (64, 64, 1), (32, 32, 1)):
+        for stages in (3, 4):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, SPLIT_K=1, SWAP=True))
+    return out
+
+
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
@@ -185,6 +195,7 @@ def main() -> None:
     p.add_argument("--narrow-m", action="store_true", help="M <= 8: 8-token tiles against the default's 16")
     p.add_argument("--mma2", action="store_true", help="M <= 16: 1-2 warps (mma.sync) against the default's warpgroup")
     p.add_argument("--short", action="store_true", help="M <= 16: warps x chunks per iteration x stages x split-K")
+    p.add_argument("--mid-mma2", action="store_true", help="mid-size M: the register-A kernel on 1-2 warps (mma.sync)")
     p.add_argument("--shapes", nargs="*", help="only these NxK shapes, e.g. 6144x4096 (default: all)")
     args = p.parse_args()
     if args.mid_70b:
@@ -194,7 +205,8 @@ def main() -> None:
         shapes, make = SHAPES, (hopper if args.hopper else variants_stream if args.stream
                                 else variants_reg_a if args.reg_a else variants_narrow_m if args.narrow_m
                                 else variants_mma2 if args.mma2
-                                else variants_short if args.short else variants)
+                                else variants_short if args.short else variants_mid_mma2 if args.mid_mma2
+                                else variants)
     if args.shapes:
         shapes = [(n, k) for n, k in shapes if f"{n}x{k}" in args.shapes]
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
