@@ -78,7 +78,9 @@ MEASURE_MS = 100.0
 
 
 def time_calls(calls, reps: int = 25) -> float:
-    """Median milliseconds per call of `calls` (a list of closures over rotated buffers)."""
+    """Median milliseconds per call of `calls` (a list of closures over rotated buffers), from
+    CUDA-graph replays of all of them: ~WARMUP_MS of untimed replays, then `reps` timed ones or
+    as many as fill ~MEASURE_MS, whichever is more."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -559,7 +559,8 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             # gate/up at M = 1 / 16: g128 27.5-27.9 / 33.3 -> 27.4-27.9 / 29.7-30.3 us,
             # per-channel 26.5-26.9 / 28.6 -> 25.6 / 28.5-29.0; g128's down projection at M = 16
             # 20.8 -> 18.8-19.0 (mma2-probe-h100.json, mma2-probe2-h100.json). qkv and o_proj,
-            # per-channel's down projection and g128's at M <= 8 stay on wgmma (up to 8% slower).
+            # per-channel's down projection and g128's at M <= 8 stay on wgmma (on mma.sync they
+            # ran up to 8% slower).
             cfg["num_warps"] = 2
         if mode != MODE_W8 and M <= 8:
             # 8-token tiles (wgmma's and mma.sync's narrowest N): half the X tile and the

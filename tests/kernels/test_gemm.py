@@ -222,8 +222,8 @@ def test_unrolled_chunks_match_ref(kind, device, gen, poison):
 @pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
 @pytest.mark.parametrize("m", [1, 8, 13])
 def test_eight_token_tiles_match_ref(kind, m, device, gen, poison):
-    """8-token tiles (the narrowest wgmma N; decode batches of up to 8), also when M spills into
-    a second token tile, whole and split-K."""
+    """8-token tiles (the narrowest MMA N; the default at M <= 8), also when M spills into a
+    second token tile, whole and split-K, on a warpgroup (wgmma) and on two warps (mma.sync)."""
     k = 512
     if kind == "w8a8":
         x8, sx, _ = random_activations(m, k, device, gen)
@@ -236,8 +236,8 @@ def test_eight_token_tiles_match_ref(kind, m, device, gen, poison):
         case = per_channel_case(m, 64, k, device, gen)
         fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
     want = ref(*case)
-    for split in (1, 2):
-        cfg = dict(BLOCK_M=8, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=split)
+    for split, warps in ((1, 4), (2, 4), (2, 2)):
+        cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=warps, num_stages=2, SPLIT_K=split)
         out = fn(*case, config=cfg)
         assert out.shape == want.shape and rel_err(out, want) < EXACT
 
