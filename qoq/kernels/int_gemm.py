@@ -539,20 +539,17 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
         # Split-K until ~256 programs stream weights (longer programs than 512 won on every
         # shape for both W4 modes: benchmarks/results/g128-small-m-probe-h100.json,
-        # pc-unroll-probe-h100.json). Gate/up takes four chunks per iteration and prefetches its
-        # weight rows 4 chunks ahead into L2 (PREFETCH; ignored off Hopper): 27.0 / 28.9 us
-        # per-channel and 29.2 / 31.0 g128 at M = 1 / 16, against 30.9 / 32.2 and 32.9 / 34.9
-        # (g128-unroll-probe-h100.json). g128 runs four chunks per iteration everywhere (its
-        # scale bytes in one 32-bit load per row, PACKED) and prefetches on the long-K down
-        # projection; per-channel's down projection two chunks. Shorter programs lost with the
-        # prefetch: its instructions cost more than the latency they hide.
+        # pc-unroll-probe-h100.json). Gate/up takes four chunks per iteration (with session 9's
+        # L2 prefetch, 27.0 / 28.9 us per-channel and 29.2 / 31.0 g128 at M = 1 / 16, against
+        # 30.9 / 32.2 and 32.9 / 34.9: g128-unroll-probe-h100.json); g128 runs four chunks per
+        # iteration everywhere (its scale bytes in one 32-bit load per row, PACKED);
+        # per-channel's down projection two chunks. The L2 prefetch option (PREFETCH, Hopper) is
+        # no longer a default: the programs below do better without it.
         want = 256
         if mode == MODE_W4_G128 or (mode == MODE_W4_PER_CHANNEL and N >= 16384):
             cfg.update(UNROLL=4, num_stages=2 if N >= 16384 else 3)
         elif mode == MODE_W4_PER_CHANNEL and K >= 8192:
             cfg.update(UNROLL=2)
-        if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192)):
-            cfg["PREFETCH"] = 4
         if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192 and M > 8)):
             # two warps, which Triton runs on mma.sync instead of a warpgroup's wgmma: 20-30% fewer
             # instructions per weight (offline sm_90 build, benchmarks/sass_report.py --warps).
@@ -560,15 +557,18 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
             # per-channel 26.5-26.9 / 28.6 -> 25.6 / 28.5-29.0; g128's down projection at M = 16
             # 20.8 -> 18.8-19.0 (mma2-probe-h100.json, mma2-probe2-h100.json). qkv and o_proj,
             # per-channel's down projection and g128's at M <= 8 stay on wgmma (on mma.sync they
-            # ran up to 8% slower).
+            # ran up to 8% slower). Neither these programs nor the 8-token tiles below gain from
+            # the L2 prefetch (PREFETCH) that the warpgroup programs took here before: g128's down
+            # projection at M = 16 ran 17.7 without against 18.5 us with it, per-channel gate/up
+            # 28.4 against 28.9, g128 gate/up 29.6 against 29.4 (m16-prefetch-probe-h100.json);
+            # at M = 1 gate/up 27.6 against 28.5, down 16.7 against 17.5
+            # (narrow-m-hopper-probe-h100.json).
             cfg["num_warps"] = 2
         if mode != MODE_W8 and M <= 8:
             # 8-token tiles (wgmma's and mma.sync's narrowest N): half the X tile and the
-            # accumulator, 12-20% fewer instructions per chunk, and no L2 prefetch, which no longer
-            # pays (g128 M = 1: qkv 10.6 -> 9.8 us, down 18.7 -> 16.7; narrow-m-probe-h100.json,
-            # narrow-m-hopper-probe-h100.json).
+            # accumulator, 12-20% fewer instructions per chunk (g128 M = 1: qkv 10.6 -> 9.8 us,
+            # down 18.7 -> 16.7; narrow-m-probe-h100.json, narrow-m-hopper-probe-h100.json).
             cfg["BLOCK_M"] = 8
-            cfg.pop("PREFETCH", None)
     elif M <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
         want = 128
