@@ -113,10 +113,7 @@ def variants_narrow_m(m, n, k, mode):
     chunks = k // 128
     for bn, split in ((64, base["SPLIT_K"]), (64, max(1, base["SPLIT_K"] // 2)), (64, min(16, base["SPLIT_K"] * 2)),
                       (128, base["SPLIT_K"]), (128, max(1, base["SPLIT_K"] // 2))):
-        per = -(-chunks // split)
-        unroll = base.get("UNROLL", 1)
-        while unroll > 1 and (per % unroll or chunks % per % unroll):
-            unroll //= 2
+        unroll = int_gemm.fit_unroll(chunks, split, base.get("UNROLL", 1))
         cfg = dict(base, BLOCK_M=8, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll)
         if cfg not in out:
             out.append(cfg)
@@ -132,10 +129,7 @@ def variants_mma2(m, n, k, mode):
     chunks = k // 128
     for warps, bn in ((2, 64), (2, 128), (1, 32), (1, 64)):
         for split in sorted({base["SPLIT_K"], min(16, base["SPLIT_K"] * 2)}):
-            per = -(-chunks // split)
-            unroll = base.get("UNROLL", 1)
-            while unroll > 1 and (per % unroll or chunks % per % unroll):
-                unroll //= 2
+            unroll = int_gemm.fit_unroll(chunks, split, base.get("UNROLL", 1))
             cfg = dict(base, num_warps=warps, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll)
             if cfg not in out:
                 out.append(cfg)

@@ -527,8 +527,7 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
 
     The weight-as-A order (SWAP) won at every size. Small M is weight-bandwidth bound: narrow
     64-row weight tiles and a one-launch split-K until ~256 CTAs stream weights (M <= 16; its
-    chunks per iteration, L2 prefetch, 8-token tiles at M <= 8 and the two-warp mma.sync
-    programs are below). At M=256 the main loop is latency-bound (the
+    chunks per iteration, 8-token tiles at M <= 8 and the two-warp mma.sync programs are below). At M=256 the main loop is latency-bound (the
     register-A wgmma is waited on every chunk), so the best tile is the one that keeps the most
     CTAs per SM busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
     split-K 2 for the K=14336 down projection.
@@ -608,11 +607,18 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         split *= 2
     cfg["SPLIT_K"] = split
     cfg["SWAP"] = True
-    chunks = K // 128
-    per = -(-chunks // split)
-    while cfg.get("UNROLL", 1) > 1 and (per % cfg["UNROLL"] or chunks % per % cfg["UNROLL"]):
-        cfg["UNROLL"] //= 2  # it must divide every split's chunks (e.g. K = 11008: 86 chunks)
+    if "UNROLL" in cfg:
+        cfg["UNROLL"] = fit_unroll(K // 128, split, cfg["UNROLL"])
     return cfg
+
+
+def fit_unroll(chunks: int, split: int, unroll: int) -> int:
+    """The largest of unroll, unroll / 2, ... that divides every split's chunk count (the last
+    split's too), e.g. 2 for K = 11008 (86 chunks) in 4 splits of 22."""
+    per = -(-chunks // split)
+    while unroll > 1 and (per % unroll or chunks % per % unroll):
+        unroll //= 2
+    return unroll
 
 
 def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
