@@ -28,28 +28,34 @@ import dataclasses
 
 import torch
 
+from qoq.kernels.gptq_block import gptq_block
 from qoq.quant.quantizer import PROTECTIVE_MAX, W4ChannelParams, W4G128Params, W8Params, pad_k
 
 
 def _code_grid(params, n: int, k: int):
-    """(a, b, lo, hi): dequantized = q * a - b, codes clamped to [lo, hi]; each [N, Kp] float64."""
+    """(a, b, lo, hi, group): dequantized = q * a - b with codes in [lo, hi], each fp32 [G, N] per
+    (quantization group, row), and group [Kp] the group of every column. fp32 holds every a and b
+    exactly (an fp16 scale times an integer of at most 8 bits)."""
+    device = codes_of(params).device
     if isinstance(params, W4G128Params):
         gs = params.group_size
-        s1 = params.s1.double()[:, None]
-        s2, sz = params.s2.double(), params.sz.double()
-        z = sz / s2
+        s1 = params.s1.float()[:, None]
+        s2, sz = params.s2.float(), params.sz.float()
         reach = torch.round(PROTECTIVE_MAX / s2)  # |round(Q8 / s2)| RTN can produce from |Q8| <= 119
+        z = sz / s2
         lo, hi = (z - reach).clamp(min=0), (z + reach).clamp(max=15)
-        rep = lambda t: t.repeat_interleave(gs, dim=1)  # noqa: E731
-        return rep(s2) * s1, rep(sz) * s1, rep(lo), rep(hi)
+        group = torch.arange(k, device=device) // gs
+        return (s2 * s1).T.contiguous(), (sz * s1).T.contiguous(), lo.T.contiguous(), hi.T.contiguous(), group
     if isinstance(params, W4ChannelParams):
-        full = lambda v: v.double()[:, None].expand(n, k)  # noqa: E731
-        return full(params.scale), full(params.szero), torch.zeros(n, k, dtype=torch.float64), \
-            torch.full((n, k), 15.0, dtype=torch.float64)
-    if isinstance(params, W8Params):
-        return params.scale.double()[:, None].expand(n, k), torch.zeros(n, k, dtype=torch.float64), \
-            torch.full((n, k), -127.0, dtype=torch.float64), torch.full((n, k), 127.0, dtype=torch.float64)
-    raise TypeError(f"GPTQ rounding does not know {type(params).__name__}")
+        rng = (0.0, 15.0)
+        a, b = params.scale.float()[None, :], params.szero.float()[None, :]
+    elif isinstance(params, W8Params):
+        rng = (-127.0, 127.0)
+        a, b = params.scale.float()[None, :], torch.zeros(1, n, device=device)
+    else:
+        raise TypeError(f"GPTQ rounding does not know {type(params).__name__}")
+    lo, hi = torch.full_like(a, rng[0]), torch.full_like(a, rng[1])
+    return a.contiguous(), b.contiguous(), lo, hi, torch.zeros(k, dtype=torch.long, device=device)
 
 
 def _with_codes(params, codes: torch.Tensor):
@@ -70,7 +76,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = 1
-    diag = torch.arange(h.shape[0])
+    diag = torch.arange(h.shape[0], device=h.device)
     h[diag, diag] += damp * torch.mean(torch.diag(h))
     for attempt in range(6):  # a Gram matrix from few tokens can be near singular: more damping
         l, info = torch.linalg.cholesky_ex(h)
@@ -108,31 +114,20 @@ def _gptq_round(w, h, params, damp, block_size, act_order):
     n, k = wp.shape
     if h.shape != (k, k):
         raise ValueError(f"GPTQ: Gram matrix {tuple(h.shape)} does not match the padded weight [{n}, {k}]")
-    a, b, lo, hi = _code_grid(params, n, k)
+    h = h.to(wp.device)
+    a, b, lo, hi, group = _code_grid(params, n, k)
     unreached = torch.diag(h) == 0
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        wp, a, b, lo, hi, h = wp[:, perm], a[:, perm], b[:, perm], lo[:, perm], hi[:, perm], h[perm][:, perm]
-    # Transposed ([Kp, N]) so that a column of W is one contiguous row.
-    a, b, lo, hi = (t.T.contiguous() for t in (a, b, lo, hi))
-    a32, b32 = a.float(), b.float()
+        wp, group, h = wp[:, perm], group[perm], h[perm][:, perm]
     u = inverse_hessian_factor(h, damp).float()
-    wt = wp.T.contiguous()
+    wt = wp.T.contiguous()  # [Kp, N]: a column of W is one contiguous row
     wt[torch.diag(h) == 0] = 0
-    codes = torch.empty(k, n, dtype=torch.float32)
+    codes = torch.empty(k, n, dtype=torch.float32, device=wp.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            q = torch.round((w1[i].double() + b[j]) / a[j]).clamp_(min=lo[j], max=hi[j]).float()
-            codes[j] = q
-            e = (w1[i] - (q * a32[j] - b32[j])) / u1[i, i]
-            w1[i:] -= u1[i, i:, None] * e[None, :]
-            err1[i] = e
-        wt[i2:] -= u[i1:i2, i2:].T @ err1
+        codes[i1:i2], err = gptq_block(wt[i1:i2], u[i1:i2, i1:i2].contiguous(), a, b, lo, hi, group[i1:i2])
+        wt[i2:] -= u[i1:i2, i2:].T @ err
     codes = codes.T
     if act_order:
         codes = codes[:, torch.argsort(perm)]

@@ -15,9 +15,11 @@ model instead of assumed (docs/accuracy.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,8 @@ from qoq.quant.gptq import gptq_round
 from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
 from qoq.quant.reorder import reorder_down_proj, reorder_o_proj
 from qoq.kernels.kv_cache import check_hadamard_dim
-from qoq.quant.rotation import fold_norms, rotate_model, rotate_values
+from qoq.quant.rotation import (fold_final_norm, fold_layer_norms, rotate_globals, rotate_layer,
+                                rotate_layer_values, rotation_matrix)
 from qoq.quant.smooth_attention import apply_smooth_attention, smooth_attention_scales
 
 STEPS = ("rotation", "smooth_attention", "qk_hadamard", "v_rotation", "smooth", "reorder", "clip", "gptq")
@@ -103,12 +106,62 @@ class RotationDecision:
                 f"{self.kl_rotated:.4f} rotated vs {self.kl_unrotated:.4f} unrotated, {self.tokens} tokens)")
 
 
+class ModelLayers:
+    """The decoder layers of a model in memory: a layer goes to the compute device to be
+    quantized and comes back to the model's device."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.model.layers)
+
+    def load(self, index: int, device: torch.device) -> DecoderLayer:
+        return self.model.layers[index].to(device)
+
+    def store(self, index: int, layer: DecoderLayer) -> None:
+        self.model.layers[index] = layer.to(self.model.device)
+
+
+class StepTimes:
+    """Seconds spent per QoQ step (device work included: a CUDA device is synchronized at each
+    step's end, which costs little next to the steps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.total[step] = self.total.get(step, 0.0) + dt
+            self.last[step] = self.last.get(step, 0.0) + dt
+
+    def layer_done(self) -> str:
+        text = " ".join(f"{k} {v:.1f}s" for k, v in self.last.items())
+        self.last = {}
+        return text
+
+
 def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None = None,
-                   calib_tokens: torch.Tensor | None = None) -> LlamaModel:
+                   calib_tokens: torch.Tensor | None = None, *, device: str | torch.device | None = None,
+                   layers: ModelLayers | None = None, times: StepTimes | None = None) -> LlamaModel:
     """Quantize `model` in place with QoQ; returns it with `model.quant_config` set.
 
-    With rotation "auto" the decision is logged and kept as `model.rotation_decision`."""
+    Layers are quantized one at a time on `device` (default: the model's), taken from and given
+    back to `layers` (default: the model's own; a streaming store reads them from disk and writes
+    each packed layer out, so a model larger than memory never is in memory). The embedding and
+    LM head stay in `model`. With rotation "auto" the decision is logged and kept as
+    `model.rotation_decision`."""
     opts = options or QoQOptions()
+    device = torch.device(device) if device is not None else model.device
     if opts.rotation not in (True, False, "auto"):
         raise ValueError(f"rotation must be True, False or 'auto', got {opts.rotation!r}")
     qc = opts.quant_config()
@@ -122,22 +175,40 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
             check_hadamard_dim(model.config.head_dim)
         except ValueError as e:
             raise ValueError(f"{e} (or pass QoQOptions(qk_hadamard=False))") from None
-    if calib_tokens is None:
+    needs_calibration = opts.smooth_attention or opts.smooth or opts.reorder or opts.clip or opts.gptq
+    if calib_tokens is None and (needs_calibration or opts.rotation == "auto"):
         calib_tokens = calibration_tokens(tokenizer, opts.calib)
     if opts.rotation == "auto":
+        if layers is not None:
+            raise ValueError("rotation 'auto' quantizes the model twice in memory: load the model, or pass "
+                             "--rotation on / --no-rotation to quantize layer by layer")
         return _quantize_auto_rotation(model, opts, calib_tokens)
+    layers = layers if layers is not None else ModelLayers(model)
+    times = times or StepTimes(device)
+    rotation = None
     if opts.rotation:
-        fold_norms(model)
-        qc.rotation = rotate_model(model, opts.seed)
-    if opts.v_rotation and qc.kv_bits < 16:
-        rotate_values(model)
-    if not (opts.smooth_attention or opts.smooth or opts.reorder or opts.clip or opts.gptq):
-        return _round_to_nearest(model, opts, qc)  # RTN needs no calibration activations
-    x = embed(model, calib_tokens)
+        rotation, qc.rotation = rotation_matrix(model.config.hidden_size, opts.seed)
+        rotation = rotation.to(device)
+        fold_final_norm(model)
+        rotate_globals(model, rotation)
+    x = embed(model, calib_tokens).to(device) if needs_calibration else None
     desc = f"QoQ {qc.precision} g{qc.group_size}{' + GPTQ' if opts.gptq else ''}"
-    layers = tqdm(model.layers, desc=desc, unit="layer", disable=not opts.progress)
-    for layer in layers:
-        x = _quantize_layer(model, layer, x, opts, qc)
+    bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not opts.progress)
+    for index in bar:
+        with times("load"):
+            layer = layers.load(index, device)
+            if rotation is not None:
+                fold_layer_norms(layer)
+                rotate_layer(layer, rotation)
+            if opts.v_rotation and qc.kv_bits < 16:
+                rotate_layer_values(layer, model.config)
+        if x is None:
+            _round_to_nearest(layer, opts, qc, times)
+        else:
+            x = _quantize_layer(model, layer, x, opts, qc, times)
+        with times("store"):
+            layers.store(index, layer)
+        bar.set_postfix_str(times.layer_done(), refresh=False)
     model.quant_config = qc
     return model
 
@@ -178,13 +249,11 @@ def _quantize_auto_rotation(model: LlamaModel, opts: QoQOptions, calib_tokens: t
     return model
 
 
-def _round_to_nearest(model: LlamaModel, opts: QoQOptions, qc: QuantConfig) -> LlamaModel:
-    for layer in model.layers:
+def _round_to_nearest(layer: DecoderLayer, opts: QoQOptions, qc: QuantConfig, times: StepTimes) -> None:
+    with times("quantize"):
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            setattr(parent, name, _quantized_linear(getattr(parent, name), None, opts, qc))
-    model.quant_config = qc
-    return model
+            setattr(parent, name, _quantized_linear(getattr(parent, name), None, opts, qc, times))
 
 
 def _fake_weight_fn(opts: QoQOptions, qc: QuantConfig):
@@ -195,33 +264,42 @@ def _fake_weight_fn(opts: QoQOptions, qc: QuantConfig):
 
 @torch.no_grad()
 def _quantize_layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, opts: QoQOptions,
-                    qc: QuantConfig) -> torch.Tensor:
+                    qc: QuantConfig, times: StepTimes) -> torch.Tensor:
     cfg, attn, mlp = model.config, layer.self_attn, layer.mlp
-    acts = capture_layer(layer, x, model.rotary, opts.calib.chunk_seqs)
+    with times("capture"):
+        acts = capture_layer(layer, x, model.rotary, opts.calib.chunk_seqs)
     if opts.smooth_attention and qc.kv_bits < 16:
-        apply_smooth_attention(attn, smooth_attention_scales(acts.keys, opts.smooth_attention_alpha), cfg)
+        with times("smooth_attention"):
+            apply_smooth_attention(attn, smooth_attention_scales(acts.keys, opts.smooth_attention_alpha), cfg)
     o_in, down_in, qkv_in, gate_up_in = acts.o_in, acts.down_in, acts.qkv_in, acts.gate_up_in
+    output = acts.output
+    del acts
     fake_w = _fake_weight_fn(opts, qc)
-    if opts.smooth and opts.smooth_block_inputs:
-        qkv_in = _smooth_block_input(layer.input_layernorm, attn.qkv_proj, qkv_in, opts, fake_w)
-        gate_up_in = _smooth_block_input(layer.post_attention_layernorm, mlp.gate_up_proj, gate_up_in, opts, fake_w)
-    if opts.smooth:
-        res = smoothing.search_o_proj(subsample_rows(o_in, opts.search_tokens, opts.seed), attn, cfg, fake_w)
-        if res.alpha is not None:
-            smoothing.apply_o_proj_smoothing(attn, res.scale, cfg)
-            o_in = o_in / smoothing.o_input_scale(res.scale, cfg)
-        res = smoothing.search_down_proj(subsample_rows(down_in, opts.search_tokens, opts.seed), mlp, fake_w)
-        if res.alpha is not None:
-            smoothing.apply_down_smoothing(mlp, res.scale)
-            down_in = down_in / res.scale
+    with times("smooth"):
+        if opts.smooth and opts.smooth_block_inputs:
+            qkv_in = _smooth_block_input(layer.input_layernorm, attn.qkv_proj, qkv_in, opts, fake_w)
+            gate_up_in = _smooth_block_input(layer.post_attention_layernorm, mlp.gate_up_proj, gate_up_in, opts, fake_w)
+        if opts.smooth:
+            res = smoothing.search_o_proj(subsample_rows(o_in, opts.search_tokens, opts.seed), attn, cfg, fake_w)
+            if res.alpha is not None:
+                smoothing.apply_o_proj_smoothing(attn, res.scale, cfg)
+                o_in = o_in / smoothing.o_input_scale(res.scale, cfg)
+            res = smoothing.search_down_proj(subsample_rows(down_in, opts.search_tokens, opts.seed), mlp, fake_w)
+            if res.alpha is not None:
+                smoothing.apply_down_smoothing(mlp, res.scale)
+                down_in = down_in / res.scale
     if opts.reorder and qc.weight_bits == 4 and qc.group_size > 0:
-        o_in = o_in[:, reorder_o_proj(attn, o_in.abs().amax(0), cfg)]
-        down_in = down_in[:, reorder_down_proj(mlp, down_in.abs().amax(0))]
+        with times("reorder"):
+            o_in = o_in[:, reorder_o_proj(attn, o_in.abs().amax(0), cfg)]
+            down_in = down_in[:, reorder_down_proj(mlp, down_in.abs().amax(0))]
     targets = [(attn, "qkv_proj", qkv_in), (attn, "o_proj", o_in),
                (mlp, "gate_up_proj", gate_up_in), (mlp, "down_proj", down_in)]
-    for parent, name, inputs in targets:
-        setattr(parent, name, _quantized_linear(getattr(parent, name), inputs, opts, qc))
-    return acts.output
+    del qkv_in, o_in, gate_up_in, down_in
+    while targets:  # drop each input as soon as its linear is done (the MLP's are the largest)
+        parent, name, inputs = targets.pop(0)
+        setattr(parent, name, _quantized_linear(getattr(parent, name), inputs, opts, qc, times))
+        del inputs
+    return output
 
 
 def _smooth_block_input(norm, linear, x: torch.Tensor, opts: QoQOptions, fake_w) -> torch.Tensor:
@@ -233,19 +311,39 @@ def _smooth_block_input(norm, linear, x: torch.Tensor, opts: QoQOptions, fake_w)
     return x / res.scale
 
 
-def _quantized_linear(linear: nn.Linear, inputs: torch.Tensor, opts: QoQOptions, qc: QuantConfig) -> nn.Module:
+def _grams(inputs: torch.Tensor, opts: QoQOptions, times: StepTimes):
+    """(the clip search's Gram matrix, GPTQ's): X^T X over `clip_tokens` and `gptq_tokens` rows
+    drawn as subsample_rows draws them. The clip rows are the first of GPTQ's sample, so GPTQ's
+    Gram adds the rest to the clip Gram instead of starting over."""
+    n = inputs.shape[0]
+    clip_n = min(opts.clip_tokens, n) if opts.clip else 0
+    gptq_n = min(opts.gptq_tokens, n) if opts.gptq else 0
+    with times("gram"):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed))
+        rows = inputs[perm[: max(clip_n, gptq_n)].to(inputs.device)]
+        c = gram(rows[:clip_n]) if clip_n else None
+        if not gptq_n:
+            return c, None
+        if gptq_n <= clip_n:
+            return c, (c if gptq_n == clip_n else gram(rows[:gptq_n]))
+        rest = gram(rows[clip_n:gptq_n])
+        return c, (rest if c is None else rest + c)
+
+
+def _quantized_linear(linear: nn.Module, inputs: torch.Tensor | None, opts: QoQOptions, qc: QuantConfig,
+                      times: StepTimes) -> nn.Module:
     w = linear.weight.float()
     clip = None
-    c = gram(subsample_rows(inputs, opts.clip_tokens, opts.seed)) if opts.clip else None
-    if opts.clip:
-        clip = search_clip(w, c, qc.weight_bits, qc.group_size)
+    c, h = _grams(inputs, opts, times) if inputs is not None else (None, None)
+    if opts.clip and c is not None:
+        with times("clip"):
+            clip = search_clip(w, c, qc.weight_bits, qc.group_size)
     if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
         return FakeQuantLinear(fake_w4_group_rtn(w, qc.group_size).to(linear.weight.dtype), linear.bias)
     params = quantize_weight(w, qc.weight_bits, qc.group_size, clip)
-    if opts.gptq:
-        h = c if c is not None and opts.gptq_tokens == opts.clip_tokens else \
-            gram(subsample_rows(inputs, opts.gptq_tokens, opts.seed))
-        params = gptq_round(w, h, params, opts.gptq_damp, act_order=opts.gptq_act_order)
+    if h is not None:
+        with times("gptq"):
+            params = gptq_round(w, h, params, opts.gptq_damp, act_order=opts.gptq_act_order)
     if opts.fake_quant:
         deq = params.dequantize()[:, : w.shape[1]].to(linear.weight.dtype)
         return FakeQuantLinear(deq, linear.bias)

@@ -15,7 +15,8 @@ import functools
 
 import torch
 
-from qoq.model.llama import LlamaModel
+from qoq.config import ModelConfig
+from qoq.model.llama import DecoderLayer, LlamaModel
 
 
 class RotationError(ValueError):
@@ -99,65 +100,106 @@ def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     return signs[:, None] * h / n**0.5, f"randomized hadamard {name} (seed {seed})"
 
 
+def _scale_cols(w: torch.Tensor, g: torch.Tensor) -> None:
+    w.copy_((w.double() * g.double().to(w.device)[None, :]).to(w.dtype))
+
+
+@torch.no_grad()
+def fold_layer_norms(layer: DecoderLayer) -> None:
+    """Fold a decoder layer's RMSNorm weights into the linears that read them (W <- W diag(g), g <- 1)."""
+    for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                         (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+        _scale_cols(linear.weight, norm.weight)
+        norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def fold_final_norm(model: LlamaModel) -> None:
+    """Untie the LM head and fold the final norm into it (the embedding stays as it is)."""
+    model.untie_lm_head()
+    _scale_cols(model.lm_head.weight, model.norm.weight)
+    model.norm.weight.fill_(1.0)
+
+
 @torch.no_grad()
 def fold_norms(model: LlamaModel) -> None:
-    """Fold RMSNorm weights into the linears that read them (W <- W diag(g), g <- 1)."""
-    model.untie_lm_head()  # the final norm folds into the head, not into the embedding
-    pairs = [(layer.input_layernorm, layer.self_attn.qkv_proj) for layer in model.layers]
-    pairs += [(layer.post_attention_layernorm, layer.mlp.gate_up_proj) for layer in model.layers]
-    pairs.append((model.norm, model.lm_head))
-    for norm, linear in pairs:
-        w = linear.weight
-        w.copy_((w.double() * norm.weight.double()[None, :]).to(w.dtype))
-        norm.weight.fill_(1.0)
+    """Fold every RMSNorm weight into the linears that read it."""
+    fold_final_norm(model)
+    for layer in model.layers:
+        fold_layer_norms(layer)
+
+
+def _right(w: torch.Tensor, q: torch.Tensor, rows: int = 8192) -> None:
+    """W <- W Q in float64 on Q's device, a slice of rows at a time (an embedding may not fit twice)."""
+    for start in range(0, w.shape[0], rows):
+        block = w[start:start + rows]
+        block.copy_((block.to(q.device, torch.float64) @ q).to(w.device, w.dtype))
+
+
+def _left(w: torch.Tensor, q: torch.Tensor) -> None:
+    """W <- Q^T W (a linear writing into the rotated stream)."""
+    w.copy_((q.T @ w.to(q.device, torch.float64)).to(w.device, w.dtype))
+
+
+@torch.no_grad()
+def rotate_globals(model: LlamaModel, q: torch.Tensor) -> None:
+    """The embedding and the (untied, norm-folded) LM head read and write the rotated stream."""
+    if model.lm_head is None or bool((model.norm.weight != 1).any()):
+        raise RuntimeError("rotation needs the norms folded first (fold_norms, or fold_final_norm for the LM head)")
+    _right(model.embed_tokens.weight, q)
+    _right(model.lm_head.weight, q)
+
+
+@torch.no_grad()
+def rotate_layer(layer: DecoderLayer, q: torch.Tensor) -> None:
+    """Rotate one decoder layer (its norms folded first): inputs W Q, outputs Q^T W."""
+    if bool((layer.input_layernorm.weight != 1).any()) or bool((layer.post_attention_layernorm.weight != 1).any()):
+        raise RuntimeError("rotation needs RMSNorm weights folded first (fold_norms, or fold_layer_norms per layer)")
+    _right(layer.self_attn.qkv_proj.weight, q)
+    _right(layer.mlp.gate_up_proj.weight, q)
+    for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        _left(lin.weight, q)
+        if getattr(lin, "bias", None) is not None:
+            lin.bias.copy_((lin.bias.to(q.device, torch.float64) @ q).to(lin.bias.device, lin.bias.dtype))
 
 
 @torch.no_grad()
 def rotate_model(model: LlamaModel, seed: int = 0) -> str:
     """Rotate the residual stream (needs fold_norms first). Returns the rotation's description."""
-    if any(bool((layer.input_layernorm.weight != 1).any()) for layer in model.layers):
-        raise RuntimeError("rotate_model needs RMSNorm weights folded first (fold_norms)")
     q, name = rotation_matrix(model.config.hidden_size, seed)
     q = q.to(model.device)
-
-    def right(w):  # inputs read the rotated stream: W <- W Q
-        w.copy_((w.double() @ q).to(w.dtype))
-
-    def left(w):  # outputs write into it: W <- Q^T W
-        w.copy_((q.T @ w.double()).to(w.dtype))
-
-    right(model.embed_tokens.weight)
-    right(model.lm_head.weight)
+    rotate_globals(model, q)
     for layer in model.layers:
-        right(layer.self_attn.qkv_proj.weight)
-        right(layer.mlp.gate_up_proj.weight)
-        left(layer.self_attn.o_proj.weight)
-        left(layer.mlp.down_proj.weight)
-        for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            if getattr(lin, "bias", None) is not None:
-                lin.bias.copy_((lin.bias.double() @ q).to(lin.bias.dtype))
+        rotate_layer(layer, q)
     return name
 
 
 @torch.no_grad()
-def rotate_values(model: LlamaModel) -> str:
-    """Rotate every value head by a head_dim Hadamard H (offline, exact): v_proj's rows of a kv
-    head become H^T W_v (and its bias b H), o_proj's columns of every query head W_o H.
+def rotate_layer_values(layer: DecoderLayer, config: ModelConfig) -> str:
+    """Rotate every value head of one layer by a head_dim Hadamard H (offline, exact): v_proj's
+    rows of a kv head become H^T W_v (and its bias b H), o_proj's columns of every query head W_o H.
 
     Attention mixes tokens, not channels, so each head's output is o H and o_proj undoes it. The
     values a KV4 cache quantizes per token and head are v H: their outliers spread over the head
     (V4 error on SmolLM2 -0.26 ppl, docs/accuracy.md). No runtime cost. Returns the description."""
-    cfg = model.config
+    cfg = config
     h, name = hadamard(cfg.head_dim)
-    h = (h / cfg.head_dim**0.5).to(model.device)
+    qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
+    h = (h / cfg.head_dim**0.5).to(qkv.weight.device)
     v_rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
-    for layer in model.layers:
-        qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
-        wv = qkv.weight[v_rows].double().view(cfg.num_kv_heads, cfg.head_dim, -1)
-        qkv.weight[v_rows] = (h.T @ wv).reshape(cfg.kv_size, -1).to(qkv.weight.dtype)
-        if getattr(qkv, "bias", None) is not None:
-            bv = qkv.bias[v_rows].double().view(cfg.num_kv_heads, cfg.head_dim)
-            qkv.bias[v_rows] = (bv @ h).reshape(-1).to(qkv.bias.dtype)
-        wo = o.weight.double().view(o.weight.shape[0], cfg.num_heads, cfg.head_dim)
-        o.weight.copy_((wo @ h).reshape(o.weight.shape).to(o.weight.dtype))
+    wv = qkv.weight[v_rows].double().view(cfg.num_kv_heads, cfg.head_dim, -1)
+    qkv.weight[v_rows] = (h.T @ wv).reshape(cfg.kv_size, -1).to(qkv.weight.dtype)
+    if getattr(qkv, "bias", None) is not None:
+        bv = qkv.bias[v_rows].double().view(cfg.num_kv_heads, cfg.head_dim)
+        qkv.bias[v_rows] = (bv @ h).reshape(-1).to(qkv.bias.dtype)
+    wo = o.weight.double().view(o.weight.shape[0], cfg.num_heads, cfg.head_dim)
+    o.weight.copy_((wo @ h).reshape(o.weight.shape).to(o.weight.dtype))
     return f"per-head {name}"
+
+
+def rotate_values(model: LlamaModel) -> str:
+    """rotate_layer_values on every layer of `model`."""
+    name = ""
+    for layer in model.layers:
+        name = rotate_layer_values(layer, model.config)
+    return name
