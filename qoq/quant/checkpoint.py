@@ -9,6 +9,8 @@ and the tokenizer files.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,28 +50,93 @@ def hf_config_dict(config: ModelConfig) -> dict:
     return out
 
 
-def save_checkpoint(model: LlamaModel, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a quantized model (integer QuantLinears) as a qoq packed checkpoint."""
-    out = Path(out_dir)
+def stored_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as the checkpoint stores it: quantized buffers and integers as they are,
+    every other float tensor fp16, all on the CPU and contiguous."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        keep = name.rsplit(".", 1)[-1] in QUANT_BUFFERS or not t.is_floating_point()
+        out[name] = t.contiguous() if keep else t.to(torch.float16).contiguous()
+    return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless told to replace it, and never replace a folder
+    that is not a qoq checkpoint (a mistyped --out must not delete someone's files)."""
+    if not out.exists():
+        return
+    if out.is_file():
+        raise CheckpointError(f"{out} is a file: choose a folder for the checkpoint")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if not (out / QUANT_CONFIG_FILE).exists():
+        raise CheckpointError(f"{out} exists and is not a qoq checkpoint (no {QUANT_CONFIG_FILE}); refusing to "
+                              "replace it: choose another --out")
+
+
+class CheckpointWriter:
+    """Writes a checkpoint into a hidden temporary folder beside `out`, shard by shard, and moves
+    it into place only when `finish` has written everything: an interrupted run (Ctrl-C, a crash)
+    leaves no folder that would load as if it were complete. Use it as a context manager: leaving
+    the block with an exception removes the temporary folder."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        check_output_dir(self.out, overwrite)
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.weight_map: dict[str, str] = {}
+        self.bytes_written = 0
+
+    def write(self, state: dict[str, torch.Tensor], shard: str) -> None:
+        tensors = stored_tensors(state)
+        save_file(tensors, str(self.tmp / shard), metadata={"format": FORMAT_NAME})
+        self.weight_map.update(dict.fromkeys(tensors, shard))
+        self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self, config: ModelConfig, qc: QuantConfig, tokenizer=None, extra: dict[str, dict] | None = None) -> Path:
+        shards = sorted(set(self.weight_map.values()))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": self.bytes_written, "format": FORMAT_NAME}, "weight_map": self.weight_map}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (self.tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **qc.to_dict()}
+        (self.tmp / QUANT_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        for name, data in (extra or {}).items():
+            (self.tmp / name).write_text(json.dumps(data, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.tmp))
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.tmp.exists():
+            self.abort()
+
+
+def save_checkpoint(model: LlamaModel, out_dir: str | Path, tokenizer=None, overwrite: bool = True) -> Path:
+    """Write a quantized model (integer QuantLinears) as a qoq packed checkpoint (one shard)."""
     fake = [n for n, m in model.named_modules() if hasattr(m, "act_bits")]
     if fake:
         raise CheckpointError(f"{fake[0]} is a float simulation (fake quant / non-progressive RTN): "
                               "only integer-quantized models can be packed; quantize without --fake-quant")
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise CheckpointError("the model has no quantized linears: run qoq.quant.pipeline.quantize_model first")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, t in model.state_dict().items():
-        is_quant_buffer = name.rsplit(".", 1)[-1] in QUANT_BUFFERS
-        t = t.detach().cpu()
-        state[name] = t.contiguous() if is_quant_buffer or not t.is_floating_point() else t.to(torch.float16).contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT_NAME})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
-    qc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.quant_config.to_dict()}
-    (out / QUANT_CONFIG_FILE).write_text(json.dumps(qc, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    with CheckpointWriter(out_dir, overwrite) as writer:
+        writer.write(model.state_dict(), "model.safetensors")
+        return writer.finish(model.config, model.quant_config, tokenizer)
 
 
 QUANT_BUFFERS = {"qweight", "s1", "s2", "sz", "szero", "s"}  # kept in their stored dtypes

@@ -34,17 +34,30 @@ def _errors(w: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int)
     return torch.einsum("ngk,gkl,ngl->ng", dg, blocks, dg)  # [N, G]
 
 
-def _best_ratio(w, c, quantize, group_size: int, grid) -> torch.Tensor:
-    best_err, best = None, None
-    for ratio in grid:
-        err = _errors(w, quantize(ratio).dequantize(), c, group_size)
+def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch.Tensor:
+    """Best grid ratio per channel (or group): every `coarse`-th ratio first (and the last), then
+    the ratios within `coarse - 1` steps of each channel's best, as one per-channel ratio tensor
+    per offset. Equal to scoring the whole grid wherever the error is unimodal along the grid at
+    that resolution, in 12 instead of 21 evaluations of the default grid."""
+    ratios = torch.tensor(grid, dtype=torch.float32, device=w.device)
+    coarse_idx = sorted(set(range(0, len(grid), coarse)) | {len(grid) - 1})
+    best_err = best_idx = None
+    for i in coarse_idx:
+        err = _errors(w, quantize(float(ratios[i])).dequantize(), c, group_size)
         if best_err is None:
-            best_err, best = err, torch.full_like(err, ratio, dtype=torch.float32)
+            best_err, best_idx = err, torch.full_like(err, i, dtype=torch.long)
         else:
             better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, torch.full_like(best, ratio), best)
-    return best
+            best_err, best_idx = torch.where(better, err, best_err), torch.where(better, i, best_idx)
+    center = best_idx.clone()
+    for offset in (o for d in range(1, coarse) for o in (-d, d)):
+        idx = center + offset
+        valid = (idx >= 0) & (idx < len(grid))
+        idx = idx.clamp(0, len(grid) - 1)
+        err = _errors(w, quantize(ratios[idx]).dequantize(), c, group_size)
+        better = valid & (err < best_err)
+        best_err, best_idx = torch.where(better, err, best_err), torch.where(better, idx, best_idx)
+    return ratios[best_idx]
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ from qoq.quant.clip import gram, search_clip
 from qoq.quant.gptq import codes_of, gptq_round
 from qoq.quant.pipeline import QoQOptions, quantize_model
 from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, quantize_weight
-from quant_helpers import tiny_model
+import qoq.cli
+from quant_helpers import tiny_model, write_hf_folder
 
 
 def _correlated(n=64, k=320, m=1024, seed=0):
@@ -178,26 +179,21 @@ def test_gptq_rejects_the_float_simulation():
 
 @pytest.mark.parametrize("flag,expected", [(["--gptq"], True), (["--no-gptq"], False), ([], QoQOptions.gptq)])
 def test_cli_gptq_flag_reaches_the_options_and_the_checkpoint(tmp_path, monkeypatch, flag, expected):
-    """`qoq quantize --gptq/--no-gptq` in process, with a tiny model in place of the loaded one."""
+    """`qoq quantize --gptq/--no-gptq` in process, on a tiny model's HF folder."""
     import json
 
-    import qoq.cli
-    import qoq.quant.pipeline as pipeline
-
-    real = pipeline.quantize_model
-    seen = {}
-
-    def quantize(model, tokenizer, options, calib_tokens=None):
-        seen["gptq"] = options.gptq
-        options.progress, options.search_tokens = False, 64
-        options.calib = CalibConfig(num_seqs=4, seq_len=32, chunk_seqs=2)
-        calib = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
-        return real(model, tokenizer, options, calib_tokens=calib)
+    import qoq.model.loader
+    import qoq.quant.calibrate
 
     tiny = tiny_model(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, dtype=torch.float32)
-    monkeypatch.setattr(qoq.cli, "_load", lambda args: (tiny, None))
-    monkeypatch.setattr(pipeline, "quantize_model", quantize)
+    folder = write_hf_folder(tiny, tmp_path / "hf")
+    calib = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(qoq.model.loader, "load_tokenizer", lambda folder: None)
+    monkeypatch.setattr(qoq.quant.calibrate, "calibration_tokens", lambda tok, cfg, text=None: calib)
     out = tmp_path / "q"
-    assert qoq.cli.main(["quantize", "--out", str(out), "--no-rotation", *flag]) == 0
-    assert seen["gptq"] is expected
-    assert json.loads((out / "quant_config.json").read_text())["steps"]["gptq"] is expected
+    argv = ["quantize", str(folder), "--out", str(out), "--no-rotation", "--device", "cpu", *flag]
+    assert qoq.cli.main(argv) == 0
+    steps = json.loads((out / "quant_config.json").read_text())["steps"]
+    assert steps["gptq"] is expected
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert ("gptq" in report["step_seconds"]) is expected
