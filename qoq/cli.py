@@ -154,18 +154,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     from qoq.engine.config import EngineConfig
-    from qoq.server.serve import configure_logging, make_server
+    from qoq.server.engine_loop import ModelSpec
+    from qoq.server.serve import configure_logging, make_process_server
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs))
+    if args.max_queue_len < 0:
+        raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     configure_logging(args.log_level)
-    model, tokenizer = _load(args)
-    name = args.served_model_name or str(args.model)
-    server = make_server(model, tokenizer, name, config, args.host, args.port, args.log_level)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level)
+    if args.random_weights:
+        from qoq.bench.random_model import bundled_config
+
+        bundled_config(args.random_weights)  # an unknown config is an error here, not in the engine process
+    name = args.served_model_name or (f"random-{args.random_weights}-{args.precision}" if args.random_weights
+                                      else str(args.model))
+    t0 = time.perf_counter()
+    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len)
+    print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
+          f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
     return 0
 
@@ -299,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
     _add_engine_args(serve)
+    serve.add_argument("--max-queue-len", type=int, default=4096,
+                       help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    serve.add_argument("--random-weights", metavar="CONFIG", default=None,
+                       help="serve random weights of a config in qoq/configs (or a config.json) with a synthetic "
+                            "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")
+    serve.add_argument("--precision", default="w4a8kv4", choices=list(PRECISIONS),
+                       help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
