@@ -194,6 +194,32 @@ def cmd_bench_throughput(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report, parse_slo
+
+    rate = float(args.request_rate)
+    if rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 or inf, got {args.request_rate}")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = BenchConfig(base_url=args.base_url, model=args.model, chat=args.chat, request_rate=rate,
+                         max_concurrency=args.max_concurrency, ignore_eos=not args.no_ignore_eos, seed=args.seed,
+                         slo_ms=parse_slo(args.goodput), progress=not args.no_progress, system=args.system,
+                         precision=args.precision)
+    dataset = DatasetArgs(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                          args.vocab_size, args.num_prefixes, args.prefix_len, args.dataset_path, args.seed)
+    record = bench_record(config, dataset, tokenizer)
+    print(format_report(record), file=sys.stderr)
+    print(json.dumps(record))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
 def quantize_options(args):
     """`qoq quantize`'s switches -> QoQOptions (a switch left out keeps the option's default)."""
     from qoq.quant.calibrate import CalibConfig
@@ -332,6 +358,32 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--output-len", type=int, default=512)
     tput.add_argument("--device", default=None)
     tput.set_defaults(func=cmd_bench_throughput)
+    bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (qoq, vLLM, SGLang, ...) over HTTP")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models)")
+    bs.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: /v1/completions)")
+    bs.add_argument("--dataset", choices=["random", "shared-prefix", "jsonl"], default="random")
+    bs.add_argument("--dataset-path", default=None, help="jsonl: one {\"prompt\": text or token ids, "
+                                                         "\"output_len\": N} per line")
+    bs.add_argument("--num-prompts", type=int, default=100)
+    bs.add_argument("--input-len", type=int, default=1024, help="prompt tokens (shared-prefix: question tokens)")
+    bs.add_argument("--output-len", type=int, default=128)
+    bs.add_argument("--range-ratio", type=float, default=0.0,
+                    help="random: lengths uniform in [len * (1 - r), len * (1 + r)]")
+    bs.add_argument("--vocab-size", type=int, default=32000, help="random token ids are drawn below this")
+    bs.add_argument("--num-prefixes", type=int, default=8, help="shared-prefix: distinct prefixes")
+    bs.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per prefix")
+    bs.add_argument("--request-rate", default="inf", help="requests per second (Poisson arrivals), or inf: all at once")
+    bs.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    bs.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (default: ignore_eos)")
+    bs.add_argument("--goodput", nargs="*", metavar="KEY:MS", help="SLOs for goodput: ttft:MS tpot:MS e2e:MS")
+    bs.add_argument("--tokenizer", default=None, help="count output tokens with it when the server sends no usage")
+    bs.add_argument("--system", default="qoq", help="label for the record")
+    bs.add_argument("--precision", default=None, help="label for the record")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--no-progress", action="store_true")
+    bs.add_argument("--out", default=None, help="write the JSON record here")
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 
