@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report
-from qoq.server.serve import free_port
+from qoq.server.serve import free_port, wait_healthy
 
 # prompts per finite request rate: about 10-30 s of arrivals each
 PROMPTS_AT_RATE = {1.0: 12, 4.0: 48, 16.0: 160}
@@ -55,19 +53,11 @@ class Server:
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qoq serve exited with {self.proc.returncode}: see {log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"qoq serve did not come up in {args.start_timeout}s: see {log_path}")
-            time.sleep(1)
+        try:
+            wait_healthy(self.url, self.proc, args.start_timeout)
+        except RuntimeError as err:
+            self.stop()
+            raise RuntimeError(f"{err}: see {log_path}") from err
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -51,6 +51,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, timeout_s: float) -> None:
+    """Wait until `url`/health answers 200; RuntimeError if the server process `proc` exits or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"qoq serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"qoq serve did not come up in {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
 class BackgroundServer:
     """A uvicorn server on a thread of this process (the demo; tests run a real process instead)."""
 

@@ -1,14 +1,12 @@
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from server_helpers import MODEL, SERVER_ENGINE_ARGS
 
-from qoq.server.serve import free_port
+from qoq.server.serve import free_port, wait_healthy
 
 
 def _serve(args: list[str], log_path):
@@ -18,19 +16,11 @@ def _serve(args: list[str], log_path):
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"qoq serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"qoq serve did not come up:\n{log_path.read_text()}")
-        time.sleep(0.5)
+    try:
+        wait_healthy(url, proc, 180)
+    except RuntimeError as err:
+        proc.kill()
+        pytest.fail(f"{err}:\n{log_path.read_text()}")
     yield url
     proc.terminate()
     try:
