@@ -154,18 +154,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     from qoq.engine.config import EngineConfig
-    from qoq.server.serve import configure_logging, make_server
+    from qoq.server.engine_loop import ModelSpec
+    from qoq.server.serve import configure_logging, make_process_server
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs))
+    if args.max_queue_len < 0:
+        raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     configure_logging(args.log_level)
-    model, tokenizer = _load(args)
-    name = args.served_model_name or str(args.model)
-    server = make_server(model, tokenizer, name, config, args.host, args.port, args.log_level)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level)
+    if args.random_weights:
+        from qoq.bench.random_model import bundled_config
+
+        bundled_config(args.random_weights)  # an unknown config is an error here, not in the engine process
+    name = args.served_model_name or (f"random-{args.random_weights}-{args.precision}" if args.random_weights
+                                      else str(args.model))
+    t0 = time.perf_counter()
+    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len)
+    print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
+          f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
     return 0
 
@@ -179,6 +191,32 @@ def cmd_bench_throughput(args) -> int:
     result = run_throughput(args.config, args.precision, args.group_size, batch, args.input_len,
                             args.output_len, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report, parse_slo
+
+    rate = float(args.request_rate)
+    if rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 or inf, got {args.request_rate}")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = BenchConfig(base_url=args.base_url, model=args.model, chat=args.chat, request_rate=rate,
+                         max_concurrency=args.max_concurrency, ignore_eos=not args.no_ignore_eos, seed=args.seed,
+                         slo_ms=parse_slo(args.goodput), progress=not args.no_progress, system=args.system,
+                         precision=args.precision)
+    dataset = DatasetArgs(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                          args.vocab_size, args.num_prefixes, args.prefix_len, args.dataset_path, args.seed)
+    record = bench_record(config, dataset, tokenizer)
+    print(format_report(record), file=sys.stderr)
+    print(json.dumps(record))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
     return 0
 
 
@@ -337,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
     _add_engine_args(serve)
+    serve.add_argument("--max-queue-len", type=int, default=4096,
+                       help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    serve.add_argument("--random-weights", metavar="CONFIG", default=None,
+                       help="serve random weights of a config in qoq/configs (or a config.json) with a synthetic "
+                            "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")
+    serve.add_argument("--precision", default="w4a8kv4", choices=list(PRECISIONS),
+                       help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
@@ -351,6 +396,32 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--output-len", type=int, default=512)
     tput.add_argument("--device", default=None)
     tput.set_defaults(func=cmd_bench_throughput)
+    bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (qoq, vLLM, SGLang, ...) over HTTP")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models)")
+    bs.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: /v1/completions)")
+    bs.add_argument("--dataset", choices=["random", "shared-prefix", "jsonl"], default="random")
+    bs.add_argument("--dataset-path", default=None, help="jsonl: one {\"prompt\": text or token ids, "
+                                                         "\"output_len\": N} per line")
+    bs.add_argument("--num-prompts", type=int, default=100)
+    bs.add_argument("--input-len", type=int, default=1024, help="prompt tokens (shared-prefix: question tokens)")
+    bs.add_argument("--output-len", type=int, default=128)
+    bs.add_argument("--range-ratio", type=float, default=0.0,
+                    help="random: lengths uniform in [len * (1 - r), len * (1 + r)]")
+    bs.add_argument("--vocab-size", type=int, default=32000, help="random token ids are drawn below this")
+    bs.add_argument("--num-prefixes", type=int, default=8, help="shared-prefix: distinct prefixes")
+    bs.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per prefix")
+    bs.add_argument("--request-rate", default="inf", help="requests per second (Poisson arrivals), or inf: all at once")
+    bs.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    bs.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (default: ignore_eos)")
+    bs.add_argument("--goodput", nargs="*", metavar="KEY:MS", help="SLOs for goodput: ttft:MS tpot:MS e2e:MS")
+    bs.add_argument("--tokenizer", default=None, help="count output tokens with it when the server sends no usage")
+    bs.add_argument("--system", default="qoq", help="label for the record")
+    bs.add_argument("--precision", default=None, help="label for the record")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--no-progress", action="store_true")
+    bs.add_argument("--out", default=None, help="write the JSON record here")
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -62,6 +62,14 @@ def _random_linear(quant: QuantConfig, dtype: torch.dtype):
     return make
 
 
+def bench_quant_config(precision: str, group_size: int = 128) -> QuantConfig:
+    """The quant config a benchmark's random model gets (the q/k Hadamard on whenever keys are
+    quantized, as `qoq quantize` makes it, so the RoPE kernel's extra work is measured)."""
+    quant = QuantConfig(precision, group_size)
+    quant.qk_hadamard = quant.kv_bits < 16
+    return quant
+
+
 def random_model(config: ModelConfig, quant: QuantConfig, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.float16, seed: int = 0) -> LlamaModel:
     torch.manual_seed(seed)

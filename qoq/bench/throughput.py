@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from qoq.bench.random_model import bundled_config, random_model
+from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
 from qoq.bench.roofline import Ceilings, roofline_tokens_per_s
-from qoq.config import QuantConfig
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.sampling import SamplingParams
@@ -130,8 +129,7 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
                    max_num_batched_tokens: int = 8192, num_pages: int | None = None,
                    max_batch: int = 1024) -> ThroughputResult:
     cfg = bundled_config(config_name)
-    quant = QuantConfig(precision, group_size)
-    quant.qk_hadamard = quant.kv_bits < 16  # as `qoq quantize` makes it (the RoPE kernel's extra work is measured)
+    quant = bench_quant_config(precision, group_size)
     model = random_model(cfg, quant, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
     max_len = input_len + output_len
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qoq.engine.block_manager import pages_needed
+
 
 @dataclass
 class EngineConfig:
@@ -40,3 +42,34 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit (the engine's fixed limits): checked before it is queued, also by a
+    server process that does not hold the engine."""
+
+    max_model_len: int
+    vocab_size: int
+    page_size: int
+    num_pages: int
+
+    def check(self, prompt_ids: list[int], params) -> None:
+        """Raise ValueError saying what is wrong when the engine could never serve this request."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        params.validate()
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                f"({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) asks for {total}: "
+                f"shorten the prompt or lower max_tokens"
+            )
+        if pages_needed(total, self.page_size) > self.num_pages:
+            raise ValueError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{self.num_pages * self.page_size}: lower max_tokens"
+            )

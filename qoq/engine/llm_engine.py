@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qoq.engine.block_manager import BlockManager, pages_needed
-from qoq.engine.config import EngineConfig
+from qoq.engine.block_manager import BlockManager
+from qoq.engine.config import EngineConfig, RequestLimits
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
@@ -88,26 +88,14 @@ class LLMEngine:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_model_len, self.model.config.vocab_size, self.config.page_size,
+                             self.block_manager.num_pages)
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError saying what is wrong when the engine could never serve this request."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        params.validate()
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                f"({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) asks for {total}: "
-                f"shorten the prompt or lower max_tokens"
-            )
-        if pages_needed(total, self.config.page_size) > self.block_manager.num_pages:
-            raise ValueError(
-                f"the request needs {total} tokens of KV cache but the whole cache holds "
-                f"{self.block_manager.num_pages * self.config.page_size}: lower max_tokens"
-            )
+        self.limits.check(prompt_ids, params)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from qoq.server.async_engine import AsyncEngine, EngineError, RequestStream
+from qoq.server.async_engine import AsyncEngine, EngineError, QueueFull, RequestStream
+from qoq.server.engine_loop import Delta
 from qoq.server.metrics import render_metrics
 from qoq.server.protocol import (
     AssistantMessage,
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -58,14 +60,31 @@ def _validation_message(err: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    llm = engine.engine
-    tokenizer = llm.tokenizer
+def _tokenize(tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return [int(t) for t in prompt]
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _chunk_template(obj: dict, key: str) -> str:
+    """The JSON of `obj` up to its `key` field's value, which `obj` holds as the placeholder 0:
+    a chunk is then template + json.dumps(value) + the rest, no object built per chunk."""
+    text = json.dumps({**obj, key: 0}, separators=(",", ":"))
+    return text.split(f'"{key}":0', 1)[0] + f'"{key}":'
+
+
+def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> FastAPI:
+    limits = engine.limits
+    tokenizer = engine.tokenizer
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        if not engine.alive:
-            engine.start()
+        engine.start()
         yield
         engine.shutdown()
 
@@ -73,7 +92,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError):
-        return JSONResponse(error_body(err.message, err.status), status_code=err.status)
+        headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+        return JSONResponse(error_body(err.message, err.status), status_code=err.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError):
@@ -84,9 +104,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}")
 
     def params_for(req: SamplingFields, prompt_ids: list[int], max_tokens: int | None, default: int):
-        if len(prompt_ids) >= llm.max_model_len:
+        if len(prompt_ids) >= limits.max_model_len:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's maximum context "
-                                f"length is {llm.max_model_len} tokens (prompt + output)")
+                                f"length is {limits.max_model_len} tokens (prompt + output)")
         try:
             return req.sampling_params(max_tokens if max_tokens is not None else default)
         except ValueError as err:
@@ -94,11 +114,13 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     def submit(prompt_ids, params, request_id) -> RequestStream:
         if not engine.alive:
-            raise ApiError(503, "the engine thread is not running")
+            raise ApiError(503, "the engine is not running")
         try:
             return engine.add(prompt_ids, params, request_id)
         except ValueError as err:
             raise ApiError(400, str(err)) from err
+        except QueueFull as err:
+            raise ApiError(503, str(err), retry_after_s=retry_after_s) from err
 
     @app.get("/health")
     async def health():
@@ -113,7 +135,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=llm.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=limits.max_model_len)])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -126,14 +148,14 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if isinstance(prompt, str) and not prompt:
             raise ApiError(400, "the prompt is empty: it needs at least one token")
         try:
-            prompt_ids = llm.tokenize(prompt)
+            prompt_ids = _tokenize(tokenizer, prompt)
         except (TypeError, ValueError) as err:
             raise ApiError(400, f"cannot tokenize the prompt: {err}") from err
         params = params_for(req, prompt_ids, req.max_tokens, default=16)  # OpenAI's default for completions
         request_id = new_id("cmpl")
         stream = submit(prompt_ids, params, request_id)
         if req.stream:
-            return _sse(completion_chunks(stream, request_id, len(prompt_ids), req.include_usage), stream)
+            return _sse(completion_chunks(stream, request_id, req.include_usage), stream)
         out = await _collect(stream, raw)
         if out is None:
             return Response(status_code=499)
@@ -141,17 +163,20 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return CompletionResponse(id=request_id, model=model_name, usage=_usage(out),
                                   choices=[CompletionChoice(text=text, finish_reason=out.finish_reason)])
 
-    async def completion_chunks(stream, request_id, num_prompt, include_usage):
+    async def completion_chunks(stream: RequestStream, request_id: str, include_usage: bool):
+        text_head = _chunk_template(CompletionResponse(id=request_id, model=model_name, choices=[]).model_dump(),
+                                    "choices") + '[{"index":0,"text":'
         while True:
-            out = await stream.next()
-            if out.new_text or out.finished:
-                chunk = CompletionResponse(id=request_id, model=model_name, choices=[
-                    CompletionChoice(text=out.new_text, finish_reason=out.finish_reason)])
-                yield chunk.model_dump_json(exclude_none=False)
-            if out.finished:
+            deltas = await stream.next()
+            last = deltas[-1]
+            text = "".join(d.text for d in deltas) if len(deltas) > 1 else last.text
+            if text or last.finished:
+                reason = json.dumps(last.finish_reason)
+                yield f'{text_head}{json.dumps(text)},"finish_reason":{reason},"logprobs":null}}],"usage":null}}'
+            if last.finished:
                 if include_usage:
                     yield CompletionResponse(id=request_id, model=model_name, choices=[],
-                                             usage=_usage(out)).model_dump_json()
+                                             usage=_usage(last)).model_dump_json()
                 return
 
     @app.post("/v1/chat/completions")
@@ -161,11 +186,11 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
         try:
-            prompt_ids = llm.apply_chat_template(messages)
+            prompt_ids = _chat_ids(tokenizer, messages)
         except Exception as err:  # noqa: BLE001 - templates raise their own errors on bad roles/order
             raise ApiError(400, f"cannot apply the chat template to these messages: {err}") from err
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = params_for(req, prompt_ids, max_tokens, default=llm.max_model_len - len(prompt_ids))
+        params = params_for(req, prompt_ids, max_tokens, default=limits.max_model_len - len(prompt_ids))
         request_id = new_id("chatcmpl")
         stream = submit(prompt_ids, params, request_id)
         if req.stream:
@@ -176,39 +201,43 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return ChatCompletionResponse(id=request_id, model=model_name, usage=_usage(out), choices=[
             ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)])
 
-    async def chat_chunks(stream, request_id, include_usage):
+    async def chat_chunks(stream: RequestStream, request_id: str, include_usage: bool):
         def chunk(delta, finish_reason=None):
             return ChatCompletionChunk(id=request_id, model=model_name, choices=[
                 ChatChunkChoice(delta=delta, finish_reason=finish_reason)]).model_dump_json()
 
+        content_head = _chunk_template(ChatCompletionChunk(id=request_id, model=model_name, choices=[]).model_dump(),
+                                       "choices") + '[{"index":0,"delta":{"content":'
         yield chunk(DeltaMessage(role="assistant", content=""))
         while True:
-            out = await stream.next()
-            if out.new_text:
-                yield chunk(DeltaMessage(content=out.new_text))
-            if out.finished:
-                yield chunk(DeltaMessage(), out.finish_reason)
+            deltas = await stream.next()
+            last = deltas[-1]
+            text = "".join(d.text for d in deltas) if len(deltas) > 1 else last.text
+            if text:
+                yield f'{content_head}{json.dumps(text)}}},"finish_reason":null}}],"usage":null}}'
+            if last.finished:
+                yield chunk(DeltaMessage(), last.finish_reason)
                 if include_usage:
                     yield ChatCompletionChunk(id=request_id, model=model_name, choices=[],
-                                              usage=_usage(out)).model_dump_json()
+                                              usage=_usage(last)).model_dump_json()
                 return
 
     def _sse(chunks, stream: RequestStream) -> StreamingResponse:
         async def body():
             try:
                 async for data in chunks:
-                    yield f"data: {data}\n\n"
-                yield "data: [DONE]\n\n"
+                    yield f"data: {data}\n\n".encode()
+                yield b"data: [DONE]\n\n"
             except EngineError as err:
-                yield f"data: {json.dumps(error_body(str(err), 500))}\n\n"
+                yield f"data: {json.dumps(error_body(str(err), 500))}\n\n".encode()
             finally:  # runs on client disconnect too (the response task is cancelled)
                 if not stream.finished:
                     engine.abort(stream.request_id)
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    async def _collect(stream: RequestStream, raw: Request):
-        """The final output, or None when the client disconnected first (request aborted)."""
+    async def _collect(stream: RequestStream, raw: Request) -> Delta | None:
+        """The final delta (all the text), or None when the client disconnected first (request aborted)."""
         try:
             while True:
                 task = asyncio.ensure_future(stream.next())
@@ -218,11 +247,11 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                         task.cancel()
                         return None
                 try:
-                    out = task.result()
+                    deltas = task.result()
                 except EngineError as err:
                     raise ApiError(500, str(err)) from err
-                if out.finished:
-                    return out
+                if deltas[-1].finished:
+                    return deltas[-1]
         finally:
             if not stream.finished:
                 engine.abort(stream.request_id)
@@ -230,7 +259,6 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     return app
 
 
-def _usage(out) -> Usage:
-    completion = len(out.token_ids)
-    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=completion,
-                 total_tokens=out.num_prompt_tokens + completion)
+def _usage(out: Delta) -> Usage:
+    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+                 total_tokens=out.num_prompt_tokens + out.num_output_tokens)

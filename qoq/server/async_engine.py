@@ -1,22 +1,23 @@
-"""The engine on a background thread, fed through a thread-safe inbox.
+"""The event loop's side of the engine: one stream per request, fed one message per engine step.
 
-The event loop never touches the LLMEngine while it runs: it puts ("add" | "abort") commands in
-the inbox, and the engine thread applies them between steps (so new requests join the running
-batch at the next step), steps, and hands each RequestOutput to the request's own asyncio.Queue
-with call_soon_threadsafe. check_request only reads immutable limits, so the loop may call it.
+The engine runs behind a backend (`engine_loop.EngineProcess` for `qoq serve`, `EngineThread`
+for an in-memory model). Each step's message reaches the event loop with one
+call_soon_threadsafe, and `_dispatch` appends each request's `Delta` to its stream and wakes its
+response task. A response task that wakes late (a slow client, a busy loop) takes every delta
+that piled up at once, so it writes one chunk per wake-up, not one per step.
+
+Requests beyond `max_num_seqs + max_queue_len` in flight are refused (`QueueFull`: the server
+answers 503 with Retry-After) rather than queued without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from dataclasses import dataclass
 
-from qoq.engine.llm_engine import EngineStats, LLMEngine
-from qoq.engine.sequence import RequestOutput
+from qoq.engine.llm_engine import EngineStats
 from qoq.sampling import SamplingParams
+from qoq.server.engine_loop import Delta, StepMessage
 
 log = logging.getLogger(__name__)
 
@@ -25,117 +26,97 @@ class EngineError(RuntimeError):
     """The engine failed while running this request (the server answers 500)."""
 
 
-@dataclass
-class RequestStream:
-    request_id: str
-    queue: asyncio.Queue
-    finished: bool = False
+class QueueFull(RuntimeError):
+    """Too many requests in flight (the server answers 503)."""
 
-    async def next(self) -> RequestOutput:
-        item = await self.queue.get()
-        if isinstance(item, Exception):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+
+class RequestStream:
+    __slots__ = ("request_id", "finished", "_pending", "_waiter")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._pending: list[Delta] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, delta: Delta) -> None:
+        self._pending.append(delta)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> list[Delta]:
+        """Every delta since the last call (at least one); EngineError when the engine failed it."""
+        while not self._pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        deltas, self._pending = self._pending, []
+        last = deltas[-1]
+        self.finished = last.finished
+        if last.error is not None:
+            raise EngineError(last.error)
+        return deltas
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qoq-engine", daemon=True)
-        self._stats = engine.stats()
+    def __init__(self, backend, max_num_seqs: int, max_queue_len: int = 4096) -> None:
+        self.backend = backend
+        self.limits = backend.limits
+        self.tokenizer = backend.tokenizer  # the event loop's own copy
+        self.max_in_flight = max_num_seqs + max_queue_len
+        self._streams: dict[str, RequestStream] = {}
+        self._stats = EngineStats(num_pages_total=self.limits.num_pages)
+        self._gone = False
 
     def start(self) -> None:
-        self._thread.start()
+        """Start delivering the engine's messages to this (running) event loop."""
+        loop = asyncio.get_running_loop()
+
+        def on_message(message: StepMessage | None) -> None:
+            try:
+                loop.call_soon_threadsafe(self._dispatch, message)
+            except RuntimeError:  # the loop closed under us (shutdown)
+                pass
+
+        self.backend.start(on_message)
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
-
-    # -- called from the event loop ---------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
-        """Queue a request (ValueError right away when it can never be served)."""
-        self.engine.check_request(prompt_ids, params)
-        stream = RequestStream(request_id, asyncio.Queue())
-        with self._lock:
-            self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
-        self._inbox.put(("add", request_id, prompt_ids, params))
-        return stream
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-        self._inbox.put(("abort", request_id))
-
-    def stats(self) -> EngineStats:
-        return self._stats  # refreshed by the engine thread after every step
+        self.backend.shutdown()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.backend.alive and not self._gone
 
-    # -- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._apply_commands(block=not self.engine.has_unfinished_requests())
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(err)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
-            self._stats = self.engine.stats()
-        log.info("engine thread stopped")
+    def stats(self) -> EngineStats:
+        return self._stats  # as of the engine's latest message
 
-    def _apply_commands(self, block: bool) -> None:
-        try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-            while True:
-                if command is not None:
-                    self._apply(command)
-                command = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-        self._stats = self.engine.stats()
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Queue a request: ValueError right away when it can never be served, QueueFull when
+        the queue is full."""
+        self.limits.check(prompt_ids, params)
+        if len(self._streams) >= self.max_in_flight:
+            raise QueueFull(f"the server is at capacity ({len(self._streams)} requests in flight); retry later")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        self.backend.send(("add", request_id, prompt_ids, params))
+        return stream
 
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            if self.engine.abort_request(command[1]) is not None:
-                log.info("aborted %s (client gone)", command[1])
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.backend.send(("abort", request_id))
+
+    def _dispatch(self, message: StepMessage | None) -> None:
+        if message is None:  # the engine process is gone
+            self._gone = True
+            log.error("the engine stopped; failing %d requests in flight", len(self._streams))
+            for request_id, stream in self._streams.items():
+                stream.put(Delta(request_id, "", 0, 0, True, "error", "the engine process stopped"))
+            self._streams.clear()
             return
-        _, request_id, prompt_ids, params = command
-        with self._lock:
-            if request_id not in self._streams:
-                return  # the client left before the engine saw the request
-        try:
-            self.engine.add_request(prompt_ids, params, request_id)
-        except ValueError as err:
-            self._deliver(request_id, err)
-
-    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
-            finished = isinstance(item, Exception) or item.finished
-            if finished:
-                self._streams.pop(request_id, None)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the server's loop closed under us (shutdown)
-                pass
-
-    def _fail_all(self, err: Exception) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
-            self._deliver(request_id, EngineError(f"the engine failed: {type(err).__name__}: {err}"))
+        self._stats = message.stats
+        streams = self._streams
+        for delta in message.deltas:
+            stream = streams.get(delta.request_id)
+            if stream is not None:
+                if delta.finished:
+                    del streams[delta.request_id]
+                stream.put(delta)

@@ -1,4 +1,5 @@
-"""`qoq serve`: load a model, start the engine thread, run uvicorn (or run it in a thread: the demo)."""
+"""`qoq serve`: the engine in a process of its own, uvicorn here (or, for an in-memory model such
+as the demo's, the engine on a thread and uvicorn on another)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,58 @@ from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.server.app import build_app
 from qoq.server.async_engine import AsyncEngine
+from qoq.server.engine_loop import EngineProcess, EngineThread, ModelSpec
+
+
+def _uvicorn(engine: AsyncEngine, model_name: str, host: str, port: int, log_level: str) -> uvicorn.Server:
+    app = build_app(engine, model_name)
+    # backlog: a benchmark opens thousands of connections at once.
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
+                                         timeout_keep_alive=30))
 
 
 def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
-                log_level: str = "info") -> uvicorn.Server:
-    engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+                log_level: str = "info", max_queue_len: int = 4096) -> uvicorn.Server:
+    """A server over a model already in memory: the engine runs on a thread of this process."""
+    engine = AsyncEngine(EngineThread(LLMEngine(model, tokenizer, config)), config.max_num_seqs, max_queue_len)
     # The model and engine live as long as the process: keep the cyclic GC from walking them in
     # every full collection (~100 ms at batch 1000) that per-request allocations trigger.
     gc.collect()
     gc.freeze()
-    app = build_app(engine, model_name)
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    return _uvicorn(engine, model_name, host, port, log_level)
+
+
+def make_process_server(spec: ModelSpec, model_name: str, config: EngineConfig, host: str, port: int,
+                        log_level: str = "info", max_queue_len: int = 4096) -> uvicorn.Server:
+    """A server whose engine runs in a process of its own (loads the model there; returns once it is up)."""
+    engine = AsyncEngine(EngineProcess(spec, config), config.max_num_seqs, max_queue_len)
+    gc.collect()
+    gc.freeze()
+    return _uvicorn(engine, model_name, host, port, log_level)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout_s: float) -> None:
+    """Wait until `url`/health answers 200; RuntimeError if the server process `proc` exits or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"qoq serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"qoq serve did not come up in {timeout_s:.0f}s")
+        time.sleep(0.5)
 
 
 class BackgroundServer:

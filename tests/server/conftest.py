@@ -1,46 +1,46 @@
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
-from server_helpers import MAX_MODEL_LEN, MODEL
+from server_helpers import MODEL, SERVER_ENGINE_ARGS
 
-from qoq.server.serve import free_port
+from qoq.server.serve import free_port, wait_healthy
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory):
-    """`qoq serve` as a real process on a free loopback port (fp cache: outputs match qoq.generate)."""
+def _serve(args: list[str], log_path):
+    """Start `qoq serve ARGS` on a free loopback port; yield its URL; stop it."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    cmd = [sys.executable, "-m", "qoq.cli", "serve", MODEL, "--port", str(port), "--kv-bits", "16",
-           "--page-size", "16", "--num-pages", "64", "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-num-seqs", "16", "--log-level", "warning"]
-    with open(log, "w") as out:
+    cmd = [sys.executable, "-m", "qoq.cli", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"qoq serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"qoq serve did not come up:\n{log.read_text()}")
-        time.sleep(0.5)
+    try:
+        wait_healthy(url, proc, 180)
+    except RuntimeError as err:
+        proc.kill()
+        pytest.fail(f"{err}:\n{log_path.read_text()}")
     yield url
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory):
+    """`qoq serve` as a real process on a free loopback port (fp cache: outputs match qoq.generate)."""
+    yield from _serve([MODEL, *SERVER_ENGINE_ARGS], tmp_path_factory.mktemp("server") / "serve.log")
+
+
+@pytest.fixture(scope="session")
+def tiny_server_url(tmp_path_factory):
+    """Random weights of the tiny config, one sequence at a time, a queue of one, a 4-page cache."""
+    yield from _serve(["--random-weights", "tiny", "--precision", "w16a16kv16", "--max-num-seqs", "1",
+                       "--max-queue-len", "1", "--page-size", "16", "--num-pages", "4"],
+                      tmp_path_factory.mktemp("tiny-server") / "serve.log")
 
 
 @pytest.fixture(scope="session")

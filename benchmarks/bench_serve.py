@@ -1,0 +1,145 @@
+"""`qoq serve` under load against the engine's own (offline) speed, one JSON file of records.
+
+Per precision: `qoq bench throughput --batch max` (the offline figure and the largest batch that
+fits), then `qoq serve --random-weights CONFIG` as a subprocess on loopback, a short warm-up
+(Triton compiles at first launch), and `qoq bench serve` at each request rate: Poisson arrivals
+at the finite rates, all at once at `inf`, there at concurrency 512 and at the largest batch.
+Each record gets `offline_output_tokens_per_s` of the offline run at the same batch when one was
+measured. On an H200 (Llama-3-8B shape) the default run takes about 8 minutes; `--quick` halves
+the prompt counts.
+
+    python benchmarks/bench_serve.py --out $OUT/serve-h200.json            # GPU
+    python benchmarks/bench_serve.py --config tiny --device cpu --precisions w16a16kv16 \\
+        --input-len 16 --output-len 8 --quick --out /tmp/serve-cpu.json     # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report
+from qoq.server.serve import free_port, wait_healthy
+
+# prompts per finite request rate: about 10-30 s of arrivals each
+PROMPTS_AT_RATE = {1.0: 12, 4.0: 48, 16.0: 160}
+
+
+def _qoq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qoq.cli", *args]
+
+
+def offline_throughput(args, precision: str, batch: str) -> dict:
+    cmd = _qoq("bench", "throughput", "--config", args.config, "--precision", precision, "--batch", batch,
+               "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--device", args.device)
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Server:
+    def __init__(self, args, precision: str, max_num_seqs: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = _qoq("serve", "--random-weights", args.config, "--precision", precision, "--device", args.device,
+                   "--port", str(self.port), "--max-num-seqs", str(max_num_seqs),
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--max-model-len", str(args.input_len + args.output_len), "--log-level", "warning")
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(self.url, self.proc, args.start_timeout)
+        except RuntimeError as err:
+            self.stop()
+            raise RuntimeError(f"{err}: see {log_path}") from err
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def serve_cases(args, batch_max: int) -> list[tuple[float, int, int | None]]:
+    """(request_rate, num_prompts, max_concurrency) for one precision."""
+    scale = 0.5 if args.quick else 1.0
+    cases = []
+    for rate in args.rates:
+        if rate == float("inf"):
+            for conc in sorted({min(args.concurrency, batch_max), batch_max}):
+                cases.append((rate, max(conc, int(args.num_prompts_inf * scale)), conc))
+        else:
+            cases.append((rate, max(2, int(PROMPTS_AT_RATE.get(rate, 16 * rate) * scale)), args.concurrency))
+    return cases
+
+
+def run_precision(args, precision: str, out_dir: Path) -> list[dict]:
+    offline = {}
+    if not args.skip_offline:
+        result = offline_throughput(args, precision, "max")
+        offline[result["batch"]] = result["tokens_per_s"]
+    batch_max = max(offline) if offline else args.concurrency
+    cases = serve_cases(args, batch_max)
+    if not args.skip_offline and args.concurrency < batch_max and not args.quick:
+        offline[args.concurrency] = offline_throughput(args, precision, str(args.concurrency))["tokens_per_s"]
+    server = Server(args, precision, max(c for _, _, c in cases), out_dir / f"serve-{precision}.log")
+    records = []
+    try:
+        warm = DatasetArgs("random", num_prompts=2 * args.max_num_batched_tokens // args.input_len + 2,
+                           input_len=args.input_len, output_len=4, vocab_size=args.vocab_size, seed=1)
+        bench_record(BenchConfig(base_url=server.url, progress=False), warm)
+        for rate, num_prompts, conc in cases:
+            config = BenchConfig(base_url=server.url, request_rate=rate, max_concurrency=conc,
+                                 system="qoq", precision=precision, progress=not args.no_progress)
+            dataset = DatasetArgs("random", num_prompts=num_prompts, input_len=args.input_len,
+                                  output_len=args.output_len, vocab_size=args.vocab_size)
+            record = bench_record(config, dataset)
+            record["config"] = args.config
+            record["offline_output_tokens_per_s"] = offline.get(conc) if rate == float("inf") else None
+            print(f"== {precision} rate {rate} prompts {num_prompts} concurrency {conc}\n{format_report(record)}",
+                  file=sys.stderr, flush=True)
+            records.append(record)
+    finally:
+        server.stop()
+    return records
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama-3-8b", help="a config of qoq/configs (random weights)")
+    p.add_argument("--precisions", nargs="+", default=["w4a8kv4", "w16a16kv16"])
+    p.add_argument("--rates", nargs="+", type=float, default=[1.0, 4.0, 16.0, float("inf")])
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--concurrency", type=int, default=512, help="max concurrency (inf: also the largest batch)")
+    p.add_argument("--num-prompts-inf", type=int, default=1000, help="prompts of each request-rate-inf case")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are drawn below this")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="half the prompts, no offline run at --concurrency")
+    p.add_argument("--skip-offline", action="store_true", help="no `qoq bench throughput` runs")
+    p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    t0 = time.perf_counter()
+    for precision in args.precisions:
+        records += run_precision(args, precision, out.parent)
+        out.write_text(json.dumps(records, indent=1))  # kept so far, should a later precision fail
+    print(f"{len(records)} records -> {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The engine's loop, on a process of its own (`qoq serve`) or on a thread (an in-memory model: the demo).
+
+The API server never touches the LLMEngine. It sends commands ("add" | "abort" | "stop"), which the
+loop applies between steps, and gets back one `StepMessage` per engine step: a `Delta` for each
+request that produced something, and the engine's stats. One message per step (not one per token
+or per request) keeps the hand-off cost flat as the batch grows; on a process of its own the
+engine's Python never waits for the GIL behind the HTTP server's event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qoq.engine.config import EngineConfig, RequestLimits
+from qoq.engine.llm_engine import EngineStats, LLMEngine
+from qoq.engine.sequence import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Delta:
+    """One request's part of a step: what the HTTP response needs, no token lists."""
+
+    request_id: str
+    text: str  # the new text (a non-streaming request: all of it, once finished)
+    num_prompt_tokens: int
+    num_output_tokens: int  # generated so far
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None  # the engine failed this request (the server answers 500)
+
+
+@dataclass
+class StepMessage:
+    deltas: list[Delta]
+    stats: EngineStats = field(default_factory=EngineStats)
+
+
+def _delta(out: RequestOutput) -> Delta:
+    return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
+                 out.finish_reason)
+
+
+class EngineLoop:
+    """Apply the commands that arrived, run a step, emit its message; block while idle."""
+
+    def __init__(self, engine: LLMEngine, next_command: Callable[[bool], tuple | None],
+                 emit: Callable[[StepMessage], None]) -> None:
+        self.engine = engine
+        self.next_command = next_command  # (block) -> a command, or None when there is none yet
+        self.emit = emit
+        self._errors: list[Delta] = []  # requests refused by the engine itself, sent with the next message
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            applied = self._apply_commands(block=not engine.has_unfinished_requests())
+            if applied is None:
+                break
+            if not engine.has_unfinished_requests():
+                if applied or self._errors:  # aborts and refusals show in the stats at once
+                    self._send([])
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(err)
+                continue
+            self._send([_delta(out) for out in outputs])
+        log.info("engine loop stopped")
+
+    def _send(self, deltas: list[Delta]) -> None:
+        if self._errors:
+            deltas, self._errors = self._errors + deltas, []
+        self.emit(StepMessage(deltas, self.engine.stats()))
+
+    def _apply_commands(self, block: bool) -> int | None:
+        """The number of commands applied, None on "stop"."""
+        applied = 0
+        command = self.next_command(block)
+        while command is not None:
+            if command[0] == "stop":
+                return None
+            self._apply(command)
+            applied += 1
+            command = self.next_command(False)
+        return applied
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            if self.engine.abort_request(command[1]) is not None:
+                log.info("aborted %s (client gone)", command[1])
+            return
+        _, request_id, prompt_ids, params = command
+        try:
+            self.engine.add_request(prompt_ids, params, request_id)
+        except ValueError as err:
+            self._errors.append(Delta(request_id, "", len(prompt_ids), 0, True, "error", str(err)))
+
+    def _fail_all(self, err: Exception) -> None:
+        message = f"the engine failed: {type(err).__name__}: {err}"
+        for request_id in list(self.engine.requests):
+            out = self.engine.abort_request(request_id)
+            self._errors.append(Delta(request_id, "", out.num_prompt_tokens, 0, True, "error", message))
+        self._send([])
+
+
+class EngineThread:
+    """The loop on a thread of this process, over an engine built here (the demo's in-memory model)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.limits = engine.limits
+        self.tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's own: HF tokenizers are not thread-safe
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_message: Callable[[StepMessage], None]) -> None:
+        def next_command(block: bool):
+            try:
+                return self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return None
+
+        loop = EngineLoop(self.engine, next_command, on_message)
+        self._thread = threading.Thread(target=loop.run, name="qoq-engine", daemon=True)
+        self._thread.start()
+
+    def send(self, command: tuple) -> None:
+        self._inbox.put(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._inbox.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+@dataclass
+class ModelSpec:
+    """What the engine process loads: a model argument of the loader, or random weights of a config."""
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    random_config: str | None = None  # a config of qoq/configs or a config.json: random weights (benchmarks)
+    precision: str = "w16a16kv16"  # of the random weights
+    log_level: str = "info"
+
+    def load(self):
+        import torch
+
+        dtype = getattr(torch, self.dtype)
+        if self.random_config is None:
+            from qoq.model.loader import load_model
+
+            return load_model(self.model, dtype=dtype, device=self.device)
+        from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
+        from qoq.bench.synthetic_tokenizer import synthetic_tokenizer
+
+        config = bundled_config(self.random_config)
+        model = random_model(config, bench_quant_config(self.precision), device=self.device, dtype=dtype)
+        return model, synthetic_tokenizer(config.vocab_size, config.eos_token_ids[0] if config.eos_token_ids else None)
+
+
+def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, outputs) -> None:
+    logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s %(name)s (engine): %(message)s")
+    try:
+        model, tokenizer = spec.load()
+        engine = LLMEngine(model, tokenizer, config)
+    except Exception as err:
+        outputs.put(("failed", f"{type(err).__name__}: {err}"))
+        raise
+    # The model and engine live as long as the process: keep the cyclic GC from walking them in
+    # every full collection (~100 ms at batch 1000) that per-step allocations trigger.
+    gc.collect()
+    gc.freeze()
+    outputs.put(("ready", engine.limits, tokenizer))
+    parent = mp.parent_process()
+
+    def next_command(block: bool):
+        while True:
+            try:
+                return commands.get(timeout=1.0) if block else commands.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return None
+                if parent is not None and not parent.is_alive():
+                    return ("stop",)
+
+    EngineLoop(engine, next_command, outputs.put).run()
+    outputs.put(None)
+
+
+class EngineProcess:
+    """The loop in a process of its own (spawned: CUDA is initialised there only). The constructor
+    returns once the model is loaded; a reader thread hands each step's message to `on_message`."""
+
+    def __init__(self, spec: ModelSpec, config: EngineConfig, start_timeout_s: float = 1800) -> None:
+        ctx = mp.get_context("spawn")
+        self._commands = ctx.Queue()
+        self._outputs = ctx.Queue()
+        self._process = ctx.Process(target=_engine_process_main, name="qoq-engine", daemon=True,
+                                    args=(spec, config, self._commands, self._outputs))
+        self._process.start()
+        self._reader: threading.Thread | None = None
+        self._stopped = False
+        ready = self._get(start_timeout_s)
+        if ready is None or ready[0] != "ready":
+            self._process.join(timeout=5)
+            detail = ready[1] if ready else f"exit code {self._process.exitcode}"
+            raise RuntimeError(f"the engine process failed to start ({detail}); see its log above")
+        _, self.limits, self.tokenizer = ready
+
+    def _get(self, timeout_s: float):
+        """The next message; None once the process is gone (or after timeout_s)."""
+        waited = 0.0
+        while waited < timeout_s:
+            try:
+                return self._outputs.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                if not self._process.is_alive():
+                    return None
+        return None
+
+    def start(self, on_message: Callable[[StepMessage | None], None]) -> None:
+        """on_message(None) says the process is gone."""
+
+        def read() -> None:
+            while True:
+                message = self._get(float("inf"))
+                on_message(message)
+                if message is None:
+                    return
+
+        self._reader = threading.Thread(target=read, name="qoq-engine-reader", daemon=True)
+        self._reader.start()
+
+    def send(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive() and not self._stopped
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._process.join(timeout=15)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
