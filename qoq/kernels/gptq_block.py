@@ -32,7 +32,6 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds fp32 to nearest even
 
 
 def _check(w, u, a, b, lo, hi, gidx):
@@ -73,7 +72,7 @@ def _gptq_block_kernel(W, U, A, BZ, LO, HI, GIDX, CODES, ERRS, N, B: tl.constexp
         lo = tl.load(LO + g * N + rows, mask=rmask, other=0.0)
         hi = tl.load(HI + g * N + rows, mask=rmask, other=0.0)
         wi = tl.sum(tl.where(cols[None, :] == i, w, 0.0), axis=1)
-        q = ((wi + b) / a + _ROUND_MAGIC) - _ROUND_MAGIC
+        q = ((wi + b) / a + 12582912.0) - 12582912.0  # round half to even (fp32)
         q = tl.minimum(tl.maximum(q, lo), hi)
         e = (wi - (q * a - b)) / tl.load(U + i * B + i)
         tl.store(CODES + i * N + rows, q, mask=rmask)
