@@ -53,12 +53,14 @@ def record(name: str, report: dict, layers: int, full_layers: int) -> dict:
             "device": report["device_name"], "threads": report["threads"]}
 
 
-def run_case(case: str, work: Path, extra: list[str]) -> list[dict]:
+def run_case(case: str, work: Path, extra: list[str]):
+    """Yield a record per depth as soon as it is measured."""
     name, _, depths = case.partition(":")
     if name == "smollm2-135m":
         rep = run_quantize(name, work / "ckpt", None, extra)
         shutil.rmtree(work / "ckpt", ignore_errors=True)
-        return [record(name, rep, rep["layers"], rep["layers"])]
+        yield record(name, rep, rep["layers"], rep["layers"])
+        return
     config = bundled_config(name)
     full = config.num_layers
     layers = sorted(int(d) for d in depths.split(",")) if depths else [full]
@@ -69,7 +71,6 @@ def run_case(case: str, work: Path, extra: list[str]) -> list[dict]:
     print(f"{name}: wrote a random {max(layers)}-layer folder in {time.perf_counter() - t0:.0f}s", flush=True)
     calib = work / "calib.txt"
     calib.write_text(random_text(80_000, config.vocab_size))
-    out = []
     try:
         for n in layers:
             view = truncated_view(folder, work / f"view-{n}", n) if n != max(layers) else folder
@@ -77,11 +78,11 @@ def run_case(case: str, work: Path, extra: list[str]) -> list[dict]:
             shutil.rmtree(work / "ckpt", ignore_errors=True)
             if view != folder:
                 shutil.rmtree(view, ignore_errors=True)
-            out.append(record(Path(name).stem, rep, n, full))
-            print(json.dumps(out[-1]), flush=True)
+            rec = record(Path(name).stem, rep, n, full)
+            print(json.dumps(rec), flush=True)
+            yield rec
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     records = json.loads(out.read_text())["records"] if out.exists() else []
     for case in args.case:
-        new = run_case(case, work, args.quantize_arg)
-        keys = {(r["config"], r["layers"], r["device"]) for r in new}
-        records = [r for r in records if (r["config"], r["layers"], r["device"]) not in keys] + new
-        out.write_text(json.dumps({"benchmark": "benchmarks/bench_quantize.py", "records": records}, indent=1))
+        for new in run_case(case, work, args.quantize_arg):
+            key = (new["config"], new["layers"], new["device"])
+            records = [r for r in records if (r["config"], r["layers"], r["device"]) != key] + [new]
+            out.write_text(json.dumps({"benchmark": "benchmarks/bench_quantize.py", "records": records}, indent=1))
     print(f"{'config':<14}{'layers':>7}{'seconds':>9}{'GPU GiB':>9}{'host GiB':>9}  device")
     for r in records:
         print(f"{r['config']:<14}{r['layers']:>7}{r['seconds']:>9.1f}{r['peak_gpu_gib'] or 0:>9.1f}"

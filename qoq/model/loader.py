@@ -108,33 +108,36 @@ def iter_safetensors(folder: Path):
 
 
 class ShardedWeights:
-    """A folder's safetensors tensors by name, each read on demand from its memory-mapped shard:
-    one decoder layer at a time never needs the whole model in host memory."""
+    """A folder's safetensors tensors by name, read on demand: one decoder layer at a time never
+    needs the whole model in host memory. Each read opens the shards it needs and closes them
+    again, so the memory-mapped pages of layers already read do not stay mapped (and counted in
+    the process's resident memory) until the end."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._where: dict[str, str] = {}
-        self._open: dict[str, object] = {}
         for file in shard_files(folder):
-            for name in self._shard(file).keys():
-                self._where[name] = file
+            with self._shard(file) as shard:
+                self._where.update(dict.fromkeys(shard.keys(), file))
 
     def _shard(self, file: str):
-        if file not in self._open:
-            try:
-                self._open[file] = safe_open(str(self.folder / file), framework="pt")
-            except Exception as err:  # safetensors raises its own error types for corrupt files
-                raise LoadError(f"{self.folder / file}: cannot read safetensors ({err})") from err
-        return self._open[file]
+        try:
+            return safe_open(str(self.folder / file), framework="pt")
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise LoadError(f"{self.folder / file}: cannot read safetensors ({err})") from err
 
     def names(self) -> list[str]:
         return list(self._where)
 
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._shard(self._where[name]).get_tensor(name)
-        except KeyError:
-            raise LoadError(f"{self.folder}: no tensor {name!r} in its safetensors shards") from None
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise LoadError(f"{self.folder}: no tensor {missing[0]!r} in its safetensors shards")
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self._where[n] for n in names}):
+            with self._shard(file) as shard:
+                out.update({n: shard.get_tensor(n) for n in names if self._where[n] == file})
+        return out
 
     def layer_state(self, config: ModelConfig, index: int) -> dict[str, torch.Tensor]:
         """Decoder layer `index` under our names (layers.{index}. ..., q/k/v and gate/up fused)."""
@@ -142,14 +145,14 @@ class ShardedWeights:
         names = [n for n in self._where if n.startswith(prefix)]
         if not names:
             raise LoadError(f"{self.folder}: no tensors for decoder layer {index} ({prefix}*)")
-        return hf_to_qoq_state_dict(((n, self.get(n)) for n in names), config)
+        return hf_to_qoq_state_dict(self.get_many(names).items(), config)
 
     def global_state(self, config: ModelConfig) -> dict[str, torch.Tensor]:
         """The embedding, the final norm and (untied) the LM head under our names."""
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if not config.tie_word_embeddings:
             names.append("lm_head.weight")
-        return hf_to_qoq_state_dict(((n, self.get(n)) for n in names), config)
+        return hf_to_qoq_state_dict(self.get_many(names).items(), config)
 
 
 def hf_to_qoq_state_dict(hf_tensors, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -41,18 +41,17 @@ def _layer_error(model, ref, tokens):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name", ["llama-3-8b", "qwen1.5-72b"])
-@pytest.mark.parametrize("group_size", [128, -1])
+@pytest.mark.parametrize("name,group_size", [("llama-3-8b", 128), ("llama-3-8b", -1), ("qwen1.5-72b", 128)])
 def test_every_step_at_a_real_layer_shape_on_the_gpu(name, group_size):
     """One decoder layer of the real shape, all QoQ steps (GPTQ included) on the GPU: it runs,
     and the quantized layer is closer to the float one than round-to-nearest."""
     config = dataclasses.replace(bundled_config(name), num_layers=1, vocab_size=4096)
-    ref = random_float_model(config).cuda()
-    tokens = torch.randint(0, 4096, (16, 512), device="cuda")
+    with torch.device("cuda"):  # random init on the GPU: a 72B-shaped layer is slow to fill on the CPU
+        ref, qoq, rtn = (random_float_model(config) for _ in range(3))
+    tokens = torch.randint(0, 4096, (16, 512))
     calib = QoQOptions(progress=False, group_size=group_size, calib=CalibConfig(num_seqs=16, seq_len=512))
-    qoq = quantize_model(random_float_model(config).cuda(), None, calib, tokens.cpu())
-    rtn = quantize_model(random_float_model(config).cuda(), None,
-                         QoQOptions.rtn(progress=False, group_size=group_size))
+    qoq = quantize_model(qoq, None, calib, tokens)
+    rtn = quantize_model(rtn, None, QoQOptions.rtn(progress=False, group_size=group_size))
     test = torch.randint(0, 4096, (2, 256), device="cuda")
     err_qoq, err_rtn = _layer_error(qoq, ref, test), _layer_error(rtn, ref, test)
     print(f"{name} g{group_size}: relative error of the final hidden states QoQ {err_qoq:.4f}, RTN {err_rtn:.4f}")
