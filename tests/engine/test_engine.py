@@ -71,7 +71,7 @@ def test_token_ids_only_without_detokenization(bundled, prompts, reference):
 
 
 # Exact equality, greedy for greedy. qoq.generate's default "serving" KV mode has the engine's
-# semantics (prompt over fresh K/V, later tokens over the quantized cache) and runs the same
+# semantics (every query over the quantized cache, the prompt included) and runs the same
 # attention ops, so the two compute the same numbers when they run the same shapes. Shapes matter
 # on the CPU: MKL computes an fp32 GEMM of fewer than 8 rows with other kernels, whose rows differ
 # in the last bits from the same rows in a larger GEMM, so an fp32 model's engine output for a
