@@ -150,6 +150,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gib", type=float, default=2.0, help="KV cache size on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute shared prompt prefixes (default: reuse their cached KV pages)")
 
 
 def cmd_serve(args) -> int:
@@ -161,7 +165,8 @@ def cmd_serve(args) -> int:
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-        enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs))
+        enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs),
+        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     configure_logging(args.log_level)

@@ -81,7 +81,7 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
         t0 = time.perf_counter()
         tokens = execute(batch)
         in_runner[0] += time.perf_counter() - t0
-        pure_decode[0] = not batch.prefills
+        pure_decode[0] = not batch.chunks
         shape[:] = batch.num_tokens - len(batch.decodes), len(batch.decodes)
         return tokens
 
@@ -89,7 +89,7 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
         t0 = time.perf_counter()
         step = launch(batch, prev)
         in_runner[0] += time.perf_counter() - t0
-        pure_decode[0] = not batch.prefills
+        pure_decode[0] = not batch.chunks
         shape[:] = batch.num_tokens - len(batch.decodes), len(batch.decodes)
         read = step.token_ids
 

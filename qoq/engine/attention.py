@@ -1,10 +1,11 @@
 """The paged attention backend: the model calls it per layer with un-rotated q/k and fresh v.
 
-One forward pass carries a flattened batch, [1, T] tokens: the prefill sequences' tokens first
+One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' tokens first
 (packed, cu_seqlens marks each), then one token per decoding sequence. Per layer, one fused
-kernel rotates q/k and writes quantized K/V into the pages for every token; prefill tokens then
-attend causally over their own fresh full-precision K/V (SPEC section 3), decode tokens over the
-(quantized) pages, which by now include the token itself.
+kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
+attends over the pages, which by now hold it: prefill chunks causally over their sequence's
+pages (layers.attention.paged_prefill: earlier chunks and cached prefixes included), decode
+tokens over their whole context (paged_decode_attention).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels import KVCacheLayer, paged_decode_attention, prefill_attention, rope_kv_write
+from qoq.kernels import KVCacheLayer, paged_decode_attention, rope_kv_write
+from qoq.layers.attention import paged_prefill
 
 
 @dataclass
@@ -24,6 +26,9 @@ class AttentionMetadata:
     max_seqlen: int = 0
     block_tables: torch.Tensor | None = None  # [num_decodes, max_pages] int32
     context_lens: torch.Tensor | None = None  # [num_decodes] int32, the new token included
+    prefill_block_tables: torch.Tensor | None = None  # [num_prefills, max_pages] int32
+    prefill_kv_lens: torch.Tensor | None = None  # [num_prefills] int32: cached tokens after the chunk
+    prefill_has_context: bool = True  # some chunk starts past position 0 (reads earlier pages)
 
 
 class PagedAttention:
@@ -42,8 +47,9 @@ class PagedAttention:
         num_prefill = md.num_prefill_tokens
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # both kernels write their rows in place
         if num_prefill:
-            prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill], md.cu_seqlens, self.scale,
-                              md.max_seqlen, out=out[:num_prefill])
+            n = num_prefill
+            paged_prefill(q[:n], k[:n], v[:n], cache, md.prefill_block_tables, md.cu_seqlens, md.prefill_kv_lens,
+                          self.scale, md.max_seqlen, md.prefill_has_context, out=out[:n])
         if num_prefill < q.shape[0]:
             paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
                                    out=out[num_prefill:])

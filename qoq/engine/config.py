@@ -31,6 +31,12 @@ class EngineConfig:
     # with the device's step n: sampled tokens stay on the device and feed the next step, and
     # step() hands out the previous step's outputs (docs/serving.md). False: one step at a time.
     async_scheduling: bool = True
+    # Split prompts over steps: each step's token budget takes every decode first, then prompt
+    # chunks. False: a prompt is prefilled in one step (the budget is raised to max_model_len).
+    enable_chunked_prefill: bool = True
+    # Keep full pages keyed by their prefix after their requests end, and start later prompts with
+    # the same prefix past them (block_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):

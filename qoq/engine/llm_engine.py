@@ -46,6 +46,8 @@ class EngineStats:
     num_steps_total: int = 0
     finished_total: dict[str, int] = field(default_factory=dict)  # by finish reason
     generation_tokens_per_second: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache...
+    prefix_cache_hits: int = 0  # ...and found there
 
 
 class LLMEngine:
@@ -53,8 +55,8 @@ class LLMEngine:
         config = config or EngineConfig()
         max_pos = model.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or max_pos, max_pos)
-        # A preempted sequence re-prefills all of its tokens in one step: the budget must hold one.
-        if config.max_num_batched_tokens < self.max_model_len:
+        # Without chunked prefill a preempted sequence re-prefills all of its tokens in one step.
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             config = dataclasses.replace(config, max_num_batched_tokens=self.max_model_len)
         self.config = config
         self.model = model
@@ -64,7 +66,7 @@ class LLMEngine:
         self.tokenizer_lock = threading.Lock()
         self.kv_bits = config.kv_bits or model.quant_config.kv_bits
         self.runner = ModelRunner(model, config, self.max_model_len, self.kv_bits)
-        self.block_manager = BlockManager(self.runner.num_pages, config.page_size)
+        self.block_manager = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Sequence] = {}  # unfinished requests
         self._ids = itertools.count()
@@ -229,4 +231,6 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             finished_total=dict(self._stats.finished_total),
             generation_tokens_per_second=tps,
+            prefix_cache_queries=self.block_manager.num_queried_tokens,
+            prefix_cache_hits=self.block_manager.num_hit_tokens,
         )

@@ -1,7 +1,7 @@
 """How a scheduled batch runs: KV cache allocation, flattened inputs, forward, logits, sampling.
 
-The model sees one row of T tokens (prefills packed first, then one token per decode), so one
-forward serves a mixed batch with no padding. Pure-decode batches replay a captured CUDA graph
+The model sees one row of T tokens (prefill chunks packed first, then one token per decode), so
+one forward serves a mixed batch with no padding. Pure-decode batches replay a captured CUDA graph
 on the GPU (cuda_graph.py); everything else runs eagerly.
 
 Two ways to run a step: `execute` returns the tokens (it waits for the device), `launch` only
@@ -119,7 +119,11 @@ class ModelRunner:
             slot_mapping=torch.full((rows * row_len,), -1, dtype=torch.long, device=self.device),
             num_prefill_tokens=rows * row_len,
             cu_seqlens=torch.arange(0, rows * row_len + 1, row_len, dtype=torch.int32, device=self.device),
-            max_seqlen=row_len)
+            max_seqlen=row_len,
+            prefill_block_tables=torch.zeros(rows, pages_needed(row_len, self.config.page_size), dtype=torch.int32,
+                                             device=self.device),
+            prefill_kv_lens=torch.full((rows,), row_len, dtype=torch.int32, device=self.device),
+            prefill_has_context=False)
         ids = torch.zeros(1, rows * row_len, dtype=torch.long, device=self.device)
         positions = torch.arange(row_len, device=self.device).repeat(rows)[None]
         hidden = self.model(ids, positions, attn)
@@ -151,7 +155,7 @@ class ModelRunner:
 
     def _logits(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         inputs = self.prepare(batch, prev_tokens)
-        if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
+        if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
         else:
             self.attn.metadata = inputs.metadata
@@ -168,13 +172,20 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         cu_seqlens = [0]
-        for seq in batch.prefills:
+        logit_indices: list[int] = []  # the last token of each chunk that samples, then every decode
+        kv_lens: list[int] = []
+        for chunk in batch.chunks:
+            seq, start = chunk.seq, chunk.start
             assert not seq.num_pending, "a prefill needs all of its tokens known"
-            ids.extend(seq.all_token_ids)
-            positions.extend(range(seq.num_tokens))
+            end = start + chunk.num_tokens
+            ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // page_size] * page_size + p % page_size for p in range(seq.num_tokens))
-            cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
+            slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, end))
+            cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
+            kv_lens.append(end)
+            if chunk.samples:
+                logit_indices.append(cu_seqlens[-1] - 1)
         context_lens: list[int] = []
         pending_rows: list[int] = []  # rows of `ids` whose token is on the device...
         pending_src: list[int] = []  # ...at these rows of prev_tokens
@@ -192,12 +203,15 @@ class ModelRunner:
             context_lens.append(num)
             slots.append(seq.block_table[(num - 1) // page_size] * page_size + (num - 1) % page_size)
         num_prefill = cu_seqlens[-1]
-        logit_indices = [end - 1 for end in cu_seqlens[1:]] + list(range(num_prefill, len(ids)))
+        logit_indices.extend(range(num_prefill, len(ids)))
         dev = self.device
         md = AttentionMetadata(slot_mapping=to_device(slots, torch.long, dev), num_prefill_tokens=num_prefill)
-        if batch.prefills:
+        if batch.chunks:
             md.cu_seqlens = to_device(cu_seqlens, torch.int32, dev)
-            md.max_seqlen = max(s.num_tokens for s in batch.prefills)
+            md.max_seqlen = max(c.num_tokens for c in batch.chunks)
+            md.prefill_kv_lens = to_device(kv_lens, torch.int32, dev)
+            md.prefill_block_tables = to_device(self.block_tables([c.seq for c in batch.chunks]), torch.int32, dev)
+            md.prefill_has_context = any(c.start for c in batch.chunks)
         if batch.decodes:
             md.block_tables = to_device(self.block_tables(batch.decodes), torch.int32, dev)
             md.context_lens = to_device(context_lens, torch.int32, dev)

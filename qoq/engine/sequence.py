@@ -1,9 +1,12 @@
 """Requests as plain data: a Sequence is one prompt being generated, a RequestOutput what it yields.
 
-A sequence's KV cache is all or nothing: while RUNNING its pages hold every token but the last
-sampled one (which the next step feeds), while WAITING it holds none. Preemption by recompute
+While RUNNING a sequence has pages for all of its tokens; `num_computed_tokens` of them are
+written (or being written by a launched step). Its prefill may take several steps (chunked
+prefill) and may start past a cached prefix (block_manager.py); once all but the last token are
+computed, each step decodes one token. While WAITING it holds no pages. Preemption by recompute
 drops the pages and sends the sequence back to WAITING with its generated tokens kept, so the
-next prefill recomputes prompt + output and generation continues where it stopped.
+next prefill recomputes prompt + output (from the cached prefix that survived) and generation
+continues where it stopped.
 
 With async scheduling (docs/serving.md) a sequence may have one token sampled on the device whose
 value the engine has not read back yet: `num_pending` (0 or 1 between steps). It counts in
@@ -54,6 +57,11 @@ class Sequence:
     # one in its step's token tensor.
     num_pending: int = 0
     pending_row: int = -1
+    # KV cache progress: tokens scheduled into the pages, and the prefix cache's bookkeeping
+    # (pages keyed so far, the chain hash of the last of them).
+    num_computed_tokens: int = 0
+    num_hashed_pages: int = 0
+    prefix_key: int | None = None
 
     @property
     def num_tokens(self) -> int:

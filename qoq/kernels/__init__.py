@@ -13,6 +13,7 @@ from qoq.kernels.kv_cache import (
     quantize_kv_ref,
     rope_kv_write,
 )
+from qoq.kernels.paged_prefill_attention import paged_prefill_attention
 from qoq.kernels.prefill_attention import prefill_attention
 from qoq.kernels.quant import (
     add_rmsnorm,
@@ -34,6 +35,7 @@ __all__ = [
     "dequantize_kv_ref",
     "pack_w4",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "prefill_attention",
     "quantize_kv_ref",
     "quantize_per_token",

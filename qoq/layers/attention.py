@@ -11,7 +11,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from qoq.kernels import KVCacheLayer, allocate_kv_cache, paged_decode_attention, prefill_attention, rope_kv_write
+from qoq.kernels import (
+    KVCacheLayer,
+    allocate_kv_cache,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_attention,
+    rope_kv_write,
+)
 from qoq.kernels.kv_cache import check_hadamard_dim, qk_hadamard_ref
 from qoq.layers.rotary import RotaryEmbedding
 
@@ -62,6 +69,17 @@ def kv_quantizer_for(kv_bits: int):
     return quantize
 
 
+def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale, max_seqlen,
+                  has_context: bool = True, out=None) -> torch.Tensor:
+    """Serving prefill (the engine's chunks, DenseKVCache's prompt): causal attention over the
+    pages, which hold this chunk's K/V too. When no chunk has earlier context and a KV16 cache
+    holds the fresh K/V exactly (same dtype), the flash kernel on the fresh K/V reads the same
+    values without the page gather."""
+    if not has_context and cache.bits == 16 and cache.k_cache.dtype == k.dtype:
+        return prefill_attention(q, k, v, cu_seqlens, scale, max_seqlen, out=out)
+    return paged_prefill_attention(q, cache, block_tables, cu_seqlens, kv_lens, scale, max_seqlen, out=out)
+
+
 def rope_qk(q, k, positions, rotary, qk_hadamard: bool):
     """RoPE, then the qk Hadamard when the model's quant config has it (as rope_kv_write does)."""
     q, k = rotary(positions, q, k)
@@ -103,8 +121,8 @@ class DenseKVCache:
     - ``"fake_quant"`` (the default): every query, prompt tokens included, reads K/V as the
       quantized cache returns them, as CausalAttention does for perplexity. `kv_quantizer` (or
       `kv_bits`) maps a [B, T, Hkv, D] tensor to its dequantized value and the cache holds that.
-    - ``"serving"``: the serving engine's semantics (SPEC section 3, qoq.engine). The first
-      forward is the prefill: its tokens attend causally over their own fresh full-precision K/V.
+    - ``"serving"``: the serving engine's semantics (qoq.engine, docs/serving.md). The first
+      forward is the prefill: its tokens attend causally over the stored K/V of the prompt.
       Every token's K/V is stored quantized (KV4/KV8 codes + fp16 scale/zero; KV16 as the
       engine's pages hold it: fp16 on a GPU, the model's dtype on the CPU); each later token
       attends over the stored K/V, itself included. `qoq eval ppl` does not use this cache: its
@@ -113,7 +131,7 @@ class DenseKVCache:
     The serving mode runs the engine's own attention ops on a cache in the kernels' layout, each
     sequence owning a contiguous run of `page_size` pages with its token at position p in slot p
     (left padding never enters the cache): `rope_kv_write` rotates q/k and quantizes K/V into
-    the cache, `prefill_attention` covers the prompt, `paged_decode_attention` the later tokens
+    the cache, `paged_prefill_attention` covers the prompt, `paged_decode_attention` the later tokens
     over whole pages, as the engine's batch does. So with the engine's page size, a batch that
     the engine runs in the same composition gets the same numbers (on the CPU reference twins
     bit for bit, which tests/engine checks).
@@ -198,12 +216,15 @@ class DenseKVCache:
 
         v = flat(v)
         q, k = rope_kv_write(flat(q), flat(k), v, positions.reshape(-1), rotary.cos_sin_cache, slots, cache)
-        if self.length == 0:  # the prompt: causal over its fresh K/V, each sequence packed without padding
+        if self.length == 0:  # the prompt: causal over its pages, each sequence packed without padding
             keep = slots >= 0
-            lens = num_new - self.pad_lens
+            lens = (num_new - self.pad_lens).to(torch.int32)
             cu_seqlens = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            width = -(-int(lens.max()) // self.page_size)
+            tables = (first_slot // self.page_size + torch.arange(width, device=device)[None]).to(torch.int32)
             out = torch.zeros_like(q)
-            out[keep] = prefill_attention(q[keep], k[keep], v[keep], cu_seqlens, self.scale, int(lens.max()))
+            out[keep] = paged_prefill(q[keep], k[keep], v[keep], cache, tables, cu_seqlens, lens, self.scale,
+                                      int(lens.max()), has_context=False)
             return out.view(batch, num_new, num_heads, head_dim)
         # Later tokens: over the quantized cache, itself included, read in whole pages.
         context_lens = (seq_pos + 1).clamp(min=0).to(torch.int32)

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qoq.engine.config import EngineConfig, RequestLimits
+from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import EngineStats, LLMEngine
 from qoq.engine.sequence import RequestOutput
 

@@ -33,6 +33,9 @@ def render_metrics(stats: EngineStats, model_name: str) -> str:
         ("qoq_num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV pages",
          stats.num_preemptions_total),
         ("qoq_engine_steps_total", "Engine steps run", stats.num_steps_total),
+        ("qoq_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+        ("qoq_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (hit rate: hits / queries)",
+         stats.prefix_cache_hits),
     ]
     for name, help_text, value in counters:
         _metric(lines, name, "counter", help_text, [(label, value)])

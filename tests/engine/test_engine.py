@@ -71,7 +71,7 @@ def test_token_ids_only_without_detokenization(bundled, prompts, reference):
 
 
 # Exact equality, greedy for greedy. qoq.generate's default "serving" KV mode has the engine's
-# semantics (prompt over fresh K/V, later tokens over the quantized cache) and runs the same
+# semantics (every query over the quantized cache, the prompt included) and runs the same
 # attention ops, so the two compute the same numbers when they run the same shapes. Shapes matter
 # on the CPU: MKL computes an fp32 GEMM of fewer than 8 rows with other kernels, whose rows differ
 # in the last bits from the same rows in a larger GEMM, so an fp32 model's engine output for a
@@ -156,8 +156,9 @@ def _sdpa(q, k, v, causal):  # [T, H, D] each, GQA
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_serving_kv_mode_semantics_against_sdpa(bits):
     """DenseKVCache "serving", checked independently of the kernels with SDPA: a left-padded
-    prompt attends causally over its fresh K/V; each later token over quantize->dequantize(K/V)
-    of every token so far, itself included; padding never attends or is attended to."""
+    prompt attends causally over quantize->dequantize(K/V) of its tokens (what the pages hold,
+    so a prompt's numbers do not depend on chunking or cached prefixes); each later token over
+    that of every token so far, itself included; padding never attends or is attended to."""
     rot = RotaryEmbedding(16, 64, 10000.0, RopeScaling())
     gen = torch.Generator().manual_seed(0)
     pad = torch.tensor([0, 3])
@@ -176,9 +177,9 @@ def test_serving_kv_mode_semantics_against_sdpa(bits):
     for b in range(batch):
         p = int(pad[b])
         qr, kr = rot(positions[b, p:], q[b, p:], k[b, p:])
-        torch.testing.assert_close(out[b, p:], _sdpa(qr, kr, v[b, p:], causal=True))
         keys.append(_fake_quant(kr, bits) if bits < 16 else kr)
         values.append(_fake_quant(v[b, p:], bits) if bits < 16 else v[b, p:])
+        torch.testing.assert_close(out[b, p:], _sdpa(qr, keys[b], values[b], causal=True))
     next_pos = positions[:, -1] + 1
     for _ in range(3):
         q, k, v = randn(1, hq), randn(1, hkv), randn(1, hkv)

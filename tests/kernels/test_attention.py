@@ -15,6 +15,7 @@ from qoq.kernels.decode_attention import (
     paged_decode_attention_triton,
 )
 from qoq.kernels.kv_cache import allocate_kv_cache, quantize_kv_ref
+from qoq.kernels.paged_prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton
 from qoq.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 
@@ -164,3 +165,59 @@ def test_transposed_decode_kernel_needs_fewer_registers_sm90():
     swap, row = _sass("decode", "--bits", "4", "--swap", "1"), _sass("decode", "--bits", "4", "--swap", "0")
     assert int(swap["stack"]) == 0 and int(swap["registers"]) <= 168 < int(row["registers"])
     assert int(swap["loop_instructions"]) < int(row["loop_instructions"])
+
+
+# -- paged prefill: chunks that read their context (and themselves) from the pages ---------------
+
+
+def _paged_prefill_case(b_q_lens, kv_lens, hq, hkv, d, page, bits, device, gen):
+    max_pages = max(-(-n // page) for n in kv_lens)
+    cache = random_cache(len(kv_lens) * max_pages, hkv, d, page, bits, device, gen)
+    bt = torch.randperm(len(kv_lens) * max_pages, generator=gen).reshape(len(kv_lens), max_pages).int().to(device)
+    cu = torch.tensor([0, *torch.tensor(b_q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(int(cu[-1]), hq, d, generator=gen).half().to(device)
+    return q, cache, bt, cu, torch.tensor(kv_lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("hq,hkv,rows", [(4, 2, 16), (3, 1, 16), (2, 2, 32), (8, 2, 64)])
+def test_paged_prefill_matches_ref(bits, hq, hkv, rows, device, gen, poison):
+    # chunks with and without earlier context, an empty one, a one-token one, a partial last page
+    q_lens, kv_lens = [5, 0, 37, 1, 16], [5, 3, 60, 20, 16]
+    q, cache, bt, cu, lens = _paged_prefill_case(q_lens, kv_lens, hq, hkv, 32, 16, bits, device, gen)
+    ref = paged_prefill_attention_ref(q, cache, bt, cu, lens, 32 ** -0.5)
+    out = paged_prefill_attention_triton(q, cache, bt, cu, lens, 32 ** -0.5, options=dict(ROWS=rows))
+    assert rel_err(out, ref) < 3e-3
+
+
+def test_paged_prefill_ref_against_float64_and_the_fresh_kernel(device, gen):
+    """Independent: float64 softmax per query over the gathered, dequantized cache; and with no
+    earlier context over a KV16 cache, the same bits as prefill_attention_ref on the same K/V."""
+    hq, hkv, d, page = 4, 2, 32, 16
+    q, cache, bt, cu, lens = _paged_prefill_case([7, 20], [30, 20], hq, hkv, d, page, 4, device, gen)
+    ref = paged_prefill_attention_ref(q, cache, bt, cu, lens, 0.3)
+    k, v = gather_kv_ref(cache, bt, "k", torch.float64), gather_kv_ref(cache, bt, "v", torch.float64)
+    for b, (start, q_len, kv_len) in enumerate(((0, 7, 30), (7, 20, 20))):
+        for i in range(q_len):
+            pos = kv_len - q_len + i
+            for h in range(hq):
+                kk, vv = k[b, h // 2, : pos + 1], v[b, h // 2, : pos + 1]
+                p = torch.softmax(kk @ q[start + i, h].double() * 0.3, dim=0)
+                assert rel_err(ref[start + i, h], p @ vv) < 2e-3
+    q16, cache16, bt16, cu16, lens16 = _paged_prefill_case([9, 30], [9, 30], hq, hkv, d, page, 16, device, gen)
+    keys, values = (gather_kv_ref(cache16, bt16, w, torch.float16) for w in ("k", "v"))
+    fresh_k = torch.cat([keys[0, :, :9], keys[1, :, :30]], 1).transpose(0, 1)
+    fresh_v = torch.cat([values[0, :, :9], values[1, :, :30]], 1).transpose(0, 1)
+    assert torch.equal(paged_prefill_attention_ref(q16, cache16, bt16, cu16, lens16, 0.3),
+                       prefill_attention_ref(q16, fresh_k, fresh_v, cu16, 0.3))
+
+
+@requires_cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_paged_prefill_real_shapes_gpu(bits, gen, poison):
+    """Llama-3-8B heads, 64-token pages: a 1024-token chunk after 3072 cached tokens, a whole
+    prompt, and a short tail."""
+    q, cache, bt, cu, lens = _paged_prefill_case([1024, 2000, 77], [4096, 2000, 1101], 32, 8, 128, 64, bits,
+                                                 "cuda", gen)
+    ref = paged_prefill_attention_ref(q, cache, bt, cu, lens, 128 ** -0.5)
+    assert rel_err(paged_prefill_attention_triton(q, cache, bt, cu, lens, 128 ** -0.5), ref) < 3e-3
