@@ -77,6 +77,9 @@ def write_random_hf_folder(config: ModelConfig | str, folder: str | Path, num_la
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     hf_config = hf_config_dict(config)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    # No model_type: transformers' AutoTokenizer would pick the family's own tokenizer class (e.g.
+    # Qwen2Tokenizer) over the synthetic one; `architectures` still names the model for qoq.
+    hf_config.pop("model_type")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     eos = config.eos_token_ids[0] if config.eos_token_ids else 0
     synthetic_tokenizer(config.vocab_size, eos, folder)
