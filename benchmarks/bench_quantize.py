@@ -78,7 +78,7 @@ def run_case(case: str, work: Path, extra: list[str]):
             shutil.rmtree(work / "ckpt", ignore_errors=True)
             if view != folder:
                 shutil.rmtree(view, ignore_errors=True)
-            rec = record(Path(name).stem, rep, n, full)
+            rec = record(name if not name.endswith(".json") else Path(name).stem, rep, n, full)
             print(json.dumps(rec), flush=True)
             yield rec
     finally:
