@@ -122,7 +122,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=512, help="max concurrency (inf: also the largest batch)")
     p.add_argument("--num-prompts-inf", type=int, default=1000, help="prompts of each request-rate-inf case")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are drawn below this")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="random prompt ids are drawn below this (default: the config's vocabulary)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="half the prompts, no offline run at --concurrency")
     p.add_argument("--skip-offline", action="store_true", help="no `qoq bench throughput` runs")
@@ -130,6 +131,10 @@ def main() -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))
     args = p.parse_args()
+    if args.vocab_size is None:
+        from qoq.bench.random_model import bundled_config
+
+        args.vocab_size = bundled_config(args.config).vocab_size
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
