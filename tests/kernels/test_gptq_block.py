@@ -24,10 +24,12 @@ def _block(bsz, n, groups, gen, device):
 def _compare(out, ref):
     (codes, errs), (rcodes, rerrs) = out, ref
     assert torch.isfinite(errs).all() and torch.isfinite(codes).all()
-    # fp32 in both; the GPU may contract multiply-adds, which can move a code sitting on a tie
+    # fp32 in both; the GPU may contract multiply-adds and divide to within an ulp, which can move
+    # a code sitting on a rounding tie (and, through its error, that row's later columns)
     assert (codes != rcodes).float().mean().item() <= 1e-3
-    same = codes == rcodes
-    assert torch.allclose(errs[same.all(1)], rerrs[same.all(1)], rtol=1e-3, atol=1e-4)
+    rows = (codes == rcodes).all(0)  # weight rows (output channels) whose codes all agree
+    assert rows.float().mean().item() >= 0.9
+    assert torch.allclose(errs[:, rows], rerrs[:, rows], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("bsz,n,groups", [(16, 40, 2), (32, 33, 1)])
