@@ -88,7 +88,7 @@ def run_precision(args, precision: str, out_dir: Path) -> list[dict]:
         offline[result["batch"]] = result["tokens_per_s"]
     batch_max = max(offline) if offline else args.concurrency
     cases = serve_cases(args, batch_max)
-    if not args.skip_offline and args.concurrency < batch_max and not args.quick:
+    if not args.skip_offline and args.concurrency < batch_max:
         offline[args.concurrency] = offline_throughput(args, precision, str(args.concurrency))["tokens_per_s"]
     server = Server(args, precision, max(c for _, _, c in cases), out_dir / f"serve-{precision}.log")
     records = []
@@ -96,11 +96,13 @@ def run_precision(args, precision: str, out_dir: Path) -> list[dict]:
         warm = DatasetArgs("random", num_prompts=2 * args.max_num_batched_tokens // args.input_len + 2,
                            input_len=args.input_len, output_len=4, vocab_size=args.vocab_size, seed=1)
         bench_record(BenchConfig(base_url=server.url, progress=False), warm)
-        for rate, num_prompts, conc in cases:
+        for case, (rate, num_prompts, conc) in enumerate(cases):
             config = BenchConfig(base_url=server.url, request_rate=rate, max_concurrency=conc,
                                  system="qoq", precision=precision, progress=not args.no_progress)
+            # Fresh prompts in every case: prompts repeated from an earlier case would hit the prefix
+            # cache and skip their prefill, which the offline figure never does.
             dataset = DatasetArgs("random", num_prompts=num_prompts, input_len=args.input_len,
-                                  output_len=args.output_len, vocab_size=args.vocab_size)
+                                  output_len=args.output_len, vocab_size=args.vocab_size, seed=100 + case)
             record = bench_record(config, dataset)
             record["config"] = args.config
             record["offline_output_tokens_per_s"] = offline.get(conc) if rate == float("inf") else None
@@ -125,7 +127,7 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="random prompt ids are drawn below this (default: the config's vocabulary)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="half the prompts, no offline run at --concurrency")
+    p.add_argument("--quick", action="store_true", help="half the prompts")
     p.add_argument("--skip-offline", action="store_true", help="no `qoq bench throughput` runs")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--no-progress", action="store_true")
