@@ -43,13 +43,15 @@ def offline_throughput(args, precision: str, batch: str) -> dict:
 
 
 class Server:
-    def __init__(self, args, precision: str, max_num_seqs: int, log_path: Path) -> None:
+    def __init__(self, args, precision: str, max_num_seqs: int, log_path: Path, extra: tuple[str, ...] = (),
+                 max_num_batched_tokens: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = _qoq("serve", "--random-weights", args.config, "--precision", precision, "--device", args.device,
                    "--port", str(self.port), "--max-num-seqs", str(max_num_seqs),
-                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                   "--max-model-len", str(args.input_len + args.output_len), "--log-level", "warning")
+                   "--max-num-batched-tokens", str(max_num_batched_tokens or args.max_num_batched_tokens),
+                   "--max-model-len", str(max(args.input_len + args.output_len, 4096)), "--log-level", "warning",
+                   *extra)
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -114,6 +116,39 @@ def run_precision(args, precision: str, out_dir: Path) -> list[dict]:
     return records
 
 
+def run_features(args, out_dir: Path) -> list[dict]:
+    """Chunked prefill and prefix caching on against off (w4a8kv4): random prompts at 16
+    requests/s (inter-token latency while prompts arrive), and a shared-prefix set (32 prefixes of
+    2,048 tokens, 16 questions of 128 each, output 128; time to first token)."""
+    precision = args.precisions[0]
+    records = []
+    for label, extra, budget in (("on", (), args.chunk_budget),
+                                 ("off", ("--no-chunked-prefill", "--no-prefix-caching"), args.max_num_batched_tokens)):
+        server = Server(args, precision, args.concurrency, out_dir / f"serve-features-{label}.log", extra, budget)
+        try:
+            warm = DatasetArgs("random", num_prompts=8, input_len=args.input_len, output_len=4,
+                               vocab_size=args.vocab_size, seed=1)
+            bench_record(BenchConfig(base_url=server.url, progress=False), warm)
+            cases = [(16.0, DatasetArgs("random", num_prompts=80 if args.quick else 160, input_len=args.input_len,
+                                        output_len=args.output_len, vocab_size=args.vocab_size, seed=200)),
+                     (float("inf"), DatasetArgs("shared-prefix", num_prompts=512, input_len=128, output_len=128,
+                                                num_prefixes=32, prefix_len=2048, vocab_size=args.vocab_size,
+                                                seed=300))]
+            for rate, dataset in cases:
+                config = BenchConfig(base_url=server.url, request_rate=rate, max_concurrency=64 if rate == float("inf")
+                                     else args.concurrency, system="qoq", precision=precision,
+                                     progress=not args.no_progress)
+                record = bench_record(config, dataset)
+                record.update(config=args.config, chunked_prefill=label == "on", prefix_caching=label == "on",
+                              max_num_batched_tokens=budget)
+                print(f"== {precision} chunked prefill + prefix caching {label}, {dataset.name} rate {rate}\n"
+                      f"{format_report(record)}", file=sys.stderr, flush=True)
+                records.append(record)
+        finally:
+            server.stop()
+    return records
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-3-8b", help="a config of qoq/configs (random weights)")
@@ -131,6 +166,9 @@ def main() -> int:
     p.add_argument("--skip-offline", action="store_true", help="no `qoq bench throughput` runs")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--features", action="store_true",
+                   help="chunked prefill and prefix caching on vs off instead of the precision sweep")
+    p.add_argument("--chunk-budget", type=int, default=1024, help="token budget per step with --features 'on'")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))
     args = p.parse_args()
     if args.vocab_size is None:
@@ -141,7 +179,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     t0 = time.perf_counter()
-    for precision in args.precisions:
+    if args.features:
+        records = run_features(args, out.parent)
+        out.write_text(json.dumps(records, indent=1))
+    for precision in args.precisions if not args.features else []:
         records += run_precision(args, precision, out.parent)
         out.write_text(json.dumps(records, indent=1))  # kept so far, should a later precision fail
     print(f"{len(records)} records -> {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
