@@ -16,9 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qoq.kernels import int_gemm, quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
+from qoq.kernels import (int_gemm, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
+                         w4a8_per_channel_gemm, w8a8_gemm)
+from qoq.kernels.int_gemm import finish_ref
+from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.layers.activation import QuantizedActivation
 from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
+
+
+EXACT_CHUNK = 1024  # input channels per float32 partial product that stays exact (see QuantLinear._cpu_gemm)
 
 
 class QuantLinear(nn.Module):
@@ -34,9 +40,32 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.padded_in = padded_k(in_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._int_weight: tuple[tuple, torch.Tensor] | None = None  # (key, cached float32 integer weight)
 
     def gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor, silu_mul: bool = False):
         raise NotImplementedError
+
+    def int_weight(self) -> torch.Tensor:
+        """The weight's integers as the kernel multiplies them ([N, Kp]: Q8', q4 or w8)."""
+        raise NotImplementedError
+
+    def scale_accumulator(self, acc: torch.Tensor, x_scale: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
+        """float64 [M, N] sum_k x8 * w_int -> the layer's float output, as the reference twin scales it."""
+        raise NotImplementedError
+
+    def _cpu_gemm(self, x8, x_scale, x_sum, silu_mul: bool):
+        """The reference twin's arithmetic, bit for bit, with the integer weight unpacked once and
+        kept (the twin rebuilds it on every call): float32 GEMMs over chunks of 1,024 input channels
+        are exact (|x8 * w| <= 127 * 128, so every partial sum stays below 2^24), summed in float64."""
+        buffers = tuple((t.data_ptr(), t._version) for t in self.buffers() if t is not self.bias)
+        if self._int_weight is None or self._int_weight[0] != buffers:
+            self._int_weight = (buffers, self.int_weight().float().contiguous())
+        w = self._int_weight[1]
+        acc = None
+        for k0 in range(0, w.shape[1], EXACT_CHUNK):
+            part = (x8[:, k0:k0 + EXACT_CHUNK].float() @ w[:, k0:k0 + EXACT_CHUNK].T).double()
+            acc = part if acc is None else acc.add_(part)
+        return finish_ref(self.scale_accumulator(acc, x_scale, x_sum), silu_mul)
 
     def fuses_silu_mul(self, num_tokens: int) -> bool:
         """Whether this [gate | up] projection computes silu(gate) * up in its GEMM's epilogue for
@@ -57,7 +86,12 @@ class QuantLinear(nn.Module):
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
         if silu_mul and self.bias is not None:
             raise ValueError("silu_mul in the GEMM needs a projection without bias")
-        y = self.gemm(x8, x_scale, x_sum, silu_mul).to(dtype)
+        if use_triton(x8):
+            y = self.gemm(x8, x_scale, x_sum, silu_mul)
+        else:
+            check_silu_mul(silu_mul, self.out_features)
+            y = self._cpu_gemm(x8, x_scale, x_sum, silu_mul)
+        y = y.to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, y.shape[-1])
@@ -84,6 +118,17 @@ class W4A8G128Linear(QuantLinear):
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size, silu_mul=silu_mul)
 
+    def int_weight(self):
+        step = self.s2.to(torch.int32).repeat_interleave(self.group_size, dim=1)
+        zero = self.sz.to(torch.int32).repeat_interleave(self.group_size, dim=1)
+        q8 = unpack_w4(self.qweight).to(torch.int32) * step - zero
+        if int(q8.min()) < -128 or int(q8.max()) > 127:
+            raise ValueError("q4 * s2 - sz leaves int8: s2/sz are not a valid progressive quantization")
+        return q8
+
+    def scale_accumulator(self, acc, x_scale, x_sum):
+        return acc * x_scale.double()[:, None] * self.s1.double()[None, :]
+
 
 class W4A8PerChannelLinear(QuantLinear):
     kind = "w4a8_per_channel"
@@ -101,6 +146,13 @@ class W4A8PerChannelLinear(QuantLinear):
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero, silu_mul=silu_mul)
 
+    def int_weight(self):
+        return unpack_w4(self.qweight)
+
+    def scale_accumulator(self, acc, x_scale, x_sum):
+        y = acc * x_scale.double()[:, None] * self.s1.double()[None, :]
+        return y - self.szero.double()[None, :] * x_sum.double()[:, None]
+
 
 class W8A8Linear(QuantLinear):
     kind = "w8a8"
@@ -113,6 +165,12 @@ class W8A8Linear(QuantLinear):
 
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w8a8_gemm(x8, x_scale, self.weight, self.s, silu_mul=silu_mul)
+
+    def int_weight(self):
+        return self.weight
+
+    def scale_accumulator(self, acc, x_scale, x_sum):
+        return acc * x_scale.double()[:, None] * self.s.double()[None, :]
 
 
 class FakeQuantLinear(nn.Module):

@@ -52,3 +52,34 @@ def test_causal_attention_sees_quantized_kv():
     cache = DenseKVCache(1, 1, 8, 2, 16, torch.float32, kv_bits=4)
     assert torch.allclose(cache(0, q, k, v, pos, rot), kv4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 128)])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_cpu_path_with_the_kept_integer_weight_equals_the_reference_twin(bits, group_size, silu_mul):
+    """The CPU forward keeps the unpacked integer weight and multiplies in exact float32 chunks:
+    bit for bit the kernels' torch twins, K > 1024 (several chunks), and the kept weight follows
+    the buffers when they change."""
+    from qoq.kernels import quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
+    from qoq.quant.quantizer import quantize_weight
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(256, 2500, generator=gen) * 0.05
+    lin = make_quant_linear(quantize_weight(w, bits, group_size), 2500)
+    x = torch.randn(33, 2500, generator=gen) * 3
+
+    def reference():
+        x8, sx, xs = quantize_per_token(x)
+        x8 = torch.nn.functional.pad(x8, (0, lin.padded_in - 2500))
+        if bits == 8:
+            return w8a8_gemm(x8, sx, lin.weight, lin.s, silu_mul=silu_mul)
+        if group_size > 0:
+            return w4a8_g128_gemm(x8, sx, lin.qweight, lin.s1, lin.s2, lin.sz, 128, silu_mul=silu_mul)
+        return w4a8_per_channel_gemm(x8, sx, xs, lin.qweight, lin.s1, lin.szero, silu_mul=silu_mul)
+
+    assert torch.equal(lin(x, silu_mul=silu_mul), reference().float())
+    other = make_quant_linear(quantize_weight(w.flip(0), bits, group_size), 2500)
+    with torch.no_grad():
+        for mine, theirs in zip(lin.buffers(), other.buffers()):
+            mine.copy_(theirs)
+    assert torch.equal(lin(x, silu_mul=silu_mul), reference().float())
