@@ -22,16 +22,21 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return xp.T @ xp
 
 
-def _errors(w: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int) -> torch.Tensor:
-    d = (pad_k(w.float()) - wq.float())
+def _errors(wp: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Output error of the padded weight `wp` quantized to `wq`: per channel under the whole Gram
+    matrix `c` ([N]), or per group under its diagonal blocks (`c` then [G, gs, gs]; [N, G])."""
+    d = wq.sub_(wp).neg_()  # wq is a fresh dequantized tensor: reuse it
     if group_size <= 0:
         return ((d @ c) * d).sum(1)  # [N]
     n, k = d.shape
-    g = k // group_size
-    dg = d.view(n, g, group_size)
-    blocks = torch.stack([c[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
-                          for i in range(g)])
-    return torch.einsum("ngk,gkl,ngl->ng", dg, blocks, dg)  # [N, G]
+    dg = d.view(n, k // group_size, group_size)
+    return torch.einsum("ngk,gkl,ngl->ng", dg, c, dg)  # [N, G]
+
+
+def _diagonal_blocks(c: torch.Tensor, group_size: int) -> torch.Tensor:
+    g = c.shape[0] // group_size
+    return torch.stack([c[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                        for i in range(g)])
 
 
 def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch.Tensor:
@@ -40,10 +45,13 @@ def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch
     per offset. Equal to scoring the whole grid wherever the error is unimodal along the grid at
     that resolution, in 12 instead of 21 evaluations of the default grid."""
     ratios = torch.tensor(grid, dtype=torch.float32, device=w.device)
+    wp = pad_k(w.float())
+    if group_size > 0:
+        c = _diagonal_blocks(c, group_size)
     coarse_idx = sorted(set(range(0, len(grid), coarse)) | {len(grid) - 1})
     best_err = best_idx = None
     for i in coarse_idx:
-        err = _errors(w, quantize(float(ratios[i])).dequantize(), c, group_size)
+        err = _errors(wp, quantize(float(ratios[i])).dequantize(), c, group_size)
         if best_err is None:
             best_err, best_idx = err, torch.full_like(err, i, dtype=torch.long)
         else:
@@ -54,7 +62,7 @@ def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch
         idx = center + offset
         valid = (idx >= 0) & (idx < len(grid))
         idx = idx.clamp(0, len(grid) - 1)
-        err = _errors(w, quantize(ratios[idx]).dequantize(), c, group_size)
+        err = _errors(wp, quantize(ratios[idx]).dequantize(), c, group_size)
         better = valid & (err < best_err)
         best_err, best_idx = torch.where(better, err, best_err), torch.where(better, idx, best_idx)
     return ratios[best_idx]
