@@ -4,7 +4,8 @@
 It lives only in the tests: the library reads `qoq/kernels/configs/nvidia-h100-80gb-hbm3.json`.
 `python tests/kernels/h100_policy.py` rewrites that table (and the H200 copy with --h200) from
 this policy over the bundled model configs' shapes; `test_gemm_plan.py` checks every M of the grid.
-The policy is evaluated as on an H100 with Gluon: 132 SMs, TMA.
+The policy is evaluated as on an H100 with Gluon: 132 SMs, TMA. The probe results its comments cite
+left benchmarks/results/ with issue 22; they are in git at a892bd3.
 """
 
 from __future__ import annotations
