@@ -98,8 +98,9 @@ def sweep(args, gen):
             opts = dict(BLOCK_T=block_t, FAST=fast, num_warps=warps, NUM_STAGES=stages)
             ns = None
             if splits == "x2":
-                from qoq.kernels.decode_attention import _default_splits
-                ns = 2 * _default_splits(64, HKV, ctx // block_t, torch.device("cuda"), warps)
+                from qoq.kernels.decode_attention import decode_plan, decode_splits
+                plan = decode_plan(bits, torch.device("cuda")).with_options(opts)
+                ns = 2 * decode_splits(plan, 64, HKV, ctx // block_t, torch.device("cuda"))
             rec = {"bits": bits, "context": ctx, "options": opts, "num_splits": ns}
             try:
                 rec["median_ms"], nbytes, rec["rel_err"] = bench_decode(64, ctx, bits, gen, ns, opts)

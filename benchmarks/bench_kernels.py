@@ -264,7 +264,7 @@ def run(args) -> dict:
                     records.append({"kernel": name, "M": m, "N": n, "K": k, "median_ms": ms,
                                     "tops": 2 * m * n * k / ms / 1e9, "vs_bf16": bf16 / ms,
                                     "rel_err": err,
-                                    "config": int_gemm.default_config(m, n, k, MODE_OF[name], tma=int_gemm.has_tma(0))})
+                                    "plan": int_gemm.gemm_plan(m, n, k, MODE_OF[name], torch.device("cuda")).to_json()})
                     del sets
                 except Exception as e:
                     traceback.print_exc()

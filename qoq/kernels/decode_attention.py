@@ -13,10 +13,13 @@ their log-sum-exp in the same launch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
+from qoq.kernels import configs
 from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like
 from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
 
@@ -455,42 +458,76 @@ def _decode_kernel_t(
                       D, HALF, BLOCK_G, BLOCK_S)
 
 
-MAX_SPLITS = 32  # the default rule's cap; the merge reads the log-sum-exps of up to this many at once
+MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once
 
 
-def _default_splits(batch, num_kv_heads, max_blocks, device, num_warps=4):
-    """Split-K programs per sequence: as many as make one full wave of resident programs, and
-    where the (sequence, kv head) programs make more than one wave but fewer than three, enough
-    to make three: the last, partial wave of a few waves left SMs idle.
+@dataclass(frozen=True)
+class DecodePlan:
+    """How decode attention runs for one KV bit width: read from the GPU's table
+    (qoq/kernels/configs/<device>.json, "decode_attention", keyed by bits) or DEFAULT_PLANS.
 
-    The row kernel needs ~254 registers per thread, so an SM holds 8 one-warp programs (2 of 4
-    warps) at once (ncu, H100); the transposed KV4 kernel (168) holds 12, but 8 still sized its
-    waves best. Splitting beyond one wave only added merge traffic and a second, partial wave: at
-    batch 64, 2 splits ran ctx 1024 / 4096 in 41 / 132 us against 51 / 141 us with 7
-    (benchmarks/results/decode-probe-h100.json). At batch 256 (2,048 programs, ~2 waves) 2 splits
-    ran ctx 1024 in 119 us against 129 us with none, ctx 4096 413 against 487; at batch 128 and
-    512 (1 and 4 waves) none was best (decode-swap-batch-probe-h100.json)."""
+    Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
+    resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
+    fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle.
+    Without splits and at least deep_min_programs programs, deep_stages pipeline stages (0: keep
+    num_stages)."""
+
+    transposed: bool = False  # `_decode_kernel_t`: tokens as the MMA's M, the GQA group its N
+    num_warps: int = 1
+    num_stages: int = 2
+    biased: bool = False  # K codes kept as 1024 + code, the bias taken off each score row
+    block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
+    programs_per_sm: int = 8
+    max_waves: int = 3
+    deep_stages: int = 0
+    deep_min_programs: int = 4096
+    fast: bool | None = None  # PTX code unpack (default: on CUDA); tests and probes only
+    maxnreg: int = 0  # register cap per thread (0: none); probes only
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default and f.name not in ("fast", "maxnreg")}
+
+    def with_options(self, options: dict | None) -> DecodePlan:
+        """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
+        BIASED, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
+        the residency follows num_warps (8 one-warp programs per SM, 2 of four warps)."""
+        if not options:
+            return self
+        keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", SWAP="transposed",
+                    BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
+        changes = {keys[k]: v for k, v in options.items()}
+        if "num_stages" in changes:
+            changes["deep_stages"] = 0
+        if "num_warps" in changes:
+            changes["programs_per_sm"] = 8 if changes["num_warps"] == 1 else 2
+        return dataclasses.replace(self, **changes)
+
+
+# The H100-tuned plans, also every GPU's without a table (none of it depends on the model):
+# one warp per program beat four by 1.15-1.25x at KV4/KV8; the transposed kernel for KV4 (168
+# registers against 254: 12 programs per SM against 8, yet 8 sized the waves best); KV8 and fp16
+# on the row kernel (benchmarks/results/attention-h100.json).
+DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biased=True, deep_stages=3),
+                 8: DecodePlan(num_warps=1, num_stages=2, biased=True, deep_stages=3),
+                 16: DecodePlan(num_warps=4, num_stages=2, programs_per_sm=2)}
+
+
+def decode_plan(bits: int, device: torch.device) -> DecodePlan:
+    table = configs.device_table(device)
+    entry = (table or {}).get("decode_attention", {}).get(str(bits))
+    return DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]
+
+
+def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: int, device) -> int:
+    """Split-K programs per sequence (DecodePlan says the rule)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    resident = (8 if num_warps == 1 else 2) * sms
+    resident = plan.programs_per_sm * sms
     programs = batch * num_kv_heads
     splits = max(1, resident // programs)
-    while resident < programs * splits < 3 * resident:
+    while resident < programs * splits < plan.max_waves * resident:
         splits += 1
     return min(splits, max(1, max_blocks // 2), MAX_SPLITS)
-
-
-# From the H100 sweeps (docs/kernels.md, batch 64): one page per iteration on the scalar-page-table
-# path; one warp per program (no cross-warp softmax reductions, many programs per SM) beat 4 warps
-# by 1.15-1.25x at KV4/KV8 once the int->fp16 conversion was gone (FAST, on by default on CUDA).
-# BIASED (K codes kept as 1024 + code): fewer instructions per page, see _decode_kernel.
-# SWAP (`_decode_kernel_t`, tokens as the MMA's M) for KV4: 168 registers against 254, 12 programs
-# per SM against 8, 1,113 SASS per page against 1,535 (benchmarks/sass_report.py); batch 64
-# ctx 1024 / 4096 38.8 -> 34.8 / 123 -> 112 us,
-# batch 1024 ctx 1280 548 -> 512 us (benchmarks/results/decode-swap-probe-h100.json). KV8 and fp16
-# stay on the row kernel: within +-3% either way, the row kernel ahead at large batch.
-DEFAULT_OPTIONS = {4: dict(num_warps=1, NUM_STAGES=2, BIASED=True, SWAP=True),
-                   8: dict(num_warps=1, NUM_STAGES=2, BIASED=True),
-                   16: dict(num_warps=4, NUM_STAGES=2)}
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
@@ -502,13 +539,14 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     if d & (d - 1) or cache.page_size & (cache.page_size - 1):
         raise ValueError("the Triton decode needs power-of-two head_dim and page_size")
     q = q.contiguous()
+    plan = decode_plan(cache.bits, q.device).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
-    opts = dict(DEFAULT_OPTIONS[cache.bits], BLOCK_T=max(16, cache.page_size))
-    opts.update(options or {})
-    max_blocks = -(-block_tables.shape[1] * cache.page_size // opts["BLOCK_T"])
-    splits = num_splits or _default_splits(b, hkv, max_blocks, q.device, opts["num_warps"])
-    if cache.bits != 16 and splits == 1 and b * hkv >= 4096 and "NUM_STAGES" not in (options or {}):
-        opts["NUM_STAGES"] = 3  # many waves of programs: a deeper prefetch wins 1-2% (batch 1024, probe)
+    block_t = plan.block_t or max(16, cache.page_size)
+    max_blocks = -(-block_tables.shape[1] * cache.page_size // block_t)
+    splits = num_splits or decode_splits(plan, b, hkv, max_blocks, q.device)
+    stages = plan.num_stages
+    if plan.deep_stages and cache.bits != 16 and splits == 1 and b * hkv >= plan.deep_min_programs:
+        stages = plan.deep_stages
     out = output_like(q, out)
     if splits == 1:
         part, lse, cnt = out, out, context_lens
@@ -518,16 +556,16 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         cnt = arrival_counters(q.device, b * hkv)
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    swap = bool(opts.get("SWAP", False))
+    swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
     kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
         GROUP=group, BLOCK_G=max(8 if swap else 16, triton.next_power_of_2(group)), HALF=d // 2,
-        PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=opts["NUM_STAGES"],
-        BLOCK_T=opts["BLOCK_T"], FAST=opts.get("FAST", q.is_cuda), BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)),
-        BIASED=bool(opts.get("BIASED", False)) and cache.bits != 16,
-        num_warps=opts["num_warps"], **({"maxnreg": opts["maxnreg"]} if opts.get("maxnreg") else {}),
+        PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
+        BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
+        BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
+        num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}),
     )
     return out
 

@@ -10,12 +10,12 @@ tile is produced in registers, and a register operand may only be the A side of 
 wgmma, while X^T (K-major in memory) is the B side read from shared memory. It also lets a
 decode-sized M be the narrow N side of the MMA (down to 16) instead of padding it to 64.
 
-On Hopper, larger M (from M > 128 to M > 768 by mode and shape, `tma_config`) runs
-`_int8_gemm_tma_kernel` instead: X and the packed weight arrive by TMA, the weight is unpacked in
-registers and handed to the MMA as its shared-memory B operand, so wgmma stays asynchronous
-across chunks (a register A operand forces a wait per chunk); from M >= UNPACK_MIN_M (prefill;
-g128 from decode-sized M) W4 is unpacked to int8 by its own kernel first and the int8 GEMM runs
-with 128x256 tiles. `default_config` / `tma_config` hold the tile choices.
+On Hopper, larger M runs `_int8_gemm_tma_kernel` instead: X and the packed weight arrive by
+TMA, the weight is unpacked in registers and handed to the MMA as its shared-memory B operand, so
+wgmma stays asynchronous across chunks (a register A operand forces a wait per chunk); or W4 is
+unpacked to int8 by its own kernel first and the int8 GEMM runs with 128x256 tiles; or the
+warp-specialized Gluon kernel (ws_gemm.py) runs. Which kernel and tiles a GEMM takes is a
+`GemmPlan` (gemm_plan.py) read from the GPU's table; the launchers here execute it.
 
 MODE 0: W8A8 (int8 weights). MODE 1: W4A8 g128, Q8' = q4 * s2 - sz. On CUDA (FAST) it is computed
 four weights per 32-bit word in inline PTX: q4 * s2 + (128 - sz) = Q8' + 128 lies in 0..255 for
@@ -27,13 +27,24 @@ cannot run PTX) the same values are computed element-wise.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import torch
 
 from qoq.kernels import ws_gemm
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.dispatch import arrival_counters, lazy_jit
+from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
+    CPU_SMS,
+    HOPPER_KERNELS,
+    MODE_W4_G128,
+    MODE_W4_PER_CHANNEL,
+    MODE_W8,
+    GemmPlan,
+    device_caps,
+    fallback_plan,
+    select_plan,
+)
 
 try:
     import triton
@@ -49,18 +60,6 @@ if tl is not None:  # the kernels see module globals only as constexprs
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
-MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
-# From these M on, the TMA path unpacks W4 to int8 ahead of the GEMM (the unpack is a fixed cost
-# per layer; the int8 tiles it enables win by more). g128 gains already at decode-sized M: at
-# M=768-2048 its in-loop multiply-add unpack costs more than the separate pass (0.78-0.90x the time
-# per decoder layer with it, benchmarks/results/decode-gemm-probe-h100.json); per-channel only from
-# M=2048 (0.97x).
-UNPACK_MIN_M = {MODE_W4_G128: 641, MODE_W4_PER_CHANNEL: 2048}
-# The warp-specialized Gluon kernel (`_ws_config`): every shape from WS_MIN_M; above WS_DECODE_M
-# (per mode) by persistent rounds per shape; below it `_ws_small_m`'s shapes from M > 64.
-WS_MIN_M = 2048
-WS_DECODE_M = {MODE_W8: WS_MIN_M, MODE_W4_G128: 640, MODE_W4_PER_CHANNEL: 768}
-NARROW_ROUND_COST = 0.58  # a persistent round of 128x128 tiles against one of 128x256 (H100, K=4096)
 
 
 @lazy_jit.helper
@@ -370,298 +369,67 @@ def finish_ref(y: torch.Tensor, silu_mul: bool) -> torch.Tensor:
     return y.to(torch.float16)
 
 
-def tma_config(M: int, N: int, K: int, mode: int) -> dict | None:
-    """The shared-memory-operand TMA kernel's tiles where it beats the register-A kernel on the
-    H100 (probe of 2026-11-24, benchmarks/results/int8-gemm-probe-h100.json), else None.
-
-    Per-channel W4 gains from M > 768 (1.1x at M=1024-8192; the K=14336 shape from M > 512), g128
-    already from M > 128 (its unpack is a multiply-add, which this kernel overlaps with the MMA:
-    1.25-1.5x), int8 weights (no unpack) from M > 256, with 128x256 tiles from M > 1024 (1.3-1.45x
-    at M=8192). From M >= UNPACK_MIN_M W4 is unpacked to int8 first and runs the int8 tiles.
-    """
-    ws = _ws_config(M, N, K, mode)
-    if ws is not None:
-        return ws
-    if mode != MODE_W8 and M >= UNPACK_MIN_M[mode]:
-        return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=True)
-    if mode == MODE_W4_PER_CHANNEL and 512 < M <= 768 and K >= 8192 and N < 8192:
-        # the K=14336 down projection: 0.77x the register-A kernel's time at M=768 (decode probe);
-        # 70B-sized layers keep their own rule below
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    if mode == MODE_W4_PER_CHANNEL and (M > 768 or (M > 256 and K >= 8192 and N >= 8192)):
-        # 70B-sized layers (K, N >= 8192) gain already from M > 256: 0.65-0.9x the register-A
-        # kernel's time at M=262/512 (benchmarks/results/pc-mid-m-probe-h100.json).
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
-    if 128 < M <= 256 and mode != MODE_W8:
-        # M=256 probe: g128 gains on all four shapes (1.24x geomean); per-channel nowhere (its
-        # qkv shape gained in 2026-11-24's probe, 27.9 against 36.4 us, but the register-A kernel
-        # ran it in 22.2 against 24.1 us in stream-k-probe2-h100.json).
-        if mode == MODE_W4_G128 and N >= 16384:
-            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
-        if mode == MODE_W4_G128 and K >= 8192:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4)
-        if mode == MODE_W4_G128:
-            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
-        return None
-    if mode == MODE_W4_G128 and M > 256:
-        narrow = M <= 768 and N <= 4096
-        return dict(BLOCK_M=128, BLOCK_N=64 if narrow else 128, num_warps=4, num_stages=4 if narrow else 3)
-    if mode == MODE_W8 and M > 256:
-        if M > 1024:
-            return dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4)
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4)
-    return None
-
-
-def _ws_config(M: int, N: int, K: int, mode: int) -> dict | None:
-    """Where the warp-specialized Gluon kernel (ws_gemm.py) takes the GEMM on Hopper, from the H100
-    probes benchmarks/results/ws-gemm-probe-h100.json (M = 1200, 8192), ws-gemm-decode-probe-h100.json
-    (M = 768, 1024, 1536) and ws-fused-probe-h100.json (W4 unpacked inside the kernel). None: the
-    tl.dot kernels.
-
-    - M >= WS_MIN_M (prefill): every shape, 128x256 tiles, W4 unpacked to int8 by its own pass
-      first (FUSE=False). Per decoder layer at M = 8192: 0.90x the tl.dot kernel's time for
-      per-channel W4; ~1.0x for g128, whose full-range int8 weights run the same integer GEMM 5-10%
-      slower with either kernel (presumably the power limit; not measured). Unpacking inside the kernel was slower here (per-channel 1.06x, g128 1.27x).
-    - Decode sizes above WS_DECODE_M: a persistent kernel runs ceil(tiles / SMs) rounds of tiles.
-      N <= 6144 (qkv, o_proj) takes the 128x128 tiles where their rounds cost less (a 128x128
-      round measured 0.58 of a 128x256 one): at M = 1200 o_proj 58 against 67-69 us before. The
-      K = 14336 down projection takes 128x256 tiles only where they make one round; past it the
-      tl.dot kernel's split tail is faster (164 against 178 us at M = 1200). Per-channel W4 is
-      unpacked inside the kernel (FUSE: no unpack pass; 563 against 636 us per decoder layer at
-      M = 1200) and keeps its in-loop-unpack tl.dot kernel up to M = 1024 for o_proj and gate/up
-      (one wave of its 128x128 tiles: 237 against 263 us for gate/up with the unpack pass); g128
-      is unpacked ahead (its in-kernel unpack's scale loads cost more than the pass).
-    The num_warps given are the tl.dot kernel's, which runs these tiles where Gluon is missing."""
-    if not ws_gemm.available():
-        return None
-    unpack = mode != MODE_W8
-    wide = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, UNPACK=unpack, WS=True, FUSE=False)
-    if M >= WS_MIN_M:
-        return wide
-    if M <= WS_DECODE_M[mode]:
-        return _ws_small_m(M, N, K, mode)
-    sms = _sm_count()
-    fuse = mode == MODE_W4_PER_CHANNEL
-
-    def rounds(bn: int) -> int:
-        return -(-(-(-M // 128) * -(-N // bn)) // sms)
-
-    if K >= 8192:
-        return dict(wide, FUSE=fuse) if rounds(256) == 1 else None
-    if mode == MODE_W4_PER_CHANNEL and M <= 1024 and N != 6144:
-        return None
-    if N >= 16384 or rounds(256) <= NARROW_ROUND_COST * rounds(128):
-        return dict(wide, FUSE=fuse)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=unpack, WS=True, FUSE=fuse)
-
-
-def _ws_small_m(M: int, N: int, K: int, mode: int) -> dict | None:
-    """Mid-size M (16 < M <= 640): the Gluon kernel with W4 unpacked inside it, per shape where it
-    beat the tl.dot kernels on the H100 (benchmarks/results/ws-small-m-probe-h100.json, M = 128 /
-    256 / 512, and stream-k-probe-h100.json / stream-k-probe2-h100.json, M = 32-512). None where
-    the tl.dot kernel won.
-
-    - Stream-K (STREAM) where few tiles would leave most SMs idle: the K = 14336 down projection
-      up to M = 128 (g128: 256), 64x128 tiles to M = 64 (32 tiles: per-channel 30.1 -> 21.6 us,
-      g128 33.1 -> 25.7 at M = 64), 128x128 from there (M = 128: 40.0 -> 29.6, g128 52.8 ->
-      34.0); o_proj at 64 < M <= 128 (g128 17.6 -> 14.6). Elsewhere the partial-tile round trip
-      cost more than the idle SMs (qkv at M = 256: 27.1 against 22.7 us).
-    - Narrow 64-row tiles at M <= 384 for the narrow and the long-K shapes (more CTAs streaming
-      weights), and for gate/up at M <= 64 (34.0 against 39.3 us at M = 64); 128x128 elsewhere.
-    - The packed weights as wgmma's register operand (REG_A) on 256-token x 128-row tiles for
-      gate/up at 192 < M <= 256 (reg-a-probe-h100.json, M = 256: g128 78.7 against 87.2 us,
-      per-channel 76.8 against 78.6) and g128 qkv at 384 < M <= 512 (41.5 against 43.6 us).
-      Its chunks do not overlap their own unpack (ptxas waits before it rewrites the A
-      registers), so it pays only where the tiles are large enough for the other consumer's MMAs
-      to keep the tensor cores busy."""
-    if M <= 16 or M > 640 or mode == MODE_W8:
-        return None
-    narrow = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
-    square = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True)
-    g128 = mode == MODE_W4_G128
-    if K >= 8192 and N < 8192 and (M <= 128 or (g128 and M <= 256)):
-        return dict(narrow if M <= 64 else square, STREAM=True)
-    if M <= 64:  # gate/up only (Llama-2-70B's K = 8192 one unmeasured)
-        return narrow if N >= 16384 and K < 8192 else None
-    if K >= 8192 and N >= 8192:
-        # Llama-2-70B-sized layers (benchmarks/results/mid-70b-probe-h100.json, M = 257): g128 on
-        # 128x128 tiles (qkv 84 against 116 us with 64-row tiles, gate/up 442 against 472), its
-        # K = 28672 down projection unpacked ahead on 128x256 tiles (296 against 321); per-channel
-        # keeps the 64-row tiles but for qkv (N = 10240: 80 against 91 us).
-        if g128:
-            return dict(square, BLOCK_N=256, num_warps=8, FUSE=False) if K > 16384 else square
-        return square if N < 16384 and K < 16384 and N > 8192 else narrow
-    if K >= 8192:  # the down projection
-        return narrow if M <= 384 else square
-    if N >= 16384:  # gate/up
-        if 192 < M <= 256:
-            return dict(square, BLOCK_M=256, REG_A=True)
-        return square if M <= 192 or (g128 and M > 384) else None
-    if M <= 128 and N <= 4096:
-        return dict(narrow, STREAM=True)
-    if M <= 192:
-        return narrow
-    if M <= 384:
-        return narrow if N <= 4096 else (square if g128 else None)
-    if g128 and M <= 512 and N == 6144:  # qkv
-        return dict(square, BLOCK_M=256, REG_A=True)
-    return square if N <= 4096 else None
-
-
-@functools.lru_cache(maxsize=1)
-def _sm_count() -> int:
-    """SMs of the current GPU (the persistent kernel's grid); an H100's 132 without one."""
-    return ws_gemm.num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132
-
-
-@functools.lru_cache(maxsize=None)
-def has_tma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict:
-    """Tiles by M bucket, from the H100 sweeps (docs/kernels.md, "Tuning log").
-
-    With `tma` (a Hopper GPU) the large-M buckets go to the TMA kernel (`tma_config`).
-
-    The weight-as-A order (SWAP) won at every size. Small M is weight-bandwidth bound: narrow
-    64-row weight tiles and a one-launch split-K until ~256 CTAs stream weights (M <= 16; its
-    chunks per iteration, 8-token tiles at M <= 8 and the two-warp mma.sync programs are below). At M=256 the main loop is latency-bound (the
-    register-A wgmma is waited on every chunk), so the best tile is the one that keeps the most
-    CTAs per SM busy for the shape: small tiles for N<=6144, 256-token tiles for the wide gate/up GEMM,
-    split-K 2 for the K=14336 down projection.
-    """
-    if tma and (cfg := tma_config(M, N, K, mode)) is not None:
-        return dict(cfg, TMA=True, SPLIT_K=1)
-    if M <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
-        # Split-K until ~256 programs stream weights (longer programs than 512 won on every
-        # shape for both W4 modes: benchmarks/results/g128-small-m-probe-h100.json,
-        # pc-unroll-probe-h100.json). Gate/up takes four chunks per iteration (with session 9's
-        # L2 prefetch, 27.0 / 28.9 us per-channel and 29.2 / 31.0 g128 at M = 1 / 16, against
-        # 30.9 / 32.2 and 32.9 / 34.9: g128-unroll-probe-h100.json); g128 runs four chunks per
-        # iteration everywhere (its scale bytes in one 32-bit load per row, PACKED);
-        # per-channel's down projection two chunks. The L2 prefetch option (PREFETCH, Hopper) is
-        # no longer a default: the programs below do better without it.
-        want = 256
-        if mode == MODE_W4_G128 or (mode == MODE_W4_PER_CHANNEL and N >= 16384):
-            cfg.update(UNROLL=4, num_stages=2 if N >= 16384 else 3)
-        elif mode == MODE_W4_PER_CHANNEL and K >= 8192:
-            cfg.update(UNROLL=2)
-        if mode != MODE_W8 and (N >= 16384 or (mode == MODE_W4_G128 and K >= 8192 and M > 8)):
-            # two warps, which Triton runs on mma.sync instead of a warpgroup's wgmma: 20-30% fewer
-            # instructions per weight (offline sm_90 build, benchmarks/sass_report.py --warps).
-            # gate/up at M = 1 / 16: g128 27.5-27.9 / 33.3 -> 27.4-27.9 / 29.7-30.3 us,
-            # per-channel 26.5-26.9 / 28.6 -> 25.6 / 28.5-29.0; g128's down projection at M = 16
-            # 20.8 -> 18.8-19.0 (mma2-probe-h100.json, mma2-probe2-h100.json). qkv and o_proj,
-            # per-channel's down projection and g128's at M <= 8 stay on wgmma (on mma.sync they
-            # ran up to 8% slower). Neither these programs nor the 8-token tiles below gain from
-            # the L2 prefetch (PREFETCH) that the warpgroup programs took here before: g128's down
-            # projection at M = 16 ran 17.7 without against 18.5 us with it, per-channel gate/up
-            # 28.4 against 28.9, g128 gate/up 29.6 against 29.4 (m16-prefetch-probe-h100.json);
-            # at M = 1 gate/up 27.6 against 28.5, down 16.7 against 17.5
-            # (narrow-m-hopper-probe-h100.json).
-            cfg["num_warps"] = 2
-        if mode != MODE_W8 and M <= 8:
-            # 8-token tiles (wgmma's and mma.sync's narrowest N): half the X tile and the
-            # accumulator, 12-20% fewer instructions per chunk (g128 M = 1: qkv 10.6 -> 9.8 us,
-            # down 18.7 -> 16.7; narrow-m-probe-h100.json, narrow-m-hopper-probe-h100.json).
-            cfg["BLOCK_M"] = 8
-    elif M <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
-        want = 128
-    elif M <= 256:
-        want = 0
-        if mode == MODE_W8:
-            big = N >= 16384 and M > 128
-            cfg = dict(BLOCK_M=256 if big else (128 if N == 6144 and M > 128 else 64), BLOCK_N=128,
-                       num_warps=8, num_stages=3 if big else 4)
-        elif N >= 16384 and M > 128:
-            cfg = (dict(BLOCK_M=256, BLOCK_N=64, num_warps=4, num_stages=3) if mode == MODE_W4_G128
-                   else dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3))
-        elif K >= 8192:
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4)
-            want = 2 * triton.cdiv(M, 128) * triton.cdiv(N, 64)  # split-K 2
-        elif mode == MODE_W4_PER_CHANNEL and N <= 4096:
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=6)
-        else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
-    elif M <= 768:
-        # 256-token tiles would leave half of the SMs idle on N=4096 (64 CTAs at M=512): 128-token
-        # tiles, split-K 2 for the K=14336 down projection (M=512 sweep, docs/kernels.md).
-        want = 0
-        if K >= 8192:
-            cfg = dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3)
-            want = 2 * triton.cdiv(M, 256) * triton.cdiv(N, 128)
-        elif mode == MODE_W4_G128:
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        else:
-            cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3)
-        want = 0
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    split = 1
-    while tiles * split < want and split < 8 and (K // 128) // (split * 2) >= 4:
-        split *= 2
-    cfg["SPLIT_K"] = split
-    cfg["SWAP"] = True
-    if "UNROLL" in cfg:
-        cfg["UNROLL"] = fit_unroll(K // 128, split, cfg["UNROLL"])
-    return cfg
-
-
-def fit_unroll(chunks: int, split: int, unroll: int) -> int:
-    """The largest of unroll, unroll / 2, ... that divides every split's chunk count (the last
-    split's too), e.g. 2 for K = 11008 (86 chunks) in 4 splits of 22."""
-    per = -(-chunks // split)
-    while unroll > 1 and (per % unroll or chunks % per % unroll):
-        unroll //= 2
-    return unroll
+def gemm_plan(M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:
+    """The plan a GEMM of this size runs on `device` (gemm_plan.select_plan: the device's table, or
+    the fallback derived from the sizes)."""
+    return select_plan(M, N, K, mode, device)
 
 
 def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
     """Whether a GEMM of [gate | up] weights applies silu(gate) * up in its own epilogue at this
-    size: the unpack-first TMA paths (W4 on Hopper, M >= UNPACK_MIN_M or the Gluon kernel without
-    FUSE), whose unpack interleaves the gate and up rows. Elsewhere `silu_mul=True` runs the GEMM
-    and then a SiLU*mul pass."""
-    if mode == MODE_W8 or device.type != "cuda" or triton is None or not has_tma(device.index or 0):
+    size: where its plan says so (W4 unpacked ahead on Hopper, the unpack interleaving the gate and
+    up rows). Elsewhere `silu_mul=True` runs the GEMM and then a SiLU*mul pass."""
+    if mode == MODE_W8 or device.type != "cuda" or triton is None:
         return False
-    cfg = tma_config(M, N, K, mode)
-    # the W4-in-kernel Gluon path (FUSE) has no interleaved int8 weights: GEMM, then SiLU*mul
-    return bool(cfg and cfg.get("UNPACK") and not (cfg.get("WS") and cfg.get("FUSE", True)))
+    return select_plan(M, N, K, mode, device).fuse_silu_mul
 
 
-def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None = None, silu_mul: bool = False):
-    """Launch the shared kernel; inputs are validated by the callers.
+def _as_plan(config, M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:
+    if config is None:
+        return select_plan(M, N, K, mode, device)
+    return config if isinstance(config, GemmPlan) else GemmPlan.from_config(config)
 
-    silu_mul: w's rows are [gate | up]; returns silu(gate) * up [M, N / 2] (in the epilogue on the
-    unpack-first TMA path, else after the GEMM)."""
+
+def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | dict | None = None,
+                     silu_mul: bool = False):
+    """Launch the plan (`config`: a GemmPlan, a probe's tile dict, or None for the selected plan);
+    inputs are validated by the callers.
+
+    silu_mul: w's rows are [gate | up]; returns silu(gate) * up [M, N / 2] (in the epilogue where the
+    plan fuses it, else after the GEMM)."""
     M, K = x8.shape
     N = w.shape[0]
-    if config is None:
-        config = default_config(M, N, K, mode, tma=x8.is_cuda and has_tma(x8.device.index or 0))
-    cfg = dict(config)
-    tma = cfg.pop("TMA", False) and x8.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    plan = _as_plan(config, M, N, K, mode, x8.device)
+    if plan.kernel in HOPPER_KERNELS and (x8.data_ptr() % 16 or w.data_ptr() % 16):
+        # TMA needs 16-byte-aligned bases: a property of these tensors, not of the shape
+        sms = device_caps(x8.device.index or 0)[0] if x8.is_cuda else CPU_SMS
+        plan = fallback_plan(M, N, K, mode, sms, tma=False, gluon=False)
+    fast = x8.is_cuda if plan.fast is None else plan.fast
     if silu_mul:
-        if tma and cfg.get("UNPACK", False) and mode != MODE_W8:
+        if plan.fuse_silu_mul and mode != MODE_W8:
             y = torch.empty((M, N // 2), dtype=torch.float16, device=x8.device)
-            _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg, gated=True)
+            _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast, gated=True)
             return y
         from qoq.kernels.quant import silu_mul_triton
 
-        return silu_mul_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, config))
+        return silu_mul_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan))
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
-    if tma:
-        _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode, cfg)
-        return y
-    split = cfg.pop("SPLIT_K", 1)
-    unroll = cfg.get("UNROLL", 1)
+    if plan.kernel in HOPPER_KERNELS:
+        _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast)
+    else:
+        _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast)
+    return y
+
+
+def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool) -> None:
+    """The register-A kernel (or its mma.sync form, fewer than four warps) with one-launch split-K."""
+    M, K = x8.shape
+    N = w.shape[0]
+    split, unroll = plan.split_k, plan.unroll
     per = triton.cdiv(K // 128, split)
     if per % unroll or (K // 128) % per % unroll:
         raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = triton.cdiv(M, plan.block_m) * triton.cdiv(N, plan.block_n)
     if split == 1:
         ws, cnt = y, y
     else:
@@ -670,24 +438,17 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: dict | None
     dummy = sx
     packed = (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
               and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
+    # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
+    hopper = x8.is_cuda and device_caps(x8.device.index or 0)[1]
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
-        MODE=mode, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
-        NUM_STAGES=cfg["num_stages"], SWAP=cfg.get("SWAP", True), UNROLL=unroll, PACKED=packed,
+        MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
+        NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
-        FAST=cfg.get("FAST", x8.is_cuda), num_warps=cfg["num_warps"], **_hopper_options(cfg, x8),
+        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}),
     )
-    return y
-
-
-def _hopper_options(cfg: dict, x8: torch.Tensor) -> dict:
-    """The register-A kernel's Hopper-only option (L2 prefetch): off unless the config asks and the
-    GPU is a Hopper or later."""
-    if not (x8.is_cuda and has_tma(x8.device.index or 0)):
-        return {}
-    return dict(PREFETCH=int(cfg.get("PREFETCH", 0)))
 
 
 def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None, interleave: bool = False) -> torch.Tensor:
@@ -704,35 +465,34 @@ def unpack_w4_int8(packed, s2, sz, mode: int, fast: bool | None = None, interlea
     return out
 
 
-def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: bool = False) -> None:
+def _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool, gated: bool = False) -> None:
+    """The TMA kernel or the Gluon kernel. W4 is unpacked ahead where the plan says so, and for a
+    gated (SiLU*mul) GEMM, whose unpack interleaves the gate and up rows for the epilogue."""
     M, K = x8.shape
     N = w.shape[0]
     zero = mode == MODE_W4_PER_CHANNEL
-    ws = cfg.get("WS", False) and x8.is_cuda and ws_gemm.supported(x8.device.index or 0)
-    if ws and mode != MODE_W8 and not gated and cfg.get("FUSE", True):
-        # the warp-specialized Gluon kernel (ws_gemm.py), W4 unpacked in shared memory per chunk
-        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero=zero)
+    if plan.kernel == "ws" and mode != MODE_W8 and not gated and plan.unpack == "in_loop":
+        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode, plan, zero=zero)
         return
-    if cfg.get("UNPACK", False) and mode != MODE_W8:
-        # Prefill-sized M: unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of
-        # the GEMM at M=8192) and run the int8 kernel, whose 128x256 tiles the in-loop unpack's
-        # registers do not allow. The integers multiplied are the same, so is the result. For a
-        # gated GEMM the unpack interleaves gate and up rows, which the epilogue splits again.
-        w = unpack_w4_int8(w, s2, sz, mode, cfg.get("FAST", x8.is_cuda), interleave=gated)
+    if mode != MODE_W8 and (plan.unpack == "ahead" or gated):
+        # Unpack the layer's W4 to int8 once (a memory-bound pass costing ~5% of the GEMM at
+        # M=8192) and run the int8 kernel, whose 128x256 tiles the in-loop unpack's registers do
+        # not allow. The integers multiplied are the same, so is the result.
+        w = unpack_w4_int8(w, s2, sz, mode, fast, interleave=gated)
         mode = MODE_W8
-        cfg = dict(cfg, REG_A=False)  # the packed-W4 register operand does not apply to int8 weights
-    if ws and mode == MODE_W8:
-        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, None, sz, y, MODE_W8, cfg, zero=zero, gated=gated)
+        plan = dataclasses.replace(plan, w_in_registers=False)  # packed W4 only
+    if plan.kernel == "ws":
+        ws_gemm.ws_gemm(x8, w, sx, xsum, s1, None, sz, y, MODE_W8, plan, zero=zero, gated=gated)
         return
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    bm, bn = plan.block_m, plan.block_n
     bk = 128 if mode == MODE_W8 else 64  # W4: 64 packed bytes = one 128-channel chunk
     x_desc = TensorDescriptor.from_tensor(x8, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    consts = dict(MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=cfg["num_stages"], GROUP_M=cfg.get("GROUP_M", 8),
-                  FAST=cfg.get("FAST", x8.is_cuda), ZERO=zero, GATED=gated, num_warps=cfg["num_warps"])
+    consts = dict(MODE=mode, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=plan.num_stages, GROUP_M=plan.group_m,
+                  FAST=fast, ZERO=zero, GATED=gated, num_warps=plan.num_warps)
     key = (x8.device, *consts.values())  # consts is built in one fixed order
-    slots = cfg.get("SLOTS") or _TMA_SLOTS.get(key)
+    slots = plan.slots or _TMA_SLOTS.get(key)
     num_dp, split = split_tail(tiles, slots, K // 128) if slots else (tiles, 1)
     if split > 1:
         ws = torch.empty((tiles - num_dp) * split * bm * bn, dtype=torch.int32, device=x8.device)
@@ -746,7 +506,7 @@ def _launch_tma(x8, sx, xsum, w, s1, s2, sz, y, mode: int, cfg: dict, gated: boo
         M, N, K, (s2.stride(0) if s2 is not None else 0), num_dp, split, SK=split > 1, **consts,
     )
     if key not in _TMA_SLOTS and x8.is_cuda and kernel is not None:
-        _TMA_SLOTS[key] = resident_slots(kernel, cfg["num_warps"], x8.device)
+        _TMA_SLOTS[key] = resident_slots(kernel, plan.num_warps, x8.device)
 
 
 # Resident CTAs of the TMA kernel on the whole GPU, per (device, compile-time constants): learned
@@ -772,13 +532,12 @@ def split_tail(tiles: int, slots: int, chunks: int, min_chunks: int = 24) -> tup
     CTAs: the tiles that would form a last wave at most half full are cut into as many K pieces
     as fill it, so that the last wave is not one tile's full time with most SMs idle (e.g. 320
     tiles on 264 slots: 264 whole tiles, then 56 tiles in 4 pieces each). (tiles, 1) where
-    splitting does not pay, and below one full wave (decode-sized M, whose tiles and split-K
-    `default_config` already chooses).
+    splitting does not pay, and below one full wave (decode-sized M, whose tiles and split-K the
+    plan chooses).
 
     Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid only on
-    long K (Llama-3-8B's K=14336 down projection: 213 -> 163 us at M=1200, 808 -> 767 us at
-    M=8704), while pieces of 4-8 chunks of K=4096 were slower than the whole tiles (62 -> 77 us
-    at M=1100; benchmarks/results/split-tail-probe-h100.json)."""
+    long K (112 chunks: 0.77x the time of the whole tiles), while pieces of 4-8 chunks were slower
+    than the whole tiles (1.24x; benchmarks/results/split-tail-probe-h100.json)."""
     tail = tiles % slots
     if tiles < slots or tail == 0 or 2 * tail > slots:
         return tiles, 1

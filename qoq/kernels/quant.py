@@ -14,8 +14,8 @@ add_rmsnorm_quant(x, residual, weight, eps) / add_rmsnorm(...) first add the res
 s = x + residual (rounded to x's dtype, exactly as the unfused add), and return s as well: the
 decoder's residual add and the next norm in one pass over the rows.
 
-Triton: one program per row holds the whole row in registers (H <= 16384 for Llama-3-8B's
-14336-wide MLP), so the row is read once and written once as int8: memory-bound by design.
+Triton: one program per row holds the whole row in registers (H up to 16K
+channels), so the row is read once and written once as int8: memory-bound by design.
 Rounding is round-half-to-even in both twins (torch.round; in Triton the 1.5 * 2^23 trick,
 since libdevice's rint is not available in the interpreter).
 """

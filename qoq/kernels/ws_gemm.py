@@ -27,8 +27,8 @@ the schedule be written out:
   it to its own int8 buffers (two, alternating by chunk), fences and syncs its warpgroup, and
   multiplies from there.
 
-Hopper only (wgmma, TMA, mbarriers, setmaxnreg). `int_gemm._ws_config` decides where it runs and
-`int_gemm._launch_tma` launches it; elsewhere the tl.dot kernels run. Gluon kernels do not run in
+Hopper only (wgmma, TMA, mbarriers, setmaxnreg). A `GemmPlan` of kernel "ws" says where it runs
+(gemm_plan.py) and `int_gemm._launch_hopper` launches it; elsewhere the tl.dot kernels run. Gluon kernels do not run in
 the CPU interpreter: the CPU tests compile this one for sm_90 (`compile_sm90`) and check its PTX,
 and the GPU tests compare it bit for bit with the tl.dot TMA kernel and with the torch reference.
 """
@@ -464,19 +464,20 @@ def stages_for(block_m: int, block_n: int, mode: int = 0, smem_bytes: int = 227 
     return min(8, (smem_bytes - 1024 - unpacked) // ((2 * block_m + block_n) * 64))
 
 
-def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool, gated: bool):
-    """(grid, positional args, constexpr kwargs) of one `_ws_gemm_kernel` launch."""
+def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, plan, zero: bool, gated: bool):
+    """(grid, positional args, constexpr kwargs) of one `_ws_gemm_kernel` launch of a
+    `gemm_plan.GemmPlan` (kernel "ws")."""
     M, K = x8.shape
     N = w.shape[0]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    bm, bn = plan.block_m, plan.block_n
     xk = BLOCK_K if mode == 0 else BLOCK_K // 2  # W4: X as two 64-wide halves per chunk
     x_desc = GluonDescriptor.from_tensor(x8, [bm, xk], gl.NVMMASharedLayout.get_default_for([bm, xk], gl.int8))
     half = [bn // 2, xk]  # each consumer warpgroup's half of the weight tile (W4: packed bytes)
     w_desc = GluonDescriptor.from_tensor(w, half, gl.NVMMASharedLayout.get_default_for(half, gl.int8))
     tiles = -(-M // bm) * -(-N // bn)
-    sms = cfg.get("GRID") or (num_sms(x8.device.index or 0) if x8.is_cuda else 132)  # CPU: compile_sm90, an H100
-    stream = bool(cfg.get("STREAM", False))
-    reg_a = bool(cfg.get("REG_A", False))
+    sms = plan.grid or (num_sms(x8.device.index or 0) if x8.is_cuda else 132)  # CPU: compile_sm90, an H100
+    stream = plan.stream_k
+    reg_a = plan.w_in_registers
     if reg_a and (mode == 0 or gated or bn // 2 not in (64, 128) or bm > 256):
         raise ValueError(f"REG_A takes packed W4 (mode 1 or 2), no gated epilogue, BLOCK_N 128 or 256 and "
                          f"BLOCK_M <= 256; got mode {mode}, gated {gated}, {bm}x{bn} tiles")
@@ -489,12 +490,12 @@ def launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool
         ws = cnt = dummy
     args = (x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1, s2 if s2 is not None else dummy,
             sz if sz is not None else dummy, y, ws, cnt, M, N, K, s2.stride(0) if s2 is not None else 0)
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg.get("STAGES") or stages_for(bm, bn, mode, reg_a=reg_a),
-                  GROUP_M=cfg.get("GROUP_M", 8), MODE=mode, ZERO=zero, GATED=gated, STREAM=stream, REG_A=reg_a)
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=plan.num_stages or stages_for(bm, bn, mode, reg_a=reg_a),
+                  GROUP_M=plan.group_m, MODE=mode, ZERO=zero, GATED=gated, STREAM=stream, REG_A=reg_a)
     return (grid,), args, consts
 
 
-def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False) -> None:
+def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, plan, zero: bool = False, gated: bool = False) -> None:
     """Run the kernel into y ([M, N] fp16, or [M, N / 2] with gated); inputs validated by callers.
 
     mode: int_gemm's MODE (0 int8 weights [N, K]; 1 g128 / 2 per-channel packed W4 [N, K / 2],
@@ -502,11 +503,11 @@ def ws_gemm(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = F
     its uint4 codes). gated: the int8 weights' rows are gate/up pairs (mode 0 only)."""
     if x8.shape[0] == 0:
         return
-    grid, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero, gated)
+    grid, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, plan, zero, gated)
     _ws_gemm_kernel[grid](*args, **consts, num_warps=4, maxnreg=MAXNREG)
 
 
-def compile_sm90(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: bool = False, gated: bool = False):
+def compile_sm90(x8, w, sx, xsum, s1, s2, sz, y, mode: int, plan, zero: bool = False, gated: bool = False):
     """Compile the kernel for an H100 (sm_90) without a GPU (tensors on any device give the
     signature): the CPU tests' check that it builds, and a way to read its SASS offline."""
     import triton
@@ -514,7 +515,7 @@ def compile_sm90(x8, w, sx, xsum, s1, s2, sz, y, mode: int, cfg: dict, zero: boo
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    _, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, cfg, zero, gated)
+    _, args, consts = launch_args(x8, w, sx, xsum, s1, s2, sz, y, mode, plan, zero, gated)
     fn = _ws_gemm_kernel
     signature = {name: mangle_type(arg) for name, arg in zip(fn.arg_names, args)}
     signature.update({name: "constexpr" for name in consts})

@@ -67,9 +67,15 @@ class QuantLinear(nn.Module):
             acc = part if acc is None else acc.add_(part)
         return finish_ref(self.scale_accumulator(acc, x_scale, x_sum), silu_mul)
 
+    def gemm_plan(self, num_tokens: int):
+        """The kernel plan (int_gemm.gemm_plan) this layer's GEMM runs for a batch of num_tokens."""
+        device = next(self.buffers()).device
+        return int_gemm.gemm_plan(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
+
     def fuses_silu_mul(self, num_tokens: int) -> bool:
         """Whether this [gate | up] projection computes silu(gate) * up in its GEMM's epilogue for
-        a batch of num_tokens (int_gemm.fused_silu_mul); the MLP asks before choosing its path."""
+        a batch of num_tokens (its plan says, through int_gemm.fused_silu_mul); the MLP asks before
+        choosing its path."""
         device = next(self.buffers()).device
         return self.bias is None and int_gemm.fused_silu_mul(num_tokens, self.out_features, self.padded_in,
                                                               self.gemm_mode, device)

@@ -16,6 +16,7 @@ from helpers import (
     rel_err,
 )
 
+from qoq.kernels.gemm_plan import GemmPlan
 from qoq.kernels.int_gemm import split_tail
 from qoq.kernels.w4a8_gemm import (
     pack_w4,
@@ -244,17 +245,19 @@ def test_eight_token_tiles_match_ref(kind, m, device, gen, poison):
 
 @pytest.mark.parametrize("chunks", [13, 22])
 def test_small_m_default_unroll_divides_the_splits(chunks, device, gen, poison):
-    """g128's M <= 16 default takes four chunks per iteration; where they do not divide each
-    split's chunks (Llama-2-7B's K = 11008: 86 chunks in 4 splits of 22) it takes fewer."""
-    from qoq.kernels import int_gemm
+    """g128's M <= 16 plans take four chunks per iteration; where they do not divide each
+    split's chunks (86 chunks in 4 splits of 22) they take fewer."""
+    from qoq.kernels import configs, int_gemm
+    from qoq.kernels.gemm_plan import select_plan, table_plan
 
     k = 128 * chunks
-    cfg = int_gemm.default_config(3, 64, k, int_gemm.MODE_W4_G128)
-    per = -(-chunks // cfg["SPLIT_K"])
-    assert per % cfg["UNROLL"] == 0 and chunks % per % cfg["UNROLL"] == 0
+    plan = select_plan(3, 64, k, int_gemm.MODE_W4_G128, torch.device("cpu"))
+    per = -(-chunks // plan.split_k)
+    assert per % plan.unroll == 0 and chunks % per % plan.unroll == 0
     case = g128_case(3, 64, k, device, gen)
     assert rel_err(w4a8_g128_gemm_triton(*case), w4a8_g128_gemm_ref(*case)) < EXACT
-    assert int_gemm.default_config(1, 4096, 11008, int_gemm.MODE_W4_G128)["UNROLL"] == 2
+    h100 = configs.load_table("nvidia-h100-80gb-hbm3")
+    assert table_plan(h100, int_gemm.MODE_W4_G128, 1, 4096, 11008).unroll == 2
 
 
 @pytest.mark.parametrize("split", [2, 4])
@@ -439,29 +442,32 @@ def test_ws_gemm_reg_a_refuses_what_it_cannot_run(mode, gated, tile):
     s1, y = torch.zeros(n, dtype=torch.float16), torch.zeros(m, n, dtype=torch.float16)
     s2 = torch.zeros(n, k // 128, dtype=torch.uint8) if mode == 1 else None
     with pytest.raises(ValueError, match="REG_A takes packed W4"):
-        ws_gemm.launch_args(x8, w, sx, None, s1, s2, s2, y, mode, dict(BLOCK_M=tile[0], BLOCK_N=tile[1], REG_A=True),
-                            zero=False, gated=gated)
+        ws_gemm.launch_args(x8, w, sx, None, s1, s2, s2, y, mode,
+                            GemmPlan("ws", tile[0], tile[1], num_stages=0, w_in_registers=True), zero=False, gated=gated)
 
 
-def test_ws_dispatch_rules(monkeypatch):
-    """Where the Gluon kernel takes a GEMM on Hopper (int_gemm._ws_config, from the H100 probes),
-    on an H100's 132 SMs: every prefill shape with 128x256 tiles and the unpack pass; at the serving
-    batch the persistent rounds pick 128x128 for o_proj and 128x256 for qkv, the long-K down
-    projection keeps the tl.dot split tail past one round; per-channel unpacks W4 inside the kernel
-    at decode sizes (and then fuses no SiLU*mul), g128 does not."""
-    from qoq.kernels import int_gemm, ws_gemm
+def test_ws_dispatch_rules():
+    """Where the Gluon kernel takes a GEMM in the H100 table (from the H100 probes): every prefill
+    shape with 128x256 tiles and the unpack pass; at the serving batch the persistent rounds pick
+    128x128 for o_proj and 128x256 for qkv, the long-K down projection keeps the tl.dot split tail
+    past one round; per-channel unpacks W4 inside the kernel at decode sizes (and then fuses no
+    SiLU*mul), g128 does not."""
+    from qoq.kernels import configs, int_gemm
+    from qoq.kernels.gemm_plan import table_plan
 
-    if not ws_gemm.available():
-        pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(int_gemm, "_sm_count", lambda: 132)
+    h100 = configs.load_table("nvidia-h100-80gb-hbm3")
     g128, pc = int_gemm.MODE_W4_G128, int_gemm.MODE_W4_PER_CHANNEL
 
-    def cfg(m, n, k, mode):
-        c = int_gemm.tma_config(m, n, k, mode) or {}
-        return (c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("FUSE")) if c.get("WS") else None
+    def plan(m, n, k, mode):
+        return table_plan(h100, mode, m, n, k)
 
-    for mode in (g128, pc, int_gemm.MODE_W8):
+    def cfg(m, n, k, mode):
+        p = plan(m, n, k, mode)
+        return (p.block_m, p.block_n, p.unpack == "in_loop") if p.kernel == "ws" else None
+
+    for mode in (g128, pc):
         assert all(cfg(8192, n, k, mode) == (128, 256, False) for n, k in [(6144, 4096), (4096, 14336)])
+    assert all(cfg(8192, n, k, int_gemm.MODE_W8)[:2] == (128, 256) for n, k in [(6144, 4096), (4096, 14336)])
     assert cfg(1200, 6144, 4096, pc) == (128, 256, True)  # 240 tiles: 2 rounds either way
     assert cfg(1200, 4096, 4096, pc) == (128, 128, True)  # 3 rounds of 128x128 < 2 of 128x256
     assert cfg(1200, 4096, 4096, g128) == (128, 128, False)
@@ -474,19 +480,16 @@ def test_ws_dispatch_rules(monkeypatch):
                                 (128, 4096, 14336, pc, (128, 128)), (256, 4096, 14336, g128, (128, 128)),
                                 (128, 4096, 4096, g128, (64, 128))]:
         assert cfg(m, n, k, mode) == (*tile, True)
-        assert int_gemm.tma_config(m, n, k, mode)["STREAM"]
-    assert not int_gemm.tma_config(128, 6144, 4096, pc).get("STREAM")
+        assert plan(m, n, k, mode).stream_k
+    assert not plan(128, 6144, 4096, pc).stream_k
     assert cfg(48, 28672, 4096, pc) == (64, 128, True)  # gate/up at M <= 64: narrow Gluon tiles
     for mode in (g128, pc):  # gate/up at M = 256: the packed weights as the register operand
-        assert int_gemm.tma_config(256, 28672, 4096, mode) == dict(
-            BLOCK_M=256, BLOCK_N=128, num_warps=4, num_stages=4, UNPACK=True, WS=True, FUSE=True, REG_A=True)
-        assert not int_gemm.tma_config(128, 28672, 4096, mode).get("REG_A")
-    assert int_gemm.tma_config(512, 6144, 4096, g128)["REG_A"]
-    assert not (int_gemm.tma_config(512, 6144, 4096, pc) or {}).get("REG_A")
+        assert plan(256, 28672, 4096, mode) == GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True)
+        assert not plan(128, 28672, 4096, mode).w_in_registers
+    assert plan(512, 6144, 4096, g128).w_in_registers
+    assert not plan(512, 6144, 4096, pc).w_in_registers
     assert cfg(16, 4096, 14336, pc) is None and cfg(64, 4096, 4096, pc) is None
     assert cfg(1200, 4096, 4096, int_gemm.MODE_W8) is None
-    dev = torch.device("cuda", 0)
-    monkeypatch.setattr(int_gemm, "has_tma", lambda index: True)
-    assert int_gemm.fused_silu_mul(8192, 28672, 4096, pc, dev)  # the unpack pass interleaves gate/up
-    assert int_gemm.fused_silu_mul(1200, 28672, 4096, g128, dev)
-    assert not int_gemm.fused_silu_mul(1200, 28672, 4096, pc, dev)  # W4 unpacked in the kernel
+    assert plan(8192, 28672, 4096, pc).fuse_silu_mul  # the unpack pass interleaves gate/up
+    assert plan(1200, 28672, 4096, g128).fuse_silu_mul
+    assert not plan(1200, 28672, 4096, pc).fuse_silu_mul  # W4 unpacked in the kernel

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from qoq.kernels import ws_gemm
+from qoq.kernels.gemm_plan import GemmPlan
 
 
 def build(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = False, reg_a: bool = False) -> dict:
@@ -25,7 +26,7 @@ def build(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = F
     sz = s2 if mode == 1 else (s1 if zero else None)
     y = torch.empty(m, n // 2 if gated else n, dtype=torch.float16)
     kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s2, sz, y, mode,
-                                  dict(BLOCK_M=bm, BLOCK_N=bn, STREAM=stream, REG_A=reg_a), zero, gated)
+                                  GemmPlan("ws", bm, bn, num_stages=0, stream_k=stream, w_in_registers=reg_a), zero, gated)
     ptx = kernel.asm["ptx"]
     return {"int8_wgmma": "wgmma.mma_async" in ptx and ".s8.s8" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "fence": "fence.proxy.async" in ptx,

@@ -1,0 +1,259 @@
+"""Tune the GEMM plan table of the present GPU for a model's linear shapes.
+
+For each mode, shape (qkv, o_proj, gate_up, down_proj of the model config) and M, a bounded list
+of candidate plans (the table's current plan first, the shape-agnostic fallback second, then a
+few per M class) is checked against the torch twin on fresh data and timed as bench_kernels.py
+times (CUDA graphs, weight copies rotated beyond L2, median). The fastest plan takes the M range
+(previous tuned M, M] of the shape's entry; the table is rewritten after every shape, so a run cut
+by --budget-s keeps what it finished (candidates still untried keep the table's plans).
+
+    python benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 420 \\
+        --out qoq/kernels/configs/nvidia-h200.json
+
+Starts from --table (default: this GPU's table in the tree, else the H100's). Decode attention
+plans are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+
+from helpers import g128_weights, per_channel_weights, random_activations, rel_err, w8_weights  # noqa: E402
+
+from qoq.kernels import configs  # noqa: E402
+from qoq.kernels.gemm_plan import (  # noqa: E402
+    MODE_NAMES,
+    MODE_W4_G128,
+    MODE_W8,
+    GemmPlan,
+    fallback_plan,
+    fit_unroll,
+    runnable,
+    set_range,
+    table_plan,
+)
+from qoq.kernels.w4a8_gemm import (  # noqa: E402
+    w4a8_g128_gemm_ref,
+    w4a8_g128_gemm_triton,
+    w4a8_per_channel_gemm_ref,
+    w4a8_per_channel_gemm_triton,
+)
+from qoq.kernels.w8a8_gemm import w8a8_gemm_ref, w8a8_gemm_triton  # noqa: E402
+
+MODES = {name: mode for mode, name in MODE_NAMES.items()}
+# mode -> (triton, reference, weight builder, takes x_sum)
+KERNELS = {
+    MODE_W8: (w8a8_gemm_triton, w8a8_gemm_ref, w8_weights, False),
+    MODE_W4_G128: (w4a8_g128_gemm_triton, w4a8_g128_gemm_ref, g128_weights, False),
+    2: (w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref, per_channel_weights, True),
+}
+DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 4096)
+TOLERANCE = 2e-3
+
+
+def linear_shapes(config_path: str) -> list[tuple[str, int, int]]:
+    """(name, N, K) of qkv, o_proj, gate_up and down_proj; K padded to 128 as QuantLinear does."""
+    with open(config_path) as f:
+        c = json.load(f)
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads", heads)
+    head_dim = c.get("head_dim") or hidden // heads
+    pad = lambda k: -(-k // 128) * 128  # noqa: E731
+    return [("qkv", (heads + 2 * kv_heads) * head_dim, pad(hidden)), ("o_proj", hidden, pad(heads * head_dim)),
+            ("gate_up", 2 * inter, pad(hidden)), ("down_proj", hidden, pad(inter))]
+
+
+def _register(m, n, k, mode, sms, warps, want, stages=4) -> GemmPlan:
+    w4 = mode != MODE_W8
+    bm = (8 if w4 and m <= 8 else 16) if m <= 16 else 64
+    tiles = -(-m // bm) * -(-n // 64)
+    chunks, split = k // 128, 1
+    while tiles * split < want and split < 8 and chunks // (split * 2) >= 4:
+        split *= 2
+    unroll = fit_unroll(chunks, split, 4 if mode == MODE_W4_G128 and m <= 16 else 1)
+    return GemmPlan("reg_a" if warps >= 4 else "mma_sync", bm, 64, num_warps=warps, num_stages=stages,
+                    split_k=split, unroll=unroll)
+
+
+def _hopper(m, n, k, mode, sms) -> list[GemmPlan]:
+    w4 = mode != MODE_W8
+    ahead = "ahead" if w4 else "in_loop"
+    out = []
+    if m <= 64:
+        out += [GemmPlan("ws", 64, 128, num_stages=0, stream_k=s) for s in (False, True)]
+        out.append(GemmPlan("tma", 64, 64, num_stages=4))
+    elif m <= 640:
+        for bm in (64, 128):
+            out.append(GemmPlan("ws", bm, 128, num_stages=0))
+            if -(-m // bm) * -(-n // 128) < sms:
+                out.append(GemmPlan("ws", bm, 128, num_stages=0, stream_k=True))
+        if w4 and m > 128:
+            out.append(GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True))
+        out += [GemmPlan("tma", 128, 64, num_stages=4), GemmPlan("tma", 128, 128, num_stages=3)]
+    else:
+        out += [GemmPlan("ws", 128, 256, num_stages=0, unpack=ahead), GemmPlan("ws", 128, 128, num_stages=0, unpack=ahead),
+                GemmPlan("ws", 128, 128, num_stages=0), GemmPlan("tma", 128, 256, num_warps=8, unpack=ahead),
+                GemmPlan("tma", 128, 128, num_stages=4)]
+    return out
+
+
+def candidates(mode: int, m: int, n: int, k: int, sms: int, tma: bool, gluon: bool,
+               current: GemmPlan | None = None, limit: int = 8) -> list[GemmPlan]:
+    """The plans worth timing for one point, at most `limit`: the current one, the fallback, then
+    the M class's kernels (register kernels with split-K for decode-sized M; the Gluon and TMA
+    kernels with W4 unpacked inside or ahead above)."""
+    pool = [current, fallback_plan(m, n, k, mode, sms, tma, gluon)]
+    if m <= 64:
+        pool += [_register(m, n, k, mode, sms, w, f * sms) for w in (4, 2) for f in (1, 2, 4)]
+    else:
+        pool.append(_register(m, n, k, mode, sms, 4, 0))
+    if tma:
+        pool += _hopper(m, n, k, mode, sms)
+    out = []
+    for plan in pool:
+        if plan is None:
+            continue
+        if plan.kernel in ("tma", "ws"):
+            w4_ahead = mode != MODE_W8 and plan.unpack == "ahead"
+            plan = GemmPlan.from_json(dict(plan.to_json(), unpack="ahead" if w4_ahead else "in_loop",
+                                           fuse_silu_mul=w4_ahead))
+        if plan.w_in_registers and (mode == MODE_W8 or plan.block_n // 2 not in (64, 128)):
+            continue
+        if runnable(plan, tma, gluon) and plan not in out:
+            out.append(plan)
+    return out[:limit]
+
+
+def gpu_timer(calls) -> float:
+    """Milliseconds per call: bench_kernels.time_calls with a shorter warm-up and measurement."""
+    import bench_kernels
+
+    bench_kernels.WARMUP_MS, bench_kernels.MEASURE_MS = 5.0, 20.0
+    return bench_kernels.time_calls(calls, reps=10)
+
+
+def cpu_timer(calls) -> float:
+    start = time.perf_counter()
+    for c in calls:
+        c()
+    return (time.perf_counter() - start) * 1e3 / len(calls)
+
+
+def weight_copies(mode: int, n: int, k: int, device, gen) -> list:
+    """Enough weight copies that the rotated set exceeds L2 four times over (one on the CPU)."""
+    builder = KERNELS[mode][2]
+    if device == "cpu":
+        return [builder(n, k, device, gen)]
+    import bench_kernels
+
+    nbytes = n * k if mode == MODE_W8 else n * k // 2
+    return [builder(n, k, device, gen) for _ in range(bench_kernels.copies_for(nbytes))]
+
+
+def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> list[dict]:
+    """One record per plan tried: its time, or why it was rejected; stops at the deadline."""
+    fn, ref, _, with_sum = KERNELS[mode]
+    x8, sx, xsum = random_activations(m, k, device, gen)
+    act = (x8, sx, xsum) if with_sum else (x8, sx)
+    sets = [act + w for w in weights]
+    records = []
+    for plan in plans:
+        if time.time() > deadline:
+            break
+        rec = {"plan": plan.to_json()}
+        try:
+            err = rel_err(fn(*sets[0], config=plan), ref(*sets[0]))  # checked before it is timed
+            if not err < TOLERANCE:
+                raise AssertionError(f"rel err {err:.3g} against the torch twin")
+            rec["ms"] = timer([lambda a=a: fn(*a, config=plan) for a in sets])
+        except Exception as e:  # a plan this GPU cannot build or run: noted, not chosen
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        records.append(rec)
+    return records
+
+
+def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: float, out: str | None,
+         limit: int = 8, log=print) -> tuple[dict, list]:
+    """Tune `table` (a copy is returned) over modes x shapes x ms; rewrites `out` after each shape."""
+    sms, tma, gluon = caps
+    table = copy.deepcopy(table)
+    deadline = time.time() + budget_s
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = []
+    for mode in modes:
+        for name, n, k in shapes:
+            if time.time() > deadline:
+                return table, results
+            weights = weight_copies(mode, n, k, device, gen)
+            entries = table.setdefault("gemm", {}).setdefault(MODE_NAMES[mode], {}).get(f"{n}x{k}", [])
+            prev = 0
+            for i, m in enumerate(ms):
+                current = table_plan(table, mode, m, n, k)
+                plans = candidates(mode, m, n, k, sms, tma, gluon, current, limit)
+                records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline)
+                timed = [r for r in records if "ms" in r]
+                point = {"mode": MODE_NAMES[mode], "shape": name, "M": m, "N": n, "K": k, "records": records}
+                if timed and len(records) == len(plans):  # every candidate tried: the range takes the best
+                    best = min(timed, key=lambda r: r["ms"])
+                    hi = None if i == len(ms) - 1 else m
+                    entries = set_range(entries, prev, hi, best["plan"])
+                    point["best"] = best
+                    log(f"{MODE_NAMES[mode]} {name} M={m}: {best['ms'] * 1e3:.1f} us {best['plan']}")
+                results.append(point)
+                prev = m
+            if entries:
+                table["gemm"][MODE_NAMES[mode]][f"{n}x{k}"] = entries
+            if out:
+                configs.dump_table(table, out)
+            del weights
+    return table, results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "qoq", "configs", "llama-3-8b.json"))
+    ap.add_argument("--modes", default="w4a8_g128", help="comma-separated: w4a8_g128, w4a8_per_channel, w8a8")
+    ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
+    ap.add_argument("--budget-s", type=float, default=420.0, help="no candidate starts after this many seconds")
+    ap.add_argument("--max-candidates", type=int, default=8)
+    ap.add_argument("--table", help="the table to start from (default: this GPU's, else the H100's)")
+    ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")
+    ap.add_argument("--results", help="also write every timing here (JSON)")
+    args = ap.parse_args(argv)
+
+    from qoq.kernels.gemm_plan import device_caps
+
+    key = configs.device_key(0)
+    start = args.table or (configs.table_path(key) if os.path.exists(configs.table_path(key))
+                           else configs.table_path("nvidia-h100-80gb-hbm3"))
+    with open(start) as f:
+        table = json.load(f)
+    caps = device_caps(0)
+    table.update(device=torch.cuda.get_device_name(0), sms=caps[0],
+                 source=f"benchmarks/tune_kernels.py --model {os.path.basename(args.model)} from {os.path.basename(start)}")
+    modes = [MODES[m] for m in args.modes.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    began = time.time()
+    table, results = tune(table, modes, linear_shapes(args.model), ms, "cuda", caps, gpu_timer, args.budget_s,
+                          args.out or configs.table_path(key), args.max_candidates,
+                          log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
+    done = sum("best" in p for p in results)
+    print(f"tuned {done} of {len(modes) * 4 * len(ms)} points in {time.time() - began:.0f} s", flush=True)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump({"device": table["device"], "model": args.model, "points": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

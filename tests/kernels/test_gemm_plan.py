@@ -1,0 +1,141 @@
+"""GEMM plans as data (qoq/kernels/gemm_plan.py) and the per-GPU tables they come from."""
+
+import itertools
+import json
+import os
+import re
+
+import h100_policy
+import pytest
+import torch
+
+from qoq.kernels import configs, gemm_plan, int_gemm
+from qoq.kernels.decode_attention import DEFAULT_PLANS, DecodePlan, decode_splits
+from qoq.kernels.gemm_plan import MODE_NAMES, GemmPlan, fallback_plan, select_plan, set_range, table_plan
+
+H100 = "nvidia-h100-80gb-hbm3"
+MODES = (int_gemm.MODE_W8, int_gemm.MODE_W4_G128, int_gemm.MODE_W4_PER_CHANNEL)
+KERNEL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "qoq", "kernels")
+
+
+def test_device_names_normalize_to_table_keys():
+    assert configs.normalize_device_name("NVIDIA H100 80GB HBM3") == H100
+    assert configs.normalize_device_name("NVIDIA H200") == "nvidia-h200"
+    assert configs.load_table("no-such-gpu") is None
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: MODE_NAMES[m])
+def test_h100_table_is_the_old_policy(mode):
+    """The H100 table runs what the old if-tree ran, at every M up to where it stops depending on
+    M and beyond, for every shape of the bundled model configs, SiLU*mul fusion included."""
+    table = configs.load_table(H100)
+    for n, k in h100_policy.model_shapes():
+        for m in itertools.chain(range(1, h100_policy.M_GRID_MAX + 1), (5000, 8192, 16384, 65536)):
+            assert table_plan(table, mode, m, n, k) == h100_policy.old_plan(m, n, k, mode), (m, n, k)
+
+
+def test_h100_table_file_is_what_the_generator_writes():
+    assert configs.load_table(H100) == json.loads(json.dumps(h100_policy.h100_table()))
+
+
+def test_h200_table_starts_as_the_h100_plans():
+    h100, h200 = configs.load_table(H100), configs.load_table("nvidia-h200")
+    assert h200 is not None and h200["gemm"].keys() == h100["gemm"].keys()
+    assert h200["decode_attention"] == h100["decode_attention"]
+
+
+def test_no_literal_model_shapes_in_kernels():
+    """Shapes are data: no model dimension, and no test of N, K or M against a 4-digit size."""
+    pattern = re.compile(r"\b(6144|14336|28672|11008|24576|57344|49152|22016|10240)\b"
+                         r"|\b[NKM]\s*(==|!=|<=|>=|<|>)\s*\d{4,}")
+    for root, _, files in os.walk(KERNEL_DIR):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as f:
+                    for i, line in enumerate(f, 1):
+                        assert not pattern.search(line), f"{name}:{i}: {line.strip()}"
+
+
+def test_plan_json_and_config_round_trip():
+    plan = GemmPlan("ws", 64, 128, num_stages=0, stream_k=True)
+    assert plan.to_json() == {"kernel": "ws", "block_m": 64, "block_n": 128, "num_stages": 0, "stream_k": True}
+    assert GemmPlan.from_json(plan.to_json()) == plan
+    cfg = dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4, TMA=True, UNPACK=True, GROUP_M=4)
+    assert GemmPlan.from_config(cfg) == GemmPlan("tma", 128, 256, num_warps=8, unpack="ahead", fuse_silu_mul=True,
+                                                 group_m=4)
+    assert GemmPlan.from_config(dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4, SPLIT_K=2)).kernel == "mma_sync"
+
+
+@pytest.mark.parametrize("fields", [dict(kernel="reg_a", num_warps=2), dict(kernel="mma_sync", num_warps=4),
+                                    dict(kernel="tma", split_k=2), dict(kernel="reg_a", unpack="ahead"),
+                                    dict(kernel="tma", stream_k=True), dict(kernel="ws", block_m=96),
+                                    dict(kernel="ws", unpack="ahead", w_in_registers=True), dict(kernel="wgmma")])
+def test_invalid_plans_are_refused(fields):
+    with pytest.raises(ValueError, match="invalid GemmPlan"):
+        GemmPlan(**dict(dict(block_m=64, block_n=128), **fields))
+
+
+SHAPES = [(64, 256), (1000, 1152), (4096, 4096), (5120, 13824), (2560, 6912), (33000, 7168), (152064, 4096)]
+
+
+@pytest.mark.parametrize("sms,tma,gluon", [(8, False, False), (108, False, False), (132, True, False),
+                                           (132, True, True), (78, True, True)])
+def test_fallback_plans_are_valid_for_any_shape(sms, tma, gluon):
+    """Every size gets a plan the GPU can run, its unroll dividing every split's chunks."""
+    for (n, k), m, mode in itertools.product(SHAPES, (1, 3, 9, 16, 17, 64, 65, 200, 640, 641, 1500, 9000), MODES):
+        plan = fallback_plan(m, n, k, mode, sms, tma, gluon)
+        assert gemm_plan.runnable(plan, tma, gluon), plan
+        chunks = k // 128
+        per = -(-chunks // plan.split_k)
+        assert per % plan.unroll == 0 and chunks % per % plan.unroll == 0
+        assert not plan.fuse_silu_mul or (mode != int_gemm.MODE_W8 and plan.unpack == "ahead")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """select_plan as on a CUDA device of the given table key and capabilities, without one."""
+    def make(key, sms=132, tma=True, gluon=True):
+        monkeypatch.setattr(configs, "device_key", lambda index: key)
+        monkeypatch.setattr(gemm_plan, "device_caps", lambda index: (sms, tma, gluon))
+        gemm_plan._select_cuda.cache_clear()
+        return torch.device("cuda", 0)
+
+    yield make
+    gemm_plan._select_cuda.cache_clear()
+
+
+def test_select_plan_reads_the_table_and_falls_back(fake_gpu):
+    dev = fake_gpu(H100)
+    mode = int_gemm.MODE_W4_G128
+    assert select_plan(256, 28672, 4096, mode, dev) == h100_policy.old_plan(256, 28672, 4096, mode)
+    assert select_plan(256, 1536, 4096, mode, dev) == fallback_plan(256, 1536, 4096, mode, 132, True, True)
+    assert int_gemm.fused_silu_mul(8192, 28672, 4096, mode, dev)
+    dev = fake_gpu("some-new-gpu", sms=170)  # no table: the fallback, on its SM count
+    assert select_plan(1024, 4096, 4096, mode, dev) == fallback_plan(1024, 4096, 4096, mode, 170, True, True)
+    dev = fake_gpu(H100, gluon=False)  # a table plan this GPU cannot run: the fallback
+    plan = select_plan(8192, 4096, 4096, mode, dev)
+    assert plan.kernel == "tma" and plan == fallback_plan(8192, 4096, 4096, mode, 132, True, False)
+
+
+def test_set_range_splits_and_merges():
+    a, b, c = {"p": "a"}, {"p": "b"}, {"p": "c"}
+    entries = [[16, a], [256, b], [None, c]]
+    assert set_range(entries, 16, 64, c) == [[16, a], [64, c], [256, b], [None, c]]
+    assert set_range(entries, 0, 16, b) == [[256, b], [None, c]]
+    assert set_range(entries, 1024, None, a) == [[16, a], [256, b], [1024, c], [None, a]]
+    assert set_range([], 64, 128, a) == [[None, a]]
+
+
+def test_decode_plans_are_data():
+    table = configs.load_table(H100)
+    assert {int(b): DecodePlan(**p) for b, p in table["decode_attention"].items()} == DEFAULT_PLANS
+    plan = DEFAULT_PLANS[4]
+    assert plan.with_options(dict(num_warps=4, NUM_STAGES=3)) == DecodePlan(
+        transposed=True, num_warps=4, num_stages=3, biased=True, programs_per_sm=2)
+    # one wave of resident programs (8 one-warp programs on each of the CPU's nominal 8 SMs), or
+    # three waves where the programs make between one and three
+    cpu = torch.device("cpu")
+    assert decode_splits(plan, 1, 8, 64, cpu) == 8
+    assert decode_splits(plan, 4, 8, 64, cpu) == 2
+    assert decode_splits(plan, 12, 8, 64, cpu) == 2
+    assert decode_splits(plan, 1, 8, 6, cpu) == 3  # at most half the context's blocks

@@ -1,0 +1,61 @@
+"""benchmarks/tune_kernels.py on the CPU: candidate generation, and a tiny tuning run under the
+interpreter that writes a table the plan lookup then reads."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from qoq.kernels import gemm_plan
+from qoq.kernels.gemm_plan import MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8, GemmPlan, table_plan
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+tune_kernels = pytest.importorskip("tune_kernels")
+
+
+def test_linear_shapes_of_a_model_config():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "qoq", "configs", "llama-3-8b.json")
+    assert tune_kernels.linear_shapes(path) == [("qkv", 6144, 4096), ("o_proj", 4096, 4096),
+                                                ("gate_up", 28672, 4096), ("down_proj", 4096, 14336)]
+
+
+@pytest.mark.parametrize("caps", [(132, True, True), (132, True, False), (108, False, False)])
+@pytest.mark.parametrize("mode", [MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL])
+def test_candidates_are_bounded_valid_and_runnable(caps, mode):
+    current = GemmPlan("reg_a", 16, 64, split_k=2)
+    for n, k in [(6144, 4096), (4096, 14336), (28672, 4096), (1000, 1152)]:
+        for m in (1, 16, 64, 128, 256, 512, 1024, 4096):
+            plans = tune_kernels.candidates(mode, m, n, k, *caps, current=current if m == 16 else None, limit=8)
+            assert 1 <= len(plans) <= 8 and len(set(plans)) == len(plans)
+            assert all(gemm_plan.runnable(p, caps[1], caps[2]) for p in plans)
+            assert all(not p.fuse_silu_mul or (mode != MODE_W8 and p.unpack == "ahead") for p in plans)
+            if m == 16:
+                assert plans[0] == current  # the table's plan is always among those timed
+
+
+def test_tuning_run_writes_a_table(tmp_path, monkeypatch):
+    """Two M points of one tiny shape on the CPU: every candidate is checked against the twin and
+    timed, the best takes its M range, the rest of the table is kept."""
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    start = {"device": "cpu", "gemm": {"w4a8_g128": {"9x9": [[None, {"kernel": "reg_a", "block_m": 64,
+                                                                     "block_n": 64}]]}},
+             "decode_attention": {}}
+    out = tmp_path / "table.json"
+    table, results = tune_kernels.tune(start, [MODE_W4_G128], [("tiny", 64, 512)], [1, 16], "cpu",
+                                       (8, False, False), tune_kernels.cpu_timer, 600, str(out), limit=3,
+                                       log=lambda s: None)
+    assert [p["M"] for p in results] == [1, 16] and all("best" in p for p in results)
+    assert all("ms" in r for p in results for r in p["records"])
+    written = json.loads(out.read_text())
+    assert written == table and "9x9" in written["gemm"]["w4a8_g128"]
+    entries = written["gemm"]["w4a8_g128"]["64x512"]
+    assert entries[-1][0] is None and len(entries) <= 2
+    assert table_plan(written, MODE_W4_G128, 1, 64, 512) == GemmPlan.from_json(results[0]["best"]["plan"])
+    assert table_plan(written, MODE_W4_G128, 100, 64, 512) == GemmPlan.from_json(results[1]["best"]["plan"])
+
+
+def test_tuning_stops_at_the_budget():
+    table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
+                                       (8, False, False), tune_kernels.cpu_timer, 0, None)
+    assert results == [] and table == {"gemm": {}}
