@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the bundled model: load, measure, chat")
     _add_model_args(demo)
-    demo.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of the eval split to score")
+    demo.add_argument("--ppl-tokens", type=int, default=8192,
+                      help="tokens of the eval split to score (8,192: about half a minute each on 2 cores)")
     demo.add_argument("--questions", nargs="*",
                       default=["What is the capital of France?", "Write a haiku about the sea."])
     demo.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
