@@ -27,6 +27,15 @@ from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_qu
 EXACT_CHUNK = 1024  # input channels per float32 partial product that stays exact (see QuantLinear._cpu_gemm)
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    """Where a tensor's storage is and how often it was written in place (inference tensors keep
+    no version counter, and cannot be written outside inference mode)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return t.data_ptr(), None
+
+
 class QuantLinear(nn.Module):
     """Base: int8 per-token activations in, the layer's dtype out (+ optional fp bias)."""
 
@@ -57,7 +66,7 @@ class QuantLinear(nn.Module):
         """The reference twin's arithmetic, bit for bit, with the integer weight unpacked once and
         kept (the twin rebuilds it on every call): float32 GEMMs over chunks of 1,024 input channels
         are exact (|x8 * w| <= 127 * 128, so every partial sum stays below 2^24), summed in float64."""
-        buffers = tuple((t.data_ptr(), t._version) for t in self.buffers() if t is not self.bias)
+        buffers = tuple(_identity(t) for t in self.buffers() if t is not self.bias)
         if self._int_weight is None or self._int_weight[0] != buffers:
             self._int_weight = (buffers, self.int_weight().float().contiguous())
         w = self._int_weight[1]
