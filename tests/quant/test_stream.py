@@ -148,3 +148,14 @@ def test_checkpoint_writer_refuses_a_file(tmp_path):
     target.write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         save_checkpoint(quantize_model(_tiny(), None, QoQOptions.rtn(progress=False)), target)
+
+
+def test_not_enough_gpu_memory_for_one_layer_is_refused_up_front(monkeypatch):
+    from qoq.bench.random_model import bundled_config
+    from qoq.quant import stream
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    config = bundled_config("qwen1.5-72b")
+    with pytest.raises(ValueError, match=r"needs about \d+\.\d GiB .* 8\.0 GiB are free"):
+        stream._check_device_memory(config, 64 * 512, torch.device("cuda"))
+    stream._check_device_memory(bundled_config("tiny"), 8 * 512, torch.device("cuda"))  # fits: no error
