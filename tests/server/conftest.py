@@ -37,9 +37,9 @@ def server_url(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_server_url(tmp_path_factory):
-    """Random weights of the tiny config, one sequence at a time, a queue of one, a 4-page cache."""
+    """Random weights of the tiny config, one sequence at a time, a queue of one, a 64-page cache."""
     yield from _serve(["--random-weights", "tiny", "--precision", "w16a16kv16", "--max-num-seqs", "1",
-                       "--max-queue-len", "1", "--page-size", "16", "--num-pages", "4"],
+                       "--max-queue-len", "1", "--page-size", "16", "--num-pages", "64"],
                       tmp_path_factory.mktemp("tiny-server") / "serve.log")
 
 

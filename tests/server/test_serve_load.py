@@ -81,30 +81,31 @@ def test_bench_serve_counts_tokens_from_usage(server_url):
 
 def test_full_queue_gets_503_and_never_fits_gets_400(tiny_server_url):
     url = f"{tiny_server_url}/v1/completions"
-    long_body = {"model": "random-tiny-w16a16kv16", "prompt": [5] * 8, "max_tokens": 56, "temperature": 0,
+    long_body = {"model": "random-tiny-w16a16kv16", "prompt": [5] * 8, "max_tokens": 1000, "temperature": 0,
                  "ignore_eos": True, "stream": True}
-    # The cache holds 4 pages of 16 tokens: 8 + 60 tokens can never fit, whatever else runs (8 + 56 fits).
-    never = httpx.post(url, json={**long_body, "max_tokens": 60, "stream": False}, timeout=30)
-    assert never.status_code == 400 and "whole cache holds 64" in never.json()["error"]["message"]
-    # One running + one queued fill the server; a third is refused at once.
-    done = []
+    # The cache holds 64 pages of 16 tokens: 8 + 1020 tokens can never fit, whatever else runs
+    # (8 + 1000 fits, and keeps a holder in flight long enough for the probe below).
+    never = httpx.post(url, json={**long_body, "max_tokens": 1020, "stream": False}, timeout=30)
+    assert never.status_code == 400 and "whole cache holds 1024" in never.json()["error"]["message"]
+    # One running + one queued fill the server; a third is refused at once. Each holder is counted
+    # in flight once its 200 headers arrive (the server submits before it answers), so the probe
+    # waits for both: otherwise the probe could take a holder's place and the holder get the 503.
+    done, statuses, admitted = [], [], [threading.Event(), threading.Event()]
 
     def hold(i):
         with httpx.stream("POST", url, json=long_body, timeout=120) as reply:
-            assert reply.status_code == 200
+            statuses.append(reply.status_code)
+            admitted[i].set()
             lines = [line for line in reply.iter_lines() if line.startswith("data:")]
             done.append(lines[-1])
 
     threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
-    for t in threads:
+    for t, event in zip(threads, admitted):
         t.start()
-    refused = None
-    for _ in range(200):  # until both are in flight (the third request is the one refused)
-        reply = httpx.post(url, json={**long_body, "stream": False, "max_tokens": 2}, timeout=30)
-        if reply.status_code == 503:
-            refused = reply
-            break
-    assert refused is not None, "no 503 while two requests filled a server of max_num_seqs 1 + queue 1"
+        assert event.wait(timeout=60), "a holding request got no answer"
+    assert statuses == [200, 200]
+    refused = httpx.post(url, json={**long_body, "stream": False, "max_tokens": 2}, timeout=30)
+    assert refused.status_code == 503, "no 503 while two requests filled a server of max_num_seqs 1 + queue 1"
     assert refused.headers["retry-after"] == "1" and "capacity" in refused.json()["error"]["message"]
     for t in threads:
         t.join(timeout=120)
