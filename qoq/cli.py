@@ -10,6 +10,7 @@ import time
 import torch
 
 from qoq.config import PRECISIONS
+from qoq.host import keep_freed_memory
 from qoq.model.loader import DEFAULT_MODEL, LoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -433,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (LoadError, ValueError) as err:

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from qoq.host import keep_freed_memory
+
 # Triton decides at decoration time whether a @triton.jit function is interpreted, and kernels'
 # device helpers are decorated at import. Any test module may import qoq.kernels first, so the
 # CPU interpreter is switched on here, before collection (the kernels still run through their
@@ -13,6 +15,7 @@ if not torch.cuda.is_available():
 # Keep the suite's conversions out of the user's cache only when asked; the default cache is fine
 # and makes repeated runs fast.
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+keep_freed_memory()  # as the CLI does: large temporaries are not page-faulted in again each time
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Calibration: real text through the model one decoder layer at a time (bounded memory).
 
-For each layer we capture the inputs of its four linears and the post-RoPE keys on every
-calibration token; the layer's output becomes the next layer's input.
+For each layer we capture the inputs of its four linears on a fixed random sample of the
+calibration tokens (every search prices candidates on at most that many), their per-channel
+maxima and the post-RoPE keys on every token; the layer's output becomes the next layer's input.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ class CalibConfig:
 
 @dataclass
 class LayerActivations:
-    """Inputs of one decoder layer's linears, tokens flattened to rows (fp32)."""
+    """Inputs of one decoder layer's linears, tokens flattened to rows (fp32): the sample's rows
+    in row order (all M rows without a sample), and max |x| per input channel over all M."""
 
-    qkv_in: torch.Tensor  # [M, hidden]
-    o_in: torch.Tensor  # [M, q_size]
-    gate_up_in: torch.Tensor  # [M, hidden]
-    down_in: torch.Tensor  # [M, intermediate]
+    qkv_in: torch.Tensor  # [S, hidden]
+    o_in: torch.Tensor  # [S, q_size]
+    gate_up_in: torch.Tensor  # [S, hidden]
+    down_in: torch.Tensor  # [S, intermediate]
+    o_amax: torch.Tensor  # [q_size]
+    down_amax: torch.Tensor  # [intermediate]
     keys: torch.Tensor  # [M, num_kv_heads, head_dim], after RoPE
     output: torch.Tensor  # [num_seqs, seq_len, hidden]: the next layer's input
 
@@ -47,18 +51,53 @@ def calibration_tokens(tokenizer, cfg: CalibConfig, text: str | None = None) -> 
     return torch.stack([ids[i * stride : i * stride + cfg.seq_len] for i in range(cfg.num_seqs)])
 
 
-class _Rows:
-    """fp32 rows [total, width] filled chunk by chunk in place (no list of copies to concatenate)."""
+class RowSample:
+    """A fixed random draw of `size` of `total` rows. Captured rows are stored in row order (one
+    contiguous gather per forward chunk); `first(x, k)` gives the draw's first k of them, so each
+    search's sample is the start of the next larger one (smoothing's rows are the clip search's
+    first, which are GPTQ's first)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, size: int, seed: int, device: torch.device | str = "cpu") -> None:
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(size, total)]
+        rows, where = perm.sort()
+        self.size = perm.numel()
+        self.all = self.size == total
+        self.rows = rows.to(device)  # sorted row indices
+        self.draw_order = torch.argsort(where).to(device)  # stored position of the draw's j-th row
+
+    def first(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The first k rows of the draw, from rows stored in row order (all of x when k covers it)."""
+        return x if k >= self.size else x[self.draw_order[:k]]
+
+    def between(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the draw (all of x when that is every row)."""
+        return x if start == 0 and stop >= self.size else x[self.draw_order[start:stop]]
+
+
+class _Rows:
+    """fp32 rows filled chunk by chunk in place (no list of copies to concatenate): every row, or
+    the sample's rows; with `amax`, also max |x| per channel over every row."""
+
+    def __init__(self, total: int, sample: RowSample | None = None, amax: bool = False) -> None:
         self.total, self.filled, self.data = total, 0, None
+        self.rows = None if sample is None or sample.all else sample.rows
+        self.amax = torch.tensor(0.0) if amax else None
 
     def add(self, t: torch.Tensor) -> None:
         t = t.flatten(0, 1)  # [seqs, tokens, ...] -> [rows, ...]
+        lo, hi = self.filled, self.filled + t.shape[0]
         if self.data is None:
-            self.data = torch.empty(self.total, *t.shape[1:], dtype=torch.float32, device=t.device)
-        self.data[self.filled:self.filled + t.shape[0]] = t
-        self.filled += t.shape[0]
+            size = self.total if self.rows is None else self.rows.numel()
+            self.data = torch.empty(size, *t.shape[1:], dtype=torch.float32, device=t.device)
+        if self.rows is None:
+            self.data[lo:hi] = t
+        else:  # the sample's rows in this chunk are a contiguous run of the stored rows
+            a, b = torch.searchsorted(self.rows, torch.tensor([lo, hi], device=self.rows.device)).tolist()
+            torch.index_select(t.float(), 0, self.rows[a:b] - lo, out=self.data[a:b])
+        if self.amax is not None:
+            low, high = torch.aminmax(t, dim=0)
+            self.amax = torch.maximum(self.amax.to(t.device), torch.maximum(-low, high).float())
+        self.filled = hi
 
 
 class _KeyCapture(CausalAttention):
@@ -75,12 +114,14 @@ class _KeyCapture(CausalAttention):
 
 
 @torch.no_grad()
-def capture_layer(layer: DecoderLayer, x: torch.Tensor, rotary, chunk_seqs: int = 8) -> LayerActivations:
-    """Run `layer` on x [n, T, hidden] (fp, as it is now) and record what its linears see."""
+def capture_layer(layer: DecoderLayer, x: torch.Tensor, rotary, chunk_seqs: int = 8,
+                  sample: RowSample | None = None) -> LayerActivations:
+    """Run `layer` on x [n, T, hidden] (fp, as it is now) and record what its linears see: the
+    sample's rows (flat token indices), or every row."""
     total = x.shape[0] * x.shape[1]
     names = {"qkv_in": layer.self_attn.qkv_proj, "o_in": layer.self_attn.o_proj,
              "gate_up_in": layer.mlp.gate_up_proj, "down_in": layer.mlp.down_proj}
-    seen = {k: _Rows(total) for k in names}
+    seen = {k: _Rows(total, sample, amax=k in ("o_in", "down_in")) for k in names}
     hooks = [mod.register_forward_pre_hook(lambda _m, args, key=key: seen[key].add(args[0]))
              for key, mod in names.items()]
     keys = _Rows(total)
@@ -95,17 +136,10 @@ def capture_layer(layer: DecoderLayer, x: torch.Tensor, rotary, chunk_seqs: int 
     finally:
         for h in hooks:
             h.remove()
-    return LayerActivations(**{k: v.data for k, v in seen.items()}, keys=keys.data, output=output)
+    return LayerActivations(**{k: v.data for k, v in seen.items()}, o_amax=seen["o_in"].amax,
+                            down_amax=seen["down_in"].amax, keys=keys.data, output=output)
 
 
 @torch.no_grad()
 def embed(model: LlamaModel, tokens: torch.Tensor) -> torch.Tensor:
     return model.embed_tokens(tokens.to(model.device))
-
-
-def subsample_rows(x: torch.Tensor, max_rows: int, seed: int = 0) -> torch.Tensor:
-    """A fixed random subset of rows, for searches that need not see every token."""
-    if x.shape[0] <= max_rows:
-        return x
-    gen = torch.Generator().manual_seed(seed)
-    return x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]

@@ -30,7 +30,7 @@ from qoq.config import QuantConfig
 from qoq.layers.quant_linear import FakeQuantLinear, make_quant_linear
 from qoq.model.llama import DecoderLayer, LlamaModel
 from qoq.quant import smooth as smoothing
-from qoq.quant.calibrate import CalibConfig, calibration_tokens, capture_layer, embed, subsample_rows
+from qoq.quant.calibrate import CalibConfig, calibration_tokens, capture_layer, embed, RowSample
 from qoq.quant.clip import gram, search_clip
 from qoq.quant.gptq import gptq_round
 from qoq.quant.quantizer import fake_quantize_weight, fake_w4_group_rtn, quantize_weight
@@ -267,74 +267,83 @@ def _quantize_layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, opt
                     qc: QuantConfig, times: StepTimes) -> torch.Tensor:
     cfg, attn, mlp = model.config, layer.self_attn, layer.mlp
     with times("capture"):
-        acts = capture_layer(layer, x, model.rotary, opts.calib.chunk_seqs)
+        sample = RowSample(x.shape[0] * x.shape[1], _sample_size(opts), opts.seed, x.device)
+        acts = capture_layer(layer, x, model.rotary, opts.calib.chunk_seqs, sample)
     if opts.smooth_attention and qc.kv_bits < 16:
         with times("smooth_attention"):
             apply_smooth_attention(attn, smooth_attention_scales(acts.keys, opts.smooth_attention_alpha), cfg)
     o_in, down_in, qkv_in, gate_up_in = acts.o_in, acts.down_in, acts.qkv_in, acts.gate_up_in
-    output = acts.output
+    o_amax, down_amax, output = acts.o_amax, acts.down_amax, acts.output
     del acts
     fake_w = _fake_weight_fn(opts, qc)
+    search = opts.search_tokens
     with times("smooth"):
         if opts.smooth and opts.smooth_block_inputs:
-            qkv_in = _smooth_block_input(layer.input_layernorm, attn.qkv_proj, qkv_in, opts, fake_w)
-            gate_up_in = _smooth_block_input(layer.post_attention_layernorm, mlp.gate_up_proj, gate_up_in, opts, fake_w)
-        if opts.smooth:
-            res = smoothing.search_o_proj(subsample_rows(o_in, opts.search_tokens, opts.seed), attn, cfg, fake_w)
+            _smooth_block_input(layer.input_layernorm, attn.qkv_proj, qkv_in, sample.first(qkv_in, search), fake_w)
+            _smooth_block_input(layer.post_attention_layernorm, mlp.gate_up_proj, gate_up_in,
+                                sample.first(gate_up_in, search), fake_w)
+        if opts.smooth:  # the inputs are divided in place: the rows are this function's own
+            res = smoothing.search_o_proj(sample.first(o_in, search), attn, cfg, fake_w)
             if res.alpha is not None:
                 smoothing.apply_o_proj_smoothing(attn, res.scale, cfg)
-                o_in = o_in / smoothing.o_input_scale(res.scale, cfg)
-            res = smoothing.search_down_proj(subsample_rows(down_in, opts.search_tokens, opts.seed), mlp, fake_w)
+                scale = smoothing.o_input_scale(res.scale, cfg)
+                o_in.div_(scale)
+                o_amax = o_amax / scale  # exact: dividing by s > 0 keeps the order of |x|
+            res = smoothing.search_down_proj(sample.first(down_in, search), mlp, fake_w)
             if res.alpha is not None:
                 smoothing.apply_down_smoothing(mlp, res.scale)
-                down_in = down_in / res.scale
+                down_in.div_(res.scale)
+                down_amax = down_amax / res.scale
     if opts.reorder and qc.weight_bits == 4 and qc.group_size > 0:
         with times("reorder"):
-            o_in = o_in[:, reorder_o_proj(attn, o_in.abs().amax(0), cfg)]
-            down_in = down_in[:, reorder_down_proj(mlp, down_in.abs().amax(0))]
+            o_in = o_in[:, reorder_o_proj(attn, o_amax, cfg)]
+            down_in = down_in[:, reorder_down_proj(mlp, down_amax)]
     targets = [(attn, "qkv_proj", qkv_in), (attn, "o_proj", o_in),
                (mlp, "gate_up_proj", gate_up_in), (mlp, "down_proj", down_in)]
     del qkv_in, o_in, gate_up_in, down_in
     while targets:  # drop each input as soon as its linear is done (the MLP's are the largest)
         parent, name, inputs = targets.pop(0)
-        setattr(parent, name, _quantized_linear(getattr(parent, name), inputs, opts, qc, times))
+        setattr(parent, name, _quantized_linear(getattr(parent, name), inputs, opts, qc, times, sample))
         del inputs
     return output
 
 
-def _smooth_block_input(norm, linear, x: torch.Tensor, opts: QoQOptions, fake_w) -> torch.Tensor:
-    """AWQ/SmoothQuant-style scale on a block input, folded into its RMSNorm weight."""
-    res = smoothing.search_smoothing(subsample_rows(x, opts.search_tokens, opts.seed), linear.weight, fake_w)
-    if res.alpha is None:
-        return x
-    smoothing.apply_norm_smoothing(norm, linear, res.scale)
-    return x / res.scale
+def _sample_size(opts: QoQOptions) -> int:
+    """Rows of each linear's input that the enabled searches use (each takes a prefix)."""
+    return max(opts.search_tokens if opts.smooth else 0, opts.clip_tokens if opts.clip else 0,
+               opts.gptq_tokens if opts.gptq else 0)
 
 
-def _grams(inputs: torch.Tensor, opts: QoQOptions, times: StepTimes):
-    """(the clip search's Gram matrix, GPTQ's): X^T X over `clip_tokens` and `gptq_tokens` rows
-    drawn as subsample_rows draws them. The clip rows are the first of GPTQ's sample, so GPTQ's
-    Gram adds the rest to the clip Gram instead of starting over."""
-    n = inputs.shape[0]
-    clip_n = min(opts.clip_tokens, n) if opts.clip else 0
-    gptq_n = min(opts.gptq_tokens, n) if opts.gptq else 0
+def _smooth_block_input(norm, linear, x: torch.Tensor, search_x: torch.Tensor, fake_w) -> None:
+    """AWQ/SmoothQuant-style scale on a block input, folded into its RMSNorm weight (x is
+    divided in place)."""
+    res = smoothing.search_smoothing(search_x, linear.weight, fake_w)
+    if res.alpha is not None:
+        smoothing.apply_norm_smoothing(norm, linear, res.scale)
+        x.div_(res.scale)
+
+
+def _grams(inputs: torch.Tensor, sample: RowSample, opts: QoQOptions, times: StepTimes):
+    """(the clip search's Gram matrix, GPTQ's): X^T X over the sample's first `clip_tokens` and
+    `gptq_tokens` rows. The clip rows are the first of GPTQ's, so GPTQ's Gram adds the rest to
+    the clip Gram instead of starting over."""
+    clip_n = min(opts.clip_tokens, sample.size) if opts.clip else 0
+    gptq_n = min(opts.gptq_tokens, sample.size) if opts.gptq else 0
     with times("gram"):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed))
-        rows = inputs[perm[: max(clip_n, gptq_n)].to(inputs.device)]
-        c = gram(rows[:clip_n]) if clip_n else None
+        c = gram(sample.first(inputs, clip_n)) if clip_n else None
         if not gptq_n:
             return c, None
         if gptq_n <= clip_n:
-            return c, (c if gptq_n == clip_n else gram(rows[:gptq_n]))
-        rest = gram(rows[clip_n:gptq_n])
-        return c, (rest if c is None else rest + c)
+            return c, (c if gptq_n == clip_n else gram(sample.first(inputs, gptq_n)))
+        rest = gram(sample.between(inputs, clip_n, gptq_n))
+        return c, (rest if c is None else rest.add_(c))
 
 
 def _quantized_linear(linear: nn.Module, inputs: torch.Tensor | None, opts: QoQOptions, qc: QuantConfig,
-                      times: StepTimes) -> nn.Module:
+                      times: StepTimes, sample: RowSample | None = None) -> nn.Module:
     w = linear.weight.float()
     clip = None
-    c, h = _grams(inputs, opts, times) if inputs is not None else (None, None)
+    c, h = _grams(inputs, sample, opts, times) if inputs is not None else (None, None)
     if opts.clip and c is not None:
         with times("clip"):
             clip = search_clip(w, c, qc.weight_bits, qc.group_size)

@@ -21,6 +21,7 @@ from typing import Callable
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import EngineStats, LLMEngine
 from qoq.engine.sequence import RequestOutput
+from qoq.host import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class ModelSpec:
 
 def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, outputs) -> None:
     logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s %(name)s (engine): %(message)s")
+    keep_freed_memory()
     try:
         model, tokenizer = spec.load()
         engine = LLMEngine(model, tokenizer, config)
