@@ -46,16 +46,27 @@ def _check(w, u, a, b, lo, hi, gidx):
         raise ValueError(f"gptq_block: gidx must be [{bsz}], got {tuple(gidx.shape)}")
 
 
-def gptq_block_ref(w, u, a, b, lo, hi, gidx):
-    """(codes, errors), each fp32 [B, N]: the column loop in plain torch (fp32, as the kernel)."""
+def gptq_block_ref(w, u, a, b, lo, hi, gidx, step: int = 16):
+    """(codes, errors), each fp32 [B, N]: the column loop in plain torch (fp32, as the kernel).
+    Columns go `step` at a time: a column's error updates the rest of its step one by one, and
+    each step's errors reach the block's later columns in one matrix product (the same sums,
+    without rewriting the whole block per column)."""
     _check(w, u, a, b, lo, hi, gidx)
     w = w.clone()
     codes, errs = torch.empty_like(w), torch.empty_like(w)
-    for i, g in enumerate(gidx.tolist()):
-        q = torch.round((w[i] + b[g]) / a[g]).clamp_(min=lo[g], max=hi[g])
-        e = (w[i] - (q * a[g] - b[g])) / u[i, i]
-        w[i + 1:] -= u[i, i + 1:, None] * e[None, :]
-        codes[i], errs[i] = q, e
+    # per column of the block: its group's step, offset and code range, [B, N] each
+    ac, bc, loc, hic = (t.index_select(0, gidx.to(t.device)) for t in (a, b, lo, hi))
+    diag = torch.diagonal(u).tolist()
+    bsz = w.shape[0]
+    for s1 in range(0, bsz, step):
+        s2 = min(s1 + step, bsz)
+        for i in range(s1, s2):
+            q = torch.add(w[i], bc[i], out=codes[i]).div_(ac[i]).round_().clamp_(min=loc[i], max=hic[i])
+            e = torch.addcmul(bc[i], q, ac[i], value=-1, out=errs[i]).add_(w[i]).div_(diag[i])
+            if i + 1 < s2:
+                w[i + 1:s2].addcmul_(u[i, i + 1:s2, None], e[None, :], value=-1)
+        if s2 < bsz:
+            w[s2:].addmm_(u[s1:s2, s2:].T, errs[s1:s2], alpha=-1)
     return codes, errs
 
 

@@ -69,8 +69,11 @@ def codes_of(params) -> torch.Tensor:
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float64; columns no input ever
-    reaches (zero padding, dead channels) get a unit diagonal so they stay decoupled."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U, float64; columns no
+    input ever reaches (zero padding, dead channels) get a unit diagonal so they stay decoupled.
+
+    With J the order reversal and J H J = M M^T (lower Cholesky), U = J M^-1 J: one factorization
+    and one triangular inverse, instead of inverting H and factorizing the inverse."""
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, :] = 0
@@ -79,13 +82,14 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     diag = torch.arange(h.shape[0], device=h.device)
     h[diag, diag] += damp * torch.mean(torch.diag(h))
     for attempt in range(6):  # a Gram matrix from few tokens can be near singular: more damping
-        l, info = torch.linalg.cholesky_ex(h)
+        m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
         if int(info) == 0:
             break
         h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10 ** attempt
     else:
         raise ValueError("GPTQ: the input Gram matrix is not positive definite even with extra damping")
-    return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(m, eye, upper=False).flip(0, 1)
 
 
 @contextlib.contextmanager
@@ -105,11 +109,6 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, params, damp: float = 0.01, blo
                act_order: bool = False):
     """`params` (from quantize_weight on `w`) with its integer codes chosen by GPTQ under input Gram
     `h` [Kp, Kp]; every scale and zero is kept. Zero-padding columns stay at the code of 0."""
-    with _single_thread():
-        return _gptq_round(w, h, params, damp, block_size, act_order)
-
-
-def _gptq_round(w, h, params, damp, block_size, act_order):
     wp = pad_k(w.float())
     n, k = wp.shape
     if h.shape != (k, k):
@@ -126,7 +125,8 @@ def _gptq_round(w, h, params, damp, block_size, act_order):
     codes = torch.empty(k, n, dtype=torch.float32, device=wp.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        codes[i1:i2], err = gptq_block(wt[i1:i2], u[i1:i2, i1:i2].contiguous(), a, b, lo, hi, group[i1:i2])
+        with _single_thread():  # only the column loop: the factorization and GEMMs use every thread
+            codes[i1:i2], err = gptq_block(wt[i1:i2], u[i1:i2, i1:i2].contiguous(), a, b, lo, hi, group[i1:i2])
         wt[i2:] -= u[i1:i2, i2:].T @ err
     codes = codes.T
     if act_order:
