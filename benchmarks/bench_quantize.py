@@ -50,7 +50,13 @@ def record(name: str, report: dict, layers: int, full_layers: int) -> dict:
             "wall_seconds": report["wall_seconds"], "step_seconds": report["step_seconds"],
             "peak_gpu_gib": report["peak_gpu_gib"], "peak_host_gib": report["peak_host_gib"],
             "checkpoint_gib": report["checkpoint_gib"], "calib_tokens": report["calib_tokens"],
-            "device": report["device_name"], "threads": report["threads"]}
+            "device": report["device_name"], "threads": report["threads"], "git_commit": _commit()}
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return out.stdout.strip() or "unknown"
 
 
 def run_case(case: str, work: Path, extra: list[str]):
