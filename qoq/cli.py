@@ -16,10 +16,23 @@ from qoq.model.loader import DEFAULT_MODEL, LoadError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The --device choice (default: cuda when available), refused early when it cannot run here."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device torch knows ({err}); pass cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: qoq runs on cpu or cuda")
+    return device
+
+
 def _load(args):
     from qoq.model.loader import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
@@ -171,7 +184,7 @@ def cmd_serve(args) -> int:
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     configure_logging(args.log_level)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level)
     if args.random_weights:
@@ -191,11 +204,10 @@ def cmd_serve(args) -> int:
 def cmd_bench_throughput(args) -> int:
     from qoq.bench.throughput import run_throughput
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU; pass --device cpu for a (slow) CPU run")
+    device = str(resolve_device(args.device))
     batch = 0 if args.batch == "max" else int(args.batch)
     result = run_throughput(args.config, args.precision, args.group_size, batch, args.input_len,
-                            args.output_len, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                            args.output_len, device)
     print(json.dumps(result.to_dict()))
     return 0
 
@@ -253,9 +265,7 @@ def cmd_quantize(args) -> int:
     from qoq.quant.stream import check_source, quantize_folder
 
     options = quantize_options(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; pass --device cpu")
+    device = resolve_device(args.device)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # before any long work
     folder = resolve_model_path(args.model)

@@ -97,6 +97,11 @@ class ModelConfig:
                 f"unsupported architecture {archs or model_type!r}: qoq serves "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2)"
             )
+        missing = [k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "vocab_size") if not isinstance(hf.get(k), int) or hf[k] <= 0]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)} (or they are not positive integers): "
+                              "it is not a complete HuggingFace model config")
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         eos = hf.get("eos_token_id", 2)

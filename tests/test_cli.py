@@ -41,6 +41,28 @@ def test_bad_inputs_get_clear_errors():
     assert out.returncode == 2 and "exceeds the model's context" in out.stderr
 
 
+def test_user_errors_are_one_line_not_tracebacks(tmp_path):
+    bad_gguf = tmp_path / "model.gguf"
+    bad_gguf.write_text("not a GGUF file\n" * 100)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    cases = [
+        (("eval", "ppl", "--seq-len", "0"), "seq_len >= 2"),
+        (("eval", "ppl", str(bad_gguf)), "not a readable GGUF file"),
+        (("eval", "ppl", str(partial)), "lacks num_attention_heads"),
+        (("generate", "-p", "hi", "--device", "tpu"), "pass cpu or cuda"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((("generate", "-p", "hi", "--device", "cuda"), "needs a CUDA GPU"))
+    for args, message in cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
 def test_quantize_then_eval_and_generate_a_tiny_hf_model(tmp_path, bundled):
     """`qoq quantize` on an HF folder, then the packed checkpoint through `eval ppl` and `generate`."""
     import torch

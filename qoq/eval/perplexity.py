@@ -33,6 +33,9 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """exp(mean NLL) over windows of `seq_len` tokens, each scored from its own start."""
+    if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"perplexity needs seq_len >= 2, batch_size >= 1 and max_tokens >= 1 "
+                         f"(got {seq_len}, {batch_size}, {max_tokens})")
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
     num_windows = token_ids.numel() // seq_len

@@ -108,7 +108,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or converted_dir(gguf_path)
     if (out_dir / "model.safetensors").exists():
         return out_dir
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as err:  # gguf raises ValueError for a bad magic or a truncated file
+        raise ValueError(f"{gguf_path} is not a readable GGUF file ({err}): pass a .gguf model, an HF folder "
+                         "or a qoq checkpoint") from None
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(
