@@ -159,7 +159,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from qoq.engine.config import EngineConfig
     from qoq.server.engine_loop import ModelSpec
-    from qoq.server.serve import configure_logging, make_process_server
+    from qoq.server.serve import configure_logging, default_served_name, make_process_server
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
@@ -169,6 +169,8 @@ def cmd_serve(args) -> int:
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     configure_logging(args.log_level)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
@@ -177,10 +179,10 @@ def cmd_serve(args) -> int:
         from qoq.bench.random_model import bundled_config
 
         bundled_config(args.random_weights)  # an unknown config is an error here, not in the engine process
-    name = args.served_model_name or (f"random-{args.random_weights}-{args.precision}" if args.random_weights
-                                      else str(args.model))
+    name = args.served_model_name or default_served_name(args.model, args.random_weights, args.precision)
     t0 = time.perf_counter()
-    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len)
+    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len,
+                                 args.max_request_bytes)
     print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
           f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
@@ -379,10 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: MODEL's folder or file name, never its path)")
     _add_engine_args(serve)
     serve.add_argument("--max-queue-len", type=int, default=4096,
                        help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                       help="largest request body accepted (default 4 MiB); larger ones get 413")
     serve.add_argument("--random-weights", metavar="CONFIG", default=None,
                        help="serve random weights of a config in qoq/configs (or a config.json) with a synthetic "
                             "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")
