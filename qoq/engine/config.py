@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qoq.engine.block_manager import pages_needed
+from qoq.sampling import SamplingParamError
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RequestLimits:
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         params.validate()
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise SamplingParamError("stop_token_ids", f"stop_token_ids must be in [0, {self.vocab_size})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
