@@ -159,7 +159,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from qoq.engine.config import EngineConfig
     from qoq.server.engine_loop import ModelSpec
-    from qoq.server.serve import configure_logging, default_served_name, make_process_server
+    from qoq.server.serve import configure_logging, default_served_name, engine_failed, make_process_server
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
@@ -186,7 +186,7 @@ def cmd_serve(args) -> int:
     print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
           f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
-    return 0
+    return 1 if engine_failed(server) else 0
 
 
 def cmd_bench_throughput(args) -> int:

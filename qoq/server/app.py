@@ -62,6 +62,7 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
         tokenizers.shutdown()
 
     app = FastAPI(title="qoq", lifespan=lifespan)
+    app.state.engine = engine
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     model_card = ModelCard(id=model_name, max_model_len=limits.max_model_len)

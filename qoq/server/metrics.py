@@ -39,6 +39,8 @@ def render_metrics(stats: EngineStats, model_name: str) -> str:
         ("qoq_num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV pages",
          stats.num_preemptions_total),
         ("qoq_engine_steps_total", "Engine steps run", stats.num_steps_total),
+        ("qoq_engine_failed_steps_total", "Engine steps that raised (their requests were run alone to find the "
+         "one at fault, which finished with reason \"error\")", stats.num_failed_steps_total),
         ("qoq_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
         ("qoq_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (hit rate: hits / queries)",
          stats.prefix_cache_hits),

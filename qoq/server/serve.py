@@ -19,13 +19,27 @@ from qoq.server.async_engine import AsyncEngine
 from qoq.server.engine_loop import EngineProcess, EngineThread, ModelSpec
 from qoq.server.errors import DEFAULT_MAX_REQUEST_BYTES
 
+log = logging.getLogger(__name__)
+
 
 def _uvicorn(engine: AsyncEngine, model_name: str, host: str, port: int, log_level: str,
              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
     app = build_app(engine, model_name, max_request_bytes=max_request_bytes)
     # backlog: a benchmark opens thousands of connections at once.
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
-                                         timeout_keep_alive=30))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
+                                           timeout_keep_alive=30))
+
+    def engine_failed() -> None:  # exit (and be restarted) rather than answer 503 forever
+        log.critical("the engine stopped after a device fault; shutting the server down (exit code 1)")
+        server.should_exit = True
+
+    engine.on_failure = engine_failed
+    return server
+
+
+def engine_failed(server: uvicorn.Server) -> bool:
+    """Whether `server` stopped because its engine did (`qoq serve` then exits with 1)."""
+    return server.config.app.state.engine.failed
 
 
 def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
