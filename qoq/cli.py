@@ -154,6 +154,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute shared prompt prefixes (default: reuse their cached KV pages)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="greedy outputs independent of the rest of the batch (float linears per row, attention "
+                        "per token: slower, see docs/serving.md)")
 
 
 def cmd_serve(args) -> int:
@@ -166,7 +169,8 @@ def cmd_serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs),
-        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
+        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+        deterministic=args.deterministic)
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     if args.max_request_bytes < 1:

@@ -38,6 +38,10 @@ class EngineConfig:
     # Keep full pages keyed by their prefix after their requests end, and start later prompts with
     # the same prefix past them (block_manager.py).
     enable_prefix_caching: bool = True
+    # A greedy request's output does not depend on what else is in the batch, float weights and a
+    # quantized cache included: float linears run per row, attention per token (batch_invariant.py;
+    # its cost is in docs/serving.md). Implies enforce_eager.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):
