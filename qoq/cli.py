@@ -168,21 +168,27 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute shared prompt prefixes (default: reuse their cached KV pages)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="greedy outputs independent of the rest of the batch (float linears per row, attention "
+                        "per token: slower, see docs/serving.md)")
 
 
 def cmd_serve(args) -> int:
     from qoq.engine.config import EngineConfig
     from qoq.server.engine_loop import ModelSpec
-    from qoq.server.serve import configure_logging, make_process_server
+    from qoq.server.serve import configure_logging, default_served_name, engine_failed, make_process_server
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs),
-        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
+        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+        deterministic=args.deterministic)
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     configure_logging(args.log_level)
     device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
@@ -191,14 +197,14 @@ def cmd_serve(args) -> int:
         from qoq.bench.random_model import bundled_config
 
         bundled_config(args.random_weights)  # an unknown config is an error here, not in the engine process
-    name = args.served_model_name or (f"random-{args.random_weights}-{args.precision}" if args.random_weights
-                                      else str(args.model))
+    name = args.served_model_name or default_served_name(args.model, args.random_weights, args.precision)
     t0 = time.perf_counter()
-    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len)
+    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len,
+                                 args.max_request_bytes)
     print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
           f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
-    return 0
+    return 1 if engine_failed(server) else 0
 
 
 def cmd_bench_throughput(args) -> int:
@@ -390,10 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: MODEL's folder or file name, never its path)")
     _add_engine_args(serve)
     serve.add_argument("--max-queue-len", type=int, default=4096,
                        help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                       help="largest request body accepted (default 4 MiB); larger ones get 413")
     serve.add_argument("--random-weights", metavar="CONFIG", default=None,
                        help="serve random weights of a config in qoq/configs (or a config.json) with a synthetic "
                             "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")

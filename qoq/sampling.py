@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+# Bounds every value must keep (checked at the edge, so nothing out of range reaches the engine):
+# integers the engine puts in int64 tensors stay far inside them; seeds are what
+# torch.Generator.manual_seed takes.
+MAX_INT32 = 2**31 - 1
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+# Below this a temperature is greedy: logits / T would overflow fp32 (and T itself round to 0).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # a streamed request holds back this many characters at most
+MAX_STOP_TOKEN_IDS = 256
+
+
+class SamplingParamError(ValueError):
+    """A sampling value out of range; `param` names the field (the HTTP error's "param")."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -31,24 +61,41 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        """Raise SamplingParamError unless every value is one the engine can represent."""
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT32:
+            raise SamplingParamError("max_tokens", f"max_tokens must be an integer in [1, {MAX_INT32}], "
+                                                   f"got {self.max_tokens!r}")
+        if not _is_finite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise SamplingParamError("temperature", f"temperature must be >= 0 and <= {MAX_TEMPERATURE:g} "
+                                                    f"(0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_INT32:
+            raise SamplingParamError("top_k", f"top_k must be an integer in [0, {MAX_INT32}] (0 = off), "
+                                              f"got {self.top_k!r}")
+        if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise SamplingParamError("seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        self._validate_stops()
         if self.output_kind not in ("delta", "final"):
-            raise ValueError(f"output_kind must be 'delta' or 'final', got {self.output_kind!r}")
-        if self.stop and not self.detokenize:
-            raise ValueError("stop strings need detokenize=True")
+            raise SamplingParamError("output_kind", f"output_kind must be 'delta' or 'final', got {self.output_kind!r}")
+
+    def _validate_stops(self) -> None:
+        stop, ids = self.stop, self.stop_token_ids
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+            raise SamplingParamError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings")
+        if any(not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS for s in stop):
+            raise SamplingParamError("stop", f"stop strings must be non-empty and at most {MAX_STOP_STRING_CHARS} "
+                                             "characters long")
+        if stop and not self.detokenize:
+            raise SamplingParamError("stop", "stop strings need detokenize=True")
+        if not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamError("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if any(not _is_int(t) or not 0 <= t <= MAX_INT32 for t in ids):
+            raise SamplingParamError("stop_token_ids", "stop_token_ids must be token ids (integers >= 0)")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -69,11 +116,12 @@ def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     vocab = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     use_k = (top_k > 0) & (top_k < vocab)
-    kth = sorted_logits.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
+    kth = sorted_logits.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])  # top_k >= vocab: use_k is False
     sorted_logits = sorted_logits.masked_fill(use_k[:, None] & (sorted_logits < kth), float("-inf"))
     probs = sorted_logits.softmax(-1)
     # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
     drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop[:, 0] = False  # even when top_p rounds to 0 in fp32
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qoq.sampling import SamplingParams, filter_logits, filter_logits_rows, sample
+from qoq.sampling import SamplingParamError, SamplingParams, filter_logits, filter_logits_rows, sample
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -13,10 +13,54 @@ from qoq.sampling import SamplingParams, filter_logits, filter_logits_rows, samp
     (dict(top_p=1.5), "top_p"),
     (dict(stop=[""]), "stop"),
     (dict(stop=["x"], detokenize=False), "detokenize"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(max_tokens=2**31), "max_tokens"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1e6), "temperature"),
+    (dict(top_k=2**63), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(seed=2**64), "seed"),
+    (dict(seed=-(2**63) - 1), "seed"),
+    (dict(seed=True), "seed"),
+    (dict(stop=["x"] * 17), "at most 16"),
+    (dict(stop=["x" * 257]), "at most 256"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids"),
+    (dict(stop_token_ids=list(range(257))), "stop_token_ids"),
 ])
 def test_bad_params_rejected(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SamplingParamError, match=message) as err:
         SamplingParams(**kwargs)
+    assert err.value.param == next(iter(kwargs)) or err.value.param == "stop"
+
+
+def test_the_edges_of_every_range_are_accepted():
+    for seed in (-(2**63), 2**64 - 1):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        torch.Generator().manual_seed(params.seed)
+    SamplingParams(max_tokens=2**31 - 1, temperature=2.0, top_k=2**31 - 1, top_p=1e-300,
+                   stop=["x" * 256] * 16, stop_token_ids=list(range(256)))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 4.9e-324, 1e-5])
+def test_tiny_temperatures_give_the_greedy_token_not_nan(temperature):
+    logits = torch.randn(3, 100) * 30
+    params = SamplingParams(temperature=temperature, seed=0)
+    assert torch.equal(sample(logits, params, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_top_token():
+    logits = torch.randn(2, 50)
+    out = filter_logits(logits, top_k=0, top_p=1e-300)
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 1]
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
+def test_top_k_beyond_the_vocabulary_keeps_everything():
+    logits = torch.randn(2, 50)
+    rows = filter_logits_rows(logits, torch.tensor([2**31 - 1, 50]), torch.tensor([1.0, 1.0]))
+    assert torch.equal(rows, logits)
 
 
 def test_top_k_keeps_k_largest():

@@ -29,6 +29,10 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor | None = None  # [num_prefills, max_pages] int32
     prefill_kv_lens: torch.Tensor | None = None  # [num_prefills] int32: cached tokens after the chunk
     prefill_has_context: bool = True  # some chunk starts past position 0 (reads earlier pages)
+    # Deterministic mode: every token (prefill ones too) attends alone over its causal context.
+    token_block_tables: torch.Tensor | None = None  # [T, max_pages] int32: the table of its sequence
+    token_context_lens: torch.Tensor | None = None  # [T] int32: its position + 1
+    token_num_pages: list[int] | None = None  # pages of that context, on the host
 
 
 class PagedAttention:
@@ -46,11 +50,20 @@ class PagedAttention:
         q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
         num_prefill = md.num_prefill_tokens
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # both kernels write their rows in place
-        if num_prefill:
+        if md.token_num_pages is not None:
+            self._per_token(q, cache, md, out)
+        elif num_prefill:
             n = num_prefill
             paged_prefill(q[:n], k[:n], v[:n], cache, md.prefill_block_tables, md.cu_seqlens, md.prefill_kv_lens,
                           self.scale, md.max_seqlen, md.prefill_has_context, out=out[:n])
-        if num_prefill < q.shape[0]:
+        if md.token_num_pages is None and num_prefill < q.shape[0]:
             paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
                                    out=out[num_prefill:])
         return out.view(batch, num_tokens, num_heads, head_dim)
+
+    def _per_token(self, q, cache: KVCacheLayer, md: AttentionMetadata, out: torch.Tensor) -> None:
+        """Each token as a decode of batch 1 over exactly its context's pages: the kernel and
+        its reduction order depend on the token's own position only (batch_invariant.py)."""
+        for i, num_pages in enumerate(md.token_num_pages):
+            paged_decode_attention(q[i : i + 1], cache, md.token_block_tables[i : i + 1, :num_pages],
+                                   md.token_context_lens[i : i + 1], self.scale, out=out[i : i + 1])

@@ -84,6 +84,15 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # -- prefix cache ------------------------------------------------------------------------
+    def forget_cached_pages(self) -> None:
+        """Drop every key (pages without holders become plain free): after a failed step, pages
+        keyed at scheduling time may never have been written."""
+        assert not any(self.ref_counts), "only while no sequence holds pages"
+        self.free_pages.extend(self.evictable)
+        self.evictable.clear()
+        self.page_key.clear()
+        self.cached.clear()
+
     def _key(self, tokens: list[int], index: int, parent: int | None) -> int:
         # Python's tuple hash: 64 bits, deterministic for ints; a false match needs a collision.
         return hash((parent, tuple(tokens[index * self.page_size : (index + 1) * self.page_size])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qoq.engine.block_manager import pages_needed
+from qoq.sampling import SamplingParamError
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EngineConfig:
     # Keep full pages keyed by their prefix after their requests end, and start later prompts with
     # the same prefix past them (block_manager.py).
     enable_prefix_caching: bool = True
+    # A greedy request's output does not depend on what else is in the batch, float weights and a
+    # quantized cache included: float linears run per row, attention per token (batch_invariant.py;
+    # its cost is in docs/serving.md). Implies enforce_eager.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):
@@ -67,6 +72,8 @@ class RequestLimits:
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         params.validate()
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise SamplingParamError("stop_token_ids", f"stop_token_ids must be in [0, {self.vocab_size})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -104,9 +104,10 @@ def _visible_text(seq: Sequence, finished: bool) -> str:
     if finished:
         return seq.text
     # seq.text holds only stable text (no half characters); keep back a possible stop-string start.
+    # (Clamped at 0: a text shorter than the hold shows nothing yet.)
     stop = seq.params.stop
     hold = max(map(len, stop)) - 1 if stop else 0
-    return seq.text[: len(seq.text) - hold] if hold else seq.text
+    return seq.text[: max(0, len(seq.text) - hold)] if hold else seq.text
 
 
 def make_output(seq: Sequence, finished: bool) -> RequestOutput:

@@ -6,6 +6,15 @@ With `EngineConfig.async_scheduling` (the default) steps are pipelined: step() s
 launches step n on the device, and while the device computes it, reads back and processes step
 n-1's tokens (append, stops, outputs), so the engine's Python overlaps the device's work instead
 of following it. step() therefore returns the outputs of the step launched by the previous call.
+
+One request must never fail the others. A request whose token cannot be recorded (detokenized)
+fails alone. A step that raises (a request that passed every check and still breaks the forward
+or its sampling) is isolated: the in-flight tokens are forgotten, every running sequence goes
+back to the waiting queue (recomputed later) and the prefix cache is dropped (pages keyed when
+scheduled may never have been written); then each of those sequences runs alone, one synchronous
+step at a time, until it samples a token. A sequence whose step fails alone is failed
+(finish_reason "error"); the others carry on. A device fault (CUDA error, out of memory) is not
+isolated: step() raises it, and the server's engine loop stops (`is_device_fault`).
 """
 
 from __future__ import annotations
@@ -34,6 +43,17 @@ log = logging.getLogger(__name__)
 FINISHED = SequenceStatus.FINISHED
 
 
+_DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
+
+
+def is_device_fault(err: BaseException) -> bool:
+    """An error that leaves the device (or its memory) in doubt: no request is to blame, and
+    the engine cannot go on."""
+    if isinstance(err, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+        return True
+    return any(text in str(err) for text in _DEVICE_FAULTS)
+
+
 @dataclass
 class EngineStats:
     num_running: int = 0
@@ -48,6 +68,7 @@ class EngineStats:
     generation_tokens_per_second: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache...
     prefix_cache_hits: int = 0  # ...and found there
+    num_failed_steps_total: int = 0  # steps that raised (their requests isolated, see the docstring)
 
 
 class LLMEngine:
@@ -73,6 +94,7 @@ class LLMEngine:
         self._stats = EngineStats(num_pages_total=self.runner.num_pages)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tok/s
         self._in_flight: StepInFlight | None = None  # async scheduling: launched, not yet processed
+        self._suspects: list[Sequence] = []  # after a failed step: to run alone, last first
         log.info("engine: %d KV pages of %d tokens (KV%d), max_model_len %d",
                  self.runner.num_pages, config.page_size, self.kv_bits, self.max_model_len)
 
@@ -127,6 +149,16 @@ class LLMEngine:
         self._count_finished("abort")
         return make_output(seq, finished=True)
 
+    def fail_request(self, seq: Sequence, err: BaseException) -> RequestOutput:
+        """Finish `seq` with finish_reason "error" (the engine could not serve it)."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(err).__name__, err)
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")
+        self._count_finished("error")
+        out = make_output(seq, finished=True)
+        out.error = f"the engine failed this request: {type(err).__name__}: {err}"
+        return out
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
@@ -135,8 +167,20 @@ class LLMEngine:
         """Run a step; return the outputs of the step whose tokens were processed in it.
 
         Synchronous: this step's own. Async scheduling: the previous call's step (none on the
-        first call), this call's step being on the device meanwhile.
+        first call), this call's step being on the device meanwhile. A failing step is isolated
+        (module docstring); only a device fault raises.
         """
+        if self._suspects:
+            return self._step_alone(self._suspects[-1])
+        try:
+            return self._step()
+        except Exception as err:
+            if is_device_fault(err):
+                raise
+            self._isolate(err)
+            return []
+
+    def _step(self) -> list[RequestOutput]:
         if not self.config.async_scheduling:
             batch = self.scheduler.schedule()
             if not batch:
@@ -165,6 +209,37 @@ class LLMEngine:
             self._drop(prev, launched)
             raise
 
+    def _isolate(self, err: Exception) -> None:
+        log.exception("an engine step failed; running its %d requests one at a time to find the cause",
+                      len(self.scheduler.running))
+        self._stats.num_failed_steps_total += 1
+        self._drop(self._in_flight)
+        # Run alone last first: each goes back to the front of the waiting queue once it has
+        # sampled, so they end up in their order.
+        self._suspects = self.scheduler.requeue_all()
+        self.block_manager.forget_cached_pages()
+
+    def _step_alone(self, seq: Sequence) -> list[RequestOutput]:
+        """One synchronous step of `seq` only; it is cleared once it has sampled a token."""
+        if seq.status is FINISHED:  # aborted meanwhile
+            self._suspects.pop()
+            return []
+        try:
+            batch = self.scheduler.schedule_alone(seq)
+            outputs = self._process(batch.seqs, self.runner.execute(batch), batch)
+        except Exception as err:
+            if is_device_fault(err):
+                raise
+            self._suspects.pop()
+            failed = self.fail_request(seq, err)
+            self.block_manager.forget_cached_pages()  # its step keyed pages it may not have written
+            return [failed]
+        if seq.status is FINISHED or batch.seqs:
+            self._suspects.pop()
+            if seq.status is not FINISHED:
+                self.scheduler.requeue(seq)
+        return outputs
+
     def _drop(self, *steps: StepInFlight | None) -> None:
         """Forget in-flight tokens (reading or recording them failed, e.g. a device error).
 
@@ -180,19 +255,19 @@ class LLMEngine:
     def _process(self, seqs: list[Sequence], tokens: list[int], batch) -> list[RequestOutput]:
         """Record a step's sampled tokens: append, stops, finished sequences, outputs, stats."""
         tokenizer = self.tokenizer
+        live, failed = [], []
         with self.tokenizer_lock:
-            if self.config.async_scheduling:
-                live = []
-                for seq, token in zip(seqs, tokens):
+            for seq, token in zip(seqs, tokens):
+                if seq.num_pending:
                     seq.num_pending -= 1  # known now
-                    if seq.status is not FINISHED:  # else finished or aborted while in flight: dropped
-                        append_token(seq, token, tokenizer)
-                        live.append(seq)
-            else:
-                live = seqs
-                for seq, token in zip(seqs, tokens):
+                if seq.status is FINISHED:  # finished or aborted while in flight: dropped
+                    continue
+                try:
                     append_token(seq, token, tokenizer)
-        outputs = []
+                    live.append(seq)
+                except Exception as err:  # noqa: BLE001 - this request fails, not the step
+                    failed.append((seq, err))
+        outputs = [self.fail_request(seq, err) for seq, err in failed]
         for seq in live:
             finished = seq.finish_reason is not None
             if finished:

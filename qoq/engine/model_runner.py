@@ -12,11 +12,13 @@ takes it from the previous step's device tensor: the input ids are gathered on t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from qoq.engine.attention import AttentionMetadata, PagedAttention
+from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
 from qoq.engine.cuda_graph import DecodeGraphs
@@ -76,7 +78,7 @@ class ModelRunner:
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not (config.enforce_eager or config.deterministic):
             self.graphs = DecodeGraphs.capture(self, min(config.max_graph_batch_size, config.max_num_seqs))
 
     # -- cache sizing ----------------------------------------------------------------------
@@ -157,10 +159,11 @@ class ModelRunner:
         inputs = self.prepare(batch, prev_tokens)
         if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
-        else:
+            return self.model.compute_logits(hidden[inputs.logit_indices])
+        with PerRowLinears() if self.config.deterministic else contextlib.nullcontext():
             self.attn.metadata = inputs.metadata
             hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]
-        return self.model.compute_logits(hidden[inputs.logit_indices])
+            return self.model.compute_logits(hidden[inputs.logit_indices])
 
     def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> ModelInputs:
         """Flattened inputs on the device. A decode whose last token is pending (sampled by the
@@ -215,6 +218,11 @@ class ModelRunner:
         if batch.decodes:
             md.block_tables = to_device(self.block_tables(batch.decodes), torch.int32, dev)
             md.context_lens = to_device(context_lens, torch.int32, dev)
+        if self.config.deterministic:  # every token attends alone (batch_invariant.py)
+            token_seqs = [c.seq for c in batch.chunks for _ in range(c.num_tokens)] + batch.decodes
+            md.token_block_tables = to_device(self.block_tables(token_seqs), torch.int32, dev)
+            md.token_context_lens = to_device([p + 1 for p in positions], torch.int32, dev)
+            md.token_num_pages = [pages_needed(p + 1, page_size) for p in positions]
         input_ids = to_device([ids], torch.long, dev)
         if pending_rows:
             assert prev_tokens is not None, "a pending token needs the step that sampled it"

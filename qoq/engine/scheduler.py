@@ -157,12 +157,43 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         """Recompute later: drop the pages, keep the tokens, go first in line."""
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
+        self._requeue(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
         batch.preempted.append(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    # -- isolating a failed step (LLMEngine._isolate) ----------------------------------------
+    def requeue_all(self) -> list[Sequence]:
+        """Every running sequence back to the front of the waiting queue, in admission order,
+        its pages dropped (recomputed later): a failed step left their cache state unknown."""
+        seqs, self.running = self.running, []
+        for seq in reversed(seqs):
+            self._requeue(seq)
+        return seqs
+
+    def schedule_alone(self, seq: Sequence) -> ScheduledBatch:
+        """A step of `seq` and nothing else: its next prefill chunk, admitting it first. The
+        engine runs this only while no other sequence holds pages, so they are there."""
+        batch = ScheduledBatch()
+        if seq.status is SequenceStatus.WAITING:
+            prefix = self.block_manager.cached_prefix(seq)
+            assert self.block_manager.can_allocate_prefill(seq, prefix), "a request always fits the whole cache"
+            self.waiting.remove(seq)
+            self.block_manager.allocate_prefill(seq, prefix)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        self._add_chunk(batch, seq, self.max_num_batched_tokens)
+        return batch
+
+    def requeue(self, seq: Sequence) -> None:
+        """A running sequence back to the front of the waiting queue (its full pages stay cached)."""
+        self.running.remove(seq)
+        self._requeue(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finished or aborted: leave whichever queue holds it and free its pages.

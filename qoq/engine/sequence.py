@@ -45,7 +45,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # page ids, in token order
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" (client gone) or "error" (engine failed it)
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # per-request RNG when the request gives a seed
     # Detokenizer state: text decoded so far and how much of it was already handed out.
@@ -110,6 +110,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     prompt_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None  # finish_reason "error": what went wrong
 
     @property
     def num_generated_tokens(self) -> int:

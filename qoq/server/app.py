@@ -14,11 +14,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from qoq.server.async_engine import AsyncEngine, EngineError, QueueFull, RequestStream
 from qoq.server.engine_loop import Delta
+from qoq.server.errors import DEFAULT_MAX_REQUEST_BYTES, ApiError, BodyLimit, error_body, install_error_handlers
 from qoq.server.metrics import render_metrics
 from qoq.server.protocol import (
     AssistantMessage,
@@ -35,40 +35,11 @@ from qoq.server.protocol import (
     ModelList,
     SamplingFields,
     Usage,
-    error_body,
     new_id,
 )
+from qoq.server.tokenizer_pool import TokenizerPool
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
-def _validation_message(err: RequestValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        if e.get("type") == "json_invalid":
-            return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where or 'body'}: {e.get('msg')}")
-    return "invalid request: " + "; ".join(parts)
-
-
-def _tokenize(tokenizer, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    return [int(t) for t in prompt]
-
-
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _chunk_template(obj: dict, key: str) -> str:
@@ -78,26 +49,23 @@ def _chunk_template(obj: dict, key: str) -> str:
     return text.split(f'"{key}":0', 1)[0] + f'"{key}":'
 
 
-def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     limits = engine.limits
-    tokenizer = engine.tokenizer
+    tokenizers = TokenizerPool(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start()
         yield
         engine.shutdown()
+        tokenizers.shutdown()
 
     app = FastAPI(title="qoq", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError):
-        headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
-        return JSONResponse(error_body(err.message, err.status), status_code=err.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError):
-        return JSONResponse(error_body(_validation_message(err), 400), status_code=400)
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    model_card = ModelCard(id=model_name, max_model_len=limits.max_model_len)
 
     def check_model(req: SamplingFields) -> None:
         if req.model != model_name:
@@ -110,7 +78,7 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> F
         try:
             return req.sampling_params(max_tokens if max_tokens is not None else default)
         except ValueError as err:
-            raise ApiError(400, str(err)) from err
+            raise ApiError(400, str(err), param=getattr(err, "param", None)) from err
 
     def submit(prompt_ids, params, request_id) -> RequestStream:
         if not engine.alive:
@@ -118,14 +86,14 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> F
         try:
             return engine.add(prompt_ids, params, request_id)
         except ValueError as err:
-            raise ApiError(400, str(err)) from err
+            raise ApiError(400, str(err), param=getattr(err, "param", None)) from err
         except QueueFull as err:
             raise ApiError(503, str(err), retry_after_s=retry_after_s) from err
 
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return JSONResponse(error_body("the engine stopped", 503), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -135,7 +103,14 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> F
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=limits.max_model_len)])
+        return ModelList(data=[model_card])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist: this server serves {model_name!r}",
+                           param="model")
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -146,26 +121,29 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> F
                 raise ApiError(400, "qoq takes one prompt per request; send a string, not a list of strings")
             prompt = prompt[0]
         if isinstance(prompt, str) and not prompt:
-            raise ApiError(400, "the prompt is empty: it needs at least one token")
+            raise ApiError(400, "the prompt is empty: it needs at least one token", param="prompt")
         try:
-            prompt_ids = _tokenize(tokenizer, prompt)
-        except (TypeError, ValueError) as err:
-            raise ApiError(400, f"cannot tokenize the prompt: {err}") from err
+            prompt_ids = await tokenizers.encode(prompt) if isinstance(prompt, str) else prompt
+        except Exception as err:  # noqa: BLE001 - tokenizers raise their own error types
+            raise ApiError(400, f"cannot tokenize the prompt: {err}", param="prompt") from err
         params = params_for(req, prompt_ids, req.max_tokens, default=16)  # OpenAI's default for completions
         request_id = new_id("cmpl")
         stream = submit(prompt_ids, params, request_id)
+        echo = prompt if req.echo and isinstance(prompt, str) else ""
         if req.stream:
-            return _sse(completion_chunks(stream, request_id, req.include_usage), stream)
+            return _sse(completion_chunks(stream, request_id, req.include_usage, echo), stream)
         out = await _collect(stream, raw)
         if out is None:
             return Response(status_code=499)
-        text = (prompt if isinstance(prompt, str) else "") + out.text if req.echo else out.text
+        text = echo + out.text
         return CompletionResponse(id=request_id, model=model_name, usage=_usage(out),
                                   choices=[CompletionChoice(text=text, finish_reason=out.finish_reason)])
 
-    async def completion_chunks(stream: RequestStream, request_id: str, include_usage: bool):
+    async def completion_chunks(stream: RequestStream, request_id: str, include_usage: bool, echo: str):
         text_head = _chunk_template(CompletionResponse(id=request_id, model=model_name, choices=[]).model_dump(),
                                     "choices") + '[{"index":0,"text":'
+        if echo:
+            yield f'{text_head}{json.dumps(echo)},"finish_reason":null,"logprobs":null}}],"usage":null}}'
         while True:
             deltas = await stream.next()
             last = deltas[-1]
@@ -183,12 +161,12 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1) -> F
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         check_model(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if not getattr(tokenizer, "chat_template", None):
+        if not getattr(tokenizers.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
         try:
-            prompt_ids = _chat_ids(tokenizer, messages)
+            prompt_ids = await tokenizers.chat(messages)
         except Exception as err:  # noqa: BLE001 - templates raise their own errors on bad roles/order
-            raise ApiError(400, f"cannot apply the chat template to these messages: {err}") from err
+            raise ApiError(400, f"cannot apply the chat template to these messages: {err}", param="messages") from err
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = params_for(req, prompt_ids, max_tokens, default=limits.max_model_len - len(prompt_ids))
         request_id = new_id("chatcmpl")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from qoq.engine.llm_engine import EngineStats
 from qoq.sampling import SamplingParams
@@ -66,6 +67,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._stats = EngineStats(num_pages_total=self.limits.num_pages)
         self._gone = False
+        self._stopping = False
+        self.failed = False  # the engine stopped on its own (a device fault): the server should exit
+        self.on_failure: Callable[[], None] | None = None  # called on the event loop when it does
 
     def start(self) -> None:
         """Start delivering the engine's messages to this (running) event loop."""
@@ -80,6 +84,7 @@ class AsyncEngine:
         self.backend.start(on_message)
 
     def shutdown(self) -> None:
+        self._stopping = True
         self.backend.shutdown()
 
     @property
@@ -105,12 +110,17 @@ class AsyncEngine:
             self.backend.send(("abort", request_id))
 
     def _dispatch(self, message: StepMessage | None) -> None:
-        if message is None:  # the engine process is gone
+        if message is None:  # the engine (process or thread) is gone
             self._gone = True
-            log.error("the engine stopped; failing %d requests in flight", len(self._streams))
+            if self._stopping:
+                return
+            log.critical("the engine stopped; failing %d requests in flight", len(self._streams))
             for request_id, stream in self._streams.items():
-                stream.put(Delta(request_id, "", 0, 0, True, "error", "the engine process stopped"))
+                stream.put(Delta(request_id, "", 0, 0, True, "error", "the engine stopped"))
             self._streams.clear()
+            self.failed = True
+            if self.on_failure is not None:
+                self.on_failure()
             return
         self._stats = message.stats
         streams = self._streams

@@ -47,7 +47,7 @@ class StepMessage:
 
 def _delta(out: RequestOutput) -> Delta:
     return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
-                 out.finish_reason)
+                 out.finish_reason, out.error)
 
 
 class EngineLoop:
@@ -60,7 +60,11 @@ class EngineLoop:
         self.emit = emit
         self._errors: list[Delta] = []  # requests refused by the engine itself, sent with the next message
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Until "stop" (-> False), or (-> True) until a step raises: the engine isolates a request's failure itself
+        (LLMEngine.step), so what reaches here is a device fault or a bug. Then every request in
+        flight fails and the loop ends, so the process exits and the server with it (a supervisor
+        restarts it) instead of serving from a device in an unknown state."""
         engine = self.engine
         while True:
             applied = self._apply_commands(block=not engine.has_unfinished_requests())
@@ -72,12 +76,14 @@ class EngineLoop:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
-                log.exception("engine step failed")
+            except Exception as err:  # noqa: BLE001 - reported to every request, then the loop ends
+                log.critical("the engine failed (%s: %s); failing %d requests and stopping", type(err).__name__,
+                             err, len(engine.requests), exc_info=True)
                 self._fail_all(err)
-                continue
+                return True
             self._send([_delta(out) for out in outputs])
         log.info("engine loop stopped")
+        return False
 
     def _send(self, deltas: list[Delta]) -> None:
         if self._errors:
@@ -108,11 +114,8 @@ class EngineLoop:
             self._errors.append(Delta(request_id, "", len(prompt_ids), 0, True, "error", str(err)))
 
     def _fail_all(self, err: Exception) -> None:
-        message = f"the engine failed: {type(err).__name__}: {err}"
-        for request_id in list(self.engine.requests):
-            out = self.engine.abort_request(request_id)
-            self._errors.append(Delta(request_id, "", out.num_prompt_tokens, 0, True, "error", message))
-        self._send([])
+        outputs = [self.engine.fail_request(seq, err) for seq in list(self.engine.requests.values())]
+        self._send([_delta(out) for out in outputs])
 
 
 class EngineThread:
@@ -133,7 +136,12 @@ class EngineThread:
                 return None
 
         loop = EngineLoop(self.engine, next_command, on_message)
-        self._thread = threading.Thread(target=loop.run, name="qoq-engine", daemon=True)
+
+        def run() -> None:
+            loop.run()
+            on_message(None)
+
+        self._thread = threading.Thread(target=run, name="qoq-engine", daemon=True)
         self._thread.start()
 
     def send(self, command: tuple) -> None:
@@ -202,8 +210,10 @@ def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, output
                 if parent is not None and not parent.is_alive():
                     return ("stop",)
 
-    EngineLoop(engine, next_command, outputs.put).run()
+    failed = EngineLoop(engine, next_command, outputs.put).run()
     outputs.put(None)
+    if failed:
+        raise SystemExit(1)
 
 
 class EngineProcess:

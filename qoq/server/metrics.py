@@ -12,7 +12,13 @@ def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: lis
         lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
 
+def label_value(value: str) -> str:
+    """A label value escaped as the text format wants it (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render_metrics(stats: EngineStats, model_name: str) -> str:
+    model_name = label_value(model_name)
     label = f'{{model_name="{model_name}"}}'
     lines: list[str] = []
     gauges = [
@@ -33,13 +39,15 @@ def render_metrics(stats: EngineStats, model_name: str) -> str:
         ("qoq_num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV pages",
          stats.num_preemptions_total),
         ("qoq_engine_steps_total", "Engine steps run", stats.num_steps_total),
+        ("qoq_engine_failed_steps_total", "Engine steps that raised (their requests were run alone to find the "
+         "one at fault, which finished with reason \"error\")", stats.num_failed_steps_total),
         ("qoq_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
         ("qoq_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (hit rate: hits / queries)",
          stats.prefix_cache_hits),
     ]
     for name, help_text, value in counters:
         _metric(lines, name, "counter", help_text, [(label, value)])
-    finished = [(f'{{model_name="{model_name}",finish_reason="{reason}"}}', count)
+    finished = [(f'{{model_name="{model_name}",finish_reason="{label_value(reason)}"}}', count)
                 for reason, count in sorted(stats.finished_total.items())]
     _metric(lines, "qoq_request_finished_total", "counter", "Requests finished, by finish reason", finished)
     return "\n".join(lines) + "\n"

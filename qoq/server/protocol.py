@@ -26,7 +26,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling fields both endpoints share (OpenAI's defaults, plus vLLM-style extras)."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+    # Clients send fields we do not use (user, ...); Infinity / NaN (Python's JSON reads them) are
+    # refused here with the field's name.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = None
@@ -53,7 +55,7 @@ class SamplingFields(BaseModel):
             raise UnsupportedError("presence_penalty and frequency_penalty are not supported by qoq; leave them 0")
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Raises ValueError (-> 400) on values out of range."""
+        """Raises ValueError (-> 400; a SamplingParamError names the field) on values out of range."""
         self.check_supported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -165,9 +167,3 @@ class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
 
-
-def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "internal_error"
-    if status == 404:
-        kind = "not_found_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}

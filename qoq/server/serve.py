@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -16,33 +17,64 @@ from qoq.engine.llm_engine import LLMEngine
 from qoq.server.app import build_app
 from qoq.server.async_engine import AsyncEngine
 from qoq.server.engine_loop import EngineProcess, EngineThread, ModelSpec
+from qoq.server.errors import DEFAULT_MAX_REQUEST_BYTES
+
+log = logging.getLogger(__name__)
 
 
-def _uvicorn(engine: AsyncEngine, model_name: str, host: str, port: int, log_level: str) -> uvicorn.Server:
-    app = build_app(engine, model_name)
+def _uvicorn(engine: AsyncEngine, model_name: str, host: str, port: int, log_level: str,
+             max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
+    app = build_app(engine, model_name, max_request_bytes=max_request_bytes)
     # backlog: a benchmark opens thousands of connections at once.
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
-                                         timeout_keep_alive=30))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
+                                           timeout_keep_alive=30))
+
+    def engine_failed() -> None:  # exit (and be restarted) rather than answer 503 forever
+        log.critical("the engine stopped after a device fault; shutting the server down (exit code 1)")
+        server.should_exit = True
+
+    engine.on_failure = engine_failed
+    return server
+
+
+def engine_failed(server: uvicorn.Server) -> bool:
+    """Whether `server` stopped because its engine did (`qoq serve` then exits with 1)."""
+    return server.config.app.state.engine.failed
 
 
 def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
-                log_level: str = "info", max_queue_len: int = 4096) -> uvicorn.Server:
+                log_level: str = "info", max_queue_len: int = 4096,
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
     """A server over a model already in memory: the engine runs on a thread of this process."""
     engine = AsyncEngine(EngineThread(LLMEngine(model, tokenizer, config)), config.max_num_seqs, max_queue_len)
     # The model and engine live as long as the process: keep the cyclic GC from walking them in
     # every full collection (~100 ms at batch 1000) that per-request allocations trigger.
     gc.collect()
     gc.freeze()
-    return _uvicorn(engine, model_name, host, port, log_level)
+    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes)
 
 
 def make_process_server(spec: ModelSpec, model_name: str, config: EngineConfig, host: str, port: int,
-                        log_level: str = "info", max_queue_len: int = 4096) -> uvicorn.Server:
+                        log_level: str = "info", max_queue_len: int = 4096,
+                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
     """A server whose engine runs in a process of its own (loads the model there; returns once it is up)."""
     engine = AsyncEngine(EngineProcess(spec, config), config.max_num_seqs, max_queue_len)
     gc.collect()
     gc.freeze()
-    return _uvicorn(engine, model_name, host, port, log_level)
+    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes)
+
+
+def default_served_name(model: str, random_config: str | None = None, precision: str = "") -> str:
+    """The name clients send: the model's folder (or file) name, never its path, which /v1/models
+    and the metric labels would publish; random weights: their config's name."""
+    if random_config is not None:
+        path = Path(random_config)
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return f"random-{name}-{precision}"
+    path = Path(model)
+    if path.name == "config.json":
+        path = path.parent
+    return (path.stem if path.suffix in (".gguf", ".json") else path.name) or str(model)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,6 +4,8 @@ behave as in qoq.generate, and each step decodes only a small window (bundled to
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.sequence import Sequence
@@ -39,9 +41,9 @@ class WindowSpy:
         return self.tokenizer.decode(ids, **kwargs)
 
 
-def stream(tokenizer, ids, params):
+def stream(tokenizer, ids, params, stop_token_ids=frozenset()):
     """Feed ids one per step as the engine does; return (deltas, last output)."""
-    seq = Sequence("r", [1], params)
+    seq = Sequence("r", [1], params, frozenset(stop_token_ids))
     pieces, out = [], None
     for token in ids:
         append_token(seq, token, tokenizer)
@@ -52,11 +54,11 @@ def stream(tokenizer, ids, params):
     return pieces, out
 
 
-def reference(tokenizer, ids, params):
+def reference(tokenizer, ids, params, stop_token_ids=frozenset()):
     """qoq.generate's rules: full decode after every token."""
     ref = GenerationOutput(prompt_token_ids=[1])
     for token in ids:
-        _append_token(ref, token, tokenizer, params, set(), None, 0)
+        _append_token(ref, token, tokenizer, params, set(stop_token_ids), None, 0)
         if ref.finish_reason:
             break
     ref.text, _ = truncate_at_stop(tokenizer.decode(ref.token_ids, skip_special_tokens=True), params.stop)
@@ -141,3 +143,59 @@ def test_random_token_streams(tok):
         ids = [rng.choice(fragments) if rng.random() < 0.6 else rng.randrange(tok.vocab_size) for _ in range(n)]
         pieces, out = stream(tok, ids, SamplingParams(max_tokens=n))
         assert "".join(pieces) == out.text == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_a_stop_string_longer_than_the_text_so_far_is_held_back(tok):
+    """The finding of issue 26: the hold-back index went negative, so text the final answer cuts
+    was streamed ([' ', 'Paris.', ''] against ' ')."""
+    ids = tok(" Paris. It is")["input_ids"]
+    params = SamplingParams(max_tokens=len(ids), stop=["Paris. It is"])
+    pieces, out = stream(tok, ids, params)
+    assert out.finish_reason == "stop" and out.text == " "
+    assert "".join(pieces) == " "
+
+
+def _check_stream(tok, ids, params, stop_ids):
+    pieces, out = stream(tok, ids, params, stop_ids)
+    ref = reference(tok, ids, params, stop_ids)
+    assert "".join(pieces) == out.text == ref.text
+    assert out.token_ids == ref.token_ids and out.finish_reason == ref.finish_reason
+    sent = ""
+    for piece in pieces:  # never a piece that is taken back
+        sent += piece
+        assert out.text.startswith(sent)
+
+
+@st.composite
+def stop_cases(draw, tok, fragments):
+    """Token ids (whole words, bytes of split characters, special tokens) and stop strings: pieces
+    of the decoded text (overlapping, across tokens, longer than the text so far), random unicode,
+    and stop token ids."""
+    words = draw(st.lists(st.sampled_from(TEXTS), min_size=1, max_size=3))
+    ids = tok(" ".join(words))["input_ids"][: draw(st.integers(1, 40))]
+    for _ in range(draw(st.integers(0, 4))):  # some byte tokens: characters split across tokens
+        ids.insert(draw(st.integers(0, len(ids))), draw(st.sampled_from(fragments)))
+    text = tok.decode(ids, skip_special_tokens=True)
+    stops = []
+    for _ in range(draw(st.integers(0, 4))):
+        if text and draw(st.booleans()):
+            start = draw(st.integers(0, len(text) - 1))
+            stops.append(text[start : start + draw(st.integers(1, 12))])
+        else:
+            stops.append(draw(st.text(min_size=1, max_size=8)))
+    if stops and draw(st.booleans()):
+        stops.append(stops[0] + draw(st.text(min_size=1, max_size=30)))  # overlaps the first, longer
+    stop_ids = draw(st.sets(st.sampled_from(ids), max_size=1)) if draw(st.booleans()) else set()
+    max_tokens = draw(st.integers(1, len(ids)))
+    return ids, SamplingParams(max_tokens=max_tokens, stop=stops), stop_ids
+
+
+def test_streamed_equals_final_for_every_stop_configuration(tok):
+    fragments = [i for i in range(2000) if tok.decode([i]) == "\ufffd"]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stop_cases(tok, fragments))
+    def check(case):
+        _check_stream(tok, *case)
+
+    check()

@@ -127,6 +127,16 @@ def test_corrupt_safetensors(packed, tmp_path):
         load_any_weights(folder)
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"])
+def test_an_index_naming_a_file_outside_the_checkpoint_is_refused(packed, tmp_path, name):
+    folder = _copy(packed, tmp_path)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    weight_map = dict.fromkeys(load_file(str(folder / "model.safetensors")), name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(LoadError, match="outside the model folder"):
+        load_any_weights(folder)
+
+
 def test_corrupt_quant_config(packed, tmp_path):
     folder = _copy(packed, tmp_path)
     (folder / "quant_config.json").write_text("{not json")

@@ -26,6 +26,13 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}, 400, "token ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": 2**63}, 400, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64, "stream": True}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 1e6}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "at most 16"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 300}, 400, "at most 256"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
 ]
@@ -37,6 +44,19 @@ def test_bad_request_gets_4xx_with_a_reason(server_url, path, body, status, mess
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert message in error["message"] and error["code"] == status
+
+
+def test_a_tiny_temperature_is_greedy_not_empty(server_url):
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "ignore_eos": True}
+    greedy = post(server_url, "/v1/completions", {**body, "temperature": 0}).json()
+    tiny = post(server_url, "/v1/completions", {**body, "temperature": 1e-40, "seed": 3}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"] != ""
+
+
+def test_non_finite_numbers_name_their_field(server_url):
+    reply = post(server_url, "/v1/completions", content=b'{"model": "%s", "prompt": "hi", "top_p": NaN}' % MODEL.encode())
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "top_p" and "finite" in error["message"]
 
 
 def test_malformed_json(server_url):

@@ -78,3 +78,24 @@ def test_concurrent_requests_each_get_their_own_answer(server_url, reference):
     assert asyncio.run(run_all()) == [reference[p].text for p in PROMPTS]
     assert metric(server_url, "qoq_kv_cache_pages_used") == 0
     assert metric(server_url, "qoq_generation_tokens_total") > 0
+
+
+@pytest.mark.parametrize("stop", [[" "], ["Paris. It is the capital of France and"], ["is", "s the"], ["."],
+                                  ["🎆 never there", "x" * 256]], ids=["space", "longer", "overlapping", "dot",
+                                                                       "long-unicode"])
+def test_streamed_equals_non_streamed_for_stop_configurations(client, stop):
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0, stop=stop)
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == whole.finish_reason
+
+
+def test_streamed_equals_non_streamed_with_a_stop_token(client, bundled):
+    tok = bundled[1]
+    stop_id = tok(" capital")["input_ids"][0]
+    kwargs = dict(model=MODEL, prompt="Paris is the", max_tokens=12, temperature=0,
+                  extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    assert streamed == whole.text
