@@ -10,7 +10,8 @@ import time
 import torch
 
 from qoq.config import PRECISIONS
-from qoq.model.loader import DEFAULT_MODEL, LoadError
+from qoq.model.loader import DEFAULT_MODEL
+from qoq.model.weights import LoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -97,7 +98,7 @@ def _quantize_for_demo(model, tokenizer, args):
     from qoq.model.gguf_convert import cache_root
     from qoq.model.loader import load_model
     from qoq.quant.calibrate import CalibConfig
-    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.model.checkpoint import save_checkpoint
     from qoq.quant.pipeline import QoQOptions, quantize_model
 
     import hashlib
@@ -246,9 +247,9 @@ def quantize_options(args):
 def cmd_quantize(args) -> int:
     from pathlib import Path
 
-    from qoq.model.loader import LoadError, load_tokenizer, resolve_model_path
+    from qoq.model.checkpoint import check_output_dir
+    from qoq.model.loader import load_tokenizer, resolve_model_path
     from qoq.quant.calibrate import calibration_tokens
-    from qoq.quant.checkpoint import check_output_dir
     from qoq.quant.stream import check_source, quantize_folder
 
     options = quantize_options(args)
@@ -290,7 +291,7 @@ def cmd_quantize(args) -> int:
 
 def _quantize_in_memory(args, options, tokens, device) -> int:
     """--rotation auto: the whole model in memory, quantized both ways (quant.pipeline)."""
-    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.model.checkpoint import save_checkpoint
     from qoq.quant.pipeline import quantize_model
 
     args.dtype = args.dtype or "float32"

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from qoq.config import ModelConfig, QuantConfig
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 from qoq.model.llama import LlamaModel
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, padded_k
 
 # Scales chosen so a dequantized weight is ~0.01-0.02 like a trained 7B model's, which keeps
 # fp16 activations in range through 32+ layers with random data.

@@ -106,9 +106,7 @@ class LlamaModel(nn.Module):
         # The LM head stays full precision (SPEC §1). With tied embeddings it is the embedding
         # matrix itself, until a transform (rotation) unties them.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
+        self.rotary = RotaryEmbedding.for_model(config)
 
     def forward(
         self,

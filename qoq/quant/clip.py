@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from qoq.quant.quantizer import pad_k, quantize_weight
+from qoq.layers.formats import pad_k
+from qoq.quant.quantizer import quantize_weight
 
 CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 down to 0.5 in 20 steps
 

@@ -7,66 +7,15 @@ padding columns dequantize to exactly 0 and the per-token activation scale ignor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, pad_k
+
 PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (SPEC §1)
-KERNEL_K_MULTIPLE = 128  # the GEMM kernels tile K in chunks of 128 (one packed chunk / group)
 
 
 class QuantFormatError(ValueError):
     """A weight shape or option that a quantized format cannot express."""
-
-
-@dataclass
-class W4G128Params:
-    """Progressive W4 (int8 per channel, then uint4 per group): Q8' = q4 * s2 - sz, W ~ s1 * Q8'."""
-
-    q4: torch.Tensor  # uint8 [N, Kp], values 0..15
-    s1: torch.Tensor  # fp16 [N]
-    s2: torch.Tensor  # int8 [N, G], 1..16
-    sz: torch.Tensor  # int8 [N, G], z * s2 in 0..127
-    group_size: int = 128
-
-    def dequantize(self) -> torch.Tensor:
-        n, k = self.q4.shape
-        q = self.q4.view(n, k // self.group_size, self.group_size).float()
-        q.mul_(self.s2.float()[..., None]).sub_(self.sz.float()[..., None]).mul_(self.s1.float()[:, None, None])
-        return q.view(n, k)
-
-
-@dataclass
-class W4ChannelParams:
-    """Per-channel asymmetric uint4: W ~ q4 * s - szero (szero = z * s)."""
-
-    q4: torch.Tensor  # uint8 [N, Kp]
-    scale: torch.Tensor  # fp16 [N]
-    szero: torch.Tensor  # fp16 [N]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q4.float() * self.scale.float()[:, None] - self.szero.float()[:, None]
-
-
-@dataclass
-class W8Params:
-    """Per-channel symmetric int8 (SmoothQuant W8A8): W ~ w8 * s."""
-
-    w8: torch.Tensor  # int8 [N, Kp]
-    scale: torch.Tensor  # fp16 [N]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.w8.float() * self.scale.float()[:, None]
-
-
-def padded_k(k: int) -> int:
-    return -(-k // KERNEL_K_MULTIPLE) * KERNEL_K_MULTIPLE
-
-
-def pad_k(w: torch.Tensor) -> torch.Tensor:
-    """Zero columns up to a multiple of 128 (hidden 576 -> 640): zeros cost nothing in the GEMM."""
-    k = w.shape[-1]
-    return torch.nn.functional.pad(w, (0, padded_k(k) - k)) if k % KERNEL_K_MULTIPLE else w
 
 
 def _ratio(clip, shape, device) -> torch.Tensor:
@@ -160,11 +109,3 @@ def quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=Non
 def fake_quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=None) -> torch.Tensor:
     """Dequantized float weight [N, K] of `quantize_weight` (padding dropped)."""
     return quantize_weight(w, weight_bits, group_size, clip).dequantize()[:, : w.shape[1]]
-
-
-def fake_quantize_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 (the kernels' quantize_per_token), returned dequantized, float."""
-    from qoq.kernels.quant import quantize_per_token_ref
-
-    x8, scale, _ = quantize_per_token_ref(x.reshape(-1, x.shape[-1]))
-    return (x8.float() * scale[:, None]).reshape(x.shape)

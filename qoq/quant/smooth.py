@@ -15,7 +15,7 @@ import torch
 
 from qoq.config import ModelConfig
 from qoq.model.llama import MLP, Attention
-from qoq.quant.quantizer import fake_quantize_act
+from qoq.layers.formats import fake_quantize_act
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 

@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qoq.kernels import unpack_w4
-from qoq.model.loader import LoadError, load_any_weights
+from qoq.model.checkpoint import CheckpointError, save_checkpoint
+from qoq.model.loader import load_any_weights
+from qoq.model.qserve_format import permute_groups, tile_qweight
+from qoq.model.weights import LoadError, hf_config_dict
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import CheckpointError, hf_config_dict, save_checkpoint
 from qoq.quant.pipeline import QoQOptions, quantize_model
-from qoq.quant.qserve_format import permute_groups, tile_qweight
 from quant_helpers import tiny_model
 
 

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from qoq.kernels import quantize_per_token, unpack_w4
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear, make_quant_linear
+from qoq.model.checkpoint import save_checkpoint
 from qoq.model.loader import load_any_weights
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import save_checkpoint
 from qoq.quant.clip import gram, search_clip
 from qoq.quant.gptq import codes_of, gptq_round
 from qoq.quant.pipeline import QoQOptions, quantize_model
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, quantize_weight
+from qoq.quant.quantizer import quantize_weight
 import qoq.cli
 from quant_helpers import tiny_model, write_hf_folder
 

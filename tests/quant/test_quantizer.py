@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qoq.kernels import pack_w4, unpack_w4
-from qoq.quant.qserve_format import permute_groups, tile_qweight, unpermute_groups, untile_qweight
+from qoq.model.qserve_format import permute_groups, tile_qweight, unpermute_groups, untile_qweight
 from qoq.quant.quantizer import (QuantFormatError, quantize_w4_g128, quantize_w4_per_channel, quantize_w8,
                                  quantize_weight)
 

@@ -11,9 +11,10 @@ from safetensors import safe_open
 import qoq.cli
 import qoq.model.loader
 import qoq.quant.calibrate
-from qoq.model.loader import LoadError, load_any_weights
+from qoq.model.checkpoint import CheckpointError, save_checkpoint
+from qoq.model.loader import load_any_weights
+from qoq.model.weights import LoadError
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import CheckpointError, save_checkpoint
 from qoq.quant.pipeline import QoQOptions, quantize_model
 from qoq.quant.stream import REPORT_FILE, StreamingLayers, quantize_folder
 
@@ -130,7 +131,8 @@ def test_short_calibration_text_is_refused(tmp_path):
 
 
 def test_layer_store_rejects_a_mismatched_layer(tmp_path):
-    from qoq.model.loader import ShardedWeights, build_layer
+    from qoq.model.loader import build_layer
+    from qoq.model.weights import ShardedWeights
 
     model = _tiny()
     folder = write_hf_folder(model, tmp_path / "hf")

@@ -22,9 +22,10 @@ from safetensors import safe_open
 
 from qoq.config import QuantConfig
 from qoq.kernels import pack_w4
+from qoq.layers.formats import pad_k
+from qoq.model.checkpoint import QUANT_CONFIG_FILE, CheckpointError, assemble_model, validate_quant_tensors
 from qoq.model.llama import LlamaModel
-from qoq.quant.checkpoint import CheckpointError, assemble_model, validate_quant_tensors
-from qoq.quant.quantizer import pad_k
+from qoq.model.weights import iter_safetensors, read_config
 
 _TILE = (2, 2, 8, 2, 4, 4)  # (b, c, d) over N blocks of 32, (f, g, h) over K blocks of 32
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -32,7 +33,7 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 
 def is_qserve_checkpoint(folder: Path) -> bool:
     files = sorted(folder.glob("*.safetensors"))
-    if not files or (folder / "quant_config.json").exists():
+    if not files or (folder / QUANT_CONFIG_FILE).exists():
         return False
     try:
         with safe_open(str(files[0]), framework="pt") as f:
@@ -72,8 +73,6 @@ def permute_groups(t: torch.Tensor) -> torch.Tensor:
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    from qoq.model.loader import iter_safetensors
-
     return {k.removeprefix("model."): v for k, v in iter_safetensors(folder)}
 
 
@@ -110,8 +109,6 @@ def _fused_state(raw: dict, layer: int, fused: str, members, group_size: int) ->
 
 def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
                            device: str | torch.device = "cpu", kv_bits: int = 4) -> LlamaModel:
-    from qoq.model.loader import read_config
-
     folder = Path(folder)
     config = read_config(folder)
     raw = _read_all(folder)
