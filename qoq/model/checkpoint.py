@@ -151,9 +151,9 @@ def quant_linear_factory(qc: QuantConfig):
         one = torch.ones(out_features, dtype=torch.float16)
         if qc.weight_bits == 8:
             return W8A8Linear(in_features, W8Params(torch.zeros(out_features, kp, dtype=torch.int8), one), b)
-        if qc.group_size == -1:
+        if qc.granularity.per_channel:
             return W4A8PerChannelLinear(in_features, W4ChannelParams(q4, one, one * 0), b, packed=packed)
-        g = torch.ones(out_features, kp // 128, dtype=torch.int8)
+        g = torch.ones(out_features, kp // qc.granularity.group_size, dtype=torch.int8)
         return W4A8G128Linear(in_features, W4G128Params(q4, one, g, g * 0), b, packed=packed)
 
     return make
@@ -192,7 +192,7 @@ def assemble_model(config: ModelConfig, qc: QuantConfig, state: dict[str, torch.
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: checkpoint does not match its config ({qc.precision}, g{qc.group_size}): "
+        raise CheckpointError(f"{where}: checkpoint does not match its config ({qc.precision}, {qc.granularity}): "
                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     out = {}
     for name, t in state.items():

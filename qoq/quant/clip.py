@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from qoq.config import Granularity
 from qoq.layers.formats import pad_k
 from qoq.quant.quantizer import quantize_weight
 
@@ -33,11 +34,12 @@ def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     return out
 
 
-def _errors(wp: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int) -> torch.Tensor:
+def _errors(wp: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Output error of the padded weight `wp` quantized to `wq`: per channel under the whole Gram
-    matrix `c` ([N]), or per group under its diagonal blocks (`c` then [G, gs, gs]; [N, G])."""
+    matrix `c` ([N]; group_size None), or per group under its diagonal blocks (`c` then
+    [G, gs, gs]; [N, G])."""
     d = wq.sub_(wp).neg_()  # wq is a fresh dequantized tensor: reuse it
-    if group_size <= 0:
+    if group_size is None:
         return ((d @ c) * d).sum(1)  # [N]
     n, k = d.shape
     dg = d.view(n, k // group_size, group_size)
@@ -50,14 +52,14 @@ def _diagonal_blocks(c: torch.Tensor, group_size: int) -> torch.Tensor:
                         for i in range(g)])
 
 
-def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch.Tensor:
+def _best_ratio(w, c, quantize, group_size: int | None, grid, coarse: int = 3) -> torch.Tensor:
     """Best grid ratio per channel (or group): every `coarse`-th ratio first (and the last), then
     the ratios within `coarse - 1` steps of each channel's best, as one per-channel ratio tensor
     per offset. Equal to scoring the whole grid wherever the error is unimodal along the grid at
     that resolution, in 12 instead of 21 evaluations of the default grid."""
     ratios = torch.tensor(grid, dtype=torch.float32, device=w.device)
     wp = pad_k(w.float())
-    if group_size > 0:
+    if group_size is not None:
         c = _diagonal_blocks(c, group_size)
     coarse_idx = sorted(set(range(0, len(grid), coarse)) | {len(grid) - 1})
     best_err = best_idx = None
@@ -80,11 +82,12 @@ def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 3) -> torch
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, c: torch.Tensor, weight_bits: int, group_size: int, grid=CLIP_GRID):
+def search_clip(w: torch.Tensor, c: torch.Tensor, weight_bits: int, granularity: Granularity, grid=CLIP_GRID):
     """Best ratio per output channel ([N]); for progressive g128 a pair: the level-1 ratio per
     channel (exact output error, level 2 unclipped), then the level-2 ratio per group ([N, G])."""
-    if not (weight_bits == 4 and group_size > 0):
-        return _best_ratio(w, c, lambda r: quantize_weight(w, weight_bits, group_size, clip=r), -1, grid)
-    channel = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(r, None)), -1, grid)
-    group = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(channel, r)), group_size, grid)
+    if weight_bits != 4 or granularity.per_channel:
+        return _best_ratio(w, c, lambda r: quantize_weight(w, weight_bits, granularity, clip=r), None, grid)
+    channel = _best_ratio(w, c, lambda r: quantize_weight(w, 4, granularity, clip=(r, None)), None, grid)
+    group = _best_ratio(w, c, lambda r: quantize_weight(w, 4, granularity, clip=(channel, r)),
+                        granularity.group_size, grid)
     return channel, group

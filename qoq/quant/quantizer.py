@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, pad_k
+from qoq.config import Granularity
+from qoq.layers.formats import KERNEL_K_MULTIPLE, W4ChannelParams, W4G128Params, W8Params, pad_k
 
 PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (SPEC §1)
 
@@ -29,13 +30,13 @@ def _fp16_positive(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(min=1e-6).to(torch.float16)
 
 
-def quantize_w4_g128(w: torch.Tensor, group_size: int = 128, clip=None, channel_clip=None) -> W4G128Params:
-    """Progressive two-level quantization of an [N, K] float weight (K padded to 128).
+def quantize_w4_g128(w: torch.Tensor, clip=None, channel_clip=None) -> W4G128Params:
+    """Progressive two-level quantization of an [N, K] float weight (K padded to 128) in groups of
+    128, the kernels' K chunk (docs/quantization.md#progressive-group-quantization).
 
     `channel_clip` shrinks the level-1 (per output channel) range: one outlier weight otherwise
     sets a coarse int8 step for the whole row, and every group of that row inherits it."""
-    if group_size != 128:
-        raise QuantFormatError(f"progressive W4 uses group_size 128 (the kernel's chunk), got {group_size}")
+    group_size = KERNEL_K_MULTIPLE
     w = pad_k(w.float())
     n, k = w.shape
     groups = k // group_size
@@ -52,7 +53,6 @@ def quantize_w4_g128(w: torch.Tensor, group_size: int = 128, clip=None, channel_
     q4 = g.div_(s2[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
     return W4G128Params(
         q4=q4.view(n, k).to(torch.uint8), s1=s1, s2=s2.to(torch.int8), sz=(z * s2).to(torch.int8),
-        group_size=group_size,
     )
 
 
@@ -93,19 +93,19 @@ def fake_w4_group_rtn(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
     return ((q - z[..., None]) * scale[..., None]).view(n, k)[:, : w.shape[1]]
 
 
-def quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=None):
-    """The params of `w` in the format a precision asks for."""
+def quantize_weight(w: torch.Tensor, weight_bits: int, granularity: Granularity, clip=None):
+    """The params of `w` in the format a precision asks for (granularity: 4-bit weights only)."""
     if weight_bits == 8:
         return quantize_w8(w, clip)
     if weight_bits != 4:
         raise QuantFormatError(f"weights must be 4 or 8 bits, got {weight_bits}")
-    if group_size == -1:
+    if granularity.per_channel:
         return quantize_w4_per_channel(w, clip)
     if isinstance(clip, tuple):  # (level-1 ratio per channel, level-2 ratio per group)
-        return quantize_w4_g128(w, group_size, clip[1], clip[0])
-    return quantize_w4_g128(w, group_size, clip)
+        return quantize_w4_g128(w, clip[1], clip[0])
+    return quantize_w4_g128(w, clip)
 
 
-def fake_quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=None) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, weight_bits: int, granularity: Granularity, clip=None) -> torch.Tensor:
     """Dequantized float weight [N, K] of `quantize_weight` (padding dropped)."""
-    return quantize_weight(w, weight_bits, group_size, clip).dequantize()[:, : w.shape[1]]
+    return quantize_weight(w, weight_bits, granularity, clip).dequantize()[:, : w.shape[1]]

@@ -128,7 +128,7 @@ def quantize_folder(folder: Path, out: Path, options: QoQOptions, calib_tokens: 
                          _shard_name(config.num_layers, layers.num_shards))
         report = {
             "model": str(folder), "precision": model.quant_config.precision,
-            "group_size": model.quant_config.group_size, "rotation": model.quant_config.rotation,
+            "group_size": model.quant_config.granularity.saved(), "rotation": model.quant_config.rotation,
             "layers": config.num_layers, "calib_tokens": int(calib_tokens.numel()),
             "calib_shape": list(calib_tokens.shape), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

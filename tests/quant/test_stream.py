@@ -11,6 +11,7 @@ from safetensors import safe_open
 import qoq.cli
 import qoq.model.loader
 import qoq.quant.calibrate
+from qoq.config import G128, PER_CHANNEL
 from qoq.model.checkpoint import CheckpointError, save_checkpoint
 from qoq.model.loader import load_any_weights
 from qoq.model.weights import LoadError
@@ -41,13 +42,13 @@ def _tensors(folder):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("group_size", [128, -1])
-def test_streaming_equals_in_memory(tmp_path, tie, group_size):
+@pytest.mark.parametrize("granularity", [G128, PER_CHANNEL])
+def test_streaming_equals_in_memory(tmp_path, tie, granularity):
     model = _tiny(tie)
     folder = write_hf_folder(model, tmp_path / "hf")
-    report = quantize_folder(folder, tmp_path / "streamed", _opts(group_size=group_size), CALIB, None,
+    report = quantize_folder(folder, tmp_path / "streamed", _opts(granularity=granularity), CALIB, None,
                              torch.device("cpu"))
-    quantize_model(model, None, _opts(group_size=group_size), CALIB)
+    quantize_model(model, None, _opts(granularity=granularity), CALIB)
     save_checkpoint(model, tmp_path / "in_memory")
     streamed, in_memory = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "in_memory")
     assert streamed.keys() == in_memory.keys()
