@@ -534,9 +534,8 @@ def split_tail(tiles: int, slots: int, chunks: int, min_chunks: int = 24) -> tup
     splitting does not pay, and below one full wave (decode-sized M, whose tiles and split-K the
     plan chooses).
 
-    Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid only on
-    long K (112 chunks: 0.77x the time of the whole tiles), while pieces of 4-8 chunks were slower
-    than the whole tiles (1.24x; benchmarks/results/split-tail-probe-h100.json)."""
+    Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid on long K
+    and short pieces were slower than whole tiles (benchmarks/results/split-tail-probe-h100.json)."""
     tail = tiles % slots
     if tiles < slots or tail == 0 or 2 * tail > slots:
         return tiles, 1

@@ -43,7 +43,7 @@ class AttentionBackend(Protocol):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    # [B, T, H, D] -> [B, H, T, D]; softmax math in fp32 (SPEC: attention math stays high precision).
+    # [B, T, H, D] -> [B, H, T, D]; softmax math in fp32 (docs/formats.md#precisions).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).float(),
         k.transpose(1, 2).float(),

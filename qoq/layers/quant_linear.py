@@ -1,4 +1,4 @@
-"""Quantized linear layers: the exact integer arithmetic of the GEMM kernels (SPEC section 1).
+"""Quantized linear layers: the exact integer arithmetic of the GEMM kernels (docs/formats.md).
 
 forward(x) quantizes x per token to int8 (`quantize_per_token`), pads K to the kernels' multiple
 of 128 with zero columns, and calls the kernel function, which dispatches itself: Triton on a

@@ -1,4 +1,4 @@
-"""Weight clipping search (SPEC section 2): a range ratio per output channel (or per group).
+"""Weight clipping search (docs/quantization.md#clipping): a range ratio per output channel (or per group).
 
 The error of output channel n is (w_n - q_n)^T C (w_n - q_n) with C = X^T X over calibration
 inputs, so one Gram matrix per layer prices every candidate without touching the tokens again.

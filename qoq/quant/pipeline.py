@@ -1,4 +1,4 @@
-"""The QoQ pipeline (SPEC section 2): fold norms, rotate, then per decoder layer SmoothAttention,
+"""The QoQ pipeline (docs/quantization.md): fold norms, rotate, then per decoder layer SmoothAttention,
 smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears whose
 integer codes are optionally chosen by GPTQ-style error-compensating rounding (qoq/quant/gptq.py)
 under the scales QoQ chose.

@@ -1,4 +1,4 @@
-"""Number formats of QoQ (SPEC section 1): weights to the integers the kernels consume.
+"""Weights to the integers the kernels consume (docs/quantization.md#progressive-group-quantization).
 
 Every 4-bit format keeps zero exactly representable (the range is widened to include 0), so zero
 padding columns dequantize to exactly 0 and the per-token activation scale ignores them.
@@ -12,7 +12,7 @@ import torch
 from qoq.config import Granularity
 from qoq.layers.formats import KERNEL_K_MULTIPLE, W4ChannelParams, W4G128Params, W8Params, pad_k
 
-PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (SPEC §1)
+PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (docs/formats.md#progressive-w4-g128)
 
 
 class QuantFormatError(ValueError):

@@ -1,4 +1,5 @@
-"""Smoothing of the inputs that cannot be rotated for free: o_proj and down_proj (SPEC section 2).
+"""Smoothing of the inputs that cannot be rotated for free: o_proj and down_proj
+(docs/quantization.md#smoothing).
 
 Per input channel s = max|X|^a / max|W|^(1-a): X <- X / s, W <- W * s. The 1/s folds into the
 producer: v_proj rows for o_proj (per kv head, shared by the query heads of its group, so s is

@@ -28,7 +28,7 @@ def test_integer_path_equals_float64(bits, granularity, k):
         w64 = params.q4.double()[:, :k] * params.scale.double()[:, None] - params.szero.double()[:, None]
     ref = (x64 @ w64.T).reshape(2, 5, 48) + bias.double()
     assert y.shape == (2, 5, 48)
-    # the GEMM rounds its output to fp16 (SPEC: fp16 out), nothing else differs
+    # the GEMM rounds its output to fp16, nothing else differs
     assert (y.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
     fake = FakeQuantLinear(params.dequantize()[:, :k], bias)
     assert (fake(x).double() - ref).abs().max() <= 2e-3 * ref.abs().max()

@@ -1,4 +1,4 @@
-"""Number formats: packing round trips and the protective range (SPEC section 1)."""
+"""Number formats: packing round trips and the protective range (docs/formats.md#progressive-w4-g128)."""
 
 import pytest
 import torch
