@@ -126,7 +126,7 @@ def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bit
     """The q/k Hadamard after RoPE: the engine (rope_kv_write's rotation, rotated cache) and
     qoq.generate agree; with a 16-bit cache the rotation changes no logit beyond rounding."""
     _, tok = bundled
-    model = tiny_quantized_model(128, 4, torch.float32, qk_hadamard=True)
+    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
     assert model.quant_config.qk_hadamard
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 5, 20, 64)]
