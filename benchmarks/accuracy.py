@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from qoq.config import PER_CHANNEL
 from qoq.data.corpus import load_corpus
 from qoq.eval.perplexity import perplexity, tokenize_corpus
 from qoq.model.loader import load_model
@@ -55,8 +56,8 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
     pre_h = {"qk_hadamard": False}
     return [
         ("FP (fp32 reference)", None),
-        ("RTN W4A8KV4 per-channel", QoQOptions.rtn(group_size=-1)),
-        ("QoQ W4A8KV4 per-channel", QoQOptions(group_size=-1, **old)),
+        ("RTN W4A8KV4 per-channel", QoQOptions.rtn(granularity=PER_CHANNEL)),
+        ("QoQ W4A8KV4 per-channel", QoQOptions(granularity=PER_CHANNEL, **old)),
         *ladder(),
         ("RTN W8A8KV8", QoQOptions.rtn(precision="w8a8kv8")),
         ("QoQ W8A8KV8", QoQOptions(precision="w8a8kv8", reorder=False, **old)),
@@ -65,7 +66,7 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         ("QoQ W4A8KV4 g128, rotation auto", QoQOptions(rotation="auto", **old)),
         # GPTQ rounding of the integer codes under the scales QoQ chose (qoq/quant/gptq.py)
         ("QoQ W4A8KV4 g128 + GPTQ (rotated)", QoQOptions(gptq=True, **pre_h)),
-        ("QoQ W4A8KV4 per-channel + GPTQ", QoQOptions(group_size=-1, gptq=True, **pre_h)),
+        ("QoQ W4A8KV4 per-channel + GPTQ", QoQOptions(granularity=PER_CHANNEL, gptq=True, **pre_h)),
         ("QoQ W4A8KV8 g128 + GPTQ", QoQOptions(precision="w4a8kv8", gptq=True, **pre_h)),
         ("QoQ W8A8KV8 + GPTQ", QoQOptions(precision="w8a8kv8", reorder=False, gptq=True, **pre_h)),
         ("QoQ W4A8KV4 g128 without rotation + GPTQ", QoQOptions(rotation=False, gptq=True, **pre_h)),
@@ -73,11 +74,11 @@ def configs() -> list[tuple[str, QoQOptions | None]]:
         # The runtime Hadamard on q/k after RoPE (QuantConfig.qk_hadamard), with and without
         # SmoothAttention and the offline V rotation; the defaults are GPTQ + qk Hadamard alone
         ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard", QoQOptions(smooth_attention=True)),
-        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(group_size=-1, smooth_attention=True)),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard", QoQOptions(granularity=PER_CHANNEL, smooth_attention=True)),
         ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions()),
         ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation", QoQOptions(smooth_attention=True, v_rotation=True)),
         ("QoQ W4A8KV4 g128 + GPTQ + qk Hadamard + V rotation, no SmoothAttention", QoQOptions(v_rotation=True)),
-        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(group_size=-1)),
+        ("QoQ W4A8KV4 per-channel + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(granularity=PER_CHANNEL)),
         ("QoQ W4A8KV8 g128 + GPTQ + qk Hadamard, no SmoothAttention (defaults)", QoQOptions(precision="w4a8kv8")),
         # `qoq quantize` calibrates on 64 sequences by default (the other rows: --calib-seqs, 32)
         (CALIB_64, QoQOptions()),
@@ -99,10 +100,10 @@ def run_one(base, tokenizer, ids, calib, method, opts, args) -> dict:
     decision = getattr(model, "rotation_decision", None)
     record = {
         "method": method, "precision": qc.precision,
-        "group_size": qc.group_size if qc.weight_bits == 4 else None,
+        "group_size": qc.granularity.saved() if qc.weight_bits == 4 else None,
         "ppl": round(result.ppl, 4), "tokens": result.tokens,
         "steps": {s: bool(qc.steps.get(s, False)) for s in (*STEPS, "progressive")} if opts else {},
-        "integer_path": bool(opts is not None and (opts.progressive or qc.group_size == -1 or qc.weight_bits == 8)),
+        "integer_path": bool(opts is not None and (opts.progressive or not qc.grouped_w4)),
         "quantize_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
         "run": {"model": "SmolLM2-135M-Instruct (bundled, fp32 CPU)", "corpus_split": "eval", "seq_len": args.seq_len,
                 "calib": f"{CALIB_SEQS.get(method, args.calib_seqs)} x {args.calib_seq_len} tokens of the calib split",

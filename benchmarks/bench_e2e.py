@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qoq.bench.hf_baseline import hf_throughput  # noqa: E402
 from qoq.bench.roofline import Ceilings  # noqa: E402
 from qoq.bench.throughput import run_throughput  # noqa: E402
+from qoq.config import Granularity  # noqa: E402
 from qoq.kernels import w8a8_gemm  # noqa: E402
 
 CASES = [("w16a16kv16", -1), ("w8a8kv8", -1), ("w4a8kv8", 128), ("w4a8kv4", -1), ("w4a8kv4", 128)]
@@ -97,7 +98,7 @@ def main() -> None:
     for case in filter(None, args.cases.split(",")):
         precision, group, *batch = case.split(":")  # an optional third field fixes the batch
         try:
-            result = run_throughput(args.config, precision, int(group), int(batch[0]) if batch else args.batch,
+            result = run_throughput(args.config, precision, Granularity.parse(group), int(batch[0]) if batch else args.batch,
                                     args.input_len,
                                     args.output_len, "cuda", ceilings, max_batch=args.max_batch,
                                     max_num_batched_tokens=args.max_num_batched_tokens)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qoq.bench.random_model import bundled_config, random_model  # noqa: E402
-from qoq.config import QuantConfig  # noqa: E402
+from qoq.config import G128, QuantConfig  # noqa: E402
 from qoq.engine.config import EngineConfig  # noqa: E402
 from qoq.engine.llm_engine import LLMEngine  # noqa: E402
 from qoq.sampling import SamplingParams  # noqa: E402
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for prefill-chunking.json")
     args = p.parse_args(argv)
     cfg = bundled_config(args.config)
-    quant = QuantConfig("w4a8kv4", 128)
+    quant = QuantConfig("w4a8kv4", G128)
     quant.qk_hadamard = True  # as `qoq quantize` makes it
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     model = random_model(cfg, quant, device=args.device, dtype=dtype)

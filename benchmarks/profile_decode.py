@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qoq.bench.random_model import bundled_config, random_model  # noqa: E402
-from qoq.config import QuantConfig  # noqa: E402
+from qoq.config import G128, Granularity, QuantConfig  # noqa: E402
 from qoq.engine.config import EngineConfig  # noqa: E402
 from qoq.engine.llm_engine import LLMEngine  # noqa: E402
 from qoq.sampling import SamplingParams  # noqa: E402
@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="llama-3-8b")
     parser.add_argument("--precision", default="w4a8kv4")
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", dest="granularity", type=Granularity.parse, default=G128, help="128 or -1")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="profile ramp-up steps (prefills + decodes), see above")
     args = parser.parse_args()
 
-    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.group_size,
+    cfg, quant = bundled_config(args.config), QuantConfig(args.precision, args.granularity,
                                                                 qk_hadamard=args.qk_hadamard and "kv16" not in args.precision)
     model = random_model(cfg, quant)
     # Decode: no sequence may finish before the profiled steps, and the first admitted ones decode
@@ -74,7 +74,7 @@ def main() -> None:
         torch.cuda.synchronize()
     kind = "prefill" if args.prefill else "decode"
     running = len(engine.scheduler.running)
-    print(f"{args.precision} g{args.group_size} batch {args.batch} ({running} running) context ~{args.context}, "
+    print(f"{args.precision} {args.granularity} batch {args.batch} ({running} running) context ~{args.context}, "
           f"{args.steps} {kind} steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
@@ -106,7 +106,7 @@ def profile_mixed(args, engine: LLMEngine, cfg, gen: torch.Generator, params: Sa
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
-    print(f"{args.precision} g{args.group_size}: mixed steps with {len(engine.scheduler.running)} running, "
+    print(f"{args.precision} {args.granularity}: mixed steps with {len(engine.scheduler.running)} running, "
           f"{len(engine.scheduler.waiting)} waiting: wall {1e3 * wall:.1f} ms/step, GPU kernels {gpu:.1f} ms/step")
     print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(events.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))

@@ -1,17 +1,29 @@
-"""The `qoq` command: generate | eval ppl | serve | demo (quantize and bench land with their issues)."""
+"""The `qoq` command: quantize a model with QoQ (W4A8KV4), then generate, evaluate, serve or
+benchmark it; `qoq demo` runs the whole job on the bundled model.
+
+Defaults and choices come from the dataclasses that own them (QoQOptions, CalibConfig,
+SamplingParams, EngineConfig). Each command imports what only it needs inside its function, so
+that `qoq --help` and the other commands do not load the server or transformers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
 import torch
 
-from qoq.config import PRECISIONS
+from qoq.config import GRANULARITIES, PRECISIONS, QUANTIZED_PRECISIONS, Granularity, QuantConfig
+from qoq.engine.config import EngineConfig
 from qoq.host import keep_freed_memory
-from qoq.model.loader import DEFAULT_MODEL, LoadError
+from qoq.model.loader import DEFAULT_MODEL
+from qoq.model.weights import LoadError
+from qoq.quant.calibrate import CalibConfig
+from qoq.quant.pipeline import QoQOptions
+from qoq.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,6 +39,26 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: qoq runs on cpu or cuda")
     return device
+
+
+def default(cls, name: str):
+    """The default of dataclass `cls`'s field `name`: the CLI restates none of them."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+KV_BITS = sorted({QuantConfig(p).kv_bits for p in PRECISIONS})
+
+
+def group_size(text: str) -> Granularity:
+    return Granularity.parse(text)  # named for argparse's message: "invalid group_size value"
+
+
+def _add_granularity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", dest="granularity", type=group_size, choices=GRANULARITIES,
+                   default=default(QoQOptions, "granularity"), metavar="{128,-1}",
+                   help="4-bit weights: 128 (progressive, per group of 128) or -1 (per channel); default "
+                        f"{default(QoQOptions, 'granularity').saved()}")
 
 
 def _load(args):
@@ -51,7 +83,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> int:
     from qoq.generate import apply_chat_template, generate
-    from qoq.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
@@ -100,7 +131,7 @@ def cmd_demo(args) -> int:
     quant = perplexity(qmodel, ids, seq_len=512, max_tokens=args.ppl_tokens)
     qc = qmodel.quant_config
     print(f"perplexity on the Python-docs eval split ({fp.tokens} tokens, seq 512): "
-          f"fp32 {fp.ppl:.2f}, QoQ {qc.precision} g{qc.group_size} {quant.ppl:.2f} "
+          f"fp32 {fp.ppl:.2f}, QoQ {qc.precision} {qc.granularity} {quant.ppl:.2f} "
           f"(+{100 * (quant.ppl / fp.ppl - 1):.1f}%)")
     _demo_chat_over_http(qmodel, tokenizer, args)
     return 0
@@ -110,23 +141,19 @@ def _quantize_for_demo(model, tokenizer, args):
     """QoQ-quantize the model once and keep the packed checkpoint in the cache; later demos load it."""
     from qoq.model.gguf_convert import cache_root
     from qoq.model.loader import load_model
-    from qoq.quant.calibrate import CalibConfig
-    from qoq.quant.checkpoint import save_checkpoint
-    from qoq.quant.pipeline import QoQOptions, quantize_model
-
+    import copy
     import hashlib
 
-    from qoq.quant.pipeline import describe
+    from qoq.model.checkpoint import save_checkpoint
+    from qoq.quant.pipeline import describe, quantize_model
 
-    options = QoQOptions(precision=args.precision, group_size=args.group_size,
+    options = QoQOptions(precision=args.precision, granularity=args.granularity,
                          calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=512))
     # the cache key covers every option, so a checkpoint of older defaults is never reused
     key = hashlib.sha256(json.dumps(describe(options), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = cache_root() / "demo" / f"{args.model}-{args.precision}-g{args.group_size}-{key}"
+    out = cache_root() / "demo" / f"{args.model}-{args.precision}-g{args.granularity.saved()}-{key}"
     if not (out / "quant_config.json").exists():
-        import copy
-
-        print(f"quantizing with QoQ ({args.precision}, group size {args.group_size}) -> {out}", file=sys.stderr)
+        print(f"quantizing with QoQ ({args.precision}, {args.granularity}) -> {out}", file=sys.stderr)
         save_checkpoint(quantize_model(copy.deepcopy(model), tokenizer, options), out, tokenizer)
     qmodel, _ = load_model(out, dtype=model.dtype, device=model.device)
     return qmodel
@@ -136,7 +163,6 @@ def _demo_chat_over_http(model, tokenizer, args) -> None:
     """Serve the model on a free loopback port and ask it the questions as an OpenAI client would."""
     import httpx
 
-    from qoq.engine.config import EngineConfig
     from qoq.server.serve import BackgroundServer, free_port, make_server
 
     port = free_port()
@@ -154,15 +180,19 @@ def _demo_chat_over_http(model, tokenizer, args) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=None,
+    engine = {name: default(EngineConfig, name) for name in ("page_size", "max_num_seqs", "max_num_batched_tokens",
+                                                                "gpu_memory_utilization", "cpu_kv_cache_gib")}
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                    help="KV cache precision (default: the model's quant config; 16 for fp models)")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from free memory)")
-    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one step")
+    p.add_argument("--page-size", type=int, default=engine["page_size"], help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
+                   help="token budget of one step")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--cpu-kv-cache-gib", type=float, default=2.0, help="KV cache size on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"])
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=engine["cpu_kv_cache_gib"],
+                   help="KV cache size on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
@@ -174,7 +204,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from qoq.engine.config import EngineConfig
     from qoq.server.engine_loop import ModelSpec
     from qoq.server.serve import configure_logging, default_served_name, engine_failed, make_process_server
 
@@ -212,7 +241,7 @@ def cmd_bench_throughput(args) -> int:
 
     device = str(resolve_device(args.device))
     batch = 0 if args.batch == "max" else int(args.batch)
-    result = run_throughput(args.config, args.precision, args.group_size, batch, args.input_len,
+    result = run_throughput(args.config, args.precision, args.granularity, batch, args.input_len,
                             args.output_len, device)
     print(json.dumps(result.to_dict()))
     return 0
@@ -246,9 +275,6 @@ def cmd_bench_serve(args) -> int:
 
 def quantize_options(args):
     """`qoq quantize`'s switches -> QoQOptions (a switch left out keeps the option's default)."""
-    from qoq.quant.calibrate import CalibConfig
-    from qoq.quant.pipeline import QoQOptions
-
     steps = {step: not getattr(args, f"no_{step}") for step in ("rotation", "qk_hadamard", "smooth", "reorder", "clip")}
     steps.update({step: getattr(args, step) for step in ("smooth_attention", "v_rotation", "gptq")
                   if getattr(args, step) is not None})
@@ -256,7 +282,7 @@ def quantize_options(args):
         if args.no_rotation:
             raise ValueError("--rotation auto and --no-rotation contradict each other: pass one")
         steps["rotation"] = "auto"
-    options = QoQOptions(precision=args.precision, group_size=args.group_size, progressive=True,
+    options = QoQOptions(precision=args.precision, granularity=args.granularity, progressive=True,
                          calib=CalibConfig(num_seqs=args.calib_seqs, seq_len=args.calib_seq_len), **steps)
     options.quant_config()  # reject a bad precision / group size before loading anything
     return options
@@ -265,9 +291,9 @@ def quantize_options(args):
 def cmd_quantize(args) -> int:
     from pathlib import Path
 
-    from qoq.model.loader import LoadError, load_tokenizer, resolve_model_path
+    from qoq.model.checkpoint import check_output_dir
+    from qoq.model.loader import load_tokenizer, resolve_model_path
     from qoq.quant.calibrate import calibration_tokens
-    from qoq.quant.checkpoint import check_output_dir
     from qoq.quant.stream import check_source, quantize_folder
 
     options = quantize_options(args)
@@ -291,7 +317,7 @@ def cmd_quantize(args) -> int:
     tokens = calibration_tokens(tokenizer, options.calib, text)
     rotation = {True: "randomized Hadamard (QuaRot-style)", False: "none", "auto": "auto"}[options.rotation]
     print(f"quantizing {args.model} ({config.architecture}, {config.num_layers} layers) to {options.precision} "
-          f"g{options.group_size} on {device}\n  calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from "
+          f"{options.granularity} on {device}\n  calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from "
           f"{args.calib or 'the corpus calib split'}; rotation: {rotation}; GPTQ: {'on' if options.gptq else 'off'}",
           file=sys.stderr)
     if options.rotation == "auto":
@@ -307,7 +333,7 @@ def cmd_quantize(args) -> int:
 
 def _quantize_in_memory(args, options, tokens, device) -> int:
     """--rotation auto: the whole model in memory, quantized both ways (quant.pipeline)."""
-    from qoq.quant.checkpoint import save_checkpoint
+    from qoq.model.checkpoint import save_checkpoint
     from qoq.quant.pipeline import quantize_model
 
     args.dtype = args.dtype or "float32"
@@ -316,23 +342,24 @@ def _quantize_in_memory(args, options, tokens, device) -> int:
     t0 = time.perf_counter()
     quantize_model(model, tokenizer, options, calib_tokens=tokens)
     out = save_checkpoint(model, args.out, tokenizer, overwrite=args.overwrite)
-    print(f"quantized {args.model} to {args.precision} g{args.group_size} in {time.perf_counter() - t0:.0f}s "
+    print(f"quantized {args.model} to {args.precision} {args.granularity} in {time.perf_counter() - t0:.0f}s "
           f"-> {out}\n  serve it: qoq serve {out}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qoq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qoq", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=default(SamplingParams, "max_tokens"))
+    gen.add_argument("--temperature", type=float, default=default(SamplingParams, "temperature"),
+                     help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=default(SamplingParams, "top_k"), help="0 = off (default)")
+    gen.add_argument("--top-p", type=float, default=default(SamplingParams, "top_p"), help="1 = off (default)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=cmd_generate)
@@ -351,12 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(qz)
     qz.add_argument("--out", required=True, help="output folder (config.json, quant_config.json, safetensors shards)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing qoq checkpoint at --out")
-    qz.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
-    qz.add_argument("--group-size", type=int, choices=[128, -1], default=128,
-                    help="4-bit weights: 128 (progressive, per group) or -1 (per channel)")
+    qz.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"))
+    _add_granularity_arg(qz)
     qz.add_argument("--calib", default=None, help="calibration text file (default: the corpus' calib split)")
-    qz.add_argument("--calib-seqs", type=int, default=64, help="calibration sequences")
-    qz.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    qz.add_argument("--calib-seqs", type=int, default=default(CalibConfig, "num_seqs"), help="calibration sequences")
+    qz.add_argument("--calib-seq-len", type=int, default=default(CalibConfig, "seq_len"),
+                    help="tokens per calibration sequence")
     for step, what in (("rotation", "Hadamard block-input rotation (and RMSNorm folding)"),
                        ("qk-hadamard", "the runtime Hadamard on q/k after RoPE that makes 4-bit keys accurate"),
                        ("smooth", "o_proj / down_proj input smoothing"),
@@ -385,10 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens of the eval split to score (8,192: about half a minute each on 2 cores)")
     demo.add_argument("--questions", nargs="*",
                       default=["What is the capital of France?", "Write a haiku about the sea."])
-    demo.add_argument("--precision", choices=["w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4"], default="w4a8kv4")
-    demo.add_argument("--group-size", type=int, choices=[128, -1], default=128)
-    demo.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences of 512 tokens")
-    demo.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=None,
+    demo.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"))
+    _add_granularity_arg(demo)
+    demo.add_argument("--calib-seqs", type=int, default=32,
+                      help="calibration sequences of 512 tokens (fewer than qoq quantize's, for a quick demo)")
+    demo.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                       help="KV cache precision served (default: the quantized model's)")
     demo.set_defaults(func=cmd_demo)
 
@@ -406,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--random-weights", metavar="CONFIG", default=None,
                        help="serve random weights of a config in qoq/configs (or a config.json) with a synthetic "
                             "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")
-    serve.add_argument("--precision", default="w4a8kv4", choices=list(PRECISIONS),
+    serve.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS,
                        help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
@@ -415,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tput = bench_sub.add_parser("throughput", help="end-to-end generation throughput, random weights from a config")
     tput.add_argument("--config", default="llama-3-8b", help="a config in qoq/configs or a config.json path")
-    tput.add_argument("--precision", default="w4a8kv4", choices=list(PRECISIONS))
-    tput.add_argument("--group-size", type=int, default=128, choices=[128, -1])
+    tput.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS)
+    _add_granularity_arg(tput)
     tput.add_argument("--batch", default="max", help="number of requests, or 'max' (largest that fits)")
     tput.add_argument("--input-len", type=int, default=1024)
     tput.add_argument("--output-len", type=int, default=512)

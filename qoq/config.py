@@ -138,18 +138,61 @@ class ModelConfig:
 
 
 PRECISIONS = ("w16a16kv16", "w4a8kv4", "w4a8kv8", "w8a8kv8", "w8a8kv4")
+QUANTIZED_PRECISIONS = PRECISIONS[1:]  # what `qoq quantize` can produce
+GROUP_SIZES = (128,)  # the GEMM kernels' K chunk: the one group the progressive format has
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Which 4-bit weights share a scale: each output channel its own (`group_size` None), or each
+    group of `group_size` input channels under the channel's int8 scale (progressive,
+    docs/quantization.md#progressive-group-quantization). Checkpoints store it as group_size
+    -1 or N."""
+
+    group_size: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size must be 128 or -1 (per-channel), got {self.group_size}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size is None
+
+    @classmethod
+    def parse(cls, value: int | str) -> "Granularity":
+        """From the saved or typed form: -1 / "per-channel" or N / "gN"."""
+        text = str(value).strip().lower()
+        if text in ("-1", "per-channel"):
+            return cls(None)
+        try:
+            return cls(int(text.removeprefix("g")))
+        except ValueError:
+            raise ConfigError(f"group size {value!r}: pass 128 (groups of 128) or -1 (per-channel)") from None
+
+    def saved(self) -> int:
+        """The checkpoint's group_size: -1 per channel, else the group size."""
+        return -1 if self.group_size is None else self.group_size
+
+    def __str__(self) -> str:
+        return "per-channel" if self.group_size is None else f"g{self.group_size}"
+
+
+PER_CHANNEL = Granularity(None)
+G128 = Granularity(128)
+GRANULARITIES = (G128, PER_CHANNEL)
 
 
 @dataclass
 class QuantConfig:
     """How a model is quantized; saved beside a packed checkpoint as quant_config.json.
 
-    `precision` names weight/activation/KV bits (SPEC §1); `group_size` is 128 (progressive
-    two-level) or -1 (per-channel) for 4-bit weights, ignored otherwise.
+    `precision` names weight/activation/KV bits (docs/formats.md#precisions); `granularity`
+    applies to 4-bit weights and is ignored otherwise.
     """
 
     precision: str = "w16a16kv16"
-    group_size: int = 128
+    granularity: Granularity = G128
     steps: dict[str, bool] = field(default_factory=dict)  # which QoQ steps ran (for ablations)
     rotation: str = ""  # which Hadamard construction was used, when rotated
     # q and k multiplied by a head_dim Hadamard after RoPE (in the RoPE kernel; the KV cache then
@@ -160,8 +203,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
-        if self.group_size not in (128, -1):
-            raise ConfigError(f"group_size must be 128 or -1 (per-channel), got {self.group_size}")
+        if not isinstance(self.granularity, Granularity):
+            raise ConfigError(f"granularity must be a Granularity (e.g. G128, PER_CHANNEL), got {self.granularity!r}")
 
     @property
     def weight_bits(self) -> int:
@@ -175,10 +218,20 @@ class QuantConfig:
     def kv_bits(self) -> int:
         return int(self.precision[self.precision.index("kv") + 2 :])
 
+    @property
+    def grouped_w4(self) -> bool:
+        """4-bit weights in groups (progressive two-level), as opposed to per channel or 8-bit."""
+        return self.weight_bits == 4 and not self.granularity.per_channel
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["granularity"] = self.granularity.saved()
+        return {("group_size" if k == "granularity" else k): v for k, v in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f.name for f in dataclasses.fields(cls)} - {"granularity"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "group_size" in data:
+            kwargs["granularity"] = Granularity.parse(data["group_size"])
+        return cls(**kwargs)

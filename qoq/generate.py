@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qoq.engine.stops import stop_token_ids, truncate_at_stop
 from qoq.layers.attention import SERVING, DenseKVCache
 from qoq.model.llama import LlamaModel
 from qoq.sampling import SamplingParams, sample
@@ -28,20 +29,6 @@ def apply_chat_template(tokenizer, user_message: str, system: str | None = None)
         raise ValueError("this model's tokenizer has no chat template; drop --chat and pass a plain prompt")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def stop_token_ids(model: LlamaModel, tokenizer, params: SamplingParams) -> set[int]:
-    ids = set(params.stop_token_ids)
-    if not params.ignore_eos:
-        ids.update(model.config.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @torch.inference_mode()

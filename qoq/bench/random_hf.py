@@ -20,8 +20,7 @@ from qoq.bench.random_model import bundled_config
 from qoq.bench.synthetic_tokenizer import synthetic_tokenizer
 from qoq.config import ModelConfig
 from qoq.model.llama import DecoderLayer
-from qoq.model.loader import qoq_to_hf_state_dict
-from qoq.quant.checkpoint import hf_config_dict
+from qoq.model.weights import hf_config_dict, qoq_to_hf_state_dict
 
 _W_STD = 0.02
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qoq.config import ModelConfig, QuantConfig
+from qoq.config import G128, Granularity, ModelConfig, QuantConfig
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 from qoq.model.llama import LlamaModel
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, padded_k
 
 # Scales chosen so a dequantized weight is ~0.01-0.02 like a trained 7B model's, which keeps
 # fp16 activations in range through 32+ layers with random data.
@@ -50,22 +50,22 @@ def _random_linear(quant: QuantConfig, dtype: torch.dtype):
             w8 = torch.randint(-119, 120, (out_features, kp), dtype=torch.int8)
             return W8A8Linear(in_features, W8Params(w8, torch.full((out_features,), _W_STD / 64, dtype=torch.float16)), bias_t)
         q4 = torch.randint(0, 16, (out_features, kp), dtype=torch.uint8)
-        if quant.group_size > 0:
-            groups = kp // quant.group_size
+        if not quant.granularity.per_channel:
+            groups = kp // quant.granularity.group_size
             s2 = torch.randint(1, 9, (out_features, groups), dtype=torch.int8)  # <= 8: 15 * 8 fits int8
             sz = (torch.randint(0, 16, (out_features, groups), dtype=torch.int8) * s2).to(torch.int8)
             s1 = torch.full((out_features,), _W_STD / 64, dtype=torch.float16)
-            return W4A8G128Linear(in_features, W4G128Params(q4, s1, s2, sz, quant.group_size), bias_t)
+            return W4A8G128Linear(in_features, W4G128Params(q4, s1, s2, sz, quant.granularity.group_size), bias_t)
         scale = torch.full((out_features,), _W_STD / 4, dtype=torch.float16)
         return W4A8PerChannelLinear(in_features, W4ChannelParams(q4, scale, scale * 7.5), bias_t)
 
     return make
 
 
-def bench_quant_config(precision: str, group_size: int = 128) -> QuantConfig:
+def bench_quant_config(precision: str, granularity: Granularity = G128) -> QuantConfig:
     """The quant config a benchmark's random model gets (the q/k Hadamard on whenever keys are
     quantized, as `qoq quantize` makes it, so the RoPE kernel's extra work is measured)."""
-    quant = QuantConfig(precision, group_size)
+    quant = QuantConfig(precision, granularity)
     quant.qk_hadamard = quant.kv_bits < 16
     return quant
 

@@ -28,8 +28,8 @@ def linear_params(cfg: ModelConfig) -> int:
 
 def weight_bytes(cfg: ModelConfig, quant: QuantConfig) -> float:
     linear = linear_params(cfg) * quant.weight_bits / 8
-    if quant.weight_bits == 4 and quant.group_size > 0:
-        linear += linear_params(cfg) / quant.group_size * 2  # int8 step + int8 scaled zero per group
+    if quant.grouped_w4:
+        linear += linear_params(cfg) / quant.granularity.group_size * 2  # int8 step + int8 scaled zero per group
     lm_head = cfg.vocab_size * cfg.hidden_size * 2  # fp16, read every step (embedding lookups are tiny)
     return linear + lm_head
 

@@ -16,6 +16,7 @@ import torch
 
 from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
 from qoq.bench.roofline import Ceilings, roofline_tokens_per_s
+from qoq.config import Granularity
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.sampling import SamplingParams
@@ -124,12 +125,12 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     return seconds, decode_steps, forward_times, steps
 
 
-def run_throughput(config_name: str, precision: str, group_size: int, batch: int, input_len: int,
+def run_throughput(config_name: str, precision: str, granularity: Granularity, batch: int, input_len: int,
                    output_len: int, device: str = "cuda", ceilings: Ceilings | None = None,
                    max_num_batched_tokens: int = 8192, num_pages: int | None = None,
                    max_batch: int = 1024) -> ThroughputResult:
     cfg = bundled_config(config_name)
-    quant = bench_quant_config(precision, group_size)
+    quant = bench_quant_config(precision, granularity)
     model = random_model(cfg, quant, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
     max_len = input_len + output_len
 
@@ -175,7 +176,7 @@ def run_throughput(config_name: str, precision: str, group_size: int, batch: int
         tokens_per_s = batch * output_len / seconds
         roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-        result = ThroughputResult("qoq", config_name, precision, group_size if quant.weight_bits == 4 else -1,
+        result = ThroughputResult("qoq", config_name, precision, granularity.saved() if quant.weight_bits == 4 else -1,
                                   batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
                                   _median_ms(forward_times), peak,
                                   roof, tokens_per_s / roof if roof else None, step_phases(steps, batch))

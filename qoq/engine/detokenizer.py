@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qoq.engine.sequence import RequestOutput, Sequence
-from qoq.generate import truncate_at_stop
+from qoq.engine.stops import truncate_at_stop
 
 REPLACEMENT_CHAR = "\ufffd"
 

@@ -35,7 +35,7 @@ from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
 from qoq.engine.sequence import RequestOutput, Sequence, SequenceStatus
-from qoq.generate import stop_token_ids
+from qoq.engine.stops import stop_token_ids
 from qoq.model.llama import LlamaModel
 from qoq.sampling import SamplingParams
 

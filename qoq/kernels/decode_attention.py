@@ -1,6 +1,6 @@
 """Decode attention over the paged KV cache (KV4, KV8 or fp16), GQA, variable context lengths.
 
-Why it stays memory-bound (SPEC section 3): the kernel never dequantizes K or V element-wise.
+Why it stays memory-bound (docs/formats.md#decode-attention-on-codes): the kernel never dequantizes K or V element-wise.
 With k_hat = c * s + z per token,  q . k_hat = s * (q . c) + z * sum(q),  so the scores come
 from a tensor-core dot of q with the raw integer codes (exact in fp16) and two FMAs per token;
 likewise  sum_t p_t v_hat_t = sum_t (p_t * s_t) c_t + sum_t p_t z_t,  so P is scaled per token
@@ -505,9 +505,8 @@ class DecodePlan:
 
 
 # The H100-tuned plans, also every GPU's without a table (none of it depends on the model):
-# one warp per program beat four by 1.15-1.25x at KV4/KV8; the transposed kernel for KV4 (168
-# registers against 254: 12 programs per SM against 8, yet 8 sized the waves best); KV8 and fp16
-# on the row kernel (benchmarks/results/attention-h100.json).
+# one warp per program (no cross-warp softmax reductions); the transposed kernel for KV4 (fewer
+# registers); KV8 and fp16 on the row kernel (benchmarks/results/attention-h100.json).
 DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biased=True, deep_stages=3),
                  8: DecodePlan(num_warps=1, num_stages=2, biased=True, deep_stages=3),
                  16: DecodePlan(num_warps=4, num_stages=2, programs_per_sm=2)}

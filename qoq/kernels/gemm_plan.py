@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels import configs
+from qoq.kernels import configs, ws_gemm
 
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 MODE_NAMES = {MODE_W8: "w8a8", MODE_W4_G128: "w4a8_g128", MODE_W4_PER_CHANNEL: "w4a8_per_channel"}
@@ -195,8 +195,6 @@ def table_plan(table: dict, mode: int, M: int, N: int, K: int) -> GemmPlan | Non
 @functools.lru_cache(maxsize=None)
 def device_caps(device_index: int) -> tuple[int, bool, bool]:
     """(SMs, TMA, Gluon kernel) of a CUDA device."""
-    from qoq.kernels import ws_gemm
-
     major = torch.cuda.get_device_capability(device_index)[0]
     return (torch.cuda.get_device_properties(device_index).multi_processor_count, major >= 9,
             ws_gemm.supported(device_index))

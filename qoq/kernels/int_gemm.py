@@ -32,7 +32,6 @@ import dataclasses
 import torch
 
 from qoq.kernels import ws_gemm
-from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.dispatch import arrival_counters, lazy_jit
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -45,6 +44,8 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     fallback_plan,
     select_plan,
 )
+from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
+from qoq.kernels.quant import silu_mul_triton
 
 try:
     import triton
@@ -410,8 +411,6 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | 
             y = torch.empty((M, N // 2), dtype=torch.float16, device=x8.device)
             _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast, gated=True)
             return y
-        from qoq.kernels.quant import silu_mul_triton
-
         return silu_mul_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan))
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
     if plan.kernel in HOPPER_KERNELS:
@@ -535,9 +534,8 @@ def split_tail(tiles: int, slots: int, chunks: int, min_chunks: int = 24) -> tup
     splitting does not pay, and below one full wave (decode-sized M, whose tiles and split-K the
     plan chooses).
 
-    Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid only on
-    long K (112 chunks: 0.77x the time of the whole tiles), while pieces of 4-8 chunks were slower
-    than the whole tiles (1.24x; benchmarks/results/split-tail-probe-h100.json)."""
+    Every piece keeps at least `min_chunks` 128-deep chunks: on the H100 the split paid on long K
+    and short pieces were slower than whole tiles (benchmarks/results/split-tail-probe-h100.json)."""
     tail = tiles % slots
     if tiles < slots or tail == 0 or 2 * tail > slots:
         return tiles, 1

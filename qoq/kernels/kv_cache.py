@@ -1,4 +1,4 @@
-"""Paged KV cache (SPEC section 1 KV4/KV8) and the fused RoPE + quantize + paged-write kernel.
+"""Paged KV cache (KV4/KV8/KV16, docs/formats.md#kv-cache) and the fused RoPE + quantize + paged-write kernel.
 
 Layout per layer, page p, kv head h, token slot o (slot = page * page_size + o):
   bits=4:  k_cache/v_cache uint8 [num_pages, num_kv_heads, page_size, head_dim // 2];
@@ -332,9 +332,8 @@ def _rope_kv_write_kernel(
             tl.store(z_ptr + row, zero, mask=wm)
 
 
-# Tokens per program (H100 probe, benchmarks/results/rope-probe-h100.json): with the q/k Hadamard,
-# 4 tokens share the +-1 matrix and make taller MMAs: 8192 tokens 126 us, 993 tokens 18 us per
-# layer (272 / 36 with one token per program; 78 / 12 without the Hadamard).
+# Tokens per program: with the q/k Hadamard, 4 tokens share the +-1 matrix and make taller MMAs,
+# about twice as fast on the H100 as one token (benchmarks/results/rope-probe-h100.json).
 ROPE_TOKENS = {False: 1, True: 4}
 
 

@@ -1,7 +1,7 @@
 """Causal prefill attention over variable-length sequences packed along the token axis.
 
-q [T, Hq, D], k/v [T, Hkv, D] (fp16/bf16, K/V not yet quantized: SPEC section 3 runs prefill on
-full-precision K/V and quantizes them into the cache separately, see kv_cache.rope_kv_write),
+q [T, Hq, D], k/v [T, Hkv, D] (fp16/bf16, K/V not yet quantized: prefill attends over full-precision
+K/V and kv_cache.rope_kv_write quantizes them into the cache separately),
 cu_seqlens int32 [B + 1] (sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1]).
 Triton: flash-attention forward, one program per (query block, sequence, q head), online
 softmax in base 2, fp32 accumulators; blocks entirely above the diagonal are never visited.
@@ -122,9 +122,8 @@ def prefill_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen=None, out=No
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = output_like(q, out)
-    # 64x64 tiles, 4 warps: 209 us for 7 x 1024 tokens of Llama-3-8B heads on the H100, against 228
-    # for 128x64 / 8 warps and 265 before the unmasked off-diagonal loop (torch SDPA flash: 144 us;
-    # benchmarks/results/prefill-attention-probe-h100.json).
+    # 64x64 tiles, 4 warps: the fastest shape probed on the H100
+    # (benchmarks/results/prefill-attention-probe-h100.json).
     block = 64 if q.is_cuda else 16  # interpreter: small tiles keep the CPU test fast
     opts = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=3)
     opts.update(options or {})

@@ -1,4 +1,4 @@
-"""Fused producers of per-token INT8 activations (SPEC section 1).
+"""Fused producers of per-token INT8 activations (docs/formats.md#activations).
 
 Each returns (x8 int8 [M, H], scale fp32 [M], xsum fp32 [M]):
   scale = max|y_row| / 127 (0 for an all-zero row), x8 = clamp(round(y / scale), -127, 127),

@@ -1,7 +1,7 @@
-"""W4A8 GEMMs (SPEC section 1): per-group g128 progressive and per-channel, fp16 out [M, N].
+"""W4A8 GEMMs, per-group g128 progressive and per-channel, fp16 out [M, N]
+(docs/formats.md#progressive-w4-g128, docs/formats.md#per-channel-w4).
 
-Both take the *packed* weight of `pack_w4` (layout in int_gemm.py: per 128-channel chunk, byte j
-holds channel j in its low nibble and channel 64 + j in its high nibble). The references unpack
+Both take the *packed* weight of `pack_w4` (docs/formats.md#packed-w4-layout). The references unpack
 with torch and accumulate in float64, which is exact here: |x8 * q8| <= 127 * 128 and K <= 2^20
 keep every partial sum far below 2^53.
 """

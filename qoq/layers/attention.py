@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from qoq.kernels import (
     KVCacheLayer,
     allocate_kv_cache,
+    dequantize_kv_ref,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_attention,
+    quantize_kv_ref,
     rope_kv_write,
 )
 from qoq.kernels.kv_cache import check_hadamard_dim, qk_hadamard_ref
@@ -41,7 +43,7 @@ class AttentionBackend(Protocol):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    # [B, T, H, D] -> [B, H, T, D]; softmax math in fp32 (SPEC: attention math stays high precision).
+    # [B, T, H, D] -> [B, H, T, D]; softmax math in fp32 (docs/formats.md#precisions).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).float(),
         k.transpose(1, 2).float(),
@@ -60,8 +62,6 @@ def kv_quantizer_for(kv_bits: int):
         return None
     if kv_bits not in (4, 8):
         raise ValueError(f"KV cache bits must be 4, 8 or 16, got {kv_bits}")
-    from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
-
     def quantize(x: torch.Tensor) -> torch.Tensor:
         data, scale, zero = quantize_kv_ref(x, kv_bits)
         return dequantize_kv_ref(data, scale, zero, kv_bits, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""Quantized linear layers: the exact integer arithmetic of the GEMM kernels (SPEC section 1).
+"""Quantized linear layers: the exact integer arithmetic of the GEMM kernels (docs/formats.md).
 
 forward(x) quantizes x per token to int8 (`quantize_per_token`), pads K to the kernels' multiple
 of 128 with zero columns, and calls the kernel function, which dispatches itself: Triton on a
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qoq.kernels import (int_gemm, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
+from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
                          w4a8_per_channel_gemm, w8a8_gemm)
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.layers.activation import QuantizedActivation
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
 
 
 EXACT_CHUNK = 1024  # input channels per float32 partial product that stays exact (see QuantLinear._cpu_gemm)
@@ -121,8 +121,6 @@ class W4A8G128Linear(QuantLinear):
 
     def __init__(self, in_features: int, params: W4G128Params, bias: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
-        from qoq.kernels import pack_w4
-
         super().__init__(in_features, params.s1.shape[0], bias)
         self.group_size = params.group_size
         self.register_buffer("qweight", pack_w4(params.q4) if packed is None else packed)
@@ -151,8 +149,6 @@ class W4A8PerChannelLinear(QuantLinear):
 
     def __init__(self, in_features: int, params: W4ChannelParams, bias: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
-        from qoq.kernels import pack_w4
-
         super().__init__(in_features, params.scale.shape[0], bias)
         self.register_buffer("qweight", pack_w4(params.q4) if packed is None else packed)
         self.register_buffer("s1", params.scale.to(torch.float16))
@@ -204,7 +200,7 @@ class FakeQuantLinear(nn.Module):
 
 
 def make_quant_linear(params, in_features: int, bias: torch.Tensor | None = None) -> QuantLinear:
-    """The QuantLinear for a params dataclass of qoq.quant.quantizer."""
+    """The QuantLinear for a params dataclass of qoq.layers.formats."""
     if isinstance(params, W4G128Params):
         return W4A8G128Linear(in_features, params, bias)
     if isinstance(params, W4ChannelParams):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from qoq.config import RopeScaling
+from qoq.config import ModelConfig, RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -43,6 +43,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> "RotaryEmbedding":
+        return cls(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

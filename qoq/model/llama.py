@@ -103,12 +103,10 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, make_linear) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head stays full precision (SPEC §1). With tied embeddings it is the embedding
+        # The LM head stays full precision (docs/formats.md#precisions). With tied embeddings it is the embedding
         # matrix itself, until a transform (rotation) unties them.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
+        self.rotary = RotaryEmbedding.for_model(config)
 
     def forward(
         self,

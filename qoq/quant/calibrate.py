@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qoq.data.corpus import load_corpus
+from qoq.eval.perplexity import tokenize_corpus
 from qoq.layers.attention import CausalAttention
 from qoq.model.llama import DecoderLayer, LlamaModel
 
@@ -39,9 +41,6 @@ class LayerActivations:
 
 def calibration_tokens(tokenizer, cfg: CalibConfig, text: str | None = None) -> torch.Tensor:
     """[num_seqs, seq_len] windows spread evenly over the corpus' calib split."""
-    from qoq.data.corpus import load_corpus
-    from qoq.eval.perplexity import tokenize_corpus
-
     ids = tokenize_corpus(tokenizer, text if text is not None else load_corpus("calib"))
     need = cfg.num_seqs * cfg.seq_len
     if ids.numel() < need:

@@ -1,4 +1,4 @@
-"""Weight clipping search (SPEC section 2): a range ratio per output channel (or per group).
+"""Weight clipping search (docs/quantization.md#clipping): a range ratio per output channel (or per group).
 
 The error of output channel n is (w_n - q_n)^T C (w_n - q_n) with C = X^T X over calibration
 inputs, so one Gram matrix per layer prices every candidate without touching the tokens again.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from qoq.quant.quantizer import pad_k, quantize_weight
+from qoq.config import Granularity
+from qoq.layers.formats import pad_k
+from qoq.quant.quantizer import quantize_weight
 
 CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 down to 0.5 in 20 steps
 
@@ -32,11 +34,12 @@ def gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return out
 
 
-def _errors(wp: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int) -> torch.Tensor:
+def _errors(wp: torch.Tensor, wq: torch.Tensor, c: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Output error of the padded weight `wp` quantized to `wq`: per channel under the whole Gram
-    matrix `c` ([N]), or per group under its diagonal blocks (`c` then [G, gs, gs]; [N, G])."""
+    matrix `c` ([N]; group_size None), or per group under its diagonal blocks (`c` then
+    [G, gs, gs]; [N, G])."""
     d = wq.sub_(wp).neg_()  # wq is a fresh dequantized tensor: reuse it
-    if group_size <= 0:
+    if group_size is None:
         return ((d @ c) * d).sum(1)  # [N]
     n, k = d.shape
     dg = d.view(n, k // group_size, group_size)
@@ -49,7 +52,7 @@ def _diagonal_blocks(c: torch.Tensor, group_size: int) -> torch.Tensor:
                         for i in range(g)])
 
 
-def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 4) -> torch.Tensor:
+def _best_ratio(w, c, quantize, group_size: int | None, grid, coarse: int = 4) -> torch.Tensor:
     """Best grid ratio per channel (or group): every `coarse`-th ratio first (and the last), then
     the ratios `coarse / 2`, `coarse / 4`, ... 1 steps either side of each channel's best so far,
     as one per-channel ratio tensor per side. Equal to scoring the whole grid wherever the error
@@ -57,7 +60,7 @@ def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 4) -> torch
     grid."""
     ratios = torch.tensor(grid, dtype=torch.float32, device=w.device)
     wp = pad_k(w.float())
-    if group_size > 0:
+    if group_size is not None:
         c = _diagonal_blocks(c, group_size)
     coarse_idx = sorted(set(range(0, len(grid), coarse)) | {len(grid) - 1})
     best_err = best_idx = None
@@ -83,11 +86,12 @@ def _best_ratio(w, c, quantize, group_size: int, grid, coarse: int = 4) -> torch
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, c: torch.Tensor, weight_bits: int, group_size: int, grid=CLIP_GRID):
+def search_clip(w: torch.Tensor, c: torch.Tensor, weight_bits: int, granularity: Granularity, grid=CLIP_GRID):
     """Best ratio per output channel ([N]); for progressive g128 a pair: the level-1 ratio per
     channel (exact output error, level 2 unclipped), then the level-2 ratio per group ([N, G])."""
-    if not (weight_bits == 4 and group_size > 0):
-        return _best_ratio(w, c, lambda r: quantize_weight(w, weight_bits, group_size, clip=r), -1, grid)
-    channel = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(r, None)), -1, grid)
-    group = _best_ratio(w, c, lambda r: quantize_weight(w, 4, group_size, clip=(channel, r)), group_size, grid)
+    if weight_bits != 4 or granularity.per_channel:
+        return _best_ratio(w, c, lambda r: quantize_weight(w, weight_bits, granularity, clip=r), None, grid)
+    channel = _best_ratio(w, c, lambda r: quantize_weight(w, 4, granularity, clip=(r, None)), None, grid)
+    group = _best_ratio(w, c, lambda r: quantize_weight(w, 4, granularity, clip=(channel, r)),
+                        granularity.group_size, grid)
     return channel, group

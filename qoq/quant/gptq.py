@@ -29,7 +29,8 @@ import dataclasses
 import torch
 
 from qoq.kernels.gptq_block import gptq_block
-from qoq.quant.quantizer import PROTECTIVE_MAX, W4ChannelParams, W4G128Params, W8Params, pad_k
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, pad_k
+from qoq.quant.quantizer import PROTECTIVE_MAX
 
 
 def _code_grid(params, n: int, k: int):

@@ -1,4 +1,4 @@
-"""The QoQ pipeline (SPEC section 2): fold norms, rotate, then per decoder layer SmoothAttention,
+"""The QoQ pipeline (docs/quantization.md): fold norms, rotate, then per decoder layer SmoothAttention,
 smoothing of o_proj / down_proj inputs, reordering (g128), clipping, and quantized linears whose
 integer codes are optionally chosen by GPTQ-style error-compensating rounding (qoq/quant/gptq.py)
 under the scales QoQ chose.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qoq.config import QuantConfig
+from qoq.config import G128, Granularity, QuantConfig
 from qoq.layers.quant_linear import FakeQuantLinear, make_quant_linear
 from qoq.model.llama import DecoderLayer, LlamaModel
 from qoq.quant import smooth as smoothing
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class QoQOptions:
     precision: str = "w4a8kv4"
-    group_size: int = 128  # 128 (progressive) or -1 (per-channel); ignored for 8-bit weights
+    granularity: Granularity = G128  # g128 (progressive) or per channel; ignored for 8-bit weights
     rotation: bool | str = True  # True, False or "auto" (quantize both ways, keep the closer one)
     # SmoothAttention on the keys; None: only where qk_hadamard is off (with the Hadamard it cost
     # 0.28 ppl on SmolLM2, docs/accuracy.md)
@@ -82,7 +82,7 @@ class QoQOptions:
         return cls(**{**{s: False for s in STEPS}, **kw})
 
     def quant_config(self, rotation_name: str = "") -> QuantConfig:
-        qc = QuantConfig(self.precision, self.group_size if self.group_size == -1 else 128)
+        qc = QuantConfig(self.precision, self.granularity)
         qc.steps = {s: bool(getattr(self, s)) for s in STEPS}
         qc.steps["progressive"] = self.progressive
         if self.gptq:
@@ -167,7 +167,7 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
     qc = opts.quant_config()
     if qc.weight_bits >= 16:
         raise ValueError("precision w16a16kv16 has nothing to quantize: choose w4a8kv4, w4a8kv8, w8a8kv8 or w8a8kv4")
-    if opts.gptq and qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
+    if opts.gptq and qc.grouped_w4 and not opts.progressive:
         raise ValueError("gptq rounds the integer codes of the progressive (or per-channel / W8) formats; "
                          "the non-progressive g128 float simulation has none")
     if qc.qk_hadamard:
@@ -192,7 +192,7 @@ def quantize_model(model: LlamaModel, tokenizer=None, options: QoQOptions | None
         fold_final_norm(model)
         rotate_globals(model, rotation)
     x = embed(model, calib_tokens).to(device) if needs_calibration else None
-    desc = f"QoQ {qc.precision} g{qc.group_size}{' + GPTQ' if opts.gptq else ''}"
+    desc = f"QoQ {qc.precision} {qc.granularity}{' + GPTQ' if opts.gptq else ''}"
     bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not opts.progress)
     for index in bar:
         with times("load"):
@@ -257,9 +257,9 @@ def _round_to_nearest(layer: DecoderLayer, opts: QoQOptions, qc: QuantConfig, ti
 
 
 def _fake_weight_fn(opts: QoQOptions, qc: QuantConfig):
-    if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
-        return lambda w: fake_w4_group_rtn(w, qc.group_size)
-    return lambda w: fake_quantize_weight(w, qc.weight_bits, qc.group_size)
+    if qc.grouped_w4 and not opts.progressive:
+        return lambda w: fake_w4_group_rtn(w, qc.granularity.group_size)
+    return lambda w: fake_quantize_weight(w, qc.weight_bits, qc.granularity)
 
 
 @torch.no_grad()
@@ -294,7 +294,7 @@ def _quantize_layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, opt
                 smoothing.apply_down_smoothing(mlp, res.scale)
                 down_in.div_(res.scale)
                 down_amax = down_amax / res.scale
-    if opts.reorder and qc.weight_bits == 4 and qc.group_size > 0:
+    if opts.reorder and qc.grouped_w4:
         with times("reorder"):
             o_in = o_in[:, reorder_o_proj(attn, o_amax, cfg)]
             down_in = down_in[:, reorder_down_proj(mlp, down_amax)]
@@ -346,10 +346,10 @@ def _quantized_linear(linear: nn.Module, inputs: torch.Tensor | None, opts: QoQO
     c, h = _grams(inputs, sample, opts, times) if inputs is not None else (None, None)
     if opts.clip and c is not None:
         with times("clip"):
-            clip = search_clip(w, c, qc.weight_bits, qc.group_size)
-    if qc.weight_bits == 4 and qc.group_size > 0 and not opts.progressive:
-        return FakeQuantLinear(fake_w4_group_rtn(w, qc.group_size).to(linear.weight.dtype), linear.bias)
-    params = quantize_weight(w, qc.weight_bits, qc.group_size, clip)
+            clip = search_clip(w, c, qc.weight_bits, qc.granularity)
+    if qc.grouped_w4 and not opts.progressive:
+        return FakeQuantLinear(fake_w4_group_rtn(w, qc.granularity.group_size).to(linear.weight.dtype), linear.bias)
+    params = quantize_weight(w, qc.weight_bits, qc.granularity, clip)
     if h is not None:
         with times("gptq"):
             params = gptq_round(w, h, params, opts.gptq_damp, act_order=opts.gptq_act_order)
@@ -363,4 +363,6 @@ def describe(options: QoQOptions) -> dict:
     """The options as plain data (for benchmark records)."""
     d = dataclasses.asdict(options)
     d.pop("progress", None)
+    del d["granularity"]
+    d["group_size"] = options.granularity.saved()  # as checkpoints store it
     return d

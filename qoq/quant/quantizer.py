@@ -1,4 +1,4 @@
-"""Number formats of QoQ (SPEC section 1): weights to the integers the kernels consume.
+"""Weights to the integers the kernels consume (docs/quantization.md#progressive-group-quantization).
 
 Every 4-bit format keeps zero exactly representable (the range is widened to include 0), so zero
 padding columns dequantize to exactly 0 and the per-token activation scale ignores them.
@@ -7,66 +7,16 @@ padding columns dequantize to exactly 0 and the per-token activation scale ignor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (SPEC §1)
-KERNEL_K_MULTIPLE = 128  # the GEMM kernels tile K in chunks of 128 (one packed chunk / group)
+from qoq.config import Granularity
+from qoq.layers.formats import KERNEL_K_MULTIPLE, W4ChannelParams, W4G128Params, W8Params, pad_k
+
+PROTECTIVE_MAX = 119  # |Q8| <= 119 keeps round(Q8 / s2) * s2 within int8 for any s2 <= 16 (docs/formats.md#progressive-w4-g128)
 
 
 class QuantFormatError(ValueError):
     """A weight shape or option that a quantized format cannot express."""
-
-
-@dataclass
-class W4G128Params:
-    """Progressive W4 (int8 per channel, then uint4 per group): Q8' = q4 * s2 - sz, W ~ s1 * Q8'."""
-
-    q4: torch.Tensor  # uint8 [N, Kp], values 0..15
-    s1: torch.Tensor  # fp16 [N]
-    s2: torch.Tensor  # int8 [N, G], 1..16
-    sz: torch.Tensor  # int8 [N, G], z * s2 in 0..127
-    group_size: int = 128
-
-    def dequantize(self) -> torch.Tensor:
-        n, k = self.q4.shape
-        q = self.q4.view(n, k // self.group_size, self.group_size).float()
-        q.mul_(self.s2.float()[..., None]).sub_(self.sz.float()[..., None]).mul_(self.s1.float()[:, None, None])
-        return q.view(n, k)
-
-
-@dataclass
-class W4ChannelParams:
-    """Per-channel asymmetric uint4: W ~ q4 * s - szero (szero = z * s)."""
-
-    q4: torch.Tensor  # uint8 [N, Kp]
-    scale: torch.Tensor  # fp16 [N]
-    szero: torch.Tensor  # fp16 [N]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q4.float() * self.scale.float()[:, None] - self.szero.float()[:, None]
-
-
-@dataclass
-class W8Params:
-    """Per-channel symmetric int8 (SmoothQuant W8A8): W ~ w8 * s."""
-
-    w8: torch.Tensor  # int8 [N, Kp]
-    scale: torch.Tensor  # fp16 [N]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.w8.float() * self.scale.float()[:, None]
-
-
-def padded_k(k: int) -> int:
-    return -(-k // KERNEL_K_MULTIPLE) * KERNEL_K_MULTIPLE
-
-
-def pad_k(w: torch.Tensor) -> torch.Tensor:
-    """Zero columns up to a multiple of 128 (hidden 576 -> 640): zeros cost nothing in the GEMM."""
-    k = w.shape[-1]
-    return torch.nn.functional.pad(w, (0, padded_k(k) - k)) if k % KERNEL_K_MULTIPLE else w
 
 
 def _ratio(clip, shape, device) -> torch.Tensor:
@@ -80,13 +30,13 @@ def _fp16_positive(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(min=1e-6).to(torch.float16)
 
 
-def quantize_w4_g128(w: torch.Tensor, group_size: int = 128, clip=None, channel_clip=None) -> W4G128Params:
-    """Progressive two-level quantization of an [N, K] float weight (K padded to 128).
+def quantize_w4_g128(w: torch.Tensor, clip=None, channel_clip=None) -> W4G128Params:
+    """Progressive two-level quantization of an [N, K] float weight (K padded to 128) in groups of
+    128, the kernels' K chunk (docs/quantization.md#progressive-group-quantization).
 
     `channel_clip` shrinks the level-1 (per output channel) range: one outlier weight otherwise
     sets a coarse int8 step for the whole row, and every group of that row inherits it."""
-    if group_size != 128:
-        raise QuantFormatError(f"progressive W4 uses group_size 128 (the kernel's chunk), got {group_size}")
+    group_size = KERNEL_K_MULTIPLE
     w = pad_k(w.float())
     n, k = w.shape
     groups = k // group_size
@@ -103,7 +53,6 @@ def quantize_w4_g128(w: torch.Tensor, group_size: int = 128, clip=None, channel_
     q4 = g.div_(s2[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
     return W4G128Params(
         q4=q4.view(n, k).to(torch.uint8), s1=s1, s2=s2.to(torch.int8), sz=(z * s2).to(torch.int8),
-        group_size=group_size,
     )
 
 
@@ -144,27 +93,19 @@ def fake_w4_group_rtn(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
     return ((q - z[..., None]) * scale[..., None]).view(n, k)[:, : w.shape[1]]
 
 
-def quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=None):
-    """The params of `w` in the format a precision asks for."""
+def quantize_weight(w: torch.Tensor, weight_bits: int, granularity: Granularity, clip=None):
+    """The params of `w` in the format a precision asks for (granularity: 4-bit weights only)."""
     if weight_bits == 8:
         return quantize_w8(w, clip)
     if weight_bits != 4:
         raise QuantFormatError(f"weights must be 4 or 8 bits, got {weight_bits}")
-    if group_size == -1:
+    if granularity.per_channel:
         return quantize_w4_per_channel(w, clip)
     if isinstance(clip, tuple):  # (level-1 ratio per channel, level-2 ratio per group)
-        return quantize_w4_g128(w, group_size, clip[1], clip[0])
-    return quantize_w4_g128(w, group_size, clip)
+        return quantize_w4_g128(w, clip[1], clip[0])
+    return quantize_w4_g128(w, clip)
 
 
-def fake_quantize_weight(w: torch.Tensor, weight_bits: int, group_size: int, clip=None) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, weight_bits: int, granularity: Granularity, clip=None) -> torch.Tensor:
     """Dequantized float weight [N, K] of `quantize_weight` (padding dropped)."""
-    return quantize_weight(w, weight_bits, group_size, clip).dequantize()[:, : w.shape[1]]
-
-
-def fake_quantize_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 (the kernels' quantize_per_token), returned dequantized, float."""
-    from qoq.kernels.quant import quantize_per_token_ref
-
-    x8, scale, _ = quantize_per_token_ref(x.reshape(-1, x.shape[-1]))
-    return (x8.float() * scale[:, None]).reshape(x.shape)
+    return quantize_weight(w, weight_bits, granularity, clip).dequantize()[:, : w.shape[1]]

@@ -1,4 +1,4 @@
-"""Activation-aware channel reordering for g128 weights (SPEC section 2).
+"""Activation-aware channel reordering for g128 weights (docs/quantization.md#reordering).
 
 Input channels are sorted by activation salience (max |x| on calibration tokens) so that each
 group of 128 holds channels of similar magnitude; the producer's output channels get the same

@@ -1,4 +1,4 @@
-"""RMSNorm folding and the block input rotation (QuaRot-style, SPEC section 2).
+"""RMSNorm folding and the block input rotation (QuaRot-style, docs/quantization.md#rotation).
 
 Rotation: the residual stream x becomes x Q with Q = diag(signs) H / sqrt(n), H a Hadamard
 matrix of order n = hidden size. Hidden sizes of the supported models are 2^a * m with small odd

@@ -1,4 +1,5 @@
-"""Smoothing of the inputs that cannot be rotated for free: o_proj and down_proj (SPEC section 2).
+"""Smoothing of the inputs that cannot be rotated for free: o_proj and down_proj
+(docs/quantization.md#smoothing).
 
 Per input channel s = max|X|^a / max|W|^(1-a): X <- X / s, W <- W * s. The 1/s folds into the
 producer: v_proj rows for o_proj (per kv head, shared by the query heads of its group, so s is
@@ -15,7 +16,7 @@ import torch
 
 from qoq.config import ModelConfig
 from qoq.model.llama import MLP, Attention
-from qoq.quant.quantizer import fake_quantize_act
+from qoq.layers.formats import fake_quantize_act
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 

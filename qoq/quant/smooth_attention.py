@@ -1,4 +1,4 @@
-"""SmoothAttention (SPEC section 2): flatten key outliers so a 4-bit KV cache keeps accuracy.
+"""SmoothAttention (docs/quantization.md#smoothattention): flatten key outliers so a 4-bit KV cache keeps accuracy.
 
 Q <- Q * lambda, K <- K / lambda per key channel, folded into W_q / W_k rows, so every attention
 score q . k is unchanged. RoPE rotates channel i with channel i + d/2 (HF rotate_half), which

@@ -20,8 +20,10 @@ import torch
 
 from qoq.config import ModelConfig
 from qoq.model.llama import DecoderLayer
-from qoq.model.loader import LoadError, ShardedWeights, build_layer, build_skeleton, read_config
-from qoq.quant.checkpoint import QUANT_CONFIG_FILE, CheckpointWriter
+from qoq.model.checkpoint import QUANT_CONFIG_FILE, CheckpointWriter
+from qoq.model.loader import build_layer, build_skeleton
+from qoq.model.qserve_format import is_qserve_checkpoint
+from qoq.model.weights import LoadError, ShardedWeights, read_config
 from qoq.quant.pipeline import QoQOptions, StepTimes, describe, quantize_model
 
 REPORT_FILE = "quantize_report.json"
@@ -88,8 +90,6 @@ def _check_device_memory(config: ModelConfig, calib_tokens: int, device: torch.d
 def check_source(folder: Path) -> ModelConfig:
     """Reject what cannot be quantized before any long work: an already quantized checkpoint, a
     QServe folder, pickle-only weights, an unsupported architecture."""
-    from qoq.quant.qserve_format import is_qserve_checkpoint
-
     if (folder / QUANT_CONFIG_FILE).exists():
         raise LoadError(f"{folder} is already a qoq quantized checkpoint: pass the original model")
     if is_qserve_checkpoint(folder):
@@ -128,7 +128,7 @@ def quantize_folder(folder: Path, out: Path, options: QoQOptions, calib_tokens: 
                          _shard_name(config.num_layers, layers.num_shards))
         report = {
             "model": str(folder), "precision": model.quant_config.precision,
-            "group_size": model.quant_config.group_size, "rotation": model.quant_config.rotation,
+            "group_size": model.quant_config.granularity.saved(), "rotation": model.quant_config.rotation,
             "layers": config.num_layers, "calib_tokens": int(calib_tokens.numel()),
             "calib_shape": list(calib_tokens.shape), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -2,7 +2,7 @@ import json
 from importlib import resources
 
 from qoq.bench.roofline import Ceilings, kv_bytes_per_token, roofline_tokens_per_s, weight_bytes
-from qoq.config import ModelConfig, QuantConfig
+from qoq.config import PER_CHANNEL, ModelConfig, QuantConfig
 
 CEIL = Ceilings(copy_bytes_per_s=3.0e12, bf16_ops_per_s=723e12, int8_ops_per_s=918e12)
 
@@ -14,7 +14,7 @@ def llama3_8b() -> ModelConfig:
 
 def test_bytes_follow_the_formats():
     cfg = llama3_8b()
-    fp16, w4 = QuantConfig("w16a16kv16"), QuantConfig("w4a8kv4", group_size=-1)
+    fp16, w4 = QuantConfig("w16a16kv16"), QuantConfig("w4a8kv4", PER_CHANNEL)
     lm_head = cfg.vocab_size * cfg.hidden_size * 2
     assert (weight_bytes(cfg, fp16) - lm_head) == 4 * (weight_bytes(cfg, w4) - lm_head)
     # KV: 32 layers x 2 x 1024 channels, fp16 -> 2 bytes, int4 -> half a byte + per-head scale/zero

@@ -7,7 +7,7 @@ import torch
 
 from qoq.bench.random_model import bundled_config, random_model
 from qoq.bench.throughput import run_throughput
-from qoq.config import QuantConfig
+from qoq.config import G128, PER_CHANNEL, QuantConfig
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
@@ -22,7 +22,7 @@ def tiny_config(tmp_path):
 
 
 @pytest.mark.parametrize("precision, group, cls", [
-    ("w4a8kv4", 128, W4A8G128Linear), ("w4a8kv4", -1, W4A8PerChannelLinear), ("w8a8kv8", -1, W8A8Linear)])
+    ("w4a8kv4", G128, W4A8G128Linear), ("w4a8kv4", PER_CHANNEL, W4A8PerChannelLinear), ("w8a8kv8", G128, W8A8Linear)])
 def test_random_models_have_the_packed_layers_and_finite_outputs(tiny_config, precision, group, cls):
     model = random_model(bundled_config(tiny_config), QuantConfig(precision, group), device="cpu",
                          dtype=torch.float32)
@@ -32,7 +32,7 @@ def test_random_models_have_the_packed_layers_and_finite_outputs(tiny_config, pr
 
 
 def test_run_throughput_generates_every_token(tiny_config):
-    result = run_throughput(tiny_config, "w4a8kv4", 128, batch=3, input_len=12, output_len=5, device="cpu")
+    result = run_throughput(tiny_config, "w4a8kv4", G128, batch=3, input_len=12, output_len=5, device="cpu")
     assert result.batch == 3 and result.tokens_per_s > 0 and result.seconds > 0
     assert result.decode_forward_ms <= result.decode_step_ms
     phases = result.phases  # every prompt token prefilled once; the rest of the tokens decoded

@@ -5,6 +5,7 @@ integer arithmetic, so chunk shapes cannot move bits)."""
 import pytest
 import torch
 
+from qoq.config import G128
 from qoq.engine import LLM, SamplingParams
 from qoq.engine.block_manager import BlockManager
 from qoq.engine.config import EngineConfig
@@ -19,7 +20,7 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    return {bits: tiny_quantized_model(128, bits, torch.float32) for bits in (4, 8)}
+    return {bits: tiny_quantized_model(G128, bits, torch.float32) for bits in (4, 8)}
 
 
 def model_for(tiny_models, bits):

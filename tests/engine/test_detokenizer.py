@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.sequence import Sequence
-from qoq.generate import GenerationOutput, _append_token, truncate_at_stop
+from qoq.engine.stops import truncate_at_stop
+from qoq.generate import GenerationOutput, _append_token
 from qoq.sampling import SamplingParams
 
 TEXTS = [

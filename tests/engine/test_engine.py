@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from qoq.bench.random_model import random_float_model
-from qoq.config import ModelConfig, RopeScaling
+from qoq.config import G128, PER_CHANNEL, Granularity, ModelConfig, RopeScaling
 from qoq.engine import LLM, SamplingParams
 from qoq.generate import apply_chat_template, generate
 from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
@@ -92,13 +92,13 @@ def test_engine_equals_generator_greedy_at_every_kv_precision(bundled, bits):
     assert_same(outputs, generate(model, tok, prompts, params, kv_bits=bits))
 
 
-def tiny_quantized_model(group_size: int, kv_bits: int, dtype: torch.dtype, qk_hadamard: bool = False) -> LlamaModel:
+def tiny_quantized_model(granularity: Granularity, kv_bits: int, dtype: torch.dtype, qk_hadamard: bool = False) -> LlamaModel:
     """A random tiny Llama through the quantizer (RTN) into the integer W4A8 linears."""
     cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_ids=[0])
     model = random_float_model(cfg)
-    options = QoQOptions.rtn(precision=f"w4a8kv{kv_bits}", group_size=group_size, progress=False,
+    options = QoQOptions.rtn(precision=f"w4a8kv{kv_bits}", granularity=granularity, progress=False,
                              qk_hadamard=qk_hadamard)
     quantize_model(model, options=options, calib_tokens=torch.zeros(1, 1, dtype=torch.long))
     return model.to(dtype)
@@ -106,11 +106,11 @@ def tiny_quantized_model(group_size: int, kv_bits: int, dtype: torch.dtype, qk_h
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kv_bits", [4, 8])
-@pytest.mark.parametrize("group_size, linear", [(128, W4A8G128Linear), (-1, W4A8PerChannelLinear)],
+@pytest.mark.parametrize("granularity, linear", [(G128, W4A8G128Linear), (PER_CHANNEL, W4A8PerChannelLinear)],
                          ids=["g128", "per-channel"])
-def test_w4a8_engine_equals_generator_greedy(bundled, group_size, linear, kv_bits, dtype, async_scheduling):
+def test_w4a8_engine_equals_generator_greedy(bundled, granularity, linear, kv_bits, dtype, async_scheduling):
     _, tok = bundled
-    model = tiny_quantized_model(group_size, kv_bits, dtype)
+    model = tiny_quantized_model(granularity, kv_bits, dtype)
     assert isinstance(model.layers[0].mlp.down_proj, linear) and model.quant_config.kv_bits == kv_bits
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 3, 9, 17, 30, 64)]
@@ -126,7 +126,7 @@ def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bit
     """The q/k Hadamard after RoPE: the engine (rope_kv_write's rotation, rotated cache) and
     qoq.generate agree; with a 16-bit cache the rotation changes no logit beyond rounding."""
     _, tok = bundled
-    model = tiny_quantized_model(128, 4, torch.float32, qk_hadamard=True)
+    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
     assert model.quant_config.qk_hadamard
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 5, 20, 64)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qoq.bench.random_model import random_model
-from qoq.config import ModelConfig, QuantConfig
+from qoq.config import G128, PER_CHANNEL, ModelConfig, QuantConfig
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.sampling import SamplingParams
@@ -26,7 +26,7 @@ def _generate(engine: LLMEngine, prompts, max_tokens: int) -> list[list[int]]:
     return [done[i] for i in ids]
 
 
-@pytest.mark.parametrize("precision, group", [("w4a8kv4", -1), ("w4a8kv4", 128), ("w16a16kv16", -1)])
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", PER_CHANNEL), ("w4a8kv4", G128), ("w16a16kv16", G128)])
 def test_graphs_equal_eager_and_the_cache_is_sized_from_free_memory(precision, group):
     model = random_model(ModelConfig.from_hf(TINY), QuantConfig(precision, group), device="cuda")
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +54,7 @@ class _NoText:
 
 
 @pytest.mark.parametrize("precision, group, qk_hadamard", [
-    ("w4a8kv4", -1, False), ("w4a8kv4", 128, True), ("w4a8kv8", 128, False), ("w16a16kv16", -1, False)])
+    ("w4a8kv4", PER_CHANNEL, False), ("w4a8kv4", G128, True), ("w4a8kv8", G128, False), ("w16a16kv16", G128, False)])
 def test_engine_equals_the_generator_on_the_gpu(precision, group, qk_hadamard):
     """The serving-mode dense generator runs the engine's Triton kernels: greedy outputs agree."""
     from qoq.generate import generate
@@ -89,7 +89,7 @@ def test_async_scheduling_equals_sync_and_launching_never_waits(eager):
     seeded sampling, a request joining mid-run), and launching a step (inputs up, pending tokens
     gathered on the device, forward or graph replay, sampling, the copy back started) performs no
     synchronizing CUDA call: torch.cuda.set_sync_debug_mode("error") raises on any."""
-    model = random_model(ModelConfig.from_hf(TINY), QuantConfig("w4a8kv4", -1), device="cuda", seed=2)
+    model = random_model(ModelConfig.from_hf(TINY), QuantConfig("w4a8kv4", PER_CHANNEL), device="cuda", seed=2)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 64, 65, 130, 7, 33)]
     base = dict(ignore_eos=True, detokenize=False)

@@ -30,7 +30,7 @@ def random_weight(n: int, k: int, gen=None) -> torch.Tensor:
 
 
 def quantize_g128(w: torch.Tensor, group_size: int = 128):
-    """The SPEC's progressive quantization, in float64: returns q4, s1, s2, sz (unpacked)."""
+    """Progressive quantization (docs/quantization.md#progressive-group-quantization) in float64: returns q4, s1, s2, sz (unpacked)."""
     n, k = w.shape
     s1 = (w.abs().amax(1) / 119).to(torch.float16)
     q8 = torch.round(w / s1.double()[:, None]).clamp(-119, 119)

@@ -7,7 +7,7 @@ the per-token quantizer), so an fp32 model's outputs are bit-identical either wa
 import pytest
 import torch
 
-from qoq.config import ModelConfig, QuantConfig
+from qoq.config import G128, PER_CHANNEL, ModelConfig, QuantConfig
 from qoq.bench.random_model import random_model
 from qoq.layers.activation import QuantizedActivation
 from qoq.layers.quant_linear import QuantLinear
@@ -17,7 +17,7 @@ TINY = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size":
                             "num_key_value_heads": 2, "max_position_embeddings": 64})
 
 
-@pytest.mark.parametrize("precision, group", [("w4a8kv4", 128), ("w4a8kv8", -1), ("w8a8kv8", -1)])
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
 def test_fused_quantization_equals_the_unfused_path(monkeypatch, precision, group):
     model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=3)
     for layer in model.layers:  # non-trivial norm weights, so folding them in is exercised
@@ -42,7 +42,7 @@ def test_fused_quantization_equals_the_unfused_path(monkeypatch, precision, grou
     assert torch.equal(fused, unfused)
 
 
-@pytest.mark.parametrize("precision, group", [("w4a8kv4", 128), ("w4a8kv4", -1)])
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv4", PER_CHANNEL)])
 def test_silu_mul_in_the_gemm_epilogue_path(monkeypatch, precision, group):
     """Where the gate/up GEMM fuses SiLU*mul (W4 on Hopper at large M; forced here on the CPU,
     where the reference GEMM computes the same product), the MLP hands down_proj the [M, I]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qoq.model.loader import LoadError, load_model, load_weights, resolve_model_path
+from qoq.model.loader import load_model, load_weights, resolve_model_path
+from qoq.model.weights import LoadError
 
 
 def _write_tiny(tmp_path, **overrides):

@@ -23,8 +23,7 @@ def write_hf_folder(model: LlamaModel, folder, dtype=torch.float32, shards: int 
 
     from safetensors.torch import save_file
 
-    from qoq.model.loader import qoq_to_hf_state_dict
-    from qoq.quant.checkpoint import hf_config_dict
+    from qoq.model.weights import hf_config_dict, qoq_to_hf_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     state = qoq_to_hf_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, model.config)

@@ -6,19 +6,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qoq.config import G128, PER_CHANNEL
 from qoq.kernels import unpack_w4
-from qoq.model.loader import LoadError, load_any_weights
+from qoq.model.checkpoint import CheckpointError, save_checkpoint
+from qoq.model.loader import load_any_weights
+from qoq.model.qserve_format import permute_groups, tile_qweight
+from qoq.model.weights import LoadError, hf_config_dict
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import CheckpointError, hf_config_dict, save_checkpoint
 from qoq.quant.pipeline import QoQOptions, quantize_model
-from qoq.quant.qserve_format import permute_groups, tile_qweight
 from quant_helpers import tiny_model
 
 
-def _quantized(precision="w4a8kv4", group_size=128, **kw):
+def _quantized(precision="w4a8kv4", granularity=G128, **kw):
     model = tiny_model(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, dtype=torch.float32)
     calib = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
-    opts = QoQOptions(precision=precision, group_size=group_size, progress=False, search_tokens=64,
+    opts = QoQOptions(precision=precision, granularity=granularity, progress=False, search_tokens=64,
                       calib=CalibConfig(num_seqs=4, seq_len=32, chunk_seqs=2), **kw)
     fp = tiny_model(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, dtype=torch.float32)
     quantize_model(model, None, opts, calib_tokens=calib)
@@ -36,9 +38,9 @@ def _logits(model, tokens):
 TOKENS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("precision,group_size", [("w4a8kv4", 128), ("w4a8kv8", -1), ("w8a8kv8", 128)])
-def test_round_trip(tmp_path, precision, group_size):
-    model, fp = _quantized(precision, group_size)
+@pytest.mark.parametrize("precision,granularity", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
+def test_round_trip(tmp_path, precision, granularity):
+    model, fp = _quantized(precision, granularity)
     q, ref = _logits(model, TOKENS), _logits(fp, TOKENS)
     assert torch.isfinite(q).all()
     # a random tiny model is no accuracy test, only a sanity bound: quantized logits stay near
@@ -56,7 +58,7 @@ def test_round_trip(tmp_path, precision, group_size):
     if precision.startswith("w4"):
         assert tensors[f"{name}.qweight"].dtype == torch.uint8 and tensors[f"{name}.qweight"].shape == (256, 64)
         assert tensors[f"{name}.s1"].dtype == torch.float16
-        if group_size == 128:
+        if granularity == G128:
             assert tensors[f"{name}.s2"].dtype == torch.int8 and tensors[f"{name}.sz"].dtype == torch.int8
 
 
@@ -87,13 +89,13 @@ def _write_qserve(model, folder):
     (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
 
 
-@pytest.mark.parametrize("group_size", [128, -1])
-def test_qserve_layout_loads(tmp_path, group_size):
+@pytest.mark.parametrize("granularity", [G128, PER_CHANNEL])
+def test_qserve_layout_loads(tmp_path, granularity):
     # QServe's checkpoints carry no q/k Hadamard (its kernels have none): quantize without it
-    model, _ = _quantized(group_size=group_size, reorder=False, qk_hadamard=False)
+    model, _ = _quantized(granularity=granularity, reorder=False, qk_hadamard=False)
     _write_qserve(model, tmp_path)
     loaded = load_any_weights(tmp_path)
-    assert loaded.quant_config.group_size == group_size and loaded.quant_config.kv_bits == 4
+    assert loaded.quant_config.granularity == granularity and loaded.quant_config.kv_bits == 4
     assert torch.allclose(_logits(loaded, TOKENS), _logits(model, TOKENS), atol=1e-5)
     _drop(tmp_path / "model.safetensors", "model.layers.0.self_attn.k_proj.s1_scales")
     with pytest.raises(LoadError, match="lacks .*k_proj.s1_scales"):

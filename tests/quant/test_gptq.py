@@ -5,15 +5,17 @@ import dataclasses
 import pytest
 import torch
 
+from qoq.config import G128, PER_CHANNEL
 from qoq.kernels import quantize_per_token, unpack_w4
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear, make_quant_linear
+from qoq.model.checkpoint import save_checkpoint
 from qoq.model.loader import load_any_weights
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import save_checkpoint
 from qoq.quant.clip import gram, search_clip
 from qoq.quant.gptq import codes_of, gptq_round
 from qoq.quant.pipeline import QoQOptions, quantize_model
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, quantize_weight
+from qoq.quant.quantizer import quantize_weight
 import qoq.cli
 from quant_helpers import tiny_model, write_hf_folder
 
@@ -36,17 +38,17 @@ def _output_error(x, w, params):
     return torch.linalg.norm(x @ (params.dequantize()[:, : w.shape[1]] - w).T).item()
 
 
-FORMATS = [(4, 128), (4, -1), (8, 128)]
+FORMATS = [(4, G128), (4, PER_CHANNEL), (8, G128)]
 
 
-@pytest.mark.parametrize("bits,group_size", FORMATS)
+@pytest.mark.parametrize("bits,granularity", FORMATS)
 @pytest.mark.parametrize("clipped", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_codes_in_range_with_the_same_scales(bits, group_size, clipped, act_order):
+def test_codes_in_range_with_the_same_scales(bits, granularity, clipped, act_order):
     w, x = _correlated()
     c = gram(x)
-    clip = search_clip(w, c, bits, group_size) if clipped else None
-    rtn = quantize_weight(w, bits, group_size, clip)
+    clip = search_clip(w, c, bits, granularity) if clipped else None
+    rtn = quantize_weight(w, bits, granularity, clip)
     q = gptq_round(w, c, rtn, act_order=act_order)
     assert type(q) is type(rtn)
     for name, t in _scales(rtn).items():  # every scale and zero is RTN's, bit for bit
@@ -74,34 +76,34 @@ def test_codes_in_range_with_the_same_scales(bits, group_size, clipped, act_orde
         assert isinstance(make_quant_linear(q, 320, None), W4A8PerChannelLinear)
 
 
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_lower_output_error_than_rtn_with_the_same_scales(bits, group_size):
+@pytest.mark.parametrize("bits,granularity", FORMATS)
+def test_lower_output_error_than_rtn_with_the_same_scales(bits, granularity):
     w, x = _correlated(seed=3)
     c = gram(x)
-    for clip in (None, search_clip(w, c, bits, group_size)):
-        rtn = quantize_weight(w, bits, group_size, clip)
+    for clip in (None, search_clip(w, c, bits, granularity)):
+        rtn = quantize_weight(w, bits, granularity, clip)
         err_rtn = _output_error(x, w, rtn)
         err_gptq = _output_error(x, w, gptq_round(w, c, rtn))
         assert err_gptq < 0.85 * err_rtn, (err_gptq, err_rtn)
 
 
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_identity_gram_gives_round_to_nearest(bits, group_size):
+@pytest.mark.parametrize("bits,granularity", FORMATS)
+def test_identity_gram_gives_round_to_nearest(bits, granularity):
     """With H = I no column's error can be compensated: each weight goes to its nearest value on the
     grid of the fixed scales (RTN's code is on that grid, so never closer; they differ only where
     RTN's double rounding Q8 -> q4 or the fp16 scaled zero moves a tie)."""
     w, _ = _correlated()
-    rtn = quantize_weight(w, bits, group_size)
+    rtn = quantize_weight(w, bits, granularity)
     q = gptq_round(w, torch.eye(384), rtn, damp=0.0)
     err_q, err_rtn = ((p.dequantize()[:, :320] - w).abs() for p in (q, rtn))
     assert (err_q <= err_rtn + 1e-6).all()
     assert (codes_of(q) != codes_of(rtn)).float().mean() < 0.05
 
 
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_integer_path_of_gptq_weights_equals_float64(bits, group_size):
+@pytest.mark.parametrize("bits,granularity", FORMATS)
+def test_integer_path_of_gptq_weights_equals_float64(bits, granularity):
     w, x = _correlated(n=48, k=256, seed=5)
-    params = gptq_round(w, gram(x), quantize_weight(w, bits, group_size))
+    params = gptq_round(w, gram(x), quantize_weight(w, bits, granularity))
     bias = torch.randn(48, generator=torch.Generator().manual_seed(1))
     layer = make_quant_linear(params, 256, bias)
     xs = x[:10] * 3
@@ -109,7 +111,7 @@ def test_integer_path_of_gptq_weights_equals_float64(bits, group_size):
     x8, sx, _ = quantize_per_token(xs)
     x64 = x8.double() * sx.double()[:, None]
     w64 = params.dequantize().double()
-    if bits == 4 and group_size == -1:  # the fp16 scaled zero is what the kernel subtracts
+    if bits == 4 and granularity.per_channel:  # the fp16 scaled zero is what the kernel subtracts
         w64 = params.q4.double() * params.scale.double()[:, None] - params.szero.double()[:, None]
     ref = x64 @ w64.T + bias.double()
     assert (y.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
@@ -138,10 +140,10 @@ def _tiny_quantized(**kw):
     return quantize_model(model, None, opts, calib_tokens=calib)
 
 
-@pytest.mark.parametrize("precision,group_size", [("w4a8kv4", 128), ("w4a8kv8", -1), ("w8a8kv8", 128)])
-def test_gptq_model_integer_path_and_checkpoint(tmp_path, precision, group_size):
-    model = _tiny_quantized(precision=precision, group_size=group_size, gptq=True)
-    plain = _tiny_quantized(precision=precision, group_size=group_size, gptq=False)
+@pytest.mark.parametrize("precision,granularity", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
+def test_gptq_model_integer_path_and_checkpoint(tmp_path, precision, granularity):
+    model = _tiny_quantized(precision=precision, granularity=granularity, gptq=True)
+    plain = _tiny_quantized(precision=precision, granularity=granularity, gptq=False)
     assert model.quant_config.steps["gptq"] is True and plain.quant_config.steps["gptq"] is False
     kinds = (W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from qoq.config import G128, PER_CHANNEL
 from qoq.bench.random_model import bundled_config, random_float_model
 from qoq.quant.calibrate import CalibConfig
 from qoq.quant.pipeline import QoQOptions, quantize_model
@@ -64,18 +65,18 @@ def _layer_error(model, ref, tokens):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name,group_size", [("llama-3-8b", 128), ("llama-3-8b", -1), ("qwen1.5-72b", 128)])
-def test_every_step_at_a_real_layer_shape_on_the_gpu(name, group_size):
+@pytest.mark.parametrize("name,granularity", [("llama-3-8b", G128), ("llama-3-8b", PER_CHANNEL), ("qwen1.5-72b", G128)])
+def test_every_step_at_a_real_layer_shape_on_the_gpu(name, granularity):
     """One decoder layer of the real shape, all QoQ steps (GPTQ included) on the GPU: it runs,
     and the quantized layer is closer to the float one than round-to-nearest."""
     config = dataclasses.replace(bundled_config(name), num_layers=1, vocab_size=4096)
     with torch.device("cuda"):  # random init on the GPU: a 72B-shaped layer is slow to fill on the CPU
         ref, qoq, rtn = (random_float_model(config) for _ in range(3))
     tokens = torch.randint(0, 4096, (16, 512))
-    calib = QoQOptions(progress=False, group_size=group_size, calib=CalibConfig(num_seqs=16, seq_len=512))
+    calib = QoQOptions(progress=False, granularity=granularity, calib=CalibConfig(num_seqs=16, seq_len=512))
     qoq = quantize_model(qoq, None, calib, tokens)
-    rtn = quantize_model(rtn, None, QoQOptions.rtn(progress=False, group_size=group_size))
+    rtn = quantize_model(rtn, None, QoQOptions.rtn(progress=False, granularity=granularity))
     test = torch.randint(0, 4096, (2, 256), device="cuda")
     err_qoq, err_rtn = _layer_error(qoq, ref, test), _layer_error(rtn, ref, test)
-    print(f"{name} g{group_size}: relative error of the final hidden states QoQ {err_qoq:.4f}, RTN {err_rtn:.4f}")
+    print(f"{name} {granularity}: relative error of the final hidden states QoQ {err_qoq:.4f}, RTN {err_rtn:.4f}")
     assert err_qoq < err_rtn

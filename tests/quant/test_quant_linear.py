@@ -3,31 +3,32 @@
 import pytest
 import torch
 
+from qoq.config import G128, PER_CHANNEL
 from qoq.kernels import quantize_per_token
 from qoq.layers.attention import CausalAttention, DenseKVCache
 from qoq.layers.quant_linear import FakeQuantLinear, make_quant_linear
 from qoq.quant.quantizer import quantize_weight
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 128)])
+@pytest.mark.parametrize("bits,granularity", [(4, G128), (4, PER_CHANNEL), (8, G128)])
 @pytest.mark.parametrize("k", [256, 96])  # 96: zero-padded to the kernels' 128
-def test_integer_path_equals_float64(bits, group_size, k):
+def test_integer_path_equals_float64(bits, granularity, k):
     gen = torch.Generator().manual_seed(k + bits)
     w = torch.randn(48, k, generator=gen) * 0.05
     bias = torch.randn(48, generator=gen)
     x = torch.randn(2, 5, k, generator=gen) * 3
-    params = quantize_weight(w, bits, group_size)
+    params = quantize_weight(w, bits, granularity)
     layer = make_quant_linear(params, k, bias)
     y = layer(x)
     # float64 of the same numbers: int8 activations times their scale, dequantized weights
     x8, sx, _ = quantize_per_token(x.reshape(-1, k))
     x64 = x8.double() * sx.double()[:, None]
     w64 = params.dequantize().double()[:, :k]
-    if bits == 4 and group_size == -1:  # the fp16 scaled zero is what the kernel subtracts
+    if bits == 4 and granularity.per_channel:  # the fp16 scaled zero is what the kernel subtracts
         w64 = params.q4.double()[:, :k] * params.scale.double()[:, None] - params.szero.double()[:, None]
     ref = (x64 @ w64.T).reshape(2, 5, 48) + bias.double()
     assert y.shape == (2, 5, 48)
-    # the GEMM rounds its output to fp16 (SPEC: fp16 out), nothing else differs
+    # the GEMM rounds its output to fp16, nothing else differs
     assert (y.double() - ref).abs().max() <= 1e-3 * ref.abs().max()
     fake = FakeQuantLinear(params.dequantize()[:, :k], bias)
     assert (fake(x).double() - ref).abs().max() <= 2e-3 * ref.abs().max()
@@ -54,18 +55,17 @@ def test_causal_attention_sees_quantized_kv():
 
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 128)])
+@pytest.mark.parametrize("bits,granularity", [(4, G128), (4, PER_CHANNEL), (8, G128)])
 @pytest.mark.parametrize("silu_mul", [False, True])
-def test_cpu_path_with_the_kept_integer_weight_equals_the_reference_twin(bits, group_size, silu_mul):
+def test_cpu_path_with_the_kept_integer_weight_equals_the_reference_twin(bits, granularity, silu_mul):
     """The CPU forward keeps the unpacked integer weight and multiplies in exact float32 chunks:
     bit for bit the kernels' torch twins, K > 1024 (several chunks), and the kept weight follows
     the buffers when they change."""
     from qoq.kernels import quantize_per_token, w4a8_g128_gemm, w4a8_per_channel_gemm, w8a8_gemm
-    from qoq.quant.quantizer import quantize_weight
 
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(256, 2500, generator=gen) * 0.05
-    lin = make_quant_linear(quantize_weight(w, bits, group_size), 2500)
+    lin = make_quant_linear(quantize_weight(w, bits, granularity), 2500)
     x = torch.randn(33, 2500, generator=gen) * 3
 
     def reference():
@@ -73,12 +73,12 @@ def test_cpu_path_with_the_kept_integer_weight_equals_the_reference_twin(bits, g
         x8 = torch.nn.functional.pad(x8, (0, lin.padded_in - 2500))
         if bits == 8:
             return w8a8_gemm(x8, sx, lin.weight, lin.s, silu_mul=silu_mul)
-        if group_size > 0:
+        if not granularity.per_channel:
             return w4a8_g128_gemm(x8, sx, lin.qweight, lin.s1, lin.s2, lin.sz, 128, silu_mul=silu_mul)
         return w4a8_per_channel_gemm(x8, sx, xs, lin.qweight, lin.s1, lin.szero, silu_mul=silu_mul)
 
     assert torch.equal(lin(x, silu_mul=silu_mul), reference().float())
-    other = make_quant_linear(quantize_weight(w.flip(0), bits, group_size), 2500)
+    other = make_quant_linear(quantize_weight(w.flip(0), bits, granularity), 2500)
     with torch.no_grad():
         for mine, theirs in zip(lin.buffers(), other.buffers()):
             mine.copy_(theirs)

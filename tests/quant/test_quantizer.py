@@ -1,10 +1,11 @@
-"""Number formats: packing round trips and the protective range (SPEC section 1)."""
+"""Number formats: packing round trips and the protective range (docs/formats.md#progressive-w4-g128)."""
 
 import pytest
 import torch
 
+from qoq.config import G128, PER_CHANNEL, ConfigError, Granularity, QuantConfig
 from qoq.kernels import pack_w4, unpack_w4
-from qoq.quant.qserve_format import permute_groups, tile_qweight, unpermute_groups, untile_qweight
+from qoq.model.qserve_format import permute_groups, tile_qweight, unpermute_groups, untile_qweight
 from qoq.quant.quantizer import (QuantFormatError, quantize_w4_g128, quantize_w4_per_channel, quantize_w8,
                                  quantize_weight)
 
@@ -70,21 +71,27 @@ def test_per_channel_and_w8_formats():
 
 def test_zero_padding_to_kernel_multiple():
     w = torch.randn(8, 96)
-    for bits, gs in ((4, 128), (4, -1), (8, 128)):
-        p = quantize_weight(w, bits, gs)
+    for bits, granularity in ((4, G128), (4, PER_CHANNEL), (8, G128)):
+        p = quantize_weight(w, bits, granularity)
         deq = p.dequantize()
         assert deq.shape == (8, 128)
         # exact zeros, except per-channel where the fp16 scaled zero z * s rounds (2^-11 relative)
-        tol = 0 if gs > 0 or bits == 8 else 1e-3 * float(w.abs().max())
+        tol = 0 if not granularity.per_channel or bits == 8 else 1e-3 * float(w.abs().max())
         assert float(deq[:, 96:].abs().max()) <= tol
 
 
-def test_unsupported_group_size():
-    with pytest.raises(QuantFormatError, match="group_size 128"):
-        quantize_w4_g128(torch.randn(4, 128), group_size=64)
-    from qoq.config import ConfigError, QuantConfig
-
+def test_granularity_is_validated_once_and_saved_as_before():
     with pytest.raises(ConfigError, match="group_size must be 128 or -1"):
-        QuantConfig("w4a8kv4", group_size=64)
+        Granularity(64)
+    with pytest.raises(ConfigError, match="group size '64'|group_size must be"):
+        Granularity.parse("64")
+    assert Granularity.parse(-1) == Granularity.parse("per-channel") == PER_CHANNEL
+    assert Granularity.parse("g128") == Granularity.parse(128) == G128
+    for qc in (QuantConfig("w4a8kv4", PER_CHANNEL), QuantConfig("w4a8kv8", G128)):
+        saved = qc.to_dict()
+        assert saved["group_size"] == qc.granularity.saved() and "granularity" not in saved
+        assert QuantConfig.from_dict(saved) == qc
+    with pytest.raises(ConfigError, match="Granularity"):
+        QuantConfig("w4a8kv4", 128)
     with pytest.raises(QuantFormatError, match="4 or 8 bits"):
-        quantize_weight(torch.randn(4, 128), 3, 128)
+        quantize_weight(torch.randn(4, 128), 3, G128)

@@ -11,9 +11,11 @@ from safetensors import safe_open
 import qoq.cli
 import qoq.model.loader
 import qoq.quant.calibrate
-from qoq.model.loader import LoadError, load_any_weights
+from qoq.config import G128, PER_CHANNEL
+from qoq.model.checkpoint import CheckpointError, save_checkpoint
+from qoq.model.loader import load_any_weights
+from qoq.model.weights import LoadError
 from qoq.quant.calibrate import CalibConfig
-from qoq.quant.checkpoint import CheckpointError, save_checkpoint
 from qoq.quant.pipeline import QoQOptions, quantize_model
 from qoq.quant.stream import REPORT_FILE, StreamingLayers, quantize_folder
 
@@ -40,13 +42,13 @@ def _tensors(folder):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("group_size", [128, -1])
-def test_streaming_equals_in_memory(tmp_path, tie, group_size):
+@pytest.mark.parametrize("granularity", [G128, PER_CHANNEL])
+def test_streaming_equals_in_memory(tmp_path, tie, granularity):
     model = _tiny(tie)
     folder = write_hf_folder(model, tmp_path / "hf")
-    report = quantize_folder(folder, tmp_path / "streamed", _opts(group_size=group_size), CALIB, None,
+    report = quantize_folder(folder, tmp_path / "streamed", _opts(granularity=granularity), CALIB, None,
                              torch.device("cpu"))
-    quantize_model(model, None, _opts(group_size=group_size), CALIB)
+    quantize_model(model, None, _opts(granularity=granularity), CALIB)
     save_checkpoint(model, tmp_path / "in_memory")
     streamed, in_memory = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "in_memory")
     assert streamed.keys() == in_memory.keys()
@@ -130,7 +132,8 @@ def test_short_calibration_text_is_refused(tmp_path):
 
 
 def test_layer_store_rejects_a_mismatched_layer(tmp_path):
-    from qoq.model.loader import ShardedWeights, build_layer
+    from qoq.model.loader import build_layer
+    from qoq.model.weights import ShardedWeights
 
     model = _tiny()
     folder = write_hf_folder(model, tmp_path / "hf")

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qoq.config import QuantConfig
+from qoq.config import G128, PER_CHANNEL, Granularity, QuantConfig
 from qoq.kernels import pack_w4
+from qoq.layers.formats import pad_k
+from qoq.model.checkpoint import QUANT_CONFIG_FILE, CheckpointError, assemble_model, validate_quant_tensors
 from qoq.model.llama import LlamaModel
-from qoq.quant.checkpoint import CheckpointError, assemble_model, validate_quant_tensors
-from qoq.quant.quantizer import pad_k
+from qoq.model.weights import iter_safetensors, read_config
 
 _TILE = (2, 2, 8, 2, 4, 4)  # (b, c, d) over N blocks of 32, (f, g, h) over K blocks of 32
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -32,7 +33,7 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 
 def is_qserve_checkpoint(folder: Path) -> bool:
     files = sorted(folder.glob("*.safetensors"))
-    if not files or (folder / "quant_config.json").exists():
+    if not files or (folder / QUANT_CONFIG_FILE).exists():
         return False
     try:
         with safe_open(str(files[0]), framework="pt") as f:
@@ -72,16 +73,14 @@ def permute_groups(t: torch.Tensor) -> torch.Tensor:
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    from qoq.model.loader import iter_safetensors
-
     return {k.removeprefix("model."): v for k, v in iter_safetensors(folder)}
 
 
-def _linear_tensors(raw: dict, prefix: str, group_size: int) -> dict[str, torch.Tensor]:
+def _linear_tensors(raw: dict, prefix: str, granularity: Granularity) -> dict[str, torch.Tensor]:
     """One HF-named QServe linear -> (codes [N, K], s1, s2 [N, G], sz [N, G] | szero [N], bias)."""
     try:
         out = {"codes": untile_qweight(raw[f"{prefix}.qweight"]), "s1": raw[f"{prefix}.s1_scales"].half()}
-        if group_size > 0:
+        if not granularity.per_channel:
             out["s2"] = unpermute_groups(raw[f"{prefix}.s2_scales"])
             out["sz"] = -unpermute_groups(raw[f"{prefix}.s2_zeros"]).int()
         else:
@@ -93,13 +92,13 @@ def _linear_tensors(raw: dict, prefix: str, group_size: int) -> dict[str, torch.
     return out
 
 
-def _fused_state(raw: dict, layer: int, fused: str, members, group_size: int) -> dict[str, torch.Tensor]:
+def _fused_state(raw: dict, layer: int, fused: str, members, granularity: Granularity) -> dict[str, torch.Tensor]:
     block = "self_attn" if fused in ("qkv_proj", "o_proj") else "mlp"
-    parts = [_linear_tensors(raw, f"layers.{layer}.{block}.{m}", group_size) for m in members]
+    parts = [_linear_tensors(raw, f"layers.{layer}.{block}.{m}", granularity) for m in members]
     cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     name = f"layers.{layer}.{block}.{fused}"
     state = {f"{name}.qweight": pack_w4(pad_k(cat["codes"])), f"{name}.s1": cat["s1"]}
-    if group_size > 0:
+    if not granularity.per_channel:
         state[f"{name}.s2"], state[f"{name}.sz"] = cat["s2"].to(torch.int8), cat["sz"].to(torch.int8)
     else:
         state[f"{name}.szero"] = cat["szero"]
@@ -110,13 +109,11 @@ def _fused_state(raw: dict, layer: int, fused: str, members, group_size: int) ->
 
 def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
                            device: str | torch.device = "cpu", kv_bits: int = 4) -> LlamaModel:
-    from qoq.model.loader import read_config
-
     folder = Path(folder)
     config = read_config(folder)
     raw = _read_all(folder)
-    group_size = 128 if any(k.endswith(".s2_scales") for k in raw) else -1
-    qc = QuantConfig(f"w4a8kv{kv_bits}", group_size, rotation="qserve (baked into the weights)")
+    granularity = G128 if any(k.endswith(".s2_scales") for k in raw) else PER_CHANNEL
+    qc = QuantConfig(f"w4a8kv{kv_bits}", granularity, rotation="qserve (baked into the weights)")
     state = {"embed_tokens.weight": raw.get("embed_tokens.weight")}
     if not config.tie_word_embeddings:
         state["lm_head.weight"] = raw.get("lm_head.weight")
@@ -129,7 +126,7 @@ def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float3
         state[f"layers.{i}.input_layernorm.weight"] = ones
         state[f"layers.{i}.post_attention_layernorm.weight"] = ones
         for fused, members in (*_FUSED.items(), ("o_proj", ("o_proj",)), ("down_proj", ("down_proj",))):
-            state.update(_fused_state(raw, i, fused, members, group_size))
+            state.update(_fused_state(raw, i, fused, members, granularity))
     model = assemble_model(config, qc, state, dtype, device, where=str(folder))
     validate_quant_tensors(model)
     return model

@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from qoq.config import ConfigError, ModelConfig, QuantConfig
+from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
 from qoq.layers.quant_linear import QuantLinear, W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
+from qoq.layers.rotary import RotaryEmbedding
 from qoq.model.llama import LlamaModel
-from qoq.quant.quantizer import W4ChannelParams, W4G128Params, W8Params, padded_k
+from qoq.model.weights import hf_config_dict, iter_safetensors, read_config
 
 FORMAT_NAME = "qoq-packed"
 FORMAT_VERSION = 1
@@ -28,26 +30,6 @@ QUANT_CONFIG_FILE = "quant_config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read; the message says what to do."""
-
-
-def hf_config_dict(config: ModelConfig) -> dict:
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.architecture]
-    rope = config.rope_scaling
-    out = {
-        "architectures": [arch], "model_type": config.architecture, "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids,
-    }
-    if rope.rope_type != "default":
-        out["rope_scaling"] = {"rope_type": rope.rope_type, "factor": rope.factor,
-                               "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
-                               "original_max_position_embeddings": rope.original_max_position_embeddings}
-    return out
 
 
 def stored_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,9 +151,9 @@ def quant_linear_factory(qc: QuantConfig):
         one = torch.ones(out_features, dtype=torch.float16)
         if qc.weight_bits == 8:
             return W8A8Linear(in_features, W8Params(torch.zeros(out_features, kp, dtype=torch.int8), one), b)
-        if qc.group_size == -1:
+        if qc.granularity.per_channel:
             return W4A8PerChannelLinear(in_features, W4ChannelParams(q4, one, one * 0), b, packed=packed)
-        g = torch.ones(out_features, kp // 128, dtype=torch.int8)
+        g = torch.ones(out_features, kp // qc.granularity.group_size, dtype=torch.int8)
         return W4A8G128Linear(in_features, W4G128Params(q4, one, g, g * 0), b, packed=packed)
 
     return make
@@ -194,8 +176,6 @@ def validate_quant_tensors(model: LlamaModel) -> None:
 def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> LlamaModel:
     """A qoq packed checkpoint folder -> LlamaModel with QuantLinears (errors say what is wrong)."""
-    from qoq.model.loader import iter_safetensors, read_config
-
     folder = Path(folder)
     config, qc = read_config(folder), read_quant_config(folder)
     state = dict(iter_safetensors(folder))
@@ -207,14 +187,12 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
 def assemble_model(config: ModelConfig, qc: QuantConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                    device, where: str) -> LlamaModel:
     """Build on the meta device with empty QuantLinears, check names and shapes, assign tensors."""
-    from qoq.layers.rotary import RotaryEmbedding
-
     with torch.device("meta"):
         model = LlamaModel(config, quant_linear_factory(qc))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: checkpoint does not match its config ({qc.precision}, g{qc.group_size}): "
+        raise CheckpointError(f"{where}: checkpoint does not match its config ({qc.precision}, {qc.granularity}): "
                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     out = {}
     for name, t in state.items():
@@ -225,7 +203,6 @@ def assemble_model(config: ModelConfig, qc: QuantConfig, state: dict[str, torch.
         keep = name.rsplit(".", 1)[-1] in QUANT_BUFFERS or not t.is_floating_point()
         out[name] = t.to(device) if keep else t.to(device=device, dtype=dtype)
     model.load_state_dict(out, assign=True)
-    model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                   config.rope_scaling).to(device)
+    model.rotary = RotaryEmbedding.for_model(config).to(device)
     model.quant_config = qc
     return model.eval()
