@@ -54,6 +54,9 @@ class SamplingParams:
     # new tokens and text, for streaming), "final" one output when it finishes (offline batches,
     # non-streaming HTTP requests: no per-step bookkeeping for thousands of sequences).
     output_kind: str = "delta"
+    # Structured output: an llguidance grammar (JSON text) the output must follow
+    # (qoq/engine/guided.py; the server builds it from response_format, guided_*, tool_choice).
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +79,8 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise SamplingParamError("seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         self._validate_stops()
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingParamError("grammar", "grammar must be an llguidance grammar (a string)")
         if self.output_kind not in ("delta", "final"):
             raise SamplingParamError("output_kind", f"output_kind must be 'delta' or 'final', got {self.output_kind!r}")
 

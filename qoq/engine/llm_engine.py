@@ -32,6 +32,7 @@ import torch
 from qoq.engine.block_manager import BlockManager
 from qoq.engine.config import EngineConfig, RequestLimits
 from qoq.engine.detokenizer import append_token, make_output
+from qoq.engine.guided import Guidance, accept_token, make_tokenizer
 from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
 from qoq.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -95,6 +96,7 @@ class LLMEngine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tok/s
         self._in_flight: StepInFlight | None = None  # async scheduling: launched, not yet processed
         self._suspects: list[Sequence] = []  # after a failed step: to run alone, last first
+        self._guidance: Guidance | None = None  # structured output's compiled grammars
         log.info("engine: %d KV pages of %d tokens (KV%d), max_model_len %d",
                  self.runner.num_pages, config.page_size, self.kv_bits, self.max_model_len)
 
@@ -133,9 +135,19 @@ class LLMEngine:
                        arrival_time=time.monotonic())
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        if params.grammar is not None:  # structured output (engine/guided.py)
+            seq.guide = self.guidance().new_matcher(params.grammar)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def guidance(self) -> Guidance:
+        """The grammars compiled for this engine's tokenizer (built on the first guided request)."""
+        if self._guidance is None:
+            eos = stop_token_ids(self.model, self.tokenizer, SamplingParams())
+            with self.tokenizer_lock:
+                self._guidance = Guidance(make_tokenizer(self.tokenizer, self.model.config.vocab_size, list(eos)))
+        return self._guidance
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request (client gone): its pages go back to the pool at once.
@@ -264,6 +276,8 @@ class LLMEngine:
                     continue
                 try:
                     append_token(seq, token, tokenizer)
+                    if seq.guide is not None:
+                        accept_token(seq, token)
                     live.append(seq)
                 except Exception as err:  # noqa: BLE001 - this request fails, not the step
                     failed.append((seq, err))

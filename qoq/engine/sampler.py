@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qoq.engine.guided import apply_guidance
 from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import to_device
 from qoq.sampling import draw_one, filter_logits_rows, sample
@@ -21,6 +22,7 @@ def sample_tokens_device(logits: torch.Tensor, seqs: list[Sequence],
     (torch.multinomial's own single-draw algorithm without its validity checks, which read values
     back), and the results are written into the token tensor on the device.
     """
+    apply_guidance(logits, seqs)  # structured output: forbidden tokens -> -inf (no-op without guided rows)
     tokens = logits.argmax(dim=-1)
     dev = logits.device
     shared = [i for i, s in enumerate(seqs) if not s.params.greedy and s.generator is None]

@@ -89,6 +89,10 @@ class Scheduler:
                 # would only compute a token to throw away. It finishes when that step is processed.
                 still_running.append(seq)
                 continue
+            if seq.num_pending and seq.guide is not None:
+                # Structured output: its next token mask needs the token in flight (engine/guided.py).
+                still_running.append(seq)
+                continue
             if budget == 0:  # over the token budget: keeps its pages, decodes next step
                 still_running.append(seq)
                 continue

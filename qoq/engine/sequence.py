@@ -62,6 +62,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_hashed_pages: int = 0
     prefix_key: int | None = None
+    # Structured output: the llguidance matcher following output_token_ids (engine/guided.py).
+    guide: object | None = None
 
     @property
     def num_tokens(self) -> int:
