@@ -205,7 +205,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     from qoq.server.engine_loop import ModelSpec
-    from qoq.server.serve import configure_logging, default_served_name, engine_failed, make_process_server
+    from qoq.server.serve import (configure_logging, default_served_name, engine_failed, make_process_server,
+                                  read_chat_template)
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
@@ -221,7 +222,8 @@ def cmd_serve(args) -> int:
     configure_logging(args.log_level)
     device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level)
+    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level,
+                     read_chat_template(args.chat_template))
     if args.random_weights:
         from qoq.bench.random_model import bundled_config
 
@@ -437,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS,
                        help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--chat-template", metavar="FILE", default=None,
+                       help="a Jinja chat template replacing the tokenizer's (e.g. one that renders tools)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -28,6 +28,7 @@ from qoq.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
+    DeltaToolCall,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -37,7 +38,9 @@ from qoq.server.protocol import (
     Usage,
     new_id,
 )
+from qoq.server.structured import GrammarChecker, compile_spec, request_grammar
 from qoq.server.tokenizer_pool import TokenizerPool
+from qoq.server.tools import ToolStream, active_tools, message_dicts, parse_tool_calls, tool_choice_schema, tool_dicts
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     limits = engine.limits
     tokenizers = TokenizerPool(engine.tokenizer)
+    grammars = GrammarChecker(engine.tokenizer, limits.vocab_size)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -60,6 +64,7 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
         yield
         engine.shutdown()
         tokenizers.shutdown()
+        grammars.shutdown()
 
     app = FastAPI(title="qoq", lifespan=lifespan)
     app.state.engine = engine
@@ -79,6 +84,12 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
             return req.sampling_params(max_tokens if max_tokens is not None else default)
         except ValueError as err:
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from err
+
+    async def constrain(params, spec: tuple[str, str] | None) -> None:
+        """Structured output: check (compile, off the loop) the grammar and put it on the params."""
+        if spec is not None:
+            await grammars.check(*spec)
+            params.grammar = spec[0]
 
     def submit(prompt_ids, params, request_id) -> RequestStream:
         if not engine.alive:
@@ -127,6 +138,7 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
         except Exception as err:  # noqa: BLE001 - tokenizers raise their own error types
             raise ApiError(400, f"cannot tokenize the prompt: {err}", param="prompt") from err
         params = params_for(req, prompt_ids, req.max_tokens, default=16)  # OpenAI's default for completions
+        await constrain(params, request_grammar(req))
         request_id = new_id("cmpl")
         stream = submit(prompt_ids, params, request_id)
         echo = prompt if req.echo and isinstance(prompt, str) else ""
@@ -160,26 +172,41 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         check_model(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = message_dicts(req.messages)
         if not getattr(tokenizers.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
+        tools = active_tools(req, tokenizers.tokenizer)  # server/tools.py
         try:
-            prompt_ids = await tokenizers.chat(messages)
+            prompt_ids = await tokenizers.chat(messages, tool_dicts(tools) if tools else None)
         except Exception as err:  # noqa: BLE001 - templates raise their own errors on bad roles/order
             raise ApiError(400, f"cannot apply the chat template to these messages: {err}", param="messages") from err
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = params_for(req, prompt_ids, max_tokens, default=limits.max_model_len - len(prompt_ids))
+        spec = request_grammar(req)
+        schema = tool_choice_schema(req, tools) if tools else None
+        if schema is not None:  # tool_choice "required" or a named function: the calls always parse
+            if spec is not None:
+                raise ApiError(400, f"tool_choice {req.tool_choice!r} cannot be combined with {spec[1]}",
+                               param="tool_choice")
+            spec = compile_spec("tools", "json_schema", schema), "tools"
+        await constrain(params, spec)
         request_id = new_id("chatcmpl")
         stream = submit(prompt_ids, params, request_id)
         if req.stream:
-            return _sse(chat_chunks(stream, request_id, req.include_usage), stream)
+            return _sse(chat_chunks(stream, request_id, req.include_usage, bool(tools)), stream)
         out = await _collect(stream, raw)
         if out is None:
             return Response(status_code=499)
+        message, reason = AssistantMessage(content=out.text), out.finish_reason
+        if tools:
+            content, calls = parse_tool_calls(out.text)
+            if calls:
+                message = AssistantMessage(content=content, tool_calls=calls)
+                reason = "tool_calls" if reason == "stop" else reason
         return ChatCompletionResponse(id=request_id, model=model_name, usage=_usage(out), choices=[
-            ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)])
+            ChatChoice(message=message, finish_reason=reason)])
 
-    async def chat_chunks(stream: RequestStream, request_id: str, include_usage: bool):
+    async def chat_chunks(stream: RequestStream, request_id: str, include_usage: bool, tools: bool = False):
         def chunk(delta, finish_reason=None):
             return ChatCompletionChunk(id=request_id, model=model_name, choices=[
                 ChatChunkChoice(delta=delta, finish_reason=finish_reason)]).model_dump_json()
@@ -187,14 +214,26 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
         content_head = _chunk_template(ChatCompletionChunk(id=request_id, model=model_name, choices=[]).model_dump(),
                                        "choices") + '[{"index":0,"delta":{"content":'
         yield chunk(DeltaMessage(role="assistant", content=""))
+        held = ToolStream() if tools else None  # tool calls are sent whole, at the end (server/tools.py)
         while True:
             deltas = await stream.next()
             last = deltas[-1]
             text = "".join(d.text for d in deltas) if len(deltas) > 1 else last.text
+            if held is not None:
+                text = held.feed(text)
             if text:
                 yield f'{content_head}{json.dumps(text)}}},"finish_reason":null}}],"usage":null}}'
             if last.finished:
-                yield chunk(DeltaMessage(), last.finish_reason)
+                reason = last.finish_reason
+                if held is not None:
+                    rest, calls = held.finish()
+                    if rest:
+                        yield f'{content_head}{json.dumps(rest)}}},"finish_reason":null}}],"usage":null}}'
+                    if calls:
+                        yield chunk(DeltaMessage(tool_calls=[DeltaToolCall(index=i, **c.model_dump())
+                                                             for i, c in enumerate(calls)]))
+                        reason = "tool_calls" if reason == "stop" else reason
+                yield chunk(DeltaMessage(), reason)
                 if include_usage:
                     yield ChatCompletionChunk(id=request_id, model=model_name, choices=[],
                                               usage=_usage(last)).model_dump_json()

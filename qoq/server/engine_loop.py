@@ -167,8 +167,15 @@ class ModelSpec:
     random_config: str | None = None  # a config of qoq/configs or a config.json: random weights (benchmarks)
     precision: str = "w16a16kv16"  # of the random weights
     log_level: str = "info"
+    chat_template: str | None = None  # replaces the tokenizer's (qoq serve --chat-template FILE)
 
     def load(self):
+        model, tokenizer = self._load()
+        if self.chat_template is not None:
+            tokenizer.chat_template = self.chat_template
+        return model, tokenizer
+
+    def _load(self):
         import torch
 
         dtype = getattr(torch, self.dtype)

@@ -77,6 +77,19 @@ def default_served_name(model: str, random_config: str | None = None, precision:
     return (path.stem if path.suffix in (".gguf", ".json") else path.name) or str(model)
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """`qoq serve --chat-template FILE`: a Jinja chat template (e.g. one that renders tools)."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--chat-template: cannot read {path}: {err}") from err
+    if not text.strip():
+        raise ValueError(f"--chat-template: {path} is empty")
+    return text
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

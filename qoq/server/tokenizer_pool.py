@@ -28,15 +28,15 @@ class TokenizerPool:
     def _encode(self, prompt: str) -> list[int]:
         return list(self._own()(prompt)["input_ids"])
 
-    def _chat(self, messages: list[dict]) -> list[int]:
-        ids = self._own().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def _chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        ids = self._own().apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     async def encode(self, prompt: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompt)
 
-    async def chat(self, messages: list[dict]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._chat, messages)
+    async def chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._chat, messages, tools)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
