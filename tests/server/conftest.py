@@ -48,3 +48,20 @@ def client(server_url):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server_url}/v1", api_key="unused", timeout=120)
+
+
+TOOLS_TEMPLATE = os.path.join(os.path.dirname(__file__), "data", "hermes_tools.jinja")
+
+
+@pytest.fixture(scope="session")
+def tools_server_url(tmp_path_factory):
+    """The session server's model and engine with a Hermes-style chat template that renders tools."""
+    yield from _serve([MODEL, *SERVER_ENGINE_ARGS, "--chat-template", TOOLS_TEMPLATE],
+                      tmp_path_factory.mktemp("tools-server") / "serve.log")
+
+
+@pytest.fixture(scope="session")
+def tools_client(tools_server_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{tools_server_url}/v1", api_key="unused", timeout=120)
