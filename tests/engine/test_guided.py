@@ -82,22 +82,21 @@ def test_matcher_bitmask_equals_its_byte_mask_and_eos_only_when_accepting(bundle
 def test_json_schema_output_parses_and_validates(bundled, chat_prompt, async_scheduling):
     llm = make_llm(bundled, async_scheduling)
     grammar = build_grammar("json_schema", PERSON)
-    params = [SamplingParams(max_tokens=64, grammar=grammar),
-              SamplingParams(max_tokens=64, temperature=1.0, seed=1, grammar=grammar),
-              SamplingParams(max_tokens=64, temperature=1.0, top_p=0.9, grammar=grammar),
-              SamplingParams(max_tokens=64, temperature=0.7, top_k=50, seed=2,
+    params = [SamplingParams(max_tokens=40, grammar=grammar),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=1, grammar=grammar),
+              SamplingParams(max_tokens=40, temperature=0.7, top_k=50, top_p=0.9,
                              grammar=build_grammar("json_schema", {"type": "object"})),
-              SamplingParams(max_tokens=12)]  # unguided, beside them
-    outs = llm.generate([chat_prompt] * 4 + ["The capital of France is"], params)
-    for out, p in zip(outs[:4], params):
+              SamplingParams(max_tokens=8)]  # unguided, beside them
+    outs = llm.generate([chat_prompt] * 3 + ["The capital of France is"], params)
+    for out, p in zip(outs[:3], params):
         if out.finish_reason == "length" and p.temperature:  # a sampled row may ramble on (in JSON)
             assert len(out.token_ids) == p.max_tokens
             continue
         assert out.finish_reason == "stop", out.text
         value = json.loads(out.text)
-        jsonschema.validate(value, PERSON if p is not params[3] else {"type": "object"})
-    plain = make_llm(bundled, async_scheduling).generate(["The capital of France is"], params[4])
-    assert outs[4].token_ids == plain[0].token_ids  # unguided rows untouched
+        jsonschema.validate(value, PERSON if p is not params[2] else {"type": "object"})
+    alone = llm.generate(["The capital of France is"], params[3])
+    assert outs[3].token_ids == alone[0].token_ids  # unguided rows untouched
 
 
 def test_regex_and_lark_grammars_and_max_tokens(bundled, chat_prompt):
@@ -123,31 +122,35 @@ def test_bad_grammars_are_refused(bundled):
 
 
 def test_async_guided_sequence_never_decodes_with_its_token_in_flight(bundled, chat_prompt):
-    """Async: every other step for the guided sequence (its mask needs the token in flight), every
-    step for the unguided one; the outputs equal the synchronous engine's."""
+    """Async: every other step() for the guided sequence (its mask needs the token in flight), every
+    step for the unguided one (alone, the guided one's steps alternate with empty ones); the
+    outputs equal the synchronous engine's."""
     grammar = build_grammar("json_schema", PERSON)
     requests = [(chat_prompt, SamplingParams(max_tokens=40, grammar=grammar), "guided"),
                 (chat_prompt, SamplingParams(max_tokens=40, ignore_eos=True), "plain")]
     engine = make_llm(bundled, True).engine
-    launches = []
+    launches = []  # (step() call, request ids launched)
     launch = engine.runner.launch
 
     def recording(batch, prev):
         for seq in batch.seqs:
             assert seq.num_pending == 0 or seq.guide is None
-        launches.append([s.request_id for s in batch.seqs])
+        launches.append((len(calls), [s.request_id for s in batch.seqs]))
         return launch(batch, prev)
 
     engine.runner.launch = recording
-    outs = {}
+    outs, calls = {}, []
     for prompt, params, rid in requests:
         engine.add_request(prompt, params, rid)
     while engine.has_unfinished_requests():
+        calls.append(None)
         for out in engine.step():
             outs.setdefault(out.request_id, []).append(out)
-    guided_steps = [i for i, ids in enumerate(launches) if "guided" in ids]
-    assert all(b - a == 2 for a, b in zip(guided_steps, guided_steps[1:]))
-    assert sum("plain" in ids for ids in launches[: guided_steps[-1]]) > len(guided_steps)
+    guided_calls = [call for call, ids in launches if "guided" in ids]
+    plain_calls = [call for call, ids in launches if "plain" in ids]
+    assert all(b - a == 2 for a, b in zip(guided_calls, guided_calls[1:]))
+    assert plain_calls == list(range(1, len(plain_calls) + 1))  # every step() call
+    assert len(plain_calls) > len([c for c in guided_calls if c <= plain_calls[-1]]) + 5
 
     sync = make_llm(bundled, False).engine
     for prompt, params, rid in requests:
@@ -168,21 +171,21 @@ def test_preemption_and_abort_keep_the_matcher_right(bundled, chat_prompt, async
     the matcher again): each output still validates and equals an unpreempted run; an aborted
     guided request leaves the others alone."""
     grammar = build_grammar("json_schema", PERSON)
-    params = [SamplingParams(max_tokens=64, grammar=grammar),
-              SamplingParams(max_tokens=64, temperature=0.8, seed=5, grammar=grammar),
-              SamplingParams(max_tokens=64, temperature=0.8, seed=6, grammar=grammar)]
-    big = make_llm(bundled, async_scheduling).generate([chat_prompt] * 3, params)
-    llm = make_llm(bundled, async_scheduling, page_size=8, num_pages=16, max_num_seqs=3)
-    small = llm.generate([chat_prompt] * 3, params)
+    params = [SamplingParams(max_tokens=40, grammar=grammar),
+              SamplingParams(max_tokens=40, temperature=0.8, seed=5, grammar=grammar)]
+    big = make_llm(bundled, async_scheduling).generate([chat_prompt] * 2, params)
+    # ~60 tokens each: 8 pages of 8 tokens; 12 pages hold one
+    llm = make_llm(bundled, async_scheduling, page_size=8, num_pages=12, max_num_seqs=2)
+    small = llm.generate([chat_prompt] * 2, params)
     assert llm.engine.scheduler.num_preemptions > 0
     for a, b in zip(big, small):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason == "stop"
         jsonschema.validate(json.loads(b.text), PERSON)
 
     engine = make_llm(bundled, async_scheduling).engine
-    for i, p in enumerate(params[:2]):
+    for i, p in enumerate(params):
         engine.add_request(chat_prompt, p, f"r{i}")
-    for _ in range(6):
+    for _ in range(4):
         engine.step()
     engine.abort_request("r0")
     final = {}

@@ -55,8 +55,9 @@ TOOLS_TEMPLATE = os.path.join(os.path.dirname(__file__), "data", "hermes_tools.j
 
 @pytest.fixture(scope="session")
 def tools_server_url(tmp_path_factory):
-    """The session server's model and engine with a Hermes-style chat template that renders tools."""
-    yield from _serve([MODEL, *SERVER_ENGINE_ARGS, "--chat-template", TOOLS_TEMPLATE],
+    """The session server's model and engine (a longer context: tool prompts are long) with a
+    Hermes-style chat template that renders tools."""
+    yield from _serve([MODEL, *SERVER_ENGINE_ARGS, "--max-model-len", "512", "--chat-template", TOOLS_TEMPLATE],
                       tmp_path_factory.mktemp("tools-server") / "serve.log")
 
 
