@@ -130,3 +130,35 @@ def test_threads_option():
     assert out.returncode == 2 and "--threads must be >= 1" in out.stderr
     out = run("eval", "ppl", "--threads", "1", "--max-tokens", "256", "--seq-len", "128")
     assert out.returncode == 0, out.stderr
+
+
+def test_ctrl_c_ends_with_130_and_no_traceback():
+    """Ctrl-C goes to the terminal's whole process group (the server's engine process too)."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from qoq.server.serve import free_port
+
+    port = free_port()
+    commands = [(["serve", "--random-weights", "tiny", "--precision", "w16a16kv16", "--port", str(port)],
+                 lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200),
+                (["eval", "ppl"], lambda: True)]
+    for args, ready in commands:
+        proc = subprocess.Popen([*QOQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(2)  # into the long work
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().endswith("qoq: interrupted"), err

@@ -14,6 +14,7 @@ import gc
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -186,6 +187,9 @@ class ModelSpec:
 
 
 def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, outputs) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the server process handles it and
+    # stops this one (no second traceback from here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s %(name)s (engine): %(message)s")
     keep_freed_memory()
     set_cpu_threads(spec.threads)
