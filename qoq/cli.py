@@ -267,6 +267,10 @@ def cmd_bench_throughput(args) -> int:
 def cmd_bench_serve(args) -> int:
     from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report, parse_slo
 
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise ValueError(f"--logprobs must be in [0, 20], got {args.logprobs}")
     rate = float(args.request_rate)
     if rate <= 0:
         raise ValueError(f"--request-rate must be > 0 or inf, got {args.request_rate}")
@@ -278,7 +282,7 @@ def cmd_bench_serve(args) -> int:
     config = BenchConfig(base_url=args.base_url, model=args.model, chat=args.chat, request_rate=rate,
                          max_concurrency=args.max_concurrency, ignore_eos=not args.no_ignore_eos, seed=args.seed,
                          slo_ms=parse_slo(args.goodput), progress=not args.no_progress, system=args.system,
-                         precision=args.precision)
+                         precision=args.precision, n=args.n, logprobs=args.logprobs)
     dataset = DatasetArgs(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                           args.vocab_size, args.num_prefixes, args.prefix_len, args.dataset_path, args.seed)
     record = bench_record(config, dataset, tokenizer)
@@ -502,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--tokenizer", default=None, help="count output tokens with it when the server sends no usage")
     bs.add_argument("--system", default="qoq", help="label for the record")
     bs.add_argument("--precision", default=None, help="label for the record")
+    bs.add_argument("--n", type=int, default=1, help="choices per request (sampled at temperature 1 when > 1)")
+    bs.add_argument("--logprobs", type=int, default=None, metavar="K",
+                    help="ask for each token's logprob and its top K alternatives")
     bs.add_argument("--seed", type=int, default=0, help="seed of the dataset and the arrival times")
     bs.add_argument("--no-progress", action="store_true", help="no progress bar")
     bs.add_argument("--out", default=None, help="write the JSON record here")
