@@ -175,15 +175,15 @@ def test_tp_equals_single_process(case, models, tp_results):
     else:
         # Quantized: the same packed codes, but each rank quantizes its slice of the o_proj / down_proj
         # input per token with its own scale. The oracle does exactly that in one process, so
-        # the integer products agree and only the float order of the scaled partial sums (and an
-        # ulp in the fused SiLU*mul+quantize vs separate ops, which can move a code by one step
-        # in rare elements) differs: well under 1e-4 of the logits' range.
+        # the integer products agree and only the float order of the scaled partial sums could
+        # differ (gloo sums in rank order as the oracle does: equal to the bit here).
         want = run(split_reference(model, world_size))
-        assert _max_rel(got["logits"], want["logits"]) < 1e-4
+        assert _max_rel(got["logits"], want["logits"]) < 1e-6
         # Against the plain single-process model the activation scales differ (a slice's max
         # |x| instead of the row's): the int8 rounding of those inputs differs by up to half a
         # step, 1/254 of the row's max |x| per element, i.e. the activation quantization noise
-        # itself, a percent-level effect on these random models' logits, not a wrong split.
+        # itself: up to 2% of the logits' range on these random models (per-channel W4, whose
+        # zero term makes the largest outputs), where a wrong slice is of the order of 100%.
         plain = run(model)
         assert _max_rel(got["logits"], plain["logits"]) < 0.05
     assert torch.equal(got["greedy"], want["greedy"])
