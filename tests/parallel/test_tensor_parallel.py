@@ -24,6 +24,7 @@ from qoq.distributed import NVLINK_MULTICAST_OFF, TPGroup, destroy, disable_nvli
 from qoq.kernels import unpack_w4
 from qoq.layers.attention import DenseKVCache
 from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
+from qoq.layers.parallel import slice_input_columns
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 from qoq.model.checkpoint import load_checkpoint, save_checkpoint
 from qoq.model.tensor_parallel import ShardPlan, load_checkpoint_shard, local_config, shard_model
@@ -273,3 +274,37 @@ def test_a_failing_rank_makes_the_others_fail_not_hang(mode, tmp_path):
     assert not alive, "a rank hung"
     assert procs[0].exitcode != 0 and (tmp_path / "rank0.err").exists()
     assert time.monotonic() - start < 120
+
+
+# -- input-column splits that cut inside a 128-channel chunk -----------------------------------
+
+@pytest.mark.parametrize("kind", ["w4a8-per-channel", "w8a8"])
+@pytest.mark.parametrize("in_features,world_size", [(320, 2), (576, 2), (576, 4)])
+def test_input_split_inside_a_chunk_sums_to_the_split_oracle(kind, in_features, world_size):
+    """Slices of 160 / 288 / 144 inputs: per-channel W4 is unpacked, cut and packed again, W8 cut
+    and padded, and the last slice ends at an unpadded K; the ranks' outputs (summed here, as the
+    all-reduce sums them) equal the oracle built from the unpacked codes."""
+    torch.manual_seed(0)
+    n, kp = 48, padded_k(in_features)
+    q = torch.zeros(n, kp, dtype=torch.uint8)
+    if kind == "w8a8":
+        q = q.to(torch.int8)
+        q[:, :in_features] = torch.randint(-127, 128, (n, in_features), dtype=torch.int8)
+        whole = W8A8Linear(in_features, W8Params(q, torch.rand(n).half() * 0.01))
+    else:
+        q[:, :in_features] = torch.randint(0, 16, (n, in_features), dtype=torch.uint8)
+        whole = W4A8PerChannelLinear(in_features, W4ChannelParams(q, torch.rand(n).half() * 0.01,
+                                                                  torch.rand(n).half() * 0.05))
+    x = torch.randn(5, in_features)
+    width = in_features // world_size
+    total = 0
+    for r in range(world_size):
+        k0, k1 = r * width, (r + 1) * width
+        local = {name: slice_input_columns(name, t, k0, k1, in_features) for name, t in whole.state_dict().items()}
+        if kind == "w8a8":
+            part = W8A8Linear(width, W8Params(local["weight"], local["s"]))
+        else:
+            part = W4A8PerChannelLinear(width, W4ChannelParams(unpack_w4(local["qweight"]), local["s1"], local["szero"]))
+            assert torch.equal(part.qweight, local["qweight"])
+        total = total + part(x[:, k0:k1])
+    assert torch.equal(total, SplitInput(whole, world_size)(x))
