@@ -19,8 +19,8 @@ from torch import nn
 
 from qoq.bench.random_model import random_float_model, random_model
 from qoq.config import G128, PER_CHANNEL, ConfigError, ModelConfig, QuantConfig
-from qoq.distributed import NVLINK_MULTICAST_OFF, TPGroup, destroy, disable_nvlink_multicast, free_port, \
-    init_process_group, spawn
+from qoq.distributed import (NVLINK_MULTICAST_OFF, TPGroup, destroy, disable_nvlink_multicast, free_port,
+                             init_from_env, init_process_group, spawn)
 from qoq.kernels import unpack_w4
 from qoq.layers.attention import DenseKVCache
 from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
@@ -229,7 +229,9 @@ def test_launcher_turns_nvlink_multicast_off_whatever_the_environment(monkeypatc
     assert env == NVLINK_MULTICAST_OFF
 
 
-def test_single_process_needs_no_group():
+def test_single_process_needs_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() is None  # not launched by torchrun
     assert init_process_group(0, 1, "unused") is None
     model = random_float_model(copy.deepcopy(CONFIGS["gqa2"]))
     assert shard_model(model, None) is model and model.tp is None
