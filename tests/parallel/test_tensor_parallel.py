@@ -105,6 +105,19 @@ def models():
 
 
 @pytest.fixture(scope="module")
+def single(models):
+    """run() of the single-process model of a case, computed once for both group sizes."""
+    cache: dict = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = run(models[case])
+        return cache[case]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def checkpoint(models, tmp_path_factory):
     return save_checkpoint(models["gqa2", "w4a8kv4-g128"], tmp_path_factory.mktemp("ckpt") / "q")
 
@@ -163,7 +176,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_tp_equals_single_process(case, models, tp_results):
+def test_tp_equals_single_process(case, models, single, tp_results):
     world_size, ranks = tp_results
     for other in ranks[1:]:  # every rank ends with the same gathered logits and tokens
         for key in ("logits", "greedy", "cached"):
@@ -171,7 +184,7 @@ def test_tp_equals_single_process(case, models, tp_results):
     got, model = ranks[0][case], models[case]
     if case[1] == "fp32":
         # Same float math, summed in another order (partial sums over the ranks): rounding only.
-        want = run(model)
+        want = single(case)
         assert _max_rel(got["logits"], want["logits"]) < 1e-5
     else:
         # Quantized: the same packed codes, but each rank quantizes its slice of the o_proj / down_proj
@@ -185,7 +198,7 @@ def test_tp_equals_single_process(case, models, tp_results):
         # step, 1/254 of the row's max |x| per element, i.e. the activation quantization noise
         # itself: up to 2% of the logits' range on these random models (per-channel W4, whose
         # zero term makes the largest outputs), where a wrong slice is of the order of 100%.
-        plain = run(model)
+        plain = single(case)
         assert _max_rel(got["logits"], plain["logits"]) < 0.05
     assert torch.equal(got["greedy"], want["greedy"])
     assert torch.equal(got["cached"], want["cached"])
