@@ -149,6 +149,35 @@ def run_features(args, out_dir: Path) -> list[dict]:
     return records
 
 
+def run_api_features(args, out_dir: Path) -> list[dict]:
+    """What `n` and `logprobs` cost (first precision, all at once at --concurrency): the same
+    prompts plain, with n=4 (sampled choices; a quarter of the prompts, so the same number of
+    streams) and with logprobs=5. Each record gets `plain_output_tokens_per_s` of the plain run."""
+    precision = args.precisions[0]
+    server = Server(args, precision, args.concurrency, out_dir / "serve-api-features.log")
+    records = []
+    try:
+        warm = DatasetArgs("random", num_prompts=8, input_len=args.input_len, output_len=4,
+                           vocab_size=args.vocab_size, seed=1)
+        bench_record(BenchConfig(base_url=server.url, progress=False), warm)
+        num = args.num_prompts_inf // (2 if args.quick else 1)
+        plain = None
+        for case, (n, logprobs) in enumerate(((1, None), (4, None), (1, 5))):
+            config = BenchConfig(base_url=server.url, max_concurrency=max(1, args.concurrency // n), system="qoq",
+                                 precision=precision, progress=not args.no_progress, n=n, logprobs=logprobs)
+            dataset = DatasetArgs("random", num_prompts=num // n, input_len=args.input_len,
+                                  output_len=args.output_len, vocab_size=args.vocab_size, seed=400 + case)
+            record = bench_record(config, dataset)
+            record["config"] = args.config
+            plain = plain or record["output_tokens_per_s"]
+            record["plain_output_tokens_per_s"] = plain
+            print(f"== {precision} n {n} logprobs {logprobs}\n{format_report(record)}", file=sys.stderr, flush=True)
+            records.append(record)
+    finally:
+        server.stop()
+    return records
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-3-8b", help="a config of qoq/configs (random weights)")
@@ -168,6 +197,8 @@ def main() -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--features", action="store_true",
                    help="chunked prefill and prefix caching on vs off instead of the precision sweep")
+    p.add_argument("--api-features", action="store_true",
+                   help="the cost of n=4 and logprobs=5 against plain requests (first precision, rate inf)")
     p.add_argument("--chunk-budget", type=int, default=1024, help="token budget per step with --features 'on'")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))
     args = p.parse_args()
@@ -182,7 +213,10 @@ def main() -> int:
     if args.features:
         records = run_features(args, out.parent)
         out.write_text(json.dumps(records, indent=1))
-    for precision in args.precisions if not args.features else []:
+    if args.api_features:
+        records += run_api_features(args, out.parent)
+        out.write_text(json.dumps(records, indent=1))
+    for precision in args.precisions if not (args.features or args.api_features) else []:
         records += run_precision(args, precision, out.parent)
         out.write_text(json.dumps(records, indent=1))  # kept so far, should a later precision fail
     print(f"{len(records)} records -> {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -18,7 +19,7 @@ import torch
 
 from qoq.config import GRANULARITIES, PRECISIONS, QUANTIZED_PRECISIONS, Granularity, QuantConfig
 from qoq.engine.config import EngineConfig
-from qoq.host import keep_freed_memory
+from qoq.host import keep_freed_memory, set_cpu_threads
 from qoq.model.loader import DEFAULT_MODEL
 from qoq.model.weights import LoadError
 from qoq.quant.calibrate import CalibConfig
@@ -79,6 +80,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights/activations dtype (default: float32 on CPU, float16 on GPU)")
+    _add_threads_arg(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: one per idle CPU, so a machine busy with other work "
+                        "does not slow every op down to its busiest core)")
 
 
 def cmd_generate(args) -> int:
@@ -190,7 +198,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
                    help="token budget of one step")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"],
+                   help="share of the GPU's memory the engine may use (weights, activations, KV cache)")
     p.add_argument("--cpu-kv-cache-gib", type=float, default=engine["cpu_kv_cache_gib"],
                    help="KV cache size on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -205,8 +214,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     from qoq.server.engine_loop import ModelSpec
-    from qoq.server.serve import (configure_logging, default_served_name, engine_failed, make_process_server,
-                                  read_chat_template)
+    from qoq.server.serve import (
+        check_port_free,
+        configure_logging,
+        default_served_name,
+        engine_failed,
+        make_process_server,
+        read_chat_template,
+    )
 
     config = EngineConfig(
         kv_bits=args.kv_bits, num_pages=args.num_pages, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
@@ -222,16 +237,18 @@ def cmd_serve(args) -> int:
     configure_logging(args.log_level)
     device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level,
+    check_port_free(args.host, args.port)
+    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level, args.threads,
                      read_chat_template(args.chat_template))
     if args.random_weights:
         from qoq.bench.random_model import bundled_config
 
         bundled_config(args.random_weights)  # an unknown config is an error here, not in the engine process
-    name = args.served_model_name or default_served_name(args.model, args.random_weights, args.precision)
+    names = args.served_model_name or [default_served_name(args.model, args.random_weights, args.precision)]
+    name = names[0]
     t0 = time.perf_counter()
-    server = make_process_server(spec, name, config, args.host, args.port, args.log_level, args.max_queue_len,
-                                 args.max_request_bytes)
+    server = make_process_server(spec, names, config, args.host, args.port, args.log_level, args.max_queue_len,
+                                 args.max_request_bytes, args.api_key)
     print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
           f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
@@ -252,6 +269,10 @@ def cmd_bench_throughput(args) -> int:
 def cmd_bench_serve(args) -> int:
     from qoq.bench.serve import BenchConfig, DatasetArgs, bench_record, format_report, parse_slo
 
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise ValueError(f"--logprobs must be in [0, 20], got {args.logprobs}")
     rate = float(args.request_rate)
     if rate <= 0:
         raise ValueError(f"--request-rate must be > 0 or inf, got {args.request_rate}")
@@ -263,7 +284,7 @@ def cmd_bench_serve(args) -> int:
     config = BenchConfig(base_url=args.base_url, model=args.model, chat=args.chat, request_rate=rate,
                          max_concurrency=args.max_concurrency, ignore_eos=not args.no_ignore_eos, seed=args.seed,
                          slo_ms=parse_slo(args.goodput), progress=not args.no_progress, system=args.system,
-                         precision=args.precision)
+                         precision=args.precision, n=args.n, logprobs=args.logprobs)
     dataset = DatasetArgs(args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                           args.vocab_size, args.num_prefixes, args.prefix_len, args.dataset_path, args.seed)
     record = bench_record(config, dataset, tokenizer)
@@ -357,12 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=default(SamplingParams, "max_tokens"))
+    gen.add_argument("--max-tokens", type=int, default=default(SamplingParams, "max_tokens"),
+                     help="most tokens to generate")
     gen.add_argument("--temperature", type=float, default=default(SamplingParams, "temperature"),
                      help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=default(SamplingParams, "top_k"), help="0 = off (default)")
     gen.add_argument("--top-p", type=float, default=default(SamplingParams, "top_p"), help="1 = off (default)")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="random seed of the sampler (temperature > 0)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=cmd_generate)
 
@@ -370,17 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity on the project's corpus (Python docs prose)")
     _add_model_args(ppl)
-    ppl.add_argument("--split", choices=["eval", "calib"], default="eval")
-    ppl.add_argument("--seq-len", type=int, default=512)
+    ppl.add_argument("--split", choices=["eval", "calib"], default="eval",
+                     help="corpus split to score (calib is what qoq quantize calibrates on)")
+    ppl.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ppl.set_defaults(func=cmd_eval_ppl)
 
     qz = sub.add_parser("quantize", help="QoQ-quantize a model into a packed checkpoint folder")
     _add_model_args(qz)
     qz.add_argument("--out", required=True, help="output folder (config.json, quant_config.json, safetensors shards)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing qoq checkpoint at --out")
-    qz.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"))
+    qz.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"),
+                    help="quantized precision (weights, activations, KV cache)")
     _add_granularity_arg(qz)
     qz.add_argument("--calib", default=None, help="calibration text file (default: the corpus' calib split)")
     qz.add_argument("--calib-seqs", type=int, default=default(CalibConfig, "num_seqs"), help="calibration sequences")
@@ -413,8 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ppl-tokens", type=int, default=8192,
                       help="tokens of the eval split to score (8,192: about half a minute each on 2 cores)")
     demo.add_argument("--questions", nargs="*",
-                      default=["What is the capital of France?", "Write a haiku about the sea."])
-    demo.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"))
+                      default=["What is the capital of France?", "Write a haiku about the sea."],
+                      help="chat questions sent to the served quantized model")
+    demo.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default=default(QoQOptions, "precision"),
+                      help="quantized precision (weights, activations, KV cache)")
     _add_granularity_arg(demo)
     demo.add_argument("--calib-seqs", type=int, default=32,
                       help="calibration sequences of 512 tokens (fewer than qoq quantize's, for a quick demo)")
@@ -424,10 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None,
-                       help="the model name clients send (default: MODEL's folder or file name, never its path)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the model names clients may send; the first is the one responses and metrics use "
+                            "(default: MODEL's folder or file name, never its path)")
+    serve.add_argument("--api-key", default=os.environ.get("QOQ_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: $QOQ_API_KEY; none: no authentication)")
     _add_engine_args(serve)
     serve.add_argument("--max-queue-len", type=int, default=4096,
                        help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
@@ -438,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokenizer (token i is the word 't<i>'), for benchmarks; MODEL is then ignored")
     serve.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS,
                        help="precision of the --random-weights model")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="server and engine log level")
     serve.add_argument("--chat-template", metavar="FILE", default=None,
                        help="a Jinja chat template replacing the tokenizer's (e.g. one that renders tools)")
     serve.set_defaults(func=cmd_serve)
@@ -447,23 +478,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tput = bench_sub.add_parser("throughput", help="end-to-end generation throughput, random weights from a config")
     tput.add_argument("--config", default="llama-3-8b", help="a config in qoq/configs or a config.json path")
-    tput.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS)
+    tput.add_argument("--precision", default=default(QoQOptions, "precision"), choices=PRECISIONS,
+                      help="precision of the random weights")
     _add_granularity_arg(tput)
     tput.add_argument("--batch", default="max", help="number of requests, or 'max' (largest that fits)")
-    tput.add_argument("--input-len", type=int, default=1024)
-    tput.add_argument("--output-len", type=int, default=512)
-    tput.add_argument("--device", default=None)
+    tput.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request")
+    tput.add_argument("--output-len", type=int, default=512, help="generated tokens per request")
+    tput.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_threads_arg(tput)
     tput.set_defaults(func=cmd_bench_throughput)
     bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (qoq, vLLM, SGLang, ...) over HTTP")
-    bs.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's address")
     bs.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models)")
     bs.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: /v1/completions)")
-    bs.add_argument("--dataset", choices=["random", "shared-prefix", "jsonl"], default="random")
+    bs.add_argument("--dataset", choices=["random", "shared-prefix", "jsonl"], default="random",
+                    help="random token ids, prompts sharing prefixes, or a jsonl file")
     bs.add_argument("--dataset-path", default=None, help="jsonl: one {\"prompt\": text or token ids, "
                                                          "\"output_len\": N} per line")
-    bs.add_argument("--num-prompts", type=int, default=100)
+    bs.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     bs.add_argument("--input-len", type=int, default=1024, help="prompt tokens (shared-prefix: question tokens)")
-    bs.add_argument("--output-len", type=int, default=128)
+    bs.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     bs.add_argument("--range-ratio", type=float, default=0.0,
                     help="random: lengths uniform in [len * (1 - r), len * (1 + r)]")
     bs.add_argument("--vocab-size", type=int, default=32000, help="random token ids are drawn below this")
@@ -476,8 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--tokenizer", default=None, help="count output tokens with it when the server sends no usage")
     bs.add_argument("--system", default="qoq", help="label for the record")
     bs.add_argument("--precision", default=None, help="label for the record")
-    bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--no-progress", action="store_true")
+    bs.add_argument("--n", type=int, default=1, help="choices per request (sampled at temperature 1 when > 1)")
+    bs.add_argument("--logprobs", type=int, default=None, metavar="K",
+                    help="ask for each token's logprob and its top K alternatives")
+    bs.add_argument("--seed", type=int, default=0, help="seed of the dataset and the arrival times")
+    bs.add_argument("--no-progress", action="store_true", help="no progress bar")
     bs.add_argument("--out", default=None, help="write the JSON record here")
     bs.set_defaults(func=cmd_bench_serve)
     return parser
@@ -487,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
+        set_cpu_threads(getattr(args, "threads", None))
         return args.func(args)
     except (LoadError, ValueError) as err:
         print(f"qoq: error: {err}", file=sys.stderr)

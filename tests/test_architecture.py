@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qoq"
 
 # Bottom to top. A module may import its own floor and the floors below it.
-FLOORS = ("config", "kernels", "layers", "model")
+FLOORS = ("config", "distributed", "kernels", "layers", "model")
 # Above the model: which top-level parts must not import which.
 FORBIDDEN_ABOVE = {
     "quant": {"engine", "server", "cli"},  # the offline quantizer sits beside the engine

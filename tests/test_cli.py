@@ -90,3 +90,75 @@ def test_quantize_then_eval_and_generate_a_tiny_hf_model(tmp_path, bundled):
     assert out.returncode == 0, out.stderr
     out = run("quantize", str(src), "--out", str(tmp_path / "x"), "--rotation", "auto", "--no-rotation")
     assert out.returncode == 2 and "contradict" in out.stderr
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from qoq.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    missing = [f"{p.prog} {a.option_strings or a.dest}" for p in parsers(build_parser()) for a in p._actions
+               if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
+    assert not missing
+    serve_help = run("serve", "--help").stdout
+    assert "--api-key" in serve_help and "--threads" in serve_help
+
+
+def test_serve_on_a_busy_port_says_so_before_loading():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("serve", "--port", str(port), timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"qoq: error: cannot listen on 127.0.0.1:{port}: Address already in use; another server may be using "
+        "the port: stop it or pass --port"]
+
+
+def test_threads_option():
+    out = run("eval", "ppl", "--threads", "0")
+    assert out.returncode == 2 and "--threads must be >= 1" in out.stderr
+    out = run("eval", "ppl", "--threads", "1", "--max-tokens", "256", "--seq-len", "128")
+    assert out.returncode == 0, out.stderr
+
+
+def test_ctrl_c_ends_with_130_and_no_traceback():
+    """Ctrl-C goes to the terminal's whole process group (the server's engine process too)."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from qoq.server.serve import free_port
+
+    port = free_port()
+    commands = [(["serve", "--random-weights", "tiny", "--precision", "w16a16kv16", "--port", str(port)],
+                 lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200),
+                (["eval", "ppl"], lambda: True)]
+    for args, ready in commands:
+        proc = subprocess.Popen([*QOQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(2)  # into the long work
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().endswith("qoq: interrupted"), err

@@ -93,11 +93,16 @@ def make_requests(args: DatasetArgs) -> list[BenchRequest]:
     raise ValueError(f"unknown dataset {args.name!r}: random, shared-prefix or jsonl")
 
 
-def _body(req: BenchRequest, model: str, chat: bool, ignore_eos: bool) -> dict:
-    body = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+def _body(req: BenchRequest, model: str, chat: bool, ignore_eos: bool, n: int = 1, logprobs: int | None = None) -> dict:
+    # n > 1 samples (temperature 1): n greedy choices would be one choice n times.
+    body = {"model": model, "max_tokens": req.output_len, "temperature": 0.0 if n == 1 else 1.0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True  # vLLM / SGLang / qoq extension
+    if n != 1:
+        body["n"] = n
+    if logprobs is not None:  # the sampled token's logprob and the top `logprobs` others
+        body.update({"logprobs": True, "top_logprobs": logprobs} if chat else {"logprobs": logprobs})
     if chat:
         text = req.prompt if isinstance(req.prompt, str) else " ".join(map(str, req.prompt))
         body["messages"] = [{"role": "user", "content": text}]
@@ -107,9 +112,11 @@ def _body(req: BenchRequest, model: str, chat: bool, ignore_eos: bool) -> dict:
 
 
 async def _one(session, url: str, body: dict, req: BenchRequest, chat: bool) -> RequestResult:
+    """One streamed request. With n choices, TTFT is the first chunk of any choice and the ITL
+    gaps are measured within each choice."""
     result = RequestResult(prompt_tokens=req.prompt_len)
     start = time.perf_counter()
-    last = start
+    last: dict[int, float] = {}  # choice index -> time of its latest chunk
     pieces: list[str] = []
     usage = None
     try:
@@ -129,17 +136,16 @@ async def _one(session, url: str, body: dict, req: BenchRequest, chat: bool) -> 
                     result.error = str(chunk["error"])[:200]
                     return result
                 usage = chunk.get("usage") or usage
-                choices = chunk.get("choices") or []
-                text = ""
-                if choices:
-                    text = (choices[0].get("delta") or {}).get("content") or "" if chat else choices[0].get("text") or ""
-                if text:
-                    now = time.perf_counter()
-                    if pieces:
-                        result.itl_s.append(now - last)
-                    else:
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or "" if chat else choice.get("text") or ""
+                    if not text:
+                        continue
+                    now, index = time.perf_counter(), choice.get("index", 0)
+                    if not pieces:
                         result.ttft_s = now - start
-                    last = now
+                    if index in last:
+                        result.itl_s.append(now - last[index])
+                    last[index] = now
                     pieces.append(text)
         result.latency_s = time.perf_counter() - start
         result.text = "".join(pieces)
@@ -209,6 +215,8 @@ class BenchConfig:
     system: str = "qoq"
     precision: str | None = None
     dataset: str | None = None
+    n: int = 1  # choices per request (their tokens all count as output)
+    logprobs: int | None = None  # ask for the sampled token's logprob and this many top ones
 
 
 async def run_bench(config: BenchConfig, requests: list[BenchRequest], tokenizer=None) -> tuple[dict, list[RequestResult]]:
@@ -227,7 +235,7 @@ async def run_bench(config: BenchConfig, requests: list[BenchRequest], tokenizer
         rng = random.Random(config.seed)
 
         async def send(req: BenchRequest) -> RequestResult:
-            body = _body(req, model, config.chat, config.ignore_eos)
+            body = _body(req, model, config.chat, config.ignore_eos, config.n, config.logprobs)
             if limit is None:
                 result = await _one(session, url, body, req, config.chat)
             else:
@@ -261,11 +269,12 @@ def summarize(config: BenchConfig, requests: list[BenchRequest], results: list[R
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
-    tpots = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    n = config.n  # a request's choices stream side by side: TPOT is per choice
+    tpots = [(r.latency_s - r.ttft_s) / (r.output_tokens / n - 1) for r in done if r.output_tokens > n]
     slo = config.slo_ms
 
     def good(r: RequestResult) -> bool:
-        tpot = (r.latency_s - r.ttft_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+        tpot = (r.latency_s - r.ttft_s) / (r.output_tokens / n - 1) if r.output_tokens > n else 0.0
         return (1000 * r.ttft_s <= slo.get("ttft", float("inf")) and 1000 * tpot <= slo.get("tpot", float("inf"))
                 and 1000 * r.latency_s <= slo.get("e2e", float("inf")))
 
@@ -277,7 +286,7 @@ def summarize(config: BenchConfig, requests: list[BenchRequest], results: list[R
         "input_len": lengths_in[0] if len(lengths_in) == 1 else None,
         "output_len": lengths_out[0] if len(lengths_out) == 1 else None,
         "num_prompts": len(requests), "request_rate": "inf" if rate == float("inf") else rate,
-        "max_concurrency": config.max_concurrency, "completed": len(done), "failed": len(results) - len(done),
+        "max_concurrency": config.max_concurrency, "n": n, "logprobs": config.logprobs, "completed": len(done), "failed": len(results) - len(done),
         "duration_s": round(duration, 3),
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": round(len(done) / duration, 4),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoq.config import ModelConfig, QuantConfig
+from qoq.distributed import TPGroup, all_reduce
 from qoq.kernels import silu_mul
 from qoq.layers.activation import accepts_int8, num_rows, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
@@ -30,6 +31,9 @@ class Attention(nn.Module):
             config.hidden_size, config.q_size + 2 * config.kv_size, config.attention_bias, f"{prefix}.qkv_proj"
         )
         self.o_proj = make_linear(config.q_size, config.hidden_size, False, f"{prefix}.o_proj")
+        # Tensor parallel (qoq.model.tensor_parallel): config holds this rank's heads, o_proj its
+        # input rows, and the partial outputs are summed over the group.
+        self.tp: TPGroup | None = None
 
     def forward(
         self, x, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
@@ -42,7 +46,7 @@ class Attention(nn.Module):
         k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
         out = attn(self.layer_idx, q, k, v, positions, rotary)
-        return self.o_proj(out.reshape(batch, num_tokens, cfg.q_size))
+        return all_reduce(self.o_proj(out.reshape(batch, num_tokens, cfg.q_size)), self.tp)
 
 
 class MLP(nn.Module):
@@ -54,8 +58,12 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, False, f"{prefix}.gate_up_proj"
         )
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, f"{prefix}.down_proj")
+        self.tp: TPGroup | None = None  # tensor parallel: down_proj holds this rank's input rows
 
     def forward(self, x) -> torch.Tensor:
+        return all_reduce(self._forward(x), self.tp)
+
+    def _forward(self, x) -> torch.Tensor:
         fuses = getattr(self.gate_up_proj, "fuses_silu_mul", None)
         if accepts_int8(self.down_proj) and fuses is not None and fuses(num_rows(x)):
             # SiLU*mul in the gate/up GEMM's epilogue (W4 on Hopper at large M): the [M, 2I] gate_up
@@ -107,6 +115,7 @@ class LlamaModel(nn.Module):
         # matrix itself, until a transform (rotation) unties them.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding.for_model(config)
+        self.tp: TPGroup | None = None  # tensor parallel: embedding and head hold a vocab slice each
 
     def forward(
         self,
@@ -125,7 +134,10 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden.to(weight.dtype), weight).float()
+        logits = F.linear(hidden.to(weight.dtype), weight).float()
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather(logits)[..., : self.config.vocab_size]  # the vocab is padded to N equal slices
 
     def untie_lm_head(self) -> None:
         """Give the LM head its own weight (needed once the embedding is transformed)."""

@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from qoq.server.async_engine import AsyncEngine, EngineError, QueueFull, RequestStream
 from qoq.server.engine_loop import Delta
-from qoq.server.errors import DEFAULT_MAX_REQUEST_BYTES, ApiError, BodyLimit, error_body, install_error_handlers
+from qoq import __version__
+from qoq.server.errors import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    ApiError,
+    ApiKeyAuth,
+    BodyLimit,
+    error_body,
+    install_error_handlers,
+)
 from qoq.server.metrics import render_metrics
 from qoq.server.protocol import (
     AssistantMessage,
@@ -32,9 +40,13 @@ from qoq.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     new_id,
 )
@@ -52,8 +64,15 @@ def _chunk_template(obj: dict, key: str) -> str:
     return text.split(f'"{key}":0', 1)[0] + f'"{key}":'
 
 
-def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: int = 1,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None) -> FastAPI:
+    """The routes over `engine`. `model_name`: the name clients send, or a list of names (the
+    first is the one responses and metrics carry). `api_key`: required as a Bearer token on every
+    route but /health."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    if not names:
+        raise ValueError("the server needs at least one model name")
+    model_name = names[0]
     limits = engine.limits
     tokenizers = TokenizerPool(engine.tokenizer)
     grammars = GrammarChecker(engine.tokenizer, limits.vocab_size)
@@ -70,11 +89,14 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
     app.state.engine = engine
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    model_card = ModelCard(id=model_name, max_model_len=limits.max_model_len)
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key)  # added last: runs first
+    model_cards = {name: ModelCard(id=name, max_model_len=limits.max_model_len) for name in names}
+    served = ", ".join(repr(n) for n in names)
 
-    def check_model(req: SamplingFields) -> None:
-        if req.model != model_name:
-            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}")
+    def check_model(req: SamplingFields | TokenizeRequest | DetokenizeRequest) -> None:
+        if req.model not in model_cards and not (req.model is None and not isinstance(req, SamplingFields)):
+            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {served}", param="model")
 
     def params_for(req: SamplingFields, prompt_ids: list[int], max_tokens: int | None, default: int):
         if len(prompt_ids) >= limits.max_model_len:
@@ -112,16 +134,42 @@ def build_app(engine: AsyncEngine, model_name: str, retry_after_s: int = 1,
         return PlainTextResponse(render_metrics(engine.stats(), model_name),
                                  media_type="text/plain; version=0.0.4")
 
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[model_card])
+        return ModelList(data=list(model_cards.values()))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != model_name:
-            raise ApiError(404, f"the model {model_id!r} does not exist: this server serves {model_name!r}",
-                           param="model")
-        return model_card
+        if model_id not in model_cards:
+            raise ApiError(404, f"the model {model_id!r} does not exist: this server serves {served}", param="model")
+        return model_cards[model_id]
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        check_model(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send either a prompt or messages", param="prompt")
+        try:
+            if req.prompt is not None:
+                ids = await tokenizers.encode(req.prompt, req.add_special_tokens)
+            else:
+                ids = await tokenizers.chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        except Exception as err:  # noqa: BLE001 - tokenizers and templates raise their own errors
+            raise ApiError(400, f"cannot tokenize: {err}", param="messages" if req.messages else "prompt") from err
+        return TokenizeResponse(count=len(ids), max_model_len=limits.max_model_len, tokens=ids)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req)
+        bad = next((t for t in req.tokens if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside this model's vocabulary [0, {limits.vocab_size})",
+                           param="tokens")
+        return DetokenizeResponse(prompt=await tokenizers.decode(req.tokens))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

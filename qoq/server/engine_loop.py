@@ -14,6 +14,7 @@ import gc
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +22,7 @@ from typing import Callable
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import EngineStats, LLMEngine
 from qoq.engine.sequence import RequestOutput
-from qoq.host import keep_freed_memory
+from qoq.host import keep_freed_memory, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class ModelSpec:
     random_config: str | None = None  # a config of qoq/configs or a config.json: random weights (benchmarks)
     precision: str = "w16a16kv16"  # of the random weights
     log_level: str = "info"
+    threads: int | None = None  # torch's CPU threads (qoq.host.set_cpu_threads; None: one per idle CPU)
     chat_template: str | None = None  # replaces the tokenizer's (qoq serve --chat-template FILE)
 
     def load(self):
@@ -192,8 +194,12 @@ class ModelSpec:
 
 
 def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, outputs) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the server process handles it and
+    # stops this one (no second traceback from here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s %(name)s (engine): %(message)s")
     keep_freed_memory()
+    set_cpu_threads(spec.threads)
     try:
         model, tokenizer = spec.load()
         engine = LLMEngine(model, tokenizer, config)

@@ -7,6 +7,7 @@ cannot parse) and unexpected exceptions are rewritten into it too.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
-_ERROR_TYPES = {404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                 503: "server_overloaded"}
 
 
@@ -48,7 +49,10 @@ def _validation_error(err: RequestValidationError) -> tuple[str, str | None]:
             return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         param = param or where or None
-        parts.append(f"{where or 'body'}: {e.get('msg')}")
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"{where}: qoq does not support this field; leave it out")
+        else:
+            parts.append(f"{where or 'body'}: {e.get('msg')}")
     return "invalid request: " + "; ".join(parts), param
 
 
@@ -73,6 +77,26 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_: Request, err: Exception):
         log.exception("unhandled error in a request")
         return error_response(500, f"internal server error ({type(err).__name__}); see the server log")
+
+
+class ApiKeyAuth:
+    """ASGI middleware: every route but /health needs `Authorization: Bearer <key>` (401 without)."""
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        message = ("a valid API key is required: send 'Authorization: Bearer <key>' with the key "
+                   "qoq serve was started with (--api-key)")
+        await error_response(401, message, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
 class BodyTooLarge(Exception):

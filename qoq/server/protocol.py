@@ -40,11 +40,13 @@ class ResponseFormat(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling fields both endpoints share (OpenAI's defaults, plus vLLM-style extras)."""
 
-    # Clients send fields we do not use (user, ...); Infinity / NaN (Python's JSON reads them) are
+    # A field qoq does not implement is a 400 naming it (errors.py), never silently ignored: the
+    # client would believe it got what it asked for. Infinity / NaN (Python's JSON reads them) are
     # refused here with the field's name.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
+    user: str | None = None  # an end-user id for the caller's own records: it changes nothing
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -215,6 +217,35 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a prompt (add_special_tokens as a completion does) or chat messages
+    (templated as a chat completion is)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -22,9 +22,9 @@ from qoq.server.errors import DEFAULT_MAX_REQUEST_BYTES
 log = logging.getLogger(__name__)
 
 
-def _uvicorn(engine: AsyncEngine, model_name: str, host: str, port: int, log_level: str,
-             max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
-    app = build_app(engine, model_name, max_request_bytes=max_request_bytes)
+def _uvicorn(engine: AsyncEngine, model_name: str | list[str], host: str, port: int, log_level: str,
+             max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None) -> uvicorn.Server:
+    app = build_app(engine, model_name, max_request_bytes=max_request_bytes, api_key=api_key)
     # backlog: a benchmark opens thousands of connections at once.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=4096,
                                            timeout_keep_alive=30))
@@ -42,26 +42,27 @@ def engine_failed(server: uvicorn.Server) -> bool:
     return server.config.app.state.engine.failed
 
 
-def make_server(model, tokenizer, model_name: str, config: EngineConfig, host: str, port: int,
+def make_server(model, tokenizer, model_name: str | list[str], config: EngineConfig, host: str, port: int,
                 log_level: str = "info", max_queue_len: int = 4096,
-                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None) -> uvicorn.Server:
     """A server over a model already in memory: the engine runs on a thread of this process."""
     engine = AsyncEngine(EngineThread(LLMEngine(model, tokenizer, config)), config.max_num_seqs, max_queue_len)
     # The model and engine live as long as the process: keep the cyclic GC from walking them in
     # every full collection (~100 ms at batch 1000) that per-request allocations trigger.
     gc.collect()
     gc.freeze()
-    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes)
+    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes, api_key)
 
 
-def make_process_server(spec: ModelSpec, model_name: str, config: EngineConfig, host: str, port: int,
+def make_process_server(spec: ModelSpec, model_name: str | list[str], config: EngineConfig, host: str, port: int,
                         log_level: str = "info", max_queue_len: int = 4096,
-                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
+                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                        api_key: str | None = None) -> uvicorn.Server:
     """A server whose engine runs in a process of its own (loads the model there; returns once it is up)."""
     engine = AsyncEngine(EngineProcess(spec, config), config.max_num_seqs, max_queue_len)
     gc.collect()
     gc.freeze()
-    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes)
+    return _uvicorn(engine, model_name, host, port, log_level, max_request_bytes, api_key)
 
 
 def default_served_name(model: str, random_config: str | None = None, precision: str = "") -> str:
@@ -88,6 +89,25 @@ def read_chat_template(path: str | None) -> str | None:
     if not text.strip():
         raise ValueError(f"--chat-template: {path} is empty")
     return text
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError when `host:port` cannot be bound (checked before the model loads, so a busy
+    port is reported at once, and before anything says it is serving)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on ({err})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; another server may be "
+                             "using the port: stop it or pass --port") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

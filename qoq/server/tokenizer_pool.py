@@ -25,15 +25,21 @@ class TokenizerPool:
             tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
         return tok
 
-    def _encode(self, prompt: str) -> list[int]:
-        return list(self._own()(prompt)["input_ids"])
+    def _encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._own()(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._own().decode(ids)
 
     def _chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         ids = self._own().apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    async def encode(self, prompt: str) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompt)
+    async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompt, add_special_tokens)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, ids)
 
     async def chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._chat, messages, tools)

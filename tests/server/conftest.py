@@ -44,6 +44,15 @@ def tiny_server_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def keyed_server_url(tmp_path_factory):
+    """The bundled model behind an API key, under two served names (test_api_surface.py)."""
+    from server_helpers import API_KEY, SERVED_NAMES
+
+    yield from _serve([MODEL, *SERVER_ENGINE_ARGS, "--api-key", API_KEY, "--served-model-name", *SERVED_NAMES],
+                      tmp_path_factory.mktemp("keyed-server") / "serve.log")
+
+
+@pytest.fixture(scope="session")
 def client(server_url):
     from openai import OpenAI
 

@@ -7,6 +7,8 @@ MAX_MODEL_LEN = 256
 # The session server's engine (an offline LLM with the same settings computes the same steps).
 SERVER_ENGINE_ARGS = ["--kv-bits", "16", "--page-size", "16", "--num-pages", "64", "--max-model-len",
                       str(MAX_MODEL_LEN), "--max-num-seqs", "16"]
+API_KEY = "test-key-123"  # keyed_server_url's
+SERVED_NAMES = ["first-name", "second-name"]
 ENGINE_CONFIG = {"kv_bits": 16, "page_size": 16, "num_pages": 64, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16}
 
 

@@ -77,24 +77,30 @@ def test_the_default_served_name_is_never_a_path(model, random_config, expected)
     assert default_served_name(model, random_config, "w4a8kv4") == expected
 
 
-def test_health_answers_fast_while_a_huge_prompt_is_tokenized(server_url):
-    """A prompt near the body limit takes seconds to tokenize: on a worker thread, not the loop."""
+def test_health_answers_while_a_huge_prompt_is_tokenized(server_url):
+    """A prompt near the body limit takes seconds to tokenize: on a worker thread, not the loop.
+
+    Were it tokenized on the event loop, /health would wait for it: a probe or two in all, one of
+    them taking most of the huge request's time. No absolute times (the machine may be busy):
+    many probes answered meanwhile, the slowest well under the huge request's time."""
     prompt = "The quick brown fox jumps over the lazy dog. " * (3 * 2**20 // 45)
     result = {}
 
     def huge():
+        t0 = time.perf_counter()
         result["reply"] = httpx.post(f"{server_url}/v1/completions", json={"model": MODEL, "prompt": prompt},
                                      timeout=120)
+        result["seconds"] = time.perf_counter() - t0
 
     thread = threading.Thread(target=huge)
     thread.start()
     latencies = []
     while thread.is_alive():
         t0 = time.perf_counter()
-        assert httpx.get(f"{server_url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{server_url}/health", timeout=30).status_code == 200
         latencies.append(time.perf_counter() - t0)
         time.sleep(0.05)
     thread.join()
     assert_openai_error(result["reply"], 400, "maximum context")
     assert len(latencies) >= 5, "the huge prompt was answered too fast to probe /health meanwhile"
-    assert sorted(latencies)[len(latencies) // 2] < 0.1 and max(latencies) < 1.0, latencies
+    assert max(latencies) < result["seconds"] / 3, (latencies, result["seconds"])

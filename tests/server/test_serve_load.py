@@ -112,3 +112,19 @@ def test_full_queue_gets_503_and_never_fits_gets_400(tiny_server_url):
     assert done == ["data: [DONE]"] * 2
     ok = httpx.post(url, json={**long_body, "stream": False, "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_bench_serve_asks_for_n_and_logprobs_and_times_each_choice():
+    from qoq.bench.serve import BenchRequest, RequestResult, _body, summarize
+
+    req = BenchRequest(prompt=[1, 2, 3], prompt_len=3, output_len=8)
+    plain = _body(req, "m", chat=False, ignore_eos=True)
+    assert plain["temperature"] == 0.0 and "n" not in plain and "logprobs" not in plain
+    body = _body(req, "m", chat=False, ignore_eos=True, n=4, logprobs=5)
+    assert body["n"] == 4 and body["temperature"] == 1.0 and body["logprobs"] == 5
+    chat = _body(req, "m", chat=True, ignore_eos=True, logprobs=5)
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 5
+    # 4 choices of 11 tokens streamed side by side: 10 more tokens each in the 1 s after the first
+    done = RequestResult(ok=True, prompt_tokens=3, output_tokens=44, ttft_s=0.1, latency_s=1.1)
+    record = summarize(BenchConfig(n=4), [req], [done], duration=1.1, prefix_cache_hit_rate=None)
+    assert record["n"] == 4 and record["tpot_ms"]["p50"] == 100.0
