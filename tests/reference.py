@@ -88,7 +88,7 @@ def reference_generate(model, tokenizer, prompt: list[int], params: SamplingPara
     return out
 
 
-def assert_greedy_agrees(model, prompts: list[list[int]], outputs, kv_bits: int | None = None,
+def assert_greedy_agrees(model, prompts: list[list[int]], outputs: list, kv_bits: int | None = None,
                          tol: float = 1e-3, stops: set[int] = frozenset()) -> int:
     """Every generated token is the reference's greedy choice given the tokens before it, or
     within `tol` (in logits) of it: a near tie that rounding may decide either way. An output that
@@ -96,15 +96,15 @@ def assert_greedy_agrees(model, prompts: list[list[int]], outputs, kv_bits: int 
     `tol` too). Returns how many choices were near ties rather than the argmax."""
     near_ties = 0
     for prompt, out in zip(prompts, outputs, strict=True):
-        logits = logits_of(model, list(prompt) + list(out.token_ids), kv_bits)[len(prompt) - 1:]
-        chosen = list(out.token_ids)
+        chosen = list(getattr(out, "token_ids", out))  # an output, or its token ids
+        logits = logits_of(model, list(prompt) + chosen, kv_bits)[len(prompt) - 1:]
         for j, token in enumerate(chosen):
             best = logits[j].max().item()
             assert logits[j, token].item() >= best - tol, (
                 f"token {j}: the engine chose {token} ({logits[j, token].item():.4f}), the reference "
                 f"{logits[j].argmax().item()} ({best:.4f})")
             near_ties += int(logits[j].argmax().item() != token)
-        if stops and out.finish_reason == "stop":  # (callers pass stops only without stop strings)
+        if stops and getattr(out, "finish_reason", None) == "stop":  # (callers pass stops only without stop strings)
             last = logits[len(chosen)]
             if last.argmax().item() not in stops:
                 assert max(last[t].item() for t in stops) >= last.max().item() - tol
