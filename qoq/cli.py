@@ -96,18 +96,12 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     model, tokenizer = _load(args)
     prompt = apply_chat_template(tokenizer, args.prompt) if args.chat else tokenizer(args.prompt)["input_ids"]
-    token_ids: list[int] = []
-    shown = 0
 
-    def stream(_: int, token: int) -> None:  # print each new piece of text as it is produced
-        nonlocal shown
-        token_ids.append(token)
-        text = tokenizer.decode(token_ids, skip_special_tokens=True)
-        print(text[shown:], end="", flush=True)
-        shown = len(text)
+    def stream(_: int, out) -> None:  # print each new piece of text as the engine produces it
+        print(out.new_text, end="", flush=True)
 
     t0 = time.perf_counter()
-    [out] = generate(model, tokenizer, [prompt], params, on_token=stream)
+    [out] = generate(model, tokenizer, [prompt], params, on_output=stream)
     elapsed = time.perf_counter() - t0
     print()
     print(f"[{len(out.token_ids)} tokens, {len(out.token_ids) / elapsed:.1f} tok/s, finish: {out.finish_reason}]",

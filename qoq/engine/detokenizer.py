@@ -1,4 +1,4 @@
-"""Token -> text, stop conditions, and the streamed deltas (same rules as qoq.generate).
+"""Token -> text, stop conditions, and the streamed deltas (a full decode after every token would give the same).
 
 A stop token ends the sequence without being kept; a stop string truncates the text where it
 starts. The text is built incrementally: each step decodes only a small window of the latest
@@ -19,7 +19,7 @@ is, so the streamed text always adds up to decode(all output ids).
 While a sequence runs, the text handed out also holds back what could still turn out to be the
 start of a stop string, so streamed text never has to be taken back. Stop strings are searched
 in the decoded text, pending tail included, from a stop string's length before the new text,
-so a stop string split across tokens (or steps) is found where qoq.generate finds it.
+so a stop string split across tokens (or steps) is found where a full decode finds it.
 """
 
 from __future__ import annotations

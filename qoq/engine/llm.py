@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +43,20 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """All prompts go in at once; the engine batches them. Outputs come back in prompt order."""
+        # Only the final outputs are kept: the engine need not build one per sequence per step.
+        final: dict[int, RequestOutput] = {}
+        for index, out in self._run(prompts, params, "final"):
+            final[index] = out
+        return [final[i] for i in range(len(final))]
+
+    def stream(self, prompts: str | list[str] | list[list[int]],
+               params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[tuple[int, RequestOutput]]:
+        """As generate, batched the same way, but yields (prompt index, output) for every step of
+        every prompt as the engine produces it: `new_text` / `new_token_ids` are the step's delta,
+        and the last output of a prompt has `finished` set."""
+        return self._run(prompts, params, "delta")
+
+    def _run(self, prompts, params, output_kind: str) -> Iterator[tuple[int, RequestOutput]]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -49,12 +64,11 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         for prompt, p in zip(prompts, params_list):  # check all before starting any
             self.engine.check_request(self.engine.tokenize(prompt), p)
-        # Only the final outputs are kept: the engine need not build one per sequence per step.
-        ids = [self.engine.add_request(prompt, dataclasses.replace(p, output_kind="final"))
-               for prompt, p in zip(prompts, params_list)]
-        final: dict[str, RequestOutput] = {}
+        return self._steps(prompts, params_list, output_kind)
+
+    def _steps(self, prompts, params_list, output_kind: str) -> Iterator[tuple[int, RequestOutput]]:
+        index = {self.engine.add_request(prompt, dataclasses.replace(p, output_kind=output_kind)): i
+                 for i, (prompt, p) in enumerate(zip(prompts, params_list))}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+                yield index[out.request_id], out

@@ -68,7 +68,7 @@ class ModelRunner:
         self.kv_bits = kv_bits
         self.max_pages_per_seq = pages_needed(max_model_len, config.page_size)
         # The Triton kernels keep KV16 pages in fp16; the CPU reference keeps the model's dtype so
-        # an fp32 model's paged cache holds exactly what the dense generator's cache holds.
+        # an fp32 model's paged cache holds exactly what the no-cache reference attends over.
         self.kv_dtype = torch.float16 if self.device.type == "cuda" else model.dtype
         self.num_pages = config.num_pages or self._pages_that_fit()
         cfg = model.config

@@ -16,7 +16,7 @@ def sample_tokens_device(logits: torch.Tensor, seqs: list[Sequence],
     Greedy rows take one batched argmax. Sampling rows without a seed of their own are filtered
     (temperature, top-k, top-p, each row its own) and drawn in one batched pass from the engine's
     generator; a row with its own seeded generator is drawn alone, so it gets exactly what
-    qoq.generate draws for the same seed. Nothing here waits for the device: the row indices and
+    a plain loop (sampling.sample) draws for the same seed. Nothing here waits for the device: the row indices and
     parameters go up without a sync (transfer.to_device), the draws use `draw_one`
     (torch.multinomial's own single-draw algorithm without its validity checks, which read values
     back), and the results are written into the token tensor on the device.
