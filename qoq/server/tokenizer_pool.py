@@ -35,6 +35,12 @@ class TokenizerPool:
     async def encode(self, prompt: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompt)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._own().decode(ids)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, ids)
+
     async def chat(self, messages: list[dict]) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._chat, messages)
 
