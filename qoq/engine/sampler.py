@@ -75,7 +75,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], last_ids: torch.T
         _penalize(logits, [seqs[i] for i in pen_rows], pen_rows, last_ids)
     if mask_rows:  # last: a bias cannot lift a masked stop token
         index = (to_device(mask_rows, torch.long, dev), to_device(mask_ids, torch.long, dev))
-        logits.index_put_(index, torch.tensor(float("-inf"), device=dev))
+        logits.index_put_(index, torch.full((len(mask_rows),), float("-inf"), dtype=logits.dtype, device=dev))
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], last_ids: torch.Tensor | None) -> None:
@@ -105,7 +105,8 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], last_
     prompt_mask = torch.zeros(num, vocab, dtype=torch.bool, device=dev)
     if prompts:
         p_rows = torch.cat([torch.full_like(ids, r) for r, ids in prompts])
-        prompt_mask[p_rows, torch.cat([ids for _, ids in prompts])] = True
+        p_ids = torch.cat([ids for _, ids in prompts])
+        prompt_mask.index_put_((p_rows, p_ids), torch.ones_like(p_ids, dtype=torch.bool))
     params = [s.params for s in seqs]
     index = to_device(rows, torch.long, dev)
     sub = logits.index_select(0, index)
