@@ -22,7 +22,8 @@ from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
 from qoq.engine.cuda_graph import DecodeGraphs
-from qoq.engine.sampler import sample_tokens, sample_tokens_device
+from qoq.engine.logprobs import LogprobsInFlight, prompt_logprobs, sampled_logprobs
+from qoq.engine.sampler import process_logits, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
 from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import DeviceToHost, to_device
@@ -36,6 +37,11 @@ class ModelInputs:
     positions: torch.Tensor  # [1, T]
     metadata: AttentionMetadata
     logit_indices: torch.Tensor  # [num_seqs]: the token whose logits pick each sequence's next token
+    # Prompt logprobs (chunks of sequences that ask): rows of the step's tokens, the prompt token
+    # each row predicts, and per chunk (sequence, position of its first target, number of targets).
+    prompt_rows: list[int] | None = None
+    prompt_targets: list[int] | None = None
+    prompt_chunks: list[tuple[Sequence, int, int]] | None = None
 
 
 @dataclass
@@ -47,6 +53,8 @@ class StepInFlight:
     seqs: list[Sequence]
     tokens: torch.Tensor  # [len(seqs)] int64 on the device: the next step's pending input ids
     host: DeviceToHost
+    logprobs: LogprobsInFlight | None = None  # of the sampled tokens, for the rows that ask
+    prompt_logprobs: LogprobsInFlight | None = None  # rows: (seq, first target position) per chunk
 
     def token_ids(self) -> list[int]:
         return self.host.tolist()
@@ -141,7 +149,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Run one scheduled step and return the next token of each of batch.seqs (waits for it)."""
-        return sample_tokens(self._logits(batch, None), batch.seqs, self.generator)
+        return self.launch(batch, None).token_ids()
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: StepInFlight | None) -> StepInFlight:
@@ -151,19 +159,38 @@ class ModelRunner:
         from its device tensor.
         """
         seqs = batch.seqs
-        logits = self._logits(batch, prev.tokens if prev is not None else None)
-        tokens = sample_tokens_device(logits, seqs, self.generator)
-        return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens))
+        inputs = self.prepare(batch, prev.tokens if prev is not None else None)
+        logits, prompt_lp = self._logits(batch, inputs)
+        if any(s.has_extras for s in seqs):
+            raw = logits
+            logits = logits.clone()
+            process_logits(logits, seqs, inputs.input_ids[0].index_select(0, inputs.logit_indices))
+            tokens = sample_tokens_device(logits, seqs, self.generator)
+            sampled_lp = sampled_logprobs(raw, tokens, seqs)
+        else:  # the common case: nothing more than sampling
+            tokens = sample_tokens_device(logits, seqs, self.generator)
+            sampled_lp = None
+        return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens), sampled_lp, prompt_lp)
 
-    def _logits(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        inputs = self.prepare(batch, prev_tokens)
+    def _logits(self, batch: ScheduledBatch, inputs: ModelInputs) -> tuple[torch.Tensor, LogprobsInFlight | None]:
         if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
-            return self.model.compute_logits(hidden[inputs.logit_indices])
+            return self.model.compute_logits(hidden[inputs.logit_indices]), None
         with PerRowLinears() if self.config.deterministic else contextlib.nullcontext():
             self.attn.metadata = inputs.metadata
             hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]
-            return self.model.compute_logits(hidden[inputs.logit_indices])
+            logits = self.model.compute_logits(hidden[inputs.logit_indices])
+            return logits, self._prompt_logprobs(hidden, inputs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> LogprobsInFlight | None:
+        if not inputs.prompt_rows:
+            return None
+        ks = [seq.params.prompt_logprobs for seq, _, _ in inputs.prompt_chunks]
+        dev = self.device
+        values = prompt_logprobs(self.model, hidden, to_device(inputs.prompt_rows, torch.long, dev),
+                                 to_device(inputs.prompt_targets, torch.long, dev), max(ks))
+        return LogprobsInFlight([(seq, first) for seq, first, _ in inputs.prompt_chunks], ks, max(ks),
+                                DeviceToHost(values), inputs.prompt_targets, [n for _, _, n in inputs.prompt_chunks])
 
     def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> ModelInputs:
         """Flattened inputs on the device. A decode whose last token is pending (sampled by the
@@ -177,6 +204,9 @@ class ModelRunner:
         cu_seqlens = [0]
         logit_indices: list[int] = []  # the last token of each chunk that samples, then every decode
         kv_lens: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_chunks: list[tuple[Sequence, int, int]] = []
         for chunk in batch.chunks:
             seq, start = chunk.seq, chunk.start
             assert not seq.num_pending, "a prefill needs all of its tokens known"
@@ -189,6 +219,13 @@ class ModelRunner:
             kv_lens.append(end)
             if chunk.samples:
                 logit_indices.append(cu_seqlens[-1] - 1)
+            if seq.wants_prompt_logprobs:  # row p predicts token p + 1 of the prompt
+                num = min(end, seq.num_prompt_tokens - 1) - start
+                if num > 0:
+                    row0 = cu_seqlens[-2]
+                    prompt_rows.extend(range(row0, row0 + num))
+                    prompt_targets.extend(seq.prompt_token_ids[start + 1 : start + 1 + num])
+                    prompt_chunks.append((seq, start + 1, num))
         context_lens: list[int] = []
         pending_rows: list[int] = []  # rows of `ids` whose token is on the device...
         pending_src: list[int] = []  # ...at these rows of prev_tokens
@@ -234,6 +271,9 @@ class ModelRunner:
             positions=to_device([positions], torch.long, dev),
             metadata=md,
             logit_indices=to_device(logit_indices, torch.long, dev),
+            prompt_rows=prompt_rows or None,
+            prompt_targets=prompt_targets or None,
+            prompt_chunks=prompt_chunks or None,
         )
 
     @staticmethod

@@ -38,6 +38,10 @@ class Delta:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None  # the engine failed this request (the server answers 500)
+    # Requests that ask for logprobs only (None otherwise: plain requests pickle no more):
+    logprobs: list | None = None  # an entry per new token (qoq/engine/logprobs.py)
+    prompt_logprobs: list | None = None  # with the first delta
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -47,8 +51,11 @@ class StepMessage:
 
 
 def _delta(out: RequestOutput) -> Delta:
+    if out.new_logprobs is None and out.prompt_logprobs is None:
+        return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
+                     out.finish_reason, out.error)
     return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
-                 out.finish_reason, out.error)
+                 out.finish_reason, out.error, out.new_logprobs, out.prompt_logprobs, out.cumulative_logprob)
 
 
 class EngineLoop:

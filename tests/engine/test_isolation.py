@@ -85,7 +85,6 @@ def test_sampling_that_fails_mid_generation_fails_only_its_request(bundled, prom
         return sample(logits, seqs, generator)
 
     monkeypatch.setattr(runner_module, "sample_tokens_device", failing)
-    monkeypatch.setattr(runner_module, "sample_tokens", lambda *a: failing(*a).tolist())
     engine = make_engine(bundled)
     final = run_all(engine, [(str(i), p, PARAMS) for i, p in enumerate(prompts)])
     assert final["5"].finish_reason == "error" and "row 5" in final["5"].error
