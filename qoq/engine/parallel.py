@@ -111,15 +111,18 @@ class LockstepEngine:
         finally:
             self._stepping = False
 
-    def close(self) -> None:
-        """Stop the workers (they leave their loop and exit) and leave the group."""
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers (they leave their loop and exit) and leave the group. `kill`: after a
+        failed step, when a worker may be stuck in a collective that will never complete."""
         if self._closed:
             return
         self._closed = True
+        if kill or self.fatal is not None:
+            _reap(self._workers, 0)
+            return
         try:
             with self._lock:
-                if self.fatal is None:
-                    self._send("stop")
+                self._send("stop")
         except Exception as err:  # noqa: BLE001 - a worker already gone: it is stopped anyway
             log.warning("could not tell the workers to stop: %s", err)
         _reap(self._workers, 30)
