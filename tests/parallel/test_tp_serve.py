@@ -80,14 +80,29 @@ def test_tp_server_answers_as_one_process(tp_server):
     assert chunks
 
 
-def test_a_killed_worker_makes_the_server_exit_non_zero(tp_server):
+@pytest.mark.parametrize("when", ["idle", "mid-request"])
+def test_a_killed_worker_makes_the_server_exit_non_zero(tp_server, when):
     url, proc, log = tp_server
     (worker,) = _workers(proc.pid)
+    stream = None
+    if when == "mid-request":  # a long stream under way: the kill lands between or inside its steps
+        body = {"model": "random-tiny-w16a16kv16", "prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        stream = httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=EXIT_WITHIN_S)
+        lines = stream.__enter__().iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
     os.kill(worker, signal.SIGKILL)
     t0 = time.monotonic()
     try:
         proc.wait(timeout=EXIT_WITHIN_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the server still runs {EXIT_WITHIN_S}s after its worker rank died:\n{log.read_text()}")
+    finally:
+        if stream is not None:
+            try:
+                list(lines)  # the stream ends (an error event, or the connection closed): never hangs
+            except httpx.HTTPError:
+                pass
+            stream.__exit__(None, None, None)
     assert proc.returncode != 0, log.read_text()
     assert time.monotonic() - t0 < EXIT_WITHIN_S
