@@ -230,8 +230,17 @@ def cmd_serve(args) -> int:
     configure_logging(args.log_level)
     device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level, args.threads,
+                     args.tensor_parallel_size)
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    from qoq.server.tp import serve_worker_from_env, torchrun_world_size
+
+    if torchrun_world_size() > 1:  # launched by torchrun: one `qoq serve` per rank (docs/parallel.md)
+        spec.tensor_parallel_size = torchrun_world_size()
+        if os.environ["RANK"] != "0":
+            return serve_worker_from_env(spec, config)
     check_port_free(args.host, args.port)
-    spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level, args.threads)
     if args.random_weights:
         from qoq.bench.random_model import bundled_config
 
@@ -462,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="server and engine log level")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="split the model over N processes of this host (one GPU each; CPU processes over "
+                            "gloo without GPUs); under torchrun, its WORLD_SIZE (docs/parallel.md)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
+from qoq.engine.parallel import launch, load_model_shard
 from qoq.engine.sequence import RequestOutput
 from qoq.sampling import SamplingParams
 
@@ -18,16 +20,24 @@ class LLM:
     """Load a model (HF folder, .gguf, qoq checkpoint or the bundled default) and serve it offline.
 
     Keyword arguments beyond device/dtype go to EngineConfig (kv_bits, num_pages, max_num_seqs...).
+    tensor_parallel_size N > 1 starts N - 1 more processes on this host, each running its shard
+    of the model in lockstep with this one (engine/parallel.py; one GPU each under NCCL, CPU
+    processes over gloo otherwise); `close()` stops them.
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None, **engine_config) -> None:
+                 dtype: torch.dtype | None = None, tensor_parallel_size: int = 1, **engine_config) -> None:
         from qoq.model.loader import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+        config = EngineConfig(**engine_config)
+        if tensor_parallel_size > 1:
+            self.engine = launch(functools.partial(load_model_shard, model, dtype, device), config,
+                                 tensor_parallel_size, "nccl" if device.startswith("cuda") else "gloo")
+            return
         model, tokenizer = load_model(model, dtype=dtype, device=device)
-        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_config))
+        self.engine = LLMEngine(model, tokenizer, config)
 
     @classmethod
     def from_model(cls, model, tokenizer, **engine_config) -> "LLM":
@@ -35,6 +45,18 @@ class LLM:
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_config))
         return llm
+
+    def close(self) -> None:
+        """Stop the other ranks' processes (tensor parallel); nothing to do otherwise."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

@@ -176,7 +176,9 @@ class LLMEngine:
         try:
             return self._step()
         except Exception as err:
-            if is_device_fault(err):
+            # Tensor parallel: a step that failed on one rank may have left the others inside a
+            # collective, so no rank can run on alone: the failure is the engine's (docs/parallel.md).
+            if is_device_fault(err) or self.runner.tp is not None:
                 raise
             self._isolate(err)
             return []

@@ -29,6 +29,7 @@ from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import DeviceToHost, to_device
 from qoq.kernels import allocate_kv_cache
 from qoq.model.llama import LlamaModel
+from qoq.model.tensor_parallel import local_config
 
 
 @dataclass
@@ -61,7 +62,7 @@ class StepInFlight:
 
 
 def kv_bytes_per_page(model: LlamaModel, page_size: int, bits: int, dtype: torch.dtype) -> int:
-    cfg = model.config
+    cfg = local_config(model)  # this rank's KV heads under tensor parallelism
     per_token_head = cfg.head_dim * bits // 8 if bits < 16 else cfg.head_dim * dtype.itemsize
     if bits < 16:
         per_token_head += 2 * 2  # fp16 scale and zero
@@ -78,8 +79,13 @@ class ModelRunner:
         # The Triton kernels keep KV16 pages in fp16; the CPU reference keeps the model's dtype so
         # an fp32 model's paged cache holds exactly what the no-cache reference attends over.
         self.kv_dtype = torch.float16 if self.device.type == "cuda" else model.dtype
+        # Tensor parallel (docs/parallel.md#the-engine): each rank's cache holds its own KV heads, and
+        # every rank takes the same page count, the smallest that fits, so the ranks' schedulers agree.
+        self.tp = model.tp
         self.num_pages = config.num_pages or self._pages_that_fit()
-        cfg = model.config
+        if self.tp is not None:
+            self.num_pages = self.tp.min(self.num_pages, self.device)
+        cfg = local_config(model)
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim,
                                           config.page_size, kv_bits, self.device, self.kv_dtype,
                                           model.quant_config.qk_hadamard)
@@ -121,7 +127,7 @@ class ModelRunner:
         num_tokens = self.config.max_num_batched_tokens
         max_len = min(self.max_pages_per_seq * self.config.page_size, self.model.config.max_position_embeddings)
         rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
-        cfg = self.model.config
+        cfg = local_config(self.model)
         scratch = allocate_kv_cache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
                                     self.kv_bits, self.device, self.kv_dtype, self.model.quant_config.qk_hadamard)
         attn = PagedAttention(scratch, cfg.head_dim)
@@ -165,12 +171,18 @@ class ModelRunner:
             raw = logits
             logits = logits.clone()
             process_logits(logits, seqs, inputs.input_ids[0].index_select(0, inputs.logit_indices))
-            tokens = sample_tokens_device(logits, seqs, self.generator)
+            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
             sampled_lp = sampled_logprobs(raw, tokens, seqs)
         else:  # the common case: nothing more than sampling
-            tokens = sample_tokens_device(logits, seqs, self.generator)
+            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
             sampled_lp = None
         return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens), sampled_lp, prompt_lp)
+
+    def _share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tokens on every rank (queued on the stream, no sync). The ranks' logits are the
+        same all-gathered values and their generators the same seeds, so this only makes sure of
+        it: a token that differed would make the ranks' schedulers part ways."""
+        return tokens if self.tp is None else self.tp.broadcast(tokens)
 
     def _logits(self, batch: ScheduledBatch, inputs: ModelInputs) -> tuple[torch.Tensor, LogprobsInFlight | None]:
         if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
