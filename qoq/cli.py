@@ -96,18 +96,12 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     model, tokenizer = _load(args)
     prompt = apply_chat_template(tokenizer, args.prompt) if args.chat else tokenizer(args.prompt)["input_ids"]
-    token_ids: list[int] = []
-    shown = 0
 
-    def stream(_: int, token: int) -> None:  # print each new piece of text as it is produced
-        nonlocal shown
-        token_ids.append(token)
-        text = tokenizer.decode(token_ids, skip_special_tokens=True)
-        print(text[shown:], end="", flush=True)
-        shown = len(text)
+    def stream(_: int, out) -> None:  # print each new piece of text as the engine produces it
+        print(out.new_text, end="", flush=True)
 
     t0 = time.perf_counter()
-    [out] = generate(model, tokenizer, [prompt], params, on_token=stream)
+    [out] = generate(model, tokenizer, [prompt], params, on_output=stream)
     elapsed = time.perf_counter() - t0
     print()
     print(f"[{len(out.token_ids)} tokens, {len(out.token_ids) / elapsed:.1f} tok/s, finish: {out.finish_reason}]",
@@ -237,9 +231,17 @@ def cmd_serve(args) -> int:
     configure_logging(args.log_level)
     device = str(resolve_device(args.device))
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    check_port_free(args.host, args.port)
     spec = ModelSpec(args.model, device, dtype, args.random_weights, args.precision, args.log_level, args.threads,
-                     read_chat_template(args.chat_template))
+                     args.tensor_parallel_size, read_chat_template(args.chat_template))
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    from qoq.server.tp import serve_worker_from_env, torchrun_world_size
+
+    if torchrun_world_size() > 1:  # launched by torchrun: one `qoq serve` per rank (docs/parallel.md)
+        spec.tensor_parallel_size = torchrun_world_size()
+        if os.environ["RANK"] != "0":
+            return serve_worker_from_env(spec, config)
+    check_port_free(args.host, args.port)
     if args.random_weights:
         from qoq.bench.random_model import bundled_config
 
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precision of the --random-weights model")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="server and engine log level")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="split the model over N processes of this host (one GPU each; CPU processes over "
+                            "gloo without GPUs); under torchrun, its WORLD_SIZE (docs/parallel.md)")
     serve.add_argument("--chat-template", metavar="FILE", default=None,
                        help="a Jinja chat template replacing the tokenizer's (e.g. one that renders tools)")
     serve.set_defaults(func=cmd_serve)

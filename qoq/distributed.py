@@ -69,6 +69,12 @@ class TPGroup:
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def min(self, value: int, device: torch.device | str = "cpu") -> int:
+        """The smallest of the ranks' values (NCCL needs `device` to be this rank's GPU)."""
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return int(x.item())
+
 
 def all_reduce(x: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
     """x summed over the group; x itself without one (the single-process model)."""

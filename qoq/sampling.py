@@ -19,6 +19,10 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # a streamed request holds back this many characters at most
 MAX_STOP_TOKEN_IDS = 256
+MAX_PENALTY = 2.0  # presence / frequency penalties in [-2, 2], repetition_penalty in (0, 2] (OpenAI, vLLM)
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
+MAX_CHOICES = 128  # n and best_of
 
 
 class SamplingParamError(ValueError):
@@ -54,6 +58,19 @@ class SamplingParams:
     # new tokens and text, for streaming), "final" one output when it finishes (offline batches,
     # non-streaming HTTP requests: no per-step bookkeeping for thousands of sequences).
     output_kind: str = "delta"
+    # Logits processing (engine/sampler.py applies it on the device; 0 / 1.0 / None are off).
+    # OpenAI's penalties count the generated tokens only; repetition_penalty (HF, vLLM) divides a
+    # positive logit (multiplies a negative one) of every token of prompt + output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Logprobs of the model's raw distribution (log_softmax of the logits, before any processing):
+    # None off; k: the chosen token's and the k most likely ones, per generated (prompt_logprobs:
+    # per prompt) token.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Structured output: an llguidance grammar (JSON text) the output must follow
     # (qoq/engine/guided.py; the server builds it from response_format, guided_*, tool_choice).
     grammar: str | None = None
@@ -79,6 +96,11 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise SamplingParamError("seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         self._validate_stops()
+        self._validate_processing()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise SamplingParamError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise SamplingParamError("grammar", "grammar must be an llguidance grammar (a string)")
         if self.output_kind not in ("delta", "final"):
@@ -97,6 +119,36 @@ class SamplingParams:
             raise SamplingParamError("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
         if any(not _is_int(t) or not 0 <= t <= MAX_INT32 for t in ids):
             raise SamplingParamError("stop_token_ids", "stop_token_ids must be token ids (integers >= 0)")
+
+    def _validate_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise SamplingParamError(name, f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        rep = self.repetition_penalty
+        if not _is_finite(rep) or not 0 < rep <= MAX_PENALTY:
+            raise SamplingParamError("repetition_penalty", f"repetition_penalty must be in (0, {MAX_PENALTY:g}] "
+                                                           f"(1 = off), got {rep!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamError("min_tokens", f"min_tokens must be an integer in [0, max_tokens "
+                                                   f"({self.max_tokens})], got {self.min_tokens!r}")
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise SamplingParamError("logit_bias", "logit_bias must map token ids to biases")
+        for token, value in bias.items():
+            if not _is_int(token) or not 0 <= token <= MAX_INT32:
+                raise SamplingParamError("logit_bias", f"logit_bias keys must be token ids, got {token!r}")
+            if not _is_finite(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise SamplingParamError("logit_bias", f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, "
+                                                       f"{MAX_LOGIT_BIAS:g}], got {value!r} for token {token}")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits change before sampling (penalties, min_tokens, logit_bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -129,6 +181,36 @@ def filter_logits_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     drop[:, 0] = False  # even when top_p rounds to 0 in fp32
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def validate_choices(n: int, best_of: int | None, stream: bool) -> None:
+    """n choices out of best_of candidates (the n with the highest cumulative logprob)."""
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise SamplingParamError("n", f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
+    if best_of is None:
+        return
+    if not _is_int(best_of) or not n <= best_of <= MAX_CHOICES:
+        raise SamplingParamError("best_of", f"best_of must be an integer in [n ({n}), {MAX_CHOICES}], got {best_of!r}")
+    if stream and best_of != n:
+        raise SamplingParamError("best_of", "best_of must equal n when streaming (the best choices are known "
+                                            "only at the end)")
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """Penalize logits [N, V] in place, each row its own values ([N] each).
+
+    output_counts [N, V]: how often each token was generated; prompt_mask [N, V]: in the prompt.
+    repetition (HF): a token of prompt or output has a positive logit divided by it, a negative
+    one multiplied; then (OpenAI) logit -= frequency * count + presence * (count > 0).
+    """
+    seen = prompt_mask | (output_counts > 0)
+    rep = repetition[:, None].expand_as(logits)
+    factor = torch.where(logits > 0, 1.0 / rep, rep)
+    logits.copy_(torch.where(seen, logits * factor, logits))
+    counts = output_counts.to(logits.dtype)
+    logits -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
+    return logits
 
 
 def draw_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -25,6 +25,16 @@ def test_generate_chat_on_bundled_model():
     assert "finish: stop" in out.stderr
 
 
+def test_generate_streams_text_without_the_stop_string():
+    """The engine's detokenizer holds back what may start a stop string: the terminal never shows
+    it (the dense generator printed every token and cut the stop string only from its return value)."""
+    out = run("generate", "--chat", "-p", "Count from 1 to 10, separated by commas.", "--max-tokens", "40",
+              "--stop", "5")
+    assert out.returncode == 0, out.stderr
+    assert "4" in out.stdout and "5" not in out.stdout
+    assert "finish: stop" in out.stderr
+
+
 def test_eval_ppl_prints_a_record():
     out = run("eval", "ppl", "--max-tokens", "1024", "--seq-len", "256")
     assert out.returncode == 0, out.stderr
@@ -37,8 +47,8 @@ def test_bad_inputs_get_clear_errors():
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = run("generate", "-p", "hi", "--temperature", "-1")
     assert out.returncode == 2 and "temperature must be >= 0" in out.stderr
-    out = run("generate", "-p", "hi", "--max-tokens", "100000")
-    assert out.returncode == 2 and "exceeds the model's context" in out.stderr
+    out = run("generate", "-p", "hi", "--max-tokens", "100000")  # the engine's own check, before any step
+    assert out.returncode == 2 and "maximum context length is 8192 tokens" in out.stderr
 
 
 def test_user_errors_are_one_line_not_tracebacks(tmp_path):

@@ -4,7 +4,7 @@ One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' t
 (packed, cu_seqlens marks each), then one token per decoding sequence. Per layer, one fused
 kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
 attends over the pages, which by now hold it: prefill chunks causally over their sequence's
-pages (layers.attention.paged_prefill: earlier chunks and cached prefixes included), decode
+pages (paged_prefill: earlier chunks and cached prefixes included), decode
 tokens over their whole context (paged_decode_attention).
 """
 
@@ -14,8 +14,23 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels import KVCacheLayer, paged_decode_attention, rope_kv_write
-from qoq.layers.attention import paged_prefill
+from qoq.kernels import (
+    KVCacheLayer,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_attention,
+    rope_kv_write,
+)
+
+
+def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale, max_seqlen,
+                  has_context: bool = True, out=None) -> torch.Tensor:
+    """Prefill chunks: causal attention over the pages, which hold this chunk's K/V too. When no
+    chunk has earlier context and a KV16 cache holds the fresh K/V exactly (same dtype), the flash
+    kernel on the fresh K/V reads the same values without the page gather."""
+    if not has_context and cache.bits == 16 and cache.k_cache.dtype == k.dtype:
+        return prefill_attention(q, k, v, cu_seqlens, scale, max_seqlen, out=out)
+    return paged_prefill_attention(q, cache, block_tables, cu_seqlens, kv_lens, scale, max_seqlen, out=out)
 
 
 @dataclass

@@ -125,7 +125,7 @@ class BlockManager:
         one token is left out: its logits pick the next token)."""
         pages: list[int] = []
         key = None
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:  # it needs every position's logits
             return pages, key
         tokens = seq.all_token_ids
         for index in range((len(tokens) - 1) // self.page_size):  # leave >= 1 token to compute

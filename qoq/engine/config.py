@@ -74,6 +74,8 @@ class RequestLimits:
         params.validate()
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise SamplingParamError("stop_token_ids", f"stop_token_ids must be in [0, {self.vocab_size})")
+        if params.logit_bias and any(t >= self.vocab_size for t in params.logit_bias):
+            raise SamplingParamError("logit_bias", f"logit_bias token ids must be in [0, {self.vocab_size})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(

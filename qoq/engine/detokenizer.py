@@ -1,4 +1,4 @@
-"""Token -> text, stop conditions, and the streamed deltas (same rules as qoq.generate).
+"""Token -> text, stop conditions, and the streamed deltas (a full decode after every token would give the same).
 
 A stop token ends the sequence without being kept; a stop string truncates the text where it
 starts. The text is built incrementally: each step decodes only a small window of the latest
@@ -19,7 +19,7 @@ is, so the streamed text always adds up to decode(all output ids).
 While a sequence runs, the text handed out also holds back what could still turn out to be the
 start of a stop string, so streamed text never has to be taken back. Stop strings are searched
 in the decoded text, pending tail included, from a stop string's length before the new text,
-so a stop string split across tokens (or steps) is found where qoq.generate finds it.
+so a stop string split across tokens (or steps) is found where a full decode finds it.
 """
 
 from __future__ import annotations
@@ -117,9 +117,10 @@ def make_output(seq: Sequence, finished: bool) -> RequestOutput:
     visible = _visible_text(seq, finished)
     new_text = visible[seq.num_text_sent :]
     seq.num_text_sent = max(seq.num_text_sent, len(visible))
-    new_tokens = seq.output_token_ids[seq.num_tokens_sent :]
+    sent = seq.num_tokens_sent
+    new_tokens = seq.output_token_ids[sent:]
     seq.num_tokens_sent = len(seq.output_token_ids)
-    return RequestOutput(
+    out = RequestOutput(
         request_id=seq.request_id,
         new_token_ids=new_tokens,
         new_text=new_text,
@@ -130,3 +131,14 @@ def make_output(seq: Sequence, finished: bool) -> RequestOutput:
         num_prompt_tokens=seq.num_prompt_tokens,
         prompt_token_ids=seq.prompt_token_ids,
     )
+    if seq.logprobs is not None or seq.prompt_logprobs is not None:
+        _add_logprobs(out, seq, sent)
+    return out
+
+
+def _add_logprobs(out: RequestOutput, seq: Sequence, sent: int) -> None:
+    if seq.params.logprobs is not None:
+        out.new_logprobs = (seq.logprobs or [])[sent:]
+        out.cumulative_logprob = seq.cumulative_logprob
+    if sent == 0 and seq.prompt_logprobs is not None:  # the first output carries them
+        out.prompt_logprobs = seq.prompt_logprobs

@@ -33,6 +33,7 @@ from qoq.engine.block_manager import BlockManager
 from qoq.engine.config import EngineConfig, RequestLimits
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.guided import Guidance, accept_token, make_tokenizer
+from qoq.engine.logprobs import record_logprobs
 from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
 from qoq.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -187,7 +188,9 @@ class LLMEngine:
         try:
             return self._step()
         except Exception as err:
-            if is_device_fault(err):
+            # Tensor parallel: a step that failed on one rank may have left the others inside a
+            # collective, so no rank can run on alone: the failure is the engine's (docs/parallel.md).
+            if is_device_fault(err) or self.runner.tp is not None:
                 raise
             self._isolate(err)
             return []
@@ -197,7 +200,8 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 return []
-            return self._process(batch.seqs, self.runner.execute(batch), batch)
+            step = self.runner.launch(batch, None)
+            return self._process(batch.seqs, step.token_ids(), batch, step)
         # (a) Schedule step n. Sequences of step n-1 (in flight) count their pending token.
         batch = self.scheduler.schedule()
         prev, launched = self._in_flight, None
@@ -216,7 +220,7 @@ class LLMEngine:
         # dropped when step n is processed, and its pages are freed now (Scheduler.finish: the
         # device runs step n before any later step that could reuse them).
         try:
-            return self._process(prev.seqs, prev.token_ids(), prev.batch)
+            return self._process(prev.seqs, prev.token_ids(), prev.batch, prev)
         except BaseException:
             self._drop(prev, launched)
             raise
@@ -238,7 +242,8 @@ class LLMEngine:
             return []
         try:
             batch = self.scheduler.schedule_alone(seq)
-            outputs = self._process(batch.seqs, self.runner.execute(batch), batch)
+            step = self.runner.launch(batch, None)
+            outputs = self._process(batch.seqs, step.token_ids(), batch, step)
         except Exception as err:
             if is_device_fault(err):
                 raise
@@ -264,10 +269,14 @@ class LLMEngine:
                     seq.num_pending = 0
         self._in_flight = None
 
-    def _process(self, seqs: list[Sequence], tokens: list[int], batch) -> list[RequestOutput]:
+    def _process(self, seqs: list[Sequence], tokens: list[int], batch,
+                 step: StepInFlight | None = None) -> list[RequestOutput]:
         """Record a step's sampled tokens: append, stops, finished sequences, outputs, stats."""
         tokenizer = self.tokenizer
         live, failed = [], []
+        logprobs = None
+        if step is not None and (step.logprobs is not None or step.prompt_logprobs is not None):
+            logprobs = record_logprobs(step, tokens)
         with self.tokenizer_lock:
             for seq, token in zip(seqs, tokens):
                 if seq.num_pending:
@@ -275,10 +284,15 @@ class LLMEngine:
                 if seq.status is FINISHED:  # finished or aborted while in flight: dropped
                     continue
                 try:
+                    num_output = len(seq.output_token_ids)
                     append_token(seq, token, tokenizer)
                     if seq.guide is not None:
                         accept_token(seq, token)
                     live.append(seq)
+                    if logprobs and len(seq.output_token_ids) > num_output and seq.seq_id in logprobs:
+                        entry = logprobs[seq.seq_id]
+                        seq.logprobs.append(entry)
+                        seq.cumulative_logprob += entry[1]
                 except Exception as err:  # noqa: BLE001 - this request fails, not the step
                     failed.append((seq, err))
         outputs = [self.fail_request(seq, err) for seq, err in failed]

@@ -22,12 +22,14 @@ from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
 from qoq.engine.cuda_graph import DecodeGraphs
-from qoq.engine.sampler import sample_tokens, sample_tokens_device
+from qoq.engine.logprobs import LogprobsInFlight, prompt_logprobs, sampled_logprobs
+from qoq.engine.sampler import process_logits, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
 from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import DeviceToHost, to_device
 from qoq.kernels import allocate_kv_cache
 from qoq.model.llama import LlamaModel
+from qoq.model.tensor_parallel import local_config
 
 
 @dataclass
@@ -36,6 +38,11 @@ class ModelInputs:
     positions: torch.Tensor  # [1, T]
     metadata: AttentionMetadata
     logit_indices: torch.Tensor  # [num_seqs]: the token whose logits pick each sequence's next token
+    # Prompt logprobs (chunks of sequences that ask): rows of the step's tokens, the prompt token
+    # each row predicts, and per chunk (sequence, position of its first target, number of targets).
+    prompt_rows: list[int] | None = None
+    prompt_targets: list[int] | None = None
+    prompt_chunks: list[tuple[Sequence, int, int]] | None = None
 
 
 @dataclass
@@ -47,13 +54,15 @@ class StepInFlight:
     seqs: list[Sequence]
     tokens: torch.Tensor  # [len(seqs)] int64 on the device: the next step's pending input ids
     host: DeviceToHost
+    logprobs: LogprobsInFlight | None = None  # of the sampled tokens, for the rows that ask
+    prompt_logprobs: LogprobsInFlight | None = None  # rows: (seq, first target position) per chunk
 
     def token_ids(self) -> list[int]:
         return self.host.tolist()
 
 
 def kv_bytes_per_page(model: LlamaModel, page_size: int, bits: int, dtype: torch.dtype) -> int:
-    cfg = model.config
+    cfg = local_config(model)  # this rank's KV heads under tensor parallelism
     per_token_head = cfg.head_dim * bits // 8 if bits < 16 else cfg.head_dim * dtype.itemsize
     if bits < 16:
         per_token_head += 2 * 2  # fp16 scale and zero
@@ -68,10 +77,15 @@ class ModelRunner:
         self.kv_bits = kv_bits
         self.max_pages_per_seq = pages_needed(max_model_len, config.page_size)
         # The Triton kernels keep KV16 pages in fp16; the CPU reference keeps the model's dtype so
-        # an fp32 model's paged cache holds exactly what the dense generator's cache holds.
+        # an fp32 model's paged cache holds exactly what the no-cache reference attends over.
         self.kv_dtype = torch.float16 if self.device.type == "cuda" else model.dtype
+        # Tensor parallel (docs/parallel.md#the-engine): each rank's cache holds its own KV heads, and
+        # every rank takes the same page count, the smallest that fits, so the ranks' schedulers agree.
+        self.tp = model.tp
         self.num_pages = config.num_pages or self._pages_that_fit()
-        cfg = model.config
+        if self.tp is not None:
+            self.num_pages = self.tp.min(self.num_pages, self.device)
+        cfg = local_config(model)
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim,
                                           config.page_size, kv_bits, self.device, self.kv_dtype,
                                           model.quant_config.qk_hadamard)
@@ -113,7 +127,7 @@ class ModelRunner:
         num_tokens = self.config.max_num_batched_tokens
         max_len = min(self.max_pages_per_seq * self.config.page_size, self.model.config.max_position_embeddings)
         rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
-        cfg = self.model.config
+        cfg = local_config(self.model)
         scratch = allocate_kv_cache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
                                     self.kv_bits, self.device, self.kv_dtype, self.model.quant_config.qk_hadamard)
         attn = PagedAttention(scratch, cfg.head_dim)
@@ -141,7 +155,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Run one scheduled step and return the next token of each of batch.seqs (waits for it)."""
-        return sample_tokens(self._logits(batch, None), batch.seqs, self.generator)
+        return self.launch(batch, None).token_ids()
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: StepInFlight | None) -> StepInFlight:
@@ -151,19 +165,44 @@ class ModelRunner:
         from its device tensor.
         """
         seqs = batch.seqs
-        logits = self._logits(batch, prev.tokens if prev is not None else None)
-        tokens = sample_tokens_device(logits, seqs, self.generator)
-        return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens))
+        inputs = self.prepare(batch, prev.tokens if prev is not None else None)
+        logits, prompt_lp = self._logits(batch, inputs)
+        if any(s.has_extras for s in seqs):
+            raw = logits
+            logits = logits.clone()
+            process_logits(logits, seqs, inputs.input_ids[0].index_select(0, inputs.logit_indices))
+            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
+            sampled_lp = sampled_logprobs(raw, tokens, seqs)
+        else:  # the common case: nothing more than sampling
+            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
+            sampled_lp = None
+        return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens), sampled_lp, prompt_lp)
 
-    def _logits(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        inputs = self.prepare(batch, prev_tokens)
+    def _share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tokens on every rank (queued on the stream, no sync). The ranks' logits are the
+        same all-gathered values and their generators the same seeds, so this only makes sure of
+        it: a token that differed would make the ranks' schedulers part ways."""
+        return tokens if self.tp is None else self.tp.broadcast(tokens)
+
+    def _logits(self, batch: ScheduledBatch, inputs: ModelInputs) -> tuple[torch.Tensor, LogprobsInFlight | None]:
         if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
-            return self.model.compute_logits(hidden[inputs.logit_indices])
+            return self.model.compute_logits(hidden[inputs.logit_indices]), None
         with PerRowLinears() if self.config.deterministic else contextlib.nullcontext():
             self.attn.metadata = inputs.metadata
             hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]
-            return self.model.compute_logits(hidden[inputs.logit_indices])
+            logits = self.model.compute_logits(hidden[inputs.logit_indices])
+            return logits, self._prompt_logprobs(hidden, inputs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> LogprobsInFlight | None:
+        if not inputs.prompt_rows:
+            return None
+        ks = [seq.params.prompt_logprobs for seq, _, _ in inputs.prompt_chunks]
+        dev = self.device
+        values = prompt_logprobs(self.model, hidden, to_device(inputs.prompt_rows, torch.long, dev),
+                                 to_device(inputs.prompt_targets, torch.long, dev), max(ks))
+        return LogprobsInFlight([(seq, first) for seq, first, _ in inputs.prompt_chunks], ks, max(ks),
+                                DeviceToHost(values), inputs.prompt_targets, [n for _, _, n in inputs.prompt_chunks])
 
     def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> ModelInputs:
         """Flattened inputs on the device. A decode whose last token is pending (sampled by the
@@ -177,6 +216,9 @@ class ModelRunner:
         cu_seqlens = [0]
         logit_indices: list[int] = []  # the last token of each chunk that samples, then every decode
         kv_lens: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_chunks: list[tuple[Sequence, int, int]] = []
         for chunk in batch.chunks:
             seq, start = chunk.seq, chunk.start
             assert not seq.num_pending, "a prefill needs all of its tokens known"
@@ -189,6 +231,13 @@ class ModelRunner:
             kv_lens.append(end)
             if chunk.samples:
                 logit_indices.append(cu_seqlens[-1] - 1)
+            if seq.wants_prompt_logprobs:  # row p predicts token p + 1 of the prompt
+                num = min(end, seq.num_prompt_tokens - 1) - start
+                if num > 0:
+                    row0 = cu_seqlens[-2]
+                    prompt_rows.extend(range(row0, row0 + num))
+                    prompt_targets.extend(seq.prompt_token_ids[start + 1 : start + 1 + num])
+                    prompt_chunks.append((seq, start + 1, num))
         context_lens: list[int] = []
         pending_rows: list[int] = []  # rows of `ids` whose token is on the device...
         pending_src: list[int] = []  # ...at these rows of prev_tokens
@@ -234,6 +283,9 @@ class ModelRunner:
             positions=to_device([positions], torch.long, dev),
             metadata=md,
             logit_indices=to_device(logit_indices, torch.long, dev),
+            prompt_rows=prompt_rows or None,
+            prompt_targets=prompt_targets or None,
+            prompt_chunks=prompt_chunks or None,
         )
 
     @staticmethod

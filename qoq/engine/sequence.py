@@ -62,6 +62,26 @@ class Sequence:
     num_computed_tokens: int = 0
     num_hashed_pages: int = 0
     prefix_key: int | None = None
+    # Requests that ask for them (engine/logprobs.py): an entry per output token, and per prompt
+    # token (the first None: nothing precedes it); the sum of the sampled tokens' logprobs.
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+    prompt_ids_device: torch.Tensor | None = None  # repetition_penalty: the prompt's distinct ids
+
+    def __post_init__(self) -> None:
+        # Read on every step for every row: plain attributes, so plain rows cost one lookup each.
+        self.processes_logits = self.params.processes_logits
+        self.has_extras = self.processes_logits or self.params.logprobs is not None
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not all recorded: its prefill must compute every position."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
     # Structured output: the llguidance matcher following output_token_ids (engine/guided.py).
     guide: object | None = None
 
@@ -113,6 +133,10 @@ class RequestOutput:
     num_prompt_tokens: int
     prompt_token_ids: list[int] = field(default_factory=list)
     error: str | None = None  # finish_reason "error": what went wrong
+    # Only for requests that ask (SamplingParams.logprobs / prompt_logprobs), else None:
+    new_logprobs: list | None = None  # an entry (engine/logprobs.py) per token of new_token_ids
+    prompt_logprobs: list | None = None  # with the request's first output only
+    cumulative_logprob: float | None = None
 
     @property
     def num_generated_tokens(self) -> int:

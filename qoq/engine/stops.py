@@ -1,5 +1,5 @@
 """When a sequence stops: the token ids that end it and the first stop string in its text. The
-engine owns these rules; the dense generator (qoq.generate) applies the same ones."""
+engine owns these rules (`qoq generate` runs the engine too)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ which frees its KV pages at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from qoq.server.async_engine import AsyncEngine, EngineError, QueueFull, RequestStream
 from qoq.server.engine_loop import Delta
 from qoq import __version__
+from qoq.sampling import SEED_RANGE
 from qoq.server.errors import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
@@ -27,6 +29,7 @@ from qoq.server.errors import (
     error_body,
     install_error_handlers,
 )
+from qoq.server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, merge_completion_logprobs, merged
 from qoq.server.metrics import render_metrics
 from qoq.server.protocol import (
     AssistantMessage,
@@ -76,6 +79,7 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
     limits = engine.limits
     tokenizers = TokenizerPool(engine.tokenizer)
     grammars = GrammarChecker(engine.tokenizer, limits.vocab_size)
+    token_texts = TokenTexts(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -174,22 +178,30 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_model(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, "qoq takes one prompt per request; send a string, not a list of strings")
-            prompt = prompt[0]
-        if isinstance(prompt, str) and not prompt:
-            raise ApiError(400, "the prompt is empty: it needs at least one token", param="prompt")
-        try:
-            prompt_ids = await tokenizers.encode(prompt) if isinstance(prompt, str) else prompt
-        except Exception as err:  # noqa: BLE001 - tokenizers raise their own error types
-            raise ApiError(400, f"cannot tokenize the prompt: {err}", param="prompt") from err
-        params = params_for(req, prompt_ids, req.max_tokens, default=16)  # OpenAI's default for completions
-        await constrain(params, request_grammar(req))
+        prompts = req.prompt
+        if isinstance(prompts, str) or not prompts or isinstance(prompts[0], int):
+            prompts = [prompts]
+        all_ids = []
+        for prompt in prompts:
+            if isinstance(prompt, str) and not prompt:
+                raise ApiError(400, "the prompt is empty: it needs at least one token", param="prompt")
+            try:
+                all_ids.append(await tokenizers.encode(prompt) if isinstance(prompt, str) else prompt)
+            except Exception as err:  # noqa: BLE001 - tokenizers raise their own error types
+                raise ApiError(400, f"cannot tokenize the prompt: {err}", param="prompt") from err
+        # OpenAI's default max_tokens for completions is 16.
+        all_params = [params_for(req, ids, req.max_tokens, default=16) for ids in all_ids]
+        spec = request_grammar(req)
+        for params in all_params:
+            await constrain(params, spec)
         request_id = new_id("cmpl")
+        echoes = [""] * len(prompts)
+        if req.echo:  # a token-id prompt is echoed as its text
+            echoes = [p if isinstance(p, str) else await tokenizers.decode(p) for p in prompts]
+        if len(prompts) > 1 or req.num_choices > 1 or all_params[0].logprobs is not None:
+            return await choices_response(req, raw, request_id, all_ids, all_params, echoes)
+        prompt_ids, params, echo = all_ids[0], all_params[0], echoes[0]
         stream = submit(prompt_ids, params, request_id)
-        echo = prompt if req.echo and isinstance(prompt, str) else ""
         if req.stream:
             return _sse(completion_chunks(stream, request_id, req.include_usage, echo), stream)
         out = await _collect(stream, raw)
@@ -239,6 +251,10 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
             spec = compile_spec("tools", "json_schema", schema), "tools"
         await constrain(params, spec)
         request_id = new_id("chatcmpl")
+        if req.num_choices > 1 or params.logprobs is not None:
+            if tools:  # the choices path does not parse tool calls (yet)
+                raise ApiError(400, "tools with n > 1 or logprobs are not supported", param="tools")
+            return await choices_response(req, raw, request_id, [prompt_ids], [params], None)
         stream = submit(prompt_ids, params, request_id)
         if req.stream:
             return _sse(chat_chunks(stream, request_id, req.include_usage, bool(tools)), stream)
@@ -287,7 +303,9 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
                                               usage=_usage(last)).model_dump_json()
                 return
 
-    def _sse(chunks, stream: RequestStream) -> StreamingResponse:
+    def _sse(chunks, stream: RequestStream | list[RequestStream]) -> StreamingResponse:
+        streams = stream if isinstance(stream, list) else [stream]
+
         async def body():
             try:
                 async for data in chunks:
@@ -296,8 +314,9 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
             except EngineError as err:
                 yield f"data: {json.dumps(error_body(str(err), 500))}\n\n".encode()
             finally:  # runs on client disconnect too (the response task is cancelled)
-                if not stream.finished:
-                    engine.abort(stream.request_id)
+                for s in streams:
+                    if not s.finished:
+                        engine.abort(s.request_id)
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -321,7 +340,140 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
             if not stream.finished:
                 engine.abort(stream.request_id)
 
+    # -- several choices (n, best_of, a list of prompts) or logprobs: the general path ------------
+    async def choices_response(req: SamplingFields, raw: Request, request_id: str, all_ids, all_params, echoes):
+        """Each prompt runs as num_choices sequences (request ids `<id>-<prompt>-<choice>`),
+        submitted one after the other, so the first one's prompt pages are keyed by the time its
+        siblings are admitted and they start past them (block_manager.py's prefix cache).
+        Choice index = prompt index * n + choice. echoes None: a chat request."""
+        k = req.num_choices
+        want_logprobs = all_params[0].logprobs is not None
+        streams: list[RequestStream] = []
+        try:
+            for p, (ids, params) in enumerate(zip(all_ids, all_params)):
+                for c in range(k):
+                    streams.append(submit(ids, _choice_params(params, c, want_logprobs or k > req.n, req.stream),
+                                          f"{request_id}-{p}-{c}"))
+        except BaseException:
+            for s in streams:
+                engine.abort(s.request_id)
+            raise
+        texts = [e for e in (echoes or [""] * len(all_ids)) for _ in range(k)]
+        first_ids = [ids[0] for ids in all_ids for _ in range(k)]
+        if req.stream:
+            if echoes is None:
+                return _sse(chat_choice_chunks(streams, request_id, req.include_usage, want_logprobs), streams)
+            return _sse(completion_choice_chunks(streams, request_id, req.include_usage, want_logprobs, texts,
+                                                 first_ids, len(all_ids)), streams)
+        outs: list[Delta] = []
+        try:
+            for s in streams:
+                out = await _collect(s, raw)
+                if out is None:
+                    return Response(status_code=499)
+                outs.append(out)
+        finally:
+            for s in streams:
+                if not s.finished:
+                    engine.abort(s.request_id)
+        usage = Usage(prompt_tokens=sum(map(len, all_ids)), completion_tokens=sum(o.num_output_tokens for o in outs),
+                      total_tokens=0)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        choices = []
+        for p in range(len(all_ids)):
+            group = list(range(p * k, (p + 1) * k))
+            if k > req.n:  # best_of: the n with the highest cumulative logprob
+                group = sorted(group, key=lambda i: -outs[i].cumulative_logprob)[: req.n]
+            for j, i in enumerate(group):
+                out = outs[i]
+                if echoes is None:
+                    lp = chat_logprobs(token_texts, out.logprobs or []) if want_logprobs else None
+                    choices.append(ChatChoice(index=p * req.n + j, message=AssistantMessage(content=out.text),
+                                              finish_reason=out.finish_reason, logprobs=lp))
+                    continue
+                lp = None
+                if want_logprobs:
+                    lp = _completion_logprobs(outs[p * k].prompt_logprobs, first_ids[i], texts[i], out.logprobs)
+                choices.append(CompletionChoice(index=p * req.n + j, text=texts[i] + out.text,
+                                                finish_reason=out.finish_reason, logprobs=lp))
+        if echoes is None:
+            return ChatCompletionResponse(id=request_id, model=model_name, usage=usage, choices=choices)
+        return CompletionResponse(id=request_id, model=model_name, usage=usage, choices=choices)
+
+    def _completion_logprobs(prompt_entries, first_id: int, echo: str, entries) -> dict:
+        fmt = CompletionLogprobs(token_texts)
+        head = fmt.prompt(first_id, prompt_entries) if echo and prompt_entries else None
+        fmt.offset = len(echo)
+        body = fmt.format(entries or [])
+        return merge_completion_logprobs(head, body) if head else body
+
+    async def completion_choice_chunks(streams, request_id, include_usage, want_logprobs, texts, first_ids,
+                                       num_prompts):
+        head = CompletionResponse(id=request_id, model=model_name, choices=[]).model_dump()
+        fmts = [CompletionLogprobs(token_texts) for _ in streams]
+        started = [False] * len(streams)
+        last: list[Delta | None] = [None] * len(streams)
+        async for i, deltas in merged(streams):
+            text = "".join(d.text for d in deltas)
+            entries = [e for d in deltas for e in d.logprobs or []]
+            lp = prompt_lp = None
+            if not started[i]:  # the echo (and its prompt logprobs) go in front of the first text
+                started[i] = True
+                if want_logprobs and texts[i] and deltas[0].prompt_logprobs:
+                    prompt_lp = CompletionLogprobs(token_texts).prompt(first_ids[i], deltas[0].prompt_logprobs)
+                fmts[i].offset = len(texts[i])
+                text = texts[i] + text
+            if want_logprobs:
+                lp = fmts[i].format(entries)
+                lp = merge_completion_logprobs(prompt_lp, lp) if prompt_lp else lp
+            last[i] = deltas[-1]
+            if text or deltas[-1].finished or lp and lp["tokens"]:
+                choice = CompletionChoice(index=i, text=text, finish_reason=deltas[-1].finish_reason, logprobs=lp)
+                yield CompletionResponse(**{**head, "choices": [choice]}).model_dump_json()
+        if include_usage:
+            yield CompletionResponse(**{**head, "choices": [], "usage": _usage_of(last, num_prompts)}).model_dump_json()
+
+    async def chat_choice_chunks(streams, request_id, include_usage, want_logprobs):
+        def chunk(choices, usage=None):
+            return ChatCompletionChunk(id=request_id, model=model_name, choices=choices, usage=usage).model_dump_json()
+
+        for i in range(len(streams)):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        last: list[Delta | None] = [None] * len(streams)
+        async for i, deltas in merged(streams):
+            text = "".join(d.text for d in deltas)
+            entries = [e for d in deltas for e in d.logprobs or []]
+            last[i] = deltas[-1]
+            if text or entries:
+                lp = chat_logprobs(token_texts, entries) if want_logprobs else None
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), logprobs=lp)])
+            if deltas[-1].finished:
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=deltas[-1].finish_reason)])
+        if include_usage:
+            yield chunk([], _usage_of(last, 1))
+
     return app
+
+
+def _choice_params(params, choice: int, logprobs: bool, stream: bool):
+    """Choice `choice` of a request: a seed of its own (reproducible, different per choice), the
+    prompt's logprobs on the first only (streamed: on each, whose first chunk carries them; they
+    need the whole prompt computed, no cached prefix), and logprobs when best_of ranks by them."""
+    changes = {}
+    if choice and params.seed is not None:
+        changes["seed"] = (params.seed + choice) % (SEED_RANGE[1] + 1)
+    if choice and params.prompt_logprobs is not None and not stream:
+        changes["prompt_logprobs"] = None
+    if logprobs and params.logprobs is None:
+        changes["logprobs"] = 0
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def _usage_of(last: list, num_prompts: int) -> Usage:
+    k = len(last) // num_prompts
+    prompt = sum(last[p * k].num_prompt_tokens for p in range(num_prompts))
+    completion = sum(d.num_output_tokens for d in last)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _usage(out: Delta) -> Usage:

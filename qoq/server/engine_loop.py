@@ -23,6 +23,7 @@ from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import EngineStats, LLMEngine
 from qoq.engine.sequence import RequestOutput
 from qoq.host import keep_freed_memory, set_cpu_threads
+from qoq.server.tp import start_engine as start_tp_engine
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class Delta:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None  # the engine failed this request (the server answers 500)
+    # Requests that ask for logprobs only (None otherwise: plain requests pickle no more):
+    logprobs: list | None = None  # an entry per new token (qoq/engine/logprobs.py)
+    prompt_logprobs: list | None = None  # with the first delta
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -47,8 +52,11 @@ class StepMessage:
 
 
 def _delta(out: RequestOutput) -> Delta:
+    if out.new_logprobs is None and out.prompt_logprobs is None:
+        return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
+                     out.finish_reason, out.error)
     return Delta(out.request_id, out.new_text, out.num_prompt_tokens, len(out.token_ids), out.finished,
-                 out.finish_reason, out.error)
+                 out.finish_reason, out.error, out.new_logprobs, out.prompt_logprobs, out.cumulative_logprob)
 
 
 class EngineLoop:
@@ -169,6 +177,7 @@ class ModelSpec:
     precision: str = "w16a16kv16"  # of the random weights
     log_level: str = "info"
     threads: int | None = None  # torch's CPU threads (qoq.host.set_cpu_threads; None: one per idle CPU)
+    tensor_parallel_size: int = 1  # > 1: this process is rank 0 of a group (server/tp.py)
     chat_template: str | None = None  # replaces the tokenizer's (qoq serve --chat-template FILE)
 
     def load(self):
@@ -201,8 +210,12 @@ def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, output
     keep_freed_memory()
     set_cpu_threads(spec.threads)
     try:
-        model, tokenizer = spec.load()
-        engine = LLMEngine(model, tokenizer, config)
+        if spec.tensor_parallel_size > 1:
+            engine = start_tp_engine(spec, config)
+            tokenizer = engine.tokenizer
+        else:
+            model, tokenizer = spec.load()
+            engine = LLMEngine(model, tokenizer, config)
     except Exception as err:
         outputs.put(("failed", f"{type(err).__name__}: {err}"))
         raise
@@ -224,6 +237,8 @@ def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, output
                     return ("stop",)
 
     failed = EngineLoop(engine, next_command, outputs.put).run()
+    if spec.tensor_parallel_size > 1:
+        engine.close(kill=failed)
     outputs.put(None)
     if failed:
         raise SystemExit(1)

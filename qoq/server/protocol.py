@@ -8,15 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qoq.sampling import SamplingParams
+from qoq.sampling import SamplingParamError, SamplingParams, validate_choices
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class UnsupportedError(ValueError):
-    """A valid OpenAI field whose value qoq does not serve (n > 1, logprobs, penalties)."""
 
 
 class StreamOptions(BaseModel):
@@ -61,27 +57,44 @@ class SamplingFields(BaseModel):
     logprobs: bool | int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # extension
+    min_tokens: int = 0  # extension
+    logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias
+    best_of: int | None = None
     # Structured output (server/structured.py): response_format, or the vLLM-style extensions.
     response_format: ResponseFormat | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None  # Lark or GBNF, as llguidance reads them
 
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise UnsupportedError(f"n must be 1 (qoq returns one choice per request), got {self.n}")
-        if self.logprobs:
-            raise UnsupportedError("logprobs are not supported by qoq")
-        if self.presence_penalty or self.frequency_penalty:
-            raise UnsupportedError("presence_penalty and frequency_penalty are not supported by qoq; leave them 0")
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) for SamplingParams; each endpoint has its own fields."""
+        return None, None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (-> 400; a SamplingParamError names the field) on values out of range."""
-        self.check_supported()
+        validate_choices(self.n, self.best_of, self.stream)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        logprobs, prompt_logprobs = self.logprobs_params()
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, seed=self.seed, stop=stop,
                               stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-                              output_kind="delta" if self.stream else "final")
+                              output_kind="delta" if self.stream else "final",
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+                              logit_bias=self._logit_bias(), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise SamplingParamError("logit_bias", "logit_bias keys must be token ids (integers as strings)") from None
+
+    @property
+    def num_choices(self) -> int:
+        """Sequences per prompt: best_of of them, the n best returned."""
+        return self.best_of or self.n
 
     @property
     def include_usage(self) -> bool:
@@ -89,8 +102,16 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        # An int (the legacy API): 0 is the chosen token's logprob only; false / null: none.
+        if self.logprobs is None or self.logprobs is False:
+            return None, None
+        if self.logprobs is True:
+            raise SamplingParamError("logprobs", "logprobs must be an integer in [0, 20] for completions")
+        return self.logprobs, (self.logprobs if self.echo else None)
 
 
 class TextPart(BaseModel):
@@ -146,6 +167,17 @@ class NamedToolChoice(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        if self.logprobs not in (None, True, False, 0, 1):
+            raise SamplingParamError("logprobs", "logprobs must be true or false for chat completions")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise SamplingParamError("top_logprobs", "top_logprobs needs logprobs: true")
+            if not 0 <= self.top_logprobs <= 20:
+                raise SamplingParamError("top_logprobs", f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
     tools: list[Tool] | None = None  # server/tools.py
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -161,7 +193,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
 
 
 class CompletionResponse(BaseModel):
@@ -183,6 +215,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None = None
+    logprobs: dict | None = None  # {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}
 
 
 class ChatCompletionResponse(BaseModel):
@@ -208,6 +241,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -2,15 +2,15 @@
 read back. On the CPU the same pipelined code runs (the "device" tensor is a CPU tensor), so these
 check its bookkeeping: the one-step lag, discarded tokens of finished / aborted sequences, no
 decode for a token that can only be discarded, preemption with a token in flight, and equality
-with the synchronous engine and qoq.generate. (test_engine.py runs its equality tests both ways.)"""
+with the synchronous engine and the reference (tests/reference.py). (test_engine.py runs its equality tests both ways.)"""
 
 import pytest
 import torch
+from reference import chat_prompt, reference_generate
 
 from qoq.engine import LLM, SamplingParams
 from qoq.engine.sampler import sample_tokens, sample_tokens_device
 from qoq.engine.sequence import Sequence, SequenceStatus
-from qoq.generate import apply_chat_template, generate
 from qoq.sampling import draw_one
 
 TEXTS = [
@@ -23,7 +23,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def prompts(bundled):
     _, tok = bundled
-    return [tok(t)["input_ids"] for t in TEXTS] + [apply_chat_template(tok, "What is the capital of France?")]
+    return [tok(t)["input_ids"] for t in TEXTS] + [chat_prompt(tok, "What is the capital of France?")]
 
 
 def make_engine(bundled, async_scheduling, **kw):
@@ -88,7 +88,7 @@ def test_max_tokens_one_and_mixed_lengths(bundled, prompts):
     model, tok = bundled
     lengths = (1, 2, 5, 1)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
-    reference = [generate(model, tok, [p], sp)[0] for p, sp in zip(prompts, params)]
+    reference = [reference_generate(model, tok, p, sp) for p, sp in zip(prompts, params)]
     requests = [(p, sp, str(i)) for i, (p, sp) in enumerate(zip(prompts, params))]
     for async_scheduling in (True, False):
         engine = make_engine(bundled, async_scheduling)
@@ -121,7 +121,7 @@ def test_abort_while_a_token_is_in_flight(bundled, prompts):
     rest = run(engine, [])
     assert all(o[0] != "x" for step in rest for o in step)
     assert x.output_token_ids == known  # its in-flight token was dropped
-    [ref] = generate(model, tok, [prompts[0]], SamplingParams(max_tokens=8))
+    ref = reference_generate(model, tok, prompts[0], SamplingParams(max_tokens=8))
     y_tokens = [t for o in first if o.request_id == "y" for t in o.new_token_ids]
     y_tokens += [t for step in rest for o in step if o[0] == "y" for t in o[1]]
     assert y_tokens == ref.token_ids and "y" not in engine.requests

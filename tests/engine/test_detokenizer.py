@@ -1,7 +1,9 @@
 """Incremental detokenization: streamed text adds up to tokenizer.decode(all ids), stop strings
-behave as in qoq.generate, and each step decodes only a small window (bundled tokenizer)."""
+behave as the plain rules say (a full decode after every token), and each step decodes only a
+small window (bundled tokenizer)."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,6 @@ from hypothesis import strategies as st
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.sequence import Sequence
 from qoq.engine.stops import truncate_at_stop
-from qoq.generate import GenerationOutput, _append_token
 from qoq.sampling import SamplingParams
 
 TEXTS = [
@@ -56,14 +57,23 @@ def stream(tokenizer, ids, params, stop_token_ids=frozenset()):
 
 
 def reference(tokenizer, ids, params, stop_token_ids=frozenset()):
-    """qoq.generate's rules: full decode after every token."""
-    ref = GenerationOutput(prompt_token_ids=[1])
+    """The rules, written plainly with a full decode after every token: a stop token ends the
+    output without being in it; a stop string ends it after the token that completes it, the
+    text cut before the string; max_tokens ends it with "length"."""
+    tokens, reason = [], None
     for token in ids:
-        _append_token(ref, token, tokenizer, params, set(stop_token_ids), None, 0)
-        if ref.finish_reason:
+        if token in stop_token_ids:
+            reason = "stop"
             break
-    ref.text, _ = truncate_at_stop(tokenizer.decode(ref.token_ids, skip_special_tokens=True), params.stop)
-    return ref
+        tokens.append(token)
+        if truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), params.stop)[1]:
+            reason = "stop"
+            break
+        if len(tokens) >= params.max_tokens:
+            reason = "length"
+            break
+    text, _ = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+    return SimpleNamespace(token_ids=tokens, text=text, finish_reason=reason)
 
 
 @pytest.mark.parametrize("text", TEXTS)

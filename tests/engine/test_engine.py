@@ -1,16 +1,17 @@
-"""The engine against the dense reference generator, on the bundled model (fp32, CPU), and on
-tiny W4A8 models from the quantizer."""
+"""The engine against an independent reference (tests/reference.py: full recompute, no cache,
+no engine code), on the bundled model (fp32, CPU), and on tiny W4A8 models from the quantizer."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_greedy_agrees, chat_prompt, reference_generate
 
 from qoq.bench.random_model import random_float_model
 from qoq.config import G128, PER_CHANNEL, Granularity, ModelConfig, RopeScaling
 from qoq.engine import LLM, SamplingParams
-from qoq.generate import apply_chat_template, generate
-from qoq.kernels import dequantize_kv_ref, quantize_kv_ref
-from qoq.layers.attention import CausalAttention, DenseKVCache
+from qoq.engine.attention import AttentionMetadata, PagedAttention
+from qoq.kernels import allocate_kv_cache, dequantize_kv_ref, quantize_kv_ref
+from qoq.layers.attention import CausalAttention
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear
 from qoq.layers.rotary import RotaryEmbedding
 from qoq.model.llama import LlamaModel
@@ -31,22 +32,22 @@ MAX_TOKENS = 10
 def prompts(bundled):
     model, tok = bundled
     ids = [tok(t)["input_ids"] for t in TEXTS]
-    return ids + [apply_chat_template(tok, "What is the capital of France?")]  # ends on EOS
+    return ids + [chat_prompt(tok, "What is the capital of France?")]  # ends on EOS
 
 
 @pytest.fixture(scope="module")
 def reference(bundled, prompts):
-    """qoq.generate one prompt at a time (no padding): the outputs the engine must reproduce.
+    """The reference, one prompt at a time: the outputs the engine must reproduce.
 
-    The engine runs them batched, so these agree in tokens, not in every bit (see the exact tests
-    below): at KV16 in fp32 a last-bit difference does not flip a greedy choice in 10 tokens."""
+    They agree in tokens, not in every bit (other shapes, other kernels): at KV16 in fp32 a
+    last-bit difference does not flip a greedy choice of these prompts in 10 tokens."""
     model, tok = bundled
-    return [generate(model, tok, [p], SamplingParams(max_tokens=MAX_TOKENS))[0] for p in prompts]
+    return [reference_generate(model, tok, p, SamplingParams(max_tokens=MAX_TOKENS)) for p in prompts]
 
 
 @pytest.fixture(params=[True, False], ids=["async", "sync"])
 def async_scheduling(request):
-    """EngineConfig.async_scheduling: both must give qoq.generate's outputs (hence each other's)."""
+    """EngineConfig.async_scheduling: both must give the reference's outputs (hence each other's)."""
     return request.param
 
 
@@ -70,26 +71,34 @@ def test_token_ids_only_without_detokenization(bundled, prompts, reference):
     assert all(o.text == "" for o in outs)
 
 
-# Exact equality, greedy for greedy. qoq.generate's default "serving" KV mode has the engine's
-# semantics (every query over the quantized cache, the prompt included) and runs the same
-# attention ops, so the two compute the same numbers when they run the same shapes. Shapes matter
-# on the CPU: MKL computes an fp32 GEMM of fewer than 8 rows with other kernels, whose rows differ
-# in the last bits from the same rows in a larger GEMM, so an fp32 model's engine output for a
-# prompt depends on its batch-mates (chaotically so at KV4). These tests therefore give the engine
-# and qoq.generate the same batch, every request running to the end (ignore_eos, one max_tokens):
-# the engine prefills them in one packed step and decodes them together, as generate's padded
-# batch does. (W4A8 linears are exact integer arithmetic: of a quantized model only the fp LM head
-# still sees the batch shape.)
+# Greedy for greedy at every KV precision. The reference recomputes everything with the no-cache
+# backend, KV4/KV8 as quantize -> dequantize per token (what the pages hold), so it has the
+# engine's semantics, not its numbers: GEMMs of other shapes and other attention kernels differ
+# in the last bits, which at KV4 can move a key across a rounding step. So the engine's tokens
+# are checked teacher-forced (each is the reference's greedy choice after the engine's own
+# earlier tokens, up to a near tie) and near ties must be rare.
 EXACT_TEXTS = TEXTS[:3] + ["Les feux d'artifice 🎆 du 14 juillet à Paris, 東京の花火"]
 
 
+def assert_agrees(model, tok, prompts, outputs, params, kv_bits=None, tol=1e-3, max_near_ties=0):
+    near_ties = assert_greedy_agrees(model, prompts, outputs, kv_bits, tol)
+    assert near_ties <= max_near_ties, near_ties
+    for out in outputs:
+        assert out.finish_reason == "length" and len(out.token_ids) == params.max_tokens
+        assert out.text == (tok.decode(out.token_ids, skip_special_tokens=True) if tok is not None else "")
+
+
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_engine_equals_generator_greedy_at_every_kv_precision(bundled, bits):
+def test_engine_greedy_agrees_with_the_reference_at_every_kv_precision(bundled, bits):
     model, tok = bundled
     prompts = [tok(t)["input_ids"] for t in EXACT_TEXTS]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     outputs = LLM.from_model(model, tok, kv_bits=bits).generate(prompts, params)
-    assert_same(outputs, generate(model, tok, prompts, params, kv_bits=bits))
+    assert_agrees(model, tok, prompts, outputs, params, kv_bits=bits, tol=1e-3 if bits == 16 else 0.25,
+                  max_near_ties=0 if bits == 16 else 2)
+
+
+TINY_TOL = 0.05  # in logits: the largest gap of a choice taken against the reference's was < 0.05
 
 
 def tiny_quantized_model(granularity: Granularity, kv_bits: int, dtype: torch.dtype, qk_hadamard: bool = False) -> LlamaModel:
@@ -108,7 +117,7 @@ def tiny_quantized_model(granularity: Granularity, kv_bits: int, dtype: torch.dt
 @pytest.mark.parametrize("kv_bits", [4, 8])
 @pytest.mark.parametrize("granularity, linear", [(G128, W4A8G128Linear), (PER_CHANNEL, W4A8PerChannelLinear)],
                          ids=["g128", "per-channel"])
-def test_w4a8_engine_equals_generator_greedy(bundled, granularity, linear, kv_bits, dtype, async_scheduling):
+def test_w4a8_engine_greedy_agrees_with_the_reference(bundled, granularity, linear, kv_bits, dtype, async_scheduling):
     _, tok = bundled
     model = tiny_quantized_model(granularity, kv_bits, dtype)
     assert isinstance(model.layers[0].mlp.down_proj, linear) and model.quant_config.kv_bits == kv_bits
@@ -116,15 +125,15 @@ def test_w4a8_engine_equals_generator_greedy(bundled, granularity, linear, kv_bi
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 3, 9, 17, 30, 64)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     outputs = LLM.from_model(model, tok, async_scheduling=async_scheduling).generate(prompts, params)  # own kv_bits
-    reference = generate(model, tok, prompts, params)
-    assert_same(outputs, reference)
-    assert len({t for r in reference for t in r.token_ids}) > 20  # a model with something to say
+    # fp16 rounds every activation: more near ties decided the other way (at most 4 of 144 seen)
+    assert_agrees(model, tok, prompts, outputs, params, tol=TINY_TOL, max_near_ties=2 if dtype == torch.float32 else 6)
+    assert len({t for o in outputs for t in o.token_ids}) > 20  # a model with something to say
 
 
 @pytest.mark.parametrize("kv_bits", [4, 16])
-def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bits, async_scheduling):
-    """The q/k Hadamard after RoPE: the engine (rope_kv_write's rotation, rotated cache) and
-    qoq.generate agree; with a 16-bit cache the rotation changes no logit beyond rounding."""
+def test_qk_hadamard_engine_agrees_with_the_reference_and_keeps_fp_scores(bundled, kv_bits, async_scheduling):
+    """The q/k Hadamard after RoPE: the engine (rope_kv_write's rotation, rotated cache) agrees
+    with the reference (CausalAttention's rotation); with a 16-bit cache the rotation changes no logit beyond rounding."""
     _, tok = bundled
     model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
     assert model.quant_config.qk_hadamard
@@ -132,7 +141,7 @@ def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bit
     prompts = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (1, 5, 20, 64)]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     outputs = LLM.from_model(model, tok, kv_bits=kv_bits, async_scheduling=async_scheduling).generate(prompts, params)
-    assert_same(outputs, generate(model, tok, prompts, params, kv_bits=kv_bits))
+    assert_agrees(model, tok, prompts, outputs, params, kv_bits=kv_bits, tol=TINY_TOL, max_near_ties=2)
     tokens = torch.tensor([prompts[2]])
     with torch.no_grad():
         rotated = model.compute_logits(model(tokens, attn=CausalAttention(kv_bits, qk_hadamard=True)))
@@ -144,7 +153,7 @@ def test_qk_hadamard_engine_equals_generator_and_keeps_fp_scores(bundled, kv_bit
 
 
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype)
+    return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype) if bits < 16 else x
 
 
 def _sdpa(q, k, v, causal):  # [T, H, D] each, GQA
@@ -154,50 +163,53 @@ def _sdpa(q, k, v, causal):  # [T, H, D] each, GQA
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_serving_kv_mode_semantics_against_sdpa(bits):
-    """DenseKVCache "serving", checked independently of the kernels with SDPA: a left-padded
-    prompt attends causally over quantize->dequantize(K/V) of its tokens (what the pages hold,
-    so a prompt's numbers do not depend on chunking or cached prefixes); each later token over
-    that of every token so far, itself included; padding never attends or is attended to."""
+def test_paged_attention_semantics_against_sdpa(bits):
+    """The engine's PagedAttention, checked independently of its kernels with SDPA: prompts
+    packed in one row each attend causally over quantize->dequantize(K/V) of their own tokens
+    (what the pages hold, so a prompt's numbers do not depend on chunking or cached prefixes);
+    each later token over that of every token of its sequence so far, itself included. (What
+    the removed dense cache's "serving" mode checked of itself, now of the engine.)"""
     rot = RotaryEmbedding(16, 64, 10000.0, RopeScaling())
     gen = torch.Generator().manual_seed(0)
-    pad = torch.tensor([0, 3])
-    batch, prompt_len, (hq, hkv, d) = 2, 7, (4, 2, 16)
-    cache = DenseKVCache(1, batch, 12, hkv, d, torch.float32, pad_lens=pad, kv_bits=bits, mode="serving",
-                         page_size=4)
+    lens, (hq, hkv, d), page = [7, 4], (4, 2, 16), 4
+    attn = PagedAttention(allocate_kv_cache(1, 8, hkv, d, page, bits, "cpu", torch.float32, False), d)
+    tables = torch.tensor([[5, 0, 2], [1, 6, 3]], dtype=torch.int32)  # each sequence's pages, scattered
+
+    def slot(i, p):
+        return int(tables[i, p // page]) * page + p % page
 
     def randn(t, h):
-        return torch.randn(batch, t, h, d, generator=gen)
+        return torch.randn(1, t, h, d, generator=gen)
 
-    q, k, v = randn(prompt_len, hq), randn(prompt_len, hkv), randn(prompt_len, hkv)
-    positions = (torch.arange(prompt_len)[None] - pad[:, None]).clamp(min=0)
-    out = cache(0, q, k, v, positions, rot)
-    cache.advance(prompt_len)
-    keys, values = [], []
-    for b in range(batch):
-        p = int(pad[b])
-        qr, kr = rot(positions[b, p:], q[b, p:], k[b, p:])
-        keys.append(_fake_quant(kr, bits) if bits < 16 else kr)
-        values.append(_fake_quant(v[b, p:], bits) if bits < 16 else v[b, p:])
-        torch.testing.assert_close(out[b, p:], _sdpa(qr, keys[b], values[b], causal=True))
-    next_pos = positions[:, -1] + 1
+    q, k, v = randn(sum(lens), hq), randn(sum(lens), hkv), randn(sum(lens), hkv)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    attn.metadata = AttentionMetadata(
+        slot_mapping=torch.tensor([slot(i, p) for i, n in enumerate(lens) for p in range(n)]),
+        num_prefill_tokens=sum(lens), cu_seqlens=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32),
+        max_seqlen=max(lens), prefill_block_tables=tables, prefill_kv_lens=torch.tensor(lens, dtype=torch.int32),
+        prefill_has_context=False)
+    out = attn(0, q, k, v, positions[None], rot)[0]
+    keys, values, start = [], [], 0
+    for n in lens:
+        rows = slice(start, start + n)
+        qr, kr = rot(positions[rows], q[0, rows], k[0, rows])
+        keys.append(_fake_quant(kr, bits))
+        values.append(_fake_quant(v[0, rows], bits))
+        torch.testing.assert_close(out[rows], _sdpa(qr, keys[-1], values[-1], causal=True))
+        start += n
+    next_pos = torch.tensor(lens)
     for _ in range(3):
-        q, k, v = randn(1, hq), randn(1, hkv), randn(1, hkv)
-        out = cache(0, q, k, v, next_pos[:, None], rot)
-        cache.advance(1)
-        for b in range(batch):
-            qr, kr = rot(next_pos[b, None], q[b], k[b])
-            keys[b] = torch.cat([keys[b], _fake_quant(kr, bits) if bits < 16 else kr])
-            values[b] = torch.cat([values[b], _fake_quant(v[b], bits) if bits < 16 else v[b]])
-            torch.testing.assert_close(out[b], _sdpa(qr, keys[b], values[b], causal=False))
+        q, k, v = randn(2, hq), randn(2, hkv), randn(2, hkv)
+        attn.metadata = AttentionMetadata(
+            slot_mapping=torch.tensor([slot(i, int(p)) for i, p in enumerate(next_pos)]), block_tables=tables,
+            context_lens=(next_pos + 1).to(torch.int32))
+        out = attn(0, q, k, v, next_pos[None], rot)[0]
+        for i in range(2):
+            qr, kr = rot(next_pos[i, None], q[0, i, None], k[0, i, None])
+            keys[i] = torch.cat([keys[i], _fake_quant(kr, bits)])
+            values[i] = torch.cat([values[i], _fake_quant(v[0, i, None], bits)])
+            torch.testing.assert_close(out[i, None], _sdpa(qr, keys[i], values[i], causal=False))
         next_pos = next_pos + 1
-
-
-def test_kv_modes_are_explicit():
-    with pytest.raises(ValueError, match="mode must be one of"):
-        DenseKVCache(1, 1, 8, 2, 16, torch.float32, mode="fresh")
-    with pytest.raises(ValueError, match="needs mode 'fake_quant'"):
-        DenseKVCache(1, 1, 8, 2, 16, torch.float32, kv_quantizer=lambda x: x, mode="serving")
 
 
 def test_preemption_under_a_tiny_pool_loses_nothing(bundled, prompts, reference, async_scheduling):
@@ -238,7 +250,7 @@ def test_requests_join_the_running_batch(bundled, prompts, reference, async_sche
 def test_seeded_sampling_matches_reference(bundled, prompts, async_scheduling):
     model, tok = bundled
     params = SamplingParams(max_tokens=8, temperature=0.8, top_k=40, top_p=0.9, seed=1234)
-    [ref] = generate(model, tok, [prompts[0]], params)
+    ref = reference_generate(model, tok, prompts[0], params)
     llm = LLM.from_model(model, tok, kv_bits=16, page_size=16, async_scheduling=async_scheduling)
     a, b = llm.generate([prompts[0], prompts[0]], params)
     assert a.token_ids == b.token_ids == ref.token_ids
@@ -247,7 +259,7 @@ def test_seeded_sampling_matches_reference(bundled, prompts, async_scheduling):
 def test_streamed_deltas_add_up_and_hold_back_stop_strings(bundled, prompts, async_scheduling):
     model, tok = bundled
     params = SamplingParams(max_tokens=16, stop=["return"])
-    [ref] = generate(model, tok, [prompts[1]], params)
+    ref = reference_generate(model, tok, prompts[1], params)
     engine = LLM.from_model(model, tok, kv_bits=16, page_size=16, async_scheduling=async_scheduling).engine
     engine.add_request(prompts[1], params, "s")
     pieces, tokens, last = [], [], None

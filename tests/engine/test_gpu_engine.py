@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import assert_greedy_agrees
 
 from qoq.bench.random_model import random_model
 from qoq.config import G128, PER_CHANNEL, ModelConfig, QuantConfig
@@ -43,34 +44,21 @@ def test_graphs_equal_eager_and_the_cache_is_sized_from_free_memory(precision, g
     assert all(len(o) == 24 for o in outputs[0])
 
 
-class _NoText:
-    """qoq.generate decodes text at the end; random models have no tokenizer."""
-
-    eos_token_id = None
-
-    @staticmethod
-    def decode(ids, skip_special_tokens=True):
-        return ""
-
-
 @pytest.mark.parametrize("precision, group, qk_hadamard", [
     ("w4a8kv4", PER_CHANNEL, False), ("w4a8kv4", G128, True), ("w4a8kv8", G128, False), ("w16a16kv16", G128, False)])
-def test_engine_equals_the_generator_on_the_gpu(precision, group, qk_hadamard):
-    """The serving-mode dense generator runs the engine's Triton kernels: greedy outputs agree."""
-    from qoq.generate import generate
-
+def test_engine_agrees_with_the_reference_on_the_gpu(precision, group, qk_hadamard):
+    """The engine's Triton kernels and CUDA graphs against the reference (tests/reference.py: a
+    full recompute through the no-cache backend, the kernels' torch twins for KV4/KV8)."""
     quant = QuantConfig(precision, group, qk_hadamard=qk_hadamard)
     model = random_model(ModelConfig.from_hf(TINY), quant, device="cuda", seed=1)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 64, 100, 31)]
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=256, gpu_memory_utilization=0.5))
     served = _generate(engine, prompts, 20)
-    params = SamplingParams(max_tokens=20, ignore_eos=True, detokenize=False)
-    dense = [out.token_ids for out in generate(model, _NoText(), prompts, params)]
-    # Same kernels and semantics, but the packed (engine) and left-padded (generator) batches give
-    # the GEMMs other row counts, hence other tiles / split-K orders: fp16 last bits may differ and
-    # flip a near-tie, after which that sequence diverges. Most sequences must match exactly.
-    assert sum(s == d for s, d in zip(served, dense)) >= 3, (served, dense)
+    # Same semantics, other numbers: fp16 GEMMs of other shapes, other attention kernels. Each
+    # token must be the reference's greedy choice after the engine's own earlier tokens, up to a
+    # near tie, and near ties decided the other way must be rare (80 choices).
+    assert assert_greedy_agrees(model, prompts, served, tol=0.1) <= 8
 
 
 def _run(engine: LLMEngine, prompts, params: list[SamplingParams]) -> list[list[int]]:

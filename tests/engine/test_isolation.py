@@ -3,9 +3,9 @@ alone; the one whose step still fails finishes with "error"), a token that canno
 fails only its request, and a device fault stops the engine instead of being blamed on anyone."""
 
 import pytest
+from reference import reference_generate
 
 from qoq.engine import LLM, SamplingParams
-from qoq.generate import generate
 from qoq.server.engine_loop import EngineLoop
 
 TEXTS = ["The capital of France is", "def fibonacci(n):", "List three colors:", "1, 2, 3, 4,",
@@ -22,7 +22,7 @@ def prompts(bundled):
 @pytest.fixture(scope="module")
 def reference(bundled, prompts):
     model, tok = bundled
-    return [generate(model, tok, [p], PARAMS)[0].token_ids for p in prompts]
+    return [reference_generate(model, tok, p, PARAMS).token_ids for p in prompts]
 
 
 def make_engine(bundled, async_scheduling=True, **kw):
@@ -85,7 +85,6 @@ def test_sampling_that_fails_mid_generation_fails_only_its_request(bundled, prom
         return sample(logits, seqs, generator)
 
     monkeypatch.setattr(runner_module, "sample_tokens_device", failing)
-    monkeypatch.setattr(runner_module, "sample_tokens", lambda *a: failing(*a).tolist())
     engine = make_engine(bundled)
     final = run_all(engine, [(str(i), p, PARAMS) for i, p in enumerate(prompts)])
     assert final["5"].finish_reason == "error" and "row 5" in final["5"].error

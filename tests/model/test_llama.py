@@ -33,7 +33,7 @@ def test_logits_match_transformers(bundled, hf_bundled):
 def test_greedy_generations_identical_to_transformers(bundled, hf_bundled):
     model, tokenizer = bundled
     prompts = [apply_chat_template(tokenizer, q) for q in CHATS] + [tokenizer(PROMPTS[2])["input_ids"]]
-    outs = generate(model, tokenizer, prompts, SamplingParams(max_tokens=24))  # one padded batch
+    outs = generate(model, tokenizer, prompts, SamplingParams(max_tokens=24))  # one engine batch
     for prompt, out in zip(prompts, outs):
         ref = hf_bundled.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
         ref = ref.tolist()

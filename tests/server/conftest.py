@@ -31,7 +31,7 @@ def _serve(args: list[str], log_path):
 
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory):
-    """`qoq serve` as a real process on a free loopback port (fp cache: outputs match qoq.generate)."""
+    """`qoq serve` as a real process on a free loopback port (fp cache: outputs match tests/reference.py)."""
     yield from _serve([MODEL, *SERVER_ENGINE_ARGS], tmp_path_factory.mktemp("server") / "serve.log")
 
 

@@ -22,7 +22,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": -3}, 400, "top_k"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n must be an integer"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}, 400, "token ids"),

@@ -3,9 +3,9 @@
 import asyncio
 
 import pytest
+from reference import chat_prompt, reference_generate
 from server_helpers import MODEL, metric
 
-from qoq.generate import apply_chat_template, generate
 from qoq.sampling import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:", "1, 2, 3, 4,",
@@ -15,7 +15,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:"
 @pytest.fixture(scope="module")
 def reference(bundled):
     model, tok = bundled
-    return {p: generate(model, tok, [tok(p)["input_ids"]], SamplingParams(max_tokens=8))[0] for p in PROMPTS}
+    return {p: reference_generate(model, tok, tok(p)["input_ids"], SamplingParams(max_tokens=8)) for p in PROMPTS}
 
 
 def test_models_lists_the_served_model(client):
@@ -44,7 +44,7 @@ def test_streamed_completion_equals_non_streamed(client, reference):
 def test_chat_streaming_and_not(client, bundled):
     model, tok = bundled
     question = "What is the capital of France?"
-    [ref] = generate(model, tok, [apply_chat_template(tok, question)], SamplingParams(max_tokens=20))
+    ref = reference_generate(model, tok, chat_prompt(tok, question), SamplingParams(max_tokens=20))
     messages = [{"role": "user", "content": question}]
     out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     assert out.choices[0].message.content == ref.text and "Paris" in ref.text

@@ -10,9 +10,9 @@ import json
 
 import httpx
 import pytest
+from reference import reference_generate
 
 from qoq.engine.config import EngineConfig
-from qoq.generate import generate
 from qoq.sampling import SamplingParams
 from qoq.server.serve import BackgroundServer, free_port, make_server
 
@@ -70,7 +70,7 @@ def run_concurrently(url, prompts):
 def reference(bundled):
     model, tok = bundled
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    return [generate(model, tok, [tok(t)["input_ids"]], params)[0].text for t in TEXTS]
+    return [reference_generate(model, tok, tok(t)["input_ids"], params).text for t in TEXTS]
 
 
 @pytest.mark.parametrize("bad", [2, 5], ids=["json", "stream"])

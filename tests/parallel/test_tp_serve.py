@@ -1,0 +1,108 @@
+"""`qoq serve --tensor-parallel-size 2` on loopback (CPU, gloo): the HTTP answers are the
+single-process engine's, and a worker rank that dies makes the server exit non-zero, not hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
+from qoq.bench.synthetic_tokenizer import synthetic_tokenizer
+from qoq.engine.llm import LLM
+from qoq.sampling import SamplingParams
+from qoq.server.serve import free_port, wait_healthy
+
+ENGINE_ARGS = ["--page-size", "16", "--num-pages", "64", "--max-num-seqs", "4", "--threads", "1"]
+PROMPTS = ["t5 t17 t300 t999", "t1 t2 t3 t4 t5 t6 t7 t8 t9 t10"]
+EXIT_WITHIN_S = 60  # a dead worker is seen within a heartbeat (1 s); the rest is the server's own exit
+
+
+@pytest.fixture
+def tp_server(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "qoq.cli", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16",
+           "--tensor-parallel-size", "2", *ENGINE_ARGS, "--port", str(port), "--log-level", "warning"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, 180)
+    except RuntimeError as err:
+        proc.kill()
+        pytest.fail(f"{err}:\n{log.read_text()}")
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _workers(pid: int) -> list[int]:
+    """The tensor-parallel worker processes among pid's descendants."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        child, _, args = line.strip().partition(" ")
+        found += [int(child)] if "_worker_main" in args else _workers(int(child))
+    return found
+
+
+def test_tp_server_answers_as_one_process(tp_server):
+    url, proc, log = tp_server
+    config = bundled_config("tiny")
+    model = random_model(config, bench_quant_config("w16a16kv16"), device="cpu", dtype=torch.float32)
+    single = LLM.from_model(model, synthetic_tokenizer(config.vocab_size, config.eos_token_ids[0]), page_size=16,
+                            num_pages=64, max_num_seqs=4)
+    want = [o.text for o in single.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))]
+    for prompt, text in zip(PROMPTS, want):
+        body = {"model": "random-tiny-w16a16kv16", "prompt": prompt, "max_tokens": 10, "temperature": 0,
+                "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == text
+    # Served stream: the same tokens
+    body = {"model": "random-tiny-w16a16kv16", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-request"])
+def test_a_killed_worker_makes_the_server_exit_non_zero(tp_server, when):
+    url, proc, log = tp_server
+    (worker,) = _workers(proc.pid)
+    stream = None
+    if when == "mid-request":  # a long stream under way: the kill lands between or inside its steps
+        body = {"model": "random-tiny-w16a16kv16", "prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        stream = httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=EXIT_WITHIN_S)
+        lines = stream.__enter__().iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+    os.kill(worker, signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server still runs {EXIT_WITHIN_S}s after its worker rank died:\n{log.read_text()}")
+    finally:
+        if stream is not None:
+            try:
+                list(lines)  # the stream ends (an error event, or the connection closed): never hangs
+            except httpx.HTTPError:
+                pass
+            stream.__exit__(None, None, None)
+    assert proc.returncode != 0, log.read_text()
+    assert time.monotonic() - t0 < EXIT_WITHIN_S
