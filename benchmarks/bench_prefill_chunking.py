@@ -86,16 +86,17 @@ def step_times(model, args, chunked: bool, gen: torch.Generator) -> dict:
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
         engine.step()  # the running batch fills (not timed)
     runner, record = engine.runner, []
-    execute = runner.execute
+    launch = runner.launch
 
-    def timed(batch):
+    def timed(batch, prev):
         _sync(args.device)
         t0 = time.perf_counter()
-        tokens = execute(batch)  # ends reading the tokens back: the step is done
+        step = launch(batch, prev)
+        step.token_ids()  # read back: the step is done (synchronous scheduling reads them next anyway)
         record.append((batch.num_tokens - len(batch.decodes), len(batch.decodes), time.perf_counter() - t0))
-        return tokens
+        return step
 
-    runner.execute = timed
+    runner.launch = timed
     for step in range(args.steps):
         if step % args.arrival_every == 0:
             for _ in range(args.arrivals):
@@ -103,7 +104,7 @@ def step_times(model, args, chunked: bool, gen: torch.Generator) -> dict:
         t0 = time.perf_counter()
         engine.step()
         record[-1] = (*record[-1][:2], time.perf_counter() - t0)  # the whole step, engine Python included
-    runner.execute = execute
+    runner.launch = launch
     for seq in list(engine.requests):
         engine.abort_request(seq)
     decode = [1000 * s for p, d, s in record if not p]

@@ -35,22 +35,16 @@ from qoq.sampling import SamplingParams  # noqa: E402
 def without_model(engine: LLMEngine) -> None:
     """Decode steps skip the forward: inputs are prepared, every sampled token is 1."""
     runner = engine.runner
-    execute, launch = runner.execute, runner.launch
+    launch = runner.launch
 
-    def execute_without_model(batch):  # synchronous scheduling
-        if batch.prefills:
-            return execute(batch)
-        runner.prepare(batch)
-        return [1] * len(batch.seqs)
-
-    def launch_without_model(batch, prev):  # async scheduling
+    def launch_without_model(batch, prev):  # every step launches, synchronous or async scheduling
         if batch.prefills:
             return launch(batch, prev)
         runner.prepare(batch, prev.tokens if prev is not None else None)
         tokens = torch.ones(len(batch.seqs), dtype=torch.long)
         return StepInFlight(batch, batch.seqs, tokens, DeviceToHost(tokens))
 
-    runner.execute, runner.launch = execute_without_model, launch_without_model
+    runner.launch = launch_without_model
 
 
 def measure(args, async_scheduling: bool) -> list[float]:
