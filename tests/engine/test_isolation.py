@@ -3,6 +3,7 @@ alone; the one whose step still fails finishes with "error"), a token that canno
 fails only its request, and a device fault stops the engine instead of being blamed on anyone."""
 
 import pytest
+from faults import POISON, poison_forward
 from reference import reference_generate
 
 from qoq.engine import LLM, SamplingParams
@@ -10,7 +11,6 @@ from qoq.server.engine_loop import EngineLoop
 
 TEXTS = ["The capital of France is", "def fibonacci(n):", "List three colors:", "1, 2, 3, 4,",
          "Once upon a time", "The quick brown fox", "import numpy as", "Dear Sir or Madam,"]
-POISON = 12345  # a valid token id the patched forward refuses
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
@@ -39,17 +39,6 @@ def run_all(engine, requests):
         final.update((o.request_id, o) for o in engine.step() if o.finished)
         assert len(final) <= len(requests)
     return final
-
-
-def poison_forward(monkeypatch, model, error=ValueError("poisoned token")):
-    forward = model.forward
-
-    def checked(input_ids, *args, **kwargs):
-        if bool((input_ids == POISON).any()):
-            raise error
-        return forward(input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", checked)
 
 
 def assert_others_exact(final, reference, bad: str):

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+from faults import POISON, poison_forward
 from reference import reference_generate
 
 from qoq.engine.config import EngineConfig
@@ -18,19 +19,7 @@ from qoq.server.serve import BackgroundServer, free_port, make_server
 
 TEXTS = ["The capital of France is", "def fibonacci(n):", "List three colors:", "1, 2, 3, 4,",
          "Once upon a time", "The quick brown fox", "import numpy as", "Dear Sir or Madam,"]
-POISON = 12345
 NAME = "isolation-test"
-
-
-def poison_forward(monkeypatch, model, error):
-    forward = model.forward
-
-    def checked(input_ids, *args, **kwargs):
-        if bool((input_ids == POISON).any()):
-            raise error
-        return forward(input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", checked)
 
 
 def serve(bundled):
