@@ -98,3 +98,50 @@ def test_readme_perplexities_come_from_the_results():
     table = readme[readme.index("| method | ppl |"):readme.index("W8A8 is lossless")]
     quoted = re.findall(r"\b\d{2}\.\d{2}\b(?!%)", table)
     assert quoted and not [q for q in quoted if q not in measured]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(doc, command) for every `qoq ...` line in a code block of the README or docs/, one
+    command per line (continuation lines joined, trailing comments dropped)."""
+    commands = []
+    for doc in DOCS:
+        blocks = doc.read_text().split("```")[1::2]
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.strip().removeprefix("$ ")
+                if line.startswith("qoq "):
+                    commands.append((doc.name, line))
+    return commands
+
+
+def test_every_documented_command_parses():
+    """Each `qoq` command the docs show is one the CLI takes as written: its subcommand exists and
+    every option is spelled and valued as the parser wants (the commands themselves need models,
+    GPUs or minutes; test_cli.py runs the CPU ones). In a synopsis, `[--opt VALUE]` groups are
+    optional: their options must exist; the rest must parse."""
+    import argparse
+    import shlex
+
+    from qoq.cli import build_parser
+
+    def options(parser) -> set[str]:
+        found = set()
+        for action in parser._actions:
+            found.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found |= options(sub)
+        return found
+
+    known = options(build_parser())
+    commands = documented_commands()
+    assert len(commands) >= 15
+    for doc, line in commands:
+        optional = re.findall(r"\[([^\]]*)\]", line)
+        for flag in re.findall(r"--[\w-]+", " ".join(optional)):
+            assert flag in known, f"{doc}: `{line}` names {flag}, which no qoq command takes"
+        words = shlex.split(re.sub(r"\[[^\]]*\]", " ", line), comments=True)
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit:
+            raise AssertionError(f"{doc}: `{line}` does not parse") from None
