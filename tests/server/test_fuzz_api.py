@@ -36,9 +36,16 @@ valid_sampling = {
     "stop": st.one_of(st.none(), st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=6), max_size=4),
                       st.lists(st.text(min_size=256, max_size=256), min_size=16, max_size=16)),
     "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3), "ignore_eos": st.booleans(),
-    "n": st.just(1), "stream": st.booleans(),
+    "n": st.integers(1, 3), "best_of": st.one_of(st.none(), st.integers(1, 3)), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "logprobs": st.sampled_from([None, False, 0]), "presence_penalty": st.just(0.0), "user": short_text,
+    "logprobs": st.sampled_from([None, False, True, 0, 2, 5]), "top_logprobs": st.integers(0, 5),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.one_of(st.just(1.0), st.floats(0.01, 2)), "min_tokens": st.integers(0, 4),
+    "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                            "type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+    "user": short_text,
 }
 valid_prompt = st.one_of(st.text(min_size=1, max_size=40), st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8),
                          st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=1),
