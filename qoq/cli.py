@@ -76,7 +76,8 @@ def _load(args):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"HF folder, .gguf file, or {DEFAULT_MODEL!r} (the bundled SmolLM2-135M-Instruct; default)")
+                   help=f"HF folder, qoq checkpoint (qoq quantize --out), QServe model-zoo folder, .gguf file, or "
+                        f"{DEFAULT_MODEL!r} (the bundled SmolLM2-135M-Instruct; default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights/activations dtype (default: float32 on CPU, float16 on GPU)")
