@@ -252,21 +252,14 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
         await constrain(params, spec)
         request_id = new_id("chatcmpl")
         if req.num_choices > 1 or params.logprobs is not None:
-            if tools:  # the choices path does not parse tool calls (yet)
-                raise ApiError(400, "tools with n > 1 or logprobs are not supported", param="tools")
-            return await choices_response(req, raw, request_id, [prompt_ids], [params], None)
+            return await choices_response(req, raw, request_id, [prompt_ids], [params], None, bool(tools))
         stream = submit(prompt_ids, params, request_id)
         if req.stream:
             return _sse(chat_chunks(stream, request_id, req.include_usage, bool(tools)), stream)
         out = await _collect(stream, raw)
         if out is None:
             return Response(status_code=499)
-        message, reason = AssistantMessage(content=out.text), out.finish_reason
-        if tools:
-            content, calls = parse_tool_calls(out.text)
-            if calls:
-                message = AssistantMessage(content=content, tool_calls=calls)
-                reason = "tool_calls" if reason == "stop" else reason
+        message, reason = _assistant_message(out, tools)
         return ChatCompletionResponse(id=request_id, model=model_name, usage=_usage(out), choices=[
             ChatChoice(message=message, finish_reason=reason)])
 
@@ -341,11 +334,13 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
                 engine.abort(stream.request_id)
 
     # -- several choices (n, best_of, a list of prompts) or logprobs: the general path ------------
-    async def choices_response(req: SamplingFields, raw: Request, request_id: str, all_ids, all_params, echoes):
+    async def choices_response(req: SamplingFields, raw: Request, request_id: str, all_ids, all_params, echoes,
+                               tools: bool = False):
         """Each prompt runs as num_choices sequences (request ids `<id>-<prompt>-<choice>`),
         submitted one after the other, so the first one's prompt pages are keyed by the time its
         siblings are admitted and they start past them (block_manager.py's prefix cache).
-        Choice index = prompt index * n + choice. echoes None: a chat request."""
+        Choice index = prompt index * n + choice. echoes None: a chat request; tools: parse each
+        choice's tool calls."""
         k = req.num_choices
         want_logprobs = all_params[0].logprobs is not None
         streams: list[RequestStream] = []
@@ -362,7 +357,7 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
         first_ids = [ids[0] for ids in all_ids for _ in range(k)]
         if req.stream:
             if echoes is None:
-                return _sse(chat_choice_chunks(streams, request_id, req.include_usage, want_logprobs), streams)
+                return _sse(chat_choice_chunks(streams, request_id, req.include_usage, want_logprobs, tools), streams)
             return _sse(completion_choice_chunks(streams, request_id, req.include_usage, want_logprobs, texts,
                                                  first_ids, len(all_ids)), streams)
         outs: list[Delta] = []
@@ -388,8 +383,8 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
                 out = outs[i]
                 if echoes is None:
                     lp = chat_logprobs(token_texts, out.logprobs or []) if want_logprobs else None
-                    choices.append(ChatChoice(index=p * req.n + j, message=AssistantMessage(content=out.text),
-                                              finish_reason=out.finish_reason, logprobs=lp))
+                    message, reason = _assistant_message(out, tools)
+                    choices.append(ChatChoice(index=p * req.n + j, message=message, finish_reason=reason, logprobs=lp))
                     continue
                 lp = None
                 if want_logprobs:
@@ -433,26 +428,48 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
         if include_usage:
             yield CompletionResponse(**{**head, "choices": [], "usage": _usage_of(last, num_prompts)}).model_dump_json()
 
-    async def chat_choice_chunks(streams, request_id, include_usage, want_logprobs):
+    async def chat_choice_chunks(streams, request_id, include_usage, want_logprobs, tools: bool = False):
         def chunk(choices, usage=None):
             return ChatCompletionChunk(id=request_id, model=model_name, choices=choices, usage=usage).model_dump_json()
 
         for i in range(len(streams)):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         last: list[Delta | None] = [None] * len(streams)
+        held = [ToolStream() for _ in streams] if tools else None  # each choice's calls go out whole, at its end
         async for i, deltas in merged(streams):
             text = "".join(d.text for d in deltas)
+            if held is not None:
+                text = held[i].feed(text)
             entries = [e for d in deltas for e in d.logprobs or []]
             last[i] = deltas[-1]
             if text or entries:
                 lp = chat_logprobs(token_texts, entries) if want_logprobs else None
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), logprobs=lp)])
             if deltas[-1].finished:
-                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=deltas[-1].finish_reason)])
+                reason = deltas[-1].finish_reason
+                if held is not None:
+                    rest, calls = held[i].finish()
+                    if rest:
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=rest))])
+                    if calls:
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[
+                            DeltaToolCall(index=n, **c.model_dump()) for n, c in enumerate(calls)]))])
+                        reason = "tool_calls" if reason == "stop" else reason
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])
         if include_usage:
             yield chunk([], _usage_of(last, 1))
 
     return app
+
+
+def _assistant_message(out: Delta, tools: bool) -> tuple[AssistantMessage, str | None]:
+    """A finished chat choice's message and finish reason (its tool calls parsed when tools were given)."""
+    if tools:
+        content, calls = parse_tool_calls(out.text)
+        if calls:
+            return AssistantMessage(content=content, tool_calls=calls), \
+                "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+    return AssistantMessage(content=out.text), out.finish_reason
 
 
 def _choice_params(params, choice: int, logprobs: bool, stream: bool):

@@ -170,6 +170,30 @@ def test_tool_choice_required_and_named_always_yield_valid_calls(tools_client, s
             assert calls[0].function.name == "get_time"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_choice_gets_its_own_tool_calls(tools_client, stream):
+    """n = 2 sampled choices with logprobs, tool_choice required: each choice's output is parsed
+    into calls of its own (held back and sent whole per choice when streaming)."""
+    kw = dict(model=MODEL, messages=ASK_WEATHER, max_tokens=64, temperature=0.9, seed=5, n=2, logprobs=True,
+              tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    if not stream:
+        out = tools_client.chat.completions.create(**kw)
+        per_choice = {c.index: (c.message.tool_calls, c.finish_reason, c.message.content) for c in out.choices}
+        assert all(c.logprobs and c.logprobs.content for c in out.choices)
+    else:
+        per_choice = {}
+        for chunk in tools_client.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                calls, reason, text = per_choice.get(c.index, ([], None, ""))
+                per_choice[c.index] = (calls + list(c.delta.tool_calls or []), c.finish_reason or reason,
+                                       text + (c.delta.content or ""))
+    assert sorted(per_choice) == [0, 1]
+    for calls, reason, text in per_choice.values():
+        assert reason == "tool_calls" and not (text or "").strip()
+        assert len(calls) == 1
+        _check_calls(calls, [WEATHER, TIME])
+
+
 def test_tools_auto_returns_parsed_calls_or_text(tools_client):
     out = tools_client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=64, temperature=0,
                                                tools=[WEATHER])
