@@ -73,20 +73,12 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False, output_kind="final")
     forward_times: list[float] = []
     runner = engine.runner
-    execute, launch = runner.execute, runner.launch
+    launch = runner.launch
     in_runner = [0.0]  # seconds spent in the model runner during the current step
     pure_decode = [False]  # whether the step that just ran (launched, with async scheduling) had no prefill
     shape = [0, 0]  # its prefill tokens and decode rows
 
-    def timed_execute(batch):  # synchronous: execute() ends in a device sync (tokens to Python), so this is exact
-        t0 = time.perf_counter()
-        tokens = execute(batch)
-        in_runner[0] += time.perf_counter() - t0
-        pure_decode[0] = not batch.chunks
-        shape[:] = batch.num_tokens - len(batch.decodes), len(batch.decodes)
-        return tokens
-
-    def timed_launch(batch, prev):  # async scheduling: launching, and later waiting for the tokens
+    def timed_launch(batch, prev):  # every step: launching, and later waiting for the tokens
         t0 = time.perf_counter()
         step = launch(batch, prev)
         in_runner[0] += time.perf_counter() - t0
@@ -103,7 +95,7 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
         step.token_ids = timed_read
         return step
 
-    runner.execute, runner.launch = timed_execute, timed_launch
+    runner.launch = timed_launch
     for prompt in prompts:
         engine.add_request(prompt, params)
     decode_steps: list[float] = []
@@ -121,7 +113,7 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
             decode_steps.append(elapsed)
             forward_times.append(in_runner[0])
     seconds = time.perf_counter() - start
-    runner.execute, runner.launch = execute, launch
+    runner.launch = launch
     return seconds, decode_steps, forward_times, steps
 
 

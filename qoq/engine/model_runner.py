@@ -4,9 +4,9 @@ The model sees one row of T tokens (prefill chunks packed first, then one token 
 one forward serves a mixed batch with no padding. Pure-decode batches replay a captured CUDA graph
 on the GPU (cuda_graph.py); everything else runs eagerly.
 
-Two ways to run a step: `execute` returns the tokens (it waits for the device), `launch` only
-queues the step on the device and returns a `StepInFlight` whose tokens are read later (async
-scheduling, docs/serving.md). A decode whose last token is still in flight (`Sequence.num_pending`)
+Every step is launched: `launch` queues it on the device and returns a `StepInFlight` whose
+tokens are read later (at once with synchronous scheduling; a step later with async scheduling,
+docs/serving.md). A decode whose last token is still in flight (`Sequence.num_pending`)
 takes it from the previous step's device tensor: the input ids are gathered on the device.
 """
 
@@ -153,11 +153,6 @@ class ModelRunner:
 
     # -- one step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run one scheduled step and return the next token of each of batch.seqs (waits for it)."""
-        return self.launch(batch, None).token_ids()
-
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: StepInFlight | None) -> StepInFlight:
         """Queue one scheduled step on the device and return at once (nothing here waits for it).
 
@@ -167,15 +162,13 @@ class ModelRunner:
         seqs = batch.seqs
         inputs = self.prepare(batch, prev.tokens if prev is not None else None)
         logits, prompt_lp = self._logits(batch, inputs)
-        if any(s.has_extras for s in seqs):
-            raw = logits
+        raw = logits
+        extras = any(s.has_extras for s in seqs)  # the common case has none: sampling only
+        if extras:
             logits = logits.clone()
             process_logits(logits, seqs, inputs.input_ids[0].index_select(0, inputs.logit_indices))
-            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
-            sampled_lp = sampled_logprobs(raw, tokens, seqs)
-        else:  # the common case: nothing more than sampling
-            tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
-            sampled_lp = None
+        tokens = self._share(sample_tokens_device(logits, seqs, self.generator))
+        sampled_lp = sampled_logprobs(raw, tokens, seqs) if extras else None
         return StepInFlight(batch, seqs, tokens, DeviceToHost(tokens), sampled_lp, prompt_lp)
 
     def _share(self, tokens: torch.Tensor) -> torch.Tensor:
