@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the GPU image lacks (the server's dependencies, structured output, the test tools), for
 # the device machine: downloaded here into .whl/ (ignored by git), installed there by
-# benchmarks/gpu_session_h200.sh. Python 3.12, manylinux x86-64, no dependencies resolved: every
+# benchmarks/gpu_session.sh. Python 3.12, manylinux x86-64, no dependencies resolved: every
 # package the image lacks is named below.
 set -euo pipefail
 cd "$(dirname "$0")/.."

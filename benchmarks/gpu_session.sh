@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One part of the GPU work a session owes, run on the device machine (H200) in one call:
+#     bash benchmarks/gpu_session_h200.sh PART      (results and logs under $OUT)
+# with .whl carried (scripts/gpu_wheels.sh makes it here). Parts, each within one 10-minute call:
+#   tests    the GPU tests: kernels against their torch twins at real shapes, GPU quantization
+#            against the CPU, the engine on the GPU (junit XML and logs)
+#   api      bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
+#   fp16     bench_serve.py --precisions w16a16kv16 --quick: the baseline records of serve-h200.json
+#   tune     tune_kernels.py for the Llama-3-8B shapes into qoq/kernels/configs/nvidia-h200.json
+set -u
+part=${1:?usage: gpu_session_h200.sh tests|api|fp16|tune}
+out=${OUT:-/tmp/gpu}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 QOQ_GIT_COMMIT=${QOQ_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+gpu=$(head -1 "$out/gpu.txt" | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr A-Z a-z)
+gpu=${gpu:-gpu}
+case "$part" in
+  tests)
+    for t in tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
+             tests/engine/test_gpu_engine.py tests/quant/test_gpu_quantize.py; do
+      name=$(basename "$t" .py)
+      timeout 110 python3 -m pytest -q -x "$t" --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
+      echo "$name: exit $? $(tail -1 "$out/$name.log")"
+    done ;;
+  api)
+    timeout 560 python3 benchmarks/bench_serve.py --api-features --precisions w4a8kv4 --quick --skip-offline \
+      --out "$out/serve-api-$gpu.json" > "$out/serve-api.log" 2>&1
+    echo "api: exit $?"; tail -40 "$out/serve-api.log" ;;
+  fp16)
+    timeout 560 python3 benchmarks/bench_serve.py --precisions w16a16kv16 --quick \
+      --out "$out/serve-fp16-$gpu.json" > "$out/serve-fp16.log" 2>&1
+    echo "fp16: exit $?"; tail -40 "$out/serve-fp16.log" ;;
+  tune)
+    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 480 \
+      --out "$out/tune-$gpu.json" > "$out/tune.log" 2>&1
+    echo "tune: exit $?"; tail -20 "$out/tune.log" ;;
+  prefill)
+    timeout 200 python3 benchmarks/probe_paged_prefill.py --out "$out/paged-prefill-probe-$gpu.json" \
+      > "$out/paged-prefill-probe.log" 2>&1
+    echo "probe: exit $?"; cat "$out/paged-prefill-probe.log" | grep -v Warning | tail -45
+    timeout 150 python3 benchmarks/profile_decode.py --prefill --batch 1 --context 1024 --steps 1 \
+      > "$out/profile-prefill-1x1024.txt" 2>&1
+    echo "profile: exit $?"; head -30 "$out/profile-prefill-1x1024.txt"
+    timeout 200 python3 benchmarks/bench_prefill_chunking.py --budget 1024 --batch 64 --arrivals 1 \
+      --arrival-every 4 --num-prefixes 8 --out "$out" > "$out/prefill-chunking.log" 2>&1
+    echo "chunking: exit $?"; tail -30 "$out/prefill-chunking.log" ;;
+  features)
+    timeout 580 python3 benchmarks/bench_serve.py --features --precisions w4a8kv4 --quick --skip-offline \
+      --chunk-budget "${CHUNK_BUDGET:-2048}" --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
+    echo "features: exit $?"; grep -A12 "^== " "$out/serve-features.log" | tail -60 ;;
+  generate)
+    work=/tmp/qoq-gen; mkdir -p $work
+    python3 - "$work" <<'PY' || exit 1
+import sys, pathlib
+from qoq.bench.random_hf import random_text, write_random_hf_folder
+from qoq.bench.random_model import bundled_config
+work = pathlib.Path(sys.argv[1]); cfg = bundled_config("llama-3-8b")
+write_random_hf_folder(cfg, work / "hf", device="cuda")
+(work / "calib.txt").write_text(random_text(80_000, cfg.vocab_size))
+PY
+    timeout 300 python3 -m qoq.cli quantize "$work/hf" --out "$work/ckpt" --calib "$work/calib.txt" --no-gptq \
+      > "$out/generate-quantize.log" 2>&1; echo "quantize: exit $?"; tail -5 "$out/generate-quantize.log"
+    for i in 1 2; do
+      timeout 120 python3 -m qoq.cli generate "$work/ckpt" -p "The capital of France is" --max-tokens 256 \
+        > "$out/generate-$i.log" 2>&1; echo "generate $i: exit $?"; tail -2 "$out/generate-$i.log" | cut -c1-300
+    done
+    timeout 150 python3 -m qoq.cli bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
+      > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
