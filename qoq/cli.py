@@ -208,7 +208,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from qoq.server.engine_loop import ModelSpec
+    from qoq.server.engine_loop import EngineStartError, ModelSpec
     from qoq.server.serve import (
         check_port_free,
         configure_logging,
@@ -250,8 +250,12 @@ def cmd_serve(args) -> int:
     names = args.served_model_name or [default_served_name(args.model, args.random_weights, args.precision)]
     name = names[0]
     t0 = time.perf_counter()
-    server = make_process_server(spec, names, config, args.host, args.port, args.log_level, args.max_queue_len,
-                                 args.max_request_bytes, args.api_key)
+    try:
+        server = make_process_server(spec, names, config, args.host, args.port, args.log_level, args.max_queue_len,
+                                     args.max_request_bytes, args.api_key)
+    except EngineStartError as err:  # e.g. a tensor-parallel rank that died while loading: named in err
+        print(f"qoq: error: {err}", file=sys.stderr)
+        return 1
     print(f"loaded {args.random_weights or args.model} on {device} in {time.perf_counter() - t0:.1f}s; "
           f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
@@ -261,10 +265,13 @@ def cmd_serve(args) -> int:
 def cmd_bench_throughput(args) -> int:
     from qoq.bench.throughput import run_throughput
 
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     device = str(resolve_device(args.device))
     batch = 0 if args.batch == "max" else int(args.batch)
     result = run_throughput(args.config, args.precision, args.granularity, batch, args.input_len,
-                            args.output_len, device)
+                            args.output_len, device, tensor_parallel_size=args.tensor_parallel_size,
+                            threads=args.threads)
     print(json.dumps(result.to_dict()))
     return 0
 
@@ -491,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request")
     tput.add_argument("--output-len", type=int, default=512, help="generated tokens per request")
     tput.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tput.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                      help="split the model over N processes of this host (one GPU each; CPU processes over gloo "
+                           "without GPUs), each drawing only its own shard of the random weights; times and "
+                           "peak memory are rank 0's (docs/parallel.md)")
     _add_threads_arg(tput)
     tput.set_defaults(func=cmd_bench_throughput)
     bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (qoq, vLLM, SGLang, ...) over HTTP")

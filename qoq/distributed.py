@@ -85,21 +85,28 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_process_group(rank: int, world_size: int, init_method: str, backend: str | None = None,
-                       timeout_s: float = DEFAULT_TIMEOUT_S, local_rank: int | None = None) -> TPGroup | None:
-    """Join the group (None for world_size 1: no group, no communicator). Under NCCL each process
-    takes GPU `local_rank` (the rank by default) before the communicator is made."""
+def init_process_group(rank: int, world_size: int, init_method: str | None, backend: str | None = None,
+                       timeout_s: float = DEFAULT_TIMEOUT_S, local_rank: int | None = None,
+                       store: dist.Store | None = None) -> TPGroup | None:
+    """Join the group (None for world_size 1: no group, no communicator), met through `init_method`
+    or an existing `store`. Under NCCL each process takes GPU `local_rank` (the rank by default)
+    before the communicator is made."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a group of {world_size}")
     if world_size == 1:
         return None
     disable_nvlink_multicast()
     backend = backend or default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(rank if local_rank is None else local_rank)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    select_device(backend, rank if local_rank is None else local_rank)
+    dist.init_process_group(backend, init_method=init_method, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     return TPGroup(rank, world_size)
+
+
+def select_device(backend: str, local_rank: int) -> None:
+    """Under NCCL, make GPU `local_rank` this process's (a missing GPU raises here)."""
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup | None:

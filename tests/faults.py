@@ -1,4 +1,6 @@
-"""Fault injection for the isolation tests (engine and server)."""
+"""Fault injection for the isolation tests (engine and server) and the tensor-parallel start."""
+
+import os
 
 POISON = 12345  # a token id the tests put in a prompt to make its request fail
 
@@ -13,3 +15,27 @@ def poison_forward(monkeypatch, model, error: BaseException = ValueError("poison
         return forward(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(model, "forward", checked)
+
+
+class DieWhileLoading:
+    """A shard loader (engine/parallel.launch) whose rank `rank` exits with `code` instead of
+    loading its shard; the other ranks run `load`. Picklable, as it travels to the workers."""
+
+    def __init__(self, load, rank: int = 1, code: int = 3) -> None:
+        self.load, self.rank, self.code = load, rank, code
+
+    def __call__(self, tp):
+        if tp.rank == self.rank:
+            os._exit(self.code)
+        return self.load(tp)
+
+
+class DieWhenUnpickled:
+    """A shard loader that ends any process unpickling it with `code`: each worker dies as it
+    starts, before it joins the group."""
+
+    def __init__(self, code: int = 4) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return os._exit, (self.code,)

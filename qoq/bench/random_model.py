@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from qoq.config import G128, Granularity, ModelConfig, QuantConfig
+from qoq.distributed import TPGroup
 from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
-from qoq.model.llama import LlamaModel
+from qoq.model.llama import DecoderLayer, LlamaModel
+from qoq.model.tensor_parallel import assemble
 
 # Scales chosen so a dequantized weight is ~0.01-0.02 like a trained 7B model's, which keeps
 # fp16 activations in range through 32+ layers with random data.
@@ -71,15 +73,32 @@ def bench_quant_config(precision: str, granularity: Granularity = G128) -> Quant
 
 
 def random_model(config: ModelConfig, quant: QuantConfig, device: str | torch.device = "cuda",
-                 dtype: torch.dtype = torch.float16, seed: int = 0) -> LlamaModel:
-    torch.manual_seed(seed)
+                 dtype: torch.dtype = torch.float16, seed: int = 0, tp: TPGroup | None = None) -> LlamaModel:
+    """Random weights in `quant`'s packed format. With a group `tp`, rank tp.rank's shard of the
+    same model: each part (the embedding / norm / head, then each decoder layer) is drawn whole
+    on `device` from a seed of its own and sliced at once (tensor_parallel.assemble), so a rank
+    holds its shard plus one whole layer, never the whole model, and the model is the same for
+    every group size (a rank's shard equals shard_model of the one-process model)."""
+    return assemble(config, quant, tp, _random_parts(config, quant, device, dtype, seed), "random_model", device)
+
+
+def _random_parts(config: ModelConfig, quant: QuantConfig, device, dtype: torch.dtype, seed: int):
+    """The model's tensors by state-dict name, a part at a time, every float one in `dtype`."""
+    seeds = torch.randint(2**62, (config.num_layers + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    make = _random_linear(quant, dtype)
     with torch.device(device):
-        model = LlamaModel(config, _random_linear(quant, dtype)).to(dtype)
-        nn.init.normal_(model.embed_tokens.weight, std=1.0)
-        if model.lm_head is not None:
-            nn.init.normal_(model.lm_head.weight, std=_W_STD)
-    model.quant_config = quant
-    return model.eval()
+        torch.manual_seed(seeds[0])
+        part = {"embed_tokens.weight": torch.randn(config.vocab_size, config.hidden_size, dtype=dtype),
+                "norm.weight": torch.ones(config.hidden_size, dtype=dtype)}
+        if not config.tie_word_embeddings:
+            part["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size, dtype=dtype) * _W_STD
+    yield part
+    for i in range(config.num_layers):
+        with torch.device(device):
+            torch.manual_seed(seeds[i + 1])
+            layer = DecoderLayer(config, i, make)
+        yield {f"layers.{i}.{name}": t.to(dtype) if t.is_floating_point() else t
+               for name, t in layer.state_dict().items()}
 
 
 def random_float_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaModel:

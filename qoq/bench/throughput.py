@@ -3,22 +3,29 @@
 A model with random weights in the packed format of the chosen precision is built from a config
 kept in the repo; `batch` requests of `input_len` random tokens each ask for exactly `output_len`
 tokens (EOS ignored, no detokenization) and are submitted at once. Throughput is generated
-tokens over the wall time of the whole run, prefill included.
+tokens over the wall time of the whole run, prefill included. With `tensor_parallel_size` N the
+engine runs over N processes in lockstep (engine/parallel.py), each drawing only its own shard
+of the random model; times are rank 0's.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
 from qoq.bench.roofline import Ceilings, roofline_tokens_per_s
-from qoq.config import Granularity
+from qoq.config import Granularity, QuantConfig
+from qoq.distributed import TPGroup
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
+from qoq.engine import parallel
+from qoq.host import set_cpu_threads
 from qoq.sampling import SamplingParams
 
 
@@ -37,7 +44,8 @@ class ThroughputResult:
     # Of which the model runner (inputs, forward, sampling; with async scheduling, launching the step
     # plus waiting for the previous step's tokens); the rest is the engine's Python.
     decode_forward_ms: float
-    peak_memory_gib: float
+    peak_memory_gib: float  # rank 0's GPU under tensor parallelism
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is split over (docs/parallel.md)
     roofline_tokens_per_s: float | None = None
     roofline_fraction: float | None = None
     # Where the wall time went, by kind of step (see `step_phases`).
@@ -120,29 +128,31 @@ def _run_requests(engine: LLMEngine, prompts: list[list[int]], output_len: int):
 def run_throughput(config_name: str, precision: str, granularity: Granularity, batch: int, input_len: int,
                    output_len: int, device: str = "cuda", ceilings: Ceilings | None = None,
                    max_num_batched_tokens: int = 8192, num_pages: int | None = None,
-                   max_batch: int = 1024) -> ThroughputResult:
+                   max_batch: int = 1024, tensor_parallel_size: int = 1,
+                   threads: int | None = None) -> ThroughputResult:
     cfg = bundled_config(config_name)
     quant = bench_quant_config(precision, granularity)
-    model = random_model(cfg, quant, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+    build = _engine_builder(config_name, quant, device, tensor_parallel_size, threads)
     max_len = input_len + output_len
 
-    def make_engine(batch_size: int, pages: int | None, eager: bool) -> LLMEngine:
-        return LLMEngine(model, None, EngineConfig(
+    def engine_config(batch_size: int, pages: int | None, eager: bool) -> EngineConfig:
+        return EngineConfig(
             max_num_seqs=batch_size, max_num_batched_tokens=max(max_num_batched_tokens, max_len),
             max_model_len=max_len, kv_bits=quant.kv_bits, num_pages=pages, max_graph_batch_size=batch_size,
-            enforce_eager=eager, cpu_kv_cache_gib=0.25))
+            enforce_eager=eager, cpu_kv_cache_gib=0.25)
 
     if batch <= 0:  # "max": as many sequences as the KV pages that fit in memory can hold in full
-        probe = make_engine(max_batch, num_pages, eager=True)  # sized for max_batch sequences at most
+        probe = build(engine_config(max_batch, num_pages, eager=True))  # sized for max_batch sequences at most
         num_pages = int(probe.block_manager.num_pages * 0.97)  # leave room for the CUDA graphs' pool
         batch = min(max_batch, num_pages // -(-max_len // probe.config.page_size))
+        _close(probe)
         del probe
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
         if batch < 1:
             raise RuntimeError(f"{config_name} at {precision}: not even one sequence of {max_len} tokens fits")
-    engine = make_engine(batch, num_pages, eager=device != "cuda")
+    engine = build(engine_config(batch, num_pages, eager=device != "cuda"))
     # The model and engine outlive the run: keep the cyclic GC from walking them at every full
     # collection the per-step allocations trigger (~100 ms each at batch 1000). Unfrozen below,
     # or their memory could never be collected.
@@ -166,18 +176,49 @@ def run_throughput(config_name: str, precision: str, granularity: Granularity, b
             torch.cuda.reset_peak_memory_stats()
         seconds, decode_steps, forward_times, steps = _run_requests(engine, prompts, output_len)
         tokens_per_s = batch * output_len / seconds
-        roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) if ceilings else None
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        # The roofline is one GPU's (its ceilings, the whole model's bytes and operations).
+        roof = roofline_tokens_per_s(cfg, quant, batch, input_len, output_len, ceilings) \
+            if ceilings and tensor_parallel_size == 1 else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0  # rank 0's GPU
         result = ThroughputResult("qoq", config_name, precision, granularity.saved() if quant.weight_bits == 4 else -1,
                                   batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
-                                  _median_ms(forward_times), peak,
+                                  _median_ms(forward_times), peak, tensor_parallel_size,
                                   roof, tokens_per_s / roof if roof else None, step_phases(steps, batch))
     finally:
         gc.unfreeze()
+        _close(engine)
     # The engine's CUDA graphs and runner refer to each other: collect the cycle before the next
     # model is built, or its KV-cache sizing sees this one's memory as taken.
-    del engine, model
+    del engine, build
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _engine_builder(config_name: str, quant: QuantConfig, device: str, tensor_parallel_size: int,
+                    threads: int | None) -> Callable[[EngineConfig], LLMEngine]:
+    """EngineConfig -> engine. One process: one random model, shared by every engine built. Tensor
+    parallel: each engine is a new group of processes (engine/parallel.launch), in which every
+    rank draws only its own shard of the random model (random_model with its group)."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if tensor_parallel_size == 1:
+        model = random_model(bundled_config(config_name), quant, device, dtype)
+        return lambda config: LLMEngine(model, None, config)
+    load = functools.partial(_random_shard, config_name, quant, device, dtype, threads)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    return lambda config: parallel.launch(load, config, tensor_parallel_size, backend)
+
+
+def _random_shard(config_name: str, quant: QuantConfig, device: str, dtype: torch.dtype, threads: int | None,
+                  tp: TPGroup) -> tuple:
+    """A rank's (shard, tokenizer) for engine/parallel.launch: no tokenizer, the prompts are ids."""
+    set_cpu_threads(threads)
+    return random_model(bundled_config(config_name), quant, parallel.rank_device(device), dtype, tp=tp), None
+
+
+def _close(engine) -> None:
+    """Stop a tensor-parallel engine's other ranks (nothing to do for one process)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

@@ -10,9 +10,10 @@ prefix caching, stops and async scheduling run unchanged on every rank, and only
 outputs are used (docs/parallel.md#the-engine).
 
 While rank 0 is idle it sends a heartbeat every second, so that a worker waiting for commands
-times out only when rank 0 is gone; rank 0 watches the workers it started. A rank that dies
-makes the others fail (a collective raises, a heartbeat finds the process gone, or a worker's
-parent is gone), never hang.
+times out only when rank 0 is gone; rank 0 watches the workers it started, from the start: while
+they join the group and load their shards it polls them (`launch`), so one that dies there fails
+the start at once, named. A rank that dies makes the others fail (a collective raises, a
+heartbeat finds the process gone, or a worker's parent is gone), never hang.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from qoq.distributed import (DEFAULT_TIMEOUT_S, TPGroup, default_backend, destroy, disable_nvlink_multicast,
-                             free_port, init_from_env, init_process_group)
+                             init_from_env, init_process_group, select_device)
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.engine.sequence import RequestOutput
@@ -145,7 +146,7 @@ class LockstepEngine:
             try:
                 for rank, proc in enumerate(self._workers, 1):
                     if proc.poll() is not None:
-                        raise RuntimeError(f"tensor-parallel rank {rank} exited with {proc.returncode}")
+                        raise RuntimeError(f"tensor-parallel rank {rank} {_exit_status(proc)}")
                 if not self._stepping and time.monotonic() - self._last_sent >= HEARTBEAT_S:
                     with self._lock:
                         if not self._closed and not self._stepping:
@@ -181,21 +182,63 @@ def launch(load: ShardLoader, config: EngineConfig, world_size: int, backend: st
            timeout_s: float = DEFAULT_TIMEOUT_S,
            on_fatal: Callable[[BaseException], None] | None = None) -> LockstepEngine:
     """Start ranks 1..N-1 as processes on this host, join the group as rank 0 here, and return
-    rank 0's engine (each rank loads its shard with `load`; under NCCL rank r takes GPU r)."""
+    rank 0's engine (each rank loads its shard with `load`; under NCCL rank r takes GPU r).
+
+    Until the engines exist rank 0 waits for the workers twice, polling that each is alive: for
+    all to join the group, and, after its own shard, for theirs. A worker that exits meanwhile
+    fails the start at once with its rank and exit code, not after a collective's timeout."""
     disable_nvlink_multicast()  # the workers inherit it
     backend = backend or default_backend()
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    workers = [_start_worker((rank, world_size, init_method, backend, timeout_s, load, config))
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"tensor parallel size {world_size} needs {world_size} GPUs; "
+                         f"{torch.cuda.device_count()} are visible")
+    # Rank 0 serves the store before any worker starts: the group meets through it, and the
+    # workers say through it when they have joined and loaded.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    workers = [_start_worker((rank, world_size, store.port, backend, timeout_s, load, config))
                for rank in range(1, world_size)]
+    tp = None
     try:
-        tp = init_process_group(0, world_size, init_method, backend, timeout_s)
+        _await_workers(store, "joined", workers, timeout_s)
+        tp = init_process_group(0, world_size, None, backend, timeout_s, store=dist.PrefixStore("pg", store))
         channel = ControlChannel(tp, timeout_s)
         model, tokenizer = load(tp)
+        _await_workers(store, "loaded", workers, timeout_s)
         engine = LLMEngine(model, tokenizer, config)
     except BaseException:
         _reap(workers, 0)
+        destroy(tp)  # a later launch in this process starts a group afresh
         raise
     return LockstepEngine(engine, channel, workers, on_fatal)
+
+
+# What a worker is doing until it says `phase` (launch's start-up messages through the store).
+_PHASES = {"joined": "joining the group", "loaded": "loading its shard"}
+POLL_S = 0.1
+
+
+def _await_workers(store: dist.Store, phase: str, workers: list[subprocess.Popen], timeout_s: float) -> None:
+    """Wait until every worker has said `phase`, checking meanwhile that each is still running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [rank for rank in range(1, len(workers) + 1) if not store.check([f"{phase}/{rank}"])]
+        if not waiting:
+            return
+        for rank in waiting:
+            proc = workers[rank - 1]
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} {_exit_status(proc)} while {_PHASES[phase]} "
+                                   f"(its log, marked 'rank {rank}', says why)")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel rank(s) {', '.join(map(str, waiting))} still "
+                               f"{_PHASES[phase]} after {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def _exit_status(proc: subprocess.Popen) -> str:
+    code = proc.returncode
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
 def join_from_env(load: ShardLoader, config: EngineConfig,
@@ -229,7 +272,7 @@ def _start_worker(payload: tuple) -> subprocess.Popen:
 def _worker_main() -> None:
     path, payload = pickle.load(sys.stdin.buffer)
     sys.path[:] = path
-    rank, world_size, init_method, backend, timeout_s, load, config = pickle.loads(payload)
+    rank, world_size, port, backend, timeout_s, load, config = pickle.loads(payload)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 stops the workers
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(name)s (rank {rank}): %(message)s")
     parent = os.getppid()
@@ -241,9 +284,13 @@ def _worker_main() -> None:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     try:
-        tp = init_process_group(rank, world_size, init_method, backend, timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        select_device(backend, rank)  # before "joined": a missing GPU fails while rank 0 still polls
+        store.set(f"joined/{rank}", "1")
+        tp = init_process_group(rank, world_size, None, backend, timeout_s, store=dist.PrefixStore("pg", store))
         channel = ControlChannel(tp, timeout_s)
         model, tokenizer = load(tp)
+        store.set(f"loaded/{rank}", "1")
         follow(LLMEngine(model, tokenizer, config), channel)
     except Exception:
         log.critical("tensor-parallel rank %d failed", rank, exc_info=True)

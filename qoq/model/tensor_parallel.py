@@ -14,12 +14,14 @@ Per decoder layer, one all-reduce after attention and one after the MLP:
 
 One checkpoint serves every group size: `shard_tensor` maps each stored tensor to this rank's
 slice, so `load_checkpoint_shard` reads a qoq checkpoint a decoder layer at a time and keeps only
-its slice, and `shard_model` does the same to a model already in memory.
+its slice, and `shard_model` does the same to a model already in memory (both through
+`assemble`, as do the benchmarks' random weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,17 +188,36 @@ def _assign(model: LlamaModel, state: dict[str, torch.Tensor], where: str) -> No
     model.load_state_dict(state, assign=True)
 
 
+def assemble(config: ModelConfig, quant: QuantConfig, tp: TPGroup | None, parts: Iterable[dict[str, torch.Tensor]],
+             where: str, device: str | torch.device = "cpu",
+             place: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> LlamaModel:
+    """Rank tp.rank's model (the whole model for tp None) from `parts`: batches of whole tensors
+    by state-dict name (the embedding / norm / head, a decoder layer), each sliced for the rank as
+    it comes and then dropped, so memory holds the result plus one batch. `place(name, slice)`
+    moves or casts a slice (once it is small); the rotary cache goes to `device`."""
+    with torch.device("meta"):
+        if tp is None:
+            model = LlamaModel(config, _linear_factory(quant))
+            model.quant_config = quant
+        else:
+            model = sharded_skeleton(config, quant, tp, _linear_factory(quant))
+    plan = None if tp is None else plan_for(config, quant, tp)
+    state = {}
+    for part in parts:
+        for name, t in part.items():
+            t = t if plan is None else shard_tensor(name, t, plan)
+            state[name] = t if place is None else place(name, t)
+    _assign(model, state, where)
+    model.rotary = RotaryEmbedding.for_model(config).to(device)
+    return model.eval()
+
+
 def shard_model(model: LlamaModel, tp: TPGroup | None) -> LlamaModel:
     """A new model holding this rank's slice of `model` (which is left as it is); `model` itself
     for no group. Every rank must pass the same model."""
     if tp is None:
         return model
-    with torch.device("meta"):
-        sharded = sharded_skeleton(model.config, model.quant_config, tp, _linear_factory(model.quant_config))
-    plan = plan_for(model.config, model.quant_config, tp)
-    _assign(sharded, {n: shard_tensor(n, t, plan) for n, t in model.state_dict().items()}, "shard_model")
-    sharded.rotary = RotaryEmbedding.for_model(model.config).to(model.device)
-    return sharded.eval()
+    return assemble(model.config, model.quant_config, tp, [model.state_dict()], "shard_model", model.device)
 
 
 def load_checkpoint_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
@@ -205,20 +226,15 @@ def load_checkpoint_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = 
     memory holds this rank's slice plus one layer of the whole model, never the whole model."""
     folder = Path(folder)
     config, quant = read_config(folder), read_quant_config(folder)
-    with torch.device("meta"):
-        model = sharded_skeleton(config, quant, tp, quant_linear_factory(quant))
-    plan = plan_for(config, quant, tp)
     weights = ShardedWeights(folder)
     names = weights.names()
     batches = [[n for n in names if not n.startswith("layers.")]]
     batches += [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(config.num_layers)]
-    state = {}
-    for batch in batches:
-        for name, t in weights.get_many(batch).items():
-            t = shard_tensor(name, t, plan)
-            keep = not t.is_floating_point() or name.rpartition(".")[2] in QUANT_BUFFERS
-            state[name] = t.to(device) if keep else t.to(device=device, dtype=dtype)
-    _assign(model, state, str(folder))
-    model.rotary = RotaryEmbedding.for_model(config).to(device)
+
+    def place(name: str, t: torch.Tensor) -> torch.Tensor:
+        keep = not t.is_floating_point() or name.rpartition(".")[2] in QUANT_BUFFERS
+        return t.to(device) if keep else t.to(device=device, dtype=dtype)
+
+    model = assemble(config, quant, tp, (weights.get_many(batch) for batch in batches), str(folder), device, place)
     validate_quant_tensors(model)
-    return model.eval()
+    return model

@@ -21,6 +21,7 @@ from typing import Callable
 
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import EngineStats, LLMEngine
+from qoq.engine.parallel import load_model_shard, rank_device
 from qoq.engine.sequence import RequestOutput
 from qoq.host import keep_freed_memory, set_cpu_threads
 from qoq.server.tp import start_engine as start_tp_engine
@@ -180,17 +181,23 @@ class ModelSpec:
     tensor_parallel_size: int = 1  # > 1: this process is rank 0 of a group (server/tp.py)
     chat_template: str | None = None  # replaces the tokenizer's (qoq serve --chat-template FILE)
 
-    def load(self):
-        model, tokenizer = self._load()
+    def load(self, tp=None):
+        """(model, tokenizer): the whole model, or with a group `tp` this rank's shard (a qoq
+        checkpoint read a layer at a time; random weights drawn a layer at a time and sliced, the
+        same model for every group size). Every rank of `qoq serve --tensor-parallel-size` runs it."""
+        set_cpu_threads(self.threads)  # a worker rank is a fresh process
+        model, tokenizer = self._load(tp)
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
         return model, tokenizer
 
-    def _load(self):
+    def _load(self, tp):
         import torch
 
         dtype = getattr(torch, self.dtype)
         if self.random_config is None:
+            if tp is not None:
+                return load_model_shard(self.model, dtype, self.device, tp)
             from qoq.model.loader import load_model
 
             return load_model(self.model, dtype=dtype, device=self.device)
@@ -198,7 +205,8 @@ class ModelSpec:
         from qoq.bench.synthetic_tokenizer import synthetic_tokenizer
 
         config = bundled_config(self.random_config)
-        model = random_model(config, bench_quant_config(self.precision), device=self.device, dtype=dtype)
+        device = self.device if tp is None else rank_device(self.device)
+        model = random_model(config, bench_quant_config(self.precision), device, dtype, tp=tp)
         return model, synthetic_tokenizer(config.vocab_size, config.eos_token_ids[0] if config.eos_token_ids else None)
 
 
@@ -244,6 +252,10 @@ def _engine_process_main(spec: ModelSpec, config: EngineConfig, commands, output
         raise SystemExit(1)
 
 
+class EngineStartError(RuntimeError):
+    """The engine process exited before its engine was up (qoq serve reports it and exits 1)."""
+
+
 class EngineProcess:
     """The loop in a process of its own (spawned: CUDA is initialised there only). The constructor
     returns once the model is loaded; a reader thread hands each step's message to `on_message`."""
@@ -261,7 +273,7 @@ class EngineProcess:
         if ready is None or ready[0] != "ready":
             self._process.join(timeout=5)
             detail = ready[1] if ready else f"exit code {self._process.exitcode}"
-            raise RuntimeError(f"the engine process failed to start ({detail}); see its log above")
+            raise EngineStartError(f"the engine process failed to start ({detail}); see its log above")
         _, self.limits, self.tokenizer = ready
 
     def _get(self, timeout_s: float):

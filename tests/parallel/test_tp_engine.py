@@ -1,5 +1,6 @@
 """The serving engine over 2 CPU processes (gloo): LLM(tensor_parallel_size=2) against the
-single-process engine on the same tiny random models (tests/parallel/test_tensor_parallel.py).
+single-process engine on the same tiny random models (tests/parallel/test_tensor_parallel.py),
+and a worker that dies while the group starts.
 
 This process is rank 0 (engine/parallel.launch); rank 1 is a subprocess that builds the same
 model from the same seed and keeps its shard.
@@ -8,10 +9,15 @@ model from the same seed and keeps its shard.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from faults import DieWhileLoading, DieWhenUnpickled
 from reference import assert_greedy_agrees, logits_of
 from test_tensor_parallel import CONFIGS, build_model, split_reference
 
@@ -84,3 +90,23 @@ def test_quantized_tp_engine_agrees_with_single_process(precision):
     assert got == _generate_single(split_reference(model, 2), GREEDY)
     scale = max(logits_of(model, p).abs().max().item() for p in PROMPTS)
     assert_greedy_agrees(model, PROMPTS, got, tol=0.05 * scale)
+
+
+# A dead worker is seen within a poll (0.1 s) once rank 0 waits for it; the rest is starting the
+# processes. The group's timeout, which the start once waited out, is 300 s.
+START_FAILS_WITHIN_S = 60
+
+
+@pytest.mark.parametrize("fault, message", [
+    (DieWhileLoading(functools.partial(_load, "gqa2", "fp32"), rank=1, code=3),
+     "tensor-parallel rank 1 exited with code 3 while loading its shard"),
+    (DieWhenUnpickled(4), "tensor-parallel rank 1 exited with code 4 while joining the group"),
+], ids=["while-loading", "before-joining"])
+def test_a_worker_that_dies_at_start_fails_it_at_once_naming_its_rank(fault, message):
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=message):
+        launch(fault, EngineConfig(**ENGINE), 2, "gloo")  # the default 300 s timeout
+    assert time.monotonic() - t0 < START_FAILS_WITHIN_S
+    assert not dist.is_initialized()  # left, so that a later launch here starts afresh
+    ps = subprocess.run(["ps", "-o", "args=", "--ppid", str(os.getpid())], capture_output=True, text=True).stdout
+    assert "_worker_main" not in ps  # no worker left behind

@@ -1,5 +1,6 @@
 """`qoq serve --tensor-parallel-size 2` on loopback (CPU, gloo): the HTTP answers are the
-single-process engine's, and a worker rank that dies makes the server exit non-zero, not hang."""
+single-process engine's, and a worker rank that dies makes the server exit non-zero, not hang,
+whether it dies while serving or while loading its shard."""
 
 from __future__ import annotations
 
@@ -15,20 +16,26 @@ import torch
 
 from qoq.bench.random_model import bench_quant_config, bundled_config, random_model
 from qoq.bench.synthetic_tokenizer import synthetic_tokenizer
+from qoq.cli import main
 from qoq.engine.llm import LLM
 from qoq.sampling import SamplingParams
+from qoq.server import engine_loop
 from qoq.server.serve import free_port, wait_healthy
 
 ENGINE_ARGS = ["--page-size", "16", "--num-pages", "64", "--max-num-seqs", "4", "--threads", "1"]
 PROMPTS = ["t5 t17 t300 t999", "t1 t2 t3 t4 t5 t6 t7 t8 t9 t10"]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # the synthetic tokenizer has none
 EXIT_WITHIN_S = 60  # a dead worker is seen within a heartbeat (1 s); the rest is the server's own exit
 
 
 @pytest.fixture
 def tp_server(tmp_path):
     port = free_port()
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
     cmd = [sys.executable, "-m", "qoq.cli", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16",
-           "--tensor-parallel-size", "2", *ENGINE_ARGS, "--port", str(port), "--log-level", "warning"]
+           "--tensor-parallel-size", "2", *ENGINE_ARGS, "--port", str(port), "--log-level", "warning",
+           "--chat-template", str(template)]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
@@ -78,6 +85,10 @@ def test_tp_server_answers_as_one_process(tp_server):
         assert r.status_code == 200
         chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
     assert chunks
+    # --chat-template reaches the tokenizer under tensor parallelism too
+    r = httpx.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "t5 t17"}]}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == [5, 17]
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-request"])
@@ -106,3 +117,25 @@ def test_a_killed_worker_makes_the_server_exit_non_zero(tp_server, when):
             stream.__exit__(None, None, None)
     assert proc.returncode != 0, log.read_text()
     assert time.monotonic() - t0 < EXIT_WITHIN_S
+
+
+class DyingWorkerSpec(engine_loop.ModelSpec):
+    """What `qoq serve` loads, except that rank 1 exits while loading its shard (it travels,
+    pickled, to the engine process and from there to the worker)."""
+
+    def load(self, tp=None):
+        if tp is not None and tp.rank == 1:
+            os._exit(3)
+        return super().load(tp)
+
+
+def test_a_worker_that_dies_while_loading_fails_the_start_at_once(monkeypatch, capsys):
+    monkeypatch.setattr(engine_loop, "ModelSpec", DyingWorkerSpec)
+    t0 = time.monotonic()
+    code = main(["serve", "--random-weights", "tiny", "--precision", "w16a16kv16", "--tensor-parallel-size", "2",
+                 *ENGINE_ARGS, "--port", str(free_port()), "--log-level", "warning"])
+    assert code == 1
+    assert time.monotonic() - t0 < EXIT_WITHIN_S  # not the group's 300 s timeout
+    err = capsys.readouterr().err
+    assert "qoq: error: the engine process failed to start" in err
+    assert "tensor-parallel rank 1 exited with code 3 while loading its shard" in err
