@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One part of the GPU work a session owes, run on the device machine (H200) in one call:
-#     bash benchmarks/gpu_session_h200.sh PART      (results and logs under $OUT)
-# with .whl carried (scripts/gpu_wheels.sh makes it here). Parts, each within one 10-minute call:
-#   tests    the GPU tests: kernels against their torch twins at real shapes, GPU quantization
-#            against the CPU, the engine on the GPU (junit XML and logs)
-#   api      bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
-#   fp16     bench_serve.py --precisions w16a16kv16 --quick: the baseline records of serve-h200.json
-#   tune     tune_kernels.py for the Llama-3-8B shapes into qoq/kernels/configs/nvidia-h200.json
+# The GPU work a session owes, run on the device machine in one call:
+#     bash benchmarks/gpu_session.sh PART [PART ...]      (results and logs under $OUT)
+# with .whl carried (scripts/gpu_wheels.sh makes it here). Outputs are named by GPU (h100, h200).
+# Parts (keep the sum within one 10-minute call):
+#   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
+#             against the CPU, the engine on the GPU (junit XML and logs)
+#   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
+#   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
+#   tune      tune_kernels.py for the Llama-3-8B shapes into tune-<gpu>.json
+#   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
+#   features  bench_serve.py --features: chunked prefill and prefix caching on and off
+#   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-part=${1:?usage: gpu_session_h200.sh tests|api|fp16|tune}
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|api|fp16|tune|prefill|features|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -21,6 +25,8 @@ export PYTHONUNBUFFERED=1 QOQ_GIT_COMMIT=${QOQ_GIT_COMMIT:-$(git rev-parse --sho
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 gpu=$(head -1 "$out/gpu.txt" | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr A-Z a-z)
 gpu=${gpu:-gpu}
+for part in "$@"; do
+echo "=== $part $(date +%T)"
 case "$part" in
   tests)
     for t in tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
@@ -75,3 +81,4 @@ PY
       > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
+done
