@@ -30,6 +30,25 @@ class DieWhileLoading:
         return self.load(tp)
 
 
+class DieWhileBuilding:
+    """A shard loader whose rank `rank` loads its shard and then exits with `code` while building
+    its engine: in `ModelRunner._pages_that_fit`, just before the ranks agree on a page count (rank
+    0 is then in that collective), or in `allocate_kv_cache`, just after it (rank 0 then finishes
+    its own engine and waits for the workers')."""
+
+    def __init__(self, load, where: str, rank: int = 1, code: int = 5) -> None:
+        self.load, self.where, self.rank, self.code = load, where, rank, code
+
+    def __call__(self, tp):
+        shard = self.load(tp)
+        if tp.rank == self.rank:
+            from qoq.engine import model_runner
+
+            owner = model_runner.ModelRunner if self.where == "_pages_that_fit" else model_runner
+            setattr(owner, self.where, lambda *args, **kwargs: os._exit(self.code))
+        return shard
+
+
 class DieWhenUnpickled:
     """A shard loader that ends any process unpickling it with `code`: each worker dies as it
     starts, before it joins the group."""

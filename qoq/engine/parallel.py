@@ -11,8 +11,8 @@ outputs are used (docs/parallel.md#the-engine).
 
 While rank 0 is idle it sends a heartbeat every second, so that a worker waiting for commands
 times out only when rank 0 is gone; rank 0 watches the workers it started, from the start: while
-they join the group and load their shards it polls them (`launch`), so one that dies there fails
-the start at once, named. A rank that dies makes the others fail (a collective raises, a
+they join the group, load their shards and build their engines it polls them (`launch`), so one
+that dies there fails the start at once, named (under NCCL by aborting the group, `_BuildWatch`). A rank that dies makes the others fail (a collective raises, a
 heartbeat finds the process gone, or a worker's parent is gone), never hang.
 """
 
@@ -205,16 +205,73 @@ def launch(load: ShardLoader, config: EngineConfig, world_size: int, backend: st
         channel = ControlChannel(tp, timeout_s)
         model, tokenizer = load(tp)
         _await_workers(store, "loaded", workers, timeout_s)
-        engine = LLMEngine(model, tokenizer, config)
-    except BaseException:
+        with _BuildWatch(workers, backend):  # the engines' build runs collectives (KV sizing, graphs)
+            engine = LLMEngine(model, tokenizer, config)
+        _await_workers(store, "ready", workers, timeout_s)
+    except BaseException as err:
+        dead = _dead_worker(workers)
         _reap(workers, 0)
         destroy(tp)  # a later launch in this process starts a group afresh
+        if dead is not None and not isinstance(err, (_StartFailed, TimeoutError)):
+            rank, proc = dead  # a collective failed because a worker died: say which
+            raise _StartFailed(f"tensor-parallel rank {rank} {_exit_status(proc)} while building its "
+                               f"engine (its log, marked 'rank {rank}', says why)") from err
         raise
     return LockstepEngine(engine, channel, workers, on_fatal)
 
 
+class _StartFailed(RuntimeError):
+    """A worker died during launch; the message names it and what it was doing."""
+
+
+def _dead_worker(workers: list[subprocess.Popen]) -> tuple[int, subprocess.Popen] | None:
+    return next(((rank, proc) for rank, proc in enumerate(workers, 1) if proc.poll() is not None), None)
+
+
+class _BuildWatch:
+    """While rank 0 builds its engine, a worker that dies leaves rank 0 in a collective. Under gloo
+    that collective fails at once (the peer's socket closes); NCCL's would wait out the group's
+    timeout and then take the process down. So under NCCL this watch, on seeing a worker gone,
+    aborts the group, which fails the pending collective now; if rank 0 is still stuck
+    `GRACE_S` later, it ends the process with the same message NCCL would have ended it with
+    minutes later."""
+
+    GRACE_S = 10.0
+
+    def __init__(self, workers: list[subprocess.Popen], backend: str) -> None:
+        self.workers, self.backend = workers, backend
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="qoq-tp-build-watch")
+
+    def __enter__(self) -> "_BuildWatch":
+        if self.backend == "nccl":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(POLL_S):
+            dead = _dead_worker(self.workers)
+            if dead is None:
+                continue
+            rank, proc = dead
+            log.critical("tensor-parallel rank %d %s while building its engine: aborting the group", rank,
+                         _exit_status(proc))
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as err:  # noqa: BLE001 - an experimental API: the grace period covers it
+                log.warning("could not abort the process group: %s", err)
+            if not self._done.wait(self.GRACE_S):
+                log.critical("rank 0 is still waiting on rank %d after %.0f s: exiting", rank, self.GRACE_S)
+                _reap(self.workers, 0)
+                os._exit(1)
+            return
+
+
 # What a worker is doing until it says `phase` (launch's start-up messages through the store).
-_PHASES = {"joined": "joining the group", "loaded": "loading its shard"}
+_PHASES = {"joined": "joining the group", "loaded": "loading its shard", "ready": "building its engine"}
 POLL_S = 0.1
 
 
@@ -228,7 +285,7 @@ def _await_workers(store: dist.Store, phase: str, workers: list[subprocess.Popen
         for rank in waiting:
             proc = workers[rank - 1]
             if proc.poll() is not None:
-                raise RuntimeError(f"tensor-parallel rank {rank} {_exit_status(proc)} while {_PHASES[phase]} "
+                raise _StartFailed(f"tensor-parallel rank {rank} {_exit_status(proc)} while {_PHASES[phase]} "
                                    f"(its log, marked 'rank {rank}', says why)")
         if time.monotonic() > deadline:
             raise TimeoutError(f"tensor-parallel rank(s) {', '.join(map(str, waiting))} still "
@@ -291,7 +348,9 @@ def _worker_main() -> None:
         channel = ControlChannel(tp, timeout_s)
         model, tokenizer = load(tp)
         store.set(f"loaded/{rank}", "1")
-        follow(LLMEngine(model, tokenizer, config), channel)
+        engine = LLMEngine(model, tokenizer, config)
+        store.set(f"ready/{rank}", "1")
+        follow(engine, channel)
     except Exception:
         log.critical("tensor-parallel rank %d failed", rank, exc_info=True)
         os._exit(1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from faults import DieWhileLoading, DieWhenUnpickled
+from faults import DieWhileBuilding, DieWhileLoading, DieWhenUnpickled
 from reference import assert_greedy_agrees, logits_of
 from test_tensor_parallel import CONFIGS, build_model, split_reference
 
@@ -101,7 +101,11 @@ START_FAILS_WITHIN_S = 60
     (DieWhileLoading(functools.partial(_load, "gqa2", "fp32"), rank=1, code=3),
      "tensor-parallel rank 1 exited with code 3 while loading its shard"),
     (DieWhenUnpickled(4), "tensor-parallel rank 1 exited with code 4 while joining the group"),
-], ids=["while-loading", "before-joining"])
+    (DieWhileBuilding(functools.partial(_load, "gqa2", "fp32"), "_pages_that_fit"),
+     "tensor-parallel rank 1 exited with code 5 while building its engine"),
+    (DieWhileBuilding(functools.partial(_load, "gqa2", "fp32"), "allocate_kv_cache"),
+     "tensor-parallel rank 1 exited with code 5 while building its engine"),
+], ids=["while-loading", "before-joining", "building-in-a-collective", "building-after-it"])
 def test_a_worker_that_dies_at_start_fails_it_at_once_naming_its_rank(fault, message):
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=message):
