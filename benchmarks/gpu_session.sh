@@ -32,7 +32,7 @@ case "$part" in
     for t in tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
              tests/engine/test_gpu_engine.py tests/quant/test_gpu_quantize.py; do
       name=$(basename "$t" .py)
-      timeout 110 python3 -m pytest -q -x "$t" --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
+      timeout 240 python3 -m pytest -q -x "$t" --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
       echo "$name: exit $? $(tail -1 "$out/$name.log")"
     done ;;
   api)

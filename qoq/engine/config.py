@@ -27,6 +27,9 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 2.0
     enforce_eager: bool = False  # True: no CUDA graphs
     max_graph_batch_size: int = 64
+    # On the GPU, compile every kernel variant a step can need before the first request (one dummy
+    # forward per class of step size, engine/warmup.py), not between two tokens of every stream.
+    kernel_warmup: bool = True
     seed: int = 0  # for requests that sample without a seed of their own
     # Overlap the engine's Python for step n+1 (scheduling, inputs, token bookkeeping, outputs)
     # with the device's step n: sampled tokens stay on the device and feed the next step, and

@@ -27,6 +27,7 @@ from qoq.engine.sampler import process_logits, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
 from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import DeviceToHost, to_device
+from qoq.engine.warmup import dummy_prefill, scratch_cache, warm_up
 from qoq.kernels import allocate_kv_cache
 from qoq.model.llama import LlamaModel
 from qoq.model.tensor_parallel import local_config
@@ -92,6 +93,9 @@ class ModelRunner:
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and config.kernel_warmup and not config.deterministic:
+            warm_up(model, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.page_size,
+                    kv_bits, self.kv_dtype)
         if self.device.type == "cuda" and not (config.enforce_eager or config.deterministic):
             self.graphs = DecodeGraphs.capture(self, min(config.max_graph_batch_size, config.max_num_seqs))
 
@@ -124,27 +128,11 @@ class ModelRunner:
         """
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = self.config.max_num_batched_tokens
         max_len = min(self.max_pages_per_seq * self.config.page_size, self.model.config.max_position_embeddings)
-        rows, row_len = max(1, num_tokens // max_len), min(num_tokens, max_len)
-        cfg = local_config(self.model)
-        scratch = allocate_kv_cache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
-                                    self.kv_bits, self.device, self.kv_dtype, self.model.quant_config.qk_hadamard)
-        attn = PagedAttention(scratch, cfg.head_dim)
-        attn.metadata = AttentionMetadata(
-            slot_mapping=torch.full((rows * row_len,), -1, dtype=torch.long, device=self.device),
-            num_prefill_tokens=rows * row_len,
-            cu_seqlens=torch.arange(0, rows * row_len + 1, row_len, dtype=torch.int32, device=self.device),
-            max_seqlen=row_len,
-            prefill_block_tables=torch.zeros(rows, pages_needed(row_len, self.config.page_size), dtype=torch.int32,
-                                             device=self.device),
-            prefill_kv_lens=torch.full((rows,), row_len, dtype=torch.int32, device=self.device),
-            prefill_has_context=False)
-        ids = torch.zeros(1, rows * row_len, dtype=torch.long, device=self.device)
-        positions = torch.arange(row_len, device=self.device).repeat(rows)[None]
-        hidden = self.model(ids, positions, attn)
+        scratch = scratch_cache(self.model, self.config.page_size, self.kv_bits, self.kv_dtype)
+        hidden = dummy_prefill(self.model, scratch, self.config.max_num_batched_tokens, max_len, self.config.page_size)
         self.model.compute_logits(hidden[0, : self.config.max_num_seqs])
-        del scratch, attn
+        del scratch
         free, total = torch.cuda.mem_get_info(self.device)
         peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         del hidden

@@ -108,3 +108,33 @@ def test_async_scheduling_equals_sync_and_launching_never_waits(eager):
         del engine
     assert outputs[True] == outputs[False]
     assert [len(o) for o in outputs[True]] == [p.max_tokens for p in params]
+
+
+def test_a_warmed_engine_compiles_no_kernel_while_serving():
+    """engine/warmup.py: every Triton variant a step can need is compiled at start, so mixed steps
+    of any size (decodes plus prompt chunks, arriving at different times) compile nothing."""
+    import triton
+
+    model = random_model(ModelConfig.from_hf(TINY), QuantConfig("w4a8kv4", G128), device="cuda")
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=320,
+                                                 gpu_memory_utilization=0.5))
+    compiled = []
+
+    def hook(**kwargs):
+        compiled.append(str(kwargs.get("fn", kwargs.get("repr"))))
+        return False  # go on compiling: the hook only records
+
+    previous, triton.knobs.runtime.jit_cache_hook = triton.knobs.runtime.jit_cache_hook, hook
+    try:
+        gen = torch.Generator().manual_seed(1)
+        params = SamplingParams(max_tokens=40, ignore_eos=True, detokenize=False)
+        for wave in range(6):  # prompts of many lengths join a running batch
+            for n in torch.randint(1, 480, (3,), generator=gen).tolist():
+                engine.add_request(torch.randint(0, 512, (n,), generator=gen).tolist(), params)
+            for _ in range(3 + wave):
+                engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = previous
+    assert compiled == []
