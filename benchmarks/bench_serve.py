@@ -122,9 +122,11 @@ def run_features(args, out_dir: Path) -> list[dict]:
     2,048 tokens, 16 questions of 128 each, output 128; time to first token)."""
     precision = args.precisions[0]
     records = []
-    for label, extra, budget in (("on", (), args.chunk_budget),
-                                 ("off", ("--no-chunked-prefill", "--no-prefix-caching"), args.max_num_batched_tokens)):
-        server = Server(args, precision, args.concurrency, out_dir / f"serve-features-{label}.log", extra, budget)
+    runs = [("on", (), budget) for budget in args.chunk_budget]
+    runs.append(("off", ("--no-chunked-prefill", "--no-prefix-caching"), args.max_num_batched_tokens))
+    for label, extra, budget in runs:
+        log_name = f"serve-features-{label}-{budget}.log" if label == "on" else "serve-features-off.log"
+        server = Server(args, precision, args.concurrency, out_dir / log_name, extra, budget)
         try:
             warm = DatasetArgs("random", num_prompts=8, input_len=args.input_len, output_len=4,
                                vocab_size=args.vocab_size, seed=1)
@@ -141,7 +143,8 @@ def run_features(args, out_dir: Path) -> list[dict]:
                 record = bench_record(config, dataset)
                 record.update(config=args.config, chunked_prefill=label == "on", prefix_caching=label == "on",
                               max_num_batched_tokens=budget)
-                print(f"== {precision} chunked prefill + prefix caching {label}, {dataset.name} rate {rate}\n"
+                print(f"== {precision} chunked prefill + prefix caching {label} (budget {budget}), {dataset.name} "
+                      f"rate {rate}\n"
                       f"{format_report(record)}", file=sys.stderr, flush=True)
                 records.append(record)
         finally:
@@ -199,7 +202,8 @@ def main() -> int:
                    help="chunked prefill and prefix caching on vs off instead of the precision sweep")
     p.add_argument("--api-features", action="store_true",
                    help="the cost of n=4 and logprobs=5 against plain requests (first precision, rate inf)")
-    p.add_argument("--chunk-budget", type=int, default=1024, help="token budget per step with --features 'on'")
+    p.add_argument("--chunk-budget", type=int, nargs="+", default=[1024],
+                   help="token budget per step with --features 'on' (several: one server each)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))
     args = p.parse_args()
     if args.vocab_size is None:
