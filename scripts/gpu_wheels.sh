@@ -7,10 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 PY=${PYTHON:-.venv/bin/python}
+NAMES="fastapi starlette uvicorn pydantic pydantic_core annotated_types annotated_doc typing_inspection
+  typing_extensions opentelemetry_api httptools h11 click anyio sniffio idna aiohttp aiohappyeyeballs aiosignal
+  attrs frozenlist multidict propcache yarl llguidance httpx httpcore certifi openai distro jiter httpx2 httpcore2 truststore"
+# the versions the set-up installed here, so the GPU runs what the tests ran (unpinned if absent)
+PINNED=$($PY - $NAMES <<'PY'
+import sys
+from importlib import metadata
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(name)
+PY
+)
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform manylinux_2_31_x86_64 --platform any -d .whl \
-  fastapi starlette uvicorn pydantic pydantic_core annotated_types typing_inspection typing_extensions \
-  httptools h11 click anyio sniffio idna aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict \
-  propcache yarl llguidance httpx httpcore certifi openai distro jiter
+  --platform manylinux_2_31_x86_64 --platform any -d .whl $PINNED
 ls .whl | wc -l

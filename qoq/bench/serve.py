@@ -186,13 +186,68 @@ _HITS = ("qoq_prefix_cache_hits_total", "vllm:prefix_cache_hits_total", "vllm:pr
 _QUERIES = ("qoq_prefix_cache_queries_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries")
 
 
-async def _prefix_counters(session, base_url: str) -> tuple[float | None, float | None]:
+async def _metrics_text(session, base_url: str) -> str:
     try:
         async with session.get(f"{base_url}/metrics") as resp:
-            text = await resp.text() if resp.status == 200 else ""
-    except Exception:  # noqa: BLE001 - a server without /metrics has no hit rate to report
-        return None, None
-    return _metric_total(text, _HITS), _metric_total(text, _QUERIES)
+            return await resp.text() if resp.status == 200 else ""
+    except Exception:  # noqa: BLE001 - a server without /metrics has no counters to report
+        return ""
+
+
+# qoq's step-time histograms (a label set per series), summarized per case as server_timings
+_STEP_HISTOGRAMS = {"engine_step_decode": ("qoq_engine_step_seconds", 'kind="decode"'),
+                    "engine_step_prefill": ("qoq_engine_step_seconds", 'kind="prefill"'),
+                    "engine_step_host": ("qoq_engine_step_host_seconds", ""),
+                    "server_step_gap": ("qoq_server_step_gap_seconds", "")}
+
+
+def _buckets(text: str, name: str, label: str) -> list[tuple[float, float]]:
+    """(le, cumulative count) of one histogram series in a /metrics text."""
+    out = []
+    prefix = f"{name}_bucket{{"
+    for line in text.splitlines():
+        if line.startswith(prefix) and label in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(out)
+
+
+def histogram_summary(before: str, after: str, name: str, label: str = "") -> dict | None:
+    """Count, mean and p50/p90/p99 (ms, interpolated within buckets as Prometheus'
+    histogram_quantile does) of what a histogram observed between two /metrics scrapes."""
+    b, a = dict(_buckets(before, name, label)), _buckets(after, name, label)
+    cumulative = [(le, n - b.get(le, 0.0)) for le, n in a]
+    if not cumulative or cumulative[-1][1] <= 0:
+        return None
+    count = cumulative[-1][1]
+
+    def total(text: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(f"{name}_sum") and label in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def quantile(q: float) -> float:
+        rank, lo_le, lo_n = q * count, 0.0, 0.0
+        for le, n in cumulative:
+            if n >= rank:
+                if le == float("inf"):
+                    return lo_le
+                return lo_le + (le - lo_le) * (rank - lo_n) / max(n - lo_n, 1e-9)
+            lo_le, lo_n = le, n
+        return lo_le
+
+    return {"count": int(count), "mean": round(1000 * (total(after) - total(before)) / count, 3),
+            **{f"p{q}": round(1000 * quantile(q / 100), 3) for q in (50, 90, 99)}}
+
+
+def _metric_deltas(before: str, after: str) -> tuple[float | None, dict]:
+    hits0, queries0, hits1, queries1 = (_metric_total(t, names) for t in (before, after) for names in (_HITS, _QUERIES))
+    hit_rate = None
+    if None not in (hits0, hits1, queries0, queries1) and queries1 > queries0:
+        hit_rate = (hits1 - hits0) / (queries1 - queries0)
+    timings = {key: histogram_summary(before, after, name, label) for key, (name, label) in _STEP_HISTOGRAMS.items()}
+    return hit_rate, {k: v for k, v in timings.items() if v is not None}
 
 
 async def _model_name(session, base_url: str) -> str:
@@ -229,7 +284,7 @@ async def run_bench(config: BenchConfig, requests: list[BenchRequest], tokenizer
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         model = config.model or await _model_name(session, base)
         url = f"{base}/v1/chat/completions" if config.chat else f"{base}/v1/completions"
-        hits0, queries0 = await _prefix_counters(session, base)
+        metrics0 = await _metrics_text(session, base)
         limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         bar = tqdm(total=len(requests), disable=not config.progress, desc="requests")
         rng = random.Random(config.seed)
@@ -253,15 +308,15 @@ async def run_bench(config: BenchConfig, requests: list[BenchRequest], tokenizer
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-        hits1, queries1 = await _prefix_counters(session, base)
+        metrics1 = await _metrics_text(session, base)
     if tokenizer is not None:  # a server without usage: count with the endpoint's tokenizer
         for r in results:
             if r.ok and not r.output_tokens:
                 r.output_tokens = len(tokenizer(r.text, add_special_tokens=False)["input_ids"])
-    hit_rate = None
-    if None not in (hits0, hits1, queries0, queries1) and queries1 > queries0:
-        hit_rate = (hits1 - hits0) / (queries1 - queries0)
-    return summarize(config, requests, results, duration, hit_rate), results
+    hit_rate, timings = _metric_deltas(metrics0, metrics1)
+    record = summarize(config, requests, results, duration, hit_rate)
+    record["server_timings_ms"] = timings or None  # qoq's step histograms over the run (None: not qoq)
+    return record, results
 
 
 def summarize(config: BenchConfig, requests: list[BenchRequest], results: list[RequestResult], duration: float,
@@ -328,6 +383,8 @@ def format_report(record: dict) -> str:
         lines.append(f"{key:<28}" + "  ".join(f"{k} {v}" for k, v in s.items()))
     if record["prefix_cache_hit_rate"] is not None:
         lines.append(f"{'prefix cache hit rate':<28}{record['prefix_cache_hit_rate']:.3f}")
+    for key, s in (record.get("server_timings_ms") or {}).items():
+        lines.append(f"{key + '_ms':<28}" + "  ".join(f"{k} {v}" for k, v in s.items()))
     for err in record["errors"]:
         lines.append(f"error: {err}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from qoq.engine.block_manager import BlockManager
 from qoq.engine.config import EngineConfig, RequestLimits
 from qoq.engine.detokenizer import append_token, make_output
 from qoq.engine.guided import Guidance, accept_token, make_tokenizer
+from qoq.engine.histogram import Histogram
 from qoq.engine.logprobs import record_logprobs
 from qoq.engine.model_runner import ModelRunner, StepInFlight
 from qoq.engine.scheduler import Scheduler
@@ -71,6 +72,11 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache...
     prefix_cache_hits: int = 0  # ...and found there
     num_failed_steps_total: int = 0  # steps that raised (their requests isolated, see the docstring)
+    # Wall time of each step() by what the step processed ("prefill": it held prompt tokens), and the
+    # part of it the host spent scheduling, launching and processing (the rest waited for the device).
+    step_seconds: dict[str, Histogram] = field(default_factory=lambda: {"decode": Histogram(),
+                                                                         "prefill": Histogram()})
+    step_host_seconds: Histogram = field(default_factory=Histogram)
 
 
 class LLMEngine:
@@ -196,12 +202,16 @@ class LLMEngine:
             return []
 
     def _step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         if not self.config.async_scheduling:
             batch = self.scheduler.schedule()
             if not batch:
                 return []
             step = self.runner.launch(batch, None)
-            return self._process(batch.seqs, step.token_ids(), batch, step)
+            token_ids, waited = self._wait(step)
+            outputs = self._process(batch.seqs, token_ids, batch, step)
+            self._time_step(batch, start, waited)
+            return outputs
         # (a) Schedule step n. Sequences of step n-1 (in flight) count their pending token.
         batch = self.scheduler.schedule()
         prev, launched = self._in_flight, None
@@ -220,10 +230,25 @@ class LLMEngine:
         # dropped when step n is processed, and its pages are freed now (Scheduler.finish: the
         # device runs step n before any later step that could reuse them).
         try:
-            return self._process(prev.seqs, prev.token_ids(), prev.batch, prev)
+            token_ids, waited = self._wait(prev)
+            outputs = self._process(prev.seqs, token_ids, prev.batch, prev)
         except BaseException:
             self._drop(prev, launched)
             raise
+        # A step call waits for the previous step's tokens, so its time is (in a steady stream of
+        # steps) the previous step's device time: counted under that step's kind.
+        self._time_step(prev.batch, start, waited)
+        return outputs
+
+    @staticmethod
+    def _wait(step) -> tuple[list[int], float]:
+        t = time.perf_counter()
+        return step.token_ids(), time.perf_counter() - t
+
+    def _time_step(self, batch, start: float, waited: float) -> None:
+        elapsed = time.perf_counter() - start
+        self._stats.step_seconds["prefill" if batch.chunks else "decode"].observe(elapsed)
+        self._stats.step_host_seconds.observe(elapsed - waited)
 
     def _isolate(self, err: Exception) -> None:
         log.exception("an engine step failed; running its %d requests one at a time to find the cause",
@@ -333,6 +358,8 @@ class LLMEngine:
             num_pages_used=self.block_manager.num_used_pages,
             num_preemptions_total=self.scheduler.num_preemptions,
             finished_total=dict(self._stats.finished_total),
+            step_seconds={kind: h.copy() for kind, h in self._stats.step_seconds.items()},
+            step_host_seconds=self._stats.step_host_seconds.copy(),
             generation_tokens_per_second=tps,
             prefix_cache_queries=self.block_manager.num_queried_tokens,
             prefix_cache_hits=self.block_manager.num_hit_tokens,

@@ -135,7 +135,7 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], retry_after_s: i
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(engine.stats(), model_name),
+        return PlainTextResponse(render_metrics(engine.stats(), model_name, engine.message_gaps),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/version")

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
+from qoq.engine.histogram import Histogram
 from qoq.engine.llm_engine import EngineStats
 from qoq.sampling import SamplingParams
 from qoq.server.engine_loop import Delta, StepMessage
@@ -66,6 +68,10 @@ class AsyncEngine:
         self.max_in_flight = max_num_seqs + max_queue_len
         self._streams: dict[str, RequestStream] = {}
         self._stats = EngineStats(num_pages_total=self.limits.num_pages)
+        # Gaps between the engine's step messages as this event loop receives them, while requests
+        # are in flight: the engine's step time plus the hand-off, what a stream's tokens wait.
+        self.message_gaps = Histogram()
+        self._last_message: float | None = None
         self._gone = False
         self._stopping = False
         self.failed = False  # the engine stopped on its own (a device fault): the server should exit
@@ -124,9 +130,13 @@ class AsyncEngine:
             return
         self._stats = message.stats
         streams = self._streams
+        now = time.perf_counter()
+        if self._last_message is not None:
+            self.message_gaps.observe(now - self._last_message)
         for delta in message.deltas:
             stream = streams.get(delta.request_id)
             if stream is not None:
                 if delta.finished:
                     del streams[delta.request_id]
                 stream.put(delta)
+        self._last_message = now if streams else None  # idle gaps are not steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qoq.engine.histogram import Histogram
 from qoq.engine.llm_engine import EngineStats
 
 
@@ -17,7 +18,19 @@ def label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(stats: EngineStats, model_name: str) -> str:
+def _histogram(lines: list[str], name: str, help_text: str, series: list[tuple[str, Histogram]]) -> None:
+    """`series`: (labels inside the braces, histogram) pairs of one metric family."""
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    for labels, hist in series:
+        for bound, count in hist.cumulative():
+            le = "+Inf" if bound == float("inf") else f"{bound:g}"
+            lines.append(f'{name}_bucket{{{labels},le="{le}"}} {count}')
+        lines.append(f"{name}_sum{{{labels}}} {hist.total:g}")
+        lines.append(f"{name}_count{{{labels}}} {hist.count}")
+
+
+def render_metrics(stats: EngineStats, model_name: str, message_gaps: Histogram | None = None) -> str:
     model_name = label_value(model_name)
     label = f'{{model_name="{model_name}"}}'
     lines: list[str] = []
@@ -50,4 +63,13 @@ def render_metrics(stats: EngineStats, model_name: str) -> str:
     finished = [(f'{{model_name="{model_name}",finish_reason="{label_value(reason)}"}}', count)
                 for reason, count in sorted(stats.finished_total.items())]
     _metric(lines, "qoq_request_finished_total", "counter", "Requests finished, by finish reason", finished)
+    name_label = f'model_name="{model_name}"'
+    _histogram(lines, "qoq_engine_step_seconds", "Wall time of an engine step, by whether it held prompt tokens "
+               "(under async scheduling: the time until the previous step's tokens were back)",
+               [(f'{name_label},kind="{kind}"', hist) for kind, hist in sorted(stats.step_seconds.items())])
+    _histogram(lines, "qoq_engine_step_host_seconds", "Host time of an engine step (scheduling, launching, "
+               "processing the tokens), not waiting for the device", [(name_label, stats.step_host_seconds)])
+    if message_gaps is not None:
+        _histogram(lines, "qoq_server_step_gap_seconds", "Gaps between engine steps as the API server receives them "
+                   "while requests are in flight (the engine's step plus the hand-off)", [(name_label, message_gaps)])
     return "\n".join(lines) + "\n"

@@ -64,6 +64,19 @@ def test_fp_cache_matches_reference_generator(bundled, prompts, reference, async
     assert {r.finish_reason for r in reference} == {"length", "stop"}
 
 
+def test_step_times_are_counted_by_kind(bundled, prompts, async_scheduling):
+    """Every step that processed tokens lands in one step-time histogram: "prefill" for a step
+    holding prompt tokens, "decode" otherwise; the host part never exceeds the whole."""
+    llm = LLM.from_model(*bundled, kv_bits=16, page_size=16, async_scheduling=async_scheduling)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=5))
+    stats = llm.engine.stats()
+    steps = stats.step_seconds
+    assert steps["prefill"].count >= 1 and steps["decode"].count >= 4
+    assert steps["prefill"].count + steps["decode"].count == stats.num_steps_total
+    assert stats.step_host_seconds.count == stats.num_steps_total
+    assert 0 < stats.step_host_seconds.total <= steps["prefill"].total + steps["decode"].total
+
+
 def test_token_ids_only_without_detokenization(bundled, prompts, reference):
     llm = LLM.from_model(*bundled, kv_bits=16, page_size=16)
     outs = llm.generate(prompts[:3], SamplingParams(max_tokens=MAX_TOKENS, detokenize=False))
