@@ -36,7 +36,13 @@ def _smollm2(calib_seqs: int):
                          bos_token_id=1, eos_token_ids=[2])
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 49152, (calib_seqs + 16, 512), generator=gen)
-    return random_float_model(config), tokens[:calib_seqs], tokens[calib_seqs:].reshape(-1)
+    model = random_float_model(config)
+    # Unit-variance tied embeddings make logits of std ~30: every wrong guess costs hundreds of
+    # nats (perplexity ~1e196), so a last-bit difference moves it by percents. Scaled to the
+    # range of a trained model's logits, the perplexity (~1.5e5) measures the quantization.
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(0.05)
+    return model, tokens[:calib_seqs], tokens[calib_seqs:].reshape(-1)
 
 
 @requires_cuda
