@@ -58,9 +58,22 @@ def main() -> None:
     if args.mixed:
         return profile_mixed(args, engine, cfg, gen, params)
     add_batch()
-    if args.prefill:  # one warm-up wave (Triton compiles), then the profiled prefills of a second
+    if args.prefill:  # one warm-up wave (Triton compiles), a timed wave, then the profiled one
+        import time
+
         while engine.has_unfinished_requests():
             engine.step()
+        walls = []
+        for _ in range(args.steps):
+            add_batch()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            torch.cuda.synchronize()
+            walls.append(1e3 * (time.perf_counter() - t0))
+        print(f"prefill of {args.batch} x {args.context} tokens to the first token: wall ms per wave "
+              + " ".join(f"{w:.1f}" for w in walls))
         add_batch()
     else:
         while engine.scheduler.waiting:  # all prefills done
