@@ -1,0 +1,123 @@
+"""Where a mixed step's host time goes (GPU script): a running batch decodes while a prompt
+arrives; the step that prefills it runs eagerly (no CUDA graph), and under `qoq serve` such steps
+took ~60-80 ms of host time against ~20 ms of kernels for a 1024-token prompt.
+
+For one such step (synchronous scheduling, so a step is what it launches): its wall time and its
+kernels' GPU time (CUDA events), every operation that synchronizes with the device (torch's sync
+debug mode, with the qoq frame that asked), and a cProfile of the host side.
+
+    python benchmarks/probe_host_overhead.py --batch 32 --prompt-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qoq.bench.random_model import bundled_config, random_model  # noqa: E402
+from qoq.config import G128, QuantConfig  # noqa: E402
+from qoq.engine.config import EngineConfig  # noqa: E402
+from qoq.engine.llm_engine import LLMEngine  # noqa: E402
+from qoq.sampling import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="llama-3-8b")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
+    args = p.parse_args()
+    cfg = bundled_config(args.config)
+    model = random_model(cfg, QuantConfig("w4a8kv4", G128, qk_hadamard=cfg.head_dim >= 32), device=args.device,
+                         dtype=torch.float16 if args.device == "cuda" else torch.float32)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch + 16, max_num_batched_tokens=8192,
+                                                 max_model_len=args.prompt_len + 512, async_scheduling=False))
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt() -> list[int]:
+        return torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+
+    long = SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
+    for _ in range(args.batch):
+        engine.add_request(prompt(), long)
+    while engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+
+    def timed_step(label: str) -> tuple[float, float]:
+        if not cuda:
+            t0 = time.perf_counter()
+            engine.step()
+            return 1e3 * (time.perf_counter() - t0), float("nan")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync()
+        t0 = time.perf_counter()
+        start.record()
+        engine.step()
+        end.record()
+        sync()
+        wall = 1e3 * (time.perf_counter() - t0)
+        return wall, start.elapsed_time(end)
+
+    rows = []
+    for i in range(args.repeats):
+        rows.append(("decode",) + timed_step("decode"))
+        engine.add_request(prompt(), long)
+        rows.append(("mixed",) + timed_step("mixed"))
+    for kind, wall, gpu in rows:
+        print(f"{kind:7s} wall {wall:7.2f} ms   device span {gpu:7.2f} ms")
+
+    # every synchronizing call inside a mixed step, by the innermost qoq frame that made it
+    sites: Counter = Counter()
+    engine.add_request(prompt(), long)
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.simplefilter("always")
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack() if "/qoq/" in f.filename]
+            where = f"{frames[-1].filename.split('/qoq/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
+            sites[where] += 1
+
+        warnings.showwarning = record
+        engine.step()
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        sync()
+    print(f"synchronizing calls in one mixed step: {sum(sites.values())}")
+    for where, n in sites.most_common(15):
+        print(f"  {n:4d}  {where}")
+
+    engine.add_request(prompt(), long)
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    engine.step()
+    sync()
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(28)
+        print("\n".join(line[:170] for line in text.getvalue().splitlines()[4:40]))
+
+
+if __name__ == "__main__":
+    main()
