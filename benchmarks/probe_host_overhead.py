@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import sys
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
     args = p.parse_args()
     cfg = bundled_config(args.config)
@@ -46,20 +48,24 @@ def main() -> None:
                          dtype=torch.float16 if args.device == "cuda" else torch.float32)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.batch + 16, max_num_batched_tokens=8192,
-                                                 max_model_len=args.prompt_len + 512, async_scheduling=False))
     gen = torch.Generator().manual_seed(0)
 
     def prompt() -> list[int]:
         return torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
 
     long = SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
-    for _ in range(args.batch):
-        engine.add_request(prompt(), long)
-    while engine.scheduler.waiting:
-        engine.step()
-    for _ in range(3):
-        engine.step()
+
+    def running_engine(eager: bool) -> LLMEngine:
+        engine = LLMEngine(model, None, EngineConfig(
+            max_num_seqs=args.batch + 16, max_num_batched_tokens=args.budget, max_model_len=args.prompt_len + 512,
+            async_scheduling=False, enforce_eager=eager, gpu_memory_utilization=0.45))
+        for _ in range(args.batch):
+            engine.add_request(prompt(), long)
+        while engine.scheduler.waiting:
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        return engine
 
     def timed_step(label: str) -> tuple[float, float]:
         if not cuda:
@@ -76,13 +82,21 @@ def main() -> None:
         wall = 1e3 * (time.perf_counter() - t0)
         return wall, start.elapsed_time(end)
 
-    rows = []
-    for i in range(args.repeats):
-        rows.append(("decode",) + timed_step("decode"))
-        engine.add_request(prompt(), long)
-        rows.append(("mixed",) + timed_step("mixed"))
-    for kind, wall, gpu in rows:
-        print(f"{kind:7s} wall {wall:7.2f} ms   device span {gpu:7.2f} ms")
+    for eager in (True, False) if cuda else (True,):
+        engine = running_engine(eager)
+        rows = []
+        for i in range(args.repeats):
+            rows.append(("decode",) + timed_step("decode"))
+            engine.add_request(prompt(), long)
+            rows.append(("mixed",) + timed_step("mixed"))
+        label = "eager" if eager else "graphs (decode: whole step; steps with prompt tokens: piecewise)"
+        print(f"-- {label}: batch {args.batch}, prompt {args.prompt_len}")
+        for kind, wall, gpu in rows:
+            print(f"{kind:7s} wall {wall:7.2f} ms   device span {gpu:7.2f} ms")
+        if eager and cuda:  # the graphs' engine follows
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
 
     # every synchronizing call inside a mixed step, by the innermost qoq frame that made it
     sites: Counter = Counter()

@@ -56,7 +56,8 @@ class PagedAttention:
         self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
 
-    def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
+    def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
+        """-> attention output shaped as q; `out`: write it there (contiguous, q's shape)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
@@ -64,7 +65,8 @@ class PagedAttention:
         cache = self.kv_cache[layer_idx]
         q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
         num_prefill = md.num_prefill_tokens
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # both kernels write their rows in place
+        # both kernels write their rows in place
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
         if md.token_num_pages is not None:
             self._per_token(q, cache, md, out)
         elif num_prefill:

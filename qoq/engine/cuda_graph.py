@@ -99,3 +99,134 @@ class DecodeGraphs:
         self.block_tables[:n, : md.block_tables.shape[1]] = md.block_tables
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts captured for steps with prompt tokens: fine steps where a step of a prompt
+    chunk plus the running decodes lands (padding costs GEMM work), coarser above."""
+    sizes = [16, 32, 64] + list(range(128, 2049, 128)) + list(range(2304, 4097, 256)) + list(range(4608, 16385, 512))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
+
+
+class _Cut:
+    """The attention backend while a forward is captured piecewise: each attention call ends the
+    segment being captured (after copying q/k/v into the static buffers) and starts the next one,
+    whose first op reads the static attention output. `graph` None: a plain run (warm-up)."""
+
+    def __init__(self, owner: PrefillGraphs, n: int, pool) -> None:
+        self.owner, self.n, self.pool = owner, n, pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.segments: list[torch.cuda.CUDAGraph] = []
+
+    def begin(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def end(self) -> None:
+        self.graph.capture_end()
+        self.segments.append(self.graph)
+        self.graph = None
+
+    def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
+        o, n = self.owner, self.n
+        if o.q is None:  # the first (plain, largest) run: buffers in the dtype attention gets
+            size = o.sizes[-1]
+            o.q = q.new_zeros(1, size, *q.shape[2:])
+            o.k, o.v = k.new_zeros(1, size, *k.shape[2:]), v.new_zeros(1, size, *v.shape[2:])
+            o.out = torch.zeros_like(o.q)
+        o.q[:, :n].copy_(q)
+        o.k[:, :n].copy_(k)
+        o.v[:, :n].copy_(v)
+        if self.pool is not None:
+            self.end()
+            self.begin()
+        return o.out[:, :n]
+
+
+class PrefillGraphs:
+    """CUDA graphs for steps with prompt tokens, captured piecewise: one graph per stretch of the
+    forward between two attention calls (embedding to layer 0's qkv, layer i's o_proj to layer
+    i+1's qkv, the last o_proj to the final norm), for each padded token count. Attention runs
+    eagerly between them on the step's real metadata, reading q/k/v from static buffers and
+    writing a static output: its grid depends on the step's sequences, everything else only on
+    the token count. Without this, the ~480 kernel launches of such a step cost ~50-70 ms of host
+    time on an H100 (benchmarks/probe_host_overhead.py) against ~25 ms of device time for a
+    1024-token prompt next to a running batch, and every running stream waited for it.
+
+    Padding rows (the rows past the step's tokens) are left out of attention, whose static
+    output keeps whatever they held; every other op works row by row, so they never touch the
+    real rows. The graphs share one memory pool (replayed in the order captured, one step at a
+    time) and are captured before the KV cache is sized, which so leaves their memory alone.
+    """
+
+    def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
+        self.runner = runner
+        self.sizes = prefill_graph_sizes(max_tokens)
+        dev, n = runner.device, self.sizes[-1]
+        self.input_ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, n, dtype=torch.long, device=dev)
+        # q, k, v (attention's input), out (its output), hidden (the forward's): made by the first
+        # plain run, in the dtypes the model produces there
+        self.q = self.k = self.v = self.out = self.hidden = None
+        self.segments: dict[int, list[torch.cuda.CUDAGraph]] = {}
+
+    @classmethod
+    def capture(cls, runner: ModelRunner, max_tokens: int) -> PrefillGraphs | None:
+        graphs = cls(runner, max_tokens)
+        try:
+            graphs._capture_all()
+        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+            log.warning("CUDA graph capture of prefill steps failed (%s: %s); they run eagerly",
+                        type(err).__name__, err)
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        model = self.runner.model
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for n in reversed(self.sizes):  # largest first: the pool's blocks fit the smaller ones
+                args = (self.input_ids[:, :n], self.positions[:, :n])
+                hidden = model(*args, _Cut(self, n, None))  # a plain run first: allocator and handles settle
+                if self.hidden is None:
+                    self.hidden = torch.zeros_like(hidden)
+                del hidden
+                torch.cuda.synchronize()
+                cut = _Cut(self, n, pool)
+                cut.begin()
+                try:
+                    self.hidden[:, :n].copy_(model(*args, cut))
+                    cut.end()
+                except BaseException:
+                    if cut.graph is not None:  # never leave the stream capturing
+                        try:
+                            cut.graph.capture_end()
+                        except Exception:  # noqa: BLE001 - the capture is invalid anyway
+                            pass
+                    raise
+                self.segments[n] = cut.segments
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def fits(self, num_tokens: int) -> bool:
+        return num_tokens <= self.sizes[-1]
+
+    def run(self, inputs: ModelInputs, attn) -> torch.Tensor:
+        """The step's final hidden states [1, T, hidden] (a view of a static output): segments
+        replayed in order, the real attention between them."""
+        n = inputs.input_ids.shape[1]
+        size = next(s for s in self.sizes if s >= n)
+        self.input_ids[:, :n] = inputs.input_ids  # padding rows keep earlier (valid) ids
+        self.positions[:, :n] = inputs.positions
+        attn.metadata = inputs.metadata
+        segments, rotary = self.segments[size], self.runner.model.rotary
+        positions = self.positions[:, :n]
+        for layer_idx, segment in enumerate(segments[:-1]):
+            segment.replay()
+            attn(layer_idx, self.q[:, :n], self.k[:, :n], self.v[:, :n], positions, rotary, out=self.out[:, :n])
+        segments[-1].replay()
+        return self.hidden[:, :n]

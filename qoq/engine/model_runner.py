@@ -21,7 +21,7 @@ from qoq.engine.attention import AttentionMetadata, PagedAttention
 from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
-from qoq.engine.cuda_graph import DecodeGraphs
+from qoq.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from qoq.engine.logprobs import LogprobsInFlight, prompt_logprobs, sampled_logprobs
 from qoq.engine.sampler import process_logits, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
@@ -83,6 +83,15 @@ class ModelRunner:
         # Tensor parallel (docs/parallel.md#the-engine): each rank's cache holds its own KV heads, and
         # every rank takes the same page count, the smallest that fits, so the ranks' schedulers agree.
         self.tp = model.tp
+        cuda = self.device.type == "cuda"
+        if cuda and config.kernel_warmup and not config.deterministic:
+            warm_up(model, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.page_size,
+                    kv_bits, self.kv_dtype)
+        # Steps with prompt tokens replay piecewise graphs (cuda_graph.py): captured before the
+        # cache is sized, so that their memory pool counts as used.
+        self.prefill_graphs: PrefillGraphs | None = None
+        if cuda and not (config.enforce_eager or config.deterministic):
+            self.prefill_graphs = PrefillGraphs.capture(self, config.max_num_batched_tokens)
         self.num_pages = config.num_pages or self._pages_that_fit()
         if self.tp is not None:
             self.num_pages = self.tp.min(self.num_pages, self.device)
@@ -93,10 +102,7 @@ class ModelRunner:
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and config.kernel_warmup and not config.deterministic:
-            warm_up(model, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.page_size,
-                    kv_bits, self.kv_dtype)
-        if self.device.type == "cuda" and not (config.enforce_eager or config.deterministic):
+        if cuda and not (config.enforce_eager or config.deterministic):
             self.graphs = DecodeGraphs.capture(self, min(config.max_graph_batch_size, config.max_num_seqs))
 
     # -- cache sizing ----------------------------------------------------------------------
@@ -169,6 +175,9 @@ class ModelRunner:
         if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.replay(inputs)
             return self.model.compute_logits(hidden[inputs.logit_indices]), None
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(inputs.input_ids.shape[1]):
+            hidden = self.prefill_graphs.run(inputs, self.attn)[0]
+            return self.model.compute_logits(hidden[inputs.logit_indices]), self._prompt_logprobs(hidden, inputs)
         with PerRowLinears() if self.config.deterministic else contextlib.nullcontext():
             self.attn.metadata = inputs.metadata
             hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]

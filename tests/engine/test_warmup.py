@@ -44,3 +44,14 @@ def test_warm_up_runs_every_step_size_and_attention_shape():
     model = tiny_quantized_model(PER_CHANNEL, 4, torch.float32)
     warm_up(model, max_num_batched_tokens=80, max_num_seqs=4, max_model_len=64, page_size=8, kv_bits=4,
             kv_dtype=torch.float32)
+
+
+def test_prefill_graph_sizes_cover_every_step_up_to_the_budget():
+    from qoq.engine.cuda_graph import prefill_graph_sizes
+
+    for budget in (16, 96, 1000, 4096, 8192):
+        sizes = prefill_graph_sizes(budget)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == budget and sizes[0] <= 16
+        # a step of n tokens pads to the next size: at most 2x for tiny steps, 1/8 from 1,024 tokens up
+        for n in range(1024, budget + 1, 37):
+            assert next(s for s in sizes if s >= n) <= n * 9 / 8 + 1
