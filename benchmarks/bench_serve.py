@@ -181,6 +181,21 @@ def run_api_features(args, out_dir: Path) -> list[dict]:
     return records
 
 
+def _provenance(device: str) -> dict:
+    """What every record carries: the commit and the device that measured it, and when."""
+    import datetime
+
+    import torch
+
+    commit = os.environ.get("QOQ_GIT_COMMIT")
+    if not commit:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = done.stdout.strip() or "unknown"
+    name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else device
+    return {"git_commit": commit, "device": name,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-3-8b", help="a config of qoq/configs (random weights)")
@@ -214,15 +229,18 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     t0 = time.perf_counter()
+    stamp = _provenance(args.device)
+
+    def save(new: list[dict]) -> None:  # kept so far, should a later part fail
+        records.extend({**r, **stamp} for r in new)
+        out.write_text(json.dumps(records, indent=1))
+
     if args.features:
-        records = run_features(args, out.parent)
-        out.write_text(json.dumps(records, indent=1))
+        save(run_features(args, out.parent))
     if args.api_features:
-        records += run_api_features(args, out.parent)
-        out.write_text(json.dumps(records, indent=1))
+        save(run_api_features(args, out.parent))
     for precision in args.precisions if not (args.features or args.api_features) else []:
-        records += run_precision(args, precision, out.parent)
-        out.write_text(json.dumps(records, indent=1))  # kept so far, should a later precision fail
+        save(run_precision(args, precision, out.parent))
     print(f"{len(records)} records -> {out} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return 0
 

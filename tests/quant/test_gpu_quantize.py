@@ -65,8 +65,10 @@ def test_smollm2_on_the_gpu_matches_the_cpu():
     assert abs(ppl_gpu / ppl_cpu - 1) < 0.005
 
 
-def _layer_error(model, ref, tokens):
-    out, want = model(tokens).float(), ref(tokens).float()
+def _logits_error(model, ref, tokens):
+    """Relative error of the logits: the hidden states of a rotated model live in another basis
+    (rotation folds R1 into the embedding and the head), its logits in the same."""
+    out, want = (m.compute_logits(m(tokens)).float() for m in (model, ref))
     return ((out - want).norm() / want.norm()).item()
 
 
@@ -74,7 +76,11 @@ def _layer_error(model, ref, tokens):
 @pytest.mark.parametrize("name,granularity", [("llama-3-8b", G128), ("llama-3-8b", PER_CHANNEL), ("qwen1.5-72b", G128)])
 def test_every_step_at_a_real_layer_shape_on_the_gpu(name, granularity):
     """One decoder layer of the real shape, all QoQ steps (GPTQ included) on the GPU: it runs,
-    and the quantized layer is closer to the float one than round-to-nearest."""
+    and its logits stay near the float model's. Random Gaussian weights have no outlier channels
+    for rotation and smoothing to fix, so QoQ is not expected to beat round-to-nearest here (at a
+    small shape on the CPU: 0.035 against 0.024); a broken step (a rotation or a fold applied on
+    one side only) costs ~1.3. QoQ beating RTN is measured on the real model
+    (benchmarks/results/accuracy-smollm2-135m.json)."""
     config = dataclasses.replace(bundled_config(name), num_layers=1, vocab_size=4096)
     with torch.device("cuda"):  # random init on the GPU: a 72B-shaped layer is slow to fill on the CPU
         ref, qoq, rtn = (random_float_model(config) for _ in range(3))
@@ -83,6 +89,6 @@ def test_every_step_at_a_real_layer_shape_on_the_gpu(name, granularity):
     qoq = quantize_model(qoq, None, calib, tokens)
     rtn = quantize_model(rtn, None, QoQOptions.rtn(progress=False, granularity=granularity))
     test = torch.randint(0, 4096, (2, 256), device="cuda")
-    err_qoq, err_rtn = _layer_error(qoq, ref, test), _layer_error(rtn, ref, test)
-    print(f"{name} {granularity}: relative error of the final hidden states QoQ {err_qoq:.4f}, RTN {err_rtn:.4f}")
-    assert err_qoq < err_rtn
+    err_qoq, err_rtn = _logits_error(qoq, ref, test), _logits_error(rtn, ref, test)
+    print(f"{name} {granularity}: relative error of the logits QoQ {err_qoq:.4f}, RTN {err_rtn:.4f}")
+    assert err_qoq < min(2 * err_rtn, 0.1)
