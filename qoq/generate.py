@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from qoq.engine.block_manager import pages_needed
+from qoq.engine.config import EngineConfig
 from qoq.engine.llm import LLM
 from qoq.engine.sequence import RequestOutput
 from qoq.model.llama import LlamaModel
@@ -31,12 +32,14 @@ def apply_chat_template(tokenizer, user_message: str, system: str | None = None)
 def engine_config_for(model: LlamaModel, prompts: list[list[int]], params: SamplingParams,
                       page_size: int = 64) -> dict:
     """An engine just big enough for these requests: a page pool that holds all of them at full
-    length (so none is ever preempted), CUDA graphs only for batch sizes up to their number, and
-    a fresh seed per process for requests that sample without a seed (as torch's own RNG)."""
+    length (so none is ever preempted), CUDA graphs only for batch sizes up to their number and
+    a token budget of their prompts (what a GPU start-up warms up and captures for), and a fresh
+    seed per process for requests that sample without a seed (as torch's own RNG)."""
     context = model.config.max_position_embeddings
     pages = sum(pages_needed(min(len(p) + params.max_tokens, context), page_size) for p in prompts)
+    budget = min(EngineConfig.max_num_batched_tokens, max(16, sum(map(len, prompts)) + len(prompts)))
     return dict(page_size=page_size, num_pages=max(1, pages), max_num_seqs=len(prompts),
-                max_graph_batch_size=len(prompts), seed=torch.initial_seed())
+                max_num_batched_tokens=budget, max_graph_batch_size=len(prompts), seed=torch.initial_seed())
 
 
 def generate(
