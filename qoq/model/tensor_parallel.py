@@ -21,6 +21,7 @@ its slice, and `shard_model` does the same to a model already in memory (both th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,3 +239,19 @@ def load_checkpoint_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = 
     model = assemble(config, quant, tp, (weights.get_many(batch) for batch in batches), str(folder), device, place)
     validate_quant_tensors(model)
     return model
+
+
+def load_hf_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> LlamaModel:
+    """Rank tp.rank's slice of a HF safetensors folder (a float model), read a decoder layer at a
+    time as load_checkpoint_shard reads a qoq checkpoint: never the whole model in host memory."""
+    folder = Path(folder)
+    config = read_config(folder)
+    weights = ShardedWeights(folder)
+    parts = itertools.chain([weights.global_state(config)],
+                            (weights.layer_state(config, i) for i in range(config.num_layers)))
+
+    def place(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    return assemble(config, QuantConfig(), tp, parts, str(folder), device, place)

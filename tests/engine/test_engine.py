@@ -107,8 +107,12 @@ def test_engine_greedy_agrees_with_the_reference_at_every_kv_precision(bundled, 
     prompts = [tok(t)["input_ids"] for t in EXACT_TEXTS]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     outputs = LLM.from_model(model, tok, kv_bits=bits).generate(prompts, params)
-    assert_agrees(model, tok, prompts, outputs, params, kv_bits=bits, tol=1e-3 if bits == 16 else 0.25,
-                  max_near_ties=0 if bits == 16 else 2)
+    # KV4: a last-bit difference that moves one key across a 4-bit step moves logits by up to ~0.7
+    # on an AVX-512 CPU (Sapphire Rapids: 5 of 48 choices near ties, gaps 0.006-0.73, every other
+    # choice the argmax), where other CPUs stayed within 0.25 and 2 ties. A semantic error (a
+    # wrong page, scale or position) costs logits at most tokens, not a few near ties.
+    assert_agrees(model, tok, prompts, outputs, params, kv_bits=bits, tol={16: 1e-3, 8: 0.25, 4: 1.0}[bits],
+                  max_near_ties={16: 0, 8: 2, 4: 6}[bits])
 
 
 TINY_TOL = 0.05  # in logits: the largest gap of a choice taken against the reference's was < 0.05

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qoq.bench.random_hf import write_random_hf_folder
 from qoq.bench.random_model import random_float_model, random_model
 from qoq.config import G128, PER_CHANNEL, ConfigError, ModelConfig, QuantConfig
 from qoq.distributed import (NVLINK_MULTICAST_OFF, TPGroup, destroy, disable_nvlink_multicast, free_port,
@@ -26,7 +27,8 @@ from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, padded_k
 from qoq.layers.parallel import slice_input_columns
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 from qoq.model.checkpoint import load_checkpoint, save_checkpoint
-from qoq.model.tensor_parallel import ShardPlan, load_checkpoint_shard, shard_model
+from qoq.model.loader import load_weights
+from qoq.model.tensor_parallel import ShardPlan, load_checkpoint_shard, load_hf_shard, shard_model
 
 STEPS = 5  # greedy tokens generated per case
 PROMPT = torch.tensor([[5, 17, 300, 999, 42, 7, 1000, 3], [9, 8, 7, 6, 5, 4, 3, 2]])
@@ -79,11 +81,13 @@ def run(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tp_worker(tp: TPGroup, models: dict, checkpoint: str, out_dir: str) -> None:
+def _tp_worker(tp: TPGroup, models: dict, checkpoint: str, hf_folder: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {key: run(shard_model(model, tp)) for key, model in models.items()}
     results["checkpoint"] = run(load_checkpoint_shard(checkpoint, tp))
     results["checkpoint_in_memory"] = run(shard_model(load_checkpoint(checkpoint), tp))
+    results["hf"] = run(load_hf_shard(hf_folder, tp))
+    results["hf_in_memory"] = run(shard_model(load_weights(Path(hf_folder)), tp))
     torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
 
 
@@ -110,12 +114,19 @@ def checkpoint(models, tmp_path_factory):
     return save_checkpoint(models["gqa2", "w4a8kv4-g128"], tmp_path_factory.mktemp("ckpt") / "q")
 
 
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A HF safetensors folder (random fp32 weights, GQA, qkv bias, tied embeddings), a layer per file."""
+    return write_random_hf_folder(copy.deepcopy(CONFIGS["gqa8"]), tmp_path_factory.mktemp("hf") / "m",
+                                  dtype=torch.float32)
+
+
 @pytest.fixture(scope="module", params=[2, 4])
-def tp_results(request, models, checkpoint, tmp_path_factory):
+def tp_results(request, models, checkpoint, hf_folder, tmp_path_factory):
     """Every rank's results for one group size: [rank] -> {case: run(...)}."""
     world_size = request.param
     out = tmp_path_factory.mktemp(f"tp{world_size}")
-    spawn(_tp_worker, world_size, models, str(checkpoint), str(out), backend="gloo", timeout_s=120)
+    spawn(_tp_worker, world_size, models, str(checkpoint), str(hf_folder), str(out), backend="gloo", timeout_s=120)
     return world_size, [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
 
 
@@ -192,12 +203,13 @@ def test_tp_equals_single_process(case, models, single, tp_results):
 
 
 def test_checkpoint_shard_loads_as_shard_model(tp_results):
-    """Each rank reading its slice of the one checkpoint (a layer at a time) gets exactly the
-    model that slicing the whole loaded checkpoint gives."""
+    """Each rank reading its slice of the one checkpoint (a layer at a time), or of a HF folder,
+    gets exactly the model that slicing the whole loaded checkpoint or folder gives."""
     _, ranks = tp_results
     for rank in ranks:
         for key in ("logits", "greedy"):
             assert torch.equal(rank["checkpoint"][key], rank["checkpoint_in_memory"][key])
+            assert torch.equal(rank["hf"][key], rank["hf_in_memory"][key])
 
 
 # -- plans, launcher environment ---------------------------------------------------------------
