@@ -1,4 +1,4 @@
-"""The serving engine over 2 CPU processes (gloo): LLM(tensor_parallel_size=2) against the
+"""The serving engine over 2 (and 4) CPU processes (gloo): LLM(tensor_parallel_size=2) against the
 single-process engine on the same tiny random models (tests/parallel/test_tensor_parallel.py),
 and a worker that dies while the group starts.
 
@@ -45,13 +45,14 @@ def _load(config_name: str, precision_name: str, tp):
     return shard_model(build_model(config_name, precision_name), tp), _tokenizer()
 
 
-def _generate_tp(case, params, **engine):
+def _generate_tp(case, params, world_size: int = 2, **engine):
     llm = LLM.__new__(LLM)
-    llm.engine = launch(functools.partial(_load, *case), EngineConfig(**{**ENGINE, **engine}), 2, "gloo",
+    llm.engine = launch(functools.partial(_load, *case), EngineConfig(**{**ENGINE, **engine}), world_size, "gloo",
                         timeout_s=120)
     with llm:
         runner = llm.engine.runner
-        # this rank's cache holds its own KV heads (2 KV heads over 2 ranks: one each)
+        # this rank's cache holds its own KV heads (2 KV heads over 2 ranks: one each; over 4 ranks
+        # each KV head is replicated on the two ranks whose query heads read it)
         assert runner.kv_cache[0].k_cache.shape[1] == 1
         return [o.token_ids for o in llm.generate(PROMPTS, params)]
 
@@ -73,6 +74,14 @@ def test_fp32_tp_engine_equals_single_process(async_scheduling):
     assert got[0] == want[0] and got[2] == want[2]
     assert got[1] == want[1]  # seeded sampling: same generator, same probabilities to ~1e-6
     assert_greedy_agrees(model, [PROMPTS[0], PROMPTS[2]], [got[0], got[2]], tol=1e-4)
+
+
+def test_fp32_tp_engine_over_four_ranks_equals_single_process():
+    """Four processes, fewer KV heads (2) than ranks: greedy tokens are one process's."""
+    case = ("gqa2", "fp32")
+    got = _generate_tp(case, [GREEDY] * 3, world_size=4)
+    want = _generate_single(build_model(*case), [GREEDY] * 3)
+    assert got == want
 
 
 @pytest.mark.parametrize("precision", ["w4a8kv4-g128", "w4a8kv4-per-channel"])

@@ -4,6 +4,7 @@ whether it dies while serving or while loading its shard."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,30 +66,64 @@ def _workers(pid: int) -> list[int]:
     return found
 
 
-def test_tp_server_answers_as_one_process(tp_server):
-    url, proc, log = tp_server
+def _expected_texts() -> list[str]:
     config = bundled_config("tiny")
     model = random_model(config, bench_quant_config("w16a16kv16"), device="cpu", dtype=torch.float32)
     single = LLM.from_model(model, synthetic_tokenizer(config.vocab_size, config.eos_token_ids[0]), page_size=16,
                             num_pages=64, max_num_seqs=4)
-    want = [o.text for o in single.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))]
+    return [o.text for o in single.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))]
+
+
+def _assert_answers(url: str, want: list[str]) -> None:
     for prompt, text in zip(PROMPTS, want):
         body = {"model": "random-tiny-w16a16kv16", "prompt": prompt, "max_tokens": 10, "temperature": 0,
                 "ignore_eos": True}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == text
-    # Served stream: the same tokens
+    # Served stream: the same text
     body = {"model": "random-tiny-w16a16kv16", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
-        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
-    assert chunks
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want[0]
+
+
+def test_tp_server_answers_as_one_process(tp_server):
+    url, proc, log = tp_server
+    _assert_answers(url, _expected_texts())
     # --chat-template reaches the tokenizer under tensor parallelism too
     r = httpx.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "t5 t17"}]}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["tokens"] == [5, 17]
+
+
+def test_a_torchrun_launched_server_answers_as_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m qoq.cli serve ...` (docs/parallel.md#launching): rank 0
+    serves HTTP, rank 1 follows; the answers are the single-process engine's, and stopping
+    torchrun stops both."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "qoq.cli", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16", *ENGINE_ARGS,
+           "--port", str(port), "--log-level", "warning"]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, 180)
+        _assert_answers(url, _expected_texts())
+    except (RuntimeError, AssertionError) as err:
+        raise AssertionError(f"{err}\n{log.read_text()[-3000:]}") from err
+    finally:
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"torchrun did not stop within 60 s of SIGTERM:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-request"])
