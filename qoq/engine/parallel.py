@@ -38,9 +38,9 @@ from qoq.distributed import (DEFAULT_TIMEOUT_S, TPGroup, default_backend, destro
 from qoq.engine.config import EngineConfig
 from qoq.engine.llm_engine import LLMEngine
 from qoq.engine.sequence import RequestOutput
-from qoq.model.loader import load_any_weights, load_tokenizer, resolve_model_path
+from qoq.model.loader import load_tokenizer, resolve_model_path
 from qoq.model.qserve_format import is_qserve_checkpoint
-from qoq.model.tensor_parallel import load_checkpoint_shard, load_hf_shard, shard_model
+from qoq.model.tensor_parallel import load_checkpoint_shard, load_hf_shard, load_qserve_shard
 
 log = logging.getLogger(__name__)
 
@@ -376,15 +376,14 @@ def rank_device(device: str | torch.device) -> torch.device:
 
 
 def load_model_shard(model: str | Path | None, dtype: torch.dtype, device: str | torch.device, tp: TPGroup):
-    """(this rank's shard, tokenizer): a qoq checkpoint or a HF safetensors folder read a layer at
-    a time (load_checkpoint_shard, load_hf_shard); a QServe checkpoint loaded whole on the CPU and
-    sliced (shard_model)."""
+    """(this rank's shard, tokenizer): a qoq checkpoint, a QServe checkpoint or a HF safetensors
+    folder (a converted GGUF file too), read a decoder layer at a time and sliced as it comes."""
     folder = resolve_model_path(model)
     device = rank_device(device)
     if (folder / "quant_config.json").exists():
         shard = load_checkpoint_shard(folder, tp, dtype, device)
-    elif folder.is_dir() and not is_qserve_checkpoint(folder):
-        shard = load_hf_shard(folder, tp, dtype, device)
+    elif is_qserve_checkpoint(folder):
+        shard = load_qserve_shard(folder, tp, dtype, device)
     else:
-        shard = shard_model(load_any_weights(folder, dtype, "cpu"), tp).to(device)
+        shard = load_hf_shard(folder, tp, dtype, device)
     return shard, load_tokenizer(folder)

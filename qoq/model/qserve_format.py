@@ -15,6 +15,7 @@ by `s2_scales`, and the KV cache is 4-bit as QServe serves these models (KV8 wit
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from qoq.kernels import pack_w4
 from qoq.layers.formats import pad_k
 from qoq.model.checkpoint import QUANT_CONFIG_FILE, CheckpointError, assemble_model, validate_quant_tensors
 from qoq.model.llama import LlamaModel
-from qoq.model.weights import iter_safetensors, read_config
+from qoq.model.weights import ShardedWeights, read_config
 
 _TILE = (2, 2, 8, 2, 4, 4)  # (b, c, d) over N blocks of 32, (f, g, h) over K blocks of 32
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -72,10 +73,6 @@ def permute_groups(t: torch.Tensor) -> torch.Tensor:
     return t.T.reshape(g, n // 32, 4, 8).transpose(-2, -1).reshape(g, n).contiguous()
 
 
-def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("model."): v for k, v in iter_safetensors(folder)}
-
-
 def _linear_tensors(raw: dict, prefix: str, granularity: Granularity) -> dict[str, torch.Tensor]:
     """One HF-named QServe linear -> (codes [N, K], s1, s2 [N, G], sz [N, G] | szero [N], bias)."""
     try:
@@ -107,26 +104,46 @@ def _fused_state(raw: dict, layer: int, fused: str, members, granularity: Granul
     return state
 
 
-def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
-                           device: str | torch.device = "cpu", kv_bits: int = 4) -> LlamaModel:
+def qserve_parts(folder: str | Path, kv_bits: int = 4):
+    """(config, quant config, parts): a QServe checkpoint as batches of qoq-named tensors (the
+    embedding / head / final norm, then each decoder layer), read from the shards a batch at a
+    time, so a caller that slices them (tensor parallel) never holds the whole model."""
     folder = Path(folder)
     config = read_config(folder)
-    raw = _read_all(folder)
-    granularity = G128 if any(k.endswith(".s2_scales") for k in raw) else PER_CHANNEL
+    weights = ShardedWeights(folder)
+    names = weights.names()
+    granularity = G128 if any(k.endswith(".s2_scales") for k in names) else PER_CHANNEL
     qc = QuantConfig(f"w4a8kv{kv_bits}", granularity, rotation="qserve (baked into the weights)")
-    state = {"embed_tokens.weight": raw.get("embed_tokens.weight")}
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = raw.get("lm_head.weight")
-    for name, t in state.items():
-        if t is None:
-            raise CheckpointError(f"QServe checkpoint {folder} lacks {name}")
     ones = torch.ones(config.hidden_size)
-    state["norm.weight"] = ones
-    for i in range(config.num_layers):
-        state[f"layers.{i}.input_layernorm.weight"] = ones
-        state[f"layers.{i}.post_attention_layernorm.weight"] = ones
+
+    def read(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("model."): v for k, v in weights.get_many([n for n in names if n.startswith(prefix)]).items()}
+
+    def global_part() -> dict[str, torch.Tensor]:
+        wanted = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+        for name in wanted:
+            if name not in names:
+                raise CheckpointError(f"QServe checkpoint {folder} lacks {name.removeprefix('model.')}")
+        raw = {k.removeprefix("model."): v for k, v in weights.get_many(wanted).items()}
+        return {**raw, "norm.weight": ones}
+
+    def layer_part(i: int) -> dict[str, torch.Tensor]:
+        raw = read(f"model.layers.{i}.")
+        state = {f"layers.{i}.input_layernorm.weight": ones, f"layers.{i}.post_attention_layernorm.weight": ones}
         for fused, members in (*_FUSED.items(), ("o_proj", ("o_proj",)), ("down_proj", ("down_proj",))):
             state.update(_fused_state(raw, i, fused, members, granularity))
+        return state
+
+    parts = itertools.chain((global_part() for _ in range(1)), (layer_part(i) for i in range(config.num_layers)))
+    return config, qc, parts
+
+
+def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                           device: str | torch.device = "cpu", kv_bits: int = 4) -> LlamaModel:
+    config, qc, parts = qserve_parts(folder, kv_bits)
+    state: dict[str, torch.Tensor] = {}
+    for part in parts:
+        state.update(part)
     model = assemble_model(config, qc, state, dtype, device, where=str(folder))
     validate_quant_tensors(model)
     return model

@@ -38,6 +38,7 @@ from qoq.layers.rotary import RotaryEmbedding
 from qoq.model.checkpoint import (QUANT_BUFFERS, CheckpointError, quant_linear_factory, read_quant_config,
                                   validate_quant_tensors)
 from qoq.model.llama import LlamaModel
+from qoq.model.qserve_format import qserve_parts
 from qoq.model.weights import ShardedWeights, read_config
 
 COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")
@@ -232,11 +233,26 @@ def load_checkpoint_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = 
     batches = [[n for n in names if not n.startswith("layers.")]]
     batches += [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(config.num_layers)]
 
+    model = assemble(config, quant, tp, (weights.get_many(batch) for batch in batches), str(folder), device,
+                     _placer(dtype, device))
+    validate_quant_tensors(model)
+    return model
+
+
+def _placer(dtype: torch.dtype, device) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """A slice to the device: float tensors in `dtype`, quantized buffers (codes, scales) as stored."""
     def place(name: str, t: torch.Tensor) -> torch.Tensor:
         keep = not t.is_floating_point() or name.rpartition(".")[2] in QUANT_BUFFERS
         return t.to(device) if keep else t.to(device=device, dtype=dtype)
+    return place
 
-    model = assemble(config, quant, tp, (weights.get_many(batch) for batch in batches), str(folder), device, place)
+
+def load_qserve_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> LlamaModel:
+    """Rank tp.rank's slice of a QServe model-zoo checkpoint, converted and sliced a decoder layer
+    at a time."""
+    config, quant, parts = qserve_parts(folder)
+    model = assemble(config, quant, tp, parts, str(folder), device, _placer(dtype, device))
     validate_quant_tensors(model)
     return model
 
@@ -251,7 +267,4 @@ def load_hf_shard(folder: str | Path, tp: TPGroup, dtype: torch.dtype = torch.fl
     parts = itertools.chain([weights.global_state(config)],
                             (weights.layer_state(config, i) for i in range(config.num_layers)))
 
-    def place(name: str, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-
-    return assemble(config, QuantConfig(), tp, parts, str(folder), device, place)
+    return assemble(config, QuantConfig(), tp, parts, str(folder), device, _placer(dtype, device))

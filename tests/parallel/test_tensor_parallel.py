@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qserve_layout import write_qserve
+
 from qoq.bench.random_hf import write_random_hf_folder
 from qoq.bench.random_model import random_float_model, random_model
 from qoq.config import G128, PER_CHANNEL, ConfigError, ModelConfig, QuantConfig
@@ -28,7 +30,8 @@ from qoq.layers.parallel import slice_input_columns
 from qoq.layers.quant_linear import W4A8G128Linear, W4A8PerChannelLinear, W8A8Linear
 from qoq.model.checkpoint import load_checkpoint, save_checkpoint
 from qoq.model.loader import load_weights
-from qoq.model.tensor_parallel import ShardPlan, load_checkpoint_shard, load_hf_shard, shard_model
+from qoq.model.qserve_format import load_qserve_checkpoint
+from qoq.model.tensor_parallel import ShardPlan, load_checkpoint_shard, load_hf_shard, load_qserve_shard, shard_model
 
 STEPS = 5  # greedy tokens generated per case
 PROMPT = torch.tensor([[5, 17, 300, 999, 42, 7, 1000, 3], [9, 8, 7, 6, 5, 4, 3, 2]])
@@ -81,13 +84,15 @@ def run(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tp_worker(tp: TPGroup, models: dict, checkpoint: str, hf_folder: str, out_dir: str) -> None:
+def _tp_worker(tp: TPGroup, models: dict, checkpoint: str, hf_folder: str, qserve_folder: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {key: run(shard_model(model, tp)) for key, model in models.items()}
     results["checkpoint"] = run(load_checkpoint_shard(checkpoint, tp))
     results["checkpoint_in_memory"] = run(shard_model(load_checkpoint(checkpoint), tp))
     results["hf"] = run(load_hf_shard(hf_folder, tp))
     results["hf_in_memory"] = run(shard_model(load_weights(Path(hf_folder)), tp))
+    results["qserve"] = run(load_qserve_shard(qserve_folder, tp))
+    results["qserve_in_memory"] = run(shard_model(load_qserve_checkpoint(qserve_folder), tp))
     torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
 
 
@@ -121,12 +126,21 @@ def hf_folder(tmp_path_factory):
                                   dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def qserve_folder(models, tmp_path_factory):
+    """The g128 W4A8 model of one case in QServe's model-zoo layout."""
+    folder = tmp_path_factory.mktemp("qserve")
+    write_qserve(models["gqa2", "w4a8kv4-g128"], folder)
+    return folder
+
+
 @pytest.fixture(scope="module", params=[2, 4])
-def tp_results(request, models, checkpoint, hf_folder, tmp_path_factory):
+def tp_results(request, models, checkpoint, hf_folder, qserve_folder, tmp_path_factory):
     """Every rank's results for one group size: [rank] -> {case: run(...)}."""
     world_size = request.param
     out = tmp_path_factory.mktemp(f"tp{world_size}")
-    spawn(_tp_worker, world_size, models, str(checkpoint), str(hf_folder), str(out), backend="gloo", timeout_s=120)
+    spawn(_tp_worker, world_size, models, str(checkpoint), str(hf_folder), str(qserve_folder), str(out),
+          backend="gloo", timeout_s=120)
     return world_size, [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
 
 
@@ -203,13 +217,14 @@ def test_tp_equals_single_process(case, models, single, tp_results):
 
 
 def test_checkpoint_shard_loads_as_shard_model(tp_results):
-    """Each rank reading its slice of the one checkpoint (a layer at a time), or of a HF folder,
-    gets exactly the model that slicing the whole loaded checkpoint or folder gives."""
+    """Each rank reading its slice of the one checkpoint (a layer at a time), of a HF folder or of
+    a QServe checkpoint gets exactly the model that slicing the whole loaded one gives."""
     _, ranks = tp_results
     for rank in ranks:
         for key in ("logits", "greedy"):
             assert torch.equal(rank["checkpoint"][key], rank["checkpoint_in_memory"][key])
             assert torch.equal(rank["hf"][key], rank["hf_in_memory"][key])
+            assert torch.equal(rank["qserve"][key], rank["qserve_in_memory"][key])
 
 
 # -- plans, launcher environment ---------------------------------------------------------------

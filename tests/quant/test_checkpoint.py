@@ -7,14 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qoq.config import G128, PER_CHANNEL
-from qoq.kernels import unpack_w4
 from qoq.model.checkpoint import CheckpointError, save_checkpoint
 from qoq.model.loader import load_any_weights
-from qoq.model.qserve_format import permute_groups, tile_qweight
-from qoq.model.weights import LoadError, hf_config_dict
+from qoq.model.weights import LoadError
 from qoq.quant.calibrate import CalibConfig
 from qoq.quant.pipeline import QoQOptions, quantize_model
 from quant_helpers import tiny_model
+from qserve_layout import write_qserve
 
 
 def _quantized(precision="w4a8kv4", granularity=G128, **kw):
@@ -62,38 +61,11 @@ def test_round_trip(tmp_path, precision, granularity):
             assert tensors[f"{name}.s2"].dtype == torch.int8 and tensors[f"{name}.sz"].dtype == torch.int8
 
 
-def _write_qserve(model, folder):
-    """Our quantized tiny model written in QServe's model-zoo layout (unfused HF names)."""
-    cfg = model.config
-    tensors = {"model.embed_tokens.weight": model.embed_tokens.weight.half(), "lm_head.weight": model.lm_head.weight.half()}
-    splits = {"self_attn.qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
-              "self_attn.o_proj": (("o_proj", cfg.hidden_size),),
-              "mlp.gate_up_proj": (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)),
-              "mlp.down_proj": (("down_proj", cfg.hidden_size),)}
-    for i, layer in enumerate(model.layers):
-        for fused, parts in splits.items():
-            mod = layer.get_submodule(fused)
-            codes, start = unpack_w4(mod.qweight), 0
-            for hf, n in parts:
-                p = f"model.layers.{i}.{fused.split('.')[0]}.{hf}"
-                rows = slice(start, start + n)
-                tensors[f"{p}.qweight"] = tile_qweight(codes[rows])
-                tensors[f"{p}.s1_scales"] = mod.s1[rows].clone()
-                if hasattr(mod, "s2"):
-                    tensors[f"{p}.s2_scales"] = permute_groups(mod.s2[rows])
-                    tensors[f"{p}.s2_zeros"] = permute_groups((-mod.sz[rows].int()).to(torch.int8))
-                else:
-                    tensors[f"{p}.s1_szeros"] = mod.szero[rows].clone()
-                start += n
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
-
-
 @pytest.mark.parametrize("granularity", [G128, PER_CHANNEL])
 def test_qserve_layout_loads(tmp_path, granularity):
     # QServe's checkpoints carry no q/k Hadamard (its kernels have none): quantize without it
     model, _ = _quantized(granularity=granularity, reorder=False, qk_hadamard=False)
-    _write_qserve(model, tmp_path)
+    write_qserve(model, tmp_path)
     loaded = load_any_weights(tmp_path)
     assert loaded.quant_config.granularity == granularity and loaded.quant_config.kv_bits == 4
     assert torch.allclose(_logits(loaded, TOKENS), _logits(model, TOKENS), atol=1e-5)
