@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _captured(graphs, fallback: str):
+    """`graphs` once its _capture_all() ran, None if it raised: any capture failure (a layer that
+    syncs, an op not capturable) means running eagerly, which `fallback` says."""
+    try:
+        graphs._capture_all()
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("CUDA graph capture failed (%s: %s); %s", type(err).__name__, err, fallback)
+        torch.cuda.synchronize()
+        return None
+    return graphs
+
+
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
     return sorted(set(sizes + [max_batch_size]))
@@ -42,14 +54,7 @@ class DecodeGraphs:
 
     @classmethod
     def capture(cls, runner: ModelRunner, max_batch_size: int) -> DecodeGraphs | None:
-        graphs = cls(runner, max_batch_size)
-        try:
-            graphs._capture_all()
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
-            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(err).__name__, err)
-            torch.cuda.synchronize()
-            return None
-        return graphs
+        return _captured(cls(runner, max_batch_size), "decode runs eagerly")
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -111,7 +116,7 @@ def prefill_graph_sizes(max_tokens: int) -> list[int]:
 class _Cut:
     """The attention backend while a forward is captured piecewise: each attention call ends the
     segment being captured (after copying q/k/v into the static buffers) and starts the next one,
-    whose first op reads the static attention output. `graph` None: a plain run (warm-up)."""
+    whose first op reads the static attention output. `pool` None: a plain run (warm-up)."""
 
     def __init__(self, owner: PrefillGraphs, n: int, pool) -> None:
         self.owner, self.n, self.pool = owner, n, pool
@@ -150,13 +155,13 @@ class PrefillGraphs:
     eagerly between them on the step's real metadata, reading q/k/v from static buffers and
     writing a static output: its grid depends on the step's sequences, everything else only on
     the token count. Without this, the ~480 kernel launches of such a step cost ~50-70 ms of host
-    time on an H100 (benchmarks/probe_host_overhead.py) against ~25 ms of device time for a
-    1024-token prompt next to a running batch, and every running stream waited for it.
+    time on an H100 (benchmarks/probe_host_overhead.py) against ~21 ms of device time for a
+    1024-token prompt, and every running stream waited for it.
 
     Padding rows (the rows past the step's tokens) are left out of attention, whose static
     output keeps whatever they held; every other op works row by row, so they never touch the
     real rows. The graphs share one memory pool (replayed in the order captured, one step at a
-    time) and are captured before the KV cache is sized, which so leaves their memory alone.
+    time) and are captured before the KV cache is sized, so the sizing counts the pool as used.
     """
 
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
@@ -172,15 +177,7 @@ class PrefillGraphs:
 
     @classmethod
     def capture(cls, runner: ModelRunner, max_tokens: int) -> PrefillGraphs | None:
-        graphs = cls(runner, max_tokens)
-        try:
-            graphs._capture_all()
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
-            log.warning("CUDA graph capture of prefill steps failed (%s: %s); they run eagerly",
-                        type(err).__name__, err)
-            torch.cuda.synchronize()
-            return None
-        return graphs
+        return _captured(cls(runner, max_tokens), "steps with prompt tokens run eagerly")
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -15,7 +15,6 @@ by `s2_scales`, and the KV cache is 4-bit as QServe serves these models (KV8 wit
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import torch
@@ -116,26 +115,23 @@ def qserve_parts(folder: str | Path, kv_bits: int = 4):
     qc = QuantConfig(f"w4a8kv{kv_bits}", granularity, rotation="qserve (baked into the weights)")
     ones = torch.ones(config.hidden_size)
 
-    def read(prefix: str) -> dict[str, torch.Tensor]:
-        return {k.removeprefix("model."): v for k, v in weights.get_many([n for n in names if n.startswith(prefix)]).items()}
+    def read(wanted: list[str]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("model."): v for k, v in weights.get_many(wanted).items()}
 
-    def global_part() -> dict[str, torch.Tensor]:
+    def parts():
         wanted = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
         for name in wanted:
             if name not in names:
                 raise CheckpointError(f"QServe checkpoint {folder} lacks {name.removeprefix('model.')}")
-        raw = {k.removeprefix("model."): v for k, v in weights.get_many(wanted).items()}
-        return {**raw, "norm.weight": ones}
+        yield {**read(wanted), "norm.weight": ones}
+        for i in range(config.num_layers):
+            raw = read([n for n in names if n.startswith(f"model.layers.{i}.")])
+            state = {f"layers.{i}.input_layernorm.weight": ones, f"layers.{i}.post_attention_layernorm.weight": ones}
+            for fused, members in (*_FUSED.items(), ("o_proj", ("o_proj",)), ("down_proj", ("down_proj",))):
+                state.update(_fused_state(raw, i, fused, members, granularity))
+            yield state
 
-    def layer_part(i: int) -> dict[str, torch.Tensor]:
-        raw = read(f"model.layers.{i}.")
-        state = {f"layers.{i}.input_layernorm.weight": ones, f"layers.{i}.post_attention_layernorm.weight": ones}
-        for fused, members in (*_FUSED.items(), ("o_proj", ("o_proj",)), ("down_proj", ("down_proj",))):
-            state.update(_fused_state(raw, i, fused, members, granularity))
-        return state
-
-    parts = itertools.chain((global_part() for _ in range(1)), (layer_part(i) for i in range(config.num_layers)))
-    return config, qc, parts
+    return config, qc, parts()
 
 
 def load_qserve_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
