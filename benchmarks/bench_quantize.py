@@ -31,7 +31,7 @@ from qoq.bench.random_model import bundled_config  # noqa: E402
 
 
 def run_quantize(model: str, out: Path, calib: Path | None, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "qoq.cli", "quantize", model, "--out", str(out), "--overwrite", *extra]
+    cmd = [sys.executable, "-m", "qoq", "quantize", model, "--out", str(out), "--overwrite", *extra]
     if calib is not None:
         cmd += ["--calib", str(calib)]
     env = {**os.environ, "TQDM_MININTERVAL": "20"}

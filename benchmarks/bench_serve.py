@@ -31,7 +31,7 @@ PROMPTS_AT_RATE = {1.0: 12, 4.0: 48, 16.0: 160}
 
 
 def _qoq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qoq.cli", *args]
+    return [sys.executable, "-m", "qoq", *args]
 
 
 def offline_throughput(args, precision: str, batch: str) -> dict:

@@ -71,13 +71,13 @@ work = pathlib.Path(sys.argv[1]); cfg = bundled_config("llama-3-8b")
 write_random_hf_folder(cfg, work / "hf", device="cuda")
 (work / "calib.txt").write_text(random_text(80_000, cfg.vocab_size))
 PY
-    timeout 300 python3 -m qoq.cli quantize "$work/hf" --out "$work/ckpt" --calib "$work/calib.txt" --no-gptq \
+    timeout 300 python3 -m qoq quantize "$work/hf" --out "$work/ckpt" --calib "$work/calib.txt" --no-gptq \
       > "$out/generate-quantize.log" 2>&1; echo "quantize: exit $?"; tail -5 "$out/generate-quantize.log"
     for i in 1 2; do
-      timeout 120 python3 -m qoq.cli generate "$work/ckpt" -p "The capital of France is" --max-tokens 256 \
+      timeout 120 python3 -m qoq generate "$work/ckpt" -p "The capital of France is" --max-tokens 256 \
         > "$out/generate-$i.log" 2>&1; echo "generate $i: exit $?"; tail -2 "$out/generate-$i.log" | cut -c1-300
     done
-    timeout 150 python3 -m qoq.cli bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
+    timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

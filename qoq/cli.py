@@ -538,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()
     try:
+        args = build_parser().parse_args(argv)
+        keep_freed_memory()
         set_cpu_threads(getattr(args, "threads", None))
         return args.func(args)
     except (LoadError, ValueError) as err:

@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
-QOQ = [sys.executable, "-m", "qoq.cli"]
+import pytest
+
+QOQ = [sys.executable, "-m", "qoq"]
 
 
 def run(*args, timeout=300):
@@ -172,3 +174,28 @@ def test_ctrl_c_ends_with_130_and_no_traceback():
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
         assert "Traceback" not in err and err.strip().endswith("qoq: interrupted"), err
+
+
+def test_ctrl_c_inside_a_finalizer_is_not_lost():
+    """Python drops a KeyboardInterrupt raised in __del__ ("Exception ignored in"); the command's
+    handler asks again once the finalizer has returned."""
+    import os
+    import signal
+    import time
+
+    from qoq.__main__ import _interrupt
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the signal is handled here, inside __del__
+
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Finalized()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)

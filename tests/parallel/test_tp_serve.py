@@ -34,7 +34,7 @@ def tp_server(tmp_path):
     port = free_port()
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    cmd = [sys.executable, "-m", "qoq.cli", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16",
+    cmd = [sys.executable, "-m", "qoq", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16",
            "--tensor-parallel-size", "2", *ENGINE_ARGS, "--port", str(port), "--log-level", "warning",
            "--chat-template", str(template)]
     log = tmp_path / "serve.log"
@@ -100,12 +100,12 @@ def test_tp_server_answers_as_one_process(tp_server):
 
 
 def test_a_torchrun_launched_server_answers_as_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m qoq.cli serve ...` (docs/parallel.md#launching): rank 0
+    """`torchrun --nproc-per-node 2 -m qoq serve ...` (docs/parallel.md#launching): rank 0
     serves HTTP, rank 1 follows; the answers are the single-process engine's, and stopping
     torchrun stops both."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "qoq.cli", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16", *ENGINE_ARGS,
+           "-m", "qoq", "serve", "--random-weights", "tiny", "--precision", "w16a16kv16", *ENGINE_ARGS,
            "--port", str(port), "--log-level", "warning"]
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:

@@ -12,7 +12,7 @@ from qoq.server.serve import free_port, wait_healthy
 def _serve(args: list[str], log_path):
     """Start `qoq serve ARGS` on a free loopback port; yield its URL; stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "qoq.cli", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "qoq", "serve", *args, "--port", str(port), "--log-level", "warning"]
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
