@@ -81,6 +81,10 @@ class CausalAttention:
 
     def __call__(self, layer_idx, q, k, v, positions, rotary) -> torch.Tensor:
         q, k = rope_qk(q, k, positions, rotary, self.qk_hadamard)
+        return self.attend(q, k, v)
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """Causal attention of q and k as RoPE (and the qk Hadamard) left them."""
         if self.kv_quantizer is not None:
             k, v = self.kv_quantizer(k), self.kv_quantizer(v)
         return _causal_sdpa(q, k, v)
