@@ -17,14 +17,17 @@ import threading
 def _interrupt(signum, frame) -> None:
     while frame is not None:
         if frame.f_code.co_name == "__del__":
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()  # once it returns
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))  # once it returns
+            again.daemon = True  # never holds up an exit that comes first
+            again.start()
             return
         frame = frame.f_back
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     try:
         from qoq.cli import main as run
