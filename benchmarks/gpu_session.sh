@@ -5,6 +5,8 @@
 # Parts (keep the sum within one 10-minute call):
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
+#             (TESTS="file ..." runs only those)
+#   sizing    probe_kv_sizing.py: the KV cache's pages with CUDA graphs and without
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
 #   tune      tune_kernels.py for the Llama-3-8B shapes into tune-<gpu>.json
@@ -12,7 +14,7 @@
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|api|fp16|tune|prefill|features|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|api|fp16|tune|prefill|features|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -29,12 +31,15 @@ for part in "$@"; do
 echo "=== $part $(date +%T)"
 case "$part" in
   tests)
-    for t in tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
-             tests/engine/test_gpu_engine.py tests/quant/test_gpu_quantize.py; do
+    for t in ${TESTS:-tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
+             tests/engine/test_gpu_engine.py tests/quant/test_gpu_quantize.py}; do
       name=$(basename "$t" .py)
       timeout 240 python3 -m pytest -q -x "$t" --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
       echo "$name: exit $? $(tail -1 "$out/$name.log")"
     done ;;
+  sizing)
+    timeout 300 python3 benchmarks/probe_kv_sizing.py --out "$out/kv-sizing-$gpu.json" > "$out/kv-sizing.log" 2>&1
+    echo "sizing: exit $?"; grep -v Warning "$out/kv-sizing.log" | tail -12 ;;
   api)
     timeout 560 python3 benchmarks/bench_serve.py --api-features --precisions w4a8kv4 --quick --skip-offline \
       --out "$out/serve-api-$gpu.json" > "$out/serve-api.log" 2>&1

@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 def _captured(graphs, fallback: str):
     """`graphs` once its _capture_all() ran, None if it raised: any capture failure (a layer that
     syncs, an op not capturable) means running eagerly, which `fallback` says."""
+    before = torch.cuda.memory_reserved()
     try:
         graphs._capture_all()
     except Exception as err:  # noqa: BLE001 - see the docstring
         log.warning("CUDA graph capture failed (%s: %s); %s", type(err).__name__, err, fallback)
         torch.cuda.synchronize()
         return None
+    graphs.memory_bytes = torch.cuda.memory_reserved() - before
+    log.info("%s: %d sizes captured (up to %d), %.2f GiB of device memory", type(graphs).__name__,
+             len(graphs.sizes), graphs.sizes[-1], graphs.memory_bytes / 2**30)
     return graphs
 
 
@@ -161,7 +165,8 @@ class PrefillGraphs:
     Padding rows (the rows past the step's tokens) are left out of attention, whose static
     output keeps whatever they held; every other op works row by row, so they never touch the
     real rows. The graphs share one memory pool (replayed in the order captured, one step at a
-    time) and are captured before the KV cache is sized, so the sizing counts the pool as used.
+    time) and are captured after the KV cache is allocated, into the reserve the sizing kept for
+    one eager step of the whole token budget (whose activations the pool now holds).
     """
 
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
@@ -193,6 +198,9 @@ class PrefillGraphs:
                     self.hidden = torch.zeros_like(hidden)
                 del hidden
                 torch.cuda.synchronize()
+                # The plain run's blocks go back to the device before the pool takes its own: the
+                # KV cache already holds all but the reserve for one eager step of the budget.
+                torch.cuda.empty_cache()
                 cut = _Cut(self, n, pool)
                 cut.begin()
                 try:

@@ -87,11 +87,6 @@ class ModelRunner:
         if cuda and config.kernel_warmup and not config.deterministic:
             warm_up(model, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.page_size,
                     kv_bits, self.kv_dtype)
-        # Steps with prompt tokens replay piecewise graphs (cuda_graph.py): captured before the
-        # cache is sized, so that their memory pool counts as used.
-        self.prefill_graphs: PrefillGraphs | None = None
-        if cuda and not (config.enforce_eager or config.deterministic):
-            self.prefill_graphs = PrefillGraphs.capture(self, config.max_num_batched_tokens)
         self.num_pages = config.num_pages or self._pages_that_fit()
         if self.tp is not None:
             self.num_pages = self.tp.min(self.num_pages, self.device)
@@ -101,8 +96,13 @@ class ModelRunner:
                                           model.quant_config.qk_hadamard)
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Steps with prompt tokens replay piecewise graphs (cuda_graph.py). They are captured after
+        # the cache is allocated, into the memory the sizing kept for the largest eager step: the
+        # graphs' pool holds that step's activations, so the reserve is counted once, not twice.
+        self.prefill_graphs: PrefillGraphs | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda and not (config.enforce_eager or config.deterministic):
+            self.prefill_graphs = PrefillGraphs.capture(self, config.max_num_batched_tokens)
             self.graphs = DecodeGraphs.capture(self, min(config.max_graph_batch_size, config.max_num_seqs))
 
     # -- cache sizing ----------------------------------------------------------------------
