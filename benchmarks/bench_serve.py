@@ -123,7 +123,8 @@ def run_features(args, out_dir: Path) -> list[dict]:
     precision = args.precisions[0]
     records = []
     runs = [("on", (), budget) for budget in args.chunk_budget]
-    runs.append(("off", ("--no-chunked-prefill", "--no-prefix-caching"), args.max_num_batched_tokens))
+    if not args.skip_features_off:
+        runs.append(("off", ("--no-chunked-prefill", "--no-prefix-caching"), args.max_num_batched_tokens))
     for label, extra, budget in runs:
         log_name = f"serve-features-{label}-{budget}.log" if label == "on" else "serve-features-off.log"
         server = Server(args, precision, args.concurrency, out_dir / log_name, extra, budget)
@@ -217,6 +218,8 @@ def main() -> int:
                    help="chunked prefill and prefix caching on vs off instead of the precision sweep")
     p.add_argument("--api-features", action="store_true",
                    help="the cost of n=4 and logprobs=5 against plain requests (first precision, rate inf)")
+    p.add_argument("--skip-features-off", action="store_true",
+                   help="--features: only the servers with both features on (the off baseline measured before)")
     p.add_argument("--chunk-budget", type=int, nargs="+", default=[1024],
                    help="token budget per step with --features 'on' (several: one server each)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve-h200.json"))

@@ -64,7 +64,7 @@ case "$part" in
     echo "chunking: exit $?"; tail -30 "$out/prefill-chunking.log" ;;
   features)
     timeout 580 python3 benchmarks/bench_serve.py --features --precisions w4a8kv4 --quick --skip-offline \
-      --chunk-budget ${CHUNK_BUDGET:-512 2048} --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
+      --chunk-budget ${CHUNK_BUDGET:-512 2048} ${FEATURES_ARGS:-} --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
     echo "features: exit $?"; grep -A16 "^== " "$out/serve-features.log" | tail -80 ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work

@@ -91,22 +91,28 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from qoq.generate import apply_chat_template, generate
+    from qoq.generate import apply_chat_template, llm_for
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     model, tokenizer = _load(args)
     prompt = apply_chat_template(tokenizer, args.prompt) if args.chat else tokenizer(args.prompt)["input_ids"]
-
-    def stream(_: int, out) -> None:  # print each new piece of text as the engine produces it
-        print(out.new_text, end="", flush=True)
-
     t0 = time.perf_counter()
-    [out] = generate(model, tokenizer, [prompt], params, on_output=stream)
-    elapsed = time.perf_counter() - t0
+    llm = llm_for(model, tokenizer, [prompt], params)  # on a GPU: kernel warm-up and CUDA graph capture
+    t1 = time.perf_counter()
+    first = out = None
+    for _, out in llm.stream([prompt], params):  # print each new piece of text as the engine produces it
+        if first is None and out.new_token_ids:
+            first = time.perf_counter()
+        print(out.new_text, end="", flush=True)
+    t2 = time.perf_counter()
     print()
-    print(f"[{len(out.token_ids)} tokens, {len(out.token_ids) / elapsed:.1f} tok/s, finish: {out.finish_reason}]",
-          file=sys.stderr)
+    n = len(out.token_ids)
+    # Decode speed counts the tokens after the first over the time after it: the prompt's prefill
+    # and the engine's start-up are reported on their own, as a serving benchmark would.
+    speed = f", then {(n - 1) / (t2 - first):.1f} tok/s" if first is not None and n > 1 and t2 > first else ""
+    ttft = f"first token {1000 * (first - t1):.0f} ms" if first is not None else "no tokens"
+    print(f"[{n} tokens: {ttft}{speed}; engine start {t1 - t0:.1f}s; finish: {out.finish_reason}]", file=sys.stderr)
     return 0
 
 

@@ -42,6 +42,13 @@ def engine_config_for(model: LlamaModel, prompts: list[list[int]], params: Sampl
                 max_num_batched_tokens=budget, max_graph_batch_size=len(prompts), seed=torch.initial_seed())
 
 
+def llm_for(model: LlamaModel, tokenizer, prompts: list[list[int]], params: SamplingParams,
+            **engine_config) -> LLM:
+    """The offline LLM sized for these prompts (engine_config_for), keyword arguments overriding it.
+    Building it is the start-up (kernel warm-up and CUDA graph capture on a GPU)."""
+    return LLM.from_model(model, tokenizer, **{**engine_config_for(model, prompts, params), **engine_config})
+
+
 def generate(
     model: LlamaModel,
     tokenizer,
@@ -56,7 +63,7 @@ def generate(
     (`delta.new_text` is the text to show: a stop string is never in it). Keyword arguments
     override the engine's configuration (kv_bits, enforce_eager, ...; see engine_config_for).
     """
-    llm = LLM.from_model(model, tokenizer, **{**engine_config_for(model, prompts, params), **engine_config})
+    llm = llm_for(model, tokenizer, prompts, params, **engine_config)
     if on_output is None:
         return llm.generate(prompts, params)
     final: list[RequestOutput | None] = [None] * len(prompts)
