@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
+    p.add_argument("--graphs-only", action="store_true", help="skip the eager engine")
     args = p.parse_args()
     cfg = bundled_config(args.config)
     model = random_model(cfg, QuantConfig("w4a8kv4", G128, qk_hadamard=cfg.head_dim >= 32), device=args.device,
@@ -82,7 +83,7 @@ def main() -> None:
         wall = 1e3 * (time.perf_counter() - t0)
         return wall, start.elapsed_time(end)
 
-    for eager in (True, False) if cuda else (True,):
+    for eager in ((False,) if args.graphs_only else (True, False)) if cuda else (True,):
         engine = running_engine(eager)
         rows = []
         for i in range(args.repeats):
@@ -97,6 +98,20 @@ def main() -> None:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
+
+    if cuda:  # the device's busy time in one mixed step: the sum of its kernels against the wall
+        from torch.profiler import ProfilerActivity, profile
+
+        engine.add_request(prompt(), long)
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as kprof:
+            engine.step()
+            sync()
+        wall = 1e3 * (time.perf_counter() - t0)
+        kernels = [e for e in kprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e3
+        print(f"mixed step under the profiler: wall {wall:.2f} ms, {len(kernels)} kernels, busy {busy:.2f} ms")
 
     # every synchronizing call inside a mixed step, by the innermost qoq frame that made it
     sites: Counter = Counter()
