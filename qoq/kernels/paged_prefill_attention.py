@@ -48,9 +48,10 @@ def _check(q, cache, block_tables, cu_seqlens, kv_lens):
 
 
 def paged_prefill_attention_ref(q, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale,
-                                max_seqlen=None, out=None, options=None):
+                                max_seqlen=None, out=None, options=None, work=None):
     """out rows of sequence b = causal softmax attention of its queries over its first kv_lens[b]
-    cached tokens (query i at position kv_lens[b] - q_len + i)."""
+    cached tokens (query i at position kv_lens[b] - q_len + i). `work` (the Triton kernel's
+    program list, prefill_work) changes nothing here."""
     _check(q, cache, block_tables, cu_seqlens, kv_lens)
     group = q.shape[1] // cache.num_kv_heads
     out = output_like(q, out)
@@ -110,13 +111,19 @@ def _page_halves(c_ptr, s_ptr, z_ptr, page, hk, HKV, n, j, PAGE: tl.constexpr, H
 
 @lazy_jit
 def _paged_prefill_kernel(
-    q_ptr, o_ptr, cu_ptr, len_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+    q_ptr, o_ptr, cu_ptr, len_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, work_ptr,
     HQ, HKV, bt_stride, stride_q, sm_scale_log2,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
-    PAGE: tl.constexpr, BITS: tl.constexpr,
+    PAGE: tl.constexpr, BITS: tl.constexpr, WORK: tl.constexpr,
 ):
-    mb = tl.program_id(0)
-    b = tl.program_id(1)
+    if WORK:  # a list of (sequence, query block) per program, -1 past its end (prefill_work)
+        b = tl.load(work_ptr + 2 * tl.program_id(0))
+        if b < 0:
+            return
+        mb = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+    else:
+        mb = tl.program_id(0)
+        b = tl.program_id(1)
     hk = tl.program_id(2)
     start = tl.load(cu_ptr + b)
     q_len = tl.load(cu_ptr + b + 1) - start
@@ -182,10 +189,44 @@ def _paged_prefill_kernel(
     tl.store(o_ptr + o_off + HALF, (acc2 * inv).to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
+def _options(group: int, cuda: bool, options: dict | None) -> tuple[dict, int, int]:
+    """The launch options, rows per program and query tokens per program (rows // group)."""
+    opts = dict(ROWS=128 if cuda else 16, num_warps=8 if cuda else 4, num_stages=2)
+    opts.update(options or {})
+    rows = max(opts["ROWS"], 1 << (group - 1).bit_length())
+    return opts, rows, rows // group
+
+
+def prefill_work(q_lens: list[int], group: int, cuda: bool, capacity: int | None = None,
+                 options: dict | None = None) -> torch.Tensor:
+    """The kernel's program list for chunks of these lengths: int32 [capacity, 2] rows of
+    (sequence, query block), then (-1, -1) rows the kernel skips. With a list, the launch grid is
+    `capacity` programs (per kv head) whatever the chunks, so a CUDA graph can hold the launch and
+    a step changes only buffers; `capacity` must be at least the programs needed, which is at most
+    ceil(sum(q_lens) / tokens) + len(q_lens) (tokens: query tokens per program)."""
+    _, _, tokens = _options(group, cuda, options)
+    pairs = [(b, mb) for b, n in enumerate(q_lens) for mb in range(-(-n // tokens))]
+    capacity = len(pairs) if capacity is None else capacity
+    if len(pairs) > capacity:
+        raise ValueError(f"{len(pairs)} programs do not fit a work list of {capacity}")
+    work = torch.full((capacity, 2), -1, dtype=torch.int32)
+    if pairs:
+        work[: len(pairs)] = torch.tensor(pairs, dtype=torch.int32)
+    return work
+
+
+def prefill_work_capacity(num_tokens: int, max_seqs: int, group: int, cuda: bool, options: dict | None = None) -> int:
+    """The most programs any step of num_tokens query tokens over at most max_seqs chunks needs."""
+    _, _, tokens = _options(group, cuda, options)
+    return -(-num_tokens // tokens) + min(num_tokens, max_seqs)
+
+
 def paged_prefill_attention_triton(q, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale,
-                                   max_seqlen=None, out=None, options=None):
+                                   max_seqlen=None, out=None, options=None, work=None):
     """options: ROWS (query rows per program, a power of two >= 16: tokens x GQA group), num_warps,
-    num_stages, for tuning probes."""
+    num_stages, for tuning probes. work: int32 [capacity, 2] from prefill_work (same options), on
+    q's device: one program per row, the grid independent of the chunks (CUDA graphs); without
+    it, a program per (query block of the longest chunk, sequence)."""
     _check(q, cache, block_tables, cu_seqlens, kv_lens)
     t, hq, d = q.shape
     page = cache.page_size
@@ -196,20 +237,23 @@ def paged_prefill_attention_triton(q, cache: KVCacheLayer, block_tables, cu_seql
     out = output_like(q, out)
     if t == 0:
         return out
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     group = hq // cache.num_kv_heads
-    opts = dict(ROWS=128 if q.is_cuda else 16, num_warps=8 if q.is_cuda else 4, num_stages=2)
-    opts.update(options or {})
-    rows = max(opts["ROWS"], triton.next_power_of_2(group))
-    tokens = rows // group
+    opts, rows, tokens = _options(group, q.is_cuda, options)
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    grid = (triton.cdiv(max_seqlen, tokens), cu_seqlens.numel() - 1, cache.num_kv_heads)
+    if work is not None:
+        if work.dim() != 2 or work.shape[1] != 2 or work.dtype != torch.int32:
+            raise ValueError(f"work must be int32 [capacity, 2] (prefill_work), got {work.dtype} {tuple(work.shape)}")
+        grid = (work.shape[0], 1, cache.num_kv_heads)
+    else:
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        grid = (triton.cdiv(max_seqlen, tokens), cu_seqlens.numel() - 1, cache.num_kv_heads)
     _paged_prefill_kernel[grid](
         q, out, cu_seqlens, kv_lens, block_tables, cache.k_cache, cache.v_cache, *meta,
+        work if work is not None else cu_seqlens,
         hq, cache.num_kv_heads, block_tables.stride(0), q.stride(0), float(scale) * math.log2(math.e),
-        GROUP=group, TOKENS=tokens, ROWS=rows, HALF=d // 2, PAGE=page, BITS=cache.bits,
+        GROUP=group, TOKENS=tokens, ROWS=rows, HALF=d // 2, PAGE=page, BITS=cache.bits, WORK=work is not None,
         num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )
     return out

@@ -1,4 +1,3 @@
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,12 @@ from qoq.kernels.decode_attention import (
     paged_decode_attention_triton,
 )
 from qoq.kernels.kv_cache import allocate_kv_cache, quantize_kv_ref
-from qoq.kernels.paged_prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton
+from qoq.kernels.paged_prefill_attention import (
+    paged_prefill_attention_ref,
+    paged_prefill_attention_triton,
+    prefill_work,
+    prefill_work_capacity,
+)
 from qoq.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 
@@ -190,6 +194,37 @@ def test_paged_prefill_matches_ref(bits, hq, hkv, rows, device, gen, poison):
     assert rel_err(out, ref) < 3e-3
 
 
+@pytest.mark.parametrize("bits", [4, 16])
+def test_paged_prefill_work_list_matches_ref(bits, device, gen, poison):
+    """A mixed step as one launch whose grid depends on its capacity only (what a CUDA graph holds):
+    prefill chunks, decode rows as one-token chunks over their context, and chunks of no tokens
+    (a graph's padding sequences); the list's unused programs do nothing."""
+    q_lens, kv_lens = [37, 1, 1, 0, 16, 1, 0], [60, 20, 45, 7, 16, 33, 1]
+    hq, hkv, rows = 8, 2, 16
+    q, cache, bt, cu, lens = _paged_prefill_case(q_lens, kv_lens, hq, hkv, 32, 16, bits, device, gen)
+    cuda = device == "cuda"
+    opts = dict(ROWS=rows)
+    capacity = prefill_work_capacity(sum(q_lens), len(q_lens), hq // hkv, cuda, opts)
+    work = prefill_work(q_lens, hq // hkv, cuda, capacity, opts).to(device)
+    assert (work[:, 0] >= 0).sum() == sum(-(-n // (rows // 4)) for n in q_lens) < capacity
+    ref = paged_prefill_attention_ref(q, cache, bt, cu, lens, 32 ** -0.5)
+    out = paged_prefill_attention_triton(q, cache, bt, cu, lens, 32 ** -0.5, options=opts, work=work)
+    assert rel_err(out, ref) < 3e-3
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_work(q_lens, hq // hkv, cuda, 3, opts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_work_capacity_bounds_any_step(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_tokens, max_seqs = int(torch.randint(1, 600, (1,), generator=g)), int(torch.randint(1, 100, (1,), generator=g))
+    cuts = sorted(torch.randint(0, num_tokens + 1, (min(max_seqs, num_tokens) - 1,), generator=g).tolist())
+    q_lens = [b - a for a, b in zip([0, *cuts], [*cuts, num_tokens])]
+    for group, cuda in ((4, True), (1, False), (8, True)):
+        capacity = prefill_work_capacity(num_tokens, max_seqs, group, cuda)
+        assert prefill_work(q_lens, group, cuda, capacity).shape == (capacity, 2)
+
+
 def test_paged_prefill_ref_against_float64_and_the_fresh_kernel(device, gen):
     """Independent: float64 softmax per query over the gathered, dequantized cache; and with no
     earlier context over a KV16 cache, the same bits as prefill_attention_ref on the same K/V."""
@@ -221,3 +256,5 @@ def test_paged_prefill_real_shapes_gpu(bits, gen, poison):
                                                  "cuda", gen)
     ref = paged_prefill_attention_ref(q, cache, bt, cu, lens, 128 ** -0.5)
     assert rel_err(paged_prefill_attention_triton(q, cache, bt, cu, lens, 128 ** -0.5), ref) < 3e-3
+    work = prefill_work([1024, 2000, 77], 4, True, prefill_work_capacity(3101, 8, 4, True)).cuda()
+    assert rel_err(paged_prefill_attention_triton(q, cache, bt, cu, lens, 128 ** -0.5, work=work), ref) < 3e-3
