@@ -51,7 +51,7 @@ class Server:
                    "--port", str(self.port), "--max-num-seqs", str(max_num_seqs),
                    "--max-num-batched-tokens", str(max_num_batched_tokens or args.max_num_batched_tokens),
                    "--max-model-len", str(max(args.input_len + args.output_len, 4096)), "--log-level", "warning",
-                   *extra)
+                   *args.serve_args.split(), *extra)
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -218,6 +218,8 @@ def main() -> int:
                    help="chunked prefill and prefix caching on vs off instead of the precision sweep")
     p.add_argument("--api-features", action="store_true",
                    help="the cost of n=4 and logprobs=5 against plain requests (first precision, rate inf)")
+    p.add_argument("--serve-args", default="", help="more `qoq serve` options for every server, e.g. "
+                   "'--prefill-graph-mode full'")
     p.add_argument("--skip-features-off", action="store_true",
                    help="--features: only the servers with both features on (the off baseline measured before)")
     p.add_argument("--chunk-budget", type=int, nargs="+", default=[1024],

@@ -5,7 +5,7 @@
 # Parts (keep the sum within one 10-minute call):
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
-#             (TESTS="file ..." runs only those)
+#             (TESTS="file ..." runs only those; SERVE_ARGS="--prefill-graph-mode full" reaches features' servers)
 #   sizing    probe_kv_sizing.py: the KV cache's pages with CUDA graphs and without
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
@@ -64,7 +64,7 @@ case "$part" in
     echo "chunking: exit $?"; tail -30 "$out/prefill-chunking.log" ;;
   features)
     timeout 580 python3 benchmarks/bench_serve.py --features --precisions w4a8kv4 --quick --skip-offline \
-      --chunk-budget ${CHUNK_BUDGET:-512 2048} ${FEATURES_ARGS:-} --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
+      --chunk-budget ${CHUNK_BUDGET:-512 2048} ${FEATURES_ARGS:-} --serve-args "${SERVE_ARGS:-}" --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
     echo "features: exit $?"; grep -A16 "^== " "$out/serve-features.log" | tail -80 ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work

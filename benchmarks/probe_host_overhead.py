@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
     p.add_argument("--graphs-only", action="store_true", help="skip the eager engine")
+    p.add_argument("--prefill-graph-mode", default="piecewise", choices=["piecewise", "full"])
     args = p.parse_args()
     cfg = bundled_config(args.config)
     model = random_model(cfg, QuantConfig("w4a8kv4", G128, qk_hadamard=cfg.head_dim >= 32), device=args.device,
@@ -59,7 +60,8 @@ def main() -> None:
     def running_engine(eager: bool) -> LLMEngine:
         engine = LLMEngine(model, None, EngineConfig(
             max_num_seqs=args.batch + 16, max_num_batched_tokens=args.budget, max_model_len=args.prompt_len + 512,
-            async_scheduling=False, enforce_eager=eager, gpu_memory_utilization=0.45))
+            async_scheduling=False, enforce_eager=eager, gpu_memory_utilization=0.45,
+            prefill_graph_mode=args.prefill_graph_mode))
         for _ in range(args.batch):
             engine.add_request(prompt(), long)
         while engine.scheduler.waiting:

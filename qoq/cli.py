@@ -204,6 +204,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kv-cache-gib", type=float, default=engine["cpu_kv_cache_gib"],
                    help="KV cache size on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--prefill-graph-mode", choices=["piecewise", "full"], default=default(EngineConfig,
+                   "prefill_graph_mode"), help="steps with prompt tokens on the GPU: graphs cut at each attention "
+                   "call, or whole graphs with attention inside (decode rows attend as one-token chunks); "
+                   "default %(default)s")
     p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -230,7 +234,7 @@ def cmd_serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         enforce_eager=args.enforce_eager, max_graph_batch_size=max(64, args.max_num_seqs),
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
-        deterministic=args.deterministic)
+        deterministic=args.deterministic, prefill_graph_mode=args.prefill_graph_mode)
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     if args.max_request_bytes < 1:

@@ -34,6 +34,17 @@ def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_len
 
 
 @dataclass
+class FlatMetadata:
+    """Every sequence of a step as a chunk for one paged-prefill launch (FlatAttention): the
+    prompt chunks, then each decode as a one-token chunk over its context."""
+
+    cu_seqlens: torch.Tensor  # [S + 1] int32 (a CUDA graph's buffer: longer, its tail = the total)
+    kv_lens: torch.Tensor  # [S] int32: tokens in the cache after this step
+    block_tables: torch.Tensor  # [S, max_pages] int32
+    work: torch.Tensor  # [capacity, 2] int32: the kernel's (sequence, query block) list (prefill_work)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each token (-1: write nothing)
     num_prefill_tokens: int = 0
@@ -48,6 +59,7 @@ class AttentionMetadata:
     token_block_tables: torch.Tensor | None = None  # [T, max_pages] int32: the table of its sequence
     token_context_lens: torch.Tensor | None = None  # [T] int32: its position + 1
     token_num_pages: list[int] | None = None  # pages of that context, on the host
+    flat: FlatMetadata | None = None  # steps with prompt tokens under prefill_graph_mode "full"
 
 
 class PagedAttention:
@@ -84,3 +96,22 @@ class PagedAttention:
         for i, num_pages in enumerate(md.token_num_pages):
             paged_decode_attention(q[i : i + 1], cache, md.token_block_tables[i : i + 1, :num_pages],
                                    md.token_context_lens[i : i + 1], self.scale, out=out[i : i + 1])
+
+
+class FlatAttention(PagedAttention):
+    """Steps with prompt tokens as one attention launch per layer after the K/V write: decode rows
+    ride along as one-token chunks over their context (`metadata.flat`). Both launches depend on
+    the token count and buffers only, so a CUDA graph holds the whole step (cuda_graph.FullPrefillGraphs).
+    A decode row's numbers differ from the decode kernel's by float order only."""
+
+    def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
+        md = self.metadata
+        assert md is not None and md.flat is not None, "the model runner sets flat metadata before the forward"
+        batch, num_tokens, num_heads, head_dim = q.shape
+        q, k, v = (x.reshape(batch * num_tokens, x.shape[2], head_dim) for x in (q, k, v))
+        cache = self.kv_cache[layer_idx]
+        q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
+        flat = md.flat
+        out = paged_prefill_attention(q, cache, flat.block_tables, flat.cu_seqlens, flat.kv_lens, self.scale,
+                                      out=None if out is None else out.view(q.shape), work=flat.work)
+        return out.view(batch, num_tokens, num_heads, head_dim)

@@ -45,8 +45,15 @@ class EngineConfig:
     # quantized cache included: float linears run per row, attention per token (batch_invariant.py;
     # its cost is in docs/serving.md). Implies enforce_eager.
     deterministic: bool = False
+    # Steps with prompt tokens on the GPU: "piecewise" replays graphs cut at each attention call
+    # (attention eager between them); "full" runs every row, decode rows as one-token chunks,
+    # through one paged-prefill launch per layer over a work list, so one graph holds the whole
+    # step (eagerly too, on the CPU or past the captured sizes). docs/serving.md#cuda-graphs
+    prefill_graph_mode: str = "piecewise"
 
     def __post_init__(self) -> None:
+        if self.prefill_graph_mode not in ("piecewise", "full"):
+            raise ValueError(f"prefill_graph_mode must be 'piecewise' or 'full', got {self.prefill_graph_mode!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_graph_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

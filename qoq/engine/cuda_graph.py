@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qoq.engine.attention import AttentionMetadata
+from qoq.engine.attention import AttentionMetadata, FlatAttention, FlatMetadata
+from qoq.kernels.paged_prefill_attention import prefill_work_capacity
 
 if TYPE_CHECKING:
     from qoq.engine.model_runner import ModelInputs, ModelRunner
@@ -43,39 +44,32 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
-class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+class _WholeGraphs:
+    """Whole forwards, one graph per size, over static token ids, positions and slots (-1: padding
+    rows write nowhere); subclasses add their attention's buffers and metadata."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
         self.runner = runner
-        self.sizes = graph_batch_sizes(max_batch_size)
-        dev, n = runner.device, max_batch_size
+        self.sizes = sizes
+        dev, n = runner.device, sizes[-1]
         self.input_ids = torch.zeros(1, n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, n, dtype=torch.long, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros(n, runner.max_pages_per_seq, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # [size, hidden]
 
-    @classmethod
-    def capture(cls, runner: ModelRunner, max_batch_size: int) -> DecodeGraphs | None:
-        return _captured(cls(runner, max_batch_size), "decode runs eagerly")
-
-    def _metadata(self, batch_size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch_size],
-            block_tables=self.block_tables[:batch_size],
-            context_lens=self.context_lens[:batch_size],
-        )
+    def _attention(self, size: int):
+        """The attention backend, its metadata set to the static buffers' views for `size`."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        model, attn = self.runner.model, self.runner.attn
-        pool = None
+        model, pool = self.runner.model, None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
-            attn.metadata = self._metadata(size)
-            args = (self.input_ids[:, :size], self.positions[:, :size], attn)
+            args = (self.input_ids[:, :size], self.positions[:, :size], self._attention(size))
             model(*args)  # warm-up outside the capture: Triton compiles, allocator settles
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the KV cache holds all but the reserve: give the plain run's blocks back
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = model(*args)[0]
@@ -83,8 +77,26 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def fits(self, batch_size: int) -> bool:
-        return batch_size <= self.sizes[-1]
+    def fits(self, num_rows: int) -> bool:
+        return num_rows <= self.sizes[-1]
+
+
+class DecodeGraphs(_WholeGraphs):
+    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+        super().__init__(runner, graph_batch_sizes(max_batch_size))
+        dev, n = runner.device, max_batch_size
+        self.block_tables = torch.zeros(n, runner.max_pages_per_seq, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+
+    @classmethod
+    def capture(cls, runner: ModelRunner, max_batch_size: int) -> DecodeGraphs | None:
+        return _captured(cls(runner, max_batch_size), "decode runs eagerly")
+
+    def _attention(self, size: int):
+        attn = self.runner.attn
+        attn.metadata = AttentionMetadata(slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                                          context_lens=self.context_lens[:size])
+        return attn
 
     def replay(self, inputs: ModelInputs) -> torch.Tensor:
         """Copy a step's inputs into the static buffers, replay, return a view of the static output.
@@ -235,3 +247,63 @@ class PrefillGraphs:
             attn(layer_idx, self.q[:, :n], self.k[:, :n], self.v[:, :n], positions, rotary, out=self.out[:, :n])
         segments[-1].replay()
         return self.hidden[:, :n]
+
+
+class FullPrefillGraphs(_WholeGraphs):
+    """CUDA graphs for steps with prompt tokens, whole (prefill_graph_mode "full"): one graph per
+    padded token count holds the forward with its attention (engine.attention.FlatAttention: the
+    K/V write and one paged-prefill launch per layer whose grid is the work list's capacity), so
+    a step is its buffers' copies and one replay. Decode rows are one-token chunks there.
+
+    Static buffers: token ids, positions, slots (-1 past the step's tokens: padding rows write
+    nowhere), and per sequence cu_seqlens (its tail set to the step's total: sequences of no
+    tokens), cache lengths, page tables, and the work list, whose unused programs return at once.
+    Padding rows are in no sequence, so attention leaves them alone; every other op works row by
+    row. Captured after the KV cache is allocated (the graphs hold its pointers), into the reserve
+    kept for one eager step of the whole budget.
+    """
+
+    def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
+        super().__init__(runner, prefill_graph_sizes(max_tokens))
+        dev, n = runner.device, self.sizes[-1]
+        self.max_seqs = min(n, runner.config.max_num_seqs)
+        self.cu_seqlens = torch.zeros(self.max_seqs + 1, dtype=torch.int32, device=dev)
+        self.kv_lens = torch.ones(self.max_seqs, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(self.max_seqs, runner.max_pages_per_seq, dtype=torch.int32, device=dev)
+        self.work = torch.full((self.work_capacity(n), 2), -1, dtype=torch.int32, device=dev)
+        self.attn = FlatAttention(runner.kv_cache, runner.model.config.head_dim)
+
+    @classmethod
+    def capture(cls, runner: ModelRunner, max_tokens: int) -> FullPrefillGraphs | None:
+        return _captured(cls(runner, max_tokens), "steps with prompt tokens run eagerly")
+
+    def work_capacity(self, num_tokens: int) -> int:
+        """Programs in the work list of the graph that runs a step of num_tokens tokens."""
+        size = next(s for s in self.sizes if s >= num_tokens)
+        return prefill_work_capacity(size, min(size, self.runner.config.max_num_seqs), self.runner.gqa_group, True)
+
+    def _attention(self, size: int):
+        flat = FlatMetadata(cu_seqlens=self.cu_seqlens, kv_lens=self.kv_lens, block_tables=self.block_tables,
+                            work=self.work[: self.work_capacity(size)])
+        self.attn.metadata = AttentionMetadata(slot_mapping=self.slot_mapping[:size], flat=flat)
+        return self.attn
+
+    def run(self, inputs: ModelInputs, attn=None) -> torch.Tensor:
+        """The step's final hidden states [1, T, hidden] (a view of a static output). Everything is
+        queued on the one stream, as DecodeGraphs.replay says for async scheduling."""
+        n = inputs.input_ids.shape[1]
+        size = next(s for s in self.sizes if s >= n)
+        md, flat = inputs.metadata, inputs.metadata.flat
+        assert flat is not None and flat.work.shape[0] == self.work_capacity(n), "prepare sizes the work list"
+        self.input_ids[:, :n] = inputs.input_ids  # padding rows keep earlier (valid) ids
+        self.positions[:, :n] = inputs.positions
+        self.slot_mapping[:n] = md.slot_mapping
+        self.slot_mapping[n:size] = -1
+        seqs = flat.kv_lens.shape[0]
+        self.cu_seqlens[: seqs + 1] = flat.cu_seqlens
+        self.cu_seqlens[seqs + 1 :] = n
+        self.kv_lens[:seqs] = flat.kv_lens
+        self.block_tables[:seqs, : flat.block_tables.shape[1]] = flat.block_tables
+        self.work[: flat.work.shape[0]] = flat.work
+        self.graphs[size].replay()
+        return self.outputs[size][None, :n]

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.engine.attention import AttentionMetadata, PagedAttention
+from qoq.engine.attention import AttentionMetadata, FlatAttention, FlatMetadata, PagedAttention
 from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
-from qoq.engine.cuda_graph import DecodeGraphs, PrefillGraphs
+from qoq.engine.cuda_graph import DecodeGraphs, FullPrefillGraphs, PrefillGraphs
 from qoq.engine.logprobs import LogprobsInFlight, prompt_logprobs, sampled_logprobs
 from qoq.engine.sampler import process_logits, sample_tokens_device
 from qoq.engine.scheduler import ScheduledBatch
@@ -29,6 +29,7 @@ from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import DeviceToHost, to_device
 from qoq.engine.warmup import dummy_prefill, scratch_cache, warm_up
 from qoq.kernels import allocate_kv_cache
+from qoq.kernels.paged_prefill_attention import prefill_work
 from qoq.model.llama import LlamaModel
 from qoq.model.tensor_parallel import local_config
 
@@ -95,14 +96,19 @@ class ModelRunner:
                                           config.page_size, kv_bits, self.device, self.kv_dtype,
                                           model.quant_config.qk_hadamard)
         self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
+        # prefill_graph_mode "full": steps with prompt tokens attend through one flat launch per layer
+        self.flat = config.prefill_graph_mode == "full" and not config.deterministic
+        self.flat_attn = FlatAttention(self.kv_cache, cfg.head_dim) if self.flat else None
+        self.gqa_group = cfg.num_heads // cfg.num_kv_heads
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Steps with prompt tokens replay piecewise graphs (cuda_graph.py). They are captured after
         # the cache is allocated, into the memory the sizing kept for the largest eager step: the
         # graphs' pool holds that step's activations, so the reserve is counted once, not twice.
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | FullPrefillGraphs | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda and not (config.enforce_eager or config.deterministic):
-            self.prefill_graphs = PrefillGraphs.capture(self, config.max_num_batched_tokens)
+            kind = FullPrefillGraphs if self.flat else PrefillGraphs
+            self.prefill_graphs = kind.capture(self, config.max_num_batched_tokens)
             self.graphs = DecodeGraphs.capture(self, min(config.max_graph_batch_size, config.max_num_seqs))
 
     # -- cache sizing ----------------------------------------------------------------------
@@ -172,17 +178,22 @@ class ModelRunner:
         return tokens if self.tp is None else self.tp.broadcast(tokens)
 
     def _logits(self, batch: ScheduledBatch, inputs: ModelInputs) -> tuple[torch.Tensor, LogprobsInFlight | None]:
-        if self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes)):
+        if self._decode_graph_fits(batch):
             hidden = self.graphs.replay(inputs)
             return self.model.compute_logits(hidden[inputs.logit_indices]), None
-        if self.prefill_graphs is not None and self.prefill_graphs.fits(inputs.input_ids.shape[1]):
+        if (self.prefill_graphs is not None and self.prefill_graphs.fits(inputs.input_ids.shape[1])
+                and (not self.flat or inputs.metadata.flat is not None)):
             hidden = self.prefill_graphs.run(inputs, self.attn)[0]
             return self.model.compute_logits(hidden[inputs.logit_indices]), self._prompt_logprobs(hidden, inputs)
         with PerRowLinears() if self.config.deterministic else contextlib.nullcontext():
-            self.attn.metadata = inputs.metadata
-            hidden = self.model(inputs.input_ids, inputs.positions, self.attn)[0]
+            attn = self.flat_attn if inputs.metadata.flat is not None else self.attn
+            attn.metadata = inputs.metadata
+            hidden = self.model(inputs.input_ids, inputs.positions, attn)[0]
             logits = self.model.compute_logits(hidden[inputs.logit_indices])
             return logits, self._prompt_logprobs(hidden, inputs)
+
+    def _decode_graph_fits(self, batch: ScheduledBatch) -> bool:
+        return self.graphs is not None and not batch.chunks and self.graphs.fits(len(batch.decodes))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> LogprobsInFlight | None:
         if not inputs.prompt_rows:
@@ -257,6 +268,10 @@ class ModelRunner:
         if batch.decodes:
             md.block_tables = to_device(self.block_tables(batch.decodes), torch.int32, dev)
             md.context_lens = to_device(context_lens, torch.int32, dev)
+        # Flat attention: steps with prompt tokens, and decode batches past the decode graphs that
+        # a whole prefill graph will run.
+        if self.flat and (batch.chunks or (self.prefill_graphs is not None and not self._decode_graph_fits(batch))):
+            md.flat = self._flat_metadata(batch, cu_seqlens, kv_lens + context_lens, len(ids))
         if self.config.deterministic:  # every token attends alone (batch_invariant.py)
             token_seqs = [c.seq for c in batch.chunks for _ in range(c.num_tokens)] + batch.decodes
             md.token_block_tables = to_device(self.block_tables(token_seqs), torch.int32, dev)
@@ -277,6 +292,22 @@ class ModelRunner:
             prompt_targets=prompt_targets or None,
             prompt_chunks=prompt_chunks or None,
         )
+
+    def _flat_metadata(self, batch: ScheduledBatch, cu_prefill: list[int], kv_lens: list[int],
+                       num_tokens: int) -> FlatMetadata:
+        """The step's sequences as chunks of one launch (FlatAttention): decodes as one-token
+        chunks after the prompt chunks; the work list sized for the graph that will run it."""
+        num_decodes = len(batch.decodes)
+        cu = cu_prefill + list(range(cu_prefill[-1] + 1, cu_prefill[-1] + 1 + num_decodes))
+        q_lens = [c.num_tokens for c in batch.chunks] + [1] * num_decodes
+        graphs = self.prefill_graphs
+        capacity = graphs.work_capacity(num_tokens) if graphs is not None and graphs.fits(num_tokens) else None
+        dev = self.device
+        work = prefill_work(q_lens, self.gqa_group, dev.type == "cuda", capacity)
+        return FlatMetadata(cu_seqlens=to_device(cu, torch.int32, dev), kv_lens=to_device(kv_lens, torch.int32, dev),
+                            block_tables=to_device(self.block_tables([c.seq for c in batch.chunks] + batch.decodes),
+                                                   torch.int32, dev),
+                            work=to_device(work, torch.int32, dev))
 
     @staticmethod
     def block_tables(seqs: list[Sequence], width: int | None = None) -> torch.Tensor:

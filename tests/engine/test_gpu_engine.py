@@ -45,18 +45,21 @@ def test_graphs_equal_eager_and_the_cache_is_sized_from_free_memory(precision, g
     assert all(len(o) == 24 for o in outputs[0])
 
 
+@pytest.mark.parametrize("mode", ["piecewise", "full"])
 @pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w16a16kv16", G128)])
-def test_piecewise_prefill_graphs_equal_eager_for_chunked_mixed_steps(precision, group):
+def test_prefill_graphs_equal_eager_for_chunked_mixed_steps(precision, group, mode):
     """Steps with prompt tokens replay piecewise graphs (cuda_graph.PrefillGraphs) with the real
-    attention between them: chunks reading earlier chunks' pages next to running decodes, padded
-    to the captured sizes, give the eager engine's tokens."""
+    attention between them, or whole graphs with attention inside (FullPrefillGraphs: the eager
+    engine of that mode attends flat too): chunks reading earlier chunks' pages next to running
+    decodes, padded to the captured sizes, give the eager engine's tokens."""
     model = random_model(ModelConfig.from_hf(TINY), QuantConfig(precision, group), device="cuda", seed=3)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 64, 65, 130, 7, 200, 150, 3)]
     outputs = []
     for eager in (False, True):
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=256, max_num_batched_tokens=96,
-                                                     enforce_eager=eager, gpu_memory_utilization=0.5))
+                                                     enforce_eager=eager, gpu_memory_utilization=0.5,
+                                                     prefill_graph_mode=mode))
         runs = [0]
         if not eager:
             graphs = engine.runner.prefill_graphs
