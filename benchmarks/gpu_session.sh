@@ -6,6 +6,7 @@
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
 #             (TESTS="file ..." runs only those; SERVE_ARGS="--prefill-graph-mode full" reaches features' servers)
+#   mixed     probe_host_overhead.py: a mixed step's wall and kernel time, piecewise against full graphs
 #   sizing    probe_kv_sizing.py: the KV cache's pages with CUDA graphs and without
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
@@ -14,7 +15,7 @@
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|api|fp16|tune|prefill|features|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -40,6 +41,12 @@ case "$part" in
   sizing)
     timeout 300 python3 benchmarks/probe_kv_sizing.py --out "$out/kv-sizing-$gpu.json" > "$out/kv-sizing.log" 2>&1
     echo "sizing: exit $?"; grep -v Warning "$out/kv-sizing.log" | tail -12 ;;
+  mixed)
+    for mode in piecewise full; do
+      timeout 200 python3 benchmarks/probe_host_overhead.py --graphs-only --prefill-graph-mode $mode --batch 64 \
+        --budget 512 --repeats 4 > "$out/host-overhead-$mode.log" 2>&1
+      echo "mixed $mode: exit $?"; grep -E "wall|busy|Error" "$out/host-overhead-$mode.log" | head -12
+    done ;;
   api)
     timeout 560 python3 benchmarks/bench_serve.py --api-features --precisions w4a8kv4 --quick --skip-offline \
       --out "$out/serve-api-$gpu.json" > "$out/serve-api.log" 2>&1

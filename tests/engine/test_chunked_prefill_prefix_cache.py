@@ -70,6 +70,45 @@ def test_flat_attention_steps_agree_with_the_reference(bundled, tiny_models, bit
     assert assert_greedy_agrees(model, prompts, flat, kv_bits=bits, tol=0.05) <= 2
 
 
+class _EagerGraph:
+    """Stands in for a captured graph of FullPrefillGraphs on the CPU: replay runs the forward on
+    the static buffers, as the graph would."""
+
+    def __init__(self, graphs, size):
+        self.graphs, self.size = graphs, size
+
+    def replay(self):
+        g, n = self.graphs, self.size
+        g.outputs[n].copy_(g.runner.model(g.input_ids[:, :n], g.positions[:, :n], g._attention(n))[0])
+        g.replays += 1
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_full_prefill_graphs_buffers_give_the_eager_tokens(bundled, tiny_models, bits, monkeypatch):
+    """FullPrefillGraphs.run without a GPU: each step copied into the static buffers (padding rows,
+    the cu_seqlens tail, a work list of the graph's capacity) and its 'graph' run on them, the
+    Triton work-list kernel under the interpreter; the tokens of the eager flat engine."""
+    from qoq.engine import attention
+    from qoq.engine.cuda_graph import FullPrefillGraphs
+    from qoq.kernels.paged_prefill_attention import paged_prefill_attention_triton
+
+    monkeypatch.setattr(attention, "paged_prefill_attention", paged_prefill_attention_triton)
+    model, tok = model_for(tiny_models, bits), bundled[1]
+    prompts = random_prompts((40, 21, 5), seed=bits)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    common = dict(kv_bits=bits, max_num_batched_tokens=32, max_num_seqs=4, prefill_graph_mode="full")
+    expected, _ = run(model, tok, prompts, params, **common)
+    llm = LLM.from_model(model, tok, page_size=PAGE, **common)
+    graphs = FullPrefillGraphs(llm.engine.runner, 32)
+    graphs.replays = 0
+    for size in graphs.sizes:
+        graphs.outputs[size] = torch.empty(size, model.config.hidden_size)
+        graphs.graphs[size] = _EagerGraph(graphs, size)
+    llm.engine.runner.prefill_graphs = graphs
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    assert graphs.replays >= 3  # 66 prompt tokens in steps of at most 32
+
+
 def test_a_sequence_mid_prefill_samples_nothing(bundled, tiny_models):
     tok = bundled[1]
     engine = LLMEngine(tiny_models[4], tok, EngineConfig(max_num_batched_tokens=32, page_size=PAGE,
