@@ -260,19 +260,19 @@ class ModelRunner:
         logit_indices.extend(range(num_prefill, len(ids)))
         dev = self.device
         md = AttentionMetadata(slot_mapping=to_device(slots, torch.long, dev), num_prefill_tokens=num_prefill)
-        if batch.chunks:
+        # Flat attention (prefill_graph_mode "full"): steps with prompt tokens, and decode batches
+        # past the decode graphs that a whole prefill graph will run; it needs no other metadata.
+        if self.flat and (batch.chunks or (self.prefill_graphs is not None and not self._decode_graph_fits(batch))):
+            md.flat = self._flat_metadata(batch, cu_seqlens, kv_lens + context_lens, len(ids))
+        elif batch.chunks:
             md.cu_seqlens = to_device(cu_seqlens, torch.int32, dev)
             md.max_seqlen = max(c.num_tokens for c in batch.chunks)
             md.prefill_kv_lens = to_device(kv_lens, torch.int32, dev)
             md.prefill_block_tables = to_device(self.block_tables([c.seq for c in batch.chunks]), torch.int32, dev)
             md.prefill_has_context = any(c.start for c in batch.chunks)
-        if batch.decodes:
+        if batch.decodes and md.flat is None:
             md.block_tables = to_device(self.block_tables(batch.decodes), torch.int32, dev)
             md.context_lens = to_device(context_lens, torch.int32, dev)
-        # Flat attention: steps with prompt tokens, and decode batches past the decode graphs that
-        # a whole prefill graph will run.
-        if self.flat and (batch.chunks or (self.prefill_graphs is not None and not self._decode_graph_fits(batch))):
-            md.flat = self._flat_metadata(batch, cu_seqlens, kv_lens + context_lens, len(ids))
         if self.config.deterministic:  # every token attends alone (batch_invariant.py)
             token_seqs = [c.seq for c in batch.chunks for _ in range(c.num_tokens)] + batch.decodes
             md.token_block_tables = to_device(self.block_tables(token_seqs), torch.int32, dev)
