@@ -8,21 +8,43 @@ print the KeyboardInterrupt as "Exception ignored" and carry on as if no key had
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import os
 import signal
 import sys
 import threading
 
+_again: threading.Timer | None = None  # a Ctrl-C that landed in a finalizer, asked again soon
+
 
 def _interrupt(signum, frame) -> None:
+    global _again
     while frame is not None:
         if frame.f_code.co_name == "__del__":
-            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))  # once it returns
-            again.daemon = True  # never holds up an exit that comes first
-            again.start()
+            # once the finalizer returns; interrupt_main does nothing once SIGINT is ignored (_done)
+            _again = threading.Timer(0.05, _thread.interrupt_main)
+            _again.daemon = True  # never holds up an exit that comes first
+            _again.start()
             return
         frame = frame.f_back
     raise KeyboardInterrupt
+
+
+def _done(code: int) -> int:
+    """An interrupted command's 130 is final. A later Ctrl-C (or one asked again) is ignored, and
+    the process ends here: CPython marks a KeyboardInterrupt that passed through code an extension
+    ran (PyRun_*, as torch's import does) as unhandled even when it was caught, and would end the
+    process by SIGINT (status -2) at shutdown. Exit handlers still run; finalizers do not."""
+    if code != 130 or threading.current_thread() is not threading.main_thread():
+        return code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _again is not None:
+        _again.cancel()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         from qoq.cli import main as run
     except KeyboardInterrupt:
         print("qoq: interrupted", file=sys.stderr)
-        return 130
-    return run(argv)
+        return _done(130)
+    return _done(run(argv))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,22 @@ def test_ctrl_c_ends_with_130_and_no_traceback():
         assert "Traceback" not in err and err.strip().endswith("qoq: interrupted"), err
 
 
+def test_ctrl_c_during_the_imports_ends_with_130():
+    """Early Ctrl-Cs land while torch imports, where CPython marks a caught KeyboardInterrupt as
+    unhandled and would end the process by SIGINT (-2) after 'qoq: interrupted'."""
+    import os
+    import signal
+    import time
+
+    for delay in (0.4, 0.7, 1.0, 1.5):
+        proc = subprocess.Popen([*QOQ, "eval", "ppl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and err.strip().endswith("qoq: interrupted"), (delay, proc.returncode, err)
+
+
 def test_ctrl_c_inside_a_finalizer_is_not_lost():
     """Python drops a KeyboardInterrupt raised in __del__ ("Exception ignored in"); the command's
     handler asks again once the finalizer has returned."""
