@@ -73,9 +73,7 @@ class PagedAttention:
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        q, k, v = (x.reshape(batch * num_tokens, x.shape[2], head_dim) for x in (q, k, v))
-        cache = self.kv_cache[layer_idx]
-        q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
+        q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
         # both kernels write their rows in place
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
@@ -89,6 +87,15 @@ class PagedAttention:
             paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
                                    out=out[num_prefill:])
         return out.view(batch, num_tokens, num_heads, head_dim)
+
+    def _write(self, layer_idx, q, k, v, positions, rotary):
+        """Rows flattened to [T, heads, head_dim], q and k rotated, K/V written to the pages at the
+        metadata's slots: (q, k, v, the layer's cache)."""
+        head_dim = q.shape[-1]
+        q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
+        cache = self.kv_cache[layer_idx]
+        q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, self.metadata.slot_mapping, cache)
+        return q, k, v, cache
 
     def _per_token(self, q, cache: KVCacheLayer, md: AttentionMetadata, out: torch.Tensor) -> None:
         """Each token as a decode of batch 1 over exactly its context's pages: the kernel and
@@ -108,9 +115,7 @@ class FlatAttention(PagedAttention):
         md = self.metadata
         assert md is not None and md.flat is not None, "the model runner sets flat metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        q, k, v = (x.reshape(batch * num_tokens, x.shape[2], head_dim) for x in (q, k, v))
-        cache = self.kv_cache[layer_idx]
-        q, k = rope_kv_write(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache)
+        q, _, _, cache = self._write(layer_idx, q, k, v, positions, rotary)
         flat = md.flat
         out = paged_prefill_attention(q, cache, flat.block_tables, flat.cu_seqlens, flat.kv_lens, self.scale,
                                       out=None if out is None else out.view(q.shape), work=flat.work)

@@ -102,9 +102,9 @@ class ModelRunner:
         self.gqa_group = cfg.num_heads // cfg.num_kv_heads
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Steps with prompt tokens replay piecewise graphs, or whole ones in the "full" mode
-        # (cuda_graph.py). They are captured after
-        # the cache is allocated, into the memory the sizing kept for the largest eager step: the
-        # graphs' pool holds that step's activations, so the reserve is counted once, not twice.
+        # (cuda_graph.py). They are captured after the cache is allocated, into the memory the
+        # sizing kept for the largest eager step: the graphs' pool holds that step's activations,
+        # so the reserve is counted once, not twice.
         self.prefill_graphs: PrefillGraphs | FullPrefillGraphs | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda and not (config.enforce_eager or config.deterministic):
