@@ -83,6 +83,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--hf-batches", default="64,128", help="empty to skip the transformers baseline")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
+    parser.add_argument("--features", default="on", help="comma list of on|off: chunked prefill and prefix "
+                        "caching (the engine's defaults) on, or both off, each case run once per entry")
+    parser.add_argument("--prefill-graph-mode", default=None, choices=["piecewise", "full"],
+                        help="EngineConfig.prefill_graph_mode (default: the engine's)")
     parser.add_argument("--out", default="e2e-h100.json")
     args = parser.parse_args()
 
@@ -95,13 +99,20 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=1))
         print(json.dumps(record), flush=True)
 
-    for case in filter(None, args.cases.split(",")):
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    if not set(features) <= {"on", "off"}:
+        parser.error(f"--features takes on and off, got {args.features!r}")
+    graph_mode = {"prefill_graph_mode": args.prefill_graph_mode} if args.prefill_graph_mode else {}
+    cases = [(case, f) for case in filter(None, args.cases.split(",")) for f in features]
+    for case, feature in cases:
         precision, group, *batch = case.split(":")  # an optional third field fixes the batch
+        engine_args = {**graph_mode, **({} if feature == "on" else
+                                        {"enable_chunked_prefill": False, "enable_prefix_caching": False})}
         try:
             result = run_throughput(args.config, precision, Granularity.parse(group), int(batch[0]) if batch else args.batch,
                                     args.input_len,
                                     args.output_len, "cuda", ceilings, max_batch=args.max_batch,
-                                    max_num_batched_tokens=args.max_num_batched_tokens)
+                                    max_num_batched_tokens=args.max_num_batched_tokens, engine_args=engine_args)
             save(result.to_dict())
         except Exception as err:  # one failing precision must not lose the others' numbers
             save({"system": "qoq", "precision": precision, "group_size": int(group), "error": repr(err)[:500]})
@@ -115,13 +126,14 @@ def main() -> None:
             save({"system": "hf-transformers", "batch": int(batch), "error": "out of memory"})
             torch.cuda.empty_cache()
 
-    print(f"\n{'system':16} {'precision':11} {'g':>4} {'batch':>5} {'tok/s':>9} {'roof':>9} {'frac':>5} {'step ms':>8} {'fwd ms':>7}")
+    print(f"\n{'system':16} {'precision':11} {'g':>4} {'feat':>4} {'batch':>5} {'tok/s':>9} {'roof':>9} {'frac':>5} {'step ms':>8} {'fwd ms':>7}")
     for r in report["records"]:
         if "error" in r:
             print(f"{r['system']:16} {r.get('precision', ''):11} error: {r['error'][:80]}")
             continue
         roof = r.get("roofline_tokens_per_s")
-        print(f"{r['system']:16} {r['precision']:11} {r['group_size']:>4} {r['batch']:>5} {r['tokens_per_s']:>9.0f} "
+        feat = {True: "on", False: "off"}.get(r.get("chunked_prefill"), "")
+        print(f"{r['system']:16} {r['precision']:11} {r['group_size']:>4} {feat:>4} {r['batch']:>5} {r['tokens_per_s']:>9.0f} "
               f"{roof or 0:>9.0f} {r.get('roofline_fraction') or 0:>5.2f} {r.get('decode_step_ms', 0):>8.2f} "
               f"{r.get('decode_forward_ms', 0):>7.2f}")
         for kind, p in (r.get("phases") or {}).items():

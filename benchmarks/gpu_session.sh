@@ -13,9 +13,10 @@
 #   tune      tune_kernels.py for the Llama-3-8B shapes into tune-<gpu>.json
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
+#   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -73,6 +74,11 @@ case "$part" in
     timeout 580 python3 benchmarks/bench_serve.py --features --precisions w4a8kv4 --quick --skip-offline \
       --chunk-budget ${CHUNK_BUDGET:-512 2048} ${FEATURES_ARGS:-} --serve-args "${SERVE_ARGS:-}" --out "$out/serve-features-$gpu.json" > "$out/serve-features.log" 2>&1
     echo "features: exit $?"; grep -A16 "^== " "$out/serve-features.log" | tail -80 ;;
+  e2e)
+    timeout 560 python3 benchmarks/bench_e2e.py --config llama-3-8b --max-batch 2048 --cases ${E2E_CASES:-w4a8kv4:-1} \
+      --features on,off --hf-batches "" --max-num-batched-tokens 8192 ${E2E_ARGS:-} --out "$out/e2e-features-$gpu.json" \
+      > "$out/e2e-features.log" 2>&1
+    echo "e2e: exit $?"; grep -v Warning "$out/e2e-features.log" | tail -12 ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work
     python3 - "$work" <<'PY' || exit 1

@@ -50,6 +50,11 @@ class ThroughputResult:
     roofline_fraction: float | None = None
     # Where the wall time went, by kind of step (see `step_phases`).
     phases: dict | None = None
+    # The engine's serving features in the run (on by default, as a user's `qoq serve` has them).
+    chunked_prefill: bool | None = None
+    prefix_caching: bool | None = None
+    max_num_batched_tokens: int | None = None
+    prefill_graph_mode: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,7 +134,8 @@ def run_throughput(config_name: str, precision: str, granularity: Granularity, b
                    output_len: int, device: str = "cuda", ceilings: Ceilings | None = None,
                    max_num_batched_tokens: int = 8192, num_pages: int | None = None,
                    max_batch: int = 1024, tensor_parallel_size: int = 1,
-                   threads: int | None = None) -> ThroughputResult:
+                   threads: int | None = None, engine_args: dict | None = None) -> ThroughputResult:
+    """engine_args: EngineConfig fields over the defaults (enable_chunked_prefill=False, ...)."""
     cfg = bundled_config(config_name)
     quant = bench_quant_config(precision, granularity)
     build = _engine_builder(config_name, quant, device, tensor_parallel_size, threads)
@@ -139,7 +145,7 @@ def run_throughput(config_name: str, precision: str, granularity: Granularity, b
         return EngineConfig(
             max_num_seqs=batch_size, max_num_batched_tokens=max(max_num_batched_tokens, max_len),
             max_model_len=max_len, kv_bits=quant.kv_bits, num_pages=pages, max_graph_batch_size=batch_size,
-            enforce_eager=eager, cpu_kv_cache_gib=0.25)
+            enforce_eager=eager, cpu_kv_cache_gib=0.25, **(engine_args or {}))
 
     if batch <= 0:  # "max": as many sequences as the KV pages that fit in memory can hold in full
         probe = build(engine_config(max_batch, num_pages, eager=True))  # sized for max_batch sequences at most
@@ -183,7 +189,9 @@ def run_throughput(config_name: str, precision: str, granularity: Granularity, b
         result = ThroughputResult("qoq", config_name, precision, granularity.saved() if quant.weight_bits == 4 else -1,
                                   batch, input_len, output_len, tokens_per_s, seconds, _median_ms(decode_steps),
                                   _median_ms(forward_times), peak, tensor_parallel_size,
-                                  roof, tokens_per_s / roof if roof else None, step_phases(steps, batch))
+                                  roof, tokens_per_s / roof if roof else None, step_phases(steps, batch),
+                                  engine.config.enable_chunked_prefill, engine.config.enable_prefix_caching,
+                                  engine.config.max_num_batched_tokens, engine.config.prefill_graph_mode)
     finally:
         gc.unfreeze()
         _close(engine)
