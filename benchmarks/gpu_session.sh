@@ -43,11 +43,11 @@ case "$part" in
     timeout 300 python3 benchmarks/probe_kv_sizing.py --out "$out/kv-sizing-$gpu.json" > "$out/kv-sizing.log" 2>&1
     echo "sizing: exit $?"; grep -v Warning "$out/kv-sizing.log" | tail -12 ;;
   mixed)
-    for mode in piecewise full; do
+    for mode in ${MIXED_MODES:-piecewise full}; do for budget in ${MIXED_BUDGETS:-512}; do
       timeout 200 python3 benchmarks/probe_host_overhead.py --graphs-only --prefill-graph-mode $mode --batch 64 \
-        --budget 512 --repeats 4 > "$out/host-overhead-$mode.log" 2>&1
-      echo "mixed $mode: exit $?"; grep -E "wall|busy|Error" "$out/host-overhead-$mode.log" | head -12
-    done ;;
+        --budget $budget --repeats 4 > "$out/host-overhead-$mode-$budget.log" 2>&1
+      echo "mixed $mode budget $budget: exit $?"; grep -E "wall|busy|Error| ms .*x  " "$out/host-overhead-$mode-$budget.log" | head -22
+    done; done ;;
   api)
     timeout 560 python3 benchmarks/bench_serve.py --api-features --precisions w4a8kv4 --quick --skip-offline \
       --out "$out/serve-api-$gpu.json" > "$out/serve-api.log" 2>&1

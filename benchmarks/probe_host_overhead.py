@@ -114,6 +114,13 @@ def main() -> None:
         kernels = [e for e in kprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e3
         print(f"mixed step under the profiler: wall {wall:.2f} ms, {len(kernels)} kernels, busy {busy:.2f} ms")
+        by_name: Counter = Counter()
+        calls: Counter = Counter()
+        for e in kernels:
+            by_name[e.name[:60]] += e.device_time / 1e3
+            calls[e.name[:60]] += 1
+        for name, ms in by_name.most_common(10):
+            print(f"  {ms:7.2f} ms {calls[name]:5d}x  {name}")
 
     # every synchronizing call inside a mixed step, by the innermost qoq frame that made it
     sites: Counter = Counter()
