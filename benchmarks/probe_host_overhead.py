@@ -7,6 +7,11 @@ kernels' GPU time (CUDA events), every operation that synchronizes with the devi
 debug mode, with the qoq frame that asked), and a cProfile of the host side.
 
     python benchmarks/probe_host_overhead.py --batch 32 --prompt-len 1024
+
+Then, as `qoq serve` runs it (async scheduling, steps back to back, a prompt arriving every
+--arrive-every steps): each step call's launch, wait for the previous step's tokens and the rest
+(processing), by whether the launched step holds prompt tokens. A launch that takes as long as a
+step waits on the device somewhere.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
     p.add_argument("--graphs-only", action="store_true", help="skip the eager engine")
     p.add_argument("--prefill-graph-mode", default="piecewise", choices=["piecewise", "full"])
+    p.add_argument("--arrive-every", type=int, default=8, help="steps between prompts in the async stream")
+    p.add_argument("--stream-steps", type=int, default=120, help="async stream steps (0: skip)")
     args = p.parse_args()
     cfg = bundled_config(args.config)
     model = random_model(cfg, QuantConfig("w4a8kv4", G128, qk_hadamard=cfg.head_dim >= 32), device=args.device,
@@ -57,10 +64,10 @@ def main() -> None:
 
     long = SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
 
-    def running_engine(eager: bool) -> LLMEngine:
+    def running_engine(eager: bool, async_scheduling: bool = False) -> LLMEngine:
         engine = LLMEngine(model, None, EngineConfig(
-            max_num_seqs=args.batch + 16, max_num_batched_tokens=args.budget, max_model_len=args.prompt_len + 512,
-            async_scheduling=False, enforce_eager=eager, gpu_memory_utilization=0.45,
+            max_num_seqs=args.batch + 64, max_num_batched_tokens=args.budget, max_model_len=args.prompt_len + 512,
+            async_scheduling=async_scheduling, enforce_eager=eager, gpu_memory_utilization=0.45,
             prefill_graph_mode=args.prefill_graph_mode))
         for _ in range(args.batch):
             engine.add_request(prompt(), long)
@@ -155,6 +162,63 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats(key).print_stats(28)
         print("\n".join(line[:170] for line in text.getvalue().splitlines()[4:40]))
+
+    if args.stream_steps:
+        del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        async_stream(running_engine(not cuda, async_scheduling=True), prompt, long, args)
+
+
+def async_stream(engine: LLMEngine, prompt, params: SamplingParams, args) -> None:
+    """Per step call under async scheduling: launch, wait and the rest, in ms, by launched kind."""
+    runner = engine.runner
+    launch, cur = runner.launch, {}
+
+    def timed_launch(batch, prev):
+        t0 = time.perf_counter()
+        step = launch(batch, prev)
+        cur["launch"], cur["kind"] = time.perf_counter() - t0, "mixed" if batch.chunks else "decode"
+        read = step.token_ids
+
+        def timed_read():
+            t1 = time.perf_counter()
+            tokens = read()
+            cur["wait"] = time.perf_counter() - t1
+            return tokens
+
+        step.token_ids = timed_read
+        return step
+
+    runner.launch = timed_launch
+    rows: dict[str, list[tuple[float, float, float]]] = {"decode": [], "mixed": []}
+    for i in range(args.stream_steps):
+        if i % args.arrive_every == 0:
+            engine.add_request(prompt(), params)
+        cur.clear()
+        t0 = time.perf_counter()
+        engine.step()
+        total = time.perf_counter() - t0
+        if "kind" in cur and i >= 4:
+            rows[cur["kind"]].append((1e3 * total, 1e3 * cur["launch"], 1e3 * cur.get("wait", 0.0)))
+    runner.launch = launch
+    print(f"-- async stream: a prompt every {args.arrive_every} steps, budget {args.budget}; per step call, "
+          "by the kind it launched (median / p90 ms)")
+    for kind, r in rows.items():
+        if not r:
+            continue
+        cols = list(zip(*r))
+
+        def q(xs, f):
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(f * len(xs)))]
+
+        total, launched, waited = (cols[0], cols[1], cols[2])
+        rest = [t - a - b for t, a, b in r]
+        print(f"{kind:7s} {len(r):4d} calls  total {q(total, .5):6.2f}/{q(total, .9):6.2f}  launch "
+              f"{q(launched, .5):6.2f}/{q(launched, .9):6.2f}  wait {q(waited, .5):6.2f}/{q(waited, .9):6.2f}  "
+              f"rest {q(rest, .5):6.2f}/{q(rest, .9):6.2f}")
 
 
 if __name__ == "__main__":
