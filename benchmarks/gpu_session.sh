@@ -46,7 +46,7 @@ case "$part" in
     for mode in ${MIXED_MODES:-piecewise full}; do for budget in ${MIXED_BUDGETS:-512}; do
       timeout 200 python3 benchmarks/probe_host_overhead.py --graphs-only --prefill-graph-mode $mode --batch 64 \
         --budget $budget --repeats 4 > "$out/host-overhead-$mode-$budget.log" 2>&1
-      echo "mixed $mode budget $budget: exit $?"; grep -E "wall|busy|Error| ms .*x  |calls  total|async stream" "$out/host-overhead-$mode-$budget.log" | head -22
+      echo "mixed $mode budget $budget: exit $?"; grep -E "wall|busy|Error| ms .*x  |calls  total|async stream" "$out/host-overhead-$mode-$budget.log" | head -34
     done; done ;;
   api)
     timeout 560 python3 benchmarks/bench_serve.py --api-features --precisions w4a8kv4 --quick --skip-offline \

@@ -35,13 +35,19 @@ def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_len
 
 @dataclass
 class FlatMetadata:
-    """Every sequence of a step as a chunk for one paged-prefill launch (FlatAttention): the
-    prompt chunks, then each decode as a one-token chunk over its context."""
+    """A step with prompt tokens as launches whose grids depend on the token count only
+    (FlatAttention): the prompt chunks through a paged-prefill work list, the decodes through one
+    decode launch over a fixed number of rows."""
 
-    cu_seqlens: torch.Tensor  # [S + 1] int32 (a CUDA graph's buffer: longer, its tail = the total)
-    kv_lens: torch.Tensor  # [S] int32: tokens in the cache after this step
-    block_tables: torch.Tensor  # [S, max_pages] int32
+    cu_seqlens: torch.Tensor  # [C + 1] int32 over the chunks (a CUDA graph's buffer: longer, its tail = the total)
+    kv_lens: torch.Tensor  # [C] int32: tokens in the cache after this step
+    block_tables: torch.Tensor  # [C, max_pages] int32
     work: torch.Tensor  # [capacity, 2] int32: the kernel's (sequence, query block) list (prefill_work)
+    # The decodes' rows of q, then (in a graph, up to its decode capacity) distinct rows no decode
+    # holds, with context 0: prompt rows, which the prefill launch rewrites after, or padding.
+    decode_rows: torch.Tensor  # [D] int64
+    decode_context_lens: torch.Tensor  # [D] int32, the new token included (0: a spare row)
+    decode_block_tables: torch.Tensor  # [D, max_pages] int32
 
 
 @dataclass
@@ -106,10 +112,11 @@ class PagedAttention:
 
 
 class FlatAttention(PagedAttention):
-    """Steps with prompt tokens as one attention launch per layer after the K/V write: decode rows
-    ride along as one-token chunks over their context (`metadata.flat`). Both launches depend on
-    the token count and buffers only, so a CUDA graph holds the whole step (cuda_graph.FullPrefillGraphs).
-    A decode row's numbers differ from the decode kernel's by float order only."""
+    """Steps with prompt tokens with a fixed set of launches per layer after the K/V write (`metadata.flat`):
+    the decode rows gathered into one decode launch of a fixed row count and scattered back, then
+    one paged-prefill launch over the chunks' work list. Every grid depends on the token count
+    only, so a CUDA graph holds the whole step (cuda_graph.FullPrefillGraphs); the numbers are the
+    piecewise step's kernels'."""
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         md = self.metadata
@@ -117,6 +124,12 @@ class FlatAttention(PagedAttention):
         batch, num_tokens, num_heads, head_dim = q.shape
         q, _, _, cache = self._write(layer_idx, q, k, v, positions, rotary)
         flat = md.flat
-        out = paged_prefill_attention(q, cache, flat.block_tables, flat.cu_seqlens, flat.kv_lens, self.scale,
-                                      out=None if out is None else out.view(q.shape), work=flat.work)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
+        if flat.decode_rows.shape[0]:  # first: spare rows may land on prompt rows, rewritten below
+            rows = paged_decode_attention(q.index_select(0, flat.decode_rows), cache, flat.decode_block_tables,
+                                          flat.decode_context_lens, self.scale)
+            out.index_copy_(0, flat.decode_rows, rows)
+        if flat.kv_lens.shape[0]:
+            paged_prefill_attention(q, cache, flat.block_tables, flat.cu_seqlens, flat.kv_lens, self.scale,
+                                    out=out, work=flat.work)
         return out.view(batch, num_tokens, num_heads, head_dim)

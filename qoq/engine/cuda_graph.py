@@ -252,14 +252,15 @@ class PrefillGraphs:
 class FullPrefillGraphs(_WholeGraphs):
     """CUDA graphs for steps with prompt tokens, whole (prefill_graph_mode "full"): one graph per
     padded token count holds the forward with its attention (engine.attention.FlatAttention: the
-    K/V write and one paged-prefill launch per layer whose grid is the work list's capacity), so
-    a step is its buffers' copies and one replay. Decode rows are one-token chunks there.
+    K/V write, a decode launch over the graph's decode capacity and a paged-prefill launch whose
+    grid is the work list's capacity), so a step is its buffers' copies and one replay.
 
     Static buffers: token ids, positions, slots (-1 past the step's tokens: padding rows write
-    nowhere), and per sequence cu_seqlens (its tail set to the step's total: sequences of no
-    tokens), cache lengths, page tables, and the work list, whose unused programs return at once.
-    Padding rows are in no sequence, so attention leaves them alone; every other op works row by
-    row. Captured after the KV cache is allocated (the graphs hold its pointers), into the reserve
+    nowhere); per chunk cu_seqlens (its tail set to the chunks' total: sequences of no tokens),
+    cache lengths, page tables, and the work list, whose unused programs return at once; per
+    decode row its row, context length (0 for a spare) and page table. Padding rows are in no
+    chunk, and a spare decode row's output lands on a padding row or on a prompt row the prefill
+    launch rewrites; every other op works row by row. Captured after the KV cache is allocated (the graphs hold its pointers), into the reserve
     kept for one eager step of the whole budget.
     """
 
@@ -271,20 +272,34 @@ class FullPrefillGraphs(_WholeGraphs):
         self.kv_lens = torch.ones(self.max_seqs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(self.max_seqs, runner.max_pages_per_seq, dtype=torch.int32, device=dev)
         self.work = torch.full((self.work_capacity(n), 2), -1, dtype=torch.int32, device=dev)
+        self.decode_rows = torch.arange(self.max_seqs, dtype=torch.long, device=dev)  # distinct rows, context 0
+        self.decode_context_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=dev)
+        self.decode_block_tables = torch.zeros(self.max_seqs, runner.max_pages_per_seq, dtype=torch.int32, device=dev)
         self.attn = FlatAttention(runner.kv_cache, runner.model.config.head_dim)
 
     @classmethod
     def capture(cls, runner: ModelRunner, max_tokens: int) -> FullPrefillGraphs | None:
         return _captured(cls(runner, max_tokens), "steps with prompt tokens run eagerly")
 
+    def size_for(self, num_tokens: int) -> int:
+        """The padded token count of the graph that runs a step of num_tokens tokens."""
+        return next(s for s in self.sizes if s >= num_tokens)
+
     def work_capacity(self, num_tokens: int) -> int:
         """Programs in the work list of the graph that runs a step of num_tokens tokens."""
-        size = next(s for s in self.sizes if s >= num_tokens)
-        return prefill_work_capacity(size, min(size, self.runner.config.max_num_seqs), self.runner.gqa_group, True)
+        size = self.size_for(num_tokens)
+        return prefill_work_capacity(size, self.decode_capacity(size), self.runner.gqa_group, True)
+
+    def decode_capacity(self, size: int) -> int:
+        """Rows of the decode launch in the graph of this size: the most decodes a step can hold."""
+        return min(size, self.runner.config.max_num_seqs)
 
     def _attention(self, size: int):
+        d = self.decode_capacity(size)
         flat = FlatMetadata(cu_seqlens=self.cu_seqlens, kv_lens=self.kv_lens, block_tables=self.block_tables,
-                            work=self.work[: self.work_capacity(size)])
+                            work=self.work[: self.work_capacity(size)], decode_rows=self.decode_rows[:d],
+                            decode_context_lens=self.decode_context_lens[:d],
+                            decode_block_tables=self.decode_block_tables[:d])
         self.attn.metadata = AttentionMetadata(slot_mapping=self.slot_mapping[:size], flat=flat)
         return self.attn
 
@@ -292,18 +307,23 @@ class FullPrefillGraphs(_WholeGraphs):
         """The step's final hidden states [1, T, hidden] (a view of a static output). Everything is
         queued on the one stream, as DecodeGraphs.replay says for async scheduling."""
         n = inputs.input_ids.shape[1]
-        size = next(s for s in self.sizes if s >= n)
+        size = self.size_for(n)
         md, flat = inputs.metadata, inputs.metadata.flat
         assert flat is not None and flat.work.shape[0] == self.work_capacity(n), "prepare sizes the work list"
+        d = flat.decode_rows.shape[0]
+        assert d == self.decode_capacity(size), "prepare pads the decode rows to the graph's capacity"
         self.input_ids[:, :n] = inputs.input_ids  # padding rows keep earlier (valid) ids
         self.positions[:, :n] = inputs.positions
         self.slot_mapping[:n] = md.slot_mapping
         self.slot_mapping[n:size] = -1
         seqs = flat.kv_lens.shape[0]
         self.cu_seqlens[: seqs + 1] = flat.cu_seqlens
-        self.cu_seqlens[seqs + 1 :] = n
+        self.cu_seqlens[seqs + 1 :] = md.num_prefill_tokens
         self.kv_lens[:seqs] = flat.kv_lens
         self.block_tables[:seqs, : flat.block_tables.shape[1]] = flat.block_tables
         self.work[: flat.work.shape[0]] = flat.work
+        self.decode_rows[:d] = flat.decode_rows
+        self.decode_context_lens[:d] = flat.decode_context_lens
+        self.decode_block_tables[:d, : flat.decode_block_tables.shape[1]] = flat.decode_block_tables
         self.graphs[size].replay()
         return self.outputs[size][None, :n]

@@ -263,7 +263,7 @@ class ModelRunner:
         # Flat attention (prefill_graph_mode "full"): steps with prompt tokens, and decode batches
         # past the decode graphs that a whole prefill graph will run; it needs no other metadata.
         if self.flat and (batch.chunks or (self.prefill_graphs is not None and not self._decode_graph_fits(batch))):
-            md.flat = self._flat_metadata(batch, cu_seqlens, kv_lens + context_lens, len(ids))
+            md.flat = self._flat_metadata(batch, cu_seqlens, kv_lens, context_lens, len(ids))
         elif batch.chunks:
             md.cu_seqlens = to_device(cu_seqlens, torch.int32, dev)
             md.max_seqlen = max(c.num_tokens for c in batch.chunks)
@@ -295,20 +295,29 @@ class ModelRunner:
         )
 
     def _flat_metadata(self, batch: ScheduledBatch, cu_prefill: list[int], kv_lens: list[int],
-                       num_tokens: int) -> FlatMetadata:
-        """The step's sequences as chunks of one launch (FlatAttention): decodes as one-token
-        chunks after the prompt chunks; the work list sized for the graph that will run it."""
-        num_decodes = len(batch.decodes)
-        cu = cu_prefill + list(range(cu_prefill[-1] + 1, cu_prefill[-1] + 1 + num_decodes))
-        q_lens = [c.num_tokens for c in batch.chunks] + [1] * num_decodes
+                       context_lens: list[int], num_tokens: int) -> FlatMetadata:
+        """The step for FlatAttention: the chunks' work list, and the decodes' rows padded to the
+        decode capacity of the graph that will run it (spare rows: distinct rows no decode holds,
+        context 0)."""
         graphs = self.prefill_graphs
-        capacity = graphs.work_capacity(num_tokens) if graphs is not None and graphs.fits(num_tokens) else None
+        size = graphs.size_for(num_tokens) if graphs is not None and graphs.fits(num_tokens) else None
+        capacity = graphs.work_capacity(num_tokens) if size is not None else None
         dev = self.device
-        work = prefill_work(q_lens, self.gqa_group, dev.type == "cuda", capacity)
-        return FlatMetadata(cu_seqlens=to_device(cu, torch.int32, dev), kv_lens=to_device(kv_lens, torch.int32, dev),
-                            block_tables=to_device(self.block_tables([c.seq for c in batch.chunks] + batch.decodes),
-                                                   torch.int32, dev),
-                            work=to_device(work, torch.int32, dev))
+        work = prefill_work([c.num_tokens for c in batch.chunks], self.gqa_group, dev.type == "cuda", capacity)
+        num_prefill, decodes = cu_prefill[-1], batch.decodes
+        rows = list(range(num_prefill, num_prefill + len(decodes)))
+        spare = graphs.decode_capacity(size) - len(decodes) if size is not None else 0
+        rows += (list(range(num_prefill)) + list(range(num_tokens, size or 0)))[:spare]
+        tables = self.block_tables(decodes) if decodes else torch.zeros(0, 1, dtype=torch.int32)
+        if spare:
+            tables = torch.cat([tables, torch.zeros(spare, tables.shape[1], dtype=torch.int32)])
+        chunk_tables = (self.block_tables([c.seq for c in batch.chunks]) if batch.chunks
+                        else torch.zeros(0, 1, dtype=torch.int32))
+        return FlatMetadata(cu_seqlens=to_device(cu_prefill, torch.int32, dev), kv_lens=to_device(kv_lens, torch.int32, dev),
+                            block_tables=to_device(chunk_tables, torch.int32, dev), work=to_device(work, torch.int32, dev),
+                            decode_rows=to_device(rows, torch.long, dev),
+                            decode_context_lens=to_device(context_lens + [0] * spare, torch.int32, dev),
+                            decode_block_tables=to_device(tables, torch.int32, dev))
 
     @staticmethod
     def block_tables(seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
