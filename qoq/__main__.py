@@ -1,34 +1,19 @@
 """`python -m qoq` and the `qoq` command.
 
 Ctrl-C ends the command with exit status 130 and one line, wherever it lands: while the modules
-(torch, the engine) are still importing, or inside an object's finalizer, where Python would
-print the KeyboardInterrupt as "Exception ignored" and carry on as if no key had been pressed
-(the tokenizer's `regex` patterns have such finalizers).
+(torch, the engine) are still importing, inside an object's finalizer, or where a library turns
+it into an error of its own (the handler: qoq/interrupts.py).
 """
 
 from __future__ import annotations
 
-import _thread
 import atexit
 import os
 import signal
 import sys
 import threading
 
-_again: threading.Timer | None = None  # a Ctrl-C that landed in a finalizer, asked again soon
-
-
-def _interrupt(signum, frame) -> None:
-    global _again
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            # once the finalizer returns; interrupt_main does nothing once SIGINT is ignored (_done)
-            _again = threading.Timer(0.05, _thread.interrupt_main)
-            _again.daemon = True  # never holds up an exit that comes first
-            _again.start()
-            return
-        frame = frame.f_back
-    raise KeyboardInterrupt
+from qoq import interrupts
 
 
 def _done(code: int) -> int:
@@ -39,8 +24,7 @@ def _done(code: int) -> int:
     if code != 130 or threading.current_thread() is not threading.main_thread():
         return code
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if _again is not None:
-        _again.cancel()
+    interrupts.cancel_retry()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -50,7 +34,7 @@ def _done(code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGINT, interrupts.handler)
     try:
         from qoq.cli import main as run
     except KeyboardInterrupt:

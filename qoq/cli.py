@@ -20,6 +20,7 @@ import torch
 from qoq.config import GRANULARITIES, PRECISIONS, QUANTIZED_PRECISIONS, Granularity, QuantConfig
 from qoq.engine.config import EngineConfig
 from qoq.host import keep_freed_memory, set_cpu_threads
+from qoq.interrupts import interrupted
 from qoq.model.loader import DEFAULT_MODEL
 from qoq.model.weights import LoadError
 from qoq.quant.calibrate import CalibConfig
@@ -205,9 +206,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size on the CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--prefill-graph-mode", choices=["piecewise", "full"], default=default(EngineConfig,
-                   "prefill_graph_mode"), help="steps with prompt tokens on the GPU: graphs cut at each attention "
-                   "call, or whole graphs with attention inside (decode rows attend as one-token chunks); "
-                   "default %(default)s")
+                   "prefill_graph_mode"), help="steps with prompt tokens on the GPU: whole graphs with attention "
+                   "inside (full), or graphs cut at each attention call with attention launched between them "
+                   "(piecewise); default %(default)s")
     p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="prefill each prompt in one step (default: split prompts over steps' token budgets)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -553,12 +554,17 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         set_cpu_threads(getattr(args, "threads", None))
         return args.func(args)
-    except (LoadError, ValueError) as err:
-        print(f"qoq: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("qoq: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if interrupted():  # a library turned the Ctrl-C into an error of its own
+            print("qoq: interrupted", file=sys.stderr)
+            return 130
+        if not isinstance(err, (LoadError, ValueError)):
+            raise
+        print(f"qoq: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

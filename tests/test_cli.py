@@ -199,14 +199,14 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost():
     import signal
     import time
 
-    from qoq.__main__ import _interrupt
+    from qoq import interrupts
 
     class Finalized:
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)  # the signal is handled here, inside __del__
 
-    previous = signal.signal(signal.SIGINT, _interrupt)
+    previous = signal.signal(signal.SIGINT, interrupts.handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             Finalized()
@@ -215,3 +215,34 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost():
                 time.sleep(0.01)
     finally:
         signal.signal(signal.SIGINT, previous)
+        interrupts._fired = False  # this process goes on running tests
+
+
+def test_a_ctrl_c_that_a_library_turned_into_an_error_ends_with_130(monkeypatch, capsys):
+    """transformers' lazy imports report a Ctrl-C inside them as a module that could not be
+    imported (from a RecursionError, the KeyboardInterrupt gone from the chain): after the handler
+    fired, any error is the interruption."""
+    import argparse
+    import signal
+
+    from qoq import cli, interrupts
+
+    def command(args):
+        if args.ctrl_c:
+            try:
+                interrupts.handler(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass  # swallowed inside the library
+        raise cli.LoadError("tokenizer: cannot load a tokenizer (Could not import module 'PreTrainedTokenizerFast')")
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(func=command, threads=None, ctrl_c=argv == ["ctrl-c"])
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    monkeypatch.setattr(interrupts, "_fired", False)
+    assert cli.main(["ctrl-c"]) == 130
+    assert capsys.readouterr().err.strip() == "qoq: interrupted"
+    monkeypatch.setattr(interrupts, "_fired", False)
+    assert cli.main([]) == 2  # the same error with no Ctrl-C is reported as such
+    assert "cannot load a tokenizer" in capsys.readouterr().err

@@ -45,11 +45,12 @@ class EngineConfig:
     # quantized cache included: float linears run per row, attention per token (batch_invariant.py;
     # its cost is in docs/serving.md). Implies enforce_eager.
     deterministic: bool = False
-    # Steps with prompt tokens on the GPU: "piecewise" replays graphs cut at each attention call
-    # (attention eager between them); "full" runs every row, decode rows as one-token chunks,
-    # through one paged-prefill launch per layer over a work list, so one graph holds the whole
-    # step (eagerly too, on the CPU or past the captured sizes). docs/serving.md#cuda-graphs
-    prefill_graph_mode: str = "piecewise"
+    # Steps with prompt tokens: "full" attends with launches whose grids depend on the token count
+    # only (FlatAttention: decode rows gathered into one decode launch, chunks through a paged-prefill
+    # work list), so on the GPU one graph holds the whole step (eagerly too, on the CPU or past the
+    # captured sizes); "piecewise" replays graphs cut at each attention call, attention launched
+    # eagerly between them. docs/serving.md#cuda-graphs
+    prefill_graph_mode: str = "full"
 
     def __post_init__(self) -> None:
         if self.prefill_graph_mode not in ("piecewise", "full"):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from qoq.engine.attention import AttentionMetadata, PagedAttention
 from qoq.engine.block_manager import pages_needed
 from qoq.kernels import KVCacheLayer, allocate_kv_cache, paged_decode_attention, paged_prefill_attention
+from qoq.kernels.paged_prefill_attention import prefill_work
 from qoq.model.llama import LlamaModel
 from qoq.model.tensor_parallel import local_config
 
@@ -107,9 +108,12 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
         tables = torch.zeros(batch, width, dtype=torch.int32, device=model.device)
         lens = torch.full((batch,), width * page_size, dtype=torch.int32, device=model.device)
         paged_decode_attention(q, layer, tables, lens, scale)
-        if batch <= 2:  # prefill chunks over cached pages: the same table widths
+        if batch <= 2:  # prefill chunks over cached pages: the same table widths, with a work list too
             cu = torch.tensor([0, batch], dtype=torch.int32, device=model.device)
             paged_prefill_attention(q, layer, tables[:1], cu, lens[:1], scale, max_seqlen=batch)
+            work = prefill_work([batch], cfg.num_heads // cfg.num_kv_heads, model.device.type == "cuda")
+            paged_prefill_attention(q, layer, tables[:1], cu, lens[:1], scale, max_seqlen=batch,
+                                    work=work.to(model.device))
         bar.update()
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
