@@ -1,8 +1,8 @@
 """`python -m qoq` and the `qoq` command.
 
 Ctrl-C ends the command with exit status 130 and one line, wherever it lands: while the modules
-(torch, the engine) are still importing, inside an object's finalizer, or where a library turns
-it into an error of its own (the handler: qoq/interrupts.py).
+(torch, the engine) are still importing (once they are done), inside an object's finalizer, or
+where a library turns it into an error of its own (the handler: qoq/interrupts.py).
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupts.handler)
     try:
-        from qoq.cli import main as run
-    except KeyboardInterrupt:
+        with interrupts.deferred():
+            from qoq.cli import main as run
+    except KeyboardInterrupt:  # a Ctrl-C that came before the handler went in
+        print("qoq: interrupted", file=sys.stderr)
+        return _done(130)
+    if interrupts.interrupted():
         print("qoq: interrupted", file=sys.stderr)
         return _done(130)
     return _done(run(argv))
