@@ -110,3 +110,21 @@ def assert_greedy_agrees(model, prompts: list[list[int]], outputs: list, kv_bits
                 assert max(last[t].item() for t in stops) >= last.max().item() - tol
                 near_ties += 1
     return near_ties
+
+
+def check_launches_never_wait(runner) -> list[int]:
+    """Wrap runner.launch so that any synchronizing CUDA call inside it raises
+    (torch.cuda.set_sync_debug_mode("error")); returns the one-element launch counter."""
+    launches = [0]
+    launch = runner.launch
+
+    def checked_launch(batch, prev):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, prev)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            launches[0] += 1
+
+    runner.launch = checked_launch
+    return launches

@@ -47,7 +47,7 @@ class FlatMetadata:
     # holds, with context 0: prompt rows, which the prefill launch rewrites after, or padding.
     decode_rows: torch.Tensor  # [D] int64
     decode_context_lens: torch.Tensor  # [D] int32, the new token included (0: a spare row)
-    decode_block_tables: torch.Tensor  # [D, max_pages] int32
+    decode_block_tables: torch.Tensor  # [decodes, max_pages] int32 (a graph's buffer: D rows, spares never read)
 
 
 @dataclass

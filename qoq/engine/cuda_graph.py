@@ -80,6 +80,10 @@ class _WholeGraphs:
     def fits(self, num_rows: int) -> bool:
         return num_rows <= self.sizes[-1]
 
+    def size_for(self, num_rows: int) -> int:
+        """The padded row count of the graph that runs a step of num_rows rows."""
+        return next(s for s in self.sizes if s >= num_rows)
+
 
 class DecodeGraphs(_WholeGraphs):
     def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
@@ -108,7 +112,7 @@ class DecodeGraphs(_WholeGraphs):
         sampling) before the next replay overwrites it.
         """
         n = inputs.input_ids.shape[1]
-        size = next(s for s in self.sizes if s >= n)
+        size = self.size_for(n)
         md = inputs.metadata
         self.input_ids[:, :n] = inputs.input_ids
         self.positions[:, :n] = inputs.positions
@@ -258,7 +262,7 @@ class FullPrefillGraphs(_WholeGraphs):
     Static buffers: token ids, positions, slots (-1 past the step's tokens: padding rows write
     nowhere); per chunk cu_seqlens (its tail set to the chunks' total: sequences of no tokens),
     cache lengths, page tables, and the work list, whose unused programs return at once; per
-    decode row its row, context length (0 for a spare) and page table. Padding rows are in no
+    decode row its row, context length (0 for a spare) and page table (a spare's is never read). Padding rows are in no
     chunk, and a spare decode row's output lands on a padding row or on a prompt row the prefill
     launch rewrites; every other op works row by row. Captured after the KV cache is allocated (the graphs hold its pointers), into the reserve
     kept for one eager step of the whole budget.
@@ -280,10 +284,6 @@ class FullPrefillGraphs(_WholeGraphs):
     @classmethod
     def capture(cls, runner: ModelRunner, max_tokens: int) -> FullPrefillGraphs | None:
         return _captured(cls(runner, max_tokens), "steps with prompt tokens run eagerly")
-
-    def size_for(self, num_tokens: int) -> int:
-        """The padded token count of the graph that runs a step of num_tokens tokens."""
-        return next(s for s in self.sizes if s >= num_tokens)
 
     def work_capacity(self, num_tokens: int) -> int:
         """Programs in the work list of the graph that runs a step of num_tokens tokens."""
@@ -324,6 +324,7 @@ class FullPrefillGraphs(_WholeGraphs):
         self.work[: flat.work.shape[0]] = flat.work
         self.decode_rows[:d] = flat.decode_rows
         self.decode_context_lens[:d] = flat.decode_context_lens
-        self.decode_block_tables[:d, : flat.decode_block_tables.shape[1]] = flat.decode_block_tables
+        tables = flat.decode_block_tables  # the decodes' rows: a spare row's stale table is never read
+        self.decode_block_tables[: tables.shape[0], : tables.shape[1]] = tables
         self.graphs[size].replay()
         return self.outputs[size][None, :n]

@@ -307,10 +307,10 @@ class ModelRunner:
         num_prefill, decodes = cu_prefill[-1], batch.decodes
         rows = list(range(num_prefill, num_prefill + len(decodes)))
         spare = graphs.decode_capacity(size) - len(decodes) if size is not None else 0
-        rows += (list(range(num_prefill)) + list(range(num_tokens, size or 0)))[:spare]
+        on_prompt = min(spare, num_prefill)  # then padding rows: capacity <= size leaves enough
+        rows += range(on_prompt)
+        rows += range(num_tokens, num_tokens + spare - on_prompt)
         tables = self.block_tables(decodes) if decodes else torch.zeros(0, 1, dtype=torch.int32)
-        if spare:
-            tables = torch.cat([tables, torch.zeros(spare, tables.shape[1], dtype=torch.int32)])
         chunk_tables = (self.block_tables([c.seq for c in batch.chunks]) if batch.chunks
                         else torch.zeros(0, 1, dtype=torch.int32))
         return FlatMetadata(cu_seqlens=to_device(cu_prefill, torch.int32, dev), kv_lens=to_device(kv_lens, torch.int32, dev),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import assert_greedy_agrees
+from reference import assert_greedy_agrees, check_launches_never_wait
 
 from qoq.bench.random_model import random_model
 from qoq.config import G128, PER_CHANNEL, ModelConfig, QuantConfig
@@ -123,19 +123,7 @@ def test_async_scheduling_equals_sync_and_launching_never_waits(eager):
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=256, enforce_eager=eager,
                                                      gpu_memory_utilization=0.5, async_scheduling=async_scheduling))
         _run(engine, prompts[:2], params[:2])  # warm-up: Triton compiles and autotunes, pinned pool
-        launches = [0]
-        if async_scheduling:
-            launch = engine.runner.launch
-
-            def checked_launch(batch, prev, launch=launch):
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    return launch(batch, prev)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                    launches[0] += 1
-
-            engine.runner.launch = checked_launch
+        launches = check_launches_never_wait(engine.runner) if async_scheduling else [0]
         outputs[async_scheduling] = _run(engine, prompts, params)
         assert not async_scheduling or launches[0] >= 24
         del engine

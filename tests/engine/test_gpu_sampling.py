@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from reference import logits_of
+from reference import check_launches_never_wait, logits_of
 
 from qoq.bench.random_model import random_model
 from qoq.config import G128, ModelConfig, QuantConfig
@@ -113,18 +113,7 @@ def test_launching_with_penalties_biases_and_logprobs_never_waits(gpu_model):
     engine = llm.engine
     requests = [r for r in _requests(tok) if r[1].grammar is None]
     llm.generate([r[0] for r in requests[:2]], [r[1] for r in requests[:2]])  # warm-up
-    launches = [0]
-    launch = engine.runner.launch
-
-    def checked_launch(batch, prev):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(batch, prev)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            launches[0] += 1
-
-    engine.runner.launch = checked_launch
+    launches = check_launches_never_wait(engine.runner)
     outs = llm.generate([r[0] for r in requests], [r[1] for r in requests])
     assert launches[0] >= 12
     assert [len(o.token_ids) for o in outs] == [16, 16, 3, 6, 12]
