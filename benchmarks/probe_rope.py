@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="*", default=[993, 8192])
     p.add_argument("--tok", type=int, nargs="*", default=[1, 2, 4, 8], help="tokens per program")
     p.add_argument("--warps", type=int, nargs="*", default=[4, 8])
+    p.add_argument("--heads", type=int, nargs="*", default=[0], help="query heads per program (0: all)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
@@ -44,14 +45,16 @@ def main() -> None:
         cache = allocate_kv_cache(1, pages, HKV, D, bits=4, device="cuda", qk_hadamard=had)[0]
         ref = rope_kv_write_ref(q, k, v, pos, cs, slots, allocate_kv_cache(1, pages, HKV, D, bits=4, device="cuda",
                                                                            qk_hadamard=had)[0])
-        for tok, warps, split in itertools.product(args.tok, args.warps, (True, False) if had else (True,)):
-            opts = {"TOK": tok, "num_warps": warps, "SPLIT": split}
+        for tok, warps, heads, split in itertools.product(args.tok, args.warps, args.heads,
+                                                          (True, False) if had else (True,)):
+            opts = {"TOK": tok, "num_warps": warps, "SPLIT": split, "HEADS": heads or HQ}
             out = rope_kv_write_triton(q, k, v, pos, cs, slots, cache, options=opts)
             err = max(float((o.float() - r.float()).norm() / r.float().norm()) for o, r in zip(out, ref))
             ms = time_calls([lambda: rope_kv_write_triton(q, k, v, pos, cs, slots, cache, options=opts)])
-            records.append({"tokens": t, "qk_hadamard": had, "TOK": tok, "num_warps": warps, "split": split,
-                            "median_ms": ms, "rel_err": err})
-            print(f"t={t:5d} hadamard={had!s:5} TOK={tok} warps={warps} split={split!s:5}: {ms * 1e3:7.1f} us  "
+            records.append({"tokens": t, "qk_hadamard": had, "TOK": tok, "num_warps": warps, "heads": heads or HQ,
+                            "split": split, "median_ms": ms, "rel_err": err})
+            print(f"t={t:5d} hadamard={had!s:5} TOK={tok} warps={warps} heads={heads or HQ} split={split!s:5}: "
+                  f"{ms * 1e3:7.1f} us  "
                   f"err {err:.1e}", flush=True)
     with open(args.out, "w") as f:
         json.dump({"meta": metadata(sys.argv), "records": records}, f, indent=1)

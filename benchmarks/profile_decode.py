@@ -89,7 +89,7 @@ def main() -> None:
     running = len(engine.scheduler.running)
     print(f"{args.precision} {args.granularity} batch {args.batch} ({running} running) context ~{args.context}, "
           f"{args.steps} {kind} steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=26, max_name_column_width=60))
 
 
 def profile_mixed(args, engine: LLMEngine, cfg, gen: torch.Generator, params: SamplingParams) -> None:

@@ -197,6 +197,7 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                 return table, results
             weights = weight_copies(mode, n, k, device, gen)
             entries = table.setdefault("gemm", {}).setdefault(MODE_NAMES[mode], {}).get(f"{n}x{k}", [])
+            known = bool(entries)
             prev = 0
             for i, m in enumerate(ms):
                 current = table_plan(table, mode, m, n, k)
@@ -206,7 +207,9 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                 point = {"mode": MODE_NAMES[mode], "shape": name, "M": m, "N": n, "K": k, "records": records}
                 if timed and len(records) == len(plans):  # every candidate tried: the range takes the best
                     best = min(timed, key=lambda r: r["ms"])
-                    hi = None if i == len(ms) - 1 else m
+                    # the last M takes everything above it when it is the protocol's last or the
+                    # shape is new; a run over a few small M keeps the table's plans above them
+                    hi = None if i == len(ms) - 1 and (m >= DEFAULT_MS[-1] or not known) else m
                     entries = set_range(entries, prev, hi, best["plan"])
                     point["best"] = best
                     log(f"{MODE_NAMES[mode]} {name} M={m}: {best['ms'] * 1e3:.1f} us {best['plan']}")

@@ -109,7 +109,9 @@ _KV8_ASM = """{
 # (1024 against a mean code of 7.5) broke the 3e-3 tolerance at context 4096 on the H100.
 _KV4_BIASED_ASM = "\n".join(line for line in _KV4_ASM.splitlines() if "sub.f16x2" not in line)
 _KV8_BIASED_ASM = "\n".join(line for line in _KV8_ASM.splitlines() if "sub.f16x2" not in line)
+MERGE_UNROLL = 4  # the split merge loads this many splits' partial outputs at once
 if tl is not None:  # Triton kernels read globals only as constexpr
+    MERGE_UNROLL = tl.constexpr(MERGE_UNROLL)
     _KV4_ASM, _KV8_ASM = tl.constexpr(_KV4_ASM), tl.constexpr(_KV8_ASM)
     _KV4_BIASED_ASM, _KV8_BIASED_ASM = tl.constexpr(_KV4_BIASED_ASM), tl.constexpr(_KV8_BIASED_ASM)
 
@@ -203,22 +205,24 @@ def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, 
 
 @lazy_jit.helper
 def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr):
-    """Sequence b's context length and the [begin, end) of the BLOCK_T-token blocks that split
-    `split` of `num_splits` covers."""
+    """Sequence b's context length, the [begin, end) of the BLOCK_T-token blocks that split
+    `split` of `num_splits` covers, and how many splits hold blocks (the first ones: a short
+    context under a launch sized for the longest leaves the rest empty)."""
     ctx = tl.load(len_ptr + b)
     num_blocks = tl.cdiv(ctx, BLOCK_T)
-    per_split = tl.cdiv(num_blocks, num_splits)
+    per_split = tl.maximum(tl.cdiv(num_blocks, num_splits), 1)
     blk_begin = split * per_split
-    return ctx, blk_begin, tl.minimum(blk_begin + per_split, num_blocks)
+    return ctx, blk_begin, tl.minimum(blk_begin + per_split, num_blocks), tl.cdiv(num_blocks, per_split)
 
 
 @lazy_jit.helper
-def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
-                  D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                  HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """Split-K in one launch, after a split stored its partial output: store its log-sum-exp and
-    arrive at the (sequence, kv head) counter (acq_rel); the last split to arrive merges all the
-    partial outputs by their log-sum-exps, in split order (deterministic), into the output rows of
-    `head`, and resets the counter for the next call."""
+    arrive at the (sequence, kv head) counter (acq_rel); the last split to arrive merges the
+    partial outputs of the `used` splits that hold blocks by their log-sum-exps, in split order
+    (deterministic), into the output rows of `head`, and resets the counter for the next call.
+    The partials are read MERGE_UNROLL splits at a time, so their L2 round trips overlap."""
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
     tl.store(lse_ptr + (b * HQ + head) * num_splits + split, lse, mask=g_mask)
     tl.debug_barrier()
@@ -237,11 +241,14 @@ def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, spl
         w_sum = tl.sum(w_all, axis=1)
         m_lo = tl.zeros((BLOCK_G, HALF), tl.float32)
         m_hi = tl.zeros((BLOCK_G, HALF), tl.float32)
-        for i in range(num_splits):
-            w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
-            p_off = (first + i)[:, None] * D + j[None, :]
-            m_lo += w_i * tl.load(part_ptr + p_off, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-            m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+        for c in range(0, used, MERGE_UNROLL):
+            for u in tl.static_range(MERGE_UNROLL):
+                i = c + u
+                w_i = tl.sum(tl.where(sp[None, :] == i, w_all, 0.0), axis=1)[:, None]
+                p_off = (first + i)[:, None] * D + j[None, :]
+                p_mask = g_mask[:, None] & (i < used)
+                m_lo += w_i * tl.load(part_ptr + p_off, mask=p_mask, other=0.0, cache_modifier=".cg")
+                m_hi += w_i * tl.load(part_ptr + p_off + HALF, mask=p_mask, other=0.0, cache_modifier=".cg")
         w_den = tl.where(w_sum > 0, w_sum, 1.0)[:, None]
         tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -276,7 +283,7 @@ def _decode_kernel(
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False)
 
-    ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -349,8 +356,8 @@ def _decode_kernel(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
         tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
-                      D, HALF, BLOCK_G, BLOCK_S)
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
 @lazy_jit
@@ -381,7 +388,7 @@ def _decode_kernel_t(
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
 
-    ctx, blk_begin, blk_end = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -454,8 +461,8 @@ def _decode_kernel_t(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
         tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, HQ, HKV,
-                      D, HALF, BLOCK_G, BLOCK_S)
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once

@@ -234,15 +234,15 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @lazy_jit.helper
-def _rope_tile(x_ptr, stride, pos_ptr, cs_ptr, t0, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+def _rope_tile(x_ptr, stride, pos_ptr, cs_ptr, t0, h0, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                TOK: tl.constexpr):
-    """Rows (token t0 + r // BLOCK_H, head r % BLOCK_H) of q or k, rotated by RoPE in fp32:
+    """Rows (token t0 + r // BLOCK_H, head h0 + r % BLOCK_H) of q or k, rotated by RoPE in fp32:
     returns (row tokens, row heads, packed output offsets, row mask, first half, second half)."""
     D = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
     r = tl.arange(0, TOK * BLOCK_H)
     t = t0 + r // BLOCK_H
-    h = (r % BLOCK_H)[:, None]
+    h = h0 + (r % BLOCK_H)[:, None]
     m = (h < H) & (t < T)[:, None]
     pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
     cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
@@ -262,17 +262,31 @@ def _rope_kv_write_kernel(
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """TOK tokens per program; a tile row is one (token, head), row r = token * BLOCK_H + head."""
+    """TOK tokens per program. Axis 1: programs 0 .. n-2 rotate BLOCK_HQ query heads each, the
+    last one the keys (and writes K and V to the cache). A tile row is one (token, head), row
+    r = token * BLOCK_H + head."""
     t0 = tl.program_id(0) * TOK
-    j = tl.arange(0, HALF)[None, :]
-    # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
-    _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, T, HQ, HALF, BLOCK_HQ, TOK)
-    if HADAMARD:
-        a1, a2 = _hadamard_halves(a1, a2, HALF, SPLIT)
-    tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
-    tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
+    role = tl.program_id(1)
+    if role < tl.num_programs(1) - 1:
+        # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
+        _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, role * BLOCK_HQ, T, HQ, HALF,
+                                             BLOCK_HQ, TOK)
+        if HADAMARD:
+            a1, a2 = _hadamard_halves(a1, a2, HALF, SPLIT)
+        tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
+        tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
+    else:
+        _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT)
 
-    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, T, HKV, HALF, BLOCK_HKV, TOK)
+
+@lazy_jit.helper
+def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+              t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
+              BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr):
+    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values."""
+    j = tl.arange(0, HALF)[None, :]
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, 0, T, HKV, HALF, BLOCK_HKV, TOK)
     if HADAMARD:
         b1, b2 = _hadamard_halves(b1, b2, HALF, SPLIT)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
@@ -337,6 +351,16 @@ def _rope_kv_write_kernel(
 ROPE_TOKENS = {False: 1, True: 4}
 
 
+def rope_options(tokens: int, num_q_heads: int, qk_hadamard: bool) -> dict:
+    """Tokens and query heads per program. Prefill-sized batches: ROPE_TOKENS tokens with all their
+    heads. A decode step of a few sequences would then be a few programs that each walk 32 heads
+    (10 us for one token on the H100): one token per program, the query heads spread over programs
+    of 16 (8 without the Hadamard, which needs 16 rows per tile)."""
+    if tokens >= 64:
+        return {"TOK": ROPE_TOKENS[qk_hadamard], "HEADS": num_q_heads}
+    return {"TOK": 1, "HEADS": 16 if qk_hadamard else 8}
+
+
 def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer, options=None):
     _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
     q, k, v = (token_rows(x) for x in (q, k, v))
@@ -348,16 +372,17 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
         return q_rot, k_rot
-    opts = {"TOK": ROPE_TOKENS[cache.qk_hadamard], "num_warps": 4, "SPLIT": False, **(options or {})}
+    opts = {**rope_options(t, hq, cache.qk_hadamard), "num_warps": 4, "SPLIT": False, **(options or {})}
     tok = opts["TOK"]
     # The Hadamard is a tl.dot over the tile's rows, which needs at least 16 of them.
     min_heads = -(-16 // tok) if cache.qk_hadamard else 1
+    block_hq = max(min_heads, triton.next_power_of_2(min(opts.get("HEADS", hq), hq)))
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    _rope_kv_write_kernel[(triton.cdiv(t, tok),)](
+    _rope_kv_write_kernel[(triton.cdiv(t, tok), triton.cdiv(hq, block_hq) + 1)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
         cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
-        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=max(min_heads, triton.next_power_of_2(hq)),
+        HALF=d // 2, BITS=cache.bits, BLOCK_HQ=block_hq,
         BLOCK_HKV=max(min_heads, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, TOK=tok,
         SPLIT=opts["SPLIT"], num_warps=opts["num_warps"],
     )

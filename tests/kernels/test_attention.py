@@ -60,6 +60,23 @@ def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
 
+@pytest.mark.parametrize("swap", [True, False])
+def test_decode_split_merge_of_short_contexts(swap, device, gen, poison):
+    """A launch split for the longest context (8 splits) over shorter ones: the merge reads only
+    the splits that hold pages (7, crossing its unrolled chunks; 1), every other split is empty."""
+    b, hq, hkv, d, page = 3, 8, 2, 32, 16
+    cache = random_cache(24, hkv, d, page, 4, device, gen)
+    bt = torch.randperm(24, generator=gen).reshape(b, 8).int().to(device)
+    lens = torch.tensor([100, 7, 128], dtype=torch.int32, device=device)
+    q = torch.randn(b, hq, d, generator=gen).half().to(device)
+    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
+    for _ in range(2):
+        out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=8,
+                                            options=dict(BLOCK_T=16, SWAP=swap))
+        assert rel_err(out, ref) < 3e-3
+    assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
+
+
 @pytest.mark.parametrize("hq,swap", [(2, True), (2, False), (16, True), (16, False)])
 def test_decode_group_sizes(hq, swap, device, gen, poison):
     """GQA groups of 1 (MHA, Llama-2-7B) and 8 (Llama-2-70B), which pad to the MMA differently:

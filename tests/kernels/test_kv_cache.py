@@ -68,8 +68,9 @@ def test_rope_kv_write_matches_ref(bits, fused, hadamard, device, gen, poison):
                 tensor.copy_(init[name])
         if fn is rope_kv_write_triton:  # several tokens per program, a partial last one (7 tokens)
             args = as_fused_qkv_views(q, k, v) if fused else (q, k, v)
-            # fused: other tiles than the defaults (2 tokens; with the Hadamard the fp32-exact split)
-            opts = ({"TOK": 2, "SPLIT": True} if hadamard else {"TOK": 2}) if fused else None
+            # fused: other tiles than the defaults (several tokens and the query heads spread over
+            # programs, a partial last one; with the Hadamard the fp32-exact split)
+            opts = ({"TOK": 4, "HEADS": 4, "SPLIT": True} if hadamard else {"TOK": 2, "HEADS": 4}) if fused else None
             out = fn(*args, pos, cs, slots, cache, options=opts)
         else:
             out = fn(q, k, v, pos, cs, slots, cache)

@@ -55,6 +55,18 @@ def test_tuning_run_writes_a_table(tmp_path, monkeypatch):
     assert table_plan(written, MODE_W4_G128, 100, 64, 512) == GemmPlan.from_json(results[1]["best"]["plan"])
 
 
+def test_tuning_a_few_small_m_keeps_the_plans_above_them(monkeypatch):
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    above = {"kernel": "reg_a", "block_m": 64, "block_n": 64, "split_k": 2}
+    start = {"gemm": {"w4a8_g128": {"64x512": [[None, above]]}}}
+    table, results = tune_kernels.tune(start, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
+                                       (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
+                                       log=lambda s: None)
+    assert "best" in results[0]
+    assert table_plan(table, MODE_W4_G128, 1, 64, 512) == GemmPlan.from_json(results[0]["best"]["plan"])
+    assert table_plan(table, MODE_W4_G128, 2, 64, 512) == GemmPlan.from_json(above)
+
+
 def test_tuning_stops_at_the_budget():
     table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
                                        (8, False, False), tune_kernels.cpu_timer, 0, None)
