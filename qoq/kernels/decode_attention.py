@@ -533,7 +533,7 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
     splits = max(1, resident // programs)
     while resident < programs * splits < plan.max_waves * resident:
         splits += 1
-    return min(splits, max(1, max_blocks // 2), MAX_SPLITS)
+    return min(splits, max_blocks, MAX_SPLITS)
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
