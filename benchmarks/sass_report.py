@@ -48,7 +48,7 @@ def gemm_kernel(args):
                cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
                   NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
-                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl)
     return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
 
 
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
+    p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait (0: no PDL)")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")

@@ -70,6 +70,23 @@ class lazy_jit:
         return self.jitted[grid]
 
 
+@functools.lru_cache(maxsize=16)
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch for kernels on t's device (Hopper and later, QOQ_PDL not 0).
+
+    A kernel launched with it may start while the kernel before it on the stream is still
+    running, once that one's programs have all signalled (`gdc_launch_dependents`) or exited; it
+    must wait (`gdc_wait`) before it reads anything an earlier kernel wrote or writes anything an
+    earlier kernel may read. What it does before the wait overlaps the previous kernel: the
+    decode-sized GEMMs launch during the row kernel that quantizes their input and pull the
+    first chunks of their weights into L2 (weights no kernel writes)."""
+    return t.is_cuda and os.environ.get("QOQ_PDL", "1") != "0" and _pdl_device(t.device.index or 0)
+
+
 def dispatch(ref_fn, triton_fn):
     """Build the public function: Triton path when `use_triton(first tensor arg)`."""
 

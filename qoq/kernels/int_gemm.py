@@ -32,7 +32,7 @@ import dataclasses
 import torch
 
 from qoq.kernels import ws_gemm
-from qoq.kernels.dispatch import arrival_counters, lazy_jit
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
     HOPPER_KERNELS,
@@ -50,6 +50,7 @@ from qoq.kernels.quant import silu_mul_triton
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_wait
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     triton = None
@@ -61,6 +62,9 @@ if tl is not None:  # the kernels see module globals only as constexprs
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
+# Weight chunks a register-kernel program pulls into L2 before it waits for the previous kernel
+# (programmatic dependent launch, dispatch.pdl).
+PDL_CHUNKS = 4
 
 
 @lazy_jit.helper
@@ -126,6 +130,7 @@ def _int8_gemm_kernel(
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
     UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, PACKED: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -136,7 +141,11 @@ def _int8_gemm_kernel(
     stages hold.
 
     PACKED (g128, UNROLL 2 or 4, scale rows aligned to it): the UNROLL chunks' s2 / sz bytes of a
-    row come in one 16- or 32-bit load per iteration instead of one byte load per chunk."""
+    row come in one 16- or 32-bit load per iteration instead of one byte load per chunk.
+
+    PDL (launched as a programmatic dependent launch, dispatch.pdl): the program first prefetches
+    the lines of its first PDL weight chunks into L2, which overlaps the kernel before it (the row
+    kernel quantizing X), then waits for that kernel's completion before anything else."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -166,6 +175,11 @@ def _int8_gemm_kernel(
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * row_bytes)
     w_base = w_rows[:, None] + offs_h[None, :]
 
+    if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
+        for j in tl.static_range(0, PDL * row_bytes, 128):
+            if c_begin * row_bytes + j < c_end * row_bytes:
+                _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
+        gdc_wait()
     if PREFETCH > 0:  # the lines of the first PREFETCH chunks
         for j in tl.static_range(0, PREFETCH * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
@@ -439,6 +453,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
               and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
     # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
     hopper = x8.is_cuda and device_caps(x8.device.index or 0)[1]
+    launch = dict(PDL=PDL_CHUNKS, launch_pdl=True) if hopper and pdl(x8) else {}
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
@@ -446,7 +461,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
         MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
         NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
-        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}),
+        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch,
     )
 
 

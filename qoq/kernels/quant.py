@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -103,8 +104,10 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 def _row_quant_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-    ADD: tl.constexpr,
+    ADD: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # a GEMM launched after this kernel may start now and prefetch its weights (dispatch.pdl)
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -156,7 +159,7 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
             x, weight if weight is not None else x, q, scale, xsum,
             residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
             MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
-            num_warps=num_warps,
+            PDL=pdl(x), num_warps=num_warps,
         )
     out = (q, scale, xsum) if quant else (q,)
     if s is not None:
