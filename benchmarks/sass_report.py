@@ -85,7 +85,15 @@ def report(kernel, dump: str | None) -> dict:
         if m and labels.get(m.group(1), i) < i:
             loop = sum(1 for x in lines[labels[m.group(1)]:i + 1] if SASS_LINE.match(x))
             break
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+    # programmatic dependent launch: what the kernel does with memory before it waits
+    ptx = kernel.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    before = ptx[:wait] if wait >= 0 else ""
+    memory_ops = [line for line in before.splitlines() if ".global" in line
+                  and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line)]
+    return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops),
+            "prefetch_before_pdl_wait": before.count("prefetch.global.L2"),
+            "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "shared": kernel.metadata.shared, "instructions": len(ops), "loop_instructions": loop,
             "top": collections.Counter(op.split(".")[0] for op in ops).most_common(12)}

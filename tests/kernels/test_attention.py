@@ -1,11 +1,7 @@
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import as_fused_qkv_views, rel_err
+from helpers import as_fused_qkv_views, rel_err, sass_report
 
 from qoq.kernels import dispatch
 from qoq.kernels.decode_attention import (
@@ -170,20 +166,10 @@ def test_prefill_real_shapes_gpu(gen, poison):
     assert rel_err(prefill_attention_triton(q, k, v, cu, 128 ** -0.5), ref) < 3e-3
 
 
-def _sass(*args):
-    """benchmarks/sass_report.py in its own process (the interpreter's patches on triton.language
-    break real compiles in this one): the kernel's sm_90 build, no GPU needed."""
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "sass_report.py"), *args],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.stdout.splitlines())}
-
-
 def test_transposed_decode_kernel_needs_fewer_registers_sm90():
     """Why the KV4 default is the transposed kernel: on sm_90 it fits 12 one-warp programs per SM
     (<= 168 registers) where the row kernel fits 8, without spilling."""
-    swap, row = _sass("decode", "--bits", "4", "--swap", "1"), _sass("decode", "--bits", "4", "--swap", "0")
+    swap, row = sass_report("decode", "--bits", "4", "--swap", "1"), sass_report("decode", "--bits", "4", "--swap", "0")
     assert int(swap["stack"]) == 0 and int(swap["registers"]) <= 168 < int(row["registers"])
     assert int(swap["loop_instructions"]) < int(row["loop_instructions"])
 

@@ -14,6 +14,7 @@ from helpers import (
     random_activations,
     random_weight,
     rel_err,
+    sass_report,
 )
 
 from qoq.kernels.gemm_plan import GemmPlan
@@ -493,3 +494,23 @@ def test_ws_dispatch_rules():
     assert plan(8192, 28672, 4096, pc).fuse_silu_mul  # the unpack pass interleaves gate/up
     assert plan(1200, 28672, 4096, g128).fuse_silu_mul
     assert not plan(1200, 28672, 4096, pc).fuse_silu_mul  # W4 unpacked in the kernel
+
+
+def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
+    """Launched as a programmatic dependent launch, the register GEMM may start while the kernel
+    before it still writes X (and may still read buffers the GEMM writes): before griddepcontrol.wait
+    its sm_90 build only prefetches weight lines into L2."""
+    out = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3",
+                      "--pdl", "4")
+    assert out["pdl_wait"] == "True" and out["memory_before_pdl_wait"] == "0"
+    assert int(out["prefetch_before_pdl_wait"]) > 0
+    plain = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3")
+    assert plain["pdl_wait"] == "False"
+
+
+def test_pdl_only_on_hopper_cuda_and_switched_off_by_env(monkeypatch):
+    from qoq.kernels import dispatch
+
+    assert not dispatch.pdl(torch.zeros(1))  # the CPU (and the interpreter) never launch with it
+    monkeypatch.setenv("QOQ_PDL", "0")
+    assert not dispatch.pdl(torch.zeros(1))
