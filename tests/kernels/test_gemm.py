@@ -508,7 +508,7 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert plain["pdl_wait"] == "False"
 
 
-def test_pdl_only_on_hopper_cuda_and_switched_off_by_env(monkeypatch):
+def test_pdl_is_off_on_the_cpu_and_by_env(monkeypatch):
     from qoq.kernels import dispatch
 
     assert not dispatch.pdl(torch.zeros(1))  # the CPU (and the interpreter) never launch with it
