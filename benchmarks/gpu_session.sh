@@ -14,10 +14,11 @@
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
+#   kernels   bench_kernels.py and bench_attention.py: the kernel records (kernels-<gpu>.json, attention-<gpu>.json)
 #   b1        batch-1 decode: profile_decode.py's kernel table (eager) and the engine's graphed step
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|b1|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -80,6 +81,11 @@ case "$part" in
       --features on,off --hf-batches "" --max-num-batched-tokens 8192 ${E2E_ARGS:-} --out "$out/e2e-features-$gpu.json" \
       > "$out/e2e-features.log" 2>&1
     echo "e2e: exit $?"; grep -v Warning "$out/e2e-features.log" | tail -12 ;;
+  kernels)
+    timeout 330 python3 benchmarks/bench_kernels.py --out "$out/kernels-$gpu.json" > "$out/kernels.log" 2>&1
+    echo "kernels: exit $?"; grep -v Warning "$out/kernels.log" | tail -14
+    timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention-$gpu.json" > "$out/attention.log" 2>&1
+    echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10 ;;
   b1)
     timeout 200 python3 benchmarks/profile_decode.py --precision w4a8kv4 --batch 1 --context 1024 --steps 20 \
       > "$out/profile-decode-b1-$gpu.txt" 2>&1; echo "profile b1: exit $?"; grep -v Warning "$out/profile-decode-b1-$gpu.txt" | head -40
