@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from qoq.engine.attention import AttentionMetadata, PagedAttention
 from qoq.engine.block_manager import pages_needed
 from qoq.kernels import KVCacheLayer, allocate_kv_cache, paged_decode_attention, paged_prefill_attention
+from qoq.kernels.kv_cache import ROPE_PREFILL_TOKENS
 from qoq.kernels.paged_prefill_attention import prefill_work
 from qoq.model.llama import LlamaModel
 from qoq.model.tensor_parallel import local_config
@@ -63,15 +64,15 @@ def dummy_prefill(model: LlamaModel, scratch: list[KVCacheLayer], num_tokens: in
 
 def step_sizes(model: LlamaModel, max_tokens: int) -> list[int]:
     """The smallest token count of each class in 1..max_tokens: counts in one class run the same
-    kernel variants (the same plan for every quantized linear's GEMM, and the same answer to "a
-    multiple of 16?" and "one?", on which Triton specializes integer arguments)."""
+    kernel variants (the same plan for every quantized linear's GEMM, the same RoPE tiles, and the
+    same answer to "a multiple of 16?" and "one?", on which Triton specializes integer arguments)."""
     linears = {}
     for module in model.modules():
         if getattr(module, "gemm_mode", None) is not None and hasattr(module, "gemm_plan"):
             linears.setdefault((module.out_features, module.padded_in, module.gemm_mode), module)
     first: dict[tuple, int] = {}
     for m in range(1, max_tokens + 1):
-        key = (tuple(layer.gemm_plan(m) for layer in linears.values()), m % 16 == 0, m == 1)
+        key = (tuple(layer.gemm_plan(m) for layer in linears.values()), m >= ROPE_PREFILL_TOKENS, m % 16 == 0, m == 1)
         first.setdefault(key, m)
     return sorted(first.values())
 

@@ -349,6 +349,7 @@ def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, k
 # Tokens per program: with the q/k Hadamard, 4 tokens share the +-1 matrix and make taller MMAs,
 # about twice as fast on the H100 as one token (benchmarks/results/rope-probe-h100.json).
 ROPE_TOKENS = {False: 1, True: 4}
+ROPE_PREFILL_TOKENS = 64  # from this many tokens on, ROPE_TOKENS tokens per program (rope_options)
 
 
 def rope_options(tokens: int, num_q_heads: int, qk_hadamard: bool) -> dict:
@@ -356,7 +357,7 @@ def rope_options(tokens: int, num_q_heads: int, qk_hadamard: bool) -> dict:
     heads. A decode step of a few sequences would then be a few programs that each walk 32 heads
     (10 us for one token on the H100): one token per program, the query heads spread over programs
     of 16 (8 without the Hadamard, which needs 16 rows per tile)."""
-    if tokens >= 64:
+    if tokens >= ROPE_PREFILL_TOKENS:
         return {"TOK": ROPE_TOKENS[qk_hadamard], "HEADS": num_q_heads}
     return {"TOK": 1, "HEADS": 16 if qk_hadamard else 8}
 
@@ -376,7 +377,7 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     tok = opts["TOK"]
     # The Hadamard is a tl.dot over the tile's rows, which needs at least 16 of them.
     min_heads = -(-16 // tok) if cache.qk_hadamard else 1
-    block_hq = max(min_heads, triton.next_power_of_2(min(opts.get("HEADS", hq), hq)))
+    block_hq = max(min_heads, triton.next_power_of_2(min(opts["HEADS"], hq)))
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
     _rope_kv_write_kernel[(triton.cdiv(t, tok), triton.cdiv(hq, block_hq) + 1)](

@@ -6,6 +6,7 @@ import torch
 
 from qoq.config import G128, PER_CHANNEL
 from qoq.engine.warmup import dummy_prefill, scratch_cache, step_sizes, warm_up
+from qoq.kernels.kv_cache import rope_options
 from tests.engine.test_engine import tiny_quantized_model
 
 
@@ -14,7 +15,8 @@ def _plan_key(model, m: int) -> tuple:
     for module in model.modules():
         if getattr(module, "gemm_mode", None) is not None:
             linears.setdefault((module.out_features, module.padded_in, module.gemm_mode), module)
-    return tuple(layer.gemm_plan(m) for layer in linears.values()), m % 16 == 0, m == 1
+    rope = tuple(tuple(rope_options(m, model.config.num_heads, had).items()) for had in (False, True))
+    return tuple(layer.gemm_plan(m) for layer in linears.values()), rope, m % 16 == 0, m == 1
 
 
 @pytest.mark.parametrize("granularity", [G128, PER_CHANNEL], ids=["g128", "per-channel"])
