@@ -37,7 +37,7 @@ def decode_kernel(args):
     block_g = max(8 if args.swap else 16, triton.next_power_of_2(args.group))
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
-                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16)
+                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0)
     return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
 
 
@@ -91,7 +91,9 @@ def report(kernel, dump: str | None) -> dict:
     before = ptx[:wait] if wait >= 0 else ""
     memory_ops = [line for line in before.splitlines() if ".global" in line
                   and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line)]
+    launch = ptx.find("griddepcontrol.launch_dependents")
     return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops),
+            "pdl_signal_after_wait": wait >= 0 and launch > wait,
             "prefetch_before_pdl_wait": before.count("prefetch.global.L2"),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
@@ -112,7 +114,8 @@ def main() -> None:
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
-    p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait (0: no PDL)")
+    p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait; decode: > 0 builds "
+                   "the PDL entry (0: no PDL)")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")

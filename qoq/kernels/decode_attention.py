@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qoq.kernels import configs
-from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like
+from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
 from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
 
 try:
@@ -262,6 +262,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -269,6 +270,7 @@ def _decode_kernel(
     FAST: the codes are unpacked to fp16 by inline PTX (CUDA only). BIASED (KV4 / KV8): the K
     codes stay 1024 + code, and the bias comes off each score row (`_KV4_BIASED_ASM`); off CUDA
     the same biased values are computed element-wise, so the interpreter tests the algebra."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -367,6 +369,7 @@ def _decode_kernel_t(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -374,6 +377,7 @@ def _decode_kernel_t(
     8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
     hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
     V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -571,7 +575,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}),
+        num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out
 

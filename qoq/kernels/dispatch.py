@@ -15,6 +15,12 @@ import os
 
 import torch
 
+try:
+    import triton.language as tl  # noqa: F401  (the helpers' constexpr annotations)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    tl = None
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -85,6 +91,24 @@ def pdl(t: torch.Tensor) -> bool:
     decode-sized GEMMs launch during the row kernel that quantizes their input and pull the
     first chunks of their weights into L2 (weights no kernel writes)."""
     return t.is_cuda and os.environ.get("QOQ_PDL", "1") != "0" and _pdl_device(t.device.index or 0)
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """The launch arguments of a kernel that begins with `pdl_enter(PDL)`: a programmatic
+    dependent launch where `pdl(t)`, else an ordinary one."""
+    return dict(PDL=True, launch_pdl=True) if pdl(t) else {}
+
+
+@lazy_jit.helper
+def pdl_enter(PDL: tl.constexpr):
+    """A kernel of the decode chain (row quantization, RoPE / KV write, decode attention), launched
+    by `pdl_launch`: wait for the kernel before it, then let the next one launch at once. The
+    next kernel's programs are then resident and waiting when this one ends (no launch gap), and
+    at most one kernel runs ahead: it launches only once all of this kernel's programs are past
+    their wait. Nothing before this call may touch memory."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def dispatch(ref_fn, triton_fn):

@@ -50,7 +50,7 @@ from qoq.kernels.quant import silu_mul_triton
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     triton = None
@@ -145,7 +145,8 @@ def _int8_gemm_kernel(
 
     PDL (launched as a programmatic dependent launch, dispatch.pdl): the program first prefetches
     the lines of its first PDL weight chunks into L2, which overlaps the kernel before it (the row
-    kernel quantizing X), then waits for that kernel's completion before anything else."""
+    kernel quantizing X), then waits for that kernel's completion before anything else and lets
+    the kernel after it launch (dispatch.pdl_enter)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -180,6 +181,7 @@ def _int8_gemm_kernel(
             if c_begin * row_bytes + j < c_end * row_bytes:
                 _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
         gdc_wait()
+        gdc_launch_dependents()  # the next row kernel may launch and wait for this one
     if PREFETCH > 0:  # the lines of the first PREFETCH chunks
         for j in tl.static_range(0, PREFETCH * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -260,11 +260,12 @@ def _rope_kv_write_kernel(
     kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
     T, HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
+    HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """TOK tokens per program. Axis 1: programs 0 .. n-2 rotate BLOCK_HQ query heads each, the
     last one the keys (and writes K and V to the cache). A tile row is one (token, head), row
     r = token * BLOCK_H + head."""
+    pdl_enter(PDL)
     t0 = tl.program_id(0) * TOK
     role = tl.program_id(1)
     if role < tl.num_programs(1) - 1:
@@ -385,7 +386,7 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
         cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
         HALF=d // 2, BITS=cache.bits, BLOCK_HQ=block_hq,
         BLOCK_HKV=max(min_heads, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, TOK=tok,
-        SPLIT=opts["SPLIT"], num_warps=opts["num_warps"],
+        SPLIT=opts["SPLIT"], num_warps=opts["num_warps"], **pdl_launch(q),
     )
     return q_rot, k_rot
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
 
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -106,8 +105,7 @@ def _row_quant_kernel(
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
     ADD: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    if PDL:  # a GEMM launched after this kernel may start now and prefetch its weights (dispatch.pdl)
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # the GEMM after it launches now and prefetches its weights (dispatch.pdl)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -159,7 +157,7 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
             x, weight if weight is not None else x, q, scale, xsum,
             residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
             MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
-            PDL=pdl(x), num_warps=num_warps,
+            num_warps=num_warps, **pdl_launch(x),
         )
     out = (q, scale, xsum) if quant else (q,)
     if s is not None:

@@ -503,14 +503,25 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     out = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3",
                       "--pdl", "4")
     assert out["pdl_wait"] == "True" and out["memory_before_pdl_wait"] == "0"
+    assert out["pdl_signal_after_wait"] == "True"  # the next kernel launches only once this one waited
     assert int(out["prefetch_before_pdl_wait"]) > 0
     plain = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3")
     assert plain["pdl_wait"] == "False"
+
+
+def test_pdl_decode_attention_waits_before_memory_sm90():
+    """Decode attention launched as a dependent of the RoPE kernel: nothing global (the cache, the
+    split workspace and counters) before griddepcontrol.wait, and the next kernel signalled after it."""
+    out = sass_report("decode", "--bits", "4", "--swap", "1", "--split", "4", "--pdl", "1")
+    assert out["pdl_wait"] == "True" and out["memory_before_pdl_wait"] == "0"
+    assert out["pdl_signal_after_wait"] == "True"
+    assert sass_report("decode", "--bits", "4", "--swap", "1", "--split", "4")["pdl_wait"] == "False"
 
 
 def test_pdl_is_off_on_the_cpu_and_by_env(monkeypatch):
     from qoq.kernels import dispatch
 
     assert not dispatch.pdl(torch.zeros(1))  # the CPU (and the interpreter) never launch with it
+    assert dispatch.pdl_launch(torch.zeros(1)) == {}  # an ordinary launch: PDL stays False
     monkeypatch.setenv("QOQ_PDL", "0")
     assert not dispatch.pdl(torch.zeros(1))
