@@ -145,7 +145,8 @@ def arrival_counters(device, tiles: int) -> torch.Tensor:
     """Zeroed int32 arrival counters for one-launch split-K reductions (kept per device).
 
     Shared by the kernels that merge their own splits (the split-K GEMM, decode attention): each
-    launch finishes before the next one on the stream starts.
+    launch finishes before the next one on the stream touches them (a dependent launch waits for
+    the kernel before it first, `pdl_enter`).
 
     The kernel resets every counter it uses, so the buffer stays zero between calls. It is
     allocated outside CUDA-graph capture when possible (a buffer first made during a capture
