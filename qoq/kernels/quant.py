@@ -105,7 +105,7 @@ def _row_quant_kernel(
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
     ADD: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)  # the GEMM after it launches now and prefetches its weights (dispatch.pdl)
+    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
