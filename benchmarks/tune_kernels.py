@@ -17,8 +17,11 @@ plans are copied unchanged.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
+import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -114,11 +117,13 @@ def candidates(mode: int, m: int, n: int, k: int, sms: int, tma: bool, gluon: bo
     the M class's kernels (register kernels with split-K for decode-sized M; the Gluon and TMA
     kernels with W4 unpacked inside or ahead above)."""
     pool = [current, fallback_plan(m, n, k, mode, sms, tma, gluon)]
-    if m <= 64:
+    if m <= DECODE_M:
+        pool += decode_shapes(m, n, k, mode, sms)
+    elif m <= 64:
         pool += [_register(m, n, k, mode, sms, w, f * sms) for w in (4, 2) for f in (1, 2, 4)]
     else:
         pool.append(_register(m, n, k, mode, sms, 4, 0))
-    if tma:
+    if tma and m > DECODE_M:
         pool += _hopper(m, n, k, mode, sms)
     out = []
     for plan in pool:
@@ -133,6 +138,46 @@ def candidates(mode: int, m: int, n: int, k: int, sms: int, tma: bool, gluon: bo
         if runnable(plan, tma, gluon) and plan not in out:
             out.append(plan)
     return out[:limit]
+
+
+# M up to which the register kernels' tiles and splits are searched wider, then refined
+DECODE_M = 16
+
+
+def decode_shapes(m: int, n: int, k: int, mode: int, sms: int) -> list[GemmPlan]:
+    """Decode-sized M (weight-bandwidth bound): the register kernels' tile widths and warp counts,
+    each with every power-of-two split-K from one wave's worth of programs up to eight."""
+    w4 = mode != MODE_W8
+    bm = 8 if w4 and m <= 8 else 16
+    chunks = k // 128
+    out = []
+    for kernel, warps, bn in (("reg_a", 4, 64), ("mma_sync", 2, 64), ("reg_a", 4, 128), ("mma_sync", 2, 32),
+                              ("mma_sync", 1, 32)):
+        tiles = -(-m // bm) * -(-n // bn)
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and (chunks // split < 2 or tiles * split > 8 * sms):
+                break  # pieces under two chunks, or more than eight programs per SM
+            if 2 * tiles * split < sms and split < 16 and chunks // (2 * split) >= 2:
+                continue  # under half a wave while a larger split is possible
+            unroll = fit_unroll(chunks, split, 4 if mode == MODE_W4_G128 else 1)
+            out.append(GemmPlan(kernel, bm, bn, num_warps=warps, num_stages=3 if unroll > 1 else 4,
+                                split_k=split, unroll=unroll))
+    return out
+
+
+def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
+    """A register plan's neighbours in its pipeline knobs: stages, chunks per iteration, the L2
+    prefetch and the dependent launch's early prefetch."""
+    if plan.kernel not in ("reg_a", "mma_sync"):
+        return []
+    chunks = k // 128
+    out = [dataclasses.replace(plan, num_stages=s) for s in (2, 3, 4, 5) if s != plan.num_stages]
+    out += [dataclasses.replace(plan, unroll=u) for u in (1, 2, 4)
+            if u != plan.unroll and fit_unroll(chunks, plan.split_k, u) == u]
+    if tma:  # Hopper PTX
+        out += [dataclasses.replace(plan, prefetch=p) for p in (4, 8) if p != plan.prefetch]
+        out += [dataclasses.replace(plan, pdl_chunks=c) for c in (1, 8, 16) if c != plan.pdl_chunks]
+    return out
 
 
 def gpu_timer(calls) -> float:
@@ -184,43 +229,95 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
 
 
 def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: float, out: str | None,
-         limit: int = 8, log=print) -> tuple[dict, list]:
-    """Tune `table` (a copy is returned) over modes x shapes x ms; rewrites `out` after each shape."""
+         limit: int = 8, log=print, jobs: int = 1, decode_limit: int = 24) -> tuple[dict, list]:
+    """Tune `table` (a copy is returned) over modes x shapes x ms; rewrites `out` after each shape.
+
+    M up to DECODE_M takes up to `decode_limit` candidates, then the best one's refinements.
+    jobs > 1 (GPU): the candidates are compiled in that many worker processes first (Triton's
+    disk cache), so that the timing process loads them instead of compiling one by one."""
     sms, tma, gluon = caps
     table = copy.deepcopy(table)
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
     results = []
-    for mode in modes:
-        for name, n, k in shapes:
-            if time.time() > deadline:
-                return table, results
-            weights = weight_copies(mode, n, k, device, gen)
-            entries = table.setdefault("gemm", {}).setdefault(MODE_NAMES[mode], {}).get(f"{n}x{k}", [])
-            known = bool(entries)
-            prev = 0
-            for i, m in enumerate(ms):
-                current = table_plan(table, mode, m, n, k)
-                plans = candidates(mode, m, n, k, sms, tma, gluon, current, limit)
-                records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline)
-                timed = [r for r in records if "ms" in r]
-                point = {"mode": MODE_NAMES[mode], "shape": name, "M": m, "N": n, "K": k, "records": records}
-                if timed and len(records) == len(plans):  # every candidate tried: the range takes the best
-                    best = min(timed, key=lambda r: r["ms"])
-                    # the last M takes everything above it when it is the protocol's last or the
-                    # shape is new; a run over a few small M keeps the table's plans above them
-                    hi = None if i == len(ms) - 1 and (m >= DEFAULT_MS[-1] or not known) else m
-                    entries = set_range(entries, prev, hi, best["plan"])
-                    point["best"] = best
-                    log(f"{MODE_NAMES[mode]} {name} M={m}: {best['ms'] * 1e3:.1f} us {best['plan']}")
-                results.append(point)
-                prev = m
-            if entries:
-                table["gemm"][MODE_NAMES[mode]][f"{n}x{k}"] = entries
-            if out:
-                configs.dump_table(table, out)
-            del weights
+    pool = CompilePool(jobs) if jobs > 1 and device == "cuda" else None
+    try:
+        for mode in modes:
+            for name, n, k in shapes:
+                if time.time() > deadline:
+                    return table, results
+                weights = weight_copies(mode, n, k, device, gen)
+                entries = table.setdefault("gemm", {}).setdefault(MODE_NAMES[mode], {}).get(f"{n}x{k}", [])
+                known = bool(entries)
+                prev = 0
+                for i, m in enumerate(ms):
+                    current = table_plan(table, mode, m, n, k)
+                    decode = m <= DECODE_M
+                    plans = candidates(mode, m, n, k, sms, tma, gluon, current, max(limit, decode_limit) if decode else limit)
+                    if pool:
+                        pool.compile(mode, m, n, k, plans)
+                    records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline)
+                    complete = len(records) == len(plans)
+                    timed = [r for r in records if "ms" in r]
+                    if decode and timed and complete:  # the best one's pipeline knobs
+                        best = GemmPlan.from_json(min(timed, key=lambda r: r["ms"])["plan"])
+                        more = [p for p in refinements(best, k, tma) if p not in plans and runnable(p, tma, gluon)]
+                        if pool:
+                            pool.compile(mode, m, n, k, more)
+                        extra = tune_point(mode, m, n, k, more, weights, device, gen, timer, deadline)
+                        complete = len(extra) == len(more)
+                        records += extra
+                        timed = [r for r in records if "ms" in r]
+                    point = {"mode": MODE_NAMES[mode], "shape": name, "M": m, "N": n, "K": k, "records": records}
+                    if timed and complete:  # every candidate tried: the range takes the best
+                        best = min(timed, key=lambda r: r["ms"])
+                        # the last M takes everything above it when it is the protocol's last or the
+                        # shape is new; a run over a few small M keeps the table's plans above them
+                        hi = None if i == len(ms) - 1 and (m >= DEFAULT_MS[-1] or not known) else m
+                        entries = set_range(entries, prev, hi, best["plan"])
+                        point["best"] = best
+                        log(f"{MODE_NAMES[mode]} {name} M={m}: {best['ms'] * 1e3:.1f} us {best['plan']} "
+                            f"({len(timed)} timed)")
+                    results.append(point)
+                    prev = m
+                if entries:
+                    table["gemm"][MODE_NAMES[mode]][f"{n}x{k}"] = entries
+                if out:
+                    configs.dump_table(table, out)
+                del weights
+    finally:
+        if pool:
+            pool.close()
     return table, results
+
+
+def _compile_one(mode: int, m: int, n: int, k: int, plan_json: dict) -> str:
+    """In a worker: run one plan once on small random data of the point's sizes (Triton compiles
+    it into its disk cache); '' or the error."""
+    try:
+        fn, _, builder, with_sum = KERNELS[mode]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x8, sx, xsum = random_activations(m, k, "cuda", gen)
+        act = (x8, sx, xsum) if with_sum else (x8, sx)
+        fn(*act, *builder(n, k, "cuda", gen), config=GemmPlan.from_json(plan_json))
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # the timing process records it again
+        return f"{type(e).__name__}: {e}"
+
+
+class CompilePool:
+    """Worker processes (spawned: CUDA does not survive fork) that compile candidate plans."""
+
+    def __init__(self, jobs: int) -> None:
+        self.executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def compile(self, mode: int, m: int, n: int, k: int, plans: list) -> None:
+        futures = [self.executor.submit(_compile_one, mode, m, n, k, p.to_json()) for p in plans]
+        concurrent.futures.wait(futures)
+
+    def close(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
 
 
 def main(argv=None) -> None:
@@ -230,6 +327,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
     ap.add_argument("--budget-s", type=float, default=420.0, help="no candidate starts after this many seconds")
     ap.add_argument("--max-candidates", type=int, default=8)
+    ap.add_argument("--decode-candidates", type=int, default=24, help="candidates at M <= 16, before refinement")
+    ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling candidates")
     ap.add_argument("--table", help="the table to start from (default: this GPU's, else the H100's)")
     ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")
     ap.add_argument("--results", help="also write every timing here (JSON)")
@@ -250,7 +349,8 @@ def main(argv=None) -> None:
     began = time.time()
     table, results = tune(table, modes, linear_shapes(args.model), ms, "cuda", caps, gpu_timer, args.budget_s,
                           args.out or configs.table_path(key), args.max_candidates,
-                          log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
+                          log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True), jobs=args.jobs,
+                          decode_limit=args.decode_candidates)
     done = sum("best" in p for p in results)
     print(f"tuned {done} of {len(modes) * 4 * len(ms)} points in {time.time() - began:.0f} s", flush=True)
     if args.results:

@@ -46,6 +46,7 @@ class GemmPlan:
     unroll: int = 1  # register kernels: 128-deep chunks per loop iteration
     swap_ab: bool = True  # register kernels: the weight tile is the MMA's A side
     prefetch: int = 0  # register kernels (Hopper): chunks of L2 prefetch ahead of the loads
+    pdl_chunks: int = 4  # register kernels (Hopper, dependent launch): weight chunks pulled into L2 before the wait
     unpack: str = "in_loop"  # W4: "in_loop" (in the GEMM's main loop) or "ahead" (to int8 by its own pass)
     fuse_silu_mul: bool = False  # W4, "tma" / "ws": a gate/up GEMM applies silu(gate) * up in its epilogue
     group_m: int = 8  # "tma" / "ws": token tiles per weight-column sweep (L2 reuse)
@@ -71,10 +72,12 @@ class GemmPlan:
         if self.kernel == "mma_sync":
             need(self.num_warps < 4, "mma_sync: num_warps < 4")
         if not register:
-            need(self.split_k == 1 and self.unroll == 1 and self.swap_ab and self.prefetch == 0,
-                 "split_k / unroll / swap_ab / prefetch are the register kernels'")
+            need(self.split_k == 1 and self.unroll == 1 and self.swap_ab and self.prefetch == 0
+                 and self.pdl_chunks == 4, "split_k / unroll / swap_ab / prefetch / pdl_chunks are the register kernels'")
         else:
             need(self.unpack == "in_loop" and not self.fuse_silu_mul, "register kernels unpack in the loop, no fused SiLU")
+            need(self.split_k >= 1 and self.unroll >= 1 and self.prefetch >= 0 and self.pdl_chunks >= 1,
+                 "split_k, unroll, pdl_chunks >= 1; prefetch >= 0")
         if self.kernel != "ws":
             need(not self.stream_k and not self.w_in_registers and not self.grid, "stream_k / w_in_registers are ws's")
         need(not (self.w_in_registers and self.unpack == "ahead"), "w_in_registers takes packed W4")
@@ -96,7 +99,7 @@ class GemmPlan:
     def from_config(cls, cfg: dict) -> GemmPlan:
         """A plan from the tile dict that probes and tests pass as `config=` (keys BLOCK_M, BLOCK_N,
         num_warps, num_stages, SPLIT_K, UNROLL, SWAP, PREFETCH, TMA, WS, UNPACK, FUSE, STREAM, REG_A,
-        GROUP_M, STAGES, FAST, SLOTS, GRID), run as such a dict always ran."""
+        GROUP_M, STAGES, FAST, SLOTS, GRID, PDL), run as such a dict always ran."""
         if cfg.get("TMA"):
             kernel = "ws" if cfg.get("WS") else "tma"
         else:
@@ -112,6 +115,7 @@ class GemmPlan:
             num_stages=cfg.get("STAGES", 0) if kernel == "ws" else cfg["num_stages"],
             split_k=cfg.get("SPLIT_K", 1) if register else 1, unroll=cfg.get("UNROLL", 1) if register else 1,
             swap_ab=cfg.get("SWAP", True) if register else True, prefetch=cfg.get("PREFETCH", 0) if register else 0,
+            pdl_chunks=cfg.get("PDL", 4) if register else 4,
             unpack=unpack, fuse_silu_mul=bool(cfg.get("UNPACK")) and not register,
             group_m=cfg.get("GROUP_M", 8), stream_k=bool(cfg.get("STREAM")) and kernel == "ws",
             w_in_registers=bool(cfg.get("REG_A")) and kernel == "ws" and unpack == "in_loop",

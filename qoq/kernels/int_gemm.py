@@ -62,9 +62,6 @@ if tl is not None:  # the kernels see module globals only as constexprs
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
-# Weight chunks a register-kernel program pulls into L2 before it waits for the previous kernel
-# (programmatic dependent launch, dispatch.pdl).
-PDL_CHUNKS = 4
 
 
 @lazy_jit.helper
@@ -455,7 +452,8 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
               and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
     # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
     hopper = x8.is_cuda and device_caps(x8.device.index or 0)[1]
-    launch = dict(PDL=PDL_CHUNKS, launch_pdl=True) if hopper and pdl(x8) else {}
+    # programmatic dependent launch: the plan's first weight chunks go to L2 before the wait
+    launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(x8) else {}
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,

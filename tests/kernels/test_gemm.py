@@ -186,7 +186,8 @@ def test_gate_up_shape_small_m_gpu(m, gen, poison):
 @pytest.mark.parametrize("m", [1, 16])
 def test_small_m_prefetch_gpu(kind, m, gen, poison):
     """The register-A kernel's L2 prefetch (Hopper; PREFETCH chunks ahead, up to past the end of
-    each split's K range) leaves the sums unchanged."""
+    each split's K range), and the early prefetch before the dependent launch's wait (PDL chunks,
+    up to past the end of a split, on the mma.sync form too), leave the sums unchanged."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("a Hopper option")
     n, k = 4096, 4096
@@ -201,8 +202,9 @@ def test_small_m_prefetch_gpu(kind, m, gen, poison):
         case = per_channel_case(m, n, k, "cuda", gen)
         fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
     want = ref(*case)
-    for split, prefetch in ((2, 4), (8, 3), (8, 64)):
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4, SPLIT_K=split, PREFETCH=prefetch)
+    for split, prefetch, early, warps in ((2, 4, 4, 4), (8, 3, 1, 4), (8, 64, 16, 4), (4, 0, 16, 2), (16, 0, 8, 1)):
+        cfg = dict(BLOCK_M=16, BLOCK_N=64 if warps > 1 else 32, num_warps=warps, num_stages=4, SPLIT_K=split,
+                   PREFETCH=prefetch, PDL=early)
         assert rel_err(fn(*case, config=cfg), want) < EXACT
 
 

@@ -34,6 +34,26 @@ def test_candidates_are_bounded_valid_and_runnable(caps, mode):
                 assert plans[0] == current  # the table's plan is always among those timed
 
 
+def test_decode_candidates_search_tiles_splits_and_then_pipeline_knobs():
+    """At decode-sized M the search spans tile widths, warp counts and split-K (no Hopper
+    large-M kernels), and the best plan's refinements vary one pipeline knob each."""
+    plans = tune_kernels.candidates(MODE_W4_G128, 1, 4096, 4096, 132, True, True, None, limit=24)
+    assert {p.kernel for p in plans} == {"reg_a", "mma_sync"}
+    assert {p.block_n for p in plans} >= {32, 64, 128} and {p.split_k for p in plans} >= {1, 2, 4, 8}
+    assert all(p.block_m == 8 and gemm_plan.runnable(p, True, True) for p in plans)
+    base = GemmPlan("reg_a", 8, 64, num_stages=3, split_k=4, unroll=4)
+    more = tune_kernels.refinements(base, 4096, tma=True)
+    assert base not in more and len(set(more)) == len(more)
+    changed = [{f for f in ("num_stages", "unroll", "prefetch", "pdl_chunks") if getattr(p, f) != getattr(base, f)}
+               for p in more]
+    assert all(len(c) == 1 for c in changed)
+    assert {"prefetch", "pdl_chunks"} <= set().union(*changed)
+    assert not any(p.prefetch or p.pdl_chunks != 4 for p in tune_kernels.refinements(base, 4096, tma=False))
+    assert GemmPlan.from_json(GemmPlan("reg_a", 8, 64, pdl_chunks=16).to_json()).pdl_chunks == 16
+    with pytest.raises(ValueError):
+        GemmPlan("tma", 64, 64, pdl_chunks=8)  # the register kernels' field
+
+
 def test_tuning_run_writes_a_table(tmp_path, monkeypatch):
     """Two M points of one tiny shape on the CPU: every candidate is checked against the twin and
     timed, the best takes its M range, the rest of the table is kept."""
@@ -44,9 +64,10 @@ def test_tuning_run_writes_a_table(tmp_path, monkeypatch):
     out = tmp_path / "table.json"
     table, results = tune_kernels.tune(start, [MODE_W4_G128], [("tiny", 64, 512)], [1, 16], "cpu",
                                        (8, False, False), tune_kernels.cpu_timer, 600, str(out), limit=3,
-                                       log=lambda s: None)
+                                       log=lambda s: None, decode_limit=3)
     assert [p["M"] for p in results] == [1, 16] and all("best" in p for p in results)
     assert all("ms" in r for p in results for r in p["records"])
+    assert all(len(p["records"]) > 3 for p in results)  # decode-sized M: the best one's refinements too
     written = json.loads(out.read_text())
     assert written == table and "9x9" in written["gemm"]["w4a8_g128"]
     entries = written["gemm"]["w4a8_g128"]["64x512"]
@@ -61,7 +82,7 @@ def test_tuning_a_few_small_m_keeps_the_plans_above_them(monkeypatch):
     start = {"gemm": {"w4a8_g128": {"64x512": [[None, above]]}}}
     table, results = tune_kernels.tune(start, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
                                        (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
-                                       log=lambda s: None)
+                                       log=lambda s: None, decode_limit=2)
     assert "best" in results[0]
     assert table_plan(table, MODE_W4_G128, 1, 64, 512) == GemmPlan.from_json(results[0]["best"]["plan"])
     assert table_plan(table, MODE_W4_G128, 2, 64, 512) == GemmPlan.from_json(above)
