@@ -30,8 +30,10 @@ from qoq.kernels.kv_cache import allocate_kv_cache  # noqa: E402
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 
 
-def random_cache(num_pages, bits, gen):
-    cache = allocate_kv_cache(1, num_pages, HKV, D, page_size=PAGE, bits=bits, device="cuda")[0]
+def random_cache(num_pages, bits, gen, num_kv_heads=HKV, head_dim=D, page_size=PAGE, device="cuda"):
+    """One layer's paged cache of random codes (or fp16 values) and scales / zeros."""
+    cache = allocate_kv_cache(1, num_pages, num_kv_heads, head_dim, page_size=page_size, bits=bits,
+                              device=device)[0]
     for name in ("k_cache", "v_cache"):
         t = getattr(cache, name)
         if bits == 16:

@@ -10,7 +10,7 @@
 #   sizing    probe_kv_sizing.py: the KV cache's pages with CUDA graphs and without
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
-#   tune      tune_kernels.py for the Llama-3-8B shapes into tune-<gpu>.json
+#   tune      tune_kernels.py for the Llama-3-8B shapes and decode attention into tune-<gpu>.json
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
@@ -59,7 +59,8 @@ case "$part" in
       --out "$out/serve-fp16-$gpu.json" > "$out/serve-fp16.log" 2>&1
     echo "fp16: exit $?"; tail -40 "$out/serve-fp16.log" ;;
   tune)
-    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 480 \
+    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 360 \
+      --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel} --attention-bits 4,8 --attention-budget-s 120 \
       --out "$out/tune-$gpu.json" > "$out/tune.log" 2>&1
     echo "tune: exit $?"; tail -20 "$out/tune.log" ;;
   prefill)

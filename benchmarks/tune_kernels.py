@@ -10,8 +10,12 @@ by --budget-s keeps what it finished (candidates still untried keep the table's 
     python benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 420 \\
         --out qoq/kernels/configs/nvidia-h200.json
 
-Starts from --table (default: this GPU's table in the tree, else the H100's). Decode attention
-plans are copied unchanged.
+Starts from --table (default: this GPU's table in the tree, else the H100's).
+
+Decode attention (--attention-bits): one plan per KV bit width serves every batch and context, so
+it is tuned by coordinate descent over the plan's knobs at a few (batch, context) points of the
+model's heads: a change is kept where the geometric mean of its times over the points is at least
+2% below the best plan's so far; two sweeps over the knobs at most.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kerne
 from helpers import g128_weights, per_channel_weights, random_activations, rel_err, w8_weights  # noqa: E402
 
 from qoq.kernels import configs  # noqa: E402
+from qoq.kernels.decode_attention import (  # noqa: E402
+    DEFAULT_PLANS,
+    DecodePlan,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
 from qoq.kernels.gemm_plan import (  # noqa: E402
     MODE_NAMES,
     MODE_W4_G128,
@@ -291,6 +301,114 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
     return table, results
 
 
+# (batch, context) points of decode attention: batch 1 and the serving batches of BENCHMARKS.md
+ATTENTION_POINTS = ((1, 1024), (64, 1024), (64, 4096), (256, 1024))
+ATTENTION_KNOBS = {
+    "transposed": (False, True), "num_warps": (1, 2, 4), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
+    "programs_per_sm": (4, 8, 16), "max_waves": (2, 3, 4), "deep_stages": (0, 3, 4), "biased": (False, True),
+}
+ATTENTION_TOLERANCE = 5e-3
+KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)
+
+
+def attention_heads(config_path: str) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a model config."""
+    with open(config_path) as f:
+        c = json.load(f)
+    heads = c["num_attention_heads"]
+    return heads, c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads
+
+
+def attention_cases(batch: int, ctx: int, bits: int, heads: tuple, page: int, device: str, gen) -> list:
+    """(q, cache, block tables, lengths) copies whose caches together exceed L2 (one on the CPU)."""
+    import bench_attention
+    import bench_kernels
+
+    hq, hkv, d = heads
+    pages = -(-ctx // page)
+    per_copy = 2 * batch * ctx * hkv * d * bits // 8
+    copies = 1 if device == "cpu" else bench_kernels.copies_for(per_copy)
+    out = []
+    for _ in range(copies):
+        cache = bench_attention.random_cache(batch * pages, bits, gen, hkv, d, page, device)
+        bt = torch.randperm(batch * pages, device=device, generator=gen).reshape(batch, pages).int()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(batch, hq, d, device=device, dtype=torch.float16, generator=gen)
+        out.append((q, cache, bt, lens))
+    return out
+
+
+def time_attention(plan: DecodePlan, cases: dict, timer) -> list[float]:
+    """Milliseconds of `plan` at each point, each checked against the torch twin first (raises)."""
+    times = []
+    for (batch, ctx), sets in cases.items():
+        q, cache, bt, lens = sets[0]
+        n = min(batch, 8)
+        scale = q.shape[-1] ** -0.5
+        got = paged_decode_attention_triton(q, cache, bt, lens, scale, plan=plan)[:n].float()
+        want = paged_decode_attention_ref(q[:n], cache, bt[:n], lens[:n], scale).float()
+        err = float((got - want).norm() / want.norm())
+        if not err < ATTENTION_TOLERANCE:
+            raise AssertionError(f"rel err {err:.3g} against the torch twin at batch {batch}, context {ctx}")
+        times.append(timer([lambda s=s: paged_decode_attention_triton(*s, scale, plan=plan) for s in sets]))
+    return times
+
+
+def _geomean_ratio(times: list[float], base: list[float]) -> float:
+    prod = 1.0
+    for t, b in zip(times, base):
+        prod *= t / b
+    return prod ** (1 / len(times))
+
+
+def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, timer, budget_s: float,
+                   out: str | None, log=print, knobs: dict | None = None, page: int = 64) -> tuple[dict, list]:
+    """Tune the decode attention plan of each KV bit width (coordinate descent, see the module
+    docstring); the table (a copy is returned) is rewritten after each bit width."""
+    table = copy.deepcopy(table)
+    deadline = time.time() + budget_s
+    gen = torch.Generator(device=device).manual_seed(0)
+    knobs = ATTENTION_KNOBS if knobs is None else knobs
+    results = []
+    for bits in bits_list:
+        if time.time() > deadline:
+            break
+        entry = table.get("decode_attention", {}).get(str(bits))
+        best = DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]
+        cases = {(b, c): attention_cases(b, c, bits, heads, page, device, gen) for b, c in points}
+        best_ms = time_attention(best, cases, timer)
+        records = [{"plan": best.to_json(), "ms": best_ms}]
+        tried = {best}
+        for _ in range(2):
+            improved = False
+            for field, values in knobs.items():
+                if bits == 16 and field in ("transposed", "biased", "deep_stages"):
+                    continue  # fp16 runs the row kernel without codes
+                for value in values:
+                    cand = dataclasses.replace(best, **{field: value})
+                    if cand in tried or time.time() > deadline:
+                        continue
+                    tried.add(cand)
+                    rec = {"plan": cand.to_json()}
+                    try:
+                        rec["ms"] = time_attention(cand, cases, timer)
+                    except Exception as e:  # a plan this GPU cannot build or run: noted, not chosen
+                        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    records.append(rec)
+                    if "ms" in rec and _geomean_ratio(rec["ms"], best_ms) < KEEP:
+                        best, best_ms, improved = cand, rec["ms"], True
+            if not improved:
+                break
+        table.setdefault("decode_attention", {})[str(bits)] = best.to_json()
+        results.append({"bits": bits, "points": [list(p) for p in points], "best": {"plan": best.to_json(), "ms": best_ms},
+                        "records": records})
+        log(f"decode kv{bits}: {best.to_json()} " + " ".join(f"b{b}/ctx{c} {t * 1e3:.1f} us"
+                                                        for (b, c), t in zip(points, best_ms)))
+        if out:
+            configs.dump_table(table, out)
+    return table, results
+
+
 def _compile_one(mode: int, m: int, n: int, k: int, plan_json: dict) -> str:
     """In a worker: run one plan once on small random data of the point's sizes (Triton compiles
     it into its disk cache); '' or the error."""
@@ -332,6 +450,8 @@ def main(argv=None) -> None:
     ap.add_argument("--table", help="the table to start from (default: this GPU's, else the H100's)")
     ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")
     ap.add_argument("--results", help="also write every timing here (JSON)")
+    ap.add_argument("--attention-bits", default="4,8", help="KV bit widths whose decode attention plan is tuned ('' none)")
+    ap.add_argument("--attention-budget-s", type=float, default=150.0)
     args = ap.parse_args(argv)
 
     from qoq.kernels.gemm_plan import device_caps
@@ -344,7 +464,7 @@ def main(argv=None) -> None:
     caps = device_caps(0)
     table.update(device=torch.cuda.get_device_name(0), sms=caps[0],
                  source=f"benchmarks/tune_kernels.py --model {os.path.basename(args.model)} from {os.path.basename(start)}")
-    modes = [MODES[m] for m in args.modes.split(",")]
+    modes = [MODES[m] for m in args.modes.split(",") if m]
     ms = [int(m) for m in args.ms.split(",")]
     began = time.time()
     table, results = tune(table, modes, linear_shapes(args.model), ms, "cuda", caps, gpu_timer, args.budget_s,
@@ -353,9 +473,16 @@ def main(argv=None) -> None:
                           decode_limit=args.decode_candidates)
     done = sum("best" in p for p in results)
     print(f"tuned {done} of {len(modes) * 4 * len(ms)} points in {time.time() - began:.0f} s", flush=True)
+    bits = [int(b) for b in args.attention_bits.split(",") if b]
+    attention = []
+    if bits:
+        table, attention = tune_attention(table, bits, attention_heads(args.model), ATTENTION_POINTS, "cuda", gpu_timer,
+                                          args.attention_budget_s, args.out or configs.table_path(key),
+                                          log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
     if args.results:
         with open(args.results, "w") as f:
-            json.dump({"device": table["device"], "model": args.model, "points": results}, f, indent=1)
+            json.dump({"device": table["device"], "model": args.model, "points": results, "attention": attention},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -541,7 +541,8 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                                  num_splits=None, options=None, out=None):
+                                  num_splits=None, options=None, out=None, plan: DecodePlan | None = None):
+    """plan: run this DecodePlan instead of the table's (the tuner's candidates)."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -549,7 +550,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     if d & (d - 1) or cache.page_size & (cache.page_size - 1):
         raise ValueError("the Triton decode needs power-of-two head_dim and page_size")
     q = q.contiguous()
-    plan = decode_plan(cache.bits, q.device).with_options(options)
+    plan = (plan or decode_plan(cache.bits, q.device)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)
     max_blocks = -(-block_tables.shape[1] * cache.page_size // block_t)

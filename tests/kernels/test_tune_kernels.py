@@ -92,3 +92,33 @@ def test_tuning_stops_at_the_budget():
     table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
                                        (8, False, False), tune_kernels.cpu_timer, 0, None)
     assert results == [] and table == {"gemm": {}}
+
+
+def test_attention_heads_of_a_model_config():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "qoq", "configs", "llama-3-8b.json")
+    assert tune_kernels.attention_heads(path) == (32, 8, 128)
+
+
+def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monkeypatch):
+    """Coordinate descent on the CPU with a fake timer that makes two warps 10% faster: that change
+    is kept (and written to the table), a no-gain knob is not, and every candidate was run
+    against the torch twin."""
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    seen = []
+    start = {"gemm": {}, "decode_attention": {"4": {"transposed": True, "biased": True}}}
+    real_time = tune_kernels.time_attention
+
+    def fake_time(plan, cases, timer):
+        real_time(plan, cases, timer)  # checked against the twin (raises on a mismatch)
+        seen.append(plan)
+        return [0.9 if plan.num_warps == 2 else 1.0 for _ in cases]
+
+    monkeypatch.setattr(tune_kernels, "time_attention", fake_time)
+    out = tmp_path / "table.json"
+    table, results = tune_kernels.tune_attention(
+        start, [4], (4, 2, 32), ((1, 32), (3, 48)), "cpu", tune_kernels.cpu_timer, 600, str(out),
+        log=lambda s: None, knobs={"num_warps": (1, 2), "block_t": (0, 32)}, page=16)
+    best = results[0]["best"]["plan"]
+    assert best == {"transposed": True, "biased": True, "num_warps": 2}
+    assert json.loads(out.read_text())["decode_attention"]["4"] == best == table["decode_attention"]["4"]
+    assert len(seen) == len(set(seen)) >= 3 and all("ms" in r for r in results[0]["records"])
