@@ -305,7 +305,8 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
 ATTENTION_POINTS = ((1, 1024), (64, 1024), (64, 4096), (256, 1024))
 ATTENTION_KNOBS = {
     "transposed": (False, True), "num_warps": (1, 2, 4), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
-    "programs_per_sm": (4, 8, 16), "max_waves": (2, 3, 4), "deep_stages": (0, 3, 4), "biased": (False, True),
+    "programs_per_sm": (4, 8, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4), "deep_stages": (0, 3, 4),
+    "biased": (False, True),
 }
 ATTENTION_TOLERANCE = 5e-3
 KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)

@@ -204,13 +204,13 @@ def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, 
 
 
 @lazy_jit.helper
-def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr):
+def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr, MIN_BLOCKS: tl.constexpr):
     """Sequence b's context length, the [begin, end) of the BLOCK_T-token blocks that split
-    `split` of `num_splits` covers, and how many splits hold blocks (the first ones: a short
-    context under a launch sized for the longest leaves the rest empty)."""
+    `split` of `num_splits` covers (at least MIN_BLOCKS of them), and how many splits hold blocks
+    (the first ones: a short context under a launch sized for the longest leaves the rest empty)."""
     ctx = tl.load(len_ptr + b)
     num_blocks = tl.cdiv(ctx, BLOCK_T)
-    per_split = tl.maximum(tl.cdiv(num_blocks, num_splits), 1)
+    per_split = tl.maximum(tl.cdiv(num_blocks, num_splits), MIN_BLOCKS)
     blk_begin = split * per_split
     return ctx, blk_begin, tl.minimum(blk_begin + per_split, num_blocks), tl.cdiv(num_blocks, per_split)
 
@@ -262,7 +262,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -285,7 +285,7 @@ def _decode_kernel(
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False)
 
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -369,7 +369,7 @@ def _decode_kernel_t(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -392,7 +392,7 @@ def _decode_kernel_t(
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
 
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -479,8 +479,9 @@ class DecodePlan:
 
     Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
     resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
-    fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle.
-    Without splits and at least deep_min_programs programs, deep_stages pipeline stages (0: keep
+    fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle;
+    and in the kernel never fewer than min_split_blocks blocks of tokens per split (a short
+    context at a small batch: fewer partials to merge). Without splits and at least deep_min_programs programs, deep_stages pipeline stages (0: keep
     num_stages)."""
 
     transposed: bool = False  # `_decode_kernel_t`: tokens as the MMA's M, the GQA group its N
@@ -490,6 +491,7 @@ class DecodePlan:
     block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
     programs_per_sm: int = 8
     max_waves: int = 3
+    min_split_blocks: int = 1
     deep_stages: int = 0
     deep_min_programs: int = 4096
     fast: bool | None = None  # PTX code unpack (default: on CUDA); tests and probes only
@@ -537,7 +539,7 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
     splits = max(1, resident // programs)
     while resident < programs * splits < plan.max_waves * resident:
         splits += 1
-    return min(splits, max_blocks, MAX_SPLITS)
+    return min(splits, -(-max_blocks // plan.min_split_blocks), MAX_SPLITS)
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
@@ -576,6 +578,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
+        MIN_BLOCKS=plan.min_split_blocks,
         num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out

@@ -5,6 +5,7 @@ from helpers import as_fused_qkv_views, rel_err, sass_report
 
 from qoq.kernels import dispatch
 from qoq.kernels.decode_attention import (
+    DecodePlan,
     gather_kv_ref,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -69,6 +70,13 @@ def test_decode_split_merge_of_short_contexts(swap, device, gen, poison):
     for _ in range(2):
         out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=8,
                                             options=dict(BLOCK_T=16, SWAP=swap))
+        assert rel_err(out, ref) < 3e-3
+    # at least 3 blocks per split (the plan's min_split_blocks): 3 + 3 + 1 splits of the 7-block
+    # context, 3 + 3 + 2 of the 8-block one, the rest empty
+    plan = DecodePlan(transposed=swap, biased=True, min_split_blocks=3)
+    for _ in range(2):
+        out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=8, plan=plan,
+                                            options=dict(BLOCK_T=16))
         assert rel_err(out, ref) < 3e-3
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
