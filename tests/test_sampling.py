@@ -146,3 +146,21 @@ def test_engine_batched_sampling_without_filters_reaches_every_token():
     gen = torch.Generator().manual_seed(0)
     draws = torch.tensor([sample_tokens(logits, seqs, gen) for _ in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1, 2, 3}
+
+
+def test_two_pass_argmax_is_the_first_maximal_index():
+    """The chunked argmax of small greedy batches picks what torch.argmax picks: the first maximal
+    index, with ties inside a chunk and across chunks, rows of -inf, and large negative values."""
+    from qoq.sampling import _argmax_chunks, argmax_two_pass
+
+    gen = torch.Generator().manual_seed(0)
+    v = 128256
+    assert _argmax_chunks(v) == 256 and _argmax_chunks(32000) == 256 and _argmax_chunks(1009) == 1
+    x = torch.randn(5, v, generator=gen)
+    x[1, 700] = x[1, 9000] = x[1, 9001] = 50.0  # ties across chunks and inside one
+    x[2] = float("-inf")
+    x[3, :] = -3.0e38
+    x[4, v - 1] = 60.0  # the last element
+    for chunks in (256, 16, 501):
+        assert torch.equal(argmax_two_pass(x, chunks), x.argmax(dim=-1))
+    assert argmax_two_pass(x, 256)[1] == 700

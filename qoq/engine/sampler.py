@@ -7,7 +7,7 @@ import torch
 from qoq.engine.guided import apply_guidance
 from qoq.engine.sequence import Sequence
 from qoq.engine.transfer import to_device
-from qoq.sampling import apply_penalties, draw_one, filter_logits_rows, sample
+from qoq.sampling import apply_penalties, argmax_rows, draw_one, filter_logits_rows, sample
 
 
 def sample_tokens_device(logits: torch.Tensor, seqs: list[Sequence],
@@ -23,7 +23,7 @@ def sample_tokens_device(logits: torch.Tensor, seqs: list[Sequence],
     back), and the results are written into the token tensor on the device.
     """
     apply_guidance(logits, seqs)  # structured output: forbidden tokens -> -inf (no-op without guided rows)
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     dev = logits.device
     shared = [i for i, s in enumerate(seqs) if not s.params.greedy and s.generator is None]
     if shared:
