@@ -1,6 +1,6 @@
-"""Markdown tables from benchmarks/results/{kernels,attention}-h100.json.
+"""Markdown tables from benchmarks/results/{kernels,attention}-<gpu>.json (default: the H100 pair).
 
-    python benchmarks/make_tables.py > benchmarks/results/kernels-h100.md
+    python benchmarks/make_tables.py [kernels-h200.json attention-h200.json] > benchmarks/results/kernels-h200.md
 """
 
 from __future__ import annotations

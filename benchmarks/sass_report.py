@@ -37,7 +37,7 @@ def decode_kernel(args):
     block_g = max(8 if args.swap else 16, triton.next_power_of_2(args.group))
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
-                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0)
+                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1)
     return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
 
 
