@@ -48,7 +48,12 @@ def gemm_kernel(args):
                cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
                   NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
-                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl)
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl,
+                  ACT=args.act, HAS_NW=args.act >= 2)
+    if args.act:  # the rows quantized in the prologue (an fp16 input, its residual, norm weight, sum out)
+        sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
+    else:
+        consts.update(xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
     return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
 
 
@@ -116,6 +121,7 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
     p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait; decode: > 0 builds "
                    "the PDL entry (0: no PDL)")
+    p.add_argument("--act", type=int, default=0, help="gemm: the input prologue (0 none, 1 plain, 2 RMSNorm, 3 add + RMSNorm)")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")

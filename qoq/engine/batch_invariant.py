@@ -11,7 +11,9 @@ step's rows:
   over its own causal context with the decode kernel, so chunking, the prefix cache and
   preemption see the same numbers too.
 Everything else in a step is per token already (embedding, norms, RoPE, KV quantization, the
-integer GEMMs of W4A8/W8A8). The cost is in docs/serving.md.
+integer GEMMs of W4A8/W8A8), once the quantized linears take their int8 rows from the row kernels
+at every batch size (a decode-sized GEMM that quantizes its own rows rounds the same statistics
+in another order). The cost is in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from qoq.layers.activation import ROW_KERNELS_ONLY
+
 
 class PerRowLinears(TorchFunctionMode):
-    """Inside this mode every float F.linear of more than one row runs row by row."""
+    """Inside this mode every float F.linear of more than one row runs row by row, and every
+    quantized linear takes its int8 input from a row kernel (activation.ROW_KERNELS_ONLY)."""
+
+    def __enter__(self):
+        self._row_kernels = ROW_KERNELS_ONLY.set(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        ROW_KERNELS_ONLY.reset(self._row_kernels)
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

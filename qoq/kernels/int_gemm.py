@@ -31,6 +31,7 @@ import dataclasses
 
 import torch
 
+from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
@@ -39,13 +40,14 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     MODE_W4_G128,
     MODE_W4_PER_CHANNEL,
     MODE_W8,
+    REGISTER_KERNELS,
     GemmPlan,
     device_caps,
     fallback_plan,
     select_plan,
 )
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
-from qoq.kernels.quant import silu_mul_triton
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, silu_mul_triton
 
 try:
     import triton
@@ -58,6 +60,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 if tl is not None:  # the kernels see module globals only as constexprs
+    _ACT_BLOCK = tl.constexpr(512)  # input channels per step of the activation prologue
     _G128_ASM = tl.constexpr(G128_UNPACK_ASM)
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
@@ -120,6 +123,64 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
     return w_lo, w_hi
 
 
+@lazy_jit.helper
+def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
+    """fp32 values of the activation rows at `off` (ACT_ADD_RMSNORM: x + r rounded to x's dtype,
+    stored to s where `store`)."""
+    v = tl.load(xf_ptr + off, mask=mask, other=0.0)
+    if ACT == 3:
+        v = (v.to(tl.float32) + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
+        tl.store(s_ptr + off, v, mask=mask & store)
+    return v.to(tl.float32)
+
+
+@lazy_jit.helper
+def _act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
+               ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
+    activation: y = x (ACT_PLAIN) or its RMSNorm (a first pass for the sum of squares)."""
+    kk = tl.arange(0, _ACT_BLOCK)
+    rows = offs_m[:, None].to(tl.int64) * H
+    inv = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if ACT >= 2:
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, H, _ACT_BLOCK):
+            mask = m_mask[:, None] & (k0 + kk < H)[None, :]
+            v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
+            ss += tl.sum(v * v, axis=1)
+        inv = 1.0 / tl.sqrt(ss / H + eps)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, _ACT_BLOCK):
+        mask = m_mask[:, None] & (k0 + kk < H)[None, :]
+        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store & (ACT < 2), ACT)
+        if ACT >= 2:
+            v = v * inv[:, None]
+            if HAS_NW:
+                v = v * tl.load(nw_ptr + k0 + kk, mask=k0 + kk < H, other=0.0).to(tl.float32)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    return amax / 127.0, inv
+
+
+@lazy_jit.helper
+def _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, col0, offs_h, x_mask, H, inv, safe,
+               ACT: tl.constexpr, HAS_NW: tl.constexpr):
+    """int8 codes [64, BM] of input channels col0 .. col0 + 63 of the rows (X^T), as quant.py's
+    row kernel rounds them (round half to even, clamped to +-127); channels from H on are 0."""
+    cols = col0 + offs_h
+    mask = x_mask & (cols < H)[:, None]
+    v = tl.load(xf_ptr + xf_base + col0, mask=mask, other=0.0)
+    if ACT == 3:
+        v = (v.to(tl.float32) + tl.load(r_ptr + xf_base + col0, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
+    y = v.to(tl.float32)
+    if ACT >= 2:
+        y = y * inv[None, :]
+        if HAS_NW:
+            y = y * tl.load(nw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[:, None]
+    q = y / safe[None, :]
+    q = (q + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
 @lazy_jit
 def _int8_gemm_kernel(
     x_ptr, w_ptr, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -128,6 +189,8 @@ def _int8_gemm_kernel(
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
     UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, PACKED: tl.constexpr = False,
     PDL: tl.constexpr = 0,
+    xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
+    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -143,7 +206,16 @@ def _int8_gemm_kernel(
     PDL (launched as a programmatic dependent launch, dispatch.pdl): the program first prefetches
     the lines of its first PDL weight chunks into L2, which overlaps the kernel before it (the row
     kernel quantizing X), then waits for that kernel's completion before anything else and lets
-    the kernel after it launch (dispatch.pdl_enter)."""
+    the kernel after it launch (dispatch.pdl_enter).
+
+    ACT (SWAP only): the program quantizes its own activation rows instead of reading x8 / sx /
+    xsum, as the row kernels of quant.py would (ACT_PLAIN: per token; ACT_RMSNORM: of
+    x * rsqrt(mean(x^2) + eps) * nw; ACT_ADD_RMSNORM: of the norm of s = x + r rounded to x's
+    dtype, which the programs of the first weight tile and split store). A prologue over the H
+    input channels of the rows takes the statistics (sum of squares, then the absolute maximum),
+    and each chunk is quantized as the loop loads it; per-channel W4 (MODE 2) sums each split's
+    own codes for its share of the zero term. Decode-sized M only (gemm_plan.quantizes_input):
+    every program reads the whole rows."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -179,6 +251,12 @@ def _int8_gemm_kernel(
                 _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
         gdc_wait()
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
+    if ACT > 0:  # after the wait: the rows are the previous kernel's output
+        scale, inv = _act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
+                                (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M)
+        safe = tl.where(scale > 0, scale, 1.0)
+        xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, BM] of the fp16 rows
+        csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PREFETCH > 0:  # the lines of the first PREFETCH chunks
         for j in tl.static_range(0, PREFETCH * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
@@ -194,8 +272,15 @@ def _int8_gemm_kernel(
             if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
                 if (c + PREFETCH < c_end) & ((c + PREFETCH) * row_bytes % 128 == 0):
                     _prefetch_line_l2(w_rows + (c + PREFETCH) * row_bytes)
-            x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
-            x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
+            if ACT > 0:
+                x_lo = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128, offs_h, x_mask, H, inv, safe, ACT, HAS_NW)
+                x_hi = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64, offs_h, x_mask, H, inv, safe, ACT,
+                                  HAS_NW)
+                if MODE == 2:
+                    csum += tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)
+            else:
+                x_lo = tl.load(x_base + c * 128, mask=x_mask, other=0)
+                x_hi = tl.load(x_base + c * 128 + 64, mask=x_mask, other=0)
             if MODE == 0:
                 w_lo = tl.load(w_base + c * 128, mask=n_mask[:, None], other=0)
                 w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
@@ -214,12 +299,18 @@ def _int8_gemm_kernel(
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
 
-    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if ACT > 0:
+        sx = scale
+    else:
+        sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     if MODE == 2:
-        xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
         szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        szero = szero * (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
+        if ACT > 0:  # every split its own codes' share of the zero term
+            xsum = csum * scale
+        else:
+            xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
+            szero = szero * (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
     if SWAP:
         y = acc.to(tl.float32) * s1[:, None] * sx[None, :]
         if MODE == 2:
@@ -398,6 +489,14 @@ def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> b
     return select_plan(M, N, K, mode, device).fuse_silu_mul
 
 
+def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
+    """Whether a GEMM of this size takes its activation as fp16 rows (`ActInput`) and quantizes it
+    in its own prologue (int8_gemm_act_triton): decode-sized M on a GPU, where its plan says so."""
+    if device.type != "cuda" or triton is None:
+        return False
+    return gemm_plan_mod.quantizes_input(select_plan(M, N, K, mode, device), M)
+
+
 def _as_plan(config, M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:
     if config is None:
         return select_plan(M, N, K, mode, device)
@@ -433,9 +532,29 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | 
     return y
 
 
-def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool) -> None:
-    """The register-A kernel (or its mma.sync form, fewer than four warps) with one-launch split-K."""
-    M, K = x8.shape
+def int8_gemm_act_triton(act: ActInput, w, s1, s2, sz, mode: int, config: GemmPlan | dict | None = None):
+    """The GEMM of `act` quantized by the register kernel itself (ACT prologue): what
+    int8_gemm_triton(*act_quantize(act), ...) computes, without the row kernel's pass (and for
+    ACT_ADD_RMSNORM the residual sum written to act.s as that kernel writes it)."""
+    M, H = act.x.shape
+    N = w.shape[0]
+    K = w.shape[1] * (1 if mode == MODE_W8 else 2)
+    plan = _as_plan(config, M, N, K, mode, act.x.device)
+    if plan.kernel not in REGISTER_KERNELS or not plan.swap_ab:
+        raise ValueError(f"only the register kernels (swap_ab) quantize their input, not {plan}")
+    if H > K or (act.kind == ACT_ADD_RMSNORM and act.s is None):
+        raise ValueError(f"activation width {H} > K {K}, or no residual-sum output for ACT_ADD_RMSNORM")
+    y = torch.empty((M, N), dtype=torch.float16, device=act.x.device)
+    fast = act.x.is_cuda if plan.fast is None else plan.fast
+    _launch_register(None, None, None, w, s1, s2, sz, y, mode, plan, fast, act=act, K=K)
+    return y
+
+
+def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
+                     act: ActInput | None = None, K: int = 0) -> None:
+    """The register-A kernel (or its mma.sync form, fewer than four warps) with one-launch split-K;
+    with `act`, quantizing its input rows itself (x8, sx, xsum None; K the weight's)."""
+    M, K = (act.x.shape[0], K) if act is not None else x8.shape
     N = w.shape[0]
     split, unroll = plan.split_k, plan.unroll
     per = triton.cdiv(K // 128, split)
@@ -445,15 +564,21 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
     if split == 1:
         ws, cnt = y, y
     else:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=x8.device)
-        cnt = arrival_counters(x8.device, tiles)
-    dummy = sx
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        cnt = arrival_counters(y.device, tiles)
+    dummy = s1
+    if act is not None:
+        x8 = sx = dummy
+        acts = dict(xf_ptr=act.x, r_ptr=act.residual, nw_ptr=act.weight, s_ptr=act.s, H=act.x.shape[1],
+                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None)
+    else:
+        acts = {}
     packed = (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
               and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
     # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
-    hopper = x8.is_cuda and device_caps(x8.device.index or 0)[1]
+    hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     # programmatic dependent launch: the plan's first weight chunks go to L2 before the wait
-    launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(x8) else {}
+    launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
     _int8_gemm_kernel[(tiles, split)](
         x8, w, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
@@ -461,7 +586,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
         MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
         NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
-        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch,
+        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch, **acts,
     )
 
 

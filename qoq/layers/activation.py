@@ -9,12 +9,19 @@ of a tensor.
 
 from __future__ import annotations
 
+import contextvars
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from qoq.kernels import add_rmsnorm_quant, rmsnorm_quant, silu_mul_quant
+from qoq.kernels.quant import ActInput, act_quantize
+
+# Set by the batch-invariant mode (engine/batch_invariant.py): every quantized linear then takes
+# its input from a row kernel, whatever the batch (a GEMM that quantizes its own rows rounds the
+# same values in another order, so a token's codes would depend on its batch's size).
+ROW_KERNELS_ONLY = contextvars.ContextVar("qoq_row_kernels_only", default=False)
 
 
 class QuantizedActivation(NamedTuple):
@@ -25,13 +32,37 @@ class QuantizedActivation(NamedTuple):
     dtype: torch.dtype  # the dtype the activation would have had
 
 
+class DeferredActivation(NamedTuple):
+    """A norm's output not computed yet: the quantized linear it feeds either quantizes the rows in
+    its own GEMM (a decode-sized batch whose plan says so) or has `quantized()` run the row kernel."""
+
+    act: ActInput
+    shape: torch.Size  # the leading dims of the activation it stands for
+    dtype: torch.dtype
+
+    def quantized(self) -> QuantizedActivation:
+        x8, scale, xsum = act_quantize(self.act)
+        return QuantizedActivation(x8, scale, xsum, self.shape, self.dtype)
+
+
 def accepts_int8(linear: nn.Module) -> bool:
     return getattr(linear, "accepts_int8", False)
 
 
-def num_rows(x: torch.Tensor | QuantizedActivation) -> int:
+def quantizes_input(linear: nn.Module, num_tokens: int) -> bool:
+    """Whether `linear` quantizes its input rows in its own GEMM at this many tokens (then a norm
+    before it hands it a DeferredActivation)."""
+    ask = getattr(linear, "quantizes_input", None)
+    return ask is not None and not ROW_KERNELS_ONLY.get() and ask(num_tokens)
+
+
+def num_rows(x: torch.Tensor | QuantizedActivation | DeferredActivation) -> int:
     """Tokens in an activation handed to a linear (M of its GEMM)."""
-    return x.x8.shape[0] if isinstance(x, QuantizedActivation) else x.numel() // x.shape[-1]
+    if isinstance(x, QuantizedActivation):
+        return x.x8.shape[0]
+    if isinstance(x, DeferredActivation):
+        return x.act.x.shape[0]
+    return x.numel() // x.shape[-1]
 
 
 def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> QuantizedActivation:

@@ -20,7 +20,8 @@ from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_t
                          w4a8_per_channel_gemm, w8a8_gemm)
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
-from qoq.layers.activation import QuantizedActivation
+from qoq.kernels.quant import ACT_PLAIN, ActInput
+from qoq.layers.activation import ROW_KERNELS_ONLY, DeferredActivation, QuantizedActivation
 from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, fake_quantize_act, padded_k
 
 
@@ -89,8 +90,30 @@ class QuantLinear(nn.Module):
         return self.bias is None and int_gemm.fused_silu_mul(num_tokens, self.out_features, self.padded_in,
                                                               self.gemm_mode, device)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation, silu_mul: bool = False) -> torch.Tensor:
+    def quantizes_input(self, num_tokens: int) -> bool:
+        """Whether this layer's GEMM quantizes its own input rows for a batch of num_tokens
+        (int_gemm.quantizes_input: a decode-sized batch on a GPU whose plan says so); a norm before
+        it then hands it a DeferredActivation, and a plain input skips quantize_per_token."""
+        device = next(self.buffers()).device
+        return int_gemm.quantizes_input(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
+
+    def gemm_operands(self) -> tuple:
+        """(weight, s1, s2, sz) as int_gemm takes them (None where the mode has none)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor | QuantizedActivation | DeferredActivation,
+                silu_mul: bool = False) -> torch.Tensor:
         """silu_mul: this is a [gate | up] projection; return silu(gate) * up (out_features / 2 wide)."""
+        if isinstance(x, DeferredActivation):
+            if not silu_mul and use_triton(x.act.x) and self.quantizes_input(x.act.x.shape[0]):
+                return self._finish(int_gemm.int8_gemm_act_triton(x.act, *self.gemm_operands(), self.gemm_mode),
+                                    x.shape, x.dtype)
+            x = x.quantized()
+        if (not isinstance(x, QuantizedActivation) and not silu_mul and use_triton(x) and not ROW_KERNELS_ONLY.get()
+                and self.quantizes_input(x.numel() // x.shape[-1])):
+            act = ActInput(x.reshape(-1, self.in_features).contiguous(), ACT_PLAIN)
+            return self._finish(int_gemm.int8_gemm_act_triton(act, *self.gemm_operands(), self.gemm_mode),
+                                x.shape[:-1], x.dtype)
         if isinstance(x, QuantizedActivation):
             x8, x_scale, x_sum, lead, dtype = x
         else:
@@ -106,6 +129,9 @@ class QuantLinear(nn.Module):
         else:
             check_silu_mul(silu_mul, self.out_features)
             y = self._cpu_gemm(x8, x_scale, x_sum, silu_mul)
+        return self._finish(y, lead, dtype)
+
+    def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
         y = y.to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -130,6 +156,9 @@ class W4A8G128Linear(QuantLinear):
 
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w4a8_g128_gemm(x8, x_scale, self.qweight, self.s1, self.s2, self.sz, self.group_size, silu_mul=silu_mul)
+
+    def gemm_operands(self):
+        return self.qweight, self.s1, self.s2, self.sz
 
     def int_weight(self):
         step = self.s2.to(torch.int32).repeat_interleave(self.group_size, dim=1)
@@ -157,6 +186,9 @@ class W4A8PerChannelLinear(QuantLinear):
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w4a8_per_channel_gemm(x8, x_scale, x_sum, self.qweight, self.s1, self.szero, silu_mul=silu_mul)
 
+    def gemm_operands(self):
+        return self.qweight, self.s1, None, self.szero
+
     def int_weight(self):
         return unpack_w4(self.qweight)
 
@@ -176,6 +208,9 @@ class W8A8Linear(QuantLinear):
 
     def gemm(self, x8, x_scale, x_sum, silu_mul=False):
         return w8a8_gemm(x8, x_scale, self.weight, self.s, silu_mul=silu_mul)
+
+    def gemm_operands(self):
+        return self.weight, self.s, None, None
 
     def int_weight(self):
         return self.weight

@@ -14,7 +14,7 @@ from torch import nn
 from qoq.config import ModelConfig, QuantConfig
 from qoq.distributed import TPGroup, all_reduce
 from qoq.kernels import silu_mul
-from qoq.layers.activation import accepts_int8, num_rows, silu_mul_quantized
+from qoq.layers.activation import accepts_int8, num_rows, quantizes_input, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.norm import RMSNorm
@@ -91,15 +91,18 @@ class DecoderLayer(nn.Module):
 
         The caller hands that pair on as (x, residual), and the next norm adds them in its own
         kernel (the residual add costs no pass of its own); residual None: x is the stream itself.
-        A quantized linear after a norm gets int8 rows from the same fused kernel.
+        A quantized linear after a norm gets int8 rows from the same fused kernel, or at decode
+        sizes where its GEMM quantizes its own input, the norm deferred into that GEMM.
         """
+        rows = x.numel() // x.shape[-1]
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
             residual = x
-            h = self.input_layernorm(x, quantize=accepts_int8(self.self_attn.qkv_proj))
+            h = self.input_layernorm(x, accepts_int8(qkv), defer=quantizes_input(qkv, rows))
         else:
-            h, residual = self.input_layernorm(x, accepts_int8(self.self_attn.qkv_proj), residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rotary, attn),
-                                                    accepts_int8(self.mlp.gate_up_proj), residual)
+            h, residual = self.input_layernorm(x, accepts_int8(qkv), residual, defer=quantizes_input(qkv, rows))
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rotary, attn), accepts_int8(gate_up),
+                                                    residual, defer=quantizes_input(gate_up, rows))
         return self.mlp(h), residual
 
 

@@ -8,17 +8,21 @@ import torch
 from conftest import requires_cuda
 from helpers import (
     g128_case,
+    g128_weights,
     per_channel_case,
+    per_channel_weights,
     quantize_g128,
     quantize_per_channel,
     random_activations,
     random_weight,
     rel_err,
     sass_report,
+    w8_weights,
 )
 
-from qoq.kernels.gemm_plan import GemmPlan
-from qoq.kernels.int_gemm import split_tail
+from qoq.kernels.gemm_plan import MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8, GemmPlan
+from qoq.kernels.int_gemm import int8_gemm_act_triton, split_tail
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ACT_PLAIN, ACT_RMSNORM, ActInput, act_quantize
 from qoq.kernels.w4a8_gemm import (
     pack_w4,
     unpack_w4,
@@ -507,6 +511,9 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert out["pdl_wait"] == "True" and out["memory_before_pdl_wait"] == "0"
     assert out["pdl_signal_after_wait"] == "True"  # the next kernel launches only once this one waited
     assert int(out["prefetch_before_pdl_wait"]) > 0
+    # quantizing its own input rows (with the residual add, whose sum it stores) changes nothing before the wait
+    act = sass_report("gemm", "--mode", "2", "--block-m", "8", "--split", "4", "--pdl", "4", "--act", "3")
+    assert act["pdl_wait"] == "True" and act["memory_before_pdl_wait"] == "0" and act["pdl_signal_after_wait"] == "True"
     plain = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3")
     assert plain["pdl_wait"] == "False"
 
@@ -527,3 +534,43 @@ def test_pdl_is_off_on_the_cpu_and_by_env(monkeypatch):
     assert dispatch.pdl_launch(torch.zeros(1)) == {}  # an ordinary launch: PDL stays False
     monkeypatch.setenv("QOQ_PDL", "0")
     assert not dispatch.pdl(torch.zeros(1))
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("act_kind", [ACT_PLAIN, ACT_RMSNORM, ACT_ADD_RMSNORM])
+def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_kind, device, gen, poison):
+    """The register kernel's ACT prologue (decode-sized M): from fp16 rows, per token (plain),
+    of their RMSNorm (with and without a norm weight), or of the norm of x + residual (the sum
+    written once, as the row kernel writes it), over a width H below the padded K, with split-K
+    (per-channel: each split's own codes' zero term) and without: the same GEMM as the row
+    kernel's int8 rows into the twin."""
+    h, k, n = 200, 256, 64
+    weights = {"g128": g128_weights, "per_channel": per_channel_weights, "w8a8": w8_weights}[kind](n, k, device, gen)
+    mode = {"g128": MODE_W4_G128, "per_channel": MODE_W4_PER_CHANNEL, "w8a8": MODE_W8}[kind]
+    w, s1 = weights[0], weights[1]
+    s2, sz = (weights[2], weights[3]) if kind == "g128" else (None, weights[2] if kind == "per_channel" else None)
+    for m, split, norm_weight in ((1, 2, True), (5, 1, False)):
+        x = (torch.randn(m, h, generator=gen) * 3).half().to(device)
+        residual = torch.randn(m, h, generator=gen).half().to(device) if act_kind == ACT_ADD_RMSNORM else None
+        nw = (torch.rand(h, generator=gen) + 0.5).half().to(device) if norm_weight else None
+        s_out = torch.empty(m, h, dtype=torch.float16, device=device) if residual is not None else None
+        act = ActInput(x, act_kind, residual, nw, 1e-5, s_out)
+        plan = GemmPlan("reg_a", 8, 64, split_k=split)
+        got = int8_gemm_act_triton(act, w, s1, s2, sz, mode, plan)
+        # the reference: the row twin (float64 ops on fp32 rows), its codes padded to K, the GEMM twin
+        ref_act = ActInput(x.cpu(), act_kind, None if residual is None else residual.cpu(),
+                           None if nw is None else nw.cpu(), 1e-5,
+                           None if residual is None else torch.empty(m, h, dtype=torch.float16))
+        x8, sx, xsum = (t.to(device) for t in act_quantize(ref_act))
+        x8 = torch.nn.functional.pad(x8, (0, k - h))
+        if kind == "g128":
+            want = w4a8_g128_gemm_ref(x8, sx, w, s1, s2, sz)
+        elif kind == "per_channel":
+            want = w4a8_per_channel_gemm_ref(x8, sx, xsum, w, s1, sz)
+        else:
+            want = w8a8_gemm_ref(x8, sx, w, s1)
+        assert rel_err(got, want) < 2e-3, (m, split)
+        if residual is not None:
+            assert torch.equal(s_out.cpu(), ref_act.s)  # x + residual in fp16, exactly
+    with pytest.raises(ValueError, match="register kernels"):
+        int8_gemm_act_triton(act, w, s1, s2, sz, mode, GemmPlan("tma", 64, 64))

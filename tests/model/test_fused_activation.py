@@ -65,3 +65,43 @@ def test_silu_mul_in_the_gemm_epilogue_path(monkeypatch, precision, group):
         fused = model(ids)
     assert calls[:4] == [False, False, True, False]  # qkv, o, gate_up (fused), down
     assert (fused - unfused).abs().max() <= 2e-3 * unfused.abs().max()
+
+
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
+def test_gemms_quantizing_their_own_rows_match_the_row_kernels(monkeypatch, precision, group):
+    """At decode-sized batches (forced here on the CPU, where the Triton kernel runs under the
+    interpreter) the norms defer into qkv and gate/up, whose GEMMs quantize the rows themselves,
+    o_proj quantizes its plain input the same way, and the residual sums the deferred norms write
+    are what the row kernels write: the model's output matches the row-kernel path up to the
+    reordered sum of squares (a code off by one at most, rarely). The batch-invariant mode keeps
+    the row kernels."""
+    from qoq.engine.batch_invariant import PerRowLinears
+    from qoq.kernels import int_gemm
+    from qoq.layers import quant_linear
+    from qoq.layers.activation import DeferredActivation
+
+    model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=7)
+    for layer in model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    kinds = []
+    original = QuantLinear.forward
+
+    def spy(self, x, silu_mul=False):
+        kinds.append(type(x).__name__)
+        return original(self, x, silu_mul=silu_mul)
+
+    with torch.no_grad():
+        rows = model(ids)
+        monkeypatch.setattr(QuantLinear, "forward", spy)
+        monkeypatch.setattr(quant_linear, "use_triton", lambda t: True)  # the GEMM twins still dispatch to torch
+        monkeypatch.setattr(int_gemm, "quantizes_input", lambda m, n, k, mode, device: m <= 8)
+        fused = model(ids)
+        assert kinds[:4] == [DeferredActivation.__name__, "Tensor", DeferredActivation.__name__, "QuantizedActivation"]
+        kinds.clear()
+        with PerRowLinears():
+            again = model(ids)
+        assert kinds[:4] == ["QuantizedActivation", "Tensor", "QuantizedActivation", "QuantizedActivation"]
+    assert torch.equal(again, rows)
+    assert (fused - rows).abs().max() <= 2e-2 * rows.abs().max()
