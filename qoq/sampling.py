@@ -214,8 +214,8 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_ma
 
 
 # Greedy decoding at small batch: torch's argmax reduces a row of the vocabulary in one thread block
-# (27 us for a 128K vocabulary on an H100, ~1% of a batch-1 step); cut into this many chunks,
-# the first pass runs one block per chunk.
+# (31 us for a 128K-vocabulary fp32 row on an H200, ~1% of a batch-1 step); cut into this many
+# chunks, the first pass runs one block per chunk (17 us in two passes, the same call).
 ARGMAX_CHUNKS = 256
 ARGMAX_MIN_CHUNK = 64  # elements per chunk at least
 

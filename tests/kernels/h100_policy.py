@@ -2,7 +2,7 @@
 `tma_config`, `_ws_config`, `_ws_small_m`), frozen here to generate and check the H100 plan table.
 
 It lives only in the tests: the library reads `qoq/kernels/configs/nvidia-h100-80gb-hbm3.json`.
-`python tests/kernels/h100_policy.py` rewrites that table (and the H200 copy with --h200) from
+`python tests/kernels/h100_policy.py` rewrites that table from
 this policy over the bundled model configs' shapes; `test_gemm_plan.py` checks every M of the grid.
 The policy is evaluated as on an H100 with Gluon: 132 SMs, TMA. The probe results its comments cite
 left benchmarks/results/ with issue 22; they are in git at a892bd3.
@@ -327,12 +327,6 @@ def h100_table() -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     from qoq.kernels.configs import dump_table, table_path
 
-    table = h100_table()
-    dump_table(table, table_path("nvidia-h100-80gb-hbm3"))
-    if "--h200" in sys.argv:  # the same chip: the H200 starts from the H100's plans, to be re-tuned
-        dump_table(dict(table, device="NVIDIA H200", source="a copy of the H100 table, to be re-tuned by "
-                                                             "benchmarks/tune_kernels.py"), table_path("nvidia-h200"))
+    dump_table(h100_table(), table_path("nvidia-h100-80gb-hbm3"))

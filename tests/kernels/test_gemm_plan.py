@@ -11,7 +11,7 @@ import torch
 
 from qoq.kernels import configs, gemm_plan, int_gemm
 from qoq.kernels.decode_attention import DEFAULT_PLANS, DecodePlan, decode_splits
-from qoq.kernels.gemm_plan import MODE_NAMES, GemmPlan, fallback_plan, select_plan, set_range, table_plan
+from qoq.kernels.gemm_plan import MODE_NAMES, MODE_W4_G128, GemmPlan, fallback_plan, select_plan, set_range, table_plan
 
 H100 = "nvidia-h100-80gb-hbm3"
 MODES = (int_gemm.MODE_W8, int_gemm.MODE_W4_G128, int_gemm.MODE_W4_PER_CHANNEL)
@@ -38,10 +38,18 @@ def test_h100_table_file_is_what_the_generator_writes():
     assert configs.load_table(H100) == json.loads(json.dumps(h100_policy.h100_table()))
 
 
-def test_h200_table_starts_as_the_h100_plans():
+def test_h200_table_is_tuned_over_the_h100_plans():
+    """The H200 table began as the H100's and was re-tuned on an H200 by tune_kernels.py: every
+    mode and shape is still there, and every plan is valid and runnable there."""
     h100, h200 = configs.load_table(H100), configs.load_table("nvidia-h200")
     assert h200 is not None and h200["gemm"].keys() == h100["gemm"].keys()
-    assert h200["decode_attention"] == h100["decode_attention"]
+    assert all(h200["gemm"][m].keys() == h100["gemm"][m].keys() for m in h100["gemm"])
+    assert "tune_kernels.py" in h200["source"] and h200["device"] == "NVIDIA H200"
+    for mode in h200["gemm"].values():
+        for entries in mode.values():
+            assert entries[-1][0] is None and all(gemm_plan.runnable(GemmPlan.from_json(p), True, True)
+                                                  for _, p in entries)
+    assert {int(b) for b in h200["decode_attention"]} == {4, 8, 16}
 
 
 def test_no_literal_model_shapes_in_kernels():
@@ -140,3 +148,16 @@ def test_decode_plans_are_data():
     assert decode_splits(plan, 12, 8, 64, cpu) == 2
     # at most one split per block (batch 1, context 1,024 on the H100: 7.1 us at a page each, 8.9 at two)
     assert decode_splits(plan, 1, 8, 6, cpu) == 6
+
+
+def test_input_prologue_is_opt_in_and_decode_sized(monkeypatch):
+    """A GEMM quantizes its own rows only when asked (QOQ_ACT_PROLOGUE=1), on a register plan, at
+    decode-sized M; int_gemm never routes the CPU there."""
+    reg = GemmPlan("reg_a", 8, 64, split_k=4)
+    monkeypatch.delenv("QOQ_ACT_PROLOGUE", raising=False)
+    assert not gemm_plan.quantizes_input(reg, 1)
+    monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
+    assert gemm_plan.quantizes_input(reg, 1) and gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M)
+    assert not gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M + 1)
+    assert not gemm_plan.quantizes_input(GemmPlan("ws", 64, 128, num_stages=0), 1)
+    assert not int_gemm.quantizes_input(1, 4096, 4096, MODE_W4_G128, torch.device("cpu"))
