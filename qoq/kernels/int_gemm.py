@@ -566,7 +566,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
     else:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
         cnt = arrival_counters(y.device, tiles)
-    dummy = s1
+    dummy = sx if sx is not None else s1  # any tensor, for the pointers this mode does not read
     if act is not None:
         x8 = sx = dummy
         acts = dict(xf_ptr=act.x, r_ptr=act.residual, nw_ptr=act.weight, s_ptr=act.s, H=act.x.shape[1],

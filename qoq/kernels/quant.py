@@ -36,34 +36,6 @@ except ImportError:  # pragma: no cover
     tl = None
 
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
-
-# What a decode-sized register GEMM computes from fp16 rows in its own prologue (int_gemm.ACT):
-ACT_PLAIN, ACT_RMSNORM, ACT_ADD_RMSNORM = 1, 2, 3
-
-
-class ActInput(NamedTuple):
-    """Activation rows a GEMM quantizes itself: quantize_per_token(x) (ACT_PLAIN),
-    rmsnorm_quant(x, weight, eps) (ACT_RMSNORM), or add_rmsnorm_quant(x, residual, weight, eps)
-    with the residual sum written into `s` (ACT_ADD_RMSNORM). `act_quantize` is the same as
-    one row kernel's pass (and the twins' reference)."""
-
-    x: torch.Tensor  # [M, H] floating, contiguous
-    kind: int
-    residual: torch.Tensor | None = None  # [M, H] like x (ACT_ADD_RMSNORM)
-    weight: torch.Tensor | None = None  # [H] norm weight (None: folded away)
-    eps: float = 0.0
-    s: torch.Tensor | None = None  # [M, H] out: x + residual (ACT_ADD_RMSNORM)
-
-
-def act_quantize(act: ActInput):
-    """(x8, scale, xsum) of `act` by its row kernel (or twin), and act.s filled where it has one."""
-    if act.kind == ACT_PLAIN:
-        return quantize_per_token(act.x)
-    if act.kind == ACT_RMSNORM:
-        return rmsnorm_quant(act.x, act.weight, act.eps)
-    x8, scale, xsum, s = add_rmsnorm_quant(act.x, act.residual, act.weight, act.eps)
-    act.s.copy_(s)
-    return x8, scale, xsum
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds fp32 to nearest even
 
 
@@ -237,3 +209,32 @@ add_rmsnorm = dispatch(add_rmsnorm_ref, add_rmsnorm_triton)
 add_rmsnorm_quant = dispatch(add_rmsnorm_quant_ref, add_rmsnorm_quant_triton)
 silu_mul_quant = dispatch(silu_mul_quant_ref, silu_mul_quant_triton)
 quantize_per_token = dispatch(quantize_per_token_ref, quantize_per_token_triton)
+
+
+# What a decode-sized register GEMM computes from fp16 rows in its own prologue (int_gemm.ACT):
+ACT_PLAIN, ACT_RMSNORM, ACT_ADD_RMSNORM = 1, 2, 3
+
+
+class ActInput(NamedTuple):
+    """Activation rows a GEMM quantizes itself: quantize_per_token(x) (ACT_PLAIN),
+    rmsnorm_quant(x, weight, eps) (ACT_RMSNORM), or add_rmsnorm_quant(x, residual, weight, eps)
+    with the residual sum written into `s` (ACT_ADD_RMSNORM). `act_quantize` is the same as
+    one row kernel's pass (and the twins' reference)."""
+
+    x: torch.Tensor  # [M, H] floating, contiguous
+    kind: int
+    residual: torch.Tensor | None = None  # [M, H] like x (ACT_ADD_RMSNORM)
+    weight: torch.Tensor | None = None  # [H] norm weight (None: folded away)
+    eps: float = 0.0
+    s: torch.Tensor | None = None  # [M, H] out: x + residual (ACT_ADD_RMSNORM)
+
+
+def act_quantize(act: ActInput):
+    """(x8, scale, xsum) of `act` by its row kernel (or twin), and act.s filled where it has one."""
+    if act.kind == ACT_PLAIN:
+        return quantize_per_token(act.x)
+    if act.kind == ACT_RMSNORM:
+        return rmsnorm_quant(act.x, act.weight, act.eps)
+    x8, scale, xsum, s = add_rmsnorm_quant(act.x, act.residual, act.weight, act.eps)
+    act.s.copy_(s)
+    return x8, scale, xsum
