@@ -15,10 +15,11 @@
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
 #   kernels   bench_kernels.py and bench_attention.py: the kernel records (kernels-<gpu>.json, attention-<gpu>.json)
-#   b1        batch-1 decode: profile_decode.py's kernel table (eager) and the engine's graphed step
+#   b1        batch-1 decode: profile_decode.py --graphs (kernel table, exposed times) and the engine's graphed step
+#   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1, twice
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|prologue|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -88,10 +89,18 @@ case "$part" in
     timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention-$gpu.json" > "$out/attention.log" 2>&1
     echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10 ;;
   b1)
-    timeout 200 python3 benchmarks/profile_decode.py --precision w4a8kv4 --batch 1 --context 1024 --steps 20 \
+    timeout 200 python3 benchmarks/profile_decode.py --graphs --precision w4a8kv4 --batch 1 --context 1024 --steps 20 \
       > "$out/profile-decode-b1-$gpu.txt" 2>&1; echo "profile b1: exit $?"; grep -v Warning "$out/profile-decode-b1-$gpu.txt" | head -40
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/engine-b1.log" ;;
+  prologue)
+    timeout 90 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "own_input or touches_no_memory" \
+      > "$out/test_gemm_prologue.log" 2>&1; echo "prologue tests: exit $? $(tail -1 "$out/test_gemm_prologue.log")"
+    for rep in 1 2; do for on in 0 1; do
+      QOQ_ACT_PROLOGUE=$on timeout 95 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 \
+        --output-len 256 2> "$out/b1-prologue$on-$rep.err" | tail -1 > "$out/b1-prologue$on-$rep.json"
+      echo "b1 QOQ_ACT_PROLOGUE=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/b1-prologue$on-$rep.json" 2>&1 | tail -1)"
+    done; done ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work
     python3 - "$work" <<'PY' || exit 1
