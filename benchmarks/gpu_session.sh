@@ -90,7 +90,7 @@ case "$part" in
     echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10 ;;
   b1)
     timeout 200 python3 benchmarks/profile_decode.py --graphs --precision w4a8kv4 --batch 1 --context 1024 --steps 20 \
-      > "$out/profile-decode-b1-$gpu.txt" 2>&1; echo "profile b1: exit $?"; grep -v Warning "$out/profile-decode-b1-$gpu.txt" | head -40
+      > "$out/profile-decode-b1-$gpu.txt" 2>&1; echo "profile b1: exit $?"; grep -A24 "exposed time" "$out/profile-decode-b1-$gpu.txt"
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/engine-b1.log" ;;
   prologue)
