@@ -176,8 +176,10 @@ def decode_shapes(m: int, n: int, k: int, mode: int, sms: int) -> list[GemmPlan]
 
 
 def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
-    """A register plan's neighbours in its pipeline knobs: stages, chunks per iteration, the L2
-    prefetch and the dependent launch's early prefetch."""
+    """A register plan's neighbours in its pipeline knobs: stages, chunks per iteration and the L2
+    prefetch. Not `pdl_chunks`: timed back to back, a GEMM's early prefetch only takes bandwidth from
+    the same GEMM before it (the tuned H200 table chose 1 for most decode points, and its batch-1
+    step was not faster), while in the decode chain it overlaps a row kernel or attention."""
     if plan.kernel not in ("reg_a", "mma_sync"):
         return []
     chunks = k // 128
@@ -186,7 +188,6 @@ def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
             if u != plan.unroll and fit_unroll(chunks, plan.split_k, u) == u]
     if tma:  # Hopper PTX
         out += [dataclasses.replace(plan, prefetch=p) for p in (4, 8) if p != plan.prefetch]
-        out += [dataclasses.replace(plan, pdl_chunks=c) for c in (1, 8, 16) if c != plan.pdl_chunks]
     return out
 
 
