@@ -55,6 +55,7 @@ from qoq.kernels.gemm_plan import (  # noqa: E402
     set_range,
     table_plan,
 )
+from qoq.kernels.quant import quantize_per_token  # noqa: E402
 from qoq.kernels.w4a8_gemm import (  # noqa: E402
     w4a8_g128_gemm_ref,
     w4a8_g128_gemm_triton,
@@ -70,7 +71,7 @@ KERNELS = {
     MODE_W4_G128: (w4a8_g128_gemm_triton, w4a8_g128_gemm_ref, g128_weights, False),
     2: (w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref, per_channel_weights, True),
 }
-DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 4096)
+DEFAULT_MS = (1, 8, 16, 64, 128, 256, 512, 1024, 4096)
 TOLERANCE = 2e-3
 
 
@@ -176,10 +177,10 @@ def decode_shapes(m: int, n: int, k: int, mode: int, sms: int) -> list[GemmPlan]
 
 
 def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
-    """A register plan's neighbours in its pipeline knobs: stages, chunks per iteration and the L2
-    prefetch. Not `pdl_chunks`: timed back to back, a GEMM's early prefetch only takes bandwidth from
-    the same GEMM before it (the tuned H200 table chose 1 for most decode points, and its batch-1
-    step was not faster), while in the decode chain it overlaps a row kernel or attention."""
+    """A register plan's neighbours in its pipeline knobs: stages, chunks per iteration, the L2
+    prefetch and the early prefetch before the dependent launch's wait (`pdl_chunks`, timed behind
+    the row kernel as in the decode chain, tune_point: timed behind a copy of the same GEMM, the
+    H200's first tuning run saw only its cost and chose 1 at most points)."""
     if plan.kernel not in ("reg_a", "mma_sync"):
         return []
     chunks = k // 128
@@ -188,6 +189,7 @@ def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
             if u != plan.unroll and fit_unroll(chunks, plan.split_k, u) == u]
     if tma:  # Hopper PTX
         out += [dataclasses.replace(plan, prefetch=p) for p in (4, 8) if p != plan.prefetch]
+        out += [dataclasses.replace(plan, pdl_chunks=c) for c in (1, 8, 16) if c != plan.pdl_chunks]
     return out
 
 
@@ -218,11 +220,22 @@ def weight_copies(mode: int, n: int, k: int, device, gen) -> list:
 
 
 def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> list[dict]:
-    """One record per plan tried: its time, or why it was rejected; stops at the deadline."""
+    """One record per plan tried: its time, or why it was rejected; stops at the deadline.
+
+    Decode-sized M is timed as the decode step runs it: each call quantizes fp16 rows
+    (quantize_per_token, the row kernel) and then runs the GEMM, so the GEMM starts, as a dependent
+    launch, behind a short kernel rather than behind a copy of itself (its early weight prefetch
+    overlaps the row kernel, as in the engine); the row kernel's time is the same for every plan."""
     fn, ref, _, with_sum = KERNELS[mode]
     x8, sx, xsum = random_activations(m, k, device, gen)
     act = (x8, sx, xsum) if with_sum else (x8, sx)
     sets = [act + w for w in weights]
+    xf = torch.randn(m, k, generator=gen, device=gen.device).to(device, torch.float16)
+
+    def chained(w, plan):
+        x8, sx, xsum = quantize_per_token(xf)
+        return fn(*((x8, sx, xsum) if with_sum else (x8, sx)), *w, config=plan)
+
     records = []
     for plan in plans:
         if time.time() > deadline:
@@ -232,7 +245,10 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
             err = rel_err(fn(*sets[0], config=plan), ref(*sets[0]))  # checked before it is timed
             if not err < TOLERANCE:
                 raise AssertionError(f"rel err {err:.3g} against the torch twin")
-            rec["ms"] = timer([lambda a=a: fn(*a, config=plan) for a in sets])
+            if m <= DECODE_M:
+                rec["ms"] = timer([lambda w=w: chained(w, plan) for w in weights])
+            else:
+                rec["ms"] = timer([lambda a=a: fn(*a, config=plan) for a in sets])
         except Exception as e:  # a plan this GPU cannot build or run: noted, not chosen
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         records.append(rec)

@@ -47,8 +47,8 @@ def test_decode_candidates_search_tiles_splits_and_then_pipeline_knobs():
     changed = [{f for f in ("num_stages", "unroll", "prefetch", "pdl_chunks") if getattr(p, f) != getattr(base, f)}
                for p in more]
     assert all(len(c) == 1 for c in changed)
-    assert "prefetch" in set().union(*changed) and "pdl_chunks" not in set().union(*changed)
-    assert not any(p.prefetch for p in tune_kernels.refinements(base, 4096, tma=False))
+    assert {"prefetch", "pdl_chunks"} <= set().union(*changed)
+    assert not any(p.prefetch or p.pdl_chunks != 4 for p in tune_kernels.refinements(base, 4096, tma=False))
     assert GemmPlan.from_json(GemmPlan("reg_a", 8, 64, pdl_chunks=16).to_json()).pdl_chunks == 16
     with pytest.raises(ValueError):
         GemmPlan("tma", 64, 64, pdl_chunks=8)  # the register kernels' field
