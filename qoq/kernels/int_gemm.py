@@ -138,27 +138,25 @@ def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
 def _act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
                ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
     """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
-    activation: y = x (ACT_PLAIN) or its RMSNorm (a first pass for the sum of squares)."""
+    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows: the norm's factor is
+    positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
+    (x * rsqrt) * nw instead: a code can differ by one where a value sits on a rounding edge)."""
     kk = tl.arange(0, _ACT_BLOCK)
     rows = offs_m[:, None].to(tl.int64) * H
-    inv = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if ACT >= 2:
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, H, _ACT_BLOCK):
-            mask = m_mask[:, None] & (k0 + kk < H)[None, :]
-            v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
-            ss += tl.sum(v * v, axis=1)
-        inv = 1.0 / tl.sqrt(ss / H + eps)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, H, _ACT_BLOCK):
         mask = m_mask[:, None] & (k0 + kk < H)[None, :]
-        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store & (ACT < 2), ACT)
+        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
         if ACT >= 2:
-            v = v * inv[:, None]
+            ss += tl.sum(v * v, axis=1)
             if HAS_NW:
                 v = v * tl.load(nw_ptr + k0 + kk, mask=k0 + kk < H, other=0.0).to(tl.float32)[None, :]
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-    return amax / 127.0, inv
+    inv = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if ACT >= 2:
+        inv = 1.0 / tl.sqrt(ss / H + eps)
+    return amax * inv / 127.0, inv
 
 
 @lazy_jit.helper
@@ -211,9 +209,9 @@ def _int8_gemm_kernel(
     ACT (SWAP only): the program quantizes its own activation rows instead of reading x8 / sx /
     xsum, as the row kernels of quant.py would (ACT_PLAIN: per token; ACT_RMSNORM: of
     x * rsqrt(mean(x^2) + eps) * nw; ACT_ADD_RMSNORM: of the norm of s = x + r rounded to x's
-    dtype, which the programs of the first weight tile and split store). A prologue over the H
-    input channels of the rows takes the statistics (sum of squares, then the absolute maximum),
-    and each chunk is quantized as the loop loads it; per-channel W4 (MODE 2) sums each split's
+    dtype, which the programs of the first weight tile and split store). A prologue pass over the
+    H input channels of the rows takes the statistics (sum of squares and absolute maximum), and
+    each chunk is quantized as the loop loads it; per-channel W4 (MODE 2) sums each split's
     own codes for its share of the zero term. Decode-sized M only (gemm_plan.quantizes_input):
     every program reads the whole rows."""
     pid = tl.program_id(0)
