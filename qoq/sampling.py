@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -220,6 +221,7 @@ ARGMAX_CHUNKS = 256
 ARGMAX_MIN_CHUNK = 64  # elements per chunk at least
 
 
+@functools.lru_cache(maxsize=None)
 def _argmax_chunks(vocab: int) -> int:
     """The largest divisor of vocab up to ARGMAX_CHUNKS whose chunks hold ARGMAX_MIN_CHUNK or more
     (a view, no padding copy); 1 where there is none worth splitting into."""

@@ -481,8 +481,8 @@ class DecodePlan:
     resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
     fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle;
     and in the kernel never fewer than min_split_blocks blocks of tokens per split (a short
-    context at a small batch: fewer partials to merge). Without splits and at least deep_min_programs programs, deep_stages pipeline stages (0: keep
-    num_stages)."""
+    context at a small batch: fewer partials to merge). Without splits and at least
+    deep_min_programs programs, deep_stages pipeline stages (0: keep num_stages)."""
 
     transposed: bool = False  # `_decode_kernel_t`: tokens as the MMA's M, the GQA group its N
     num_warps: int = 1

@@ -229,12 +229,17 @@ CPU_SMS = 8
 ACT_PROLOGUE_MAX_M = 8
 
 
+def act_prologue_allowed(M: int) -> bool:
+    """The cheap half of `quantizes_input`, asked before any plan lookup (it runs for every
+    quantized linear of an eager forward). Opt-in (QOQ_ACT_PROLOGUE=1) until a GPU run has
+    measured it against the row kernels: the interpreter tests check its arithmetic, no GPU has
+    run it yet."""
+    return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "0") == "1"
+
+
 def quantizes_input(plan: GemmPlan, M: int) -> bool:
-    """Whether the GEMM of this plan at M tokens takes its activation unquantized. Opt-in
-    (QOQ_ACT_PROLOGUE=1) until a GPU run has measured it against the row kernels: the interpreter
-    tests check its arithmetic, no GPU has run it yet."""
-    return (plan.kernel in REGISTER_KERNELS and plan.swap_ab and M <= ACT_PROLOGUE_MAX_M
-            and os.environ.get("QOQ_ACT_PROLOGUE", "0") == "1")
+    """Whether the GEMM of this plan at M tokens takes its activation unquantized."""
+    return act_prologue_allowed(M) and plan.kernel in REGISTER_KERNELS and plan.swap_ab
 
 
 def select_plan(M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:

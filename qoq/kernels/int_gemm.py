@@ -490,7 +490,7 @@ def fused_silu_mul(M: int, N: int, K: int, mode: int, device: torch.device) -> b
 def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
     """Whether a GEMM of this size takes its activation as fp16 rows (`ActInput`) and quantizes it
     in its own prologue (int8_gemm_act_triton): decode-sized M on a GPU, where its plan says so."""
-    if device.type != "cuda" or triton is None:
+    if not gemm_plan_mod.act_prologue_allowed(M) or device.type != "cuda" or triton is None:
         return False
     return gemm_plan_mod.quantizes_input(select_plan(M, N, K, mode, device), M)
 

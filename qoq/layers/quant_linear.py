@@ -18,6 +18,7 @@ from torch import nn
 
 from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
                          w4a8_per_channel_gemm, w8a8_gemm)
+from qoq.kernels.gemm_plan import act_prologue_allowed
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.kernels.quant import ACT_PLAIN, ActInput
@@ -94,6 +95,8 @@ class QuantLinear(nn.Module):
         """Whether this layer's GEMM quantizes its own input rows for a batch of num_tokens
         (int_gemm.quantizes_input: a decode-sized batch on a GPU whose plan says so); a norm before
         it then hands it a DeferredActivation, and a plain input skips quantize_per_token."""
+        if not act_prologue_allowed(num_tokens):  # before the buffer and plan lookups
+            return False
         device = next(self.buffers()).device
         return int_gemm.quantizes_input(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
 

@@ -96,6 +96,7 @@ def test_gemms_quantizing_their_own_rows_match_the_row_kernels(monkeypatch, prec
         rows = model(ids)
         monkeypatch.setattr(QuantLinear, "forward", spy)
         monkeypatch.setattr(quant_linear, "use_triton", lambda t: True)  # the GEMM twins still dispatch to torch
+        monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")  # opt-in
         monkeypatch.setattr(int_gemm, "quantizes_input", lambda m, n, k, mode, device: m <= 8)
         fused = model(ids)
         assert kinds[:4] == [DeferredActivation.__name__, "Tensor", DeferredActivation.__name__, "QuantizedActivation"]
