@@ -11,6 +11,7 @@
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
 #   tune      tune_kernels.py for the Llama-3-8B shapes and decode attention into tune-<gpu>.json
+#             (TUNE_INSTALL=1: also into qoq/kernels/configs/nvidia-<gpu>.json for the parts after it)
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
@@ -60,10 +61,12 @@ case "$part" in
       --out "$out/serve-fp16-$gpu.json" > "$out/serve-fp16.log" 2>&1
     echo "fp16: exit $?"; tail -40 "$out/serve-fp16.log" ;;
   tune)
-    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 360 \
-      --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel} --attention-bits 4,8 --attention-budget-s 120 \
+    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${TUNE_BUDGET_S:-360} \
+      --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel} --attention-bits "${TUNE_ATTENTION_BITS-4,8}" --attention-budget-s 120 \
       --out "$out/tune-$gpu.json" > "$out/tune.log" 2>&1
-    echo "tune: exit $?"; tail -20 "$out/tune.log" ;;
+    rc=$?; echo "tune: exit $rc"; tail -20 "$out/tune.log"
+    # TUNE_INSTALL=1: the parts after this one run with the table just tuned
+    if [ "${TUNE_INSTALL:-0}" = 1 ] && [ $rc = 0 ]; then cp "$out/tune-$gpu.json" "qoq/kernels/configs/nvidia-$gpu.json"; fi ;;
   prefill)
     timeout 200 python3 benchmarks/probe_paged_prefill.py --out "$out/paged-prefill-probe-$gpu.json" \
       > "$out/paged-prefill-probe.log" 2>&1
