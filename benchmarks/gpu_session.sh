@@ -18,9 +18,11 @@
 #   kernels   bench_kernels.py and bench_attention.py: the kernel records (kernels-<gpu>.json, attention-<gpu>.json)
 #   b1        batch-1 decode: profile_decode.py --graphs (kernel table, exposed times) and the engine's graphed step
 #   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1, twice
+#   gemv      the CUDA-core gemv kernel: its GPU tests, then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
+#             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|prologue|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|prologue|gemv|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -104,6 +106,15 @@ case "$part" in
         --output-len 256 2> "$out/b1-prologue$on-$rep.err" | tail -1 > "$out/b1-prologue$on-$rep.json"
       echo "b1 QOQ_ACT_PROLOGUE=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/b1-prologue$on-$rep.json" 2>&1 | tail -1)"
     done; done ;;
+  gemv)
+    timeout 120 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "gemv" > "$out/test_gemv.log" 2>&1
+    echo "gemv tests: exit $? $(tail -1 "$out/test_gemv.log")"
+    # the decode points where the CUDA-core kernel competes (M <= 4), into the table for what follows
+    timeout 300 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 200 --ms ${GEMV_MS:-1,4} \
+      --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel,w8a8} --attention-bits "" --out "$out/tune-gemv-$gpu.json" \
+      --results "$out/tune-gemv-results-$gpu.json" > "$out/tune-gemv.log" 2>&1
+    rc=$?; echo "tune gemv: exit $rc"; grep -E "M=|tuned" "$out/tune-gemv.log" | tail -30
+    [ $rc = 0 ] && cp "$out/tune-gemv-$gpu.json" "qoq/kernels/configs/nvidia-$gpu.json" ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work
     python3 - "$work" <<'PY' || exit 1

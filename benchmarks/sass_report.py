@@ -4,6 +4,7 @@ most frequent opcodes. The numbers behind the register and instruction counts in
 
     python benchmarks/sass_report.py decode --bits 4 --swap 1
     python benchmarks/sass_report.py gemm --mode 2 --block-m 16 --block-n 64 --split 8
+    python benchmarks/sass_report.py gemv --mode 1 --block-n 32 --unroll 4 --split 4
 
 Pointer arguments are compiled as 16-byte aligned and the strides that the launchers pass as
 multiples of 16, as the runtime JIT specializes them; without that every load of the offline
@@ -23,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qoq.kernels import decode_attention, int_gemm
+from qoq.kernels import decode_attention, gemv, int_gemm
 
 SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -54,6 +55,15 @@ def gemm_kernel(args):
         sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
+    return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
+
+
+def gemv_kernel(args):
+    fn = gemv._gemv_kernel.jitted
+    sig = dict(x_ptr="*i32", w_ptr="*i32", sx_ptr="*fp32", xsum_ptr="*fp32", s1_ptr="*fp16", s2_ptr="*u8",
+               sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
+    consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
+                  NUM_STAGES=args.stages, FAST=True, PDL=args.pdl)
     return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
 
 
@@ -108,7 +118,7 @@ def report(kernel, dump: str | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kernel", choices=["decode", "gemm"])
+    p.add_argument("kernel", choices=["decode", "gemm", "gemv"])
     p.add_argument("--bits", type=int, default=4, help="decode: 4, 8 or 16")
     p.add_argument("--swap", type=int, default=1, help="decode: 1 the transposed kernel, 0 the row kernel")
     p.add_argument("--group", type=int, default=4, help="decode: query heads per kv head")
@@ -128,7 +138,7 @@ def main() -> None:
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")
     args = p.parse_args()
-    fn, sig, consts, aligned, warps = (decode_kernel if args.kernel == "decode" else gemm_kernel)(args)
+    fn, sig, consts, aligned, warps = dict(decode=decode_kernel, gemm=gemm_kernel, gemv=gemv_kernel)[args.kernel](args)
     for key, value in report(build(fn, sig, consts, aligned, warps, args.maxnreg), args.dump).items():
         print(f"{key:>18}: {value}")
 

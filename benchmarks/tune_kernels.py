@@ -45,9 +45,11 @@ from qoq.kernels.decode_attention import (  # noqa: E402
     paged_decode_attention_triton,
 )
 from qoq.kernels.gemm_plan import (  # noqa: E402
+    GEMV_MAX_M,
     MODE_NAMES,
     MODE_W4_G128,
     MODE_W8,
+    SPLIT_K_KERNELS,
     GemmPlan,
     fallback_plan,
     fit_unroll,
@@ -71,7 +73,7 @@ KERNELS = {
     MODE_W4_G128: (w4a8_g128_gemm_triton, w4a8_g128_gemm_ref, g128_weights, False),
     2: (w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref, per_channel_weights, True),
 }
-DEFAULT_MS = (1, 8, 16, 64, 128, 256, 512, 1024, 4096)
+DEFAULT_MS = (1, 4, 8, 16, 64, 128, 256, 512, 1024, 4096)
 TOLERANCE = 2e-3
 
 
@@ -156,21 +158,25 @@ DECODE_M = 16
 
 
 def decode_shapes(m: int, n: int, k: int, mode: int, sms: int) -> list[GemmPlan]:
-    """Decode-sized M (weight-bandwidth bound): the register kernels' tile widths and warp counts,
-    each with every power-of-two split-K from one wave's worth of programs up to eight."""
+    """Decode-sized M (weight-bandwidth bound): the register kernels' tile widths and warp counts
+    (and the CUDA-core gemv kernel's up to GEMV_MAX_M tokens), each with every power-of-two split-K
+    from one wave's worth of programs up to eight."""
     w4 = mode != MODE_W8
-    bm = 8 if w4 and m <= 8 else 16
     chunks = k // 128
     out = []
-    for kernel, warps, bn in (("reg_a", 4, 64), ("mma_sync", 2, 64), ("reg_a", 4, 128), ("mma_sync", 2, 32),
-                              ("mma_sync", 1, 32)):
+    shapes = [("reg_a", 4, 64), ("mma_sync", 2, 64), ("reg_a", 4, 128), ("mma_sync", 2, 32), ("mma_sync", 1, 32)]
+    if m <= GEMV_MAX_M:  # the CUDA-core kernel: one token per program
+        shapes += [("gemv", 4, 32), ("gemv", 4, 64), ("gemv", 2, 16), ("gemv", 8, 128)]
+    for kernel, warps, bn in shapes:
+        bm = 1 if kernel == "gemv" else 8 if w4 and m <= 8 else 16
         tiles = -(-m // bm) * -(-n // bn)
         for split in (1, 2, 4, 8, 16):
             if split > 1 and (chunks // split < 2 or tiles * split > 8 * sms):
                 break  # pieces under two chunks, or more than eight programs per SM
             if 2 * tiles * split < sms and split < 16 and chunks // (2 * split) >= 2:
                 continue  # under half a wave while a larger split is possible
-            unroll = fit_unroll(chunks, split, 4 if mode == MODE_W4_G128 else 1)
+            want = (4 if w4 else 2) if kernel == "gemv" else 4 if mode == MODE_W4_G128 else 1
+            unroll = fit_unroll(chunks, split, want)
             out.append(GemmPlan(kernel, bm, bn, num_warps=warps, num_stages=3 if unroll > 1 else 4,
                                 split_k=split, unroll=unroll))
     return out
@@ -181,14 +187,15 @@ def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
     prefetch and the early prefetch before the dependent launch's wait (`pdl_chunks`, timed behind
     the row kernel as in the decode chain, tune_point: timed behind a copy of the same GEMM, the
     H200's first tuning run saw only its cost and chose 1 at most points)."""
-    if plan.kernel not in ("reg_a", "mma_sync"):
+    if plan.kernel not in SPLIT_K_KERNELS:
         return []
     chunks = k // 128
     out = [dataclasses.replace(plan, num_stages=s) for s in (2, 3, 4, 5) if s != plan.num_stages]
     out += [dataclasses.replace(plan, unroll=u) for u in (1, 2, 4)
             if u != plan.unroll and fit_unroll(chunks, plan.split_k, u) == u]
     if tma:  # Hopper PTX
-        out += [dataclasses.replace(plan, prefetch=p) for p in (4, 8) if p != plan.prefetch]
+        if plan.kernel != "gemv":
+            out += [dataclasses.replace(plan, prefetch=p) for p in (4, 8) if p != plan.prefetch]
         out += [dataclasses.replace(plan, pdl_chunks=c) for c in (1, 8, 16) if c != plan.pdl_chunks]
     return out
 
@@ -256,7 +263,7 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
 
 
 def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: float, out: str | None,
-         limit: int = 8, log=print, jobs: int = 1, decode_limit: int = 24) -> tuple[dict, list]:
+         limit: int = 8, log=print, jobs: int = 1, decode_limit: int = 40) -> tuple[dict, list]:
     """Tune `table` (a copy is returned) over modes x shapes x ms; rewrites `out` after each shape.
 
     M up to DECODE_M takes up to `decode_limit` candidates, then the best one's refinements.
@@ -463,7 +470,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
     ap.add_argument("--budget-s", type=float, default=420.0, help="no candidate starts after this many seconds")
     ap.add_argument("--max-candidates", type=int, default=8)
-    ap.add_argument("--decode-candidates", type=int, default=24, help="candidates at M <= 16, before refinement")
+    ap.add_argument("--decode-candidates", type=int, default=40, help="candidates at M <= 16, before refinement")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling candidates")
     ap.add_argument("--table", help="the table to start from (default: this GPU's, else the H100's)")
     ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")

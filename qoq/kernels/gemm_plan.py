@@ -13,6 +13,8 @@ Kernels (int_gemm.py, ws_gemm.py):
 - "tma": the `tl` kernel with both operands in shared memory by TMA (Hopper), W4 unpacked in its
   loop or ahead by its own pass; the last partial wave of tiles is cut into K pieces.
 - "ws": the warp-specialized persistent Gluon kernel (Hopper), W4 unpacked inside it or ahead.
+- "gemv" (gemv.py): a few tokens (M <= gemv.GEMV_MAX_M) on the CUDA cores, the weight rows read as
+  32-bit words and multiplied by dp4a; one token per program (block_m 1), split-K as reg_a's.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from qoq.kernels import configs, ws_gemm
 
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 MODE_NAMES = {MODE_W8: "w8a8", MODE_W4_G128: "w4a8_g128", MODE_W4_PER_CHANNEL: "w4a8_per_channel"}
-KERNELS = ("reg_a", "mma_sync", "tma", "ws")
-REGISTER_KERNELS = ("reg_a", "mma_sync")
+KERNELS = ("reg_a", "mma_sync", "tma", "ws", "gemv")
+REGISTER_KERNELS = ("reg_a", "mma_sync")  # the tensor-core kernels with one-launch split-K
+SPLIT_K_KERNELS = REGISTER_KERNELS + ("gemv",)  # the kernels that read split_k / unroll / pdl_chunks
+# The most tokens a "gemv" plan takes: every token re-reads the weight tile (from L2 after the
+# first) and the dp4a work grows with M, where the tensor-core kernels' grows per MMA only.
+GEMV_MAX_M = 4
 HOPPER_KERNELS = ("tma", "ws")
 
 
@@ -67,7 +73,9 @@ class GemmPlan:
         need(self.unpack in ("in_loop", "ahead"), "unpack 'in_loop' or 'ahead'")
         need(self.block_m > 0 and self.block_n > 0 and not (self.block_m & (self.block_m - 1))
              and not (self.block_n & (self.block_n - 1)), "power-of-two tiles")
-        register = self.kernel in REGISTER_KERNELS
+        register = self.kernel in SPLIT_K_KERNELS
+        if self.kernel == "gemv":
+            need(self.block_m == 1 and self.prefetch == 0, "gemv: one token per program (block_m 1), no prefetch")
         if self.kernel == "reg_a":
             need(self.num_warps >= 4, "reg_a runs warpgroups: num_warps >= 4")
         if self.kernel == "mma_sync":
@@ -205,9 +213,10 @@ def device_caps(device_index: int) -> tuple[int, bool, bool]:
             ws_gemm.supported(device_index))
 
 
-def runnable(plan: GemmPlan, tma: bool, gluon: bool) -> bool:
-    return (plan.kernel in REGISTER_KERNELS or (tma and plan.kernel == "tma")
-            or (gluon and plan.kernel == "ws")) and (plan.prefetch == 0 or tma)
+def runnable(plan: GemmPlan, tma: bool, gluon: bool, m: int = 1) -> bool:
+    """Whether this GPU (TMA, the Gluon kernel) can run the plan for m tokens."""
+    return ((plan.kernel in SPLIT_K_KERNELS or (tma and plan.kernel == "tma") or (gluon and plan.kernel == "ws"))
+            and (plan.prefetch == 0 or tma) and (plan.kernel != "gemv" or m <= GEMV_MAX_M))
 
 
 @functools.lru_cache(maxsize=8192)
@@ -215,7 +224,7 @@ def _select_cuda(M: int, N: int, K: int, mode: int, device_index: int) -> GemmPl
     sms, tma, gluon = device_caps(device_index)
     table = configs.load_table(configs.device_key(device_index))
     plan = table_plan(table, mode, M, N, K) if table else None
-    if plan is None or not runnable(plan, tma, gluon):
+    if plan is None or not runnable(plan, tma, gluon, M):
         plan = fallback_plan(M, N, K, mode, sms, tma, gluon)
     return plan
 

@@ -34,6 +34,7 @@ import torch
 from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
+from qoq.kernels.gemv import gemv_alignment_ok, launch_gemv, prefetch_line_l2, store_split
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
     HOPPER_KERNELS,
@@ -77,13 +78,6 @@ def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constex
         s2 = tl.zeros_like(offs_n)
         sz = tl.zeros_like(offs_n)
     return s2, sz
-
-
-@lazy_jit.helper
-def _prefetch_line_l2(ptrs):
-    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs.to(tl.int64, bitcast=False)],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @lazy_jit.helper
@@ -246,7 +240,7 @@ def _int8_gemm_kernel(
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
-                _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
+                prefetch_line_l2(w_rows + c_begin * row_bytes + j)
         gdc_wait()
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
@@ -258,7 +252,7 @@ def _int8_gemm_kernel(
     if PREFETCH > 0:  # the lines of the first PREFETCH chunks
         for j in tl.static_range(0, PREFETCH * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
-                _prefetch_line_l2(w_rows + c_begin * row_bytes + j)
+                prefetch_line_l2(w_rows + c_begin * row_bytes + j)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
         if PACKED:
             word: tl.constexpr = tl.uint16 if UNROLL == 2 else tl.uint32
@@ -269,7 +263,7 @@ def _int8_gemm_kernel(
             c = c0 + u
             if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
                 if (c + PREFETCH < c_end) & ((c + PREFETCH) * row_bytes % 128 == 0):
-                    _prefetch_line_l2(w_rows + (c + PREFETCH) * row_bytes)
+                    prefetch_line_l2(w_rows + (c + PREFETCH) * row_bytes)
             if ACT > 0:
                 x_lo = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128, offs_h, x_mask, H, inv, safe, ACT, HAS_NW)
                 x_hi = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64, offs_h, x_mask, H, inv, safe, ACT,
@@ -321,22 +315,7 @@ def _int8_gemm_kernel(
             y = y - xsum[:, None] * szero[None, :]
         offs_y = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Split-K in one launch: every split writes its fp32 partial tile to the workspace; the
-        # last split to arrive at the tile's counter (acq_rel) sums the partials, stores fp16
-        # and resets the counter to 0 for the next call.
-        mn = N.to(tl.int64) * M
-        tl.store(ws_ptr + pid_k * mn + offs_y, y, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(ws_ptr + s * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+    store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, pid, pid_k, N.to(tl.int64) * M, SPLIT_K)
 
 
 @lazy_jit
@@ -511,8 +490,9 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | 
     M, K = x8.shape
     N = w.shape[0]
     plan = _as_plan(config, M, N, K, mode, x8.device)
-    if plan.kernel in HOPPER_KERNELS and (x8.data_ptr() % 16 or w.data_ptr() % 16):
-        # TMA needs 16-byte-aligned bases: a property of these tensors, not of the shape
+    if ((plan.kernel in HOPPER_KERNELS and (x8.data_ptr() % 16 or w.data_ptr() % 16))
+            or (plan.kernel == "gemv" and not gemv_alignment_ok(x8, w))):
+        # TMA needs 16-byte-aligned bases, gemv 4-byte ones: a property of these tensors, not of the shape
         sms = device_caps(x8.device.index or 0)[0] if x8.is_cuda else CPU_SMS
         plan = fallback_plan(M, N, K, mode, sms, tma=False, gluon=False)
     fast = x8.is_cuda if plan.fast is None else plan.fast
@@ -525,6 +505,8 @@ def int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | 
     y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
     if plan.kernel in HOPPER_KERNELS:
         _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast)
+    elif plan.kernel == "gemv":
+        launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast)
     else:
         _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, fast)
     return y

@@ -516,6 +516,11 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert act["pdl_wait"] == "True" and act["memory_before_pdl_wait"] == "0" and act["pdl_signal_after_wait"] == "True"
     plain = sass_report("gemm", "--mode", "1", "--block-m", "8", "--split", "4", "--unroll", "4", "--stages", "3")
     assert plain["pdl_wait"] == "False"
+    # the CUDA-core gemv kernel: the same contract, and its dp4a compiles to IDP
+    gemv = sass_report("gemv", "--mode", "1", "--block-n", "32", "--split", "4", "--unroll", "4", "--pdl", "4")
+    assert gemv["pdl_wait"] == "True" and gemv["memory_before_pdl_wait"] == "0"
+    assert gemv["pdl_signal_after_wait"] == "True" and int(gemv["prefetch_before_pdl_wait"]) > 0
+    assert "'IDP'" in gemv["top"] and gemv["stack"] == "0"
 
 
 def test_pdl_decode_attention_waits_before_memory_sm90():
@@ -574,3 +579,42 @@ def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_ki
             assert torch.equal(s_out.cpu(), ref_act.s)  # x + residual in fp16, exactly
     with pytest.raises(ValueError, match="register kernels"):
         int8_gemm_act_triton(act, w, s1, s2, sz, mode, GemmPlan("tma", 64, 64))
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_matches_ref(kind, m, device, gen, poison):
+    """The CUDA-core "gemv" plan (dp4a on 32-bit words, one token per program): whole and split-K
+    (repeat calls: the counters reset), one to four chunks per iteration, N not a multiple of the
+    tile, with SiLU*mul after it; the same sums as the twin."""
+    k, n = 512, 80
+    if kind == "w8a8":
+        x8, sx, _ = random_activations(m, k, device, gen)
+        case, fn, ref = (x8, sx) + w8_weights(n, k, device, gen), w8a8_gemm_triton, w8a8_gemm_ref
+    elif kind == "g128":
+        case, fn, ref = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton, w4a8_g128_gemm_ref
+    else:
+        case = per_channel_case(m, n, k, device, gen)
+        fn, ref = w4a8_per_channel_gemm_triton, w4a8_per_channel_gemm_ref
+    want = ref(*case)
+    for split, unroll, bn, warps in ((1, 4, 32, 4), (2, 2, 16, 2), (4, 1, 64, 4)):
+        plan = GemmPlan("gemv", 1, bn, num_warps=warps, num_stages=2, split_k=split, unroll=unroll)
+        for _ in range(2):
+            out = fn(*case, config=plan)
+            assert out.shape == want.shape and rel_err(out, want) < EXACT
+    plan = GemmPlan("gemv", 1, 32, split_k=2)
+    assert rel_err(fn(*case, silu_mul=True, config=plan), ref(*case, silu_mul=True)) < EXACT
+
+
+def test_gemv_plan_rules(device, gen):
+    """A gemv plan is one token per program; more tokens than it takes are refused at launch, and
+    a table's gemv plan is not selected above them."""
+    from qoq.kernels.gemm_plan import GEMV_MAX_M, runnable
+
+    with pytest.raises(ValueError, match="block_m 1"):
+        GemmPlan("gemv", 8, 32)
+    plan = GemmPlan("gemv", 1, 32, split_k=4)
+    assert runnable(plan, False, False, GEMV_MAX_M) and not runnable(plan, True, True, GEMV_MAX_M + 1)
+    case = g128_case(GEMV_MAX_M + 1, 32, 256, device, gen)
+    with pytest.raises(ValueError, match="at most"):
+        w4a8_g128_gemm_triton(*case, config=GemmPlan("gemv", 1, 32))

@@ -37,10 +37,13 @@ def test_candidates_are_bounded_valid_and_runnable(caps, mode):
 def test_decode_candidates_search_tiles_splits_and_then_pipeline_knobs():
     """At decode-sized M the search spans tile widths, warp counts and split-K (no Hopper
     large-M kernels), and the best plan's refinements vary one pipeline knob each."""
-    plans = tune_kernels.candidates(MODE_W4_G128, 1, 4096, 4096, 132, True, True, None, limit=24)
-    assert {p.kernel for p in plans} == {"reg_a", "mma_sync"}
+    plans = tune_kernels.candidates(MODE_W4_G128, 1, 4096, 4096, 132, True, True, None, limit=40)
+    assert {p.kernel for p in plans} == {"reg_a", "mma_sync", "gemv"}
     assert {p.block_n for p in plans} >= {32, 64, 128} and {p.split_k for p in plans} >= {1, 2, 4, 8}
-    assert all(p.block_m == 8 and gemm_plan.runnable(p, True, True) for p in plans)
+    assert all(p.block_m == (1 if p.kernel == "gemv" else 8) and gemm_plan.runnable(p, True, True) for p in plans)
+    assert "gemv" not in {p.kernel for p in tune_kernels.candidates(MODE_W4_G128, 8, 4096, 4096, 132, True, True)}
+    gemv = next(p for p in plans if p.kernel == "gemv")
+    assert not any(p.prefetch for p in tune_kernels.refinements(gemv, 4096, tma=True))  # no L2 prefetch option
     base = GemmPlan("reg_a", 8, 64, num_stages=3, split_k=4, unroll=4)
     more = tune_kernels.refinements(base, 4096, tma=True)
     assert base not in more and len(set(more)) == len(more)

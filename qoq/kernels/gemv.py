@@ -1,0 +1,184 @@
+"""The "gemv" GEMM plan kernel: a few tokens' W4A8 / W8A8 GEMM on the CUDA cores.
+
+At one to a few tokens a GEMM is a weight stream, and what costs is getting the weight bytes in
+flight, not multiplying them. The tensor-core kernels (int_gemm.py) pad the tokens to an MMA's
+narrow side and have to bring each unpacked weight tile into the MMA's fragment layout; this
+kernel instead reads each weight row as 32-bit words, 16 bytes per thread and load, and multiplies
+them with `dp4a` (four int8 products and their sum in one instruction) against the token's int8
+codes, also read as words. One program computes BLOCK_N outputs of one token (the tokens are in
+the grid, fastest, so the programs of one weight tile run together and the later tokens read it
+from L2) over one K split; split-K merges in the same launch as int_gemm's register kernel does.
+
+Packed W4 words (int_gemm.pack_w4): word i of a row's 128-channel chunk holds channels 4i..4i+3
+in its low nibbles and 64+4i..64+4i+3 in its high nibbles, so `w & 0x0F0F0F0F` and
+`(w >> 4) & 0x0F0F0F0F` are four unsigned codes each, matching the token's words i and 16 + i of
+the chunk. Per-channel W4 dots the codes themselves (the zero is the epilogue's, as in int_gemm).
+g128 uses subtraction after multiplication: sum_j (q4_j * s2 - sz) x_j = s2 * (q4 . x) - sz * sum_j x_j
+per word pair, all in int32 (the same magnitudes as int_gemm's accumulator), so the group's step
+and zero cost two integer multiply-adds per word instead of a per-weight unpack. Off CUDA (the
+interpreter cannot run PTX) dp4a is computed byte by byte.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
+from qoq.kernels.gemm_plan import GEMV_MAX_M, GemmPlan, device_caps
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+    _DP4A_SS = tl.constexpr("dp4a.s32.s32 $0, $1, $2, $3;")
+    _DP4A_US = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")
+
+
+@lazy_jit.helper
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, FAST: tl.constexpr):
+    """c + the sum of the four byte products of the int32 words a and b (b's bytes signed, a's
+    signed where SIGNED_A, else unsigned); a, b, c of one shape."""
+    if FAST:
+        asm: tl.constexpr = _DP4A_SS if SIGNED_A else _DP4A_US
+        out = tl.inline_asm_elementwise(asm, "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = c
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ab = (a << (24 - 8 * i)) >> 24
+            else:
+                ab = (a >> (8 * i)) & 0xFF
+            out = out + ab * ((b << (24 - 8 * i)) >> 24)
+    return out
+
+
+@lazy_jit.helper
+def prefetch_line_l2(ptrs):
+    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs.to(tl.int64, bitcast=False)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@lazy_jit.helper
+def store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, tile, pid_k, mn, SPLIT_K: tl.constexpr):
+    """Store a program's fp32 result `y` at offs_y: directly (fp16) without split-K; with it, as a
+    partial in the workspace, and the last split to arrive at the tile's counter (acq_rel) sums the
+    partials in split order, stores fp16 and resets the counter to 0 for the next call."""
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k * mn + offs_y, y, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptr + s * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@lazy_jit
+def _gemv_kernel(
+    x_ptr, w_ptr, sx_ptr, xsum_ptr, s1_ptr, s2_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_sg,
+    MODE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
+):
+    """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
+    [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
+    split's chunk count a multiple of it). PDL (a dependent launch): the first PDL chunks' weight
+    lines go to L2 before the wait for the previous kernel, as in int_gemm."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = pid % M  # tokens fastest: the programs of one weight tile run together
+    pid_n = pid // M
+    WPC: tl.constexpr = 32 if MODE == 0 else 16  # weight words per row per chunk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    u = tl.arange(0, UNROLL)
+    i = tl.arange(0, WPC)
+
+    num_chunks = K // 128
+    per_split = tl.cdiv(num_chunks, SPLIT_K)
+    c_begin = pid_k * per_split
+    c_end = tl.minimum(c_begin + per_split, num_chunks)
+
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * WPC)
+    w_base = w_rows[:, None, None] + (u[:, None] * WPC + i[None, :])[None, :, :]  # [BN, U, WPC]
+    x_base = x_ptr + m.to(tl.int64) * (K // 4) + u[:, None] * 32 + i[None, :]  # [U, WPC]
+    if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
+        for j in tl.static_range(0, PDL * WPC, 32):  # one 128-byte line per row per 32 words
+            if c_begin * WPC + j < c_end * WPC:
+                prefetch_line_l2(w_rows + c_begin * WPC + j)
+        gdc_wait()
+        gdc_launch_dependents()
+
+    acc = tl.zeros((BLOCK_N, UNROLL, WPC), dtype=tl.int32)
+    zero = tl.zeros((UNROLL, WPC), dtype=tl.int32)
+    ones = tl.full((UNROLL, WPC), 0x01010101, tl.int32)
+    for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
+        wv = tl.load(w_base + c0 * WPC, mask=n_mask[:, None, None], other=0)
+        xa = tl.load(x_base + c0 * 32)
+        if MODE == 0:
+            acc = _dp4a(wv, tl.broadcast_to(xa[None, :, :], (BLOCK_N, UNROLL, WPC)), acc, True, FAST)
+        else:
+            xb = tl.broadcast_to(tl.load(x_base + c0 * 32 + 16)[None, :, :], (BLOCK_N, UNROLL, WPC))
+            lo = wv & 0x0F0F0F0F
+            hi = (wv >> 4) & 0x0F0F0F0F
+            xa3 = tl.broadcast_to(xa[None, :, :], (BLOCK_N, UNROLL, WPC))
+            if MODE == 1:
+                t = _dp4a(hi, xb, _dp4a(lo, xa3, tl.zeros_like(acc), False, FAST), False, FAST)
+                g = offs_n[:, None] * stride_sg + c0 + u[None, :]  # [BN, U]: the chunks' groups
+                s2 = tl.load(s2_ptr + g, mask=n_mask[:, None], other=0).to(tl.int32)
+                sz = tl.load(sz_ptr + g, mask=n_mask[:, None], other=0).to(tl.int32)
+                # the words' share of the group's x sum, for its zero
+                xs = _dp4a(ones, tl.load(x_base + c0 * 32 + 16), _dp4a(ones, xa, zero, True, FAST), True, FAST)
+                acc += t * s2[:, :, None] - sz[:, :, None] * xs[None, :, :]
+            else:
+                acc = _dp4a(hi, xb, _dp4a(lo, xa3, acc, False, FAST), False, FAST)
+
+    total = tl.sum(tl.sum(acc, axis=2), axis=1).to(tl.float32)
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = total * s1 * tl.load(sx_ptr + m)
+    if MODE == 2:  # per-channel zero, applied by one split only
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
+    store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
+                SPLIT_K)
+
+
+def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the codes and weights can be read as 32-bit words (4-byte-aligned bases)."""
+    return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
+
+
+def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool) -> None:
+    """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w."""
+    M, K = x8.shape
+    N = w.shape[0]
+    if M > GEMV_MAX_M:
+        raise ValueError(f"a gemv plan takes at most {GEMV_MAX_M} tokens, got M={M}")
+    split, unroll = plan.split_k, plan.unroll
+    per = triton.cdiv(K // 128, split)
+    if per % unroll or (K // 128) % per % unroll:
+        raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
+    tiles = triton.cdiv(N, plan.block_n) * M
+    if split == 1:
+        ws, cnt = y, y
+    else:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        cnt = arrival_counters(y.device, tiles)
+    hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
+    launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
+    _gemv_kernel[(tiles, split)](
+        x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
+        s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
+        M, N, K, (s2.stride(0) if s2 is not None else 0),
+        MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
+        FAST=fast, num_warps=plan.num_warps, **launch,
+    )
