@@ -109,8 +109,11 @@ def _gemv_kernel(
     c_end = tl.minimum(c_begin + per_split, num_chunks)
 
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * WPC)
-    w_base = w_rows[:, None, None] + (u[:, None] * WPC + i[None, :])[None, :, :]  # [BN, U, WPC]
-    x_base = x_ptr + m.to(tl.int64) * (K // 4) + u[:, None] * 32 + i[None, :]  # [U, WPC]
+    # [U, BN, WPC]: the rows between the chunks and the words, so that the layout spreads a warp's
+    # threads over the words and chunks first and each thread holds the same word positions of
+    # several rows (the x-side work of a position is then done once per thread, not once per row)
+    w_base = w_rows[None, :, None] + (u[:, None] * WPC)[:, :, None] + i[None, None, :]
+    x_base = x_ptr + m.to(tl.int64) * (K // 4) + (u[:, None] * 32 + i[None, :])[:, None, :]  # [U, 1, WPC]
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * WPC, 32):  # one 128-byte line per row per 32 words
             if c_begin * WPC + j < c_end * WPC:
@@ -118,31 +121,32 @@ def _gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
 
-    acc = tl.zeros((BLOCK_N, UNROLL, WPC), dtype=tl.int32)
-    zero = tl.zeros((UNROLL, WPC), dtype=tl.int32)
-    ones = tl.full((UNROLL, WPC), 0x01010101, tl.int32)
+    acc = tl.zeros((UNROLL, BLOCK_N, WPC), dtype=tl.int32)
+    zero = tl.zeros((UNROLL, 1, WPC), dtype=tl.int32)
+    ones = tl.full((UNROLL, 1, WPC), 0x01010101, tl.int32)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
-        wv = tl.load(w_base + c0 * WPC, mask=n_mask[:, None, None], other=0)
+        wv = tl.load(w_base + c0 * WPC, mask=n_mask[None, :, None], other=0)
         xa = tl.load(x_base + c0 * 32)
         if MODE == 0:
-            acc = _dp4a(wv, tl.broadcast_to(xa[None, :, :], (BLOCK_N, UNROLL, WPC)), acc, True, FAST)
+            acc = _dp4a(wv, tl.broadcast_to(xa, (UNROLL, BLOCK_N, WPC)), acc, True, FAST)
         else:
-            xb = tl.broadcast_to(tl.load(x_base + c0 * 32 + 16)[None, :, :], (BLOCK_N, UNROLL, WPC))
+            xb = tl.load(x_base + c0 * 32 + 16)
             lo = wv & 0x0F0F0F0F
             hi = (wv >> 4) & 0x0F0F0F0F
-            xa3 = tl.broadcast_to(xa[None, :, :], (BLOCK_N, UNROLL, WPC))
+            xa3 = tl.broadcast_to(xa, (UNROLL, BLOCK_N, WPC))
+            xb3 = tl.broadcast_to(xb, (UNROLL, BLOCK_N, WPC))
             if MODE == 1:
-                t = _dp4a(hi, xb, _dp4a(lo, xa3, tl.zeros_like(acc), False, FAST), False, FAST)
-                g = offs_n[:, None] * stride_sg + c0 + u[None, :]  # [BN, U]: the chunks' groups
-                s2 = tl.load(s2_ptr + g, mask=n_mask[:, None], other=0).to(tl.int32)
-                sz = tl.load(sz_ptr + g, mask=n_mask[:, None], other=0).to(tl.int32)
+                t = _dp4a(hi, xb3, _dp4a(lo, xa3, tl.zeros_like(acc), False, FAST), False, FAST)
+                g = c0 + u[:, None] + offs_n[None, :] * stride_sg  # [U, BN]: the chunks' groups
+                s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+                sz = tl.load(sz_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
                 # the words' share of the group's x sum, for its zero
-                xs = _dp4a(ones, tl.load(x_base + c0 * 32 + 16), _dp4a(ones, xa, zero, True, FAST), True, FAST)
-                acc += t * s2[:, :, None] - sz[:, :, None] * xs[None, :, :]
+                xs = _dp4a(ones, xb, _dp4a(ones, xa, zero, True, FAST), True, FAST)
+                acc += t * s2[:, :, None] - sz[:, :, None] * tl.broadcast_to(xs, (UNROLL, BLOCK_N, WPC))
             else:
-                acc = _dp4a(hi, xb, _dp4a(lo, xa3, acc, False, FAST), False, FAST)
+                acc = _dp4a(hi, xb3, _dp4a(lo, xa3, acc, False, FAST), False, FAST)
 
-    total = tl.sum(tl.sum(acc, axis=2), axis=1).to(tl.float32)
+    total = tl.sum(tl.sum(acc, axis=2), axis=0).to(tl.float32)
     s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y = total * s1 * tl.load(sx_ptr + m)
     if MODE == 2:  # per-channel zero, applied by one split only
