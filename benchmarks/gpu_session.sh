@@ -15,14 +15,17 @@
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
-#   kernels   bench_kernels.py and bench_attention.py: the kernel records (kernels-<gpu>.json, attention-<gpu>.json)
+#   kernels   bench_kernels.py and bench_attention.py: the kernel records (kernels-<gpu>.json, attention-<gpu>.json;
+#             KERNEL_MS="1 16": only those M, into kernels-m-<gpu>.json, no attention)
 #   b1        batch-1 decode: profile_decode.py --graphs (kernel table, exposed times) and the engine's graphed step
-#   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1, twice
+#   engine1   the engine's batch-1 step alone (qoq bench throughput)
+#   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1,
+#             PROLOGUE_REPS (2) times
 #   gemv      the CUDA-core gemv kernel: its GPU tests, then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
 #             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|prologue|gemv|generate ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -89,10 +92,17 @@ case "$part" in
       > "$out/e2e-features.log" 2>&1
     echo "e2e: exit $?"; grep -v Warning "$out/e2e-features.log" | tail -12 ;;
   kernels)
-    timeout 330 python3 benchmarks/bench_kernels.py --out "$out/kernels-$gpu.json" > "$out/kernels.log" 2>&1
+    # KERNEL_MS="1 16": those M only (kernels-m-<gpu>.json) and no attention records
+    timeout 330 python3 benchmarks/bench_kernels.py --out "$out/kernels${KERNEL_MS:+-m}-$gpu.json" \
+      ${KERNEL_MS:+--ms $KERNEL_MS} > "$out/kernels.log" 2>&1
     echo "kernels: exit $?"; grep -v Warning "$out/kernels.log" | tail -14
-    timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention-$gpu.json" > "$out/attention.log" 2>&1
-    echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10 ;;
+    if [ -z "${KERNEL_MS:-}" ]; then
+      timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention-$gpu.json" > "$out/attention.log" 2>&1
+      echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10
+    fi ;;
+  engine1)
+    timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
+      > "$out/engine-b1-$gpu.log" 2>&1; echo "engine b1: exit $?"; tail -3 "$out/engine-b1-$gpu.log" ;;
   b1)
     timeout 200 python3 benchmarks/profile_decode.py --graphs --precision w4a8kv4 --batch 1 --context 1024 --steps 20 \
       > "$out/profile-decode-b1-$gpu.txt" 2>&1; echo "profile b1: exit $?"; grep -A24 "exposed time" "$out/profile-decode-b1-$gpu.txt"
@@ -101,7 +111,7 @@ case "$part" in
   prologue)
     timeout 90 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "own_input or touches_no_memory" \
       > "$out/test_gemm_prologue.log" 2>&1; echo "prologue tests: exit $? $(tail -1 "$out/test_gemm_prologue.log")"
-    for rep in 1 2; do for on in 0 1; do
+    for rep in $(seq 1 ${PROLOGUE_REPS:-2}); do for on in 0 1; do
       QOQ_ACT_PROLOGUE=$on timeout 95 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 \
         --output-len 256 2> "$out/b1-prologue$on-$rep.err" | tail -1 > "$out/b1-prologue$on-$rep.json"
       echo "b1 QOQ_ACT_PROLOGUE=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/b1-prologue$on-$rep.json" 2>&1 | tail -1)"
@@ -110,7 +120,7 @@ case "$part" in
     timeout 120 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "gemv" > "$out/test_gemv.log" 2>&1
     echo "gemv tests: exit $? $(tail -1 "$out/test_gemv.log")"
     # the decode points where the CUDA-core kernel competes (M <= 4), into the table for what follows
-    timeout 300 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 200 --ms ${GEMV_MS:-1,4} \
+    timeout 300 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${GEMV_BUDGET_S:-200} --ms ${GEMV_MS:-1,4} \
       --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel,w8a8} --attention-bits "" --out "$out/tune-gemv-$gpu.json" \
       --results "$out/tune-gemv-results-$gpu.json" > "$out/tune-gemv.log" 2>&1
     rc=$?; echo "tune gemv: exit $rc"; grep -E "M=|tuned" "$out/tune-gemv.log" | tail -30
