@@ -41,12 +41,26 @@ def use_triton(t: torch.Tensor) -> bool:
     return os.environ.get("QOQ_FORCE_TRITON", "0") == "1"
 
 
+_BOUND_MODULES: set = set()  # ids of the module namespaces whose helpers are rebound
+
+
+def _bind_helpers(module_globals: dict) -> None:
+    """Rebind every lazy_jit helper of a module namespace to its JITFunction, once per module."""
+    if id(module_globals) in _BOUND_MODULES:
+        return
+    _BOUND_MODULES.add(id(module_globals))
+    for name, obj in list(module_globals.items()):
+        if isinstance(obj, lazy_jit) and obj.is_helper:
+            module_globals[name] = obj.jitted
+
+
 class lazy_jit:
     """`triton.jit` applied at the first launch instead of at import.
 
-    A `@lazy_jit.helper` is a device function that kernels call (and that calls no other helper):
-    when a kernel is jitted, every helper in its module's globals is jitted first and its module
-    name rebound to the JITFunction, which is what Triton resolves the call to.
+    A `@lazy_jit.helper` is a device function that kernels (or helpers) call: when a kernel or
+    helper is jitted, every helper in its module's globals is jitted first and its module name
+    rebound to the JITFunction, which is what Triton resolves the call to; a helper imported from
+    another module rebinds that module's helpers in turn.
     """
 
     def __init__(self, fn, helper: bool = False):
@@ -64,12 +78,9 @@ class lazy_jit:
         if self._jitted is None:
             import triton
 
-            if not self.is_helper:  # helpers call no helpers of their own
-                module_globals = self.fn.__globals__
-                for name, obj in list(module_globals.items()):
-                    if isinstance(obj, lazy_jit) and obj.is_helper:
-                        module_globals[name] = obj.jitted
-            self._jitted = triton.jit(self.fn)
+            _bind_helpers(self.fn.__globals__)
+            if self._jitted is None:  # (binding its module may have jitted it already)
+                self._jitted = triton.jit(self.fn)
         return self._jitted
 
     def __getitem__(self, grid):

@@ -246,9 +246,15 @@ def act_prologue_allowed(M: int) -> bool:
     return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "0") == "1"
 
 
+def quantizing_kernel(plan: GemmPlan) -> bool:
+    """Whether the plan's kernel can quantize its own input rows (the register kernels with swap_ab,
+    gemv)."""
+    return (plan.kernel in REGISTER_KERNELS and plan.swap_ab) or plan.kernel == "gemv"
+
+
 def quantizes_input(plan: GemmPlan, M: int) -> bool:
     """Whether the GEMM of this plan at M tokens takes its activation unquantized."""
-    return act_prologue_allowed(M) and plan.kernel in REGISTER_KERNELS and plan.swap_ab
+    return act_prologue_allowed(M) and quantizing_kernel(plan)
 
 
 def select_plan(M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:

@@ -25,6 +25,7 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import GEMV_MAX_M, GemmPlan, device_caps
+from qoq.kernels.quant import ActInput, act_codes, act_stats
 
 try:
     import triton
@@ -88,11 +89,20 @@ def _gemv_kernel(
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr,
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
+    xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
+    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
     split's chunk count a multiple of it). PDL (a dependent launch): the first PDL chunks' weight
-    lines go to L2 before the wait for the previous kernel, as in int_gemm."""
+    lines go to L2 before the wait for the previous kernel, as in int_gemm.
+
+    ACT (quant.ActInput's kinds): the program quantizes its token's fp16 row itself, as int_gemm's
+    ACT prologue does (the row's statistics in one pass, then the codes), but writes the codes of
+    its own split's chunks into the int8 buffer xq_ptr (x_ptr's bytes) and reads them back as
+    words after a barrier: every program of a split writes the same codes to the same bytes, so
+    the writes agree, and the words stay a plain vector load. Per-channel W4 then takes each
+    split's own share of the zero term."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -120,6 +130,24 @@ def _gemv_kernel(
                 prefetch_line_l2(w_rows + c_begin * WPC + j)
         gdc_wait()
         gdc_launch_dependents()
+    if ACT > 0:  # after the wait: the row is the previous kernel's output
+        offs_m = m + tl.zeros((1,), tl.int32)
+        m_ok = offs_m < M
+        scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_ok, H, eps, (pid_n == 0) & (pid_k == 0),
+                               ACT, HAS_NW, 1)
+        safe = tl.where(scale > 0, scale, 1.0)
+        offs_h = tl.arange(0, 64)
+        xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, 1]
+        xq_row = xq_ptr + m.to(tl.int64) * K + offs_h[:, None]
+        csum = tl.zeros((1,), tl.float32)
+        for c in range(c_begin, c_end):
+            for half in tl.static_range(2):
+                q = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64 * half, offs_h, m_ok[None, :], H, inv,
+                              safe, ACT, HAS_NW)
+                tl.store(xq_row + c * 128 + 64 * half, q)
+                if MODE == 2:
+                    csum += tl.sum(q.to(tl.float32), axis=0)
+        tl.debug_barrier()  # the codes are the program's loads' input
 
     acc = tl.zeros((UNROLL, BLOCK_N, WPC), dtype=tl.int32)
     zero = tl.zeros((UNROLL, 1, WPC), dtype=tl.int32)
@@ -148,10 +176,17 @@ def _gemv_kernel(
 
     total = tl.sum(tl.sum(acc, axis=2), axis=0).to(tl.float32)
     s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    y = total * s1 * tl.load(sx_ptr + m)
-    if MODE == 2:  # per-channel zero, applied by one split only
+    if ACT > 0:
+        sx = scale
+    else:
+        sx = tl.load(sx_ptr + m)
+    y = total * s1 * sx
+    if MODE == 2:  # per-channel zero: one split applies the row's, or (ACT) every split its own codes' share
         szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
+        if ACT > 0:
+            y = y - szero * (csum * scale)
+        else:
+            y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
     store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
                 SPLIT_K)
 
@@ -161,8 +196,18 @@ def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
     return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
 
 
-def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool) -> None:
-    """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w."""
+def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
+                act: ActInput | None = None, K: int = 0) -> None:
+    """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w; with
+    `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's)."""
+    if act is not None:
+        M = act.x.shape[0]
+        x8 = torch.empty((M, K), dtype=torch.int8, device=y.device)  # the codes, written by the kernel
+        sx = s1  # unread
+        acts = dict(xq_ptr=x8, xf_ptr=act.x, r_ptr=act.residual, nw_ptr=act.weight, s_ptr=act.s, H=act.x.shape[1],
+                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None)
+    else:
+        acts = {}
     M, K = x8.shape
     N = w.shape[0]
     if M > GEMV_MAX_M:
@@ -184,5 +229,5 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-        FAST=fast, num_warps=plan.num_warps, **launch,
+        FAST=fast, num_warps=plan.num_warps, **launch, **acts,
     )

@@ -41,14 +41,13 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     MODE_W4_G128,
     MODE_W4_PER_CHANNEL,
     MODE_W8,
-    REGISTER_KERNELS,
     GemmPlan,
     device_caps,
     fallback_plan,
     select_plan,
 )
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
-from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, silu_mul_triton
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_codes, act_stats, silu_mul_triton
 
 try:
     import triton
@@ -61,7 +60,6 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 if tl is not None:  # the kernels see module globals only as constexprs
-    _ACT_BLOCK = tl.constexpr(512)  # input channels per step of the activation prologue
     _G128_ASM = tl.constexpr(G128_UNPACK_ASM)
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
@@ -115,62 +113,6 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
             w_lo = (p & 0xF).to(tl.int8)
             w_hi = (p >> 4).to(tl.int8)
     return w_lo, w_hi
-
-
-@lazy_jit.helper
-def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
-    """fp32 values of the activation rows at `off` (ACT_ADD_RMSNORM: x + r rounded to x's dtype,
-    stored to s where `store`)."""
-    v = tl.load(xf_ptr + off, mask=mask, other=0.0)
-    if ACT == 3:
-        v = (v.to(tl.float32) + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
-        tl.store(s_ptr + off, v, mask=mask & store)
-    return v.to(tl.float32)
-
-
-@lazy_jit.helper
-def _act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
-               ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
-    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows: the norm's factor is
-    positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
-    (x * rsqrt) * nw instead: a code can differ by one where a value sits on a rounding edge)."""
-    kk = tl.arange(0, _ACT_BLOCK)
-    rows = offs_m[:, None].to(tl.int64) * H
-    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, _ACT_BLOCK):
-        mask = m_mask[:, None] & (k0 + kk < H)[None, :]
-        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
-        if ACT >= 2:
-            ss += tl.sum(v * v, axis=1)
-            if HAS_NW:
-                v = v * tl.load(nw_ptr + k0 + kk, mask=k0 + kk < H, other=0.0).to(tl.float32)[None, :]
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-    inv = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if ACT >= 2:
-        inv = 1.0 / tl.sqrt(ss / H + eps)
-    return amax * inv / 127.0, inv
-
-
-@lazy_jit.helper
-def _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, col0, offs_h, x_mask, H, inv, safe,
-               ACT: tl.constexpr, HAS_NW: tl.constexpr):
-    """int8 codes [64, BM] of input channels col0 .. col0 + 63 of the rows (X^T), as quant.py's
-    row kernel rounds them (round half to even, clamped to +-127); channels from H on are 0."""
-    cols = col0 + offs_h
-    mask = x_mask & (cols < H)[:, None]
-    v = tl.load(xf_ptr + xf_base + col0, mask=mask, other=0.0)
-    if ACT == 3:
-        v = (v.to(tl.float32) + tl.load(r_ptr + xf_base + col0, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
-    y = v.to(tl.float32)
-    if ACT >= 2:
-        y = y * inv[None, :]
-        if HAS_NW:
-            y = y * tl.load(nw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[:, None]
-    q = y / safe[None, :]
-    q = (q + 12582912.0) - 12582912.0
-    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 @lazy_jit
@@ -244,7 +186,7 @@ def _int8_gemm_kernel(
         gdc_wait()
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
-        scale, inv = _act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
+        scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
                                 (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M)
         safe = tl.where(scale > 0, scale, 1.0)
         xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, BM] of the fp16 rows
@@ -265,8 +207,8 @@ def _int8_gemm_kernel(
                 if (c + PREFETCH < c_end) & ((c + PREFETCH) * row_bytes % 128 == 0):
                     prefetch_line_l2(w_rows + (c + PREFETCH) * row_bytes)
             if ACT > 0:
-                x_lo = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128, offs_h, x_mask, H, inv, safe, ACT, HAS_NW)
-                x_hi = _act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64, offs_h, x_mask, H, inv, safe, ACT,
+                x_lo = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128, offs_h, x_mask, H, inv, safe, ACT, HAS_NW)
+                x_hi = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64, offs_h, x_mask, H, inv, safe, ACT,
                                   HAS_NW)
                 if MODE == 2:
                     csum += tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)
@@ -520,13 +462,16 @@ def int8_gemm_act_triton(act: ActInput, w, s1, s2, sz, mode: int, config: GemmPl
     N = w.shape[0]
     K = w.shape[1] * (1 if mode == MODE_W8 else 2)
     plan = _as_plan(config, M, N, K, mode, act.x.device)
-    if plan.kernel not in REGISTER_KERNELS or not plan.swap_ab:
-        raise ValueError(f"only the register kernels (swap_ab) quantize their input, not {plan}")
+    if not gemm_plan_mod.quantizing_kernel(plan):
+        raise ValueError(f"only the register kernels (swap_ab) and gemv quantize their input, not {plan}")
     if H > K or (act.kind == ACT_ADD_RMSNORM and act.s is None):
         raise ValueError(f"activation width {H} > K {K}, or no residual-sum output for ACT_ADD_RMSNORM")
     y = torch.empty((M, N), dtype=torch.float16, device=act.x.device)
     fast = act.x.is_cuda if plan.fast is None else plan.fast
-    _launch_register(None, None, None, w, s1, s2, sz, y, mode, plan, fast, act=act, K=K)
+    if plan.kernel == "gemv":
+        launch_gemv(None, None, None, w, s1, s2, sz, y, mode, plan, fast, act=act, K=K)
+    else:
+        _launch_register(None, None, None, w, s1, s2, sz, y, mode, plan, fast, act=act, K=K)
     return y
 
 

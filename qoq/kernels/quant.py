@@ -238,3 +238,65 @@ def act_quantize(act: ActInput):
     x8, scale, xsum, s = add_rmsnorm_quant(act.x, act.residual, act.weight, act.eps)
     act.s.copy_(s)
     return x8, scale, xsum
+
+
+# The GEMMs' activation prologue (int_gemm ACT, gemv ACT): the same rows as the row kernels above,
+# computed by the GEMM's programs from the fp16 rows.
+if tl is not None:  # Triton kernels read globals only as constexpr
+    _ACT_BLOCK = tl.constexpr(512)  # input channels per step of the statistics pass
+
+
+@lazy_jit.helper
+def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
+    """fp32 values of the activation rows at `off` (ACT_ADD_RMSNORM: x + r rounded to x's dtype,
+    stored to s where `store`)."""
+    v = tl.load(xf_ptr + off, mask=mask, other=0.0)
+    if ACT == 3:
+        v = (v.to(tl.float32) + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
+        tl.store(s_ptr + off, v, mask=mask & store)
+    return v.to(tl.float32)
+
+
+@lazy_jit.helper
+def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
+               ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
+    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows: the norm's factor is
+    positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
+    (x * rsqrt) * nw instead: a code can differ by one where a value sits on a rounding edge)."""
+    kk = tl.arange(0, _ACT_BLOCK)
+    rows = offs_m[:, None].to(tl.int64) * H
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, _ACT_BLOCK):
+        mask = m_mask[:, None] & (k0 + kk < H)[None, :]
+        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
+        if ACT >= 2:
+            ss += tl.sum(v * v, axis=1)
+            if HAS_NW:
+                v = v * tl.load(nw_ptr + k0 + kk, mask=k0 + kk < H, other=0.0).to(tl.float32)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    inv = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if ACT >= 2:
+        inv = 1.0 / tl.sqrt(ss / H + eps)
+    return amax * inv / 127.0, inv
+
+
+@lazy_jit.helper
+def act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, col0, offs_h, x_mask, H, inv, safe,
+               ACT: tl.constexpr, HAS_NW: tl.constexpr):
+    """int8 codes [64, BM] of input channels col0 .. col0 + 63 of the rows (X^T), as quant.py's
+    row kernel rounds them (round half to even, clamped to +-127); channels from H on are 0."""
+    cols = col0 + offs_h
+    mask = x_mask & (cols < H)[:, None]
+    v = tl.load(xf_ptr + xf_base + col0, mask=mask, other=0.0)
+    if ACT == 3:
+        v = (v.to(tl.float32) + tl.load(r_ptr + xf_base + col0, mask=mask, other=0.0).to(tl.float32)).to(v.dtype)
+    y = v.to(tl.float32)
+    if ACT >= 2:
+        y = y * inv[None, :]
+        if HAS_NW:
+            y = y * tl.load(nw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[:, None]
+    q = y / safe[None, :]
+    q = (q + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)

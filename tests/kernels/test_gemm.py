@@ -521,6 +521,8 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert gemv["pdl_wait"] == "True" and gemv["memory_before_pdl_wait"] == "0"
     assert gemv["pdl_signal_after_wait"] == "True" and int(gemv["prefetch_before_pdl_wait"]) > 0
     assert "'IDP'" in gemv["top"] and gemv["stack"] == "0"
+    act = sass_report("gemv", "--mode", "2", "--block-n", "32", "--split", "4", "--pdl", "4", "--act", "3")
+    assert act["pdl_wait"] == "True" and act["memory_before_pdl_wait"] == "0" and act["pdl_signal_after_wait"] == "True"
 
 
 def test_pdl_decode_attention_waits_before_memory_sm90():
@@ -544,7 +546,7 @@ def test_pdl_is_off_on_the_cpu_and_by_env(monkeypatch):
 @pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
 @pytest.mark.parametrize("act_kind", [ACT_PLAIN, ACT_RMSNORM, ACT_ADD_RMSNORM])
 def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_kind, device, gen, poison):
-    """The register kernel's ACT prologue (decode-sized M): from fp16 rows, per token (plain),
+    """The register kernel's and gemv's ACT prologue (decode-sized M): from fp16 rows, per token (plain),
     of their RMSNorm (with and without a norm weight), or of the norm of x + residual (the sum
     written once, as the row kernel writes it), over a width H below the padded K, with split-K
     (per-channel: each split's own codes' zero term) and without: the same GEMM as the row
@@ -554,13 +556,14 @@ def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_ki
     mode = {"g128": MODE_W4_G128, "per_channel": MODE_W4_PER_CHANNEL, "w8a8": MODE_W8}[kind]
     w, s1 = weights[0], weights[1]
     s2, sz = (weights[2], weights[3]) if kind == "g128" else (None, weights[2] if kind == "per_channel" else None)
-    for m, split, norm_weight in ((1, 2, True), (5, 1, False)):
+    cases = ((1, 2, True, GemmPlan("reg_a", 8, 64, split_k=2)), (5, 1, False, GemmPlan("reg_a", 8, 64)),
+             (3, 2, True, GemmPlan("gemv", 1, 32, split_k=2, unroll=1)), (1, 1, False, GemmPlan("gemv", 1, 64)))
+    for m, split, norm_weight, plan in cases:
         x = (torch.randn(m, h, generator=gen) * 3).half().to(device)
         residual = torch.randn(m, h, generator=gen).half().to(device) if act_kind == ACT_ADD_RMSNORM else None
         nw = (torch.rand(h, generator=gen) + 0.5).half().to(device) if norm_weight else None
         s_out = torch.empty(m, h, dtype=torch.float16, device=device) if residual is not None else None
         act = ActInput(x, act_kind, residual, nw, 1e-5, s_out)
-        plan = GemmPlan("reg_a", 8, 64, split_k=split)
         got = int8_gemm_act_triton(act, w, s1, s2, sz, mode, plan)
         # the reference: the row twin (float64 ops on fp32 rows), its codes padded to K, the GEMM twin
         ref_act = ActInput(x.cpu(), act_kind, None if residual is None else residual.cpu(),
@@ -574,7 +577,7 @@ def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_ki
             want = w4a8_per_channel_gemm_ref(x8, sx, xsum, w, s1, sz)
         else:
             want = w8a8_gemm_ref(x8, sx, w, s1)
-        assert rel_err(got, want) < 2e-3, (m, split)
+        assert rel_err(got, want) < 2e-3, (m, plan)
         if residual is not None:
             assert torch.equal(s_out.cpu(), ref_act.s)  # x + residual in fp16, exactly
     with pytest.raises(ValueError, match="register kernels"):
