@@ -53,11 +53,13 @@ from qoq.kernels.gemm_plan import (  # noqa: E402
     GemmPlan,
     fallback_plan,
     fit_unroll,
+    quantizes_input,
     runnable,
     set_range,
     table_plan,
 )
-from qoq.kernels.quant import quantize_per_token  # noqa: E402
+from qoq.kernels.int_gemm import int8_gemm_act_triton  # noqa: E402
+from qoq.kernels.quant import ACT_PLAIN, ActInput, quantize_per_token  # noqa: E402
 from qoq.kernels.w4a8_gemm import (  # noqa: E402
     w4a8_g128_gemm_ref,
     w4a8_g128_gemm_triton,
@@ -232,7 +234,9 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
     Decode-sized M is timed as the decode step runs it: each call quantizes fp16 rows
     (quantize_per_token, the row kernel) and then runs the GEMM, so the GEMM starts, as a dependent
     launch, behind a short kernel rather than behind a copy of itself (its early weight prefetch
-    overlaps the row kernel, as in the engine); the row kernel's time is the same for every plan."""
+    overlaps the row kernel, as in the engine); the row kernel's time is the same for every plan.
+    Where the engine would have the plan's kernel quantize its own input (QOQ_ACT_PROLOGUE=1,
+    gemm_plan.quantizes_input), the call is that kernel alone, from the same fp16 rows."""
     fn, ref, _, with_sum = KERNELS[mode]
     x8, sx, xsum = random_activations(m, k, device, gen)
     act = (x8, sx, xsum) if with_sum else (x8, sx)
@@ -240,6 +244,10 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
     xf = torch.randn(m, k, generator=gen, device=gen.device).to(device, torch.float16)
 
     def chained(w, plan):
+        if quantizes_input(plan, m):  # (w, s1, s2, sz) in int_gemm's order
+            packed, s1, *rest = w
+            s2, sz = rest if mode == MODE_W4_G128 else (None, rest[0] if rest else None)
+            return int8_gemm_act_triton(ActInput(xf, ACT_PLAIN), packed, s1, s2, sz, mode, plan)
         x8, sx, xsum = quantize_per_token(xf)
         return fn(*((x8, sx, xsum) if with_sum else (x8, sx)), *w, config=plan)
 

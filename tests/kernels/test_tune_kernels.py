@@ -4,8 +4,10 @@ interpreter that writes a table the plan lookup then reads."""
 import json
 import os
 import sys
+import time
 
 import pytest
+import torch
 
 from qoq.kernels import gemm_plan
 from qoq.kernels.gemm_plan import MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8, GemmPlan, table_plan
@@ -125,3 +127,21 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
     assert best == {"transposed": True, "biased": True, "num_warps": 2}
     assert json.loads(out.read_text())["decode_attention"]["4"] == best == table["decode_attention"]["4"]
     assert len(seen) == len(set(seen)) >= 3 and all("ms" in r for r in results[0]["records"])
+
+
+@pytest.mark.parametrize("mode", [MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8])
+def test_decode_points_time_the_input_prologue_where_the_engine_runs_it(mode, monkeypatch):
+    """With QOQ_ACT_PROLOGUE=1 a quantizing kernel is timed from the fp16 rows alone (as the
+    engine runs it); every candidate is still checked against the twin and timed."""
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
+    calls = []
+    real = tune_kernels.int8_gemm_act_triton
+    monkeypatch.setattr(tune_kernels, "int8_gemm_act_triton", lambda *a: calls.append(a[-1]) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    plans = [GemmPlan("reg_a", 8, 64, split_k=2), GemmPlan("gemv", 1, 32, split_k=2)]
+    weights = tune_kernels.weight_copies(mode, 64, 512, "cpu", gen)[:1]
+    records = tune_kernels.tune_point(mode, 1, 64, 512, plans, weights, "cpu", gen, tune_kernels.cpu_timer,
+                                      time.time() + 600)
+    assert all("ms" in r for r in records), records
+    assert set(calls) == set(plans)
