@@ -38,6 +38,9 @@ export PYTHONUNBUFFERED=1 QOQ_GIT_COMMIT=${QOQ_GIT_COMMIT:-$(git rev-parse --sho
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 gpu=$(head -1 "$out/gpu.txt" | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr A-Z a-z)
 gpu=${gpu:-gpu}
+table_path() {  # this GPU's table in the tree (what select_plan reads)
+  python3 -c "from qoq.kernels import configs; print(configs.table_path(configs.device_key(0)))"
+}
 for part in "$@"; do
 echo "=== $part $(date +%T)"
 case "$part" in
@@ -71,7 +74,7 @@ case "$part" in
       --out "$out/tune-$gpu.json" > "$out/tune.log" 2>&1
     rc=$?; echo "tune: exit $rc"; tail -20 "$out/tune.log"
     # TUNE_INSTALL=1: the parts after this one run with the table just tuned
-    if [ "${TUNE_INSTALL:-0}" = 1 ] && [ $rc = 0 ]; then cp "$out/tune-$gpu.json" "qoq/kernels/configs/nvidia-$gpu.json"; fi ;;
+    if [ "${TUNE_INSTALL:-0}" = 1 ] && [ $rc = 0 ]; then cp "$out/tune-$gpu.json" "$(table_path)"; fi ;;
   prefill)
     timeout 200 python3 benchmarks/probe_paged_prefill.py --out "$out/paged-prefill-probe-$gpu.json" \
       > "$out/paged-prefill-probe.log" 2>&1
@@ -124,7 +127,7 @@ case "$part" in
       --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel,w8a8} --attention-bits "" --out "$out/tune-gemv-$gpu.json" \
       --results "$out/tune-gemv-results-$gpu.json" > "$out/tune-gemv.log" 2>&1
     rc=$?; echo "tune gemv: exit $rc"; grep -E "M=|tuned" "$out/tune-gemv.log" | tail -30
-    [ $rc = 0 ] && cp "$out/tune-gemv-$gpu.json" "qoq/kernels/configs/nvidia-$gpu.json" ;;
+    [ $rc = 0 ] && cp "$out/tune-gemv-$gpu.json" "$(table_path)" ;;
   generate)
     work=/tmp/qoq-gen; mkdir -p $work
     python3 - "$work" <<'PY' || exit 1
