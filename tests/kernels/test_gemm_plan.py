@@ -160,4 +160,5 @@ def test_input_prologue_is_opt_in_and_decode_sized(monkeypatch):
     assert gemm_plan.quantizes_input(reg, 1) and gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M)
     assert not gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M + 1)
     assert not gemm_plan.quantizes_input(GemmPlan("ws", 64, 128, num_stages=0), 1)
+    assert gemm_plan.quantizes_input(GemmPlan("gemv", 1, 32), 1)  # the CUDA-core kernel too
     assert not int_gemm.quantizes_input(1, 4096, 4096, MODE_W4_G128, torch.device("cpu"))

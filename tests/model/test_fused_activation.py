@@ -106,3 +106,36 @@ def test_gemms_quantizing_their_own_rows_match_the_row_kernels(monkeypatch, prec
         assert kinds[:4] == ["QuantizedActivation", "Tensor", "QuantizedActivation", "QuantizedActivation"]
     assert torch.equal(again, rows)
     assert (fused - rows).abs().max() <= 2e-2 * rows.abs().max()
+
+
+@pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, precision, group, prologue):
+    """A table naming the CUDA-core gemv kernel for a few tokens (forced here for every GEMM of M
+    <= 4; the Triton kernels under the interpreter): the model's output is the torch twins', with
+    the row kernels quantizing the GEMMs' input or (QOQ_ACT_PROLOGUE=1) the gemv kernel itself."""
+    from qoq.kernels import gemm_plan, int_gemm
+    from qoq.kernels.gemm_plan import GemmPlan
+
+    model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=5)
+    ids = torch.randint(0, TINY.vocab_size, (1, 3), generator=torch.Generator().manual_seed(4))
+    used = []
+    real = int_gemm.select_plan
+
+    def gemv_below_five(m, n, k, mode, device):
+        plan = GemmPlan("gemv", 1, 32, split_k=2) if m <= 4 else real(m, n, k, mode, device)
+        used.append(plan.kernel)
+        return plan
+
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+        monkeypatch.setattr(int_gemm, "select_plan", gemv_below_five)
+        if prologue:
+            monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
+            monkeypatch.setattr(int_gemm, "quantizes_input",
+                                lambda m, n, k, mode, device: gemm_plan.quantizes_input(gemv_below_five(m, n, k, mode,
+                                                                                                        device), m))
+        got = model(ids)
+    assert used and set(used) == {"gemv"}
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
