@@ -10,10 +10,13 @@ step's rows:
 - attention: `PagedAttention` (attention.py) attends each token, prompt tokens included, alone
   over its own causal context with the decode kernel, so chunking, the prefix cache and
   preemption see the same numbers too.
-Everything else in a step is per token already (embedding, norms, RoPE, KV quantization, the
-integer GEMMs of W4A8/W8A8), once the quantized linears take their int8 rows from the row kernels
-at every batch size (a decode-sized GEMM that quantizes its own rows rounds the same statistics
-in another order). The cost is in docs/serving.md.
+- the quantized linears: their integer sums are exact, but the GEMM plan is chosen by M, and a
+  split-K plan adds fp32 partials (its epilogue's order differs between kernels too), so on a GPU
+  they also run row by row (`QuantLinear.forward`), each row on the M = 1 plan, with int8 rows
+  from the row kernels (a decode-sized GEMM that quantizes its own rows rounds the same
+  statistics in another order).
+Everything else in a step is per token already (embedding, norms, RoPE, KV quantization). The
+cost is in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from qoq.layers.activation import ROW_KERNELS_ONLY
 
 class PerRowLinears(TorchFunctionMode):
     """Inside this mode every float F.linear of more than one row runs row by row, and every
-    quantized linear takes its int8 input from a row kernel (activation.ROW_KERNELS_ONLY)."""
+    quantized linear takes its int8 input from a row kernel and (Triton) runs its GEMM row by row
+    (activation.ROW_KERNELS_ONLY)."""
 
     def __enter__(self):
         self._row_kernels = ROW_KERNELS_ONLY.set(True)

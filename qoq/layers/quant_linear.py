@@ -127,7 +127,12 @@ class QuantLinear(nn.Module):
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
         if silu_mul and self.bias is not None:
             raise ValueError("silu_mul in the GEMM needs a projection without bias")
-        if use_triton(x8):
+        if use_triton(x8) and ROW_KERNELS_ONLY.get() and x8.shape[0] > 1:
+            # the batch-invariant mode: one GEMM per row, so that every row runs the M = 1 plan (its
+            # split-K partial sums and epilogue order) whatever the batch, as the float linears do
+            y = torch.cat([self.gemm(x8[i:i + 1], x_scale[i:i + 1], None if x_sum is None else x_sum[i:i + 1],
+                                     silu_mul) for i in range(x8.shape[0])])
+        elif use_triton(x8):
             y = self.gemm(x8, x_scale, x_sum, silu_mul)
         else:
             check_silu_mul(silu_mul, self.out_features)

@@ -139,3 +139,29 @@ def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, prec
         got = model(ids)
     assert used and set(used) == {"gemv"}
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_batch_invariant_mode_runs_the_quantized_gemms_row_by_row(monkeypatch):
+    """GEMM plans differ by M (here split-K 4 at one token, whole at more, as GPU tables do), and
+    split-K sums fp32 partials: under the batch-invariant mode a quantized linear gives each row
+    exactly what that row gives alone (without it, some outputs differ in their last bit)."""
+    from qoq.engine.batch_invariant import PerRowLinears
+    from qoq.kernels import int_gemm
+    from qoq.kernels.gemm_plan import GemmPlan
+
+    wide = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 128,
+                                "intermediate_size": 1024, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "max_position_embeddings": 64})
+    model = random_model(wide, QuantConfig("w4a8kv4", G128), device="cpu", dtype=torch.float32, seed=6)
+    layer = model.layers[0].mlp.down_proj  # K = 1024: eight chunks, two per split at M = 1
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    monkeypatch.setattr(int_gemm, "select_plan", lambda m, n, k, mode, device: GemmPlan(
+        "reg_a", 8 if m == 1 else 16, 64, split_k=4 if m == 1 else 1))
+    x = torch.randn(16, layer.in_features, generator=torch.Generator().manual_seed(1)) * 4
+    with torch.no_grad():
+        with PerRowLinears():
+            batch = layer(x)
+            alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+        plain = layer(x)
+    assert torch.equal(batch, alone)
+    assert not torch.equal(plain, alone)  # the batch's plan does round differently
