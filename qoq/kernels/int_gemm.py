@@ -187,7 +187,7 @@ def _int8_gemm_kernel(
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
         scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
-                                (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M)
+                               (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M)
         safe = tl.where(scale > 0, scale, 1.0)
         xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, BM] of the fp16 rows
         csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -209,7 +209,7 @@ def _int8_gemm_kernel(
             if ACT > 0:
                 x_lo = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128, offs_h, x_mask, H, inv, safe, ACT, HAS_NW)
                 x_hi = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64, offs_h, x_mask, H, inv, safe, ACT,
-                                  HAS_NW)
+                                 HAS_NW)
                 if MODE == 2:
                     csum += tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)
             else:
@@ -462,6 +462,9 @@ def int8_gemm_act_triton(act: ActInput, w, s1, s2, sz, mode: int, config: GemmPl
     N = w.shape[0]
     K = w.shape[1] * (1 if mode == MODE_W8 else 2)
     plan = _as_plan(config, M, N, K, mode, act.x.device)
+    if plan.kernel == "gemv" and w.data_ptr() % 4:  # (words) the register kernel quantizes as well
+        plan = fallback_plan(M, N, K, mode, device_caps(w.device.index or 0)[0] if w.is_cuda else CPU_SMS,
+                             tma=False, gluon=False)
     if not gemm_plan_mod.quantizing_kernel(plan):
         raise ValueError(f"only the register kernels (swap_ab) and gemv quantize their input, not {plan}")
     if H > K or (act.kind == ACT_ADD_RMSNORM and act.s is None):
