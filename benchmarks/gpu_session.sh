@@ -11,7 +11,7 @@
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
 #   tune      tune_kernels.py for the Llama-3-8B shapes and decode attention into tune-<gpu>.json
-#             (TUNE_INSTALL=1: also into qoq/kernels/configs/nvidia-<gpu>.json for the parts after it)
+#             (TUNE_INSTALL=1: also into this GPU's table in qoq/kernels/configs for the parts after it)
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)

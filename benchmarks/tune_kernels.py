@@ -150,7 +150,7 @@ def candidates(mode: int, m: int, n: int, k: int, sms: int, tma: bool, gluon: bo
                                            fuse_silu_mul=w4_ahead))
         if plan.w_in_registers and (mode == MODE_W8 or plan.block_n // 2 not in (64, 128)):
             continue
-        if runnable(plan, tma, gluon) and plan not in out:
+        if runnable(plan, tma, gluon, m) and plan not in out:
             out.append(plan)
     return out[:limit]
 

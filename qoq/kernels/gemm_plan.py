@@ -13,7 +13,7 @@ Kernels (int_gemm.py, ws_gemm.py):
 - "tma": the `tl` kernel with both operands in shared memory by TMA (Hopper), W4 unpacked in its
   loop or ahead by its own pass; the last partial wave of tiles is cut into K pieces.
 - "ws": the warp-specialized persistent Gluon kernel (Hopper), W4 unpacked inside it or ahead.
-- "gemv" (gemv.py): a few tokens (M <= gemv.GEMV_MAX_M) on the CUDA cores, the weight rows read as
+- "gemv" (gemv.py): a few tokens (M <= GEMV_MAX_M) on the CUDA cores, the weight rows read as
   32-bit words and multiplied by dp4a; one token per program (block_m 1), split-K as reg_a's.
 """
 
