@@ -211,7 +211,7 @@ silu_mul_quant = dispatch(silu_mul_quant_ref, silu_mul_quant_triton)
 quantize_per_token = dispatch(quantize_per_token_ref, quantize_per_token_triton)
 
 
-# What a decode-sized register GEMM computes from fp16 rows in its own prologue (int_gemm.ACT):
+# What a decode-sized GEMM computes from fp16 rows in its own prologue (int_gemm's and gemv's ACT):
 ACT_PLAIN, ACT_RMSNORM, ACT_ADD_RMSNORM = 1, 2, 3
 
 
@@ -259,7 +259,7 @@ def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
 
 @lazy_jit.helper
 def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
-               ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
+              ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
     """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
     activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows: the norm's factor is
     positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
@@ -284,7 +284,7 @@ def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
 
 @lazy_jit.helper
 def act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, col0, offs_h, x_mask, H, inv, safe,
-               ACT: tl.constexpr, HAS_NW: tl.constexpr):
+              ACT: tl.constexpr, HAS_NW: tl.constexpr):
     """int8 codes [64, BM] of input channels col0 .. col0 + 63 of the rows (X^T), as quant.py's
     row kernel rounds them (round half to even, clamped to +-127); channels from H on are 0."""
     cols = col0 + offs_h
