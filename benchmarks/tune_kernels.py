@@ -12,10 +12,11 @@ by --budget-s keeps what it finished (candidates still untried keep the table's 
 
 Starts from --table (default: this GPU's table in the tree, else the H100's).
 
-Decode attention (--attention-bits): one plan per KV bit width serves every batch and context, so
-it is tuned by coordinate descent over the plan's knobs at a few (batch, context) points of the
-model's heads: a change is kept where the geometric mean of its times over the points is at least
-2% below the best plan's so far; two sweeps over the knobs at most.
+Decode attention (--attention-bits): one plan per KV bit width serves every batch and context of
+the serving batches, another (the latency plan) the launches of fewer (sequence, kv head) pairs
+than SMs, so each is tuned by coordinate descent over the plan's knobs at a few (batch, context)
+points of the model's heads: a change is kept where the geometric mean of its times over the
+points is at least 2% below the best plan's so far; two sweeps over the knobs at most.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from helpers import g128_weights, per_channel_weights, random_activations, rel_e
 from qoq.kernels import configs  # noqa: E402
 from qoq.kernels.decode_attention import (  # noqa: E402
     DEFAULT_PLANS,
+    LATENCY_KEY,
     DecodePlan,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -333,12 +335,15 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
     return table, results
 
 
-# (batch, context) points of decode attention: batch 1 and the serving batches of BENCHMARKS.md
-ATTENTION_POINTS = ((1, 1024), (64, 1024), (64, 4096), (256, 1024))
+# (batch, context) points of decode attention: the serving batches of BENCHMARKS.md for the
+# table's plan, and batches whose (sequence, kv head) pairs are fewer than the SMs for its latency
+# plan (decode_attention.decode_plan; batch 1 is the single-stream decode of issue 22)
+ATTENTION_POINTS = ((64, 1024), (64, 4096), (256, 1024))
+LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
 ATTENTION_KNOBS = {
-    "transposed": (False, True), "num_warps": (1, 2, 4), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
-    "programs_per_sm": (4, 8, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4), "deep_stages": (0, 3, 4),
-    "biased": (False, True), "wave_warps": (0, 2, 4),
+    "transposed": (False, True), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
+    "programs_per_sm": (4, 8, 12, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
+    "deep_stages": (0, 3, 4), "biased": (False, True), "wave_warps": (0, 2, 4),
 }
 ATTENTION_TOLERANCE = 5e-3
 KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)
@@ -395,9 +400,11 @@ def _geomean_ratio(times: list[float], base: list[float]) -> float:
 
 
 def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, timer, budget_s: float,
-                   out: str | None, log=print, knobs: dict | None = None, page: int = 64) -> tuple[dict, list]:
+                   out: str | None, log=print, knobs: dict | None = None, page: int = 64,
+                   key: str = "decode_attention") -> tuple[dict, list]:
     """Tune the decode attention plan of each KV bit width (coordinate descent, see the module
-    docstring); the table (a copy is returned) is rewritten after each bit width."""
+    docstring) into table[key] (LATENCY_KEY: the plan of small launches, starting from the
+    table's plan); the table (a copy is returned) is rewritten after each bit width."""
     table = copy.deepcopy(table)
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
@@ -406,7 +413,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
     for bits in bits_list:
         if time.time() > deadline:
             break
-        entry = table.get("decode_attention", {}).get(str(bits))
+        entry = table.get(key, {}).get(str(bits)) or table.get("decode_attention", {}).get(str(bits))
         best = DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]
         cases = {(b, c): attention_cases(b, c, bits, heads, page, device, gen) for b, c in points}
         best_ms = time_attention(best, cases, timer)
@@ -432,10 +439,10 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                         best, best_ms, improved = cand, rec["ms"], True
             if not improved:
                 break
-        table.setdefault("decode_attention", {})[str(bits)] = best.to_json()
-        results.append({"bits": bits, "points": [list(p) for p in points], "best": {"plan": best.to_json(), "ms": best_ms},
-                        "records": records})
-        log(f"decode kv{bits}: {best.to_json()} " + " ".join(f"b{b}/ctx{c} {t * 1e3:.1f} us"
+        table.setdefault(key, {})[str(bits)] = best.to_json()
+        results.append({"bits": bits, "key": key, "points": [list(p) for p in points],
+                        "best": {"plan": best.to_json(), "ms": best_ms}, "records": records})
+        log(f"{key} kv{bits}: {best.to_json()} " + " ".join(f"b{b}/ctx{c} {t * 1e3:.1f} us"
                                                         for (b, c), t in zip(points, best_ms)))
         if out:
             configs.dump_table(table, out)
@@ -484,7 +491,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")
     ap.add_argument("--results", help="also write every timing here (JSON)")
     ap.add_argument("--attention-bits", default="4,8", help="KV bit widths whose decode attention plan is tuned ('' none)")
-    ap.add_argument("--attention-budget-s", type=float, default=150.0)
+    ap.add_argument("--attention-budget-s", type=float, default=150.0,
+                    help="seconds for the table's plans, then a third of it for their latency plans")
     args = ap.parse_args(argv)
 
     from qoq.kernels.gemm_plan import device_caps
@@ -509,9 +517,12 @@ def main(argv=None) -> None:
     bits = [int(b) for b in args.attention_bits.split(",") if b]
     attention = []
     if bits:
-        table, attention = tune_attention(table, bits, attention_heads(args.model), ATTENTION_POINTS, "cuda", gpu_timer,
-                                          args.attention_budget_s, args.out or configs.table_path(key),
+        for points, budget, plans in ((ATTENTION_POINTS, args.attention_budget_s, "decode_attention"),
+                                      (LATENCY_POINTS, args.attention_budget_s / 3, LATENCY_KEY)):
+            table, tuned = tune_attention(table, bits, attention_heads(args.model), points, "cuda", gpu_timer, budget,
+                                          args.out or configs.table_path(key), key=plans,
                                           log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
+            attention += tuned
     if args.results:
         with open(args.results, "w") as f:
             json.dump({"device": table["device"], "model": args.model, "points": results, "attention": attention},

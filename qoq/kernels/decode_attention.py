@@ -533,7 +533,8 @@ MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at
 @dataclass(frozen=True)
 class DecodePlan:
     """How decode attention runs for one KV bit width: read from the GPU's table
-    (qoq/kernels/configs/<device>.json, "decode_attention", keyed by bits) or DEFAULT_PLANS.
+    (qoq/kernels/configs/<device>.json, "decode_attention", keyed by bits; "decode_attention_latency"
+    for launches of fewer (sequence, kv head) pairs than SMs, `decode_plan`) or DEFAULT_PLANS.
 
     Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
     resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
@@ -587,9 +588,19 @@ DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biase
                  16: DecodePlan(num_warps=4, num_stages=2, programs_per_sm=2)}
 
 
-def decode_plan(bits: int, device: torch.device) -> DecodePlan:
-    table = configs.device_table(device)
-    entry = (table or {}).get("decode_attention", {}).get(str(bits))
+LATENCY_KEY = "decode_attention_latency"  # the table's plans for launches of fewer (sequence, kv head) pairs than SMs
+
+
+def decode_plan(bits: int, device: torch.device, programs: int | None = None) -> DecodePlan:
+    """The table's plan for `bits`; where the launch has fewer (sequence, kv head) pairs
+    (`programs`) than the GPU has SMs (a batch of a few sequences: the step waits on one program's
+    latency, not on the programs' throughput), its latency plan, tuned at such batches, if it has one."""
+    table = configs.device_table(device) or {}
+    entry = None
+    if programs is not None and programs < num_sms(device):
+        entry = table.get(LATENCY_KEY, {}).get(str(bits))
+    if entry is None:
+        entry = table.get("decode_attention", {}).get(str(bits))
     return DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]
 
 
@@ -630,7 +641,7 @@ def _launch(q, cache: KVCacheLayer, block_tables, context_lens, scale, num_split
     if d & (d - 1) or cache.page_size & (cache.page_size - 1):
         raise ValueError("the Triton decode needs power-of-two head_dim and page_size")
     q = token_rows(q)  # the token stride is an argument: a row view of the qkv output stays one
-    plan = (plan or decode_plan(cache.bits, q.device)).with_options(options)
+    plan = (plan or decode_plan(cache.bits, q.device, b * hkv)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)
     max_blocks = -(-block_tables.shape[1] * cache.page_size // block_t)

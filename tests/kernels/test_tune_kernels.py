@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qoq.kernels import gemm_plan
+from qoq.kernels.decode_attention import DecodePlan
 from qoq.kernels.gemm_plan import MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8, GemmPlan, table_plan
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -127,6 +128,14 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
     assert best == {"transposed": True, "biased": True, "num_warps": 2}
     assert json.loads(out.read_text())["decode_attention"]["4"] == best == table["decode_attention"]["4"]
     assert len(seen) == len(set(seen)) >= 3 and all("ms" in r for r in results[0]["records"])
+    # the latency plan starts from the table's plan and goes to its own key, next to it
+    seen.clear()
+    table, results = tune_kernels.tune_attention(
+        table, [4], (4, 2, 32), ((1, 32),), "cpu", tune_kernels.cpu_timer, 600, str(out),
+        log=lambda s: None, knobs={"block_t": (0, 32)}, page=16, key=tune_kernels.LATENCY_KEY)
+    assert seen[0] == DecodePlan(**best) and results[0]["key"] == tune_kernels.LATENCY_KEY
+    written = json.loads(out.read_text())
+    assert written["decode_attention"]["4"] == best and written[tune_kernels.LATENCY_KEY]["4"] == best
 
 
 @pytest.mark.parametrize("mode", [MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8])

@@ -51,7 +51,8 @@ def device_table(device: torch.device) -> dict | None:
 def dump_table(table: dict, path: str) -> None:
     """One line per M range: the table stays diffable when a tuner rewrites a few."""
     lines = ["{"]
-    meta = [k for k in table if k not in ("gemm", "decode_attention")]
+    plans = ("decode_attention", "decode_attention_latency")
+    meta = [k for k in table if k != "gemm" and k not in plans]
     for k in meta:
         lines.append(f"  {json.dumps(k)}: {json.dumps(table[k])},")
     lines.append('  "gemm": {')
@@ -67,7 +68,9 @@ def dump_table(table: dict, path: str) -> None:
             lines.append(f"      ]{',' if j < len(shapes) - 1 else ''}")
         lines.append(f"    }}{',' if i < len(modes) - 1 else ''}")
     lines.append("  },")
-    lines.append(f'  "decode_attention": {json.dumps(table.get("decode_attention", {}))}')
+    kept = [k for k in plans if k in table or k == "decode_attention"]
+    for i, k in enumerate(kept):
+        lines.append(f'  {json.dumps(k)}: {json.dumps(table.get(k, {}))}{"," if i < len(kept) - 1 else ""}')
     lines.append("}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
