@@ -19,8 +19,8 @@
 #             KERNEL_MS="1 16": only those M, into kernels-m-<gpu>.json, no attention)
 #   b1        batch-1 decode: profile_decode.py --graphs (kernel table, exposed times) and the engine's graphed step
 #   engine1   the engine's batch-1 step alone (qoq bench throughput)
-#   prologue  the GEMMs' input prologue and the RoPE fused into decode attention on the GPU: their tests, then
-#             the batch-1 step with QOQ_ACT_PROLOGUE and QOQ_FUSED_ROPE 0/1 (PROLOGUE_CASES), PROLOGUE_REPS (2) times
+#   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1,
+#             PROLOGUE_REPS (2) times
 #   gemv      the CUDA-core gemv kernel: its GPU tests, then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
 #             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
@@ -112,15 +112,12 @@ case "$part" in
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/engine-b1.log" ;;
   prologue)
-    timeout 240 python3 -m pytest -q -x tests/kernels/test_gemm.py tests/kernels/test_attention.py \
-      tests/engine/test_gpu_engine.py -k "own_input or touches_no_memory or rope_decode or fused_rope" \
-      > "$out/test_gemm_prologue.log" 2>&1
-    echo "prologue + fused rope tests: exit $? $(tail -1 "$out/test_gemm_prologue.log")"
-    # each case: QOQ_ACT_PROLOGUE then QOQ_FUSED_ROPE (10: the prologue alone)
-    for rep in $(seq 1 ${PROLOGUE_REPS:-2}); do for case in ${PROLOGUE_CASES:-00 10 01 11}; do
-      QOQ_ACT_PROLOGUE=${case:0:1} QOQ_FUSED_ROPE=${case:1:1} timeout 95 python3 -m qoq bench throughput --precision w4a8kv4 \
-        --batch 1 --input-len 8 --output-len 256 2> "$out/b1-case$case-$rep.err" | tail -1 > "$out/b1-case$case-$rep.json"
-      echo "b1 prologue ${case:0:1} fused rope ${case:1:1} ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/b1-case$case-$rep.json" 2>&1 | tail -1)"
+    timeout 90 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "own_input or touches_no_memory" \
+      > "$out/test_gemm_prologue.log" 2>&1; echo "prologue tests: exit $? $(tail -1 "$out/test_gemm_prologue.log")"
+    for rep in $(seq 1 ${PROLOGUE_REPS:-2}); do for on in 0 1; do
+      QOQ_ACT_PROLOGUE=$on timeout 95 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 \
+        --output-len 256 2> "$out/b1-prologue$on-$rep.err" | tail -1 > "$out/b1-prologue$on-$rep.json"
+      echo "b1 QOQ_ACT_PROLOGUE=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/b1-prologue$on-$rep.json" 2>&1 | tail -1)"
     done; done ;;
   gemv)
     timeout 120 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "gemv" > "$out/test_gemv.log" 2>&1

@@ -2,7 +2,7 @@
 it: registers, stack (spills), shared memory, instructions in all and in the main loop, and the
 most frequent opcodes. The numbers behind the register and instruction counts in docs/kernels.md.
 
-    python benchmarks/sass_report.py decode --bits 4 --swap 1 [--rope 2]
+    python benchmarks/sass_report.py decode --bits 4 --swap 1
     python benchmarks/sass_report.py gemm --mode 2 --block-m 16 --block-n 64 --split 8
     python benchmarks/sass_report.py gemv --mode 1 --block-n 32 --unroll 4 --split 4
 
@@ -34,18 +34,12 @@ def decode_kernel(args):
     code = "*fp16" if args.bits == 16 else "*u8"
     sig = dict(q_ptr="*fp16", kc_ptr=code, vc_ptr=code, ks_ptr="*fp16", kz_ptr="*fp16", vs_ptr="*fp16",
                vz_ptr="*fp16", bt_ptr="*i32", len_ptr="*i32", o_ptr="*fp16", part_ptr="*fp32", lse_ptr="*fp32",
-               cnt_ptr="*i32", HQ="i32", HKV="i32", bt_stride="i32", sm_scale_log2="fp32", num_splits="i32",
-               stride_q="i32", stride_k="i32", stride_v="i32")
+               cnt_ptr="*i32", HQ="i32", HKV="i32", bt_stride="i32", sm_scale_log2="fp32", num_splits="i32")
     block_g = max(8 if args.swap else 16, triton.next_power_of_2(args.group))
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
-                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
-                  ROPE=args.rope > 0, HADAMARD=args.rope > 1)
-    if args.rope:  # the fused RoPE + K/V write's inputs (q, k, v rows of the qkv output)
-        sig.update(k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64")
-    else:
-        consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None)
-    return fn, sig, consts, ("HQ", "HKV", "bt_stride", "stride_q", "stride_k", "stride_v"), args.warps or 1
+                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1)
+    return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
 
 
 def gemm_kernel(args):
@@ -142,7 +136,6 @@ def main() -> None:
     p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait; decode: > 0 builds "
                    "the PDL entry (0: no PDL)")
     p.add_argument("--act", type=int, default=0, help="gemm: the input prologue (0 none, 1 plain, 2 RMSNorm, 3 add + RMSNorm)")
-    p.add_argument("--rope", type=int, default=0, help="decode: 1 the fused RoPE + K/V write, 2 with the qk Hadamard")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")

@@ -3,8 +3,7 @@
 One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' tokens first
 (packed, cu_seqlens marks each), then one token per decoding sequence. Per layer, one fused
 kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
-attends over the pages, which by now hold it (a step of decodes only, with QOQ_FUSED_ROPE=1:
-one launch does both, `rope_decode_attention`): prefill chunks causally over their sequence's
+attends over the pages, which by now hold it: prefill chunks causally over their sequence's
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
 tokens over their whole context (paged_decode_attention).
 """
@@ -20,10 +19,8 @@ from qoq.kernels import (
     paged_decode_attention,
     paged_prefill_attention,
     prefill_attention,
-    rope_decode_attention,
     rope_kv_write,
 )
-from qoq.kernels.decode_attention import fused_rope_decode
 
 
 def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale, max_seqlen,
@@ -82,14 +79,6 @@ class PagedAttention:
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        if md.num_prefill_tokens == 0 and md.token_num_pages is None and fused_rope_decode():
-            # a decode step: the RoPE and the K/V write run inside the attention launch
-            q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
-            out = None if out is None else out.view(q.shape)
-            out = rope_decode_attention(q, k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping,
-                                        self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale,
-                                        out=out)
-            return out.view(batch, num_tokens, num_heads, head_dim)
         q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
         # both kernels write their rows in place

@@ -4,7 +4,7 @@ Public functions dispatch through `qoq.kernels.dispatch.use_triton` (CUDA tensor
 CPU -> reference). See docs/kernels.md for the number formats and layouts.
 """
 
-from qoq.kernels.decode_attention import paged_decode_attention, rope_decode_attention
+from qoq.kernels.decode_attention import paged_decode_attention
 from qoq.kernels.dispatch import use_triton
 from qoq.kernels.kv_cache import (
     KVCacheLayer,
@@ -35,7 +35,6 @@ __all__ = [
     "dequantize_kv_ref",
     "pack_w4",
     "paged_decode_attention",
-    "rope_decode_attention",
     "paged_prefill_attention",
     "prefill_attention",
     "quantize_kv_ref",

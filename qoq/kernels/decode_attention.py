@@ -16,22 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from qoq.kernels import configs
 from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
-from qoq.kernels.kv_cache import (
-    KVCacheLayer,
-    _check_rope,
-    _hadamard_halves,
-    _write_kv,
-    dequantize_kv_ref,
-    rope_kv_write_ref,
-    token_rows,
-)
+from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
 
 try:
     import triton
@@ -191,60 +182,26 @@ def _kv8_codes(lo, hi, FAST: tl.constexpr, BIASED: tl.constexpr):
 
 
 @lazy_jit.helper
-def _load_q(q_ptr, stride_q, b, head, g_mask, j, pos_ptr, cs_ptr, HALF: tl.constexpr, HI16: tl.constexpr,
-            TRANS: tl.constexpr, ROPE: tl.constexpr, HADAMARD: tl.constexpr):
-    """The query rows `head` of sequence b (token stride stride_q) as fp16 halves of the head
-    dimension, [BLOCK_G, HALF] (TRANS: q^T, [HALF, BLOCK_G]), with each head's sum(q) (the
-    zero-point term) and 1024 * sum(q) after the HI16 scaling (what biased K codes, 1024 + code,
-    add to each score). HI16: the fast unpack yields 16 * (high code), so q_hi comes pre-divided by
-    16 (exact). ROPE: q arrives as the projection made it and is rotated here as `rope_kv_write`
-    rotates it (RoPE at position pos_ptr[b] in fp32, then the Hadamard, rounded to q's dtype)."""
-    D: tl.constexpr = 2 * HALF
+def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, HI16: tl.constexpr,
+            TRANS: tl.constexpr):
+    """The query rows `head` of sequence b as fp16 halves of the head dimension, [BLOCK_G, HALF]
+    (TRANS: q^T, [HALF, BLOCK_G]), with their offsets, each head's sum(q) (the zero-point term) and
+    1024 * sum(q) after the HI16 scaling (what biased K codes, 1024 + code, add to each score).
+    HI16: the fast unpack yields 16 * (high code), so q_hi comes pre-divided by 16 (exact)."""
     if TRANS:
-        q_off = b.to(tl.int64) * stride_q + head[None, :] * D + j[:, None]
+        q_off = (b * HQ + head)[None, :] * D + j[:, None]
         mask = g_mask[None, :]
     else:
-        q_off = b.to(tl.int64) * stride_q + head[:, None] * D + j[None, :]
+        q_off = (b * HQ + head)[:, None] * D + j[None, :]
         mask = g_mask[:, None]
     AXIS: tl.constexpr = 0 if TRANS else 1
-    if ROPE:
-        pos = tl.load(pos_ptr + b)
-        cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
-        sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
-        cos = cos[:, None] if TRANS else cos[None, :]
-        sin = sin[:, None] if TRANS else sin[None, :]
-        x1 = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        a1 = x1 * cos - x2 * sin
-        a2 = x2 * cos + x1 * sin
-        if HADAMARD:
-            a1, a2 = _hadamard_halves(a1, a2, HALF, False, TRANS)
-        q_lo = a1.to(q_ptr.dtype.element_ty).to(tl.float16)
-        q_hi = a2.to(q_ptr.dtype.element_ty).to(tl.float16)
-    else:
-        q_lo = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float16)
-        q_hi = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float16)
+    q_lo = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float16)
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float16)
     q_sum = tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS)
     if HI16:
         q_hi = q_hi * 0.0625
     k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS))
-    return q_lo, q_hi, q_sum, k_bias
-
-
-@lazy_jit.helper
-def _write_new_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                  b, h, HKV, ctx, blk_begin, blk_end, stride_k, stride_v, HALF: tl.constexpr, PAGE: tl.constexpr,
-                  BITS: tl.constexpr, BLOCK_T: tl.constexpr, HADAMARD: tl.constexpr):
-    """Fused RoPE + KV write (ROPE): the program whose split holds sequence b's last token (the new
-    one, at slot slot_ptr[b]) writes kv head h's rotated, quantized K and its V into the pages, as
-    `rope_kv_write` would, then waits for its threads' stores before its loop reads that page. No
-    other program reads the token's bytes (one split holds each block)."""
-    last = (tl.maximum(ctx, 1) - 1) // BLOCK_T
-    if (ctx > 0) & (last >= blk_begin) & (last < blk_end):
-        ROWS: tl.constexpr = 16 if HADAMARD else 1  # the Hadamard's MMA needs 16 rows (one is live)
-        _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, None, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                  b, b + 1, h, h + 1, HKV, PAGE, stride_k, stride_v, HALF, BITS, ROWS, HADAMARD, 1, False)
-        tl.debug_barrier()
+    return q_off, q_lo, q_hi, q_sum, k_bias
 
 
 @lazy_jit.helper
@@ -302,13 +259,11 @@ def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, spl
 @lazy_jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
-    k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr,
-    HQ, HKV, bt_stride, sm_scale_log2, num_splits, stride_q, stride_k, stride_v,
+    HQ, HKV, bt_stride, sm_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, ROPE: tl.constexpr = False,
-    HADAMARD: tl.constexpr = False,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -329,13 +284,9 @@ def _decode_kernel(
     head = h * GROUP + g
 
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, stride_q, b, head, g_mask, j, pos_ptr, cs_ptr, HALF, HI16, False,
-                                        ROPE, HADAMARD)
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False)
 
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
-    if ROPE:
-        _write_new_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                      b, h, HKV, ctx, blk_begin, blk_end, stride_k, stride_v, HALF, PAGE, BITS, BLOCK_T, HADAMARD)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -399,9 +350,8 @@ def _decode_kernel(
     out_lo = (acc_lo + z_acc[:, None]) / l_safe[:, None]
     out_hi = (acc_hi + z_acc[:, None]) / l_safe[:, None]
     if not SPLIT:
-        o_off = (b * HQ + head)[:, None] * D + j[None, :]
-        tl.store(o_ptr + o_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
-        tl.store(o_ptr + o_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         # Split-K in one launch: every split stores its partial output and log-sum-exp; the last
         # split of this (sequence, kv head) to arrive at its counter (acq_rel) merges them all
@@ -416,13 +366,11 @@ def _decode_kernel(
 @lazy_jit
 def _decode_kernel_t(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
-    k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr,
-    HQ, HKV, bt_stride, sm_scale_log2, num_splits, stride_q, stride_k, stride_v,
+    HQ, HKV, bt_stride, sm_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, ROPE: tl.constexpr = False,
-    HADAMARD: tl.constexpr = False,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -443,13 +391,9 @@ def _decode_kernel_t(
     head = h * GROUP + g
 
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, stride_q, b, head, g_mask, j, pos_ptr, cs_ptr, HALF, HI16, True,
-                                        ROPE, HADAMARD)
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
 
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
-    if ROPE:
-        _write_new_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                      b, h, HKV, ctx, blk_begin, blk_end, stride_k, stride_v, HALF, PAGE, BITS, BLOCK_T, HADAMARD)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -516,9 +460,8 @@ def _decode_kernel_t(
     out_lo = (acc_lo + z_acc[None, :]) / l_safe[None, :]
     out_hi = (acc_hi + z_acc[None, :]) / l_safe[None, :]
     if not SPLIT:
-        o_off = (b * HQ + head)[None, :] * D + j[:, None]
-        tl.store(o_ptr + o_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-        tl.store(o_ptr + o_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
     else:
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
@@ -629,18 +572,12 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
                                   num_splits=None, options=None, out=None, plan: DecodePlan | None = None):
     """plan: run this DecodePlan instead of the table's (the tuner's candidates)."""
     _check(q, cache, block_tables, context_lens)
-    return _launch(q, cache, block_tables, context_lens, scale, num_splits, options, out, plan, None)
-
-
-def _launch(q, cache: KVCacheLayer, block_tables, context_lens, scale, num_splits, options, out,
-            plan: DecodePlan | None, rope: tuple | None):
-    """rope: (k, v, positions, cos_sin_cache, slot_mapping), the fused RoPE + KV write's inputs."""
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
     group = hq // hkv
     if d & (d - 1) or cache.page_size & (cache.page_size - 1):
         raise ValueError("the Triton decode needs power-of-two head_dim and page_size")
-    q = token_rows(q)  # the token stride is an argument: a row view of the qkv output stays one
+    q = q.contiguous()
     plan = (plan or decode_plan(cache.bits, q.device, b * hkv)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)
@@ -659,61 +596,19 @@ def _launch(q, cache: KVCacheLayer, block_tables, context_lens, scale, num_split
         cnt = arrival_counters(q.device, b * hkv)
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
-    if rope is None:
-        k = v = positions = cos_sin = slots = None
-        stride_k = stride_v = 0
-    else:
-        k, v, positions, cos_sin, slots = rope
-        k, v = token_rows(k), token_rows(v)
-        stride_k, stride_v = k.stride(0), v.stride(0)
     swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
     kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
-        k, v, positions, cos_sin, slots,
-        hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits, q.stride(0), stride_k, stride_v,
+        hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
         GROUP=group, BLOCK_G=max(8 if swap else 16, triton.next_power_of_2(group)), HALF=d // 2,
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        MIN_BLOCKS=plan.min_split_blocks, ROPE=rope is not None, HADAMARD=rope is not None and cache.qk_hadamard,
+        MIN_BLOCKS=plan.min_split_blocks,
         num_warps=warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out
 
 
 paged_decode_attention = dispatch(paged_decode_attention_ref, paged_decode_attention_triton)
-
-
-def rope_decode_attention_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer, block_tables,
-                              context_lens, scale, num_splits=None, options=None, out=None):
-    """A decode step's attention with its RoPE and K/V write: one new token per sequence, q, k, v
-    [B, heads, D] as the projection made them (un-rotated), at positions [B] and cache slots
-    slot_mapping [B] (-1: not cached), the token being the last of its context_lens (its slot in
-    the last block of its table). `rope_kv_write` then `paged_decode_attention`: returns the
-    attention output [B, Hq, D]; the cache holds the new K/V after it, as after those two."""
-    q_rot, _ = rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
-    return paged_decode_attention_ref(q_rot, cache, block_tables, context_lens, scale, out=out)
-
-
-def rope_decode_attention_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer, block_tables,
-                                 context_lens, scale, num_splits=None, options=None, out=None,
-                                 plan: DecodePlan | None = None):
-    """One launch: every program rotates its query heads itself, and the program whose split holds
-    a sequence's last block writes the new token's K/V of its kv head before its loop reads them
-    (no separate RoPE kernel in the chain; its launch and its memory round trips were ~5 us of a
-    layer's batch-1 decode on the H200, profile-decode-b1-h200.txt)."""
-    _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
-    _check(q, cache, block_tables, context_lens)
-    rope = (k, v, positions, cos_sin_cache.contiguous(), slot_mapping)
-    return _launch(q, cache, block_tables, context_lens, scale, num_splits, options, out, plan, rope)
-
-
-rope_decode_attention = dispatch(rope_decode_attention_ref, rope_decode_attention_triton)
-
-
-def fused_rope_decode() -> bool:
-    """Whether a step of decodes only runs `rope_decode_attention` instead of `rope_kv_write` then
-    `paged_decode_attention`. Opt-in (QOQ_FUSED_ROPE=1) until a GPU has measured it; the twins
-    are the same two calls either way."""
-    return os.environ.get("QOQ_FUSED_ROPE", "0") == "1"

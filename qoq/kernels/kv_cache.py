@@ -204,10 +204,9 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @lazy_jit.helper
-def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.constexpr = False):
+def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
     """[B, D] = (x1 | x2) halves (fp32, B >= 16) -> the halves of x H, H the normalized Sylvester
     Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1).
-    TRANS: the halves come transposed, [HALF, B] (B >= 8), and so do the results (S H^T = S H).
 
     On fp16 tensor cores: S is exact in fp16 and the sums accumulate in fp32; the operand is
     rounded to fp16 (relative error ~3e-4, that of the fp16 q/k the kernel returns), or with
@@ -226,18 +225,11 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.
     w = x1 - x2
     u_hi = u.to(tl.float16)
     w_hi = w.to(tl.float16)
-    if TRANS:
-        y1 = tl.dot(s, u_hi, out_dtype=tl.float32)
-        y2 = tl.dot(s, w_hi, out_dtype=tl.float32)
-        if SPLIT:
-            y1 = tl.dot(s, (u - u_hi.to(tl.float32)).to(tl.float16), y1)
-            y2 = tl.dot(s, (w - w_hi.to(tl.float32)).to(tl.float16), y2)
-    else:
-        y1 = tl.dot(u_hi, s, out_dtype=tl.float32)
-        y2 = tl.dot(w_hi, s, out_dtype=tl.float32)
-        if SPLIT:
-            y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, y1)
-            y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, y2)
+    y1 = tl.dot(u_hi, s, out_dtype=tl.float32)
+    y2 = tl.dot(w_hi, s, out_dtype=tl.float32)
+    if SPLIT:
+        y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, y1)
+        y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, y2)
     return y1 * norm, y2 * norm
 
 
@@ -286,26 +278,23 @@ def _rope_kv_write_kernel(
         tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
     else:
         _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                  t0, T, 0, HKV, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT)
+                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT)
 
 
 @lazy_jit.helper
 def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-              t0, T, h0, h_end, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
+              t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
               BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr):
-    """The keys of TOK tokens rotated and quantized into the cache with the values: kv heads
-    h0 .. h_end - 1 (of HKV). ko: the rotated keys are also returned there ([T, h_end, D]; None:
-    not returned, what fused decode attention writes)."""
+    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values."""
     j = tl.arange(0, HALF)[None, :]
-    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, h_end, HALF, BLOCK_HKV, TOK)
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, 0, T, HKV, HALF, BLOCK_HKV, TOK)
     if HADAMARD:
         b1, b2 = _hadamard_halves(b1, b2, HALF, SPLIT)
     # Round to the output dtype first: the cache holds quantize(returned k_rot).
-    r1 = b1.to(k_ptr.dtype.element_ty)
-    r2 = b2.to(k_ptr.dtype.element_ty)
-    if ko_ptr is not None:
-        tl.store(ko_ptr + k_off, r1, mask=km)
-        tl.store(ko_ptr + k_off + HALF, r2, mask=km)
+    r1 = b1.to(ko_ptr.dtype.element_ty)
+    r2 = b2.to(ko_ptr.dtype.element_ty)
+    tl.store(ko_ptr + k_off, r1, mask=km)
+    tl.store(ko_ptr + k_off + HALF, r2, mask=km)
     D = 2 * HALF
     v_in = tk.to(tl.int64)[:, None] * stride_v + hk * D + j
     v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)

@@ -130,33 +130,6 @@ def tiny_quantized_model(granularity: Granularity, kv_bits: int, dtype: torch.dt
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("qk_hadamard", [False, True])
-def test_decode_steps_with_rope_fused_into_attention(bundled, monkeypatch, qk_hadamard):
-    """QOQ_FUSED_ROPE=1: a step of decodes only rotates q/k and writes the new K/V inside its
-    attention launch (`rope_decode_attention`, here its Triton kernel under the interpreter, the
-    rest of the model on the twins): greedy tokens are the unfused engine's, prompts of several
-    pages included; steps with prompt tokens keep rope_kv_write."""
-    from qoq.engine import attention as engine_attention
-    from qoq.kernels.decode_attention import rope_decode_attention_triton
-
-    _, tok = bundled
-    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=qk_hadamard)
-    prompts = [[5, 6, 7], list(range(1, 71)), [9]]
-    params = SamplingParams(max_tokens=5, ignore_eos=True)
-    want = LLM.from_model(model, tok, page_size=16).generate(prompts, params)
-    calls = []
-
-    def fused(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return rope_decode_attention_triton(*args, **kwargs)
-
-    monkeypatch.setenv("QOQ_FUSED_ROPE", "1")
-    monkeypatch.setattr(engine_attention, "rope_decode_attention", fused)
-    got = LLM.from_model(model, tok, page_size=16).generate(prompts, params)
-    assert calls and set(calls) == {3}  # 4 decode steps of the three sequences, per layer
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kv_bits", [4, 8])
 @pytest.mark.parametrize("granularity, linear", [(G128, W4A8G128Linear), (PER_CHANNEL, W4A8PerChannelLinear)],

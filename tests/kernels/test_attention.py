@@ -9,10 +9,8 @@ from qoq.kernels.decode_attention import (
     gather_kv_ref,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
-    rope_decode_attention_ref,
-    rope_decode_attention_triton,
 )
-from qoq.kernels.kv_cache import allocate_kv_cache, quantize_kv_ref, rope_kv_write_triton
+from qoq.kernels.kv_cache import allocate_kv_cache, quantize_kv_ref
 from qoq.kernels.paged_prefill_attention import (
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
@@ -103,56 +101,6 @@ def test_decode_wave_warps_at_small_grids(swap, device, gen, poison):
     for splits in (2, 8):  # 4 programs (wave_warps) and 16 (num_warps) on the CPU's 8 "SMs"
         out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan)
         assert rel_err(out, ref) < 3e-3
-
-
-def _decode_step_case(bits, hadamard, page, device, gen):
-    """Three decoding sequences and a graph's padding row (context 1, slot -1), their new token
-    the last of the context: un-rotated q, k, v as row views of one qkv tensor, a random cache."""
-    from test_kv_cache import cos_sin_cache
-
-    b, hq, hkv, d, pages = 4, 8, 2, 32, 64 // page
-    cache = random_cache(b * pages, hkv, d, page, bits, device, gen)
-    cache.qk_hadamard = hadamard
-    bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().to(device)
-    lens = torch.tensor([5, 64, 33, 1], dtype=torch.int32, device=device)
-    last = lens.long() - 1
-    slots = bt.long().gather(1, (last // page)[:, None])[:, 0] * page + last % page
-    slots[3] = -1
-    q, k, v = (torch.randn(b, h, d, generator=gen).half().to(device) for h in (hq, hkv, hkv))
-    return as_fused_qkv_views(q, k, v), last, cos_sin_cache(128, d).to(device), slots, cache, bt, lens
-
-
-def _cache_copy(cache):
-    import dataclasses
-
-    return dataclasses.replace(cache, **{f: getattr(cache, f).clone() for f in (
-        "k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero") if getattr(cache, f) is not None})
-
-
-@pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("hadamard", [False, True])
-@pytest.mark.parametrize("page,num_splits,options", [
-    (16, None, None), (16, 3, dict(BLOCK_T=32)), (32, 2, dict(BLOCK_T=16, SWAP=False)), (16, 4, dict(SWAP=False))])
-def test_rope_decode_attention_matches_rope_then_decode(bits, hadamard, page, num_splits, options, device, gen,
-                                                        poison):
-    """Decode attention with the step's RoPE and K/V write fused in: the output of rope_kv_write +
-    paged_decode_attention (the twins), and the very cache bytes the unfused kernels write, with
-    the new token in any split (one split, three, four: the writer is the last block's)."""
-    (q, k, v), pos, cs, slots, cache, bt, lens = _decode_step_case(bits, hadamard, page, device, gen)
-    c_ref, c_unfused = _cache_copy(cache), _cache_copy(cache)
-    ref = rope_decode_attention_ref(q, k, v, pos, cs, slots, c_ref, bt, lens, 32 ** -0.5)
-    q_rot, _ = rope_kv_write_triton(q, k, v, pos, cs, slots, c_unfused)
-    unfused = paged_decode_attention_triton(q_rot, c_unfused, bt, lens, 32 ** -0.5, num_splits=num_splits,
-                                            options=options)
-    for _ in range(2):  # the write is idempotent, the split counters reset
-        out = rope_decode_attention_triton(q, k, v, pos, cs, slots, cache, bt, lens, 32 ** -0.5,
-                                           num_splits=num_splits, options=options)
-        assert rel_err(out[:3], ref[:3]) < 3e-3
-        assert torch.equal(out, unfused)
-    for name in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero"):
-        if getattr(cache, name) is not None:
-            assert torch.equal(getattr(cache, name), getattr(c_unfused, name)), name
-    assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
 
 @pytest.mark.parametrize("hq,swap", [(2, True), (2, False), (16, True), (16, False)])
