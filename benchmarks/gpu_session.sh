@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work a session owes, run on the device machine in one call:
 #     bash benchmarks/gpu_session.sh PART [PART ...]      (results and logs under $OUT)
-# with .whl carried (scripts/gpu_wheels.sh makes it here). Outputs are named by GPU (h100, h200).
+# with .whl carried (scripts/gpu_wheels.sh makes it here). Outputs are named by GPU (h100, h200);
+# more than 8 of them come back as session.tgz.
 # Parts (keep the sum within one 10-minute call):
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
@@ -38,6 +39,16 @@ export PYTHONUNBUFFERED=1 QOQ_GIT_COMMIT=${QOQ_GIT_COMMIT:-$(git rev-parse --sho
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 gpu=$(head -1 "$out/gpu.txt" | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr A-Z a-z)
 gpu=${gpu:-gpu}
+# The device tool brings back at most 8 files from $OUT: where there are more, they come back as
+# one archive (tar xzf session.tgz here).
+pack() {
+  local n; n=$(find "$out" -type f | wc -l)
+  if [ "$n" -gt 8 ]; then
+    (cd "$out" && tar czf /tmp/session.tgz . && find . -mindepth 1 -delete && mv /tmp/session.tgz .)
+    echo "$n files packed into session.tgz"
+  fi
+}
+trap pack EXIT
 table_path() {  # this GPU's table in the tree (what select_plan reads)
   python3 -c "from qoq.kernels import configs; print(configs.table_path(configs.device_key(0)))"
 }
