@@ -55,7 +55,7 @@ def gemm_kernel(args):
         sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
-    return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
+    return fn, sig, consts, ("N", "K", "stride_sg") + (("H",) if args.act else ()), args.warps or 4
 
 
 def gemv_kernel(args):
@@ -63,12 +63,13 @@ def gemv_kernel(args):
     sig = dict(x_ptr="*i32", w_ptr="*i32", sx_ptr="*fp32", xsum_ptr="*fp32", s1_ptr="*fp16", s2_ptr="*u8",
                sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
-                  NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2)
+                  NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2,
+                  ACT_BLOCK=gemv.act_block(4096, args.warps or 4))
     if args.act:  # the row quantized in the prologue into the codes buffer
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
-    return fn, sig, consts, ("N", "K", "stride_sg"), args.warps or 4
+    return fn, sig, consts, ("N", "K", "stride_sg") + (("H",) if args.act else ()), args.warps or 4
 
 
 def build(fn, sig, consts, aligned_ints, num_warps, maxnreg):

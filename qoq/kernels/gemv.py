@@ -90,7 +90,7 @@ def _gemv_kernel(
     MODE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr,
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
-    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False,
+    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -131,22 +131,24 @@ def _gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
     if ACT > 0:  # after the wait: the row is the previous kernel's output
+        # ACT_BLOCK channels a step, all the program's threads at once: the row's statistics,
+        # then the codes of this split's channels (two passes of a few dependent loads each)
         offs_m = m + tl.zeros((1,), tl.int32)
         m_ok = offs_m < M
         scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_ok, H, eps, (pid_n == 0) & (pid_k == 0),
-                               ACT, HAS_NW, 1)
+                               ACT, HAS_NW, 1, ACT_BLOCK)
         safe = tl.where(scale > 0, scale, 1.0)
-        offs_h = tl.arange(0, 64)
-        xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, 1]
+        offs_h = tl.arange(0, ACT_BLOCK)
+        xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [ACT_BLOCK, 1]
         xq_row = xq_ptr + m.to(tl.int64) * K + offs_h[:, None]
         csum = tl.zeros((1,), tl.float32)
-        for c in range(c_begin, c_end):
-            for half in tl.static_range(2):
-                q = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, c * 128 + 64 * half, offs_h, m_ok[None, :], H, inv,
-                              safe, ACT, HAS_NW)
-                tl.store(xq_row + c * 128 + 64 * half, q)
-                if MODE == 2:
-                    csum += tl.sum(q.to(tl.float32), axis=0)
+        for k0 in range(c_begin * 128, c_end * 128, ACT_BLOCK):
+            in_split = (k0 + offs_h < c_end * 128)[:, None]
+            q = act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, k0, offs_h, m_ok[None, :] & in_split, H, inv, safe,
+                          ACT, HAS_NW)
+            tl.store(xq_row + k0, q, mask=in_split)
+            if MODE == 2:
+                csum += tl.sum(q.to(tl.float32), axis=0)
         tl.debug_barrier()  # the codes are the program's loads' input
 
     acc = tl.zeros((UNROLL, BLOCK_N, WPC), dtype=tl.int32)
@@ -191,6 +193,14 @@ def _gemv_kernel(
                 SPLIT_K)
 
 
+def act_block(H: int, num_warps: int) -> int:
+    """Channels per step of the prologue's passes: 32 a thread (the row's fp16 values in a few
+    16-byte loads per thread in flight at once), at most the row. The H100 profile of the quantizing
+    gemv at 64 channels a step, one dependent load after another: 55 us a call against 17.5
+    (benchmarks/results/decode-b1-ab-h100.json)."""
+    return max(64, min(triton.next_power_of_2(H), 32 * 32 * num_warps))
+
+
 def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the codes and weights can be read as 32-bit words (4-byte-aligned bases)."""
     return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
@@ -205,7 +215,8 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         x8 = torch.empty((M, K), dtype=torch.int8, device=y.device)  # the codes, written by the kernel
         sx = s1  # unread
         acts = dict(xq_ptr=x8, xf_ptr=act.x, r_ptr=act.residual, nw_ptr=act.weight, s_ptr=act.s, H=act.x.shape[1],
-                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None)
+                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None,
+                    ACT_BLOCK=act_block(act.x.shape[1], plan.num_warps))
     else:
         acts = {}
     M, K = x8.shape

@@ -242,8 +242,6 @@ def act_quantize(act: ActInput):
 
 # The GEMMs' activation prologue (int_gemm ACT, gemv ACT): the same rows as the row kernels above,
 # computed by the GEMM's programs from the fp16 rows.
-if tl is not None:  # Triton kernels read globals only as constexpr
-    _ACT_BLOCK = tl.constexpr(512)  # input channels per step of the statistics pass
 
 
 @lazy_jit.helper
@@ -259,16 +257,17 @@ def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
 
 @lazy_jit.helper
 def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
-              ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr):
+              ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr = 512):
     """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
-    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows: the norm's factor is
-    positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
+    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows, BLOCK channels a step
+    (each step's loads wait for the last step's: the fewer steps, the shorter the pass): the norm's
+    factor is positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
     (x * rsqrt) * nw instead: a code can differ by one where a value sits on a rounding edge)."""
-    kk = tl.arange(0, _ACT_BLOCK)
+    kk = tl.arange(0, BLOCK)
     rows = offs_m[:, None].to(tl.int64) * H
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, _ACT_BLOCK):
+    for k0 in range(0, H, BLOCK):
         mask = m_mask[:, None] & (k0 + kk < H)[None, :]
         v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
         if ACT >= 2:
@@ -285,8 +284,9 @@ def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
 @lazy_jit.helper
 def act_codes(xf_ptr, r_ptr, nw_ptr, xf_base, col0, offs_h, x_mask, H, inv, safe,
               ACT: tl.constexpr, HAS_NW: tl.constexpr):
-    """int8 codes [64, BM] of input channels col0 .. col0 + 63 of the rows (X^T), as quant.py's
-    row kernel rounds them (round half to even, clamped to +-127); channels from H on are 0."""
+    """int8 codes [C, BM] of input channels col0 + offs_h (C of them) of the rows (X^T), as
+    quant.py's row kernel rounds them (round half to even, clamped to +-127); channels from H on,
+    and where x_mask is off, are 0."""
     cols = col0 + offs_h
     mask = x_mask & (cols < H)[:, None]
     v = tl.load(xf_ptr + xf_base + col0, mask=mask, other=0.0)
