@@ -47,6 +47,7 @@ from qoq.kernels.decode_attention import (  # noqa: E402
     paged_decode_attention_triton,
 )
 from qoq.kernels.gemm_plan import (  # noqa: E402
+    ACT_PROLOGUE_MAX_M,
     GEMV_MAX_M,
     MODE_NAMES,
     MODE_W4_G128,
@@ -56,6 +57,7 @@ from qoq.kernels.gemm_plan import (  # noqa: E402
     fallback_plan,
     fit_unroll,
     quantizes_input,
+    quantizing_kernel,
     runnable,
     set_range,
     table_plan,
@@ -204,6 +206,26 @@ def refinements(plan: GemmPlan, k: int, tma: bool) -> list[GemmPlan]:
     return out
 
 
+ACT_VARIANTS = 3  # the fastest quantizing plans of a point timed again with quantize_input
+
+
+def prologue_variants(timed: list[dict], m: int, tried: list[GemmPlan]) -> list[GemmPlan]:
+    """The ACT_VARIANTS fastest timed plans of a decode point whose kernel can quantize its own
+    input (up to ACT_PROLOGUE_MAX_M tokens), with quantize_input set: where one wins, the table
+    says so and the engine skips the row kernel before that GEMM."""
+    out = []
+    for rec in sorted(timed, key=lambda r: r["ms"]):
+        plan = GemmPlan.from_json(rec["plan"])
+        if m > ACT_PROLOGUE_MAX_M or not quantizing_kernel(plan) or quantizes_input(plan, m):
+            continue  # (QOQ_ACT_PROLOGUE=1: every quantizing plan was timed so already)
+        variant = dataclasses.replace(plan, quantize_input=True)
+        if variant not in tried and variant not in out:
+            out.append(variant)
+        if len(out) == ACT_VARIANTS:
+            break
+    return out
+
+
 def gpu_timer(calls) -> float:
     """Milliseconds per call: bench_kernels.time_calls with a shorter warm-up and measurement."""
     import bench_kernels
@@ -237,8 +259,9 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
     (quantize_per_token, the row kernel) and then runs the GEMM, so the GEMM starts, as a dependent
     launch, behind a short kernel rather than behind a copy of itself (its early weight prefetch
     overlaps the row kernel, as in the engine); the row kernel's time is the same for every plan.
-    Where the engine would have the plan's kernel quantize its own input (QOQ_ACT_PROLOGUE=1,
-    gemm_plan.quantizes_input), the call is that kernel alone, from the same fp16 rows."""
+    Where the engine would have the plan's kernel quantize its own input (its quantize_input, or
+    QOQ_ACT_PROLOGUE=1; gemm_plan.quantizes_input), the call is that kernel alone, from the same
+    fp16 rows, checked against the row twin and the GEMM twin first."""
     fn, ref, _, with_sum = KERNELS[mode]
     x8, sx, xsum = random_activations(m, k, device, gen)
     act = (x8, sx, xsum) if with_sum else (x8, sx)
@@ -253,6 +276,10 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
         x8, sx, xsum = quantize_per_token(xf)
         return fn(*((x8, sx, xsum) if with_sum else (x8, sx)), *w, config=plan)
 
+    def twin(w):  # what `chained` computes, by the torch twins
+        x8, sx, xsum = quantize_per_token(xf)
+        return ref(*((x8, sx, xsum) if with_sum else (x8, sx)), *w)
+
     records = []
     for plan in plans:
         if time.time() > deadline:
@@ -260,6 +287,8 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> l
         rec = {"plan": plan.to_json()}
         try:
             err = rel_err(fn(*sets[0], config=plan), ref(*sets[0]))  # checked before it is timed
+            if m <= DECODE_M and quantizes_input(plan, m):  # and the prologue's rows
+                err = max(err, rel_err(chained(weights[0], plan), twin(weights[0])))
             if not err < TOLERANCE:
                 raise AssertionError(f"rel err {err:.3g} against the torch twin")
             if m <= DECODE_M:
@@ -312,6 +341,14 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                         complete = len(extra) == len(more)
                         records += extra
                         timed = [r for r in records if "ms" in r]
+                        # the fastest quantizing plans again, quantizing their own input: the kernel
+                        # alone against the row kernel and the GEMM it stands for
+                        acts = prologue_variants(timed, m, plans + more)
+                        if complete and acts:
+                            extra = tune_point(mode, m, n, k, acts, weights, device, gen, timer, deadline)
+                            complete = len(extra) == len(acts)
+                            records += extra
+                            timed = [r for r in records if "ms" in r]
                     point = {"mode": MODE_NAMES[mode], "shape": name, "M": m, "N": n, "K": k, "records": records}
                     if timed and complete:  # every candidate tried: the range takes the best
                         best = min(timed, key=lambda r: r["ms"])

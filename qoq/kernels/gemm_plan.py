@@ -59,6 +59,7 @@ class GemmPlan:
     group_m: int = 8  # "tma" / "ws": token tiles per weight-column sweep (L2 reuse)
     stream_k: bool = False  # "ws": equal shares of (tile, chunk) units instead of whole tiles
     w_in_registers: bool = False  # "ws": packed W4 as wgmma's register operand (transposed tile)
+    quantize_input: bool = False  # quantizing kernels, M <= ACT_PROLOGUE_MAX_M: the GEMM quantizes its fp16 rows
     # overrides for tests and probes; never in a table
     fast: bool | None = None  # PTX unpack (default: on CUDA)
     slots: int = 0  # "tma": resident CTAs assumed by the split tail (0: learned from the compiled kernel)
@@ -90,6 +91,8 @@ class GemmPlan:
         if self.kernel != "ws":
             need(not self.stream_k and not self.w_in_registers and not self.grid, "stream_k / w_in_registers are ws's")
         need(not (self.w_in_registers and self.unpack == "ahead"), "w_in_registers takes packed W4")
+        need(not self.quantize_input or quantizing_kernel(self), "quantize_input: a quantizing kernel's (gemv, "
+             "the register kernels with swap_ab)")
 
     def to_json(self) -> dict:
         """The fields that differ from the defaults (kernel and tiles always)."""
@@ -240,10 +243,8 @@ ACT_PROLOGUE_MAX_M = 8
 
 def act_prologue_allowed(M: int) -> bool:
     """The cheap half of `quantizes_input`, asked before any plan lookup (it runs for every
-    quantized linear of an eager forward). Opt-in (QOQ_ACT_PROLOGUE=1) until a GPU run has
-    measured it against the row kernels: the interpreter tests check its arithmetic, no GPU has
-    run it yet."""
-    return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "0") == "1"
+    quantized linear of an eager forward)."""
+    return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "") != "0"
 
 
 def quantizing_kernel(plan: GemmPlan) -> bool:
@@ -253,8 +254,13 @@ def quantizing_kernel(plan: GemmPlan) -> bool:
 
 
 def quantizes_input(plan: GemmPlan, M: int) -> bool:
-    """Whether the GEMM of this plan at M tokens takes its activation unquantized."""
-    return act_prologue_allowed(M) and quantizing_kernel(plan)
+    """Whether the GEMM of this plan at M tokens takes its activation unquantized: where the plan
+    says so (`quantize_input`, a tuner's finding: the prologue against the row kernel's pass, on
+    this GPU, at this point). QOQ_ACT_PROLOGUE=1 makes every quantizing plan do it, =0 none (A/B
+    runs: an H100 step took 4.97 ms with it everywhere against 2.85, decode-b1-ab-h100.json)."""
+    if not act_prologue_allowed(M) or not quantizing_kernel(plan):
+        return False
+    return plan.quantize_input or os.environ.get("QOQ_ACT_PROLOGUE", "") == "1"
 
 
 def select_plan(M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:

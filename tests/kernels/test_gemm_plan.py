@@ -1,5 +1,6 @@
 """GEMM plans as data (qoq/kernels/gemm_plan.py) and the per-GPU tables they come from."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -169,12 +170,20 @@ def test_decode_plans_are_data():
     assert decode_splits(plan, 1, 8, 6, cpu) == 6
 
 
-def test_input_prologue_is_opt_in_and_decode_sized(monkeypatch):
-    """A GEMM quantizes its own rows only when asked (QOQ_ACT_PROLOGUE=1), on a register plan, at
-    decode-sized M; int_gemm never routes the CPU there."""
+def test_input_prologue_is_the_plans_and_decode_sized(monkeypatch):
+    """A GEMM quantizes its own rows where its plan says so (`quantize_input`, which only the
+    quantizing kernels take), at decode-sized M; QOQ_ACT_PROLOGUE=1 / 0 turns it on for every
+    quantizing plan / off for all; int_gemm never routes the CPU there."""
     reg = GemmPlan("reg_a", 8, 64, split_k=4)
+    said = dataclasses.replace(reg, quantize_input=True)
     monkeypatch.delenv("QOQ_ACT_PROLOGUE", raising=False)
-    assert not gemm_plan.quantizes_input(reg, 1)
+    assert not gemm_plan.quantizes_input(reg, 1) and gemm_plan.quantizes_input(said, 1)
+    assert GemmPlan.from_json(said.to_json()) == said and said.to_json()["quantize_input"] is True
+    assert not gemm_plan.quantizes_input(said, gemm_plan.ACT_PROLOGUE_MAX_M + 1)
+    with pytest.raises(ValueError, match="quantize_input"):
+        GemmPlan("ws", 64, 128, num_stages=0, quantize_input=True)
+    monkeypatch.setenv("QOQ_ACT_PROLOGUE", "0")
+    assert not gemm_plan.quantizes_input(said, 1)
     monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
     assert gemm_plan.quantizes_input(reg, 1) and gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M)
     assert not gemm_plan.quantizes_input(reg, gemm_plan.ACT_PROLOGUE_MAX_M + 1)

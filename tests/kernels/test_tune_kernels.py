@@ -82,6 +82,32 @@ def test_tuning_run_writes_a_table(tmp_path, monkeypatch):
     assert table_plan(written, MODE_W4_G128, 100, 64, 512) == GemmPlan.from_json(results[1]["best"]["plan"])
 
 
+def test_decode_points_try_the_fastest_plans_quantizing_their_own_input(monkeypatch):
+    """At decode-sized M the fastest quantizing plans are timed again with quantize_input (checked
+    against the row twin and the GEMM twin first); where one is fastest (a fake clock here) the
+    table's plan says so, and the engine's GEMM then quantizes its rows itself."""
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    monkeypatch.delenv("QOQ_ACT_PROLOGUE", raising=False)
+    real = tune_kernels.tune_point
+
+    def faster_with_prologue(mode, m, n, k, plans, *args):
+        records = real(mode, m, n, k, plans, *args)
+        for rec in records:
+            assert "ms" in rec, rec  # every one ran and matched its twins
+            rec["ms"] = 0.5 if rec["plan"].get("quantize_input") else 1.0 + len(rec["plan"]) * 1e-3
+        return records
+
+    monkeypatch.setattr(tune_kernels, "tune_point", faster_with_prologue)
+    table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1, 16], "cpu",
+                                       (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
+                                       log=lambda s: None, decode_limit=2)
+    variants = [r for r in results[0]["records"] if r["plan"].get("quantize_input")]
+    assert 1 <= len(variants) <= tune_kernels.ACT_VARIANTS
+    best = table_plan(table, MODE_W4_G128, 1, 64, 512)
+    assert best.quantize_input and gemm_plan.quantizes_input(best, 1)
+    assert not any(r["plan"].get("quantize_input") for r in results[1]["records"])  # M = 16: above the prologue's M
+
+
 def test_tuning_a_few_small_m_keeps_the_plans_above_them(monkeypatch):
     monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
     above = {"kernel": "reg_a", "block_m": 64, "block_n": 64, "split_k": 2}

@@ -96,7 +96,7 @@ def test_gemms_quantizing_their_own_rows_match_the_row_kernels(monkeypatch, prec
         rows = model(ids)
         monkeypatch.setattr(QuantLinear, "forward", spy)
         monkeypatch.setattr(quant_linear, "use_triton", lambda t: True)  # the GEMM twins still dispatch to torch
-        monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")  # opt-in
+        monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")  # every quantizing plan
         monkeypatch.setattr(int_gemm, "quantizes_input", lambda m, n, k, mode, device: m <= 8)
         fused = model(ids)
         assert kinds[:4] == [DeferredActivation.__name__, "Tensor", DeferredActivation.__name__, "QuantizedActivation"]
@@ -113,7 +113,7 @@ def test_gemms_quantizing_their_own_rows_match_the_row_kernels(monkeypatch, prec
 def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, precision, group, prologue):
     """A table naming the CUDA-core gemv kernel for a few tokens (forced here for every GEMM of M
     <= 4; the Triton kernels under the interpreter): the model's output is the torch twins', with
-    the row kernels quantizing the GEMMs' input or (QOQ_ACT_PROLOGUE=1) the gemv kernel itself."""
+    the row kernels quantizing the GEMMs' input or (the plans' quantize_input) the gemv kernel itself."""
     from qoq.kernels import gemm_plan, int_gemm
     from qoq.kernels.gemm_plan import GemmPlan
 
@@ -122,22 +122,26 @@ def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, prec
     used = []
     real = int_gemm.select_plan
 
-    def gemv_below_five(m, n, k, mode, device):
-        plan = GemmPlan("gemv", 1, 32, split_k=2) if m <= 4 else real(m, n, k, mode, device)
+    def gemv_below_five(m, n, k, mode, device):  # prologue: the plan says the GEMM quantizes its rows
+        plan = GemmPlan("gemv", 1, 32, split_k=2, quantize_input=prologue) if m <= 4 else real(m, n, k, mode, device)
         used.append(plan.kernel)
         return plan
 
     with torch.no_grad():
         want = model(ids)
         monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+        monkeypatch.delenv("QOQ_ACT_PROLOGUE", raising=False)
         monkeypatch.setattr(int_gemm, "select_plan", gemv_below_five)
-        if prologue:
-            monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
+        if prologue:  # (int_gemm asks the plan on a GPU only)
             monkeypatch.setattr(int_gemm, "quantizes_input",
                                 lambda m, n, k, mode, device: gemm_plan.quantizes_input(gemv_below_five(m, n, k, mode,
                                                                                                         device), m))
+        acts = []
+        real_act = int_gemm.int8_gemm_act_triton
+        monkeypatch.setattr(int_gemm, "int8_gemm_act_triton", lambda *a, **kw: acts.append(1) or real_act(*a, **kw))
         got = model(ids)
     assert used and set(used) == {"gemv"}
+    assert bool(acts) == prologue  # the plans' word decides which GEMMs quantize their rows
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
 
 
