@@ -25,7 +25,7 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import GEMV_MAX_M, GemmPlan, device_caps
-from qoq.kernels.quant import ActInput, act_codes, act_stats
+from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
 try:
     import triton
@@ -191,14 +191,6 @@ def _gemv_kernel(
             y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
     store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
                 SPLIT_K)
-
-
-def act_block(H: int, num_warps: int) -> int:
-    """Channels per step of the prologue's passes: 32 a thread (the row's fp16 values in a few
-    16-byte loads per thread in flight at once), at most the row. The H100 profile of the quantizing
-    gemv at 64 channels a step, one dependent load after another: 55 us a call against 17.5
-    (benchmarks/results/decode-b1-ab-h100.json)."""
-    return max(64, min(triton.next_power_of_2(H), 32 * 32 * num_warps))
 
 
 def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:

@@ -47,7 +47,7 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     select_plan,
 )
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
-from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_codes, act_stats, silu_mul_triton
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, silu_mul_triton
 
 try:
     import triton
@@ -124,7 +124,7 @@ def _int8_gemm_kernel(
     UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, PACKED: tl.constexpr = False,
     PDL: tl.constexpr = 0,
     xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
-    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False,
+    ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -187,7 +187,7 @@ def _int8_gemm_kernel(
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
         scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
-                               (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M)
+                               (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M, ACT_BLOCK)
         safe = tl.where(scale > 0, scale, 1.0)
         xf_base = offs_m[None, :].to(tl.int64) * H + offs_h[:, None]  # [64, BM] of the fp16 rows
         csum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -498,7 +498,8 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
     if act is not None:
         x8 = sx = dummy
         acts = dict(xf_ptr=act.x, r_ptr=act.residual, nw_ptr=act.weight, s_ptr=act.s, H=act.x.shape[1],
-                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None)
+                    eps=float(act.eps), ACT=act.kind, HAS_NW=act.weight is not None,
+                    ACT_BLOCK=act_block(act.x.shape[1], plan.num_warps))
     else:
         acts = {}
     packed = (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0

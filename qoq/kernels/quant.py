@@ -258,27 +258,44 @@ def _act_rows(xf_ptr, r_ptr, s_ptr, off, mask, store, ACT: tl.constexpr):
 @lazy_jit.helper
 def act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps, store,
               ACT: tl.constexpr, HAS_NW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr = 512):
-    """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m of the H-wide
-    activation, y = x (ACT_PLAIN) or its RMSNorm, in one pass over the rows, BLOCK channels a step
-    (each step's loads wait for the last step's: the fewer steps, the shorter the pass): the norm's
-    factor is positive and per row, so max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds
-    (x * rsqrt) * nw instead: a code can differ by one where a value sits on a rounding edge)."""
+    """(per-token scale = max|y| / 127, rsqrt(mean(x^2) + eps) or 1) of rows offs_m (a run of
+    consecutive rows, those in m_mask valid) of the H-wide activation, y = x (ACT_PLAIN) or its
+    RMSNorm: the valid rows one after another, each in steps of BLOCK channels over all the
+    program's threads (a step's loads wait for the last step's, so a decode token's row takes
+    H / BLOCK steps, not BLOCK_M times as many). The norm's factor is positive and per row, so
+    max|y| = rsqrt(...) * max|x * nw| (the row kernel rounds (x * rsqrt) * nw instead: a code can
+    differ by one where a value sits on a rounding edge)."""
     kk = tl.arange(0, BLOCK)
-    rows = offs_m[:, None].to(tl.int64) * H
+    idx = tl.arange(0, BLOCK_M)
+    m0 = tl.min(offs_m, axis=0)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK):
-        mask = m_mask[:, None] & (k0 + kk < H)[None, :]
-        v = _act_rows(xf_ptr, r_ptr, s_ptr, rows + k0 + kk[None, :], mask, store, ACT)
-        if ACT >= 2:
-            ss += tl.sum(v * v, axis=1)
-            if HAS_NW:
-                v = v * tl.load(nw_ptr + k0 + kk, mask=k0 + kk < H, other=0.0).to(tl.float32)[None, :]
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    for r in range(0, tl.sum(m_mask.to(tl.int32), axis=0)):
+        row = (m0 + r).to(tl.int64) * H
+        ss_r = tl.zeros((1,), dtype=tl.float32)  # reduced every step: few registers held
+        amax_r = tl.zeros((1,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK):
+            mask = k0 + kk < H
+            v = _act_rows(xf_ptr, r_ptr, s_ptr, row + k0 + kk, mask, store, ACT)
+            if ACT >= 2:
+                ss_r += tl.sum(v * v, axis=0)
+                if HAS_NW:
+                    v = v * tl.load(nw_ptr + k0 + kk, mask=mask, other=0.0).to(tl.float32)
+            amax_r = tl.maximum(amax_r, tl.max(tl.abs(v), axis=0))
+        ss = tl.where(idx == r, tl.sum(ss_r, axis=0), ss)
+        amax = tl.where(idx == r, tl.max(amax_r, axis=0), amax)
     inv = tl.full((BLOCK_M,), 1.0, tl.float32)
     if ACT >= 2:
         inv = 1.0 / tl.sqrt(ss / H + eps)
     return amax * inv / 127.0, inv
+
+
+def act_block(H: int, num_warps: int) -> int:
+    """Channels per step of the prologue's passes over a row: 32 a thread (the row's fp16 values
+    in a few 16-byte loads per thread in flight at once), at most the row. The H100 profile of the
+    quantizing gemv at 64 channels a step, one dependent load after another: 55 us a call against
+    17.5 (benchmarks/results/decode-b1-ab-h100.json)."""
+    return max(64, min(1 << max(H - 1, 1).bit_length(), 32 * 32 * num_warps))
 
 
 @lazy_jit.helper

@@ -550,9 +550,9 @@ def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_ki
     """The register kernel's and gemv's ACT prologue (decode-sized M): from fp16 rows, per token (plain),
     of their RMSNorm (with and without a norm weight), or of the norm of x + residual (the sum
     written once, as the row kernel writes it), over a width H below the padded K, with split-K
-    (per-channel: each split's own codes' zero term) and without, gemv's passes in one step or
-    (64 channels a step) in several: the same GEMM as the row kernel's int8 rows into the twin."""
-    from qoq.kernels import gemv
+    (per-channel: each split's own codes' zero term) and without, the passes over a row in one
+    step or (64 channels a step) in several: the same GEMM as the row kernel's int8 rows into the twin."""
+    from qoq.kernels import gemv, int_gemm
 
     h, k, n = 200, 256, 64
     weights = {"g128": g128_weights, "per_channel": per_channel_weights, "w8a8": w8_weights}[kind](n, k, device, gen)
@@ -561,10 +561,12 @@ def test_gemm_quantizing_its_own_input_matches_row_kernel_then_gemm(kind, act_ki
     s2, sz = (weights[2], weights[3]) if kind == "g128" else (None, weights[2] if kind == "per_channel" else None)
     cases = ((1, 2, True, GemmPlan("reg_a", 8, 64, split_k=2)), (5, 1, False, GemmPlan("reg_a", 8, 64)),
              (3, 2, True, GemmPlan("gemv", 1, 32, split_k=2, unroll=1)), (1, 1, False, GemmPlan("gemv", 1, 64)),
-             (2, 2, True, GemmPlan("gemv", 1, 32, split_k=2, unroll=1), 64))
+             (2, 2, True, GemmPlan("gemv", 1, 32, split_k=2, unroll=1), 64),
+             (3, 2, True, GemmPlan("reg_a", 8, 64, split_k=2), 64))
     real_block = gemv.act_block
     for m, split, norm_weight, plan, *block in cases:
-        monkeypatch.setattr(gemv, "act_block", (lambda h, w, b=block: b[0]) if block else real_block)
+        for module in (gemv, int_gemm):
+            monkeypatch.setattr(module, "act_block", (lambda h, w, b=block: b[0]) if block else real_block)
         x = (torch.randn(m, h, generator=gen) * 3).half().to(device)
         residual = torch.randn(m, h, generator=gen).half().to(device) if act_kind == ACT_ADD_RMSNORM else None
         nw = (torch.rand(h, generator=gen) + 0.5).half().to(device) if norm_weight else None
