@@ -63,7 +63,13 @@ from qoq.kernels.gemm_plan import (  # noqa: E402
     table_plan,
 )
 from qoq.kernels.int_gemm import int8_gemm_act_triton  # noqa: E402
-from qoq.kernels.quant import ACT_PLAIN, ActInput, quantize_per_token  # noqa: E402
+from qoq.kernels.quant import (  # noqa: E402
+    ACT_ADD_RMSNORM,
+    ACT_PLAIN,
+    ActInput,
+    add_rmsnorm_quant,
+    quantize_per_token,
+)
 from qoq.kernels.w4a8_gemm import (  # noqa: E402
     w4a8_g128_gemm_ref,
     w4a8_g128_gemm_triton,
@@ -252,32 +258,49 @@ def weight_copies(mode: int, n: int, k: int, device, gen) -> list:
     return [builder(n, k, device, gen) for _ in range(bench_kernels.copies_for(nbytes))]
 
 
-def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline) -> list[dict]:
+# What feeds each linear at decode (llama.py): the norm of x + residual before qkv and gate/up,
+# the attention output before o_proj; down_proj's rows come quantized from SiLU*mul's row kernel.
+SHAPE_ACT = {"qkv": ACT_ADD_RMSNORM, "o_proj": ACT_PLAIN, "gate_up": ACT_ADD_RMSNORM, "down_proj": None}
+
+
+def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline, act_kind=ACT_PLAIN) -> list[dict]:
     """One record per plan tried: its time, or why it was rejected; stops at the deadline.
 
-    Decode-sized M is timed as the decode step runs it: each call quantizes fp16 rows
-    (quantize_per_token, the row kernel) and then runs the GEMM, so the GEMM starts, as a dependent
-    launch, behind a short kernel rather than behind a copy of itself (its early weight prefetch
-    overlaps the row kernel, as in the engine); the row kernel's time is the same for every plan.
-    Where the engine would have the plan's kernel quantize its own input (its quantize_input, or
-    QOQ_ACT_PROLOGUE=1; gemm_plan.quantizes_input), the call is that kernel alone, from the same
-    fp16 rows, checked against the row twin and the GEMM twin first."""
+    Decode-sized M is timed as the decode step runs it: each call quantizes fp16 rows (the row
+    kernel of `act_kind`: quantize_per_token, or add_rmsnorm_quant of rows, a residual and a norm
+    weight) and then runs the GEMM, so the GEMM starts, as a dependent launch, behind a short
+    kernel rather than behind a copy of itself (its early weight prefetch overlaps the row kernel,
+    as in the engine); the row kernel's time is the same for every plan. Where the engine would
+    have the plan's kernel quantize its own input (its quantize_input, or QOQ_ACT_PROLOGUE=1;
+    gemm_plan.quantizes_input), the call is that kernel alone, from the same rows, checked
+    against the row kernel's codes through the GEMM twin first."""
     fn, ref, _, with_sum = KERNELS[mode]
     x8, sx, xsum = random_activations(m, k, device, gen)
     act = (x8, sx, xsum) if with_sum else (x8, sx)
     sets = [act + w for w in weights]
     xf = torch.randn(m, k, generator=gen, device=gen.device).to(device, torch.float16)
+    kind = act_kind or ACT_PLAIN
+    rows = ActInput(xf, kind)
+    if kind == ACT_ADD_RMSNORM:
+        rows = ActInput(xf, kind, torch.randn(m, k, generator=gen, device=gen.device).to(device, torch.float16),
+                        (torch.rand(k, generator=gen, device=gen.device) + 0.5).to(device, torch.float16), 1e-5,
+                        torch.empty_like(xf))
+
+    def row_kernel():
+        if kind == ACT_ADD_RMSNORM:
+            return add_rmsnorm_quant(rows.x, rows.residual, rows.weight, rows.eps)[:3]
+        return quantize_per_token(xf)
 
     def chained(w, plan):
         if quantizes_input(plan, m):  # (w, s1, s2, sz) in int_gemm's order
             packed, s1, *rest = w
             s2, sz = rest if mode == MODE_W4_G128 else (None, rest[0] if rest else None)
-            return int8_gemm_act_triton(ActInput(xf, ACT_PLAIN), packed, s1, s2, sz, mode, plan)
-        x8, sx, xsum = quantize_per_token(xf)
+            return int8_gemm_act_triton(rows, packed, s1, s2, sz, mode, plan)
+        x8, sx, xsum = row_kernel()
         return fn(*((x8, sx, xsum) if with_sum else (x8, sx)), *w, config=plan)
 
-    def twin(w):  # what `chained` computes, by the torch twins
-        x8, sx, xsum = quantize_per_token(xf)
+    def twin(w):  # what `chained` computes: the row kernel's codes into the GEMM's torch twin
+        x8, sx, xsum = row_kernel()
         return ref(*((x8, sx, xsum) if with_sum else (x8, sx)), *w)
 
     records = []
@@ -319,6 +342,7 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
             for name, n, k in shapes:
                 if time.time() > deadline:
                     return table, results
+                act_kind = SHAPE_ACT.get(name, ACT_PLAIN)  # None: the engine never hands it fp16 rows
                 weights = weight_copies(mode, n, k, device, gen)
                 entries = table.setdefault("gemm", {}).setdefault(MODE_NAMES[mode], {}).get(f"{n}x{k}", [])
                 known = bool(entries)
@@ -329,7 +353,7 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                     plans = candidates(mode, m, n, k, sms, tma, gluon, current, max(limit, decode_limit) if decode else limit)
                     if pool:
                         pool.compile(mode, m, n, k, plans)
-                    records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline)
+                    records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline, act_kind)
                     complete = len(records) == len(plans)
                     timed = [r for r in records if "ms" in r]
                     if decode and timed and complete:  # the best one's pipeline knobs
@@ -337,15 +361,15 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                         more = [p for p in refinements(best, k, tma) if p not in plans and runnable(p, tma, gluon)]
                         if pool:
                             pool.compile(mode, m, n, k, more)
-                        extra = tune_point(mode, m, n, k, more, weights, device, gen, timer, deadline)
+                        extra = tune_point(mode, m, n, k, more, weights, device, gen, timer, deadline, act_kind)
                         complete = len(extra) == len(more)
                         records += extra
                         timed = [r for r in records if "ms" in r]
                         # the fastest quantizing plans again, quantizing their own input: the kernel
                         # alone against the row kernel and the GEMM it stands for
-                        acts = prologue_variants(timed, m, plans + more)
+                        acts = prologue_variants(timed, m, plans + more) if act_kind else []
                         if complete and acts:
-                            extra = tune_point(mode, m, n, k, acts, weights, device, gen, timer, deadline)
+                            extra = tune_point(mode, m, n, k, acts, weights, device, gen, timer, deadline, act_kind)
                             complete = len(extra) == len(acts)
                             records += extra
                             timed = [r for r in records if "ms" in r]

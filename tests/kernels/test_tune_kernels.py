@@ -11,6 +11,7 @@ import torch
 
 from qoq.kernels import gemm_plan
 from qoq.kernels.decode_attention import DecodePlan
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ACT_PLAIN
 from qoq.kernels.gemm_plan import MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8, GemmPlan, table_plan
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -98,14 +99,16 @@ def test_decode_points_try_the_fastest_plans_quantizing_their_own_input(monkeypa
         return records
 
     monkeypatch.setattr(tune_kernels, "tune_point", faster_with_prologue)
-    table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1, 16], "cpu",
-                                       (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
+    # gate/up: the norm of x + residual; down_proj's rows always come quantized (no variants)
+    table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("gate_up", 64, 512), ("down_proj", 32, 512)],
+                                       [1, 16], "cpu", (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
                                        log=lambda s: None, decode_limit=2)
     variants = [r for r in results[0]["records"] if r["plan"].get("quantize_input")]
     assert 1 <= len(variants) <= tune_kernels.ACT_VARIANTS
     best = table_plan(table, MODE_W4_G128, 1, 64, 512)
     assert best.quantize_input and gemm_plan.quantizes_input(best, 1)
     assert not any(r["plan"].get("quantize_input") for r in results[1]["records"])  # M = 16: above the prologue's M
+    assert results[2]["shape"] == "down_proj" and not any(r["plan"].get("quantize_input") for r in results[2]["records"])
 
 
 def test_tuning_a_few_small_m_keeps_the_plans_above_them(monkeypatch):
@@ -167,7 +170,8 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
 @pytest.mark.parametrize("mode", [MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8])
 def test_decode_points_time_the_input_prologue_where_the_engine_runs_it(mode, monkeypatch):
     """With QOQ_ACT_PROLOGUE=1 a quantizing kernel is timed from the fp16 rows alone (as the
-    engine runs it); every candidate is still checked against the twin and timed."""
+    engine runs it: plain rows, or the norm of rows + a residual); every candidate is still
+    checked against the twin and timed."""
     monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
     monkeypatch.setenv("QOQ_ACT_PROLOGUE", "1")
     calls = []
@@ -176,7 +180,9 @@ def test_decode_points_time_the_input_prologue_where_the_engine_runs_it(mode, mo
     gen = torch.Generator().manual_seed(0)
     plans = [GemmPlan("reg_a", 8, 64, split_k=2), GemmPlan("gemv", 1, 32, split_k=2)]
     weights = tune_kernels.weight_copies(mode, 64, 512, "cpu", gen)[:1]
-    records = tune_kernels.tune_point(mode, 1, 64, 512, plans, weights, "cpu", gen, tune_kernels.cpu_timer,
-                                      time.time() + 600)
-    assert all("ms" in r for r in records), records
-    assert set(calls) == set(plans)
+    for kind in (ACT_PLAIN, ACT_ADD_RMSNORM):
+        calls.clear()
+        records = tune_kernels.tune_point(mode, 1, 64, 512, plans, weights, "cpu", gen, tune_kernels.cpu_timer,
+                                          time.time() + 600, kind)
+        assert all("ms" in r for r in records), records
+        assert set(calls) == set(plans)
