@@ -404,7 +404,7 @@ LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
 ATTENTION_KNOBS = {
     "transposed": (False, True), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
     "programs_per_sm": (4, 8, 12, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
-    "deep_stages": (0, 3, 4), "biased": (False, True), "wave_warps": (0, 2, 4),
+    "deep_stages": (0, 3, 4), "biased": (False, True),
 }
 ATTENTION_TOLERANCE = 5e-3
 KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)

@@ -484,9 +484,7 @@ class DecodePlan:
     fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle;
     and in the kernel never fewer than min_split_blocks blocks of tokens per split (a short
     context at a small batch: fewer partials to merge). Without splits and at least
-    deep_min_programs programs, deep_stages pipeline stages (0: keep num_stages). Where all the
-    programs fit on the SMs at one each (a small batch, whose step time is one program's latency,
-    not the programs' throughput), wave_warps warps per program (0: keep num_warps)."""
+    deep_min_programs programs, deep_stages pipeline stages (0: keep num_stages)."""
 
     transposed: bool = False  # `_decode_kernel_t`: tokens as the MMA's M, the GQA group its N
     num_warps: int = 1
@@ -498,7 +496,6 @@ class DecodePlan:
     min_split_blocks: int = 1
     deep_stages: int = 0
     deep_min_programs: int = 4096
-    wave_warps: int = 0
     fast: bool | None = None  # PTX code unpack (default: on CUDA); tests and probes only
     maxnreg: int = 0  # register cap per thread (0: none); probes only
 
@@ -519,7 +516,6 @@ class DecodePlan:
             changes["deep_stages"] = 0
         if "num_warps" in changes:
             changes["programs_per_sm"] = 8 if changes["num_warps"] == 1 else 2
-            changes["wave_warps"] = 0  # the warps pinned at every size
         return dataclasses.replace(self, **changes)
 
 
@@ -553,11 +549,6 @@ def num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def program_warps(plan: DecodePlan, programs: int, device) -> int:
-    """Warps per program: wave_warps where the grid fits the SMs at one program each."""
-    return plan.wave_warps if plan.wave_warps and programs <= num_sms(device) else plan.num_warps
-
-
 def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: int, device) -> int:
     """Split-K programs per sequence (DecodePlan says the rule)."""
     resident = plan.programs_per_sm * num_sms(device)
@@ -586,7 +577,6 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     stages = plan.num_stages
     if plan.deep_stages and cache.bits != 16 and splits == 1 and b * hkv >= plan.deep_min_programs:
         stages = plan.deep_stages
-    warps = program_warps(plan, b * hkv * splits, q.device)
     out = output_like(q, out)
     if splits == 1:
         part, lse, cnt = out, out, context_lens
@@ -606,7 +596,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
         MIN_BLOCKS=plan.min_split_blocks,
-        num_warps=warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
+        num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out
 

@@ -295,7 +295,7 @@ def act_block(H: int, num_warps: int) -> int:
     in a few 16-byte loads per thread in flight at once), at most the row. The H100 profile of the
     quantizing gemv at 64 channels a step, one dependent load after another: 55 us a call against
     17.5 (benchmarks/results/decode-b1-ab-h100.json)."""
-    return max(64, min(1 << max(H - 1, 1).bit_length(), 32 * 32 * num_warps))
+    return max(64, min(triton.next_power_of_2(H), 32 * 32 * num_warps))
 
 
 @lazy_jit.helper

@@ -82,23 +82,17 @@ def test_decode_split_merge_of_short_contexts(swap, device, gen, poison):
 
 
 @pytest.mark.parametrize("swap", [True, False])
-def test_decode_wave_warps_at_small_grids(swap, device, gen, poison):
-    """A plan's wave_warps take over where the grid fits the SMs at one program each (batch 1:
-    latency, not throughput), and the result is the twin's at either warp count."""
-    from qoq.kernels.decode_attention import num_sms, program_warps
-
-    plan = DecodePlan(transposed=swap, biased=True, num_warps=1, wave_warps=4)
-    sms = num_sms(torch.device(device))
-    assert program_warps(plan, sms, torch.device(device)) == 4
-    assert program_warps(plan, sms + 1, torch.device(device)) == 1
-    assert program_warps(plan.with_options(dict(num_warps=2)), 1, torch.device(device)) == 2  # pinned
+def test_decode_at_a_small_batch_with_more_warps(swap, device, gen, poison):
+    """A latency plan's several warps per program (batch 1: the step waits on one program), split
+    or not: the twin's result."""
+    plan = DecodePlan(transposed=swap, biased=True, num_warps=4)
     b, hq, hkv, d, page = 1, 8, 2, 32, 16
     cache = random_cache(8, hkv, d, page, 4, device, gen)
     bt = torch.randperm(8, generator=gen).reshape(b, 8).int().to(device)
     lens = torch.tensor([117], dtype=torch.int32, device=device)
     q = torch.randn(b, hq, d, generator=gen).half().to(device)
     ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
-    for splits in (2, 8):  # 4 programs (wave_warps) and 16 (num_warps) on the CPU's 8 "SMs"
+    for splits in (1, 2, 8):
         out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan)
         assert rel_err(out, ref) < 3e-3
 
