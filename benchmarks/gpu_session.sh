@@ -6,13 +6,14 @@
 # Parts (keep the sum within one 10-minute call):
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
-#             (TESTS="file ..." runs only those; SERVE_ARGS="--prefill-graph-mode full" reaches features' servers)
+#             (TESTS="file ..." runs only those, TESTS_K their tests matching that -k expression; SERVE_ARGS="--prefill-graph-mode full" reaches features' servers)
 #   mixed     probe_host_overhead.py: a mixed step's wall and kernel time, piecewise against full graphs
 #   sizing    probe_kv_sizing.py: the KV cache's pages with CUDA graphs and without
 #   api       bench_serve.py --api-features: n=4 and logprobs=5 against plain requests (w4a8kv4)
 #   fp16      bench_serve.py --precisions w16a16kv16 --quick: the baseline serve records
 #   tune      tune_kernels.py for the Llama-3-8B shapes and decode attention into tune-<gpu>.json
-#             (TUNE_INSTALL=1: also into this GPU's table in qoq/kernels/configs for the parts after it)
+#             (TUNE_INSTALL=1: also into this GPU's table in qoq/kernels/configs for the parts after it;
+#             TUNE_MS="256,1024": those M only; TUNE_ARGS: more options)
 #   prefill   paged prefill attention probe, a profiled 1x1024 prefill, bench_prefill_chunking.py
 #   features  bench_serve.py --features: chunked prefill and prefix caching on and off
 #   e2e       bench_e2e.py at the largest batch, chunked prefill and prefix caching on and off (E2E_CASES)
@@ -59,7 +60,7 @@ case "$part" in
     for t in ${TESTS:-tests/kernels/test_gemm.py tests/kernels/test_attention.py tests/kernels/test_kv_cache.py \
              tests/engine/test_gpu_engine.py tests/quant/test_gpu_quantize.py}; do
       name=$(basename "$t" .py)
-      timeout 240 python3 -m pytest -q -x "$t" --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
+      timeout 240 python3 -m pytest -q -x "$t" ${TESTS_K:+-k "$TESTS_K"} --junitxml "$out/$name.xml" > "$out/$name.log" 2>&1
       echo "$name: exit $? $(tail -1 "$out/$name.log")"
     done ;;
   sizing)
@@ -80,9 +81,9 @@ case "$part" in
       --out "$out/serve-fp16-$gpu.json" > "$out/serve-fp16.log" 2>&1
     echo "fp16: exit $?"; tail -40 "$out/serve-fp16.log" ;;
   tune)
-    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${TUNE_BUDGET_S:-360} \
+    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${TUNE_BUDGET_S:-360} ${TUNE_MS:+--ms $TUNE_MS} ${TUNE_ARGS:-} \
       --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel} --attention-bits "${TUNE_ATTENTION_BITS-4,8}" --attention-budget-s 120 \
-      --out "$out/tune-$gpu.json" > "$out/tune.log" 2>&1
+      --out "$out/tune-$gpu.json" --results "$out/tune-results-$gpu.json" > "$out/tune.log" 2>&1
     rc=$?; echo "tune: exit $rc"; tail -20 "$out/tune.log"
     # TUNE_INSTALL=1: the parts after this one run with the table just tuned
     if [ "${TUNE_INSTALL:-0}" = 1 ] && [ $rc = 0 ]; then cp "$out/tune-$gpu.json" "$(table_path)"; fi ;;

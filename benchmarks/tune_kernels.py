@@ -122,10 +122,13 @@ def _hopper(m, n, k, mode, sms) -> list[GemmPlan]:
         out += [GemmPlan("ws", 64, 128, num_stages=0, stream_k=s) for s in (False, True)]
         out.append(GemmPlan("tma", 64, 64, num_stages=4))
     elif m <= 640:
+        # W4: the packed weights as wgmma's register operand first (no unpacked copy in shared
+        # memory), then through shared memory; stream-K where whole tiles leave SMs idle
         for bm in (64, 128):
-            out.append(GemmPlan("ws", bm, 128, num_stages=0))
-            if -(-m // bm) * -(-n // 128) < sms:
-                out.append(GemmPlan("ws", bm, 128, num_stages=0, stream_k=True))
+            for reg_a in ((True, False) if w4 else (False,)):
+                out.append(GemmPlan("ws", bm, 128, num_stages=0, w_in_registers=reg_a))
+                if -(-m // bm) * -(-n // 128) < sms:
+                    out.append(GemmPlan("ws", bm, 128, num_stages=0, stream_k=True, w_in_registers=reg_a))
         if w4 and m > 128:
             out.append(GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True))
         out += [GemmPlan("tma", 128, 64, num_stages=4), GemmPlan("tma", 128, 128, num_stages=3)]
