@@ -134,8 +134,11 @@ def _hopper(m, n, k, mode, sms) -> list[GemmPlan]:
         out += [GemmPlan("tma", 128, 64, num_stages=4), GemmPlan("tma", 128, 128, num_stages=3)]
     else:
         out += [GemmPlan("ws", 128, 256, num_stages=0, unpack=ahead), GemmPlan("ws", 128, 128, num_stages=0, unpack=ahead),
-                GemmPlan("ws", 128, 128, num_stages=0), GemmPlan("tma", 128, 256, num_warps=8, unpack=ahead),
-                GemmPlan("tma", 128, 128, num_stages=4)]
+                GemmPlan("ws", 128, 128, num_stages=0)]
+        if w4:
+            out += [GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True),
+                    GemmPlan("ws", 128, 128, num_stages=0, w_in_registers=True)]
+        out += [GemmPlan("tma", 128, 256, num_warps=8, unpack=ahead), GemmPlan("tma", 128, 128, num_stages=4)]
     return out
 
 
