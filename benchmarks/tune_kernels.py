@@ -4,8 +4,9 @@ For each mode, shape (qkv, o_proj, gate_up, down_proj of the model config) and M
 of candidate plans (the table's current plan first, the shape-agnostic fallback second, then a
 few per M class) is checked against the torch twin on fresh data and timed as bench_kernels.py
 times (CUDA graphs, weight copies rotated beyond L2, median). The fastest plan takes the M range
-(previous tuned M, M] of the shape's entry; the table is rewritten after every shape, so a run cut
-by --budget-s keeps what it finished (candidates still untried keep the table's plans).
+(the protocol's M below it, M] of the shape's entry (a run over a few M leaves the other ranges
+alone); the table is rewritten after every shape, so a run cut by --budget-s keeps what it
+finished (candidates still untried keep the table's plans).
 
     python benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s 420 \\
         --out qoq/kernels/configs/nvidia-h200.json
@@ -385,7 +386,10 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                         # the last M takes everything above it when it is the protocol's last or the
                         # shape is new; a run over a few small M keeps the table's plans above them
                         hi = None if i == len(ms) - 1 and (m >= DEFAULT_MS[-1] or not known) else m
-                        entries = set_range(entries, prev, hi, best["plan"])
+                        # from the protocol's M below it (or the run's, where that is higher): a
+                        # run over some M leaves the table's plans between and below them alone
+                        lo = max([x for x in DEFAULT_MS if x < m] + [prev])
+                        entries = set_range(entries, lo, hi, best["plan"])
                         point["best"] = best
                         log(f"{MODE_NAMES[mode]} {name} M={m}: {best['ms'] * 1e3:.1f} us {best['plan']} "
                             f"({len(timed)} timed)")

@@ -270,22 +270,16 @@ if gluon is not None:
         return acc, seq
 
     @gluon.jit
-    def _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, c_last, seq, s2, sz,
-                       a_layout: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
-        """Chunk c's unpacked weights (low, high) as wgmma A operands, once its ring slot (seq) has
-        landed, and the g128 parameters of the chunk after it (loaded one chunk ahead)."""
+    def _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, seq, acc,
+                     a_layout: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
+        """Issue chunk c's two MMAs (ring slot seq): once the slot has landed, its packed weights
+        are loaded into the registers of wgmma's A operand and unpacked there (lo / hi), and
+        multiplied with X's two 64-wide halves (B, from shared memory)."""
         STAGES: gl.constexpr = ready.type.shape[0]
         s = seq % STAGES
-        s2_next, sz_next = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + 1, c_last), MODE)
+        s2, sz = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c, MODE)
         mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
         lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(a_layout), s2, sz, MODE, True)
-        return lo, hi, s2_next, sz_next
-
-    @gluon.jit
-    def _reg_a_mma(x_bufs, acc, lo, hi, seq):
-        """Issue one chunk's two MMAs (A: lo / hi in registers, B: X's halves in ring slot seq)."""
-        STAGES: gl.constexpr = x_bufs.type.shape[0] // 2  # X in two 64-wide halves per slot
-        s = seq % STAGES
         acc = warpgroup_mma(lo, x_bufs.index(2 * s).permute((1, 0)), acc, is_async=True)
         return warpgroup_mma(hi, x_bufs.index(2 * s + 1).permute((1, 0)), acc, is_async=True)
 
@@ -298,31 +292,36 @@ if gluon is not None:
         multiplied with X's two 64-wide halves (B, from shared memory). No unpacked copy in shared
         memory, no proxy fence, no warpgroup barrier.
 
-        Each iteration issues chunk c's MMAs, loads chunk c + 1 from its slot, waits for the MMAs
-        and unpacks chunk c + 1 (ptxas keeps every chunk's A operand in the same registers and
-        places the wait before they are rewritten: the unpack overlaps the other consumer's MMAs,
-        not this one's). Every MMA retires in the iteration that issued it: one still in flight
-        across the loop's back edge makes ptxas serialize all of them (C7512)."""
+        Chunks go in groups of U (4, or 2 where the ring has under 8 slots, so the producer keeps
+        slots to fill): each chunk of a group waits for its slot, is unpacked into its own A
+        registers and its MMAs are issued; one wait then retires the group's MMAs and its slots are
+        released. The unpack of chunks 2..U overlaps the group's earlier MMAs, and no unpacked
+        operand crosses the loop's back edge (carried as bytes, its repacking doubled the loop's
+        instructions). Every MMA retires in the iteration that issued it: one still in flight
+        across the back edge makes ptxas serialize all of them (C7512)."""
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128 if BLOCK_M > 128 else BLOCK_M, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=4)
         acc = gl.zeros((HALF, BLOCK_M), gl.int32, layout)
         rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
-        last = c1 - 1
-        s2, sz = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c0, MODE)
-        lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c0, last, seq, s2, sz,
-                                        a_layout, MODE, WHICH)
-        for c in range(c0, last):
-            acc = _reg_a_mma(x_bufs, acc, lo, hi, seq)
-            lo, hi, s2, sz = _reg_a_operand(w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c + 1, last, seq + 1,
-                                            s2, sz, a_layout, MODE, WHICH)
+        STAGES: gl.constexpr = ready.type.shape[0]
+        U: gl.constexpr = 4 if STAGES >= 8 else 2
+        full = c0 + ((c1 - c0) // U) * U
+        for c in range(c0, full, U):
+            for i in gl.static_range(U):
+                acc = _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c + i, seq + i, acc,
+                                   a_layout, MODE, WHICH)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
-            mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
+            for i in gl.static_range(U):
+                mbarrier.arrive(empty.index((seq + i) % STAGES))
+            seq += U
+        for c in range(full, c1):  # the chunks short of a group
+            acc = _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, seq, acc, a_layout,
+                               MODE, WHICH)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index(seq % STAGES))
             seq += 1
-        acc = _reg_a_mma(x_bufs, acc, lo, hi, seq)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(empty.index(seq % empty.type.shape[0]))
-        return acc, seq + 1
+        return acc, seq
 
     @gluon.jit
     def _stream_fixup(acc, ws_ptr, cnt_ptr, tile, first, per, chunks, WHICH: gl.constexpr):

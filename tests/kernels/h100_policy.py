@@ -325,7 +325,7 @@ def model_shapes(config_dir: str = CONFIGS) -> list[tuple[int, int]]:
 def shape_entries(N: int, K: int, mode: int) -> list:
     """[max_m, plan] ranges (the last open) of the H100 plans for one (mode, N, K)."""
     entries: list = []
-    for m in range(1, M_GRID_MAX + 1):
+    for m in range(1, M_GRID_MAX + 2):  # one past the grid: the open range is the old policy's
         plan = h100_plan(m, N, K, mode).to_json()
         if entries and entries[-1][1] == plan:
             entries[-1][0] = m

@@ -123,6 +123,21 @@ def test_tuning_a_few_small_m_keeps_the_plans_above_them(monkeypatch):
     assert table_plan(table, MODE_W4_G128, 2, 64, 512) == GemmPlan.from_json(above)
 
 
+def test_tuning_some_m_sets_only_their_buckets(monkeypatch):
+    """A run over M = 256 alone takes (128, 256] (the protocol's M below it), not every M up to 256:
+    the decode plans below and the plans above keep their places."""
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    small = {"kernel": "reg_a", "block_m": 16, "block_n": 64, "split_k": 2}
+    above = {"kernel": "reg_a", "block_m": 64, "block_n": 64, "split_k": 2}
+    start = {"gemm": {"w4a8_g128": {"64x512": [[16, small], [None, above]]}}}
+    table, results = tune_kernels.tune(start, [MODE_W4_G128], [("tiny", 64, 512)], [256], "cpu",
+                                       (8, False, False), tune_kernels.cpu_timer, 600, None, limit=2,
+                                       log=lambda s: None, decode_limit=2)
+    best = GemmPlan.from_json(results[0]["best"]["plan"])
+    assert [table_plan(table, MODE_W4_G128, m, 64, 512) for m in (1, 16, 128, 129, 256, 257)] == \
+        [GemmPlan.from_json(small)] * 2 + [GemmPlan.from_json(above), best, best, GemmPlan.from_json(above)]
+
+
 def test_tuning_stops_at_the_budget():
     table, results = tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [1], "cpu",
                                        (8, False, False), tune_kernels.cpu_timer, 0, None)
