@@ -91,7 +91,11 @@ TOLERANCE = 2e-3
 
 
 def linear_shapes(config_path: str) -> list[tuple[str, int, int]]:
-    """(name, N, K) of qkv, o_proj, gate_up and down_proj; K padded to 128 as QuantLinear does."""
+    """(name, N, K) of qkv, o_proj, gate_up and down_proj; K padded to 128 as QuantLinear does.
+    config_path: a config JSON (qoq/configs, a HF config.json) or a folder holding config.json (a HF
+    model, a qoq checkpoint)."""
+    if os.path.isdir(config_path):
+        config_path = os.path.join(config_path, "config.json")
     with open(config_path) as f:
         c = json.load(f)
     hidden, inter = c["hidden_size"], c["intermediate_size"]
@@ -551,7 +555,8 @@ class CompilePool:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "qoq", "configs", "llama-3-8b.json"))
+    ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "qoq", "configs", "llama-3-8b.json"),
+                    help="the model's config JSON, or a folder with config.json (a HF model, a qoq checkpoint)")
     ap.add_argument("--modes", default="w4a8_g128", help="comma-separated: w4a8_g128, w4a8_per_channel, w8a8")
     ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
     ap.add_argument("--budget-s", type=float, default=420.0, help="no candidate starts after this many seconds")

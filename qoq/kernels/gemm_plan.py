@@ -22,12 +22,15 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from qoq.kernels import configs, ws_gemm
+
+log = logging.getLogger(__name__)
 
 MODE_W8, MODE_W4_G128, MODE_W4_PER_CHANNEL = 0, 1, 2
 MODE_NAMES = {MODE_W8: "w8a8", MODE_W4_G128: "w4a8_g128", MODE_W4_PER_CHANNEL: "w4a8_per_channel"}
@@ -222,11 +225,23 @@ def runnable(plan: GemmPlan, tma: bool, gluon: bool, m: int = 1) -> bool:
             and (plan.prefetch == 0 or tma) and (plan.kernel != "gemv" or m <= GEMV_MAX_M))
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_untuned(key: str, what: str) -> None:
+    """Say once per GPU without a table, or per shape its table lacks, that the fallback plans run
+    and how to tune them."""
+    log.warning("no tuned GEMM plans for %s in qoq/kernels/configs/%s.json: the shape-agnostic fallback "
+                "plans run, which may be slower; tune them once with `python benchmarks/tune_kernels.py "
+                "--model <the model's config.json or folder>`", what, key)
+
+
 @functools.lru_cache(maxsize=8192)
 def _select_cuda(M: int, N: int, K: int, mode: int, device_index: int) -> GemmPlan:
     sms, tma, gluon = device_caps(device_index)
-    table = configs.load_table(configs.device_key(device_index))
+    key = configs.device_key(device_index)
+    table = configs.load_table(key)
     plan = table_plan(table, mode, M, N, K) if table else None
+    if plan is None:
+        _warn_untuned(key, f"{MODE_NAMES[mode]} {N}x{K}" if table else "this GPU")
     if plan is None or not runnable(plan, tma, gluon, M):
         plan = fallback_plan(M, N, K, mode, sms, tma, gluon)
     return plan

@@ -134,6 +134,24 @@ def test_select_plan_reads_the_table_and_falls_back(fake_gpu):
     assert plan.kernel == "tma" and plan == fallback_plan(8192, 4096, 4096, mode, 132, True, False)
 
 
+def test_untuned_gpu_or_shape_warns_once_how_to_tune(fake_gpu, caplog):
+    mode = int_gemm.MODE_W4_G128
+    gemm_plan._warn_untuned.cache_clear()
+    dev = fake_gpu(H100)
+    with caplog.at_level("WARNING", logger="qoq.kernels.gemm_plan"):
+        select_plan(256, 28672, 4096, mode, dev)  # in the table: quiet
+        assert not caplog.records
+        for m in (1, 64, 256):
+            select_plan(m, 1536, 4096, mode, dev)
+        dev = fake_gpu("some-new-gpu", sms=170)
+        for m in (1, 64):
+            select_plan(m, 4096, 4096, mode, dev)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("benchmarks/tune_kernels.py" in m for m in messages)
+    assert "w4a8_g128 1536x4096" in messages[0] and "nvidia-h100-80gb-hbm3.json" in messages[0]
+    assert "this GPU" in messages[1] and "some-new-gpu.json" in messages[1]
+
+
 def test_set_range_splits_and_merges():
     a, b, c = {"p": "a"}, {"p": "b"}, {"p": "c"}
     entries = [[16, a], [256, b], [None, c]]

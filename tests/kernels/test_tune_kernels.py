@@ -3,6 +3,7 @@ interpreter that writes a table the plan lookup then reads."""
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -18,10 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 tune_kernels = pytest.importorskip("tune_kernels")
 
 
-def test_linear_shapes_of_a_model_config():
+def test_linear_shapes_of_a_model_config(tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "..", "qoq", "configs", "llama-3-8b.json")
-    assert tune_kernels.linear_shapes(path) == [("qkv", 6144, 4096), ("o_proj", 4096, 4096),
-                                                ("gate_up", 28672, 4096), ("down_proj", 4096, 14336)]
+    want = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down_proj", 4096, 14336)]
+    assert tune_kernels.linear_shapes(path) == want
+    shutil.copy(path, tmp_path / "config.json")  # a model folder (HF or a qoq checkpoint)
+    assert tune_kernels.linear_shapes(str(tmp_path)) == want
 
 
 @pytest.mark.parametrize("caps", [(132, True, True), (132, True, False), (108, False, False)])
