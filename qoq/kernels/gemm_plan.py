@@ -93,6 +93,8 @@ class GemmPlan:
                  "split_k, unroll, pdl_chunks >= 1; prefetch >= 0")
         if self.kernel != "ws":
             need(not self.stream_k and not self.w_in_registers and not self.grid, "stream_k / w_in_registers are ws's")
+        else:  # its consumers hold a slot until the next one has landed (REG_A: a group of 2-4)
+            need(self.num_stages != 1, "ws: a ring of 2 or more slots (num_stages 0: as many as fit)")
         need(not (self.w_in_registers and self.unpack == "ahead"), "w_in_registers takes packed W4")
         need(not self.quantize_input or quantizing_kernel(self), "quantize_input: a quantizing kernel's (gemv, "
              "the register kernels with swap_ab)")

@@ -86,7 +86,8 @@ def test_plan_json_and_config_round_trip():
 @pytest.mark.parametrize("fields", [dict(kernel="reg_a", num_warps=2), dict(kernel="mma_sync", num_warps=4),
                                     dict(kernel="tma", split_k=2), dict(kernel="reg_a", unpack="ahead"),
                                     dict(kernel="tma", stream_k=True), dict(kernel="ws", block_m=96),
-                                    dict(kernel="ws", unpack="ahead", w_in_registers=True), dict(kernel="wgmma")])
+                                    dict(kernel="ws", unpack="ahead", w_in_registers=True), dict(kernel="ws", num_stages=1),
+                                    dict(kernel="wgmma")])
 def test_invalid_plans_are_refused(fields):
     with pytest.raises(ValueError, match="invalid GemmPlan"):
         GemmPlan(**dict(dict(block_m=64, block_n=128), **fields))
