@@ -274,7 +274,7 @@ def quantizes_input(plan: GemmPlan, M: int) -> bool:
     """Whether the GEMM of this plan at M tokens takes its activation unquantized: where the plan
     says so (`quantize_input`, a tuner's finding: the prologue against the row kernel's pass, on
     this GPU, at this point). QOQ_ACT_PROLOGUE=1 makes every quantizing plan do it, =0 none (A/B
-    runs: an H100 step took 4.97 ms with it everywhere against 2.85, decode-b1-ab-h100.json)."""
+    runs: an H100 step took 4.26 ms with it everywhere against 2.82, decode-b1-ab-h100.json)."""
     if not act_prologue_allowed(M) or not quantizing_kernel(plan):
         return False
     return plan.quantize_input or os.environ.get("QOQ_ACT_PROLOGUE", "") == "1"
