@@ -64,7 +64,8 @@ def gemv_kernel(args):
                sz_ptr="*u8", y_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
                   NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2,
-                  ACT_BLOCK=quant.act_block(4096, args.warps or 4))
+                  ACT_BLOCK=quant.act_block(4096, args.warps or 4),
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
     if args.act:  # the row quantized in the prologue into the codes buffer
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
-from qoq.kernels.gemm_plan import GEMV_MAX_M, GemmPlan, device_caps
+from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
 from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
 try:
@@ -65,6 +65,25 @@ def prefetch_line_l2(ptrs):
 
 
 @lazy_jit.helper
+def packed_group_words(s2_ptr, sz_ptr, s_off, n_mask, UNROLL: tl.constexpr):
+    """The s2 and sz bytes of UNROLL (2 or 4) consecutive g128 chunks of each row, from byte
+    offset s_off, as one 16- or 32-bit word per row each (int32; chunk u in byte u)."""
+    word: tl.constexpr = tl.uint16 if UNROLL == 2 else tl.uint32
+    s2w = tl.load((s2_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+    szw = tl.load((sz_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+    return s2w, szw
+
+
+def params_packed(mode: int, unroll: int, s2, sz) -> bool:
+    """Whether g128's s2 / sz bytes of a row's `unroll` chunks can be read as one word per loop
+    iteration (packed_group_words: UNROLL 2 or 4, the scale rows and bases aligned to it). Byte
+    loads are too narrow for the pipeline's asynchronous copies: each one in the loop is a
+    synchronous round trip to memory every iteration."""
+    return (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
+            and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
+
+
+@lazy_jit.helper
 def store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, tile, pid_k, mn, SPLIT_K: tl.constexpr):
     """Store a program's fp32 result `y` at offs_y: directly (fp16) without split-K; with it, as a
     partial in the workspace, and the last split to arrive at the tile's counter (acq_rel) sums the
@@ -91,6 +110,7 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
+    PACKED: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -102,7 +122,8 @@ def _gemv_kernel(
     its own split's chunks into the int8 buffer xq_ptr (x_ptr's bytes) and reads them back as
     words after a barrier: every program of a split writes the same codes to the same bytes, so
     the writes agree, and the words stay a plain vector load. Per-channel W4 then takes each
-    split's own share of the zero term."""
+    split's own share of the zero term. PACKED (params_packed): g128's group parameters of an
+    iteration's chunks in one word per row."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -167,9 +188,15 @@ def _gemv_kernel(
             xb3 = tl.broadcast_to(xb, (UNROLL, BLOCK_N, WPC))
             if MODE == 1:
                 t = _dp4a(hi, xb3, _dp4a(lo, xa3, tl.zeros_like(acc), False, FAST), False, FAST)
-                g = c0 + u[:, None] + offs_n[None, :] * stride_sg  # [U, BN]: the chunks' groups
-                s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
-                sz = tl.load(sz_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+                if PACKED:  # byte u of the words, little-endian
+                    s_off = tl.broadcast_to((offs_n * stride_sg + c0)[None, :], (UNROLL, BLOCK_N))
+                    s2w, szw = packed_group_words(s2_ptr, sz_ptr, s_off, n_mask[None, :], UNROLL)
+                    s2 = (s2w >> (8 * u)[:, None]) & 0xFF
+                    sz = (szw >> (8 * u)[:, None]) & 0xFF
+                else:
+                    g = c0 + u[:, None] + offs_n[None, :] * stride_sg  # [U, BN]: the chunks' groups
+                    s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+                    sz = tl.load(sz_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
                 # the words' share of the group's x sum, for its zero
                 xs = _dp4a(ones, xb, _dp4a(ones, xa, zero, True, FAST), True, FAST)
                 acc += t * s2[:, :, None] - sz[:, :, None] * tl.broadcast_to(xs, (UNROLL, BLOCK_N, WPC))
@@ -232,5 +259,6 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-        FAST=fast, num_warps=plan.num_warps, **launch, **acts,
+        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), num_warps=plan.num_warps,
+        **launch, **acts,
     )

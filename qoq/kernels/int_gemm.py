@@ -34,7 +34,9 @@ import torch
 from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
-from qoq.kernels.gemv import gemv_alignment_ok, launch_gemv, prefetch_line_l2, store_split
+from qoq.kernels.gemv import (
+    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split,
+)
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
     HOPPER_KERNELS,
@@ -197,10 +199,7 @@ def _int8_gemm_kernel(
                 prefetch_line_l2(w_rows + c_begin * row_bytes + j)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
         if PACKED:
-            word: tl.constexpr = tl.uint16 if UNROLL == 2 else tl.uint32
-            s_off = offs_n * stride_sg + c0
-            s2w = tl.load((s2_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
-            szw = tl.load((sz_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+            s2w, szw = packed_group_words(s2_ptr, sz_ptr, offs_n * stride_sg + c0, n_mask, UNROLL)
         for u in tl.static_range(UNROLL):
             c = c0 + u
             if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
@@ -502,8 +501,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
                     ACT_BLOCK=act_block(act.x.shape[1], plan.num_warps))
     else:
         acts = {}
-    packed = (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
-              and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
+    packed = params_packed(mode, unroll, s2, sz)
     # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     # programmatic dependent launch: the plan's first weight chunks go to L2 before the wait
