@@ -49,7 +49,7 @@ def gemm_kernel(args):
                cnt_ptr="*i32", M="i32", N="i32", K="i32", stride_sg="i32")
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
                   NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
-                  WORDS=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (1, 2, 4), PDL=args.pdl,
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl,
                   ACT=args.act, HAS_NW=args.act >= 2, ACT_BLOCK=quant.act_block(4096, args.warps or 4))
     if args.act:  # the rows quantized in the prologue (an fp16 input, its residual, norm weight, sum out)
         sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
@@ -65,7 +65,7 @@ def gemv_kernel(args):
     consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
                   NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2,
                   ACT_BLOCK=quant.act_block(4096, args.warps or 4),
-                  WORDS=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (1, 2, 4))
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
     if args.act:  # the row quantized in the prologue into the codes buffer
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:

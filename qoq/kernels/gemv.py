@@ -65,29 +65,22 @@ def prefetch_line_l2(ptrs):
 
 
 @lazy_jit.helper
-def group_param_words(s2_ptr, sz_ptr, row_off, c0, n_mask, UNROLL: tl.constexpr):
-    """The aligned 32-bit words holding the g128 s2 and sz bytes of chunk c0 of each weight row
-    (row_off: the rows' byte offsets into s2 / sz, multiples of 4), and chunk c0's bit offset in
-    them: chunk c0 + u (u < UNROLL, c0 a multiple of UNROLL) is (word >> (shift + 8 u)) & 0xFF,
-    little-endian (UNROLL 4: c0 starts a word, the shifts are constants)."""
-    if UNROLL == 4:
-        off = row_off + c0
-        shift = 0
-    else:
-        off = row_off + (c0 - c0 % 4)
-        shift = 8 * (c0 % 4)
-    s2w = tl.load((s2_ptr + off).to(tl.pointer_type(tl.int32), bitcast=True), mask=n_mask, other=0)
-    szw = tl.load((sz_ptr + off).to(tl.pointer_type(tl.int32), bitcast=True), mask=n_mask, other=0)
-    return s2w, szw, shift
+def packed_group_words(s2_ptr, sz_ptr, s_off, n_mask, UNROLL: tl.constexpr):
+    """The s2 and sz bytes of UNROLL (2 or 4) consecutive g128 chunks of each row, from byte
+    offset s_off, as one 16- or 32-bit word per row each (int32; chunk u in byte u)."""
+    word: tl.constexpr = tl.uint16 if UNROLL == 2 else tl.uint32
+    s2w = tl.load((s2_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+    szw = tl.load((sz_ptr + s_off).to(tl.pointer_type(word), bitcast=True), mask=n_mask, other=0).to(tl.int32)
+    return s2w, szw
 
 
-def params_in_words(mode: int, unroll: int, s2, sz) -> bool:
-    """Whether the kernels read g128's s2 / sz as aligned 32-bit words (group_param_words), one per
-    row and loop iteration of `unroll` chunks (1, 2 or 4: a word holds them all): the scale rows
-    and bases 4-byte aligned. A byte load is too narrow for the pipeline's asynchronous copies, so
-    each one in a loop is a synchronous round trip to memory every iteration (sm_90 SASS)."""
-    return (mode == MODE_W4_G128 and unroll in (1, 2, 4) and s2.stride(0) % 4 == 0 and s2.data_ptr() % 4 == 0
-            and sz.stride(0) == s2.stride(0) and sz.data_ptr() % 4 == 0)
+def params_packed(mode: int, unroll: int, s2, sz) -> bool:
+    """Whether g128's s2 / sz bytes of a row's `unroll` chunks can be read as one word per loop
+    iteration (packed_group_words: UNROLL 2 or 4, the scale rows and bases aligned to it). Byte
+    loads are too narrow for the pipeline's asynchronous copies: each one in the loop is a
+    synchronous round trip to memory every iteration."""
+    return (mode == MODE_W4_G128 and unroll in (2, 4) and s2.stride(0) % unroll == 0
+            and s2.data_ptr() % unroll == 0 and sz.stride(0) == s2.stride(0) and sz.data_ptr() % unroll == 0)
 
 
 @lazy_jit.helper
@@ -117,7 +110,7 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
-    WORDS: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -129,7 +122,7 @@ def _gemv_kernel(
     its own split's chunks into the int8 buffer xq_ptr (x_ptr's bytes) and reads them back as
     words after a barrier: every program of a split writes the same codes to the same bytes, so
     the writes agree, and the words stay a plain vector load. Per-channel W4 then takes each
-    split's own share of the zero term. WORDS (params_in_words): g128's group parameters of an
+    split's own share of the zero term. PACKED (params_packed): g128's group parameters of an
     iteration's chunks in one word per row."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -195,11 +188,11 @@ def _gemv_kernel(
             xb3 = tl.broadcast_to(xb, (UNROLL, BLOCK_N, WPC))
             if MODE == 1:
                 t = _dp4a(hi, xb3, _dp4a(lo, xa3, tl.zeros_like(acc), False, FAST), False, FAST)
-                if WORDS:  # [U, BN] words (the same one for every u): loaded one per thread, then shared
-                    row_off = tl.broadcast_to((offs_n * stride_sg)[None, :], (UNROLL, BLOCK_N))
-                    s2w, szw, shift = group_param_words(s2_ptr, sz_ptr, row_off, c0, n_mask[None, :], UNROLL)
-                    s2 = (s2w >> (shift + 8 * u)[:, None]) & 0xFF
-                    sz = (szw >> (shift + 8 * u)[:, None]) & 0xFF
+                if PACKED:  # byte u of the words, little-endian
+                    s_off = tl.broadcast_to((offs_n * stride_sg + c0)[None, :], (UNROLL, BLOCK_N))
+                    s2w, szw = packed_group_words(s2_ptr, sz_ptr, s_off, n_mask[None, :], UNROLL)
+                    s2 = (s2w >> (8 * u)[:, None]) & 0xFF
+                    sz = (szw >> (8 * u)[:, None]) & 0xFF
                 else:
                     g = c0 + u[:, None] + offs_n[None, :] * stride_sg  # [U, BN]: the chunks' groups
                     s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
@@ -266,6 +259,6 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-        FAST=fast, WORDS=params_in_words(mode, unroll, s2, sz), num_warps=plan.num_warps,
+        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), num_warps=plan.num_warps,
         **launch, **acts,
     )

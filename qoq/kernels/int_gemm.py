@@ -35,7 +35,7 @@ from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemv import (
-    gemv_alignment_ok, group_param_words, launch_gemv, params_in_words, prefetch_line_l2, store_split,
+    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -69,14 +69,9 @@ PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group si
 
 
 @lazy_jit.helper
-def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constexpr, WORDS: tl.constexpr = False):
-    """The g128 step s2 and scaled zero sz of chunk c for the weight rows offs_n (MODE 1 only);
-    WORDS (gemv.params_in_words): from the 32-bit words that hold them."""
-    if MODE == 1 and WORDS:
-        s2w, szw, shift = group_param_words(s2_ptr, sz_ptr, offs_n * stride_sg, c, n_mask, 1)
-        s2 = (s2w >> shift) & 0xFF
-        sz = (szw >> shift) & 0xFF
-    elif MODE == 1:
+def _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE: tl.constexpr):
+    """The g128 step s2 and scaled zero sz of chunk c for the weight rows offs_n (MODE 1 only)."""
+    if MODE == 1:
         s2 = tl.load(s2_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
         sz = tl.load(sz_ptr + offs_n * stride_sg + c, mask=n_mask, other=0).to(tl.int32)
     else:
@@ -128,7 +123,7 @@ def _int8_gemm_kernel(
     M, N, K, stride_sg,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, SWAP: tl.constexpr, FAST: tl.constexpr,
-    UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, WORDS: tl.constexpr = False,
+    UNROLL: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, PACKED: tl.constexpr = False,
     PDL: tl.constexpr = 0,
     xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
@@ -141,9 +136,8 @@ def _int8_gemm_kernel(
     per row every 128 bytes), so more weight bytes are in flight than the pipeline's shared-memory
     stages hold.
 
-    WORDS (g128, gemv.params_in_words): the UNROLL chunks' s2 / sz bytes of a row come in one
-    32-bit load per iteration, which the pipeline copies asynchronously, instead of one
-    synchronous byte load per chunk.
+    PACKED (g128, UNROLL 2 or 4, scale rows aligned to it): the UNROLL chunks' s2 / sz bytes of a
+    row come in one 16- or 32-bit load per iteration instead of one byte load per chunk.
 
     PDL (launched as a programmatic dependent launch, dispatch.pdl): the program first prefetches
     the lines of its first PDL weight chunks into L2, which overlaps the kernel before it (the row
@@ -204,8 +198,8 @@ def _int8_gemm_kernel(
             if c_begin * row_bytes + j < c_end * row_bytes:
                 prefetch_line_l2(w_rows + c_begin * row_bytes + j)
     for c0 in tl.range(c_begin, c_end, UNROLL, num_stages=NUM_STAGES):
-        if WORDS:
-            s2w, szw, shift = group_param_words(s2_ptr, sz_ptr, offs_n * stride_sg, c0, n_mask, UNROLL)
+        if PACKED:
+            s2w, szw = packed_group_words(s2_ptr, sz_ptr, offs_n * stride_sg + c0, n_mask, UNROLL)
         for u in tl.static_range(UNROLL):
             c = c0 + u
             if PREFETCH > 0:  # the 128-byte line that chunk c + PREFETCH starts
@@ -225,9 +219,9 @@ def _int8_gemm_kernel(
                 w_hi = tl.load(w_base + c * 128 + 64, mask=n_mask[:, None], other=0)
             else:
                 p = tl.load(w_base + c * 64, mask=n_mask[:, None], other=0)
-                if WORDS:  # byte u of the iteration's chunks
-                    s2 = (s2w >> (shift + 8 * u)) & 0xFF
-                    sz = (szw >> (shift + 8 * u)) & 0xFF
+                if PACKED:  # byte u of the words, little-endian
+                    s2 = (s2w >> (8 * u)) & 0xFF
+                    sz = (szw >> (8 * u)) & 0xFF
                 else:
                     s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
                 w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
@@ -271,7 +265,6 @@ def _int8_gemm_tma_kernel(
     num_dp, split,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
     GROUP_M: tl.constexpr, FAST: tl.constexpr, ZERO: tl.constexpr, GATED: tl.constexpr, SK: tl.constexpr,
-    WORDS: tl.constexpr = False,
 ):
     """Y = X @ W'^T with both MMA operands in shared memory (the large-M kernel, Hopper).
 
@@ -328,7 +321,7 @@ def _int8_gemm_tma_kernel(
             x_lo = x_desc.load([row_m, c * 128])
             x_hi = x_desc.load([row_m, c * 128 + 64])
             p = w_desc.load([row_n, c * 64])
-            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE, WORDS)
+            s2, sz = _group_params(s2_ptr, sz_ptr, offs_n, n_mask, stride_sg, c, MODE)
             w_lo, w_hi = _unpack_w4(p, s2, sz, MODE, FAST, BLOCK_N)
             acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
             acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
@@ -508,7 +501,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
                     ACT_BLOCK=act_block(act.x.shape[1], plan.num_warps))
     else:
         acts = {}
-    words = params_in_words(mode, unroll, s2, sz)
+    packed = params_packed(mode, unroll, s2, sz)
     # the L2 prefetch is Hopper PTX: the interpreter and older GPUs run without it
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     # programmatic dependent launch: the plan's first weight chunks go to L2 before the wait
@@ -518,7 +511,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
-        NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, WORDS=words,
+        NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
         FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch, **acts,
     )
@@ -576,8 +569,7 @@ def _launch_hopper(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fa
     kernel = _int8_gemm_tma_kernel[(num_dp + (tiles - num_dp) * split,)](
         x_desc, w_desc, sx, xsum if xsum is not None else dummy, s1,
         s2 if s2 is not None else dummy, sz if sz is not None else dummy, y, ws, cnt,
-        M, N, K, (s2.stride(0) if s2 is not None else 0), num_dp, split, SK=split > 1,
-        WORDS=params_in_words(mode, 1, s2, sz), **consts,
+        M, N, K, (s2.stride(0) if s2 is not None else 0), num_dp, split, SK=split > 1, **consts,
     )
     if key not in _TMA_SLOTS and x8.is_cuda and kernel is not None:
         _TMA_SLOTS[key] = resident_slots(kernel, plan.num_warps, x8.device)

@@ -196,7 +196,7 @@ def default_config(M: int, N: int, K: int, mode: int, tma: bool = False) -> dict
         # pc-unroll-probe-h100.json). Gate/up takes four chunks per iteration (with session 9's
         # L2 prefetch, 27.0 / 28.9 us per-channel and 29.2 / 31.0 g128 at M = 1 / 16, against
         # 30.9 / 32.2 and 32.9 / 34.9: g128-unroll-probe-h100.json); g128 runs four chunks per
-        # iteration everywhere (its scale bytes in one 32-bit load per row, WORDS);
+        # iteration everywhere (its scale bytes in one 32-bit load per row, PACKED);
         # per-channel's down projection two chunks. The L2 prefetch option (PREFETCH, Hopper) is
         # no longer a default: the programs below do better without it.
         want = 256

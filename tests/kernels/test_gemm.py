@@ -634,10 +634,10 @@ def test_gemv_matches_ref(kind, m, device, gen, poison):
     plan = GemmPlan("gemv", 1, 32, split_k=2)
     assert rel_err(fn(*case, silu_mul=True, config=plan), ref(*case, silu_mul=True)) < EXACT
     if kind == "g128":  # scale rows not aligned to a word (a view into wider rows): one byte a load
-        from qoq.kernels.gemv import params_in_words
+        from qoq.kernels.gemv import params_packed
 
         s2, sz = (torch.cat([t, t[:, :1]], dim=1)[:, :-1] for t in case[4:6])
-        assert params_in_words(MODE_W4_G128, 4, *case[4:6]) and not params_in_words(MODE_W4_G128, 4, s2, sz)
+        assert params_packed(MODE_W4_G128, 4, *case[4:6]) and not params_packed(MODE_W4_G128, 4, s2, sz)
         plan = GemmPlan("gemv", 1, 32, split_k=1, unroll=4)
         assert rel_err(fn(*case[:4], s2, sz, config=plan), want) < EXACT
 
