@@ -270,14 +270,13 @@ if gluon is not None:
         return acc, seq
 
     @gluon.jit
-    def _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, seq, acc,
-                     a_layout: gl.constexpr, MODE: gl.constexpr, WHICH: gl.constexpr):
-        """Issue chunk c's two MMAs (ring slot seq): once the slot has landed, its packed weights
-        are loaded into the registers of wgmma's A operand and unpacked there (lo / hi), and
-        multiplied with X's two 64-wide halves (B, from shared memory)."""
+    def _reg_a_chunk(x_bufs, w_bufs, ready, seq, acc, s2, sz, a_layout: gl.constexpr, MODE: gl.constexpr,
+                     WHICH: gl.constexpr):
+        """Issue one chunk's two MMAs (ring slot seq, g128 parameters s2 / sz): once the slot has
+        landed, its packed weights are loaded into the registers of wgmma's A operand and unpacked
+        there (lo / hi), and multiplied with X's two 64-wide halves (B, from shared memory)."""
         STAGES: gl.constexpr = ready.type.shape[0]
         s = seq % STAGES
-        s2, sz = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c, MODE)
         mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
         lo, hi = _unpack(w_bufs.index(2 * s + WHICH).load(a_layout), s2, sz, MODE, True)
         acc = warpgroup_mma(lo, x_bufs.index(2 * s).permute((1, 0)), acc, is_async=True)
@@ -294,11 +293,12 @@ if gluon is not None:
 
         Chunks go in groups of U (4, or 2 where the ring has under 8 slots, so the producer keeps
         slots to fill): each chunk of a group waits for its slot, is unpacked into its own A
-        registers and its MMAs are issued; one wait then retires the group's MMAs and its slots are
-        released. The unpack of chunks 2..U overlaps the group's earlier MMAs, and no unpacked
-        operand crosses the loop's back edge (carried as bytes, its repacking doubled the loop's
-        instructions). Every MMA retires in the iteration that issued it: one still in flight
-        across the back edge makes ptxas serialize all of them (C7512)."""
+        registers and its MMAs are issued; the next group's g128 parameters are loaded; one wait
+        then retires the group's MMAs and its slots are released. The unpack of chunks 2..U
+        overlaps the group's earlier MMAs, the parameters' loads the group's last ones, and no
+        unpacked operand crosses the loop's back edge (carried as bytes, its repacking doubled the
+        loop's instructions). Every MMA retires in the iteration that issued it: one still in
+        flight across the back edge makes ptxas serialize all of them (C7512)."""
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128 if BLOCK_M > 128 else BLOCK_M, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=4)
@@ -307,17 +307,33 @@ if gluon is not None:
         STAGES: gl.constexpr = ready.type.shape[0]
         U: gl.constexpr = 4 if STAGES >= 8 else 2
         full = c0 + ((c1 - c0) // U) * U
+        last = c1 - 1
+        # the first group's parameters (chunks past the range: the last one's, unused)
+        s2_0, sz_0 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c0, last), MODE)
+        s2_1, sz_1 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c0 + 1, last), MODE)
+        if U == 4:
+            s2_2, sz_2 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c0 + 2, last), MODE)
+            s2_3, sz_3 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c0 + 3, last), MODE)
+        else:
+            s2_2, sz_2, s2_3, sz_3 = s2_0, sz_0, s2_1, sz_1
         for c in range(c0, full, U):
-            for i in gl.static_range(U):
-                acc = _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c + i, seq + i, acc,
-                                   a_layout, MODE, WHICH)
+            acc = _reg_a_chunk(x_bufs, w_bufs, ready, seq, acc, s2_0, sz_0, a_layout, MODE, WHICH)
+            acc = _reg_a_chunk(x_bufs, w_bufs, ready, seq + 1, acc, s2_1, sz_1, a_layout, MODE, WHICH)
+            if U == 4:
+                acc = _reg_a_chunk(x_bufs, w_bufs, ready, seq + 2, acc, s2_2, sz_2, a_layout, MODE, WHICH)
+                acc = _reg_a_chunk(x_bufs, w_bufs, ready, seq + 3, acc, s2_3, sz_3, a_layout, MODE, WHICH)
+            s2_0, sz_0 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + U, last), MODE)
+            s2_1, sz_1 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + U + 1, last), MODE)
+            if U == 4:
+                s2_2, sz_2 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + U + 2, last), MODE)
+                s2_3, sz_3 = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, gl.minimum(c + U + 3, last), MODE)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             for i in gl.static_range(U):
                 mbarrier.arrive(empty.index((seq + i) % STAGES))
             seq += U
         for c in range(full, c1):  # the chunks short of a group
-            acc = _reg_a_chunk(x_bufs, w_bufs, ready, s2_ptr, sz_ptr, rows, N, stride_sg, c, seq, acc, a_layout,
-                               MODE, WHICH)
+            s2, sz = _group_params(s2_ptr, sz_ptr, rows, N, stride_sg, c, MODE)
+            acc = _reg_a_chunk(x_bufs, w_bufs, ready, seq, acc, s2, sz, a_layout, MODE, WHICH)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(empty.index(seq % STAGES))
             seq += 1
