@@ -2,7 +2,8 @@
 
 For each mode, shape (qkv, o_proj, gate_up, down_proj of the model config) and M, a bounded list
 of candidate plans (the table's current plan first, the shape-agnostic fallback second, then a
-few per M class) is checked against the torch twin on fresh data and timed as bench_kernels.py
+few per M class, and the plans the tree's other tables give the point: a table tuned later may
+name kernels this one predates) is checked against the torch twin on fresh data and timed as bench_kernels.py
 times (CUDA graphs, weight copies rotated beyond L2, median). The fastest plan takes the M range
 (the protocol's M below it, M] of the shape's entry (a run over a few M leaves the other ranges
 alone); the table is rewritten after every shape, so a run cut by --budget-s keeps what it
@@ -148,11 +149,12 @@ def _hopper(m, n, k, mode, sms) -> list[GemmPlan]:
 
 
 def candidates(mode: int, m: int, n: int, k: int, sms: int, tma: bool, gluon: bool,
-               current: GemmPlan | None = None, limit: int = 8) -> list[GemmPlan]:
-    """The plans worth timing for one point, at most `limit`: the current one, the fallback, then
-    the M class's kernels (register kernels with split-K for decode-sized M; the Gluon and TMA
-    kernels with W4 unpacked inside or ahead above)."""
-    pool = [current, fallback_plan(m, n, k, mode, sms, tma, gluon)]
+               current: GemmPlan | None = None, limit: int = 8, others: list | None = None) -> list[GemmPlan]:
+    """The plans worth timing for one point, at most `limit`: the current one, the plans the
+    other GPUs' tables give it (`others`: tuned later, they may name kernels this table predates),
+    the fallback, then the M class's kernels (register kernels with split-K for decode-sized M; the
+    Gluon and TMA kernels with W4 unpacked inside or ahead above)."""
+    pool = [current, *(others or []), fallback_plan(m, n, k, mode, sms, tma, gluon)]
     if m <= DECODE_M:
         pool += decode_shapes(m, n, k, mode, sms)
     elif m <= 64:
@@ -336,8 +338,10 @@ def tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline, act_
 
 
 def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: float, out: str | None,
-         limit: int = 8, log=print, jobs: int = 1, decode_limit: int = 40) -> tuple[dict, list]:
+         limit: int = 8, log=print, jobs: int = 1, decode_limit: int = 40,
+         siblings: list | None = None) -> tuple[dict, list]:
     """Tune `table` (a copy is returned) over modes x shapes x ms; rewrites `out` after each shape.
+    `siblings`: other GPUs' tables, whose plans for each point are candidates too.
 
     M up to DECODE_M takes up to `decode_limit` candidates, then the best one's refinements.
     jobs > 1 (GPU): the candidates are compiled in that many worker processes first (Triton's
@@ -360,8 +364,10 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
                 prev = 0
                 for i, m in enumerate(ms):
                     current = table_plan(table, mode, m, n, k)
+                    others = [table_plan(t, mode, m, n, k) for t in siblings or ()]
                     decode = m <= DECODE_M
-                    plans = candidates(mode, m, n, k, sms, tma, gluon, current, max(limit, decode_limit) if decode else limit)
+                    plans = candidates(mode, m, n, k, sms, tma, gluon, current,
+                                       max(limit, decode_limit) if decode else limit, others)
                     if pool:
                         pool.compile(mode, m, n, k, plans)
                     records = tune_point(mode, m, n, k, plans, weights, device, gen, timer, deadline, act_kind)
@@ -553,6 +559,18 @@ class CompilePool:
         self.executor.shutdown(cancel_futures=True)
 
 
+def sibling_tables(start: str, config_dir: str | None = None) -> list[dict]:
+    """The tree's GPU tables other than `start` (the tuner's candidates: plans tuned on another GPU)."""
+    config_dir = config_dir or configs.CONFIG_DIR
+    out = []
+    for name in sorted(os.listdir(config_dir)):
+        path = os.path.join(config_dir, name)
+        if name.endswith(".json") and not os.path.samefile(path, start):
+            with open(path) as f:
+                out.append(json.load(f))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "qoq", "configs", "llama-3-8b.json"),
@@ -565,6 +583,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling candidates")
     ap.add_argument("--table", help="the table to start from (default: this GPU's, else the H100's)")
     ap.add_argument("--out", help="the table to write (default: this GPU's in qoq/kernels/configs)")
+    ap.add_argument("--no-siblings", action="store_true",
+                    help="leave out the plans of the other GPUs' tables in qoq/kernels/configs")
     ap.add_argument("--results", help="also write every timing here (JSON)")
     ap.add_argument("--attention-bits", default="4,8", help="KV bit widths whose decode attention plan is tuned ('' none)")
     ap.add_argument("--attention-budget-s", type=float, default=150.0,
@@ -581,13 +601,14 @@ def main(argv=None) -> None:
     caps = device_caps(0)
     table.update(device=torch.cuda.get_device_name(0), sms=caps[0],
                  source=f"benchmarks/tune_kernels.py --model {os.path.basename(args.model)} from {os.path.basename(start)}")
+    siblings = [] if args.no_siblings else sibling_tables(start)
     modes = [MODES[m] for m in args.modes.split(",") if m]
     ms = [int(m) for m in args.ms.split(",")]
     began = time.time()
     table, results = tune(table, modes, linear_shapes(args.model), ms, "cuda", caps, gpu_timer, args.budget_s,
                           args.out or configs.table_path(key), args.max_candidates,
                           log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True), jobs=args.jobs,
-                          decode_limit=args.decode_candidates)
+                          decode_limit=args.decode_candidates, siblings=siblings)
     done = sum("best" in p for p in results)
     print(f"tuned {done} of {len(modes) * 4 * len(ms)} points in {time.time() - began:.0f} s", flush=True)
     bits = [int(b) for b in args.attention_bits.split(",") if b]

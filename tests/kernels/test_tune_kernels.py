@@ -41,6 +41,32 @@ def test_candidates_are_bounded_valid_and_runnable(caps, mode):
                 assert plans[0] == current  # the table's plan is always among those timed
 
 
+def test_other_gpus_tables_plans_are_candidates(tmp_path, monkeypatch):
+    """A point's plans in the tree's other GPU tables are timed right after the table's own (a
+    table tuned before a kernel existed still meets it), and the tables are read from the tree."""
+    mine = GemmPlan("reg_a", 16, 64, split_k=2)
+    theirs = GemmPlan("ws", 64, 128, num_stages=0, w_in_registers=True)
+    plans = tune_kernels.candidates(MODE_W4_G128, 256, 4096, 4096, 132, True, True, mine, limit=3, others=[theirs, mine])
+    assert plans[:2] == [mine, theirs] and len(plans) == 3
+    for name, plan in (("gpu-a", mine), ("gpu-b", theirs)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"gemm": {"w4a8_g128": {"64x512": [[None, plan.to_json()]]}}}))
+    siblings = tune_kernels.sibling_tables(str(tmp_path / "gpu-a.json"), str(tmp_path))
+    assert [table_plan(t, MODE_W4_G128, 256, 64, 512) for t in siblings] == [theirs]
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    timed = []
+    real = tune_kernels.tune_point
+
+    def record(mode, m, n, k, plans, *args):
+        timed.extend(plans)
+        return real(mode, m, n, k, plans, *args)
+
+    monkeypatch.setattr(tune_kernels, "tune_point", record)
+    tune_kernels.tune({"gemm": {}}, [MODE_W4_G128], [("tiny", 64, 512)], [256], "cpu", (8, False, False),
+                      tune_kernels.cpu_timer, 600, None, limit=2, log=lambda s: None,
+                      siblings=[{"gemm": {"w4a8_g128": {"64x512": [[None, mine.to_json()]]}}}])
+    assert timed[0] == mine  # no table plan of its own: the sibling's comes first
+
+
 def test_decode_candidates_search_tiles_splits_and_then_pipeline_knobs():
     """At decode-sized M the search spans tile widths, warp counts and split-K (no Hopper
     large-M kernels), and the best plan's refinements vary one pipeline knob each."""
