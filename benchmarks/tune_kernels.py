@@ -129,22 +129,29 @@ def _hopper(m, n, k, mode, sms) -> list[GemmPlan]:
         out.append(GemmPlan("tma", 64, 64, num_stages=4))
     elif m <= 640:
         # W4: the packed weights as wgmma's register operand first (no unpacked copy in shared
-        # memory), then through shared memory; stream-K where whole tiles leave SMs idle
-        for bm in (64, 128):
-            for reg_a in ((True, False) if w4 else (False,)):
-                out.append(GemmPlan("ws", bm, 128, num_stages=0, w_in_registers=reg_a))
-                if -(-m // bm) * -(-n // 128) < sms:
-                    out.append(GemmPlan("ws", bm, 128, num_stages=0, stream_k=True, w_in_registers=reg_a))
-        if w4 and m > 128:
-            out.append(GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True))
+        # memory; the taller tiles give each chunk's unpack more MMA work to hide behind), then
+        # through shared memory; stream-K where whole tiles leave SMs idle
+        if w4:
+            out += _ws_tiles(m, n, sms, (64, 128, 256) if m > 128 else (64, 128), reg_a=True)
+        out += _ws_tiles(m, n, sms, (64, 128), reg_a=False)
         out += [GemmPlan("tma", 128, 64, num_stages=4), GemmPlan("tma", 128, 128, num_stages=3)]
     else:
+        if w4:
+            out += _ws_tiles(m, n, sms, (256, 128), reg_a=True)
         out += [GemmPlan("ws", 128, 256, num_stages=0, unpack=ahead), GemmPlan("ws", 128, 128, num_stages=0, unpack=ahead),
                 GemmPlan("ws", 128, 128, num_stages=0)]
-        if w4:
-            out += [GemmPlan("ws", 256, 128, num_stages=0, w_in_registers=True),
-                    GemmPlan("ws", 128, 128, num_stages=0, w_in_registers=True)]
         out += [GemmPlan("tma", 128, 256, num_warps=8, unpack=ahead), GemmPlan("tma", 128, 128, num_stages=4)]
+    return out
+
+
+def _ws_tiles(m, n, sms, rows, reg_a: bool) -> list[GemmPlan]:
+    """The ws kernel at block_m in `rows` x 128 channels, each also with stream-K where its whole
+    tiles leave SMs idle."""
+    out = []
+    for bm in rows:
+        out.append(GemmPlan("ws", bm, 128, num_stages=0, w_in_registers=reg_a))
+        if -(-m // bm) * -(-n // 128) < sms:
+            out.append(GemmPlan("ws", bm, 128, num_stages=0, stream_k=True, w_in_registers=reg_a))
     return out
 
 
