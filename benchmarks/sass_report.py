@@ -5,7 +5,6 @@ most frequent opcodes. The numbers behind the register and instruction counts in
     python benchmarks/sass_report.py decode --bits 4 --swap 1
     python benchmarks/sass_report.py gemm --mode 2 --block-m 16 --block-n 64 --split 8
     python benchmarks/sass_report.py gemv --mode 1 --block-n 32 --unroll 4 --split 4
-    python benchmarks/sass_report.py row --pdl 1 --prefetch 1 --act 3
 
 Pointer arguments are compiled as 16-byte aligned and the strides that the launchers pass as
 multiples of 16, as the runtime JIT specializes them; without that every load of the offline
@@ -74,16 +73,6 @@ def gemv_kernel(args):
     return fn, sig, consts, ("N", "K", "stride_sg") + (("H",) if args.act else ()), args.warps or 4
 
 
-def row_kernel(args):
-    fn = quant._row_quant_kernel.jitted
-    sig = dict(x_ptr="*fp16", w_ptr="*fp16", q_ptr="*i8", scale_ptr="*fp32", sum_ptr="*fp32", r_ptr="*fp16",
-               s_ptr="*fp16", H="i32", stride_x="i32", eps="fp32", pf_ptr="*u8", pf_bytes="i32", rows="i32")
-    warps = args.warps or 8
-    consts = dict(MODE=1, HAS_WEIGHT=True, BLOCK=4096, QUANT=True, ADD=args.act == 3, PDL=args.pdl > 0,
-                  PF_LINES=32 * warps if args.prefetch else 0)
-    return fn, sig, consts, ("H", "stride_x"), warps
-
-
 def build(fn, sig, consts, aligned_ints, num_warps, maxnreg):
     names = list(fn.arg_names)
     signature = dict(sig, **{k: "constexpr" for k in consts})
@@ -124,16 +113,9 @@ def report(kernel, dump: str | None) -> dict:
     memory_ops = [line for line in before.splitlines() if ".global" in line
                   and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line)]
     launch = ptx.find("griddepcontrol.launch_dependents")
-    # the PTX's basic blocks (label to label) that prefetch: what else they touch in memory
-    blocks = re.split(r"\n\$L__\w+:", ptx)
-    pf_blocks = [b for b in blocks if "prefetch.global.L2" in b]
-    memory_with_prefetch = sum(1 for b in pf_blocks for line in b.splitlines() if ".global" in line
-                               and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line))
     return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops),
             "pdl_signal_after_wait": wait >= 0 and launch > wait,
             "prefetch_before_pdl_wait": before.count("prefetch.global.L2"),
-            "prefetches": ptx.count("prefetch.global.L2"), "memory_in_prefetch_blocks": memory_with_prefetch,
-            "wait_in_prefetch_blocks": any("griddepcontrol.wait" in b for b in pf_blocks),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "shared": kernel.metadata.shared, "instructions": len(ops), "loop_instructions": loop,
@@ -142,7 +124,7 @@ def report(kernel, dump: str | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kernel", choices=["decode", "gemm", "gemv", "row"])
+    p.add_argument("kernel", choices=["decode", "gemm", "gemv"])
     p.add_argument("--bits", type=int, default=4, help="decode: 4, 8 or 16")
     p.add_argument("--swap", type=int, default=1, help="decode: 1 the transposed kernel, 0 the row kernel")
     p.add_argument("--group", type=int, default=4, help="decode: query heads per kv head")
@@ -152,8 +134,7 @@ def main() -> None:
     p.add_argument("--block-m", type=int, default=16)
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
-    p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead; row: > 0 builds the "
-                   "programs prefetching the next GEMM's weights")
+    p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
     p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait; decode: > 0 builds "
                    "the PDL entry (0: no PDL)")
     p.add_argument("--act", type=int, default=0, help="gemm: the input prologue (0 none, 1 plain, 2 RMSNorm, 3 add + RMSNorm)")
@@ -163,8 +144,7 @@ def main() -> None:
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")
     args = p.parse_args()
-    fn, sig, consts, aligned, warps = dict(decode=decode_kernel, gemm=gemm_kernel, gemv=gemv_kernel,
-                                                 row=row_kernel)[args.kernel](args)
+    fn, sig, consts, aligned, warps = dict(decode=decode_kernel, gemm=gemm_kernel, gemv=gemv_kernel)[args.kernel](args)
     for key, value in report(build(fn, sig, consts, aligned, warps, args.maxnreg), args.dump).items():
         print(f"{key:>18}: {value}")
 

@@ -355,6 +355,7 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
     disk cache), so that the timing process loads them instead of compiling one by one."""
     sms, tma, gluon = caps
     table = copy.deepcopy(table)
+    ms = sorted(set(ms))  # each M's range starts at the one before it
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
     results = []

@@ -122,14 +122,6 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@lazy_jit.helper
-def prefetch_line_l2(ptrs):
-    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread;
-    Hopper PTX: CUDA builds only). Safe before a dependent launch's wait for data no kernel writes."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs.to(tl.int64, bitcast=False)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 def dispatch(ref_fn, triton_fn):
     """Build the public function: Triton path when `use_triton(first tensor arg)`."""
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl, pdl_enter, pdl_launch, prefetch_line_l2
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -53,17 +53,15 @@ def _check_2d(x, name):
         raise ValueError(f"{name} must be a floating [M, H] tensor, got {x.dtype} {tuple(x.shape)}")
 
 
-def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, prefetch=None):
-    """prefetch (all four quantizing row functions): the weights of the GEMM these rows feed, which
-    the Triton kernel pulls into L2 ahead of that GEMM (an L2 hint: no effect on any value)."""
+def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
     return _quantize_rows_ref(rmsnorm_ref(x.float(), weight, eps))  # fp32 throughout
 
 
-def silu_mul_quant_ref(gate_up: torch.Tensor, prefetch=None):
+def silu_mul_quant_ref(gate_up: torch.Tensor):
     return _quantize_rows_ref(silu_mul_ref(gate_up.float()))
 
 
-def quantize_per_token_ref(x: torch.Tensor, prefetch=None):
+def quantize_per_token_ref(x: torch.Tensor):
     _check_2d(x, "x")
     return _quantize_rows_ref(x)
 
@@ -75,8 +73,7 @@ def _check_residual(x, residual):
                          f"{tuple(residual.shape)}")
 
 
-def add_rmsnorm_quant_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                          prefetch=None):
+def add_rmsnorm_quant_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
     _check_residual(x, residual)
     s = x + residual
     return (*rmsnorm_quant_ref(s, weight, eps), s)
@@ -106,42 +103,10 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @lazy_jit
 def _row_quant_kernel(
-    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps, pf_ptr, pf_bytes, rows,
+    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-    ADD: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0,
+    ADD: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """One program per row; with PF_LINES, the programs past `rows` instead prefetch their share
-    of pf_bytes at pf_ptr (the weights of the GEMM this kernel feeds) into L2, PF_LINES lines at a
-    time, without waiting for the kernel before: launched early behind a latency-bound kernel
-    (decode attention, a short GEMM), they stream the next GEMM's weights while it runs."""
-    if PF_LINES > 0:
-        if tl.program_id(0) >= rows:
-            _prefetch_share(pf_ptr, pf_bytes, tl.program_id(0) - rows, tl.num_programs(0) - rows, PF_LINES)
-        else:
-            _row_pass(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
-                      MODE, HAS_WEIGHT, BLOCK, QUANT, ADD, PDL)
-    else:
-        _row_pass(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
-                  MODE, HAS_WEIGHT, BLOCK, QUANT, ADD, PDL)
-
-
-@lazy_jit.helper
-def _prefetch_share(pf_ptr, nbytes, i, n, LINES: tl.constexpr):
-    """Program i of n: its contiguous share of [0, nbytes) at pf_ptr into L2, LINES 128-byte
-    lines per step (one per thread)."""
-    step: tl.constexpr = 128 * LINES
-    begin = i * (tl.cdiv(tl.cdiv(nbytes, n), step) * step)
-    end = tl.minimum(begin + tl.cdiv(tl.cdiv(nbytes, n), step) * step, nbytes)
-    offs = tl.arange(0, LINES) * 128
-    for b in range(begin, end, step):
-        o = b + offs
-        prefetch_line_l2(pf_ptr + tl.where(o < end, o, begin))
-
-
-@lazy_jit.helper
-def _row_pass(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
-              MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-              ADD: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -176,20 +141,7 @@ def _row_pass(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x
     tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
 
 
-# bytes of L2 prefetch per prefetching program of a row kernel (`prefetch=`), and at most this
-# many such programs per SM
-PREFETCH_PROGRAM_BYTES = 64 * 1024
-PREFETCH_PROGRAMS_PER_SM = 2
-
-
-def prefetch_programs(nbytes: int, sms: int) -> int:
-    """How many programs of a row kernel prefetch `nbytes` of the next GEMM's weights."""
-    return min(-(-nbytes // PREFETCH_PROGRAM_BYTES), PREFETCH_PROGRAMS_PER_SM * sms) if nbytes > 0 else 0
-
-
-def _launch(x, weight, eps, mode, h, quant=True, residual=None, prefetch=None):
-    """prefetch: a tensor whose bytes (the weights of the GEMM these rows feed) extra programs pull
-    into L2 before the dependent launch's wait (Hopper, with PDL; elsewhere ignored)."""
+def _launch(x, weight, eps, mode, h, quant=True, residual=None):
     m = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -203,15 +155,11 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None, prefetch=None):
     if m > 0:
         block = triton.next_power_of_2(h)
         num_warps = max(1, min(16, block // 512))
-        pf = prefetch is not None and prefetch.numel() > 0 and pdl(x)
-        nbytes = prefetch.numel() * prefetch.element_size() if pf else 0
-        extra = prefetch_programs(nbytes, torch.cuda.get_device_properties(x.device).multi_processor_count) if pf else 0
-        _row_quant_kernel[(m + extra,)](
+        _row_quant_kernel[(m,)](
             x, weight if weight is not None else x, q, scale, xsum,
             residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
-            prefetch if pf else x, nbytes, m,
             MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
-            PF_LINES=32 * num_warps if pf else 0, num_warps=num_warps, **pdl_launch(x),
+            num_warps=num_warps, **pdl_launch(x),
         )
     out = (q, scale, xsum) if quant else (q,)
     if s is not None:
@@ -219,19 +167,19 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None, prefetch=None):
     return out if quant else q
 
 
-def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, prefetch=None):
+def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
     _check_2d(x, "x")
-    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], prefetch=prefetch)
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1])
 
 
-def silu_mul_quant_triton(gate_up: torch.Tensor, prefetch=None):
+def silu_mul_quant_triton(gate_up: torch.Tensor):
     _check_2d(gate_up, "gate_up")
-    return _launch(gate_up, None, 0.0, _SILU_MUL, gate_up.shape[1] // 2, prefetch=prefetch)
+    return _launch(gate_up, None, 0.0, _SILU_MUL, gate_up.shape[1] // 2)
 
 
-def quantize_per_token_triton(x: torch.Tensor, prefetch=None):
+def quantize_per_token_triton(x: torch.Tensor):
     _check_2d(x, "x")
-    return _launch(x, None, 0.0, _PLAIN, x.shape[1], prefetch=prefetch)
+    return _launch(x, None, 0.0, _PLAIN, x.shape[1])
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -239,10 +187,9 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
     return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], quant=False)
 
 
-def add_rmsnorm_quant_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                             prefetch=None):
+def add_rmsnorm_quant_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):
     _check_residual(x, residual)
-    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], residual=residual, prefetch=prefetch)
+    return _launch(x, weight, float(eps), _RMSNORM, x.shape[1], residual=residual)
 
 
 def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float):

@@ -65,28 +65,19 @@ def num_rows(x: torch.Tensor | QuantizedActivation | DeferredActivation) -> int:
     return x.numel() // x.shape[-1]
 
 
-def row_prefetch(linear: nn.Module, num_tokens: int) -> torch.Tensor | None:
-    """The weight bytes that the row kernel quantizing `linear`'s input pulls into L2 for it while
-    the kernel before runs (QuantLinear.row_prefetch), or None."""
-    ask = getattr(linear, "row_prefetch", None)
-    return ask(num_tokens) if ask is not None else None
-
-
-def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                      prefetch: torch.Tensor | None = None) -> QuantizedActivation:
-    x8, scale, xsum = rmsnorm_quant(x.reshape(-1, x.shape[-1]), weight, eps, prefetch=prefetch)
+def rmsnorm_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> QuantizedActivation:
+    x8, scale, xsum = rmsnorm_quant(x.reshape(-1, x.shape[-1]), weight, eps)
     return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype)
 
 
 def add_rmsnorm_quantized(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                          eps: float, prefetch: torch.Tensor | None = None) -> tuple[QuantizedActivation, torch.Tensor]:
+                          eps: float) -> tuple[QuantizedActivation, torch.Tensor]:
     """(int8 rows of rmsnorm(x + residual), x + residual) in one pass."""
     flat = x.shape[-1]
-    x8, scale, xsum, s = add_rmsnorm_quant(x.reshape(-1, flat), residual.reshape(-1, flat), weight, eps,
-                                           prefetch=prefetch)
+    x8, scale, xsum, s = add_rmsnorm_quant(x.reshape(-1, flat), residual.reshape(-1, flat), weight, eps)
     return QuantizedActivation(x8, scale, xsum, x.shape[:-1], x.dtype), s.view(x.shape)
 
 
-def silu_mul_quantized(gate_up: torch.Tensor, prefetch: torch.Tensor | None = None) -> QuantizedActivation:
-    x8, scale, xsum = silu_mul_quant(gate_up.reshape(-1, gate_up.shape[-1]), prefetch=prefetch)
+def silu_mul_quantized(gate_up: torch.Tensor) -> QuantizedActivation:
+    x8, scale, xsum = silu_mul_quant(gate_up.reshape(-1, gate_up.shape[-1]))
     return QuantizedActivation(x8, scale, xsum, gate_up.shape[:-1], gate_up.dtype)

@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, quantize: bool = False, residual: torch.Tensor | None = None,
-                defer: bool = False, prefetch: torch.Tensor | None = None):
+                defer: bool = False):
         """quantize=True: int8 per token for a quantized linear, in one fused kernel.
 
         With `residual`, the norm is of s = x + residual (the decoder's residual add, fused into
@@ -22,8 +22,6 @@ class RMSNorm(nn.Module):
 
         defer=True (with quantize): nothing runs here; the result is a DeferredActivation that the
         linear after it quantizes in its own GEMM (and s, with `residual`, is written there).
-        prefetch (with quantize): the next linear's weight bytes for the kernel to pull into L2
-        (activation.row_prefetch).
         """
         if quantize and defer:
             flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -35,11 +33,11 @@ class RMSNorm(nn.Module):
             return DeferredActivation(act, x.shape[:-1], x.dtype), s.view(x.shape)
         if residual is not None:
             if quantize:
-                return add_rmsnorm_quantized(x, residual, self.weight, self.eps, prefetch)
+                return add_rmsnorm_quantized(x, residual, self.weight, self.eps)
             flat = x.shape[-1]
             y, s = add_rmsnorm(x.reshape(-1, flat), residual.reshape(-1, flat), self.weight, self.eps)
             return y.view(x.shape), s.view(x.shape)
         if quantize:
-            return rmsnorm_quantized(x, self.weight, self.eps, prefetch)
+            return rmsnorm_quantized(x, self.weight, self.eps)
         # One fused kernel on a GPU; statistics in fp32 whatever the storage dtype, as HF Llama does.
         return rmsnorm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)

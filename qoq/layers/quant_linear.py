@@ -12,9 +12,6 @@ runs (the non-progressive RTN g128 baseline of the ablation ladder).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,24 +27,6 @@ from qoq.layers.formats import W4ChannelParams, W4G128Params, W8Params, fake_qua
 
 
 EXACT_CHUNK = 1024  # input channels per float32 partial product that stays exact (see QuantLinear._cpu_gemm)
-
-ROW_PREFETCH_MAX_M = 16  # tokens up to which a row kernel may prefetch the next GEMM's weights
-
-
-@functools.lru_cache(maxsize=8)
-def _row_prefetch_spec(spec: str) -> dict:
-    out = {}
-    for item in filter(None, spec.split(",")):
-        shape, _, mb = item.rpartition(":")
-        out[shape or "*"] = int(float(mb) * 2 ** 20)
-    return out
-
-
-def row_prefetch_bytes(n: int, k: int) -> int:
-    """Bytes of an N x K GEMM's weights that the row kernel before it prefetches into L2
-    (QOQ_ROW_PREFETCH="NxK:MB,...", "*:MB" for every shape; unset: none)."""
-    spec = _row_prefetch_spec(os.environ.get("QOQ_ROW_PREFETCH", ""))
-    return spec.get(f"{n}x{k}", spec.get("*", 0))
 
 
 def _identity(t: torch.Tensor) -> tuple:
@@ -125,18 +104,6 @@ class QuantLinear(nn.Module):
         """(weight, s1, s2, sz) as int_gemm takes them (None where the mode has none)."""
         raise NotImplementedError
 
-    def row_prefetch(self, num_tokens: int) -> torch.Tensor | None:
-        """The leading bytes of this layer's weights that the row kernel quantizing its input pulls
-        into L2 (before that kernel's dependent-launch wait, so while the kernel before it runs),
-        at decode-sized batches on a GPU; None where nothing is prefetched."""
-        if num_tokens > ROW_PREFETCH_MAX_M:
-            return None
-        nbytes = row_prefetch_bytes(self.out_features, self.padded_in)
-        w = self.gemm_operands()[0]
-        if not nbytes or not w.is_cuda or w.element_size() != 1:
-            return None
-        return w.reshape(-1)[:nbytes]
-
     def forward(self, x: torch.Tensor | QuantizedActivation | DeferredActivation,
                 silu_mul: bool = False) -> torch.Tensor:
         """silu_mul: this is a [gate | up] projection; return silu(gate) * up (out_features / 2 wide)."""
@@ -154,8 +121,7 @@ class QuantLinear(nn.Module):
             x8, x_scale, x_sum, lead, dtype = x
         else:
             lead, dtype = x.shape[:-1], x.dtype
-            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features),
-                                                    prefetch=self.row_prefetch(x.numel() // x.shape[-1]))
+            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
         if self.padded_in != self.in_features:
             # Zero columns change neither the per-token scale nor the sum.
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))

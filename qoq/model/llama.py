@@ -14,7 +14,7 @@ from torch import nn
 from qoq.config import ModelConfig, QuantConfig
 from qoq.distributed import TPGroup, all_reduce
 from qoq.kernels import silu_mul
-from qoq.layers.activation import accepts_int8, num_rows, quantizes_input, row_prefetch, silu_mul_quantized
+from qoq.layers.activation import accepts_int8, num_rows, quantizes_input, silu_mul_quantized
 from qoq.layers.attention import AttentionBackend, CausalAttention
 from qoq.layers.linear import LinearFactory, dense_linear
 from qoq.layers.norm import RMSNorm
@@ -71,7 +71,7 @@ class MLP(nn.Module):
             return self.down_proj(self.gate_up_proj(x, silu_mul=True))
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
-            return self.down_proj(silu_mul_quantized(gate_up, row_prefetch(self.down_proj, num_rows(x))))
+            return self.down_proj(silu_mul_quantized(gate_up))
         return self.down_proj(silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1))
 
 
@@ -98,14 +98,11 @@ class DecoderLayer(nn.Module):
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
             residual = x
-            h = self.input_layernorm(x, accepts_int8(qkv), defer=quantizes_input(qkv, rows),
-                                     prefetch=row_prefetch(qkv, rows))
+            h = self.input_layernorm(x, accepts_int8(qkv), defer=quantizes_input(qkv, rows))
         else:
-            h, residual = self.input_layernorm(x, accepts_int8(qkv), residual, defer=quantizes_input(qkv, rows),
-                                               prefetch=row_prefetch(qkv, rows))
+            h, residual = self.input_layernorm(x, accepts_int8(qkv), residual, defer=quantizes_input(qkv, rows))
         h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rotary, attn), accepts_int8(gate_up),
-                                                    residual, defer=quantizes_input(gate_up, rows),
-                                                    prefetch=row_prefetch(gate_up, rows))
+                                                    residual, defer=quantizes_input(gate_up, rows))
         return self.mlp(h), residual
 
 

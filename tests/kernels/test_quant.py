@@ -88,38 +88,6 @@ def test_quant_real_shapes_gpu(gen, poison):
     _compare(silu_mul_quant_triton(gu), silu_mul_quant_ref(gu))
 
 
-@requires_cuda
-def test_prefetching_row_kernel_changes_nothing_gpu(gen):
-    """With a prefetch target (the next GEMM's weights) the extra programs only warm L2: the rows
-    come out bit-identical, and the target is untouched."""
-    x = torch.randn(4, 4096, generator=gen).half().cuda()
-    r = torch.randn(4, 4096, generator=gen).half().cuda()
-    w = torch.rand(4096, generator=gen).half().cuda() + 0.5
-    weights = torch.randint(0, 256, (4096, 2048), dtype=torch.uint8, device="cuda")
-    before = weights.clone()
-    from qoq.kernels.quant import add_rmsnorm_quant_triton
-
-    for fn, args in ((quantize_per_token_triton, (x,)), (rmsnorm_quant_triton, (x, w, 1e-5)),
-                     (add_rmsnorm_quant_triton, (x, r, w, 1e-5)), (silu_mul_quant_triton, (torch.cat([x, r], 1),))):
-        for target in (weights.reshape(-1), weights.reshape(-1)[:1000]):
-            plain, fetched = fn(*args), fn(*args, prefetch=target)
-            assert all(torch.equal(a, b) for a, b in zip(plain, fetched))
-    assert torch.equal(weights, before)
-
-
-def test_prefetching_row_kernel_touches_only_weights_before_its_wait_sm90():
-    """The programs that prefetch the next GEMM's weights never wait for the kernel before (so they
-    run while it does): their blocks of the sm_90 build prefetch and touch no other memory, and the
-    row programs still wait before any load or store."""
-    from helpers import sass_report
-
-    out = sass_report("row", "--pdl", "1", "--prefetch", "1", "--act", "3")
-    assert out["pdl_wait"] == "True" and out["memory_before_pdl_wait"] == "0" and out["pdl_signal_after_wait"] == "True"
-    assert int(out["prefetches"]) > 0 and out["memory_in_prefetch_blocks"] == "0"
-    assert out["wait_in_prefetch_blocks"] == "False"
-    assert sass_report("row", "--pdl", "1")["prefetches"] == "0"
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_rmsnorm_and_silu_mul_full_precision(dtype, device, gen, poison):
     x = (torch.randn(5, 200, generator=gen) * 3).to(dtype).to(device)
