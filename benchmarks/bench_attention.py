@@ -19,6 +19,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bars import attention_bars, format_bars  # noqa: E402
 from bench_kernels import copies_for, measure_ceilings, metadata, time_calls  # noqa: E402
 
 from qoq.kernels.decode_attention import (  # noqa: E402
@@ -164,7 +165,8 @@ def main():
                         errors.append({"kernel": name, "batch": batch, "context": ctx, "error": str(e)[:300]})
                 torch.cuda.empty_cache()
             print(f"done batch={batch} ctx={ctx}", flush=True)
-    result = {"meta": metadata(sys.argv), "ceilings": ceilings, "records": records, "errors": errors}
+    result = {"meta": metadata(sys.argv), "ceilings": ceilings, "records": records, "errors": errors,
+              "bars": attention_bars(records)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\ncopy bandwidth {copy_bw:.0f} GB/s")
@@ -174,6 +176,7 @@ def main():
         print(f"{r['kernel']:<13}{r['batch']:>6}{r['context']:>6}{r.get('num_splits', '-'):>7}"
               f"{r['median_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['bandwidth_fraction']:>6.2f}"
               f"{(f'{sp:.2f}' if sp else '-'):>8}")
+    print("\n".join(format_bars(result["bars"])))
     print("errors:", errors or "none")
 
 

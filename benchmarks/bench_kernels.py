@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
 
+from bars import format_bars, gemm_bars  # noqa: E402
 from helpers import (  # noqa: E402
     g128_weights,
     per_channel_weights,
@@ -279,8 +280,9 @@ def run(args) -> dict:
         key = f"{r['kernel']}/M={r['M']}/N={r['N']}/K={r['K']}"
         if "median_ms" in r and (key not in best or r["median_ms"] < best[key]["median_ms"]):
             best[key] = {"median_ms": r["median_ms"], "config": r["config"]}
-    return {"meta": metadata(sys.argv), "ceilings": ceilings, "records": records,
-            "errors": errors, "summary": summarize(records), "sweep_best": best, "sweeps": sweeps}
+    summary = summarize(records)
+    return {"meta": metadata(sys.argv), "ceilings": ceilings, "records": records, "errors": errors,
+            "summary": summary, "bars": gemm_bars(summary), "sweep_best": best, "sweeps": sweeps}
 
 
 def summarize(records) -> dict:
@@ -316,6 +318,7 @@ def main():
     for kern in ("w4a8_g128", "w4a8_per_channel", "w8a8", "int8_cublas", "fp8_cublas"):
         row = [result["summary"].get(f"{kern}/M={m}") for m in ms]
         print(f"{kern:<18}" + "".join(f"{v:>9.2f}" if v else f"{'-':>9}" for v in row))
+    print("\n".join(format_bars(result["bars"])))
     for key, b in result["sweep_best"].items():
         print(f"best {key}: {b['median_ms'] * 1e3:.1f} us {b['config']}")
     print("errors:", result["errors"] or "none")
