@@ -83,7 +83,27 @@ def build(fn, sig, consts, aligned_ints, num_warps, maxnreg):
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def report(kernel, dump: str | None) -> dict:
+def mma_loop_instructions(sass: str) -> int:
+    """Instructions in the innermost loop (a backward branch's span holding no other) that issues
+    the most wgmma (IGMMA / HGMMA) instructions: a warp-specialized kernel's consumer steady state."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    best = (0, 0)
+    for a, b in loops:
+        if any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops):
+            continue  # holds an inner loop
+        ops = [mm.group(1) for mm in map(SASS_LINE.match, lines[a:b + 1]) if mm]
+        best = max(best, (sum("GMMA" in op for op in ops), -len(ops)))
+    return -best[1]
+
+
+def disassemble(kernel) -> tuple[str, str]:
+    """(resource usage, SASS) of a compiled kernel, by the CUDA tools Triton ships."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "kernel.cubin")
@@ -93,6 +113,11 @@ def report(kernel, dump: str | None) -> dict:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin],
                               capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def report(kernel, dump: str | None) -> dict:
+    usage, sass = disassemble(kernel)
     if dump:
         with open(dump, "w") as f:
             f.write(sass)

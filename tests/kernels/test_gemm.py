@@ -370,6 +370,39 @@ def test_ws_gemm_compiles_for_sm90(case, ws_builds):
     assert built["shared"] <= 227 * 1024
 
 
+def test_g128_parameter_words_shorten_the_register_kernels_loops_sm90():
+    """QOQ_G128_PARAM_WORDS=1: g128's s2 / sz reach the unpack as per-row 32-bit words, and the
+    loops of the register GEMMs' sm_90 builds hold fewer instructions (decode-sized tiles, mma_sync
+    and wgmma, split-K, unroll 4 and 1)."""
+    for cfg in (["--block-m", "16", "--block-n", "32", "--unroll", "4", "--stages", "3", "--warps", "2"],
+                ["--block-m", "8", "--block-n", "64", "--split", "4", "--unroll", "4", "--stages", "3", "--warps", "2"],
+                ["--block-m", "64", "--block-n", "64", "--split", "4"]):
+        loops = [int(sass_report("gemm", "--mode", "1", *cfg, env={"QOQ_G128_PARAM_WORDS": w})["loop_instructions"])
+                 for w in ("0", "1")]
+        assert loops[1] < 0.95 * loops[0], (cfg, loops)
+
+
+def test_ws_g128_parameter_words_shorten_the_register_operand_loop_sm90():
+    """The same for the Gluon kernel's register-operand consumer loop (sm_90 SASS); per-channel W4
+    has no parameters and builds the same loop."""
+    from qoq.kernels import ws_gemm
+
+    if not ws_gemm.available():
+        pytest.skip("this Triton has no Gluon")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cases = [[1, False, False, 64, 128, False, True], [2, True, False, 64, 128, False, True]]
+    loops = {}
+    for words in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(QOQ_G128_PARAM_WORDS=words, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
+        run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "ws_compile_check.py"),
+                              json.dumps(cases), "--sass"], capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        loops[words] = [r["mma_loop"] for r in map(json.loads, run.stdout.splitlines())]
+    assert loops["1"][0] < 0.95 * loops["0"][0]
+    assert loops["1"][1] == loops["0"][1]
+
+
 @requires_cuda
 @pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
 @pytest.mark.parametrize("silu", [False, True])

@@ -1,6 +1,6 @@
 """Compile qoq's Gluon GEMM (qoq/kernels/ws_gemm.py) for an H100 (sm_90) on this machine, with no
 GPU, and print what each build holds, one JSON line per case: `[mode, zero, gated, bm, bn, stream, reg_a]` in
-argv[1] (a JSON list). Run in its own process by test_gemm.py: a pytest session that has run Triton
+argv[1] (a JSON list; `--sass` after it adds the consumer loop's SASS instruction count). Run in its own process by test_gemm.py: a pytest session that has run Triton
 kernels under TRITON_INTERPRET=1 leaves the interpreter's patches on `triton.language`, which break
 a real compilation afterwards."""
 
@@ -17,7 +17,8 @@ from qoq.kernels import ws_gemm
 from qoq.kernels.gemm_plan import GemmPlan
 
 
-def build(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = False, reg_a: bool = False) -> dict:
+def compiled(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = False, reg_a: bool = False):
+    """The case's kernel, compiled for sm_90."""
     m, n, k = 300, 512, 1024
     x8, sx = torch.empty(m, k, dtype=torch.int8), torch.empty(m)
     w = torch.empty(n, k, dtype=torch.int8) if mode == 0 else torch.empty(n, k // 2, dtype=torch.uint8)
@@ -25,8 +26,12 @@ def build(mode: int, zero: bool, gated: bool, bm: int, bn: int, stream: bool = F
     s2 = torch.empty(n, k // 128, dtype=torch.uint8) if mode == 1 else None
     sz = s2 if mode == 1 else (s1 if zero else None)
     y = torch.empty(m, n // 2 if gated else n, dtype=torch.float16)
-    kernel = ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s2, sz, y, mode,
-                                  GemmPlan("ws", bm, bn, num_stages=0, stream_k=stream, w_in_registers=reg_a), zero, gated)
+    return ws_gemm.compile_sm90(x8, w, sx, sx if zero else None, s1, s2, sz, y, mode,
+                                GemmPlan("ws", bm, bn, num_stages=0, stream_k=stream, w_in_registers=reg_a), zero, gated)
+
+
+def build(*case) -> dict:
+    kernel = compiled(*case)
     ptx = kernel.asm["ptx"]
     return {"int8_wgmma": "wgmma.mma_async" in ptx and ".s8.s8" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "fence": "fence.proxy.async" in ptx,
@@ -48,6 +53,15 @@ def serialized(ptx: str) -> bool:
     return "C7512" in run.stdout + run.stderr
 
 
+def mma_loop(case: list) -> int:
+    """SASS instructions of the build's consumer loop (benchmarks/sass_report.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import sass_report
+
+    return sass_report.mma_loop_instructions(sass_report.disassemble(compiled(*case))[1])
+
+
 if __name__ == "__main__":
+    sass = "--sass" in sys.argv[2:]  # also the consumer loop's SASS instruction count
     for case in json.loads(sys.argv[1]):
-        print(json.dumps({"case": case, **build(*case)}), flush=True)
+        print(json.dumps({"case": case, **build(*case), **({"mma_loop": mma_loop(case)} if sass else {})}), flush=True)
