@@ -162,7 +162,7 @@ PY
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
   words)
-    QOQ_G128_PARAM_WORDS=1 timeout 420 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "g128 or reg_a or ws_gemm_matches" \
+    QOQ_G128_PARAM_WORDS=1 timeout 420 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "g128 or gemv or reg_a or ws_gemm_matches" \
       > "$out/test_words.log" 2>&1; echo "words tests: exit $? $(tail -1 "$out/test_words.log")"
     for on in 0 1; do
       QOQ_G128_PARAM_WORDS=$on timeout 200 python3 benchmarks/bench_kernels.py --ms ${WORDS_MS:-16 256 1024} \

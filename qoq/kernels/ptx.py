@@ -22,7 +22,8 @@ xor.b32 $1, t, 0x80808080;
 }"""
 
 # QOQ_G128_PARAM_WORDS=1 (read at import): the g128 unpacks of the register GEMMs (int_gemm) and the
-# Gluon kernel (ws_gemm) take s2 / sz as per-row 32-bit words, G128_UNPACK_WORDS_ASM (sm_90 SASS:
+# Gluon kernel (ws_gemm) take s2 / sz as per-row 32-bit words, G128_UNPACK_WORDS_ASM, and the gemv
+# kernel takes each row's s2 / sz byte out of its parameter words by one byte permute (sm_90 SASS:
 # 7-13% fewer instructions in their loops, tests/kernels/test_gemm.py); off until a GPU has checked
 # them bit for bit and timed them.
 G128_PARAM_WORDS = os.environ.get("QOQ_G128_PARAM_WORDS", "0") == "1"

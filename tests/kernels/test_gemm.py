@@ -373,13 +373,17 @@ def test_ws_gemm_compiles_for_sm90(case, ws_builds):
 def test_g128_parameter_words_shorten_the_register_kernels_loops_sm90():
     """QOQ_G128_PARAM_WORDS=1: g128's s2 / sz reach the unpack as per-row 32-bit words, and the
     loops of the register GEMMs' sm_90 builds hold fewer instructions (decode-sized tiles, mma_sync
-    and wgmma, split-K, unroll 4 and 1)."""
+    and wgmma, split-K, unroll 4 and 1), and the gemv kernel's too."""
     for cfg in (["--block-m", "16", "--block-n", "32", "--unroll", "4", "--stages", "3", "--warps", "2"],
                 ["--block-m", "8", "--block-n", "64", "--split", "4", "--unroll", "4", "--stages", "3", "--warps", "2"],
                 ["--block-m", "64", "--block-n", "64", "--split", "4"]):
         loops = [int(sass_report("gemm", "--mode", "1", *cfg, env={"QOQ_G128_PARAM_WORDS": w})["loop_instructions"])
                  for w in ("0", "1")]
         assert loops[1] < 0.95 * loops[0], (cfg, loops)
+    # the gemv kernel: each row's s2 / sz byte out of the iteration's parameter words by one byte permute
+    cfg = ["--mode", "1", "--block-n", "16", "--warps", "2", "--unroll", "4", "--stages", "3"]
+    loops = [int(sass_report("gemv", *cfg, env={"QOQ_G128_PARAM_WORDS": w})["loop_instructions"]) for w in ("0", "1")]
+    assert loops[1] < 0.95 * loops[0], loops
 
 
 def test_ws_g128_parameter_words_shorten_the_register_operand_loop_sm90():
