@@ -83,16 +83,22 @@ def build(fn, sig, consts, aligned_ints, num_warps, maxnreg):
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def mma_loop_instructions(sass: str) -> int:
-    """Instructions in the innermost loop (a backward branch's span holding no other) that issues
-    the most wgmma (IGMMA / HGMMA) instructions: a warp-specialized kernel's consumer steady state."""
-    lines = sass.splitlines()
+def backward_loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(label line, branch line) of every backward branch in the SASS lines, in program order."""
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
     loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
             loops.append((labels[m.group(1)], i))
+    return loops
+
+
+def mma_loop_instructions(sass: str) -> int:
+    """Instructions in the innermost loop (a backward branch's span holding no other) that issues
+    the most wgmma (IGMMA / HGMMA) instructions: a warp-specialized kernel's consumer steady state."""
+    lines = sass.splitlines()
+    loops = backward_loops(lines)
     best = (0, 0)
     for a, b in loops:
         if any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops):
@@ -124,13 +130,8 @@ def report(kernel, dump: str | None) -> dict:
     lines = sass.splitlines()
     ops = [m.group(1) for m in map(SASS_LINE.match, lines) if m]
     # the main loop: the first backward branch's span (the software-pipelined steady state)
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
-    loop = 0
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), i) < i:
-            loop = sum(1 for x in lines[labels[m.group(1)]:i + 1] if SASS_LINE.match(x))
-            break
+    loops = backward_loops(lines)
+    loop = sum(1 for x in lines[loops[0][0]:loops[0][1] + 1] if SASS_LINE.match(x)) if loops else 0
     # programmatic dependent launch: what the kernel does with memory before it waits
     ptx = kernel.asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
