@@ -27,10 +27,10 @@
 #   gemv      the CUDA-core gemv kernel: its GPU tests, then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
 #             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
-#   words     QOQ_G128_PARAM_WORDS=1 (g128 parameters as words in the unpacks): the g128 GPU tests with it,
-#             then bench_kernels.py at WORDS_MS (16 256 1024) and the batch-1 step with it off and on
+#   vbias     decode attention with V codes kept as 1024 + code (DecodePlan.biased_v): its GPU tests, then
+#             probe_decode.py with it off and on (VBIAS_CASES: batch x context)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|words ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|vbias ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -161,16 +161,14 @@ PY
     done
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
-  words)
-    QOQ_G128_PARAM_WORDS=1 timeout 420 python3 -m pytest -q -x tests/kernels/test_gemm.py -k "g128 or gemv or reg_a or ws_gemm_matches" \
-      > "$out/test_words.log" 2>&1; echo "words tests: exit $? $(tail -1 "$out/test_words.log")"
-    for on in 0 1; do
-      QOQ_G128_PARAM_WORDS=$on timeout 200 python3 benchmarks/bench_kernels.py --ms ${WORDS_MS:-16 256 1024} \
-        --out "$out/kernels-words$on-$gpu.json" > "$out/kernels-words$on.log" 2>&1
-      echo "kernels words=$on: exit $?"; grep -A4 "speedup vs" "$out/kernels-words$on.log" | head -4
-      QOQ_G128_PARAM_WORDS=$on timeout 100 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 \
-        --output-len 256 2> /dev/null | tail -1 > "$out/b1-words$on-$gpu.json"
-      echo "b1 words=$on: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['decode_step_ms'], 'ms')" "$out/b1-words$on-$gpu.json" 2>&1 | tail -1)"
+  vbias)
+    timeout 240 python3 -m pytest -q -x tests/kernels/test_attention.py -k "decode_real_shapes" > "$out/test_vbias.log" 2>&1
+    echo "decode GPU tests: exit $? $(tail -1 "$out/test_vbias.log")"
+    for bits in 4 8; do swap=$([ $bits = 4 ] && echo 1 || echo 0)
+      timeout 200 python3 benchmarks/probe_decode.py --out "$out/decode-vbias-kv$bits-$gpu.json" --bits $bits \
+        --cases ${VBIAS_CASES:-64x1024 64x4096 256x1024} --block-t 64 --warps 1 --stages 2 --biased 1 --swap $swap \
+        --biased-v 0 1 > "$out/decode-vbias-kv$bits.log" 2>&1
+      echo "probe kv$bits: exit $?"; grep -v Warning "$out/decode-vbias-kv$bits.log" | tail -12
     done ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

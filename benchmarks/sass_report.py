@@ -38,7 +38,8 @@ def decode_kernel(args):
     block_g = max(8 if args.swap else 16, triton.next_power_of_2(args.group))
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
-                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1)
+                  BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
+                  BIASED_V=args.biased_v > 0 and args.bits != 16)
     return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
 
 
@@ -166,6 +167,7 @@ def main() -> None:
     p.add_argument("--act", type=int, default=0, help="gemm: the input prologue (0 none, 1 plain, 2 RMSNorm, 3 add + RMSNorm)")
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--biased-v", type=int, default=0, help="decode: 1 V codes kept as 1024 + code (BIASED_V)")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

@@ -105,9 +105,12 @@ _KV8_ASM = """{
 # The same without the bias subtraction, for K (BIASED): the codes arrive as fp16 1024 + code (KV4
 # high nibbles: 1024 + 16 * code), and the kernel takes the bias off each score once per row:
 # q . (k + 1024) = q . k + 1024 * sum(q). Per page the scores come from a fresh MMA over one head
-# dimension, so the bias costs little precision. V keeps the exact unpack: its accumulator runs
-# over the whole context, where the tensor cores' fp32 adds on top of a bias ~140x the signal
-# (1024 against a mean code of 7.5) broke the 3e-3 tolerance at context 4096 on the H100.
+# dimension, so the bias costs little precision. V biased too (DecodePlan.biased_v) saves the
+# unpack's four subtractions per word, but only with each page's bias, 1024 * sum_t p16_t (a
+# column sum of the fp16 P that the MMA takes), subtracted from the accumulator before the page's
+# MMA adds it back: left in the accumulator over the whole context, the tensor cores' fp32 adds
+# on top of a bias ~140x the signal (1024 against a mean code of 7.5) broke the 3e-3 tolerance at
+# context 4096 on the H100.
 _KV4_BIASED_ASM = "\n".join(line for line in _KV4_ASM.splitlines() if "sub.f16x2" not in line)
 _KV8_BIASED_ASM = "\n".join(line for line in _KV8_ASM.splitlines() if "sub.f16x2" not in line)
 MERGE_UNROLL = 4  # the split merge loads this many splits' partial outputs at once
@@ -263,7 +266,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -301,12 +304,13 @@ def _decode_kernel(
             # The high codes stay multiplied by 16 (HI16): q_hi was pre-divided by 16 and the
             # V high-half accumulator is divided by 16 at the end (both exact).
             k_lo, k_hi = _kv4_codes(tl.load(kc_ptr + row[:, None] * W + j[None, :]), FAST, BIASED, HI16)
-            v_lo, v_hi = _kv4_codes(tl.load(vc_ptr + v_off), FAST, False, HI16)
+            v_lo, v_hi = _kv4_codes(tl.load(vc_ptr + v_off), FAST, BIASED_V, HI16)
         else:
             k_lo = tl.load(kc_ptr + row[:, None] * W + j[None, :])
             k_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
             if BITS == 8:
-                v_lo, v_hi = _kv8_codes(tl.load(vc_ptr + v_off), tl.load(vc_ptr + v_off + HALF * PAGE), FAST, False)
+                v_lo, v_hi = _kv8_codes(tl.load(vc_ptr + v_off), tl.load(vc_ptr + v_off + HALF * PAGE), FAST,
+                                        BIASED_V)
                 k_lo, k_hi = _kv8_codes(k_lo, k_hi, FAST, BIASED)
             else:
                 v_lo = tl.load(vc_ptr + row[:, None] * W + j[None, :]).to(tl.float16)
@@ -326,13 +330,12 @@ def _decode_kernel(
                 k_zero = tl.load(kz_ptr + row).to(tl.float32)
                 s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
             s = s * sm_scale_log2
-        s = tl.where((tok < ctx)[None, :], s, -float("inf"))
+        if blk * BLOCK_T + BLOCK_T > ctx:  # only the block holding the context's end has tokens past it
+            s = tl.where((tok < ctx)[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(prob, axis=1)
-        acc_lo = acc_lo * alpha[:, None]
-        acc_hi = acc_hi * alpha[:, None]
         if BITS != 16:
             v_scale = tl.load(vs_ptr + row).to(tl.float32)
             v_zero = tl.load(vz_ptr + row).to(tl.float32)
@@ -340,8 +343,13 @@ def _decode_kernel(
             z_acc = z_acc * alpha + tl.sum(prob * v_zero[None, :], axis=1)
         else:
             p16 = prob.to(tl.float16)
-        acc_lo = tl.dot(p16, v_lo, acc_lo)
-        acc_hi = tl.dot(p16, v_hi, acc_hi)
+        if BIASED_V:  # the page's V bias comes off the accumulator before its MMA adds it back
+            bias = -1024.0 * tl.sum(p16.to(tl.float32), axis=1)
+            acc_lo = tl.dot(p16, v_lo, tl.fma(acc_lo, alpha[:, None], bias[:, None]))
+            acc_hi = tl.dot(p16, v_hi, tl.fma(acc_hi, alpha[:, None], bias[:, None]))
+        else:
+            acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
+            acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
         m_i = m_new
 
     if HI16:
@@ -370,7 +378,7 @@ def _decode_kernel_t(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
-    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -420,10 +428,10 @@ def _decode_kernel_t(
             k_lo, k_hi, v_lo, v_hi = kb.to(tl.float16), kb_hi.to(tl.float16), vb.to(tl.float16), vb_hi.to(tl.float16)
         elif BITS == 4:
             k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
-            v_lo, v_hi = _kv4_codes(vb, FAST, False, HI16)
+            v_lo, v_hi = _kv4_codes(vb, FAST, BIASED_V, HI16)
         else:
             k_lo, k_hi = _kv8_codes(kb, kb_hi, FAST, BIASED)
-            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, False)
+            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, BIASED_V)
         s = tl.dot(k_lo, q_lo)
         s = tl.dot(k_hi, q_hi, s)  # S^T [BLOCK_T, BLOCK_G]
         if BIASED:
@@ -436,13 +444,12 @@ def _decode_kernel_t(
                 k_zero = tl.load(kz_ptr + row).to(tl.float32)
                 s = s * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
             s = s * sm_scale_log2
-        s = tl.where((tok < ctx)[:, None], s, -float("inf"))
+        if blk * BLOCK_T + BLOCK_T > ctx:
+            s = tl.where((tok < ctx)[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(prob, axis=0)
-        acc_lo = acc_lo * alpha[None, :]
-        acc_hi = acc_hi * alpha[None, :]
         if BITS != 16:
             v_scale = tl.load(vs_ptr + row).to(tl.float32)
             v_zero = tl.load(vz_ptr + row).to(tl.float32)
@@ -450,8 +457,13 @@ def _decode_kernel_t(
             z_acc = z_acc * alpha + tl.sum(prob * v_zero[:, None], axis=0)
         else:
             p16 = prob.to(tl.float16)
-        acc_lo = tl.dot(v_lo, p16, acc_lo)  # O^T [HALF, BLOCK_G]
-        acc_hi = tl.dot(v_hi, p16, acc_hi)
+        if BIASED_V:
+            bias = -1024.0 * tl.sum(p16.to(tl.float32), axis=0)
+            acc_lo = tl.dot(v_lo, p16, tl.fma(acc_lo, alpha[None, :], bias[None, :]))  # O^T [HALF, BLOCK_G]
+            acc_hi = tl.dot(v_hi, p16, tl.fma(acc_hi, alpha[None, :], bias[None, :]))
+        else:
+            acc_lo = tl.dot(v_lo, p16, acc_lo * alpha[None, :])  # O^T [HALF, BLOCK_G]
+            acc_hi = tl.dot(v_hi, p16, acc_hi * alpha[None, :])
         m_i = m_new
 
     if HI16:
@@ -490,6 +502,7 @@ class DecodePlan:
     num_warps: int = 1
     num_stages: int = 2
     biased: bool = False  # K codes kept as 1024 + code, the bias taken off each score row
+    biased_v: bool = False  # V codes kept as 1024 + code too, the bias taken off each page's output
     block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
     programs_per_sm: int = 8
     max_waves: int = 3
@@ -505,12 +518,12 @@ class DecodePlan:
 
     def with_options(self, options: dict | None) -> DecodePlan:
         """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
-        BIASED, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
+        BIASED, BIASED_V, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
         the residency follows num_warps (8 one-warp programs per SM, 2 of four warps)."""
         if not options:
             return self
-        keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", SWAP="transposed",
-                    BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
+        keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", BIASED_V="biased_v",
+                    SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
         changes = {keys[k]: v for k, v in options.items()}
         if "num_stages" in changes:
             changes["deep_stages"] = 0
@@ -595,7 +608,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        MIN_BLOCKS=plan.min_split_blocks,
+        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16,
         num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out

@@ -25,7 +25,6 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
-from qoq.kernels.ptx import G128_PARAM_WORDS
 from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
 try:
@@ -39,14 +38,13 @@ if triton is not None:
     _DP4A_SS = tl.constexpr("dp4a.s32.s32 $0, $1, $2, $3;")
     _DP4A_US = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")
     _BYTE_OF = tl.constexpr("prmt.b32 $0, $1, 0, $2;")
-    _PARAM_WORDS = tl.constexpr(G128_PARAM_WORDS)  # ptx.py says why
 
 
 @lazy_jit.helper
 def _byte_of(w, u, FAST: tl.constexpr):
-    """Byte u (0-3, little-endian) of each int32 word of w, zero-extended: one byte permute on CUDA
-    with QOQ_G128_PARAM_WORDS (ptx.py), else a shift and a mask."""
-    if FAST and _PARAM_WORDS:
+    """Byte u (0-3, little-endian) of each int32 word of w, zero-extended: one byte permute on CUDA,
+    else a shift and a mask."""
+    if FAST:
         sel = tl.broadcast_to(0x4440 | u, w.shape)  # result byte 0 = w's byte u, bytes 1-3 = 0
         return tl.inline_asm_elementwise(_BYTE_OF, "=r,r,r", [w, sel], dtype=tl.int32, is_pure=True, pack=1)
     return (w >> (8 * u)) & 0xFF

@@ -48,7 +48,7 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     fallback_plan,
     select_plan,
 )
-from qoq.kernels.ptx import G128_PARAM_WORDS, G128_UNPACK_ASM, G128_UNPACK_WORDS_ASM, PER_CHANNEL_UNPACK_ASM
+from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, silu_mul_triton
 
 try:
@@ -63,8 +63,6 @@ except ImportError:  # pragma: no cover
 
 if tl is not None:  # the kernels see module globals only as constexprs
     _G128_ASM = tl.constexpr(G128_UNPACK_ASM)
-    _G128_WORDS_ASM = tl.constexpr(G128_UNPACK_WORDS_ASM)
-    _G128_WORDS = tl.constexpr(G128_PARAM_WORDS)  # ptx.py says why
     _PER_CHANNEL_ASM = tl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
 PACK_BLOCK = 128  # input channels per packed chunk; also the only g128 group size we run
@@ -99,19 +97,12 @@ def _unpack_w4(p, s2, sz, MODE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.co
     """
     if MODE == 1:
         if FAST:
-            # 4 weights per 32-bit word (qoq/kernels/ptx.py)
-            if _G128_WORDS:  # s2 and 128 - sz (in every byte) as per-row words
-                s2w = tl.broadcast_to(s2.to(tl.int32)[:, None], (BLOCK_N, 64))
-                cbw = tl.broadcast_to(((128 - sz) * 0x01010101).to(tl.int32)[:, None], (BLOCK_N, 64))
-                w_lo, w_hi = tl.inline_asm_elementwise(
-                    asm=_G128_WORDS_ASM, constraints="=r,=r" + ",r" * 9, args=[p, s2w, cbw],
-                    dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-            else:
-                s2b = tl.broadcast_to(s2.to(tl.uint8)[:, None], (BLOCK_N, 64))
-                cb = tl.broadcast_to((128 - sz).to(tl.uint8)[:, None], (BLOCK_N, 64))
-                w_lo, w_hi = tl.inline_asm_elementwise(
-                    asm=_G128_ASM, constraints="=r,=r,r,r,r", args=[p, s2b, cb],
-                    dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+            # 4 weights per 32-bit word, s2 and 128 - sz (in every byte) as per-row words (ptx.py)
+            s2w = tl.broadcast_to(s2.to(tl.int32)[:, None], (BLOCK_N, 64))
+            cbw = tl.broadcast_to(((128 - sz) * 0x01010101).to(tl.int32)[:, None], (BLOCK_N, 64))
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                asm=_G128_ASM, constraints="=r,=r" + ",r" * 9, args=[p, s2w, cbw],
+                dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             w_lo = ((p & 0xF).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)
             w_hi = ((p >> 4).to(tl.int32) * s2[:, None] - sz[:, None]).to(tl.int8)

@@ -40,7 +40,7 @@ import functools
 import torch
 
 from qoq.kernels.dispatch import arrival_counters
-from qoq.kernels.ptx import G128_PARAM_WORDS, G128_UNPACK_ASM, G128_UNPACK_WORDS_ASM, PER_CHANNEL_UNPACK_ASM
+from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 
 try:
     from triton.experimental import gluon
@@ -89,8 +89,6 @@ if gluon is not None:
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
     _G128_ASM = gl.constexpr(G128_UNPACK_ASM)
-    _G128_WORDS_ASM = gl.constexpr(G128_UNPACK_WORDS_ASM)
-    _G128_WORDS = gl.constexpr(G128_PARAM_WORDS)  # ptx.py says why
     _PER_CHANNEL_ASM = gl.constexpr(PER_CHANNEL_UNPACK_ASM)
 
     @gluon.jit
@@ -212,16 +210,11 @@ if gluon is not None:
         or the uint4 codes (per-channel, MODE 2), four per 32-bit word (qoq/kernels/ptx.py).
         PINNED: volatile asm, which LLVM keeps in program order with the wgmma waits (ptxas may
         still schedule a wait ahead of it: `_mma_chunks_reg_a`)."""
-        if MODE == 1 and _G128_WORDS:
+        if MODE == 1:
             # the per-row parameters as 32-bit words: the same register for every word of a row
             s2w, _ = gl.broadcast(gl.expand_dims(s2, 1), p)
             cbw, _ = gl.broadcast(gl.expand_dims((128 - sz) * 0x01010101, 1), p)
-            lo, hi = gl.inline_asm_elementwise(asm=_G128_WORDS_ASM, constraints="=r,=r" + ",r" * 9, args=[p, s2w, cbw],
-                                               dtype=(gl.int8, gl.int8), is_pure=not PINNED, pack=4)
-        elif MODE == 1:
-            s2b, _ = gl.broadcast(gl.expand_dims(s2.to(gl.uint8), 1), p)
-            cb, _ = gl.broadcast(gl.expand_dims((128 - sz).to(gl.uint8), 1), p)
-            lo, hi = gl.inline_asm_elementwise(asm=_G128_ASM, constraints="=r,=r,r,r,r", args=[p, s2b, cb],
+            lo, hi = gl.inline_asm_elementwise(asm=_G128_ASM, constraints="=r,=r" + ",r" * 9, args=[p, s2w, cbw],
                                                dtype=(gl.int8, gl.int8), is_pure=not PINNED, pack=4)
         else:
             lo, hi = gl.inline_asm_elementwise(asm=_PER_CHANNEL_ASM, constraints="=r,=r,r", args=[p],

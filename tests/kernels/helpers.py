@@ -90,13 +90,12 @@ def as_fused_qkv_views(q, k, v):
     return tuple(x.view(t, -1, d) for x in views)
 
 
-def sass_report(*args, env: dict | None = None) -> dict:
+def sass_report(*args) -> dict:
     """benchmarks/sass_report.py in its own process (the interpreter's patches on triton.language
-    break real compiles in this one): the kernel's sm_90 build, no GPU needed; `env`: variables
-    to set for it."""
+    break real compiles in this one): the kernel's sm_90 build, no GPU needed."""
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "sass_report.py"), *args],
                          capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, TRITON_INTERPRET="0", **(env or {})))
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
     assert out.returncode == 0, out.stderr[-2000:]
     return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.stdout.splitlines())}

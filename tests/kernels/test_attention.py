@@ -41,7 +41,10 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     (16, None, dict(BIASED=False)), (16, 3, dict(BLOCK_T=32, BIASED=False)), (32, 2, dict(BLOCK_T=16, BIASED=False)),
     # both kernels at every precision: rows = query heads (SWAP off) or rows = tokens (SWAP on)
     (16, None, dict(SWAP=False)), (16, 3, dict(BLOCK_T=32, SWAP=True)), (32, 2, dict(BLOCK_T=16, SWAP=True)),
-    (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False))])
+    (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False)),
+    # V codes kept as 1024 + code too, each page's bias taken off the accumulator before its MMA
+    (16, None, dict(SWAP=True, BIASED_V=True)), (32, 2, dict(BLOCK_T=16, SWAP=True, BIASED_V=True)),
+    (16, 3, dict(BLOCK_T=32, SWAP=False, BIASED_V=True))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -170,7 +173,8 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True)])
+@pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True),
+                                     dict(SWAP=True, BIASED_V=True), dict(SWAP=False, BIASED_V=True)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
@@ -196,6 +200,16 @@ def test_transposed_decode_kernel_needs_fewer_registers_sm90():
     swap, row = sass_report("decode", "--bits", "4", "--swap", "1"), sass_report("decode", "--bits", "4", "--swap", "0")
     assert int(swap["stack"]) == 0 and int(swap["registers"]) <= 168 < int(row["registers"])
     assert int(swap["loop_instructions"]) < int(row["loop_instructions"])
+
+
+def test_biased_v_drops_the_v_unpack_subtractions_sm90():
+    """DecodePlan.biased_v: the V codes' four fp16 subtractions per word leave the transposed
+    KV4 kernel's page loop (sm_90: 1110 -> 1037 instructions, 128 HADD2 -> 0, a column sum of P
+    added) at the same registers, so the same 12 programs per SM."""
+    base = sass_report("decode", "--bits", "4", "--swap", "1")
+    biased = sass_report("decode", "--bits", "4", "--swap", "1", "--biased-v", "1")
+    assert int(biased["stack"]) == 0 and int(biased["registers"]) <= 168
+    assert int(biased["loop_instructions"]) <= int(base["loop_instructions"]) - 60
 
 
 # -- paged prefill: chunks that read their context (and themselves) from the pages ---------------

@@ -340,9 +340,9 @@ WS_BUILDS += [[mode, mode == 2, False, *tile, stream, True] for mode in (1, 2)
                                    ((128, 128), True)]]
 
 
-@pytest.fixture(scope="module")
-def ws_builds():
-    """Every WS_BUILDS case compiled for sm_90 in a fresh process (ws_compile_check.py says why)."""
+def ws_compile_check(cases: list, *flags: str) -> list[dict]:
+    """ws_compile_check.py's report of each case, compiled for sm_90 in a fresh process (it says
+    why); skips where this Triton has no Gluon."""
     from qoq.kernels import ws_gemm
 
     if not ws_gemm.available():
@@ -351,9 +351,15 @@ def ws_builds():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "ws_compile_check.py"),
-                          json.dumps(WS_BUILDS)], capture_output=True, text=True, env=env, timeout=900)
+                          json.dumps(cases), *flags], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return {tuple(r["case"]): r for r in map(json.loads, run.stdout.splitlines())}
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ws_builds():
+    """Every WS_BUILDS case compiled for sm_90."""
+    return {tuple(r["case"]): r for r in ws_compile_check(WS_BUILDS)}
 
 
 @pytest.mark.parametrize("case", WS_BUILDS, ids=lambda c: "mode{}-zero{}-gated{}-{}x{}-stream{}-rega{}".format(*c))
@@ -370,41 +376,28 @@ def test_ws_gemm_compiles_for_sm90(case, ws_builds):
     assert built["shared"] <= 227 * 1024
 
 
-def test_g128_parameter_words_shorten_the_register_kernels_loops_sm90():
-    """QOQ_G128_PARAM_WORDS=1: g128's s2 / sz reach the unpack as per-row 32-bit words, and the
-    loops of the register GEMMs' sm_90 builds hold fewer instructions (decode-sized tiles, mma_sync
-    and wgmma, split-K, unroll 4 and 1), and the gemv kernel's too."""
-    for cfg in (["--block-m", "16", "--block-n", "32", "--unroll", "4", "--stages", "3", "--warps", "2"],
-                ["--block-m", "8", "--block-n", "64", "--split", "4", "--unroll", "4", "--stages", "3", "--warps", "2"],
-                ["--block-m", "64", "--block-n", "64", "--split", "4"]):
-        loops = [int(sass_report("gemm", "--mode", "1", *cfg, env={"QOQ_G128_PARAM_WORDS": w})["loop_instructions"])
-                 for w in ("0", "1")]
-        assert loops[1] < 0.95 * loops[0], (cfg, loops)
-    # the gemv kernel: each row's s2 / sz byte out of the iteration's parameter words by one byte permute
+def test_g128_register_kernels_loops_sm90():
+    """The sm_90 loops of the register GEMMs (decode-sized tiles, mma_sync and wgmma, split-K, unroll
+    4 and 1) and of the gemv kernel hold at most the instructions they were measured at, g128's s2 /
+    sz reaching the unpack as per-row 32-bit words (ptx.py) and, in gemv, each row's byte taken out of
+    the iteration's parameter words by one byte permute."""
+    for cfg, most in ((["--block-m", "16", "--block-n", "32", "--unroll", "4", "--stages", "3", "--warps", "2"], 432),
+                      (["--block-m", "8", "--block-n", "64", "--split", "4", "--unroll", "4", "--stages", "3",
+                        "--warps", "2"], 712),
+                      (["--block-m", "64", "--block-n", "64", "--split", "4"], 157)):
+        loop = int(sass_report("gemm", "--mode", "1", *cfg)["loop_instructions"])
+        assert loop <= most, (cfg, loop)
     cfg = ["--mode", "1", "--block-n", "16", "--warps", "2", "--unroll", "4", "--stages", "3"]
-    loops = [int(sass_report("gemv", *cfg, env={"QOQ_G128_PARAM_WORDS": w})["loop_instructions"]) for w in ("0", "1")]
-    assert loops[1] < 0.95 * loops[0], loops
+    loop = int(sass_report("gemv", *cfg)["loop_instructions"])
+    assert loop <= 231, loop
 
 
-def test_ws_g128_parameter_words_shorten_the_register_operand_loop_sm90():
-    """The same for the Gluon kernel's register-operand consumer loop (sm_90 SASS); per-channel W4
-    has no parameters and builds the same loop."""
-    from qoq.kernels import ws_gemm
-
-    if not ws_gemm.available():
-        pytest.skip("this Triton has no Gluon")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def test_ws_register_operand_loop_sm90():
+    """The same for the Gluon kernel's register-operand consumer loop at 64x128 (sm_90 SASS, four
+    chunks an iteration): g128 and per-channel W4."""
     cases = [[1, False, False, 64, 128, False, True], [2, True, False, 64, 128, False, True]]
-    loops = {}
-    for words in ("0", "1"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(QOQ_G128_PARAM_WORDS=words, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
-        run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "ws_compile_check.py"),
-                              json.dumps(cases), "--sass"], capture_output=True, text=True, env=env, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        loops[words] = [r["mma_loop"] for r in map(json.loads, run.stdout.splitlines())]
-    assert loops["1"][0] < 0.95 * loops["0"][0]
-    assert loops["1"][1] == loops["0"][1]
+    loops = [r["mma_loop"] for r in ws_compile_check(cases, "--sass")]
+    assert loops[0] <= 483 and loops[1] <= 258, loops
 
 
 @requires_cuda
