@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="*", default=[0], help="split-K programs per sequence (0: default)")
     p.add_argument("--biased", type=int, nargs="*", default=[0, 1], help="1: K codes kept as 1024 + code (BIASED, the default)")
     p.add_argument("--biased-v", type=int, nargs="*", default=[0], help="1: V codes kept as 1024 + code (BIASED_V)")
+    p.add_argument("--skew", type=int, nargs="*", default=[0], help="1: the next block's scores alongside this one's softmax (SKEW)")
     p.add_argument("--swap", type=int, nargs="*", default=[0], help="1: the transposed kernel (tokens as the MMA's M)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -41,13 +42,15 @@ def main() -> None:
     for case, bits in itertools.product(args.cases, args.bits):
         batch, ctx = map(int, case.split("x"))
         grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits, args.biased,
-                                 args.swap, args.biased_v)
-        for block_t, warps, stages, maxnreg, splits, biased, swap, biased_v in grid:
+                                 args.swap, args.biased_v, args.skew)
+        for block_t, warps, stages, maxnreg, splits, biased, swap, biased_v, skew in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
             opts["BIASED"] = bool(biased)
             opts["SWAP"] = bool(swap)
             if biased_v:
                 opts["BIASED_V"] = True
+            if skew:
+                opts["SKEW"] = True
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}

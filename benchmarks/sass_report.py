@@ -39,7 +39,7 @@ def decode_kernel(args):
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
                   BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
-                  BIASED_V=args.biased_v > 0 and args.bits != 16)
+                  BIASED_V=args.biased_v > 0 and args.bits != 16, **({"SKEW": args.skew > 0} if args.swap else {}))
     return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
 
 
@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--split", type=int, default=2, help="split-K programs (decode: more than 1 compiles the merge)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--biased-v", type=int, default=0, help="decode: 1 V codes kept as 1024 + code (BIASED_V)")
+    p.add_argument("--skew", type=int, default=0, help="decode: 1 the next block's scores alongside this one's softmax (SKEW)")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

@@ -432,7 +432,7 @@ LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
 ATTENTION_KNOBS = {
     "transposed": (False, True), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
     "programs_per_sm": (4, 8, 12, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
-    "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True),
+    "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True), "skew": (False, True),
 }
 ATTENTION_TOLERANCE = 5e-3
 KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)
@@ -513,6 +513,8 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
             for field, values in knobs.items():
                 if bits == 16 and field in ("transposed", "biased", "biased_v", "deep_stages"):
                     continue  # fp16 runs the row kernel without codes
+                if field == "skew" and not best.transposed:
+                    continue  # a knob of the transposed kernel only
                 for value in values:
                     cand = dataclasses.replace(best, **{field: value})
                     if cand in tried or time.time() > deadline:

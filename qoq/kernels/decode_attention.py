@@ -371,6 +371,59 @@ def _decode_kernel(
                       HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
+@lazy_jit.helper
+def _scores_t(kc_ptr, ks_ptr, kz_ptr, bt_ptr, b, bt_stride, blk, h, ctx, HKV, q_lo, q_hi, q_sum, k_bias,
+              sm_scale_log2, PAGE: tl.constexpr, BLOCK_T: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
+              BITS: tl.constexpr, FAST: tl.constexpr, BIASED: tl.constexpr, HI16: tl.constexpr):
+    """`_decode_kernel_t`'s scores of block `blk`, S^T [BLOCK_T, BLOCK_G], log2-scaled, masked past ctx."""
+    t = tl.arange(0, BLOCK_T)
+    j = tl.arange(0, HALF)
+    row, _ = _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W)
+    kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
+    if BITS == 4:
+        k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
+    else:
+        kb_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
+        if BITS == 8:
+            k_lo, k_hi = _kv8_codes(kb, kb_hi, FAST, BIASED)
+        else:
+            k_lo, k_hi = kb.to(tl.float16), kb_hi.to(tl.float16)
+    s = tl.dot(k_lo, q_lo)
+    s = tl.dot(k_hi, q_hi, s)
+    if BIASED:
+        k_scale = tl.load(ks_ptr + row).to(tl.float32) * sm_scale_log2
+        k_zero = tl.load(kz_ptr + row).to(tl.float32) * sm_scale_log2
+        s = (s - k_bias[None, :]) * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
+    else:
+        if BITS != 16:
+            k_scale = tl.load(ks_ptr + row).to(tl.float32)
+            k_zero = tl.load(kz_ptr + row).to(tl.float32)
+            s = s * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
+        s = s * sm_scale_log2
+    if blk * BLOCK_T + BLOCK_T > ctx:  # only the block holding the context's end has tokens past it
+        s = tl.where((blk * BLOCK_T + t < ctx)[:, None], s, -float("inf"))
+    return s
+
+
+@lazy_jit.helper
+def _values_t(vc_ptr, bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+              W: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, BIASED_V: tl.constexpr,
+              HI16: tl.constexpr):
+    """`_decode_kernel_t`'s V^T codes of block `blk` as fp16 halves [HALF, BLOCK_T], with the
+    block's cache rows (for its scales)."""
+    j = tl.arange(0, HALF)
+    row, v_tok = _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W)
+    vt_off = v_tok[None, :] + j[:, None] * PAGE  # V^T [HALF, BLOCK_T]
+    if BITS == 4:
+        v_lo, v_hi = _kv4_codes(tl.load(vc_ptr + vt_off), FAST, BIASED_V, HI16)
+    elif BITS == 8:
+        v_lo, v_hi = _kv8_codes(tl.load(vc_ptr + vt_off), tl.load(vc_ptr + vt_off + HALF * PAGE), FAST, BIASED_V)
+    else:
+        v_lo = tl.load(vc_ptr + row[None, :] * W + j[:, None]).to(tl.float16)
+        v_hi = tl.load(vc_ptr + row[None, :] * W + HALF + j[:, None]).to(tl.float16)
+    return row, v_lo, v_hi
+
+
 @lazy_jit
 def _decode_kernel_t(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
@@ -379,6 +432,7 @@ def _decode_kernel_t(
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
+    SKEW: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -408,44 +462,22 @@ def _decode_kernel_t(
     acc_lo = tl.zeros((HALF, BLOCK_G), tl.float32)
     acc_hi = tl.zeros((HALF, BLOCK_G), tl.float32)
     z_acc = tl.zeros((BLOCK_G,), tl.float32)
+    if SKEW:  # the first block's scores ahead of the loop (an empty split reads no page)
+        s_next = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
+        if blk_begin < blk_end:
+            s_next = _scores_t(kc_ptr, ks_ptr, kz_ptr, bt_ptr, b, bt_stride, blk_begin, h, ctx, HKV, q_lo, q_hi, q_sum,
+                               k_bias, sm_scale_log2, PAGE, BLOCK_T, W, HALF, BITS, FAST, BIASED, HI16)
     for blk in tl.range(blk_begin, blk_end, num_stages=NUM_STAGES):
-        tok = blk * BLOCK_T + t
-        row, v_tok = _block_rows(bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W)
-        vt_off = v_tok[None, :] + j[:, None] * PAGE  # V^T [HALF, BLOCK_T]
-        if BITS == 4:
-            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
-            vb = tl.load(vc_ptr + vt_off)
+        if SKEW:  # this block's scores came from the last iteration; the next block's go alongside its softmax
+            s = s_next
+            s_next = _scores_t(kc_ptr, ks_ptr, kz_ptr, bt_ptr, b, bt_stride, tl.minimum(blk + 1, blk_end - 1), h, ctx,
+                               HKV, q_lo, q_hi, q_sum, k_bias, sm_scale_log2, PAGE, BLOCK_T, W, HALF, BITS, FAST,
+                               BIASED, HI16)
         else:
-            kb = tl.load(kc_ptr + row[:, None] * W + j[None, :])
-            kb_hi = tl.load(kc_ptr + row[:, None] * W + HALF + j[None, :])
-            if BITS == 8:
-                vb = tl.load(vc_ptr + vt_off)
-                vb_hi = tl.load(vc_ptr + vt_off + HALF * PAGE)
-            else:
-                vb = tl.load(vc_ptr + row[None, :] * W + j[:, None])
-                vb_hi = tl.load(vc_ptr + row[None, :] * W + HALF + j[:, None])
-        if BITS == 16:
-            k_lo, k_hi, v_lo, v_hi = kb.to(tl.float16), kb_hi.to(tl.float16), vb.to(tl.float16), vb_hi.to(tl.float16)
-        elif BITS == 4:
-            k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
-            v_lo, v_hi = _kv4_codes(vb, FAST, BIASED_V, HI16)
-        else:
-            k_lo, k_hi = _kv8_codes(kb, kb_hi, FAST, BIASED)
-            v_lo, v_hi = _kv8_codes(vb, vb_hi, FAST, BIASED_V)
-        s = tl.dot(k_lo, q_lo)
-        s = tl.dot(k_hi, q_hi, s)  # S^T [BLOCK_T, BLOCK_G]
-        if BIASED:
-            k_scale = tl.load(ks_ptr + row).to(tl.float32) * sm_scale_log2
-            k_zero = tl.load(kz_ptr + row).to(tl.float32) * sm_scale_log2
-            s = (s - k_bias[None, :]) * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
-        else:
-            if BITS != 16:
-                k_scale = tl.load(ks_ptr + row).to(tl.float32)
-                k_zero = tl.load(kz_ptr + row).to(tl.float32)
-                s = s * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]
-            s = s * sm_scale_log2
-        if blk * BLOCK_T + BLOCK_T > ctx:
-            s = tl.where((tok < ctx)[:, None], s, -float("inf"))
+            s = _scores_t(kc_ptr, ks_ptr, kz_ptr, bt_ptr, b, bt_stride, blk, h, ctx, HKV, q_lo, q_hi, q_sum, k_bias,
+                          sm_scale_log2, PAGE, BLOCK_T, W, HALF, BITS, FAST, BIASED, HI16)
+        row, v_lo, v_hi = _values_t(vc_ptr, bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE, BLOCK_T, W, HALF, BITS, FAST,
+                                    BIASED_V, HI16)
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[None, :])
@@ -503,6 +535,7 @@ class DecodePlan:
     num_stages: int = 2
     biased: bool = False  # K codes kept as 1024 + code, the bias taken off each score row
     biased_v: bool = False  # V codes kept as 1024 + code too, the bias taken off each page's output
+    skew: bool = False  # transposed kernel: the next block's scores computed alongside this one's softmax
     block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
     programs_per_sm: int = 8
     max_waves: int = 3
@@ -518,12 +551,12 @@ class DecodePlan:
 
     def with_options(self, options: dict | None) -> DecodePlan:
         """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
-        BIASED, BIASED_V, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
+        BIASED, BIASED_V, SKEW, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
         the residency follows num_warps (8 one-warp programs per SM, 2 of four warps)."""
         if not options:
             return self
         keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", BIASED_V="biased_v",
-                    SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
+                    SKEW="skew", SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
         changes = {keys[k]: v for k, v in options.items()}
         if "num_stages" in changes:
             changes["deep_stages"] = 0
@@ -601,6 +634,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     meta = [m if m is not None else cache.k_cache for m in meta]
     swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
+    skew = {"SKEW": True} if swap and plan.skew else {}
     kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
@@ -608,7 +642,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16,
+        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16, **skew,
         num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out

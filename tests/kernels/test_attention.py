@@ -44,7 +44,9 @@ def random_cache(num_pages, hkv, d, page, bits, device, gen):
     (16, 1, dict(BLOCK_T=64, SWAP=True)), (16, None, dict(SWAP=True, BIASED=False)),
     # V codes kept as 1024 + code too, each page's bias taken off the accumulator before its MMA
     (16, None, dict(SWAP=True, BIASED_V=True)), (32, 2, dict(BLOCK_T=16, SWAP=True, BIASED_V=True)),
-    (16, 3, dict(BLOCK_T=32, SWAP=False, BIASED_V=True))])
+    (16, 3, dict(BLOCK_T=32, SWAP=False, BIASED_V=True)),
+    # the transposed kernel with the next block's scores computed alongside this one's softmax
+    (16, None, dict(SWAP=True, SKEW=True)), (32, 2, dict(BLOCK_T=16, SWAP=True, SKEW=True, BIASED_V=True))])
 def test_decode_matches_ref(bits, page, num_splits, options, device, gen, poison):
     b, hq, hkv, d = 3, 8, 2, 32
     pages = 64 // page
@@ -174,7 +176,8 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("options", [None, dict(BIASED=False), dict(SWAP=False), dict(SWAP=True),
-                                     dict(SWAP=True, BIASED_V=True), dict(SWAP=False, BIASED_V=True)])
+                                     dict(SWAP=True, BIASED_V=True), dict(SWAP=False, BIASED_V=True),
+                                     dict(SWAP=True, SKEW=True)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
