@@ -448,7 +448,6 @@ def _decode_kernel_t(
     W: tl.constexpr = HALF if BITS == 4 else D
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
-    t = tl.arange(0, BLOCK_T)
     g_mask = g < GROUP
     head = h * GROUP + g
 
@@ -551,8 +550,8 @@ class DecodePlan:
 
     def with_options(self, options: dict | None) -> DecodePlan:
         """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
-        BIASED, BIASED_V, SKEW, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the deep stages, and
-        the residency follows num_warps (8 one-warp programs per SM, 2 of four warps)."""
+        BIASED, BIASED_V, SKEW, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the
+        deep stages, and the residency follows num_warps (8 one-warp programs per SM, 2 of four)."""
         if not options:
             return self
         keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", BIASED_V="biased_v",
