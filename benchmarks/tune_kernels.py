@@ -14,11 +14,12 @@ finished (candidates still untried keep the table's plans).
 
 Starts from --table (default: this GPU's table in the tree, else the H100's).
 
-Decode attention (--attention-bits): one plan per KV bit width serves every batch and context of
-the serving batches, another (the latency plan) the launches of fewer (sequence, kv head) pairs
-than SMs, so each is tuned by coordinate descent over the plan's knobs at a few (batch, context)
-points of the model's heads: a change is kept where the geometric mean of its times over the
-points is at least 2% below the best plan's so far; two sweeps over the knobs at most.
+Decode attention (--attention-bits): one plan per KV bit width serves the launches of at least
+as many (sequence, kv head) pairs as SMs, another (the latency plan) those of fewer, a third (the
+wide plan) those of at least 8 per SM (serving batches of a few hundred), so each is tuned by
+coordinate descent over the plan's knobs at a few (batch, context) points of the model's heads: a
+change is kept where the geometric mean of its times over the points is at least 2% below the
+best plan's so far; two sweeps over the knobs at most.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from qoq.kernels import configs  # noqa: E402
 from qoq.kernels.decode_attention import (  # noqa: E402
     DEFAULT_PLANS,
     LATENCY_KEY,
+    WIDE_KEY,
     DecodePlan,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -424,14 +426,16 @@ def tune(table: dict, modes, shapes, ms, device: str, caps, timer, budget_s: flo
     return table, results
 
 
-# (batch, context) points of decode attention: the serving batches of BENCHMARKS.md for the
-# table's plan, and batches whose (sequence, kv head) pairs are fewer than the SMs for its latency
-# plan (decode_attention.decode_plan; batch 1 is the single-stream decode of issue 22)
-ATTENTION_POINTS = ((64, 1024), (64, 4096), (256, 1024))
+# (batch, context) points of decode attention: batch 64 of BENCHMARKS.md's serving batches for
+# the table's plan, batches whose (sequence, kv head) pairs are fewer than the SMs for its latency
+# plan (batch 1 is the single-stream decode of issue 22), and batches of at least WIDE_PER_SM
+# pairs per SM for its wide plan (decode_attention.decode_plan says which plan a launch takes)
+ATTENTION_POINTS = ((64, 1024), (64, 4096), (128, 1024))
 LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
+WIDE_POINTS = ((256, 1024), (256, 4096), (1024, 1024))
 ATTENTION_KNOBS = {
     "transposed": (False, True), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
-    "programs_per_sm": (4, 8, 12, 16), "max_waves": (2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
+    "programs_per_sm": (4, 8, 12, 16), "max_waves": (1, 2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
     "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True), "skew": (False, True),
 }
 ATTENTION_TOLERANCE = 5e-3
@@ -492,8 +496,8 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                    out: str | None, log=print, knobs: dict | None = None, page: int = 64,
                    key: str = "decode_attention") -> tuple[dict, list]:
     """Tune the decode attention plan of each KV bit width (coordinate descent, see the module
-    docstring) into table[key] (LATENCY_KEY: the plan of small launches, starting from the
-    table's plan); the table (a copy is returned) is rewritten after each bit width."""
+    docstring) into table[key] (LATENCY_KEY / WIDE_KEY: the plan of small / wide launches, starting
+    from the table's plan); the table (a copy is returned) is rewritten after each bit width."""
     table = copy.deepcopy(table)
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
@@ -598,7 +602,8 @@ def main(argv=None) -> None:
     ap.add_argument("--results", help="also write every timing here (JSON)")
     ap.add_argument("--attention-bits", default="4,8", help="KV bit widths whose decode attention plan is tuned ('' none)")
     ap.add_argument("--attention-budget-s", type=float, default=150.0,
-                    help="seconds for the table's plans, then a third of it for their latency plans")
+                    help="seconds for the table's plans, then a third of it for their latency plans and a "
+                         "half for their wide plans")
     args = ap.parse_args(argv)
 
     from qoq.kernels.gemm_plan import device_caps
@@ -625,7 +630,8 @@ def main(argv=None) -> None:
     attention = []
     if bits:
         for points, budget, plans in ((ATTENTION_POINTS, args.attention_budget_s, "decode_attention"),
-                                      (LATENCY_POINTS, args.attention_budget_s / 3, LATENCY_KEY)):
+                                      (LATENCY_POINTS, args.attention_budget_s / 3, LATENCY_KEY),
+                                      (WIDE_POINTS, args.attention_budget_s / 2, WIDE_KEY)):
             table, tuned = tune_attention(table, bits, attention_heads(args.model), points, "cuda", gpu_timer, budget,
                                           args.out or configs.table_path(key), key=plans,
                                           log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))

@@ -520,7 +520,8 @@ MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at
 class DecodePlan:
     """How decode attention runs for one KV bit width: read from the GPU's table
     (qoq/kernels/configs/<device>.json, "decode_attention", keyed by bits; "decode_attention_latency"
-    for launches of fewer (sequence, kv head) pairs than SMs, `decode_plan`) or DEFAULT_PLANS.
+    for launches of fewer (sequence, kv head) pairs than SMs, "decode_attention_wide" for launches
+    of at least WIDE_PER_SM per SM, `decode_plan`) or DEFAULT_PLANS.
 
     Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
     resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
@@ -573,16 +574,22 @@ DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biase
 
 
 LATENCY_KEY = "decode_attention_latency"  # the table's plans for launches of fewer (sequence, kv head) pairs than SMs
+WIDE_KEY = "decode_attention_wide"  # its plans for launches of at least WIDE_PER_SM pairs per SM
+WIDE_PER_SM = 8
 
 
 def decode_plan(bits: int, device: torch.device, programs: int | None = None) -> DecodePlan:
     """The table's plan for `bits`; where the launch has fewer (sequence, kv head) pairs
     (`programs`) than the GPU has SMs (a batch of a few sequences: the step waits on one program's
-    latency, not on the programs' throughput), its latency plan, tuned at such batches, if it has one."""
+    latency, not on the programs' throughput), its latency plan, tuned at such batches, and where it
+    has at least WIDE_PER_SM per SM (a full wave of one-warp programs without splits: serving
+    batches of a few hundred), its wide plan, if it has them."""
     table = configs.device_table(device) or {}
     entry = None
     if programs is not None and programs < num_sms(device):
         entry = table.get(LATENCY_KEY, {}).get(str(bits))
+    elif programs is not None and programs >= WIDE_PER_SM * num_sms(device):
+        entry = table.get(WIDE_KEY, {}).get(str(bits))
     if entry is None:
         entry = table.get("decode_attention", {}).get(str(bits))
     return DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]

@@ -162,18 +162,22 @@ def test_set_range_splits_and_merges():
     assert set_range([], 64, 128, a) == [[None, a]]
 
 
-def test_small_launches_take_the_latency_plan(monkeypatch):
-    """Fewer (sequence, kv head) pairs than SMs (the CPU's nominal 8): the table's latency plan
-    where it has one for the bit width, else its plan, else the default."""
+def test_small_and_wide_launches_take_their_plans(monkeypatch):
+    """Fewer (sequence, kv head) pairs than SMs (the CPU's nominal 8): the table's latency plan;
+    at least 8 per SM: its wide plan; where it has one for the bit width, else its plan, else the
+    default."""
     from qoq.kernels import decode_attention
 
     table = {"decode_attention": {"4": {"transposed": True}},
-             "decode_attention_latency": {"4": {"transposed": True, "num_warps": 4, "min_split_blocks": 2}}}
+             "decode_attention_latency": {"4": {"transposed": True, "num_warps": 4, "min_split_blocks": 2}},
+             "decode_attention_wide": {"4": {"transposed": True, "skew": True, "max_waves": 1}}}
     monkeypatch.setattr(decode_attention.configs, "device_table", lambda device: table)
     cpu = torch.device("cpu")
     assert decode_attention.decode_plan(4, cpu, 7) == DecodePlan(transposed=True, num_warps=4, min_split_blocks=2)
     assert decode_attention.decode_plan(4, cpu, 8) == decode_attention.decode_plan(4, cpu) == DecodePlan(transposed=True)
-    assert decode_attention.decode_plan(8, cpu, 1) == DEFAULT_PLANS[8]
+    assert decode_attention.decode_plan(4, cpu, 63) == DecodePlan(transposed=True)
+    assert decode_attention.decode_plan(4, cpu, 64) == DecodePlan(transposed=True, skew=True, max_waves=1)
+    assert decode_attention.decode_plan(8, cpu, 1) == decode_attention.decode_plan(8, cpu, 64) == DEFAULT_PLANS[8]
 
 
 def test_decode_plans_are_data():

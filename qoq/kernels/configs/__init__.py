@@ -51,7 +51,7 @@ def device_table(device: torch.device) -> dict | None:
 def dump_table(table: dict, path: str) -> None:
     """One line per M range: the table stays diffable when a tuner rewrites a few."""
     lines = ["{"]
-    plans = ("decode_attention", "decode_attention_latency")
+    plans = ("decode_attention", "decode_attention_latency", "decode_attention_wide")
     meta = [k for k in table if k != "gemm" and k not in plans]
     for k in meta:
         lines.append(f"  {json.dumps(k)}: {json.dumps(table[k])},")
