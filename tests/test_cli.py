@@ -144,6 +144,14 @@ def test_threads_option():
     assert out.returncode == 0, out.stderr
 
 
+def _terminal_sigint() -> None:
+    """In the child: Ctrl-C's disposition in a terminal, whatever this process inherited (a shell
+    starts background jobs with SIGINT ignored, and an ignored SIGINT passes on through exec)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_with_130_and_no_traceback():
     """Ctrl-C goes to the terminal's whole process group (the server's engine process too)."""
     import os
@@ -160,7 +168,7 @@ def test_ctrl_c_ends_with_130_and_no_traceback():
                 (["eval", "ppl"], lambda: True)]
     for args, ready in commands:
         proc = subprocess.Popen([*QOQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminal_sigint)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -185,7 +193,7 @@ def test_ctrl_c_during_the_imports_ends_with_130():
 
     for delay in (0.4, 0.7, 1.0, 1.5):
         proc = subprocess.Popen([*QOQ, "eval", "ppl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminal_sigint)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
