@@ -29,8 +29,10 @@
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 #   vbias     decode attention with V codes kept as 1024 + code (DecodePlan.biased_v): its GPU tests, then
 #             probe_decode.py with it off and on (VBIAS_CASES: batch x context)
+#   atune     tune_kernels.py for decode attention only (its plan, latency plan and wide plan, KV4 and KV8)
+#             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|vbias ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|vbias|atune ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -170,6 +172,12 @@ PY
         --biased-v 0 1 > "$out/decode-vbias-kv$bits.log" 2>&1
       echo "probe kv$bits: exit $?"; grep -v Warning "$out/decode-vbias-kv$bits.log" | tail -12
     done ;;
+  atune)
+    timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --modes "" \
+      --attention-bits "${TUNE_ATTENTION_BITS-4,8}" --attention-budget-s ${ATUNE_BUDGET_S:-150} \
+      --out "$out/atune-$gpu.json" --results "$out/atune-results-$gpu.json" > "$out/atune.log" 2>&1
+    rc=$?; echo "atune: exit $rc"; grep -v Warning "$out/atune.log" | tail -12
+    [ $rc = 0 ] && cp "$out/atune-$gpu.json" "$(table_path)" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 done
