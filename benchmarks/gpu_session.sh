@@ -27,12 +27,10 @@
 #   gemv      the CUDA-core gemv kernel: its GPU tests, then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
 #             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
-#   vbias     decode attention with V codes kept as 1024 + code (DecodePlan.biased_v): its GPU tests, then
-#             probe_decode.py with it off and on (VBIAS_CASES: batch x context)
 #   atune     tune_kernels.py for decode attention only (its plan, latency plan and wide plan, KV4 and KV8)
 #             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|vbias|atune ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -163,15 +161,6 @@ PY
     done
     timeout 150 python3 -m qoq bench throughput --precision w4a8kv4 --batch 1 --input-len 8 --output-len 256 \
       > "$out/generate-engine-b1.log" 2>&1; echo "engine b1: exit $?"; tail -8 "$out/generate-engine-b1.log" ;;
-  vbias)
-    timeout 240 python3 -m pytest -q -x tests/kernels/test_attention.py -k "decode_real_shapes" > "$out/test_vbias.log" 2>&1
-    echo "decode GPU tests: exit $? $(tail -1 "$out/test_vbias.log")"
-    for bits in 4 8; do swap=$([ $bits = 4 ] && echo 1 || echo 0)
-      timeout 200 python3 benchmarks/probe_decode.py --out "$out/decode-vbias-kv$bits-$gpu.json" --bits $bits \
-        --cases ${VBIAS_CASES:-64x1024 64x4096 256x1024} --block-t 64 --warps 1 --stages 2 --biased 1 --swap $swap \
-        --biased-v 0 1 > "$out/decode-vbias-kv$bits.log" 2>&1
-      echo "probe kv$bits: exit $?"; grep -v Warning "$out/decode-vbias-kv$bits.log" | tail -12
-    done ;;
   atune)
     timeout 560 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --modes "" \
       --attention-bits "${TUNE_ATTENTION_BITS-4,8}" --attention-budget-s ${ATUNE_BUDGET_S:-150} \
