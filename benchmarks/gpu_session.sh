@@ -29,8 +29,10 @@
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 #   atune     tune_kernels.py for decode attention only (its plan, latency plan and wide plan, KV4 and KV8)
 #             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
+#   attention bench_attention.py alone: the attention record (attention-<gpu>.json)
+#   dprobe    probe_decode.py with PROBE_ARGS: decode attention plans side by side (decode-probe-<gpu>.json)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -167,6 +169,13 @@ PY
       --out "$out/atune-$gpu.json" --results "$out/atune-results-$gpu.json" > "$out/atune.log" 2>&1
     rc=$?; echo "atune: exit $rc"; grep -v Warning "$out/atune.log" | tail -12
     [ $rc = 0 ] && cp "$out/atune-$gpu.json" "$(table_path)" ;;
+  attention)
+    timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention-$gpu.json" > "$out/attention.log" 2>&1
+    echo "attention: exit $?"; grep -v Warning "$out/attention.log" | tail -10 ;;
+  dprobe)
+    timeout 300 python3 benchmarks/probe_decode.py --out "$out/decode-probe-$gpu.json" ${PROBE_ARGS:-} \
+      > "$out/decode-probe.log" 2>&1
+    echo "dprobe: exit $?"; grep -v Warning "$out/decode-probe.log" | tail -40 ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 done

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--biased", type=int, nargs="*", default=[0, 1], help="1: K codes kept as 1024 + code (BIASED, the default)")
     p.add_argument("--biased-v", type=int, nargs="*", default=[0], help="1: V codes kept as 1024 + code (BIASED_V)")
     p.add_argument("--skew", type=int, nargs="*", default=[0], help="1: the next block's scores alongside this one's softmax (SKEW)")
+    p.add_argument("--chains", type=int, nargs="*", default=[1], help="> 1: that many chains per program (CHAINS)")
     p.add_argument("--swap", type=int, nargs="*", default=[0], help="1: the transposed kernel (tokens as the MMA's M)")
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -42,8 +43,8 @@ def main() -> None:
     for case, bits in itertools.product(args.cases, args.bits):
         batch, ctx = map(int, case.split("x"))
         grid = itertools.product(args.block_t, args.warps, args.stages, args.maxnreg, args.splits, args.biased,
-                                 args.swap, args.biased_v, args.skew)
-        for block_t, warps, stages, maxnreg, splits, biased, swap, biased_v, skew in grid:
+                                 args.swap, args.biased_v, args.skew, args.chains)
+        for block_t, warps, stages, maxnreg, splits, biased, swap, biased_v, skew, chains in grid:
             opts = dict(BLOCK_T=block_t, num_warps=warps, NUM_STAGES=stages)
             opts["BIASED"] = bool(biased)
             opts["SWAP"] = bool(swap)
@@ -51,6 +52,8 @@ def main() -> None:
                 opts["BIASED_V"] = True
             if skew:
                 opts["SKEW"] = True
+            if chains > 1:
+                opts["CHAINS"] = chains
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             rec = {"bits": bits, "batch": batch, "context": ctx, "options": opts, "num_splits": splits or None}

@@ -30,7 +30,8 @@ SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.
 
 
 def decode_kernel(args):
-    fn = (decode_attention._decode_kernel_t if args.swap else decode_attention._decode_kernel).jitted
+    kernels = {0: decode_attention._decode_kernel, 1: decode_attention._decode_kernel_t}
+    fn = (decode_attention._decode_kernel_c if args.chains > 1 else kernels[args.swap]).jitted
     code = "*fp16" if args.bits == 16 else "*u8"
     sig = dict(q_ptr="*fp16", kc_ptr=code, vc_ptr=code, ks_ptr="*fp16", kz_ptr="*fp16", vs_ptr="*fp16",
                vz_ptr="*fp16", bt_ptr="*i32", len_ptr="*i32", o_ptr="*fp16", part_ptr="*fp32", lse_ptr="*fp32",
@@ -39,8 +40,12 @@ def decode_kernel(args):
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
                   BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
-                  BIASED_V=args.biased_v > 0 and args.bits != 16, **({"SKEW": args.skew > 0} if args.swap else {}))
-    return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or 1
+                  BIASED_V=args.biased_v > 0 and args.bits != 16)
+    if args.chains > 1:
+        consts["CHAINS"] = args.chains
+    elif args.swap:
+        consts["SKEW"] = args.skew > 0
+    return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or max(1, args.chains)
 
 
 def gemm_kernel(args):
@@ -169,6 +174,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--biased-v", type=int, default=0, help="decode: 1 V codes kept as 1024 + code (BIASED_V)")
     p.add_argument("--skew", type=int, default=0, help="decode: 1 the next block's scores alongside this one's softmax (SKEW)")
+    p.add_argument("--chains", type=int, default=1, help="decode: > 1 the chained kernel (_decode_kernel_c), a warp each")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

@@ -434,7 +434,8 @@ ATTENTION_POINTS = ((64, 1024), (64, 4096), (128, 1024))
 LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
 WIDE_POINTS = ((256, 1024), (256, 4096), (1024, 1024))
 ATTENTION_KNOBS = {
-    "transposed": (False, True), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4), "block_t": (0, 32, 128),
+    "transposed": (False, True), "num_warps": (1, 2, 4, 8), "chains": (1, 2, 4), "num_stages": (2, 3, 4),
+    "block_t": (0, 32, 128),
     "programs_per_sm": (4, 8, 12, 16), "max_waves": (1, 2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
     "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True), "skew": (False, True),
 }
@@ -517,8 +518,10 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
             for field, values in knobs.items():
                 if bits == 16 and field in ("transposed", "biased", "biased_v", "deep_stages"):
                     continue  # fp16 runs the row kernel without codes
-                if field == "skew" and not best.transposed:
-                    continue  # a knob of the transposed kernel only
+                if field == "skew" and (not best.transposed or best.chains > 1):
+                    continue  # a knob of the transposed kernel only, without chains
+                if field == "chains" and (not best.transposed or best.skew or bits == 16):
+                    continue  # the transposed kernel on codes, without skew
                 for value in values:
                     cand = dataclasses.replace(best, **{field: value})
                     if cand in tried or time.time() > deadline:

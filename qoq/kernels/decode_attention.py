@@ -513,6 +513,115 @@ def _decode_kernel_t(
                       HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
+@lazy_jit
+def _decode_kernel_c(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
+    HQ, HKV, bt_stride, sm_scale_log2, num_splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+    BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
+    PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
+    CHAINS: tl.constexpr = 2,
+):
+    """`_decode_kernel_t` as CHAINS independent chains in one program, one warp each (num_warps =
+    CHAINS): chain c takes the split's blocks c, c + CHAINS, ... with its own softmax state, the
+    leading dimension of every tensor, so each warp's reductions stay in the warp; the chains merge
+    by their log-sum-exps once, at the end, through shared memory. Against CHAINS splits it keeps
+    the warps per scheduler (the latency of one chain's dependent instructions hidden behind the
+    others') without the split merge's partial stores, fence, counter and L2 round trips.
+    Blocks are whole pages or fractions of one (BLOCK_T <= PAGE)."""
+    pdl_enter(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    D: tl.constexpr = 2 * HALF
+    W: tl.constexpr = HALF if BITS == 4 else D
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, HALF)
+    c = tl.arange(0, CHAINS)
+    t = tl.arange(0, BLOCK_T)
+    g_mask = g < GROUP
+    head = h * GROUP + g
+
+    HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
+    q_lo = tl.broadcast_to(q_lo[None, :, :], (CHAINS, HALF, BLOCK_G))
+    q_hi = tl.broadcast_to(q_hi[None, :, :], (CHAINS, HALF, BLOCK_G))
+
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    steps = tl.cdiv(blk_end - blk_begin, CHAINS)
+
+    m_i = tl.full((CHAINS, BLOCK_G), -float("inf"), tl.float32)
+    l_i = tl.zeros((CHAINS, BLOCK_G), tl.float32)
+    acc_lo = tl.zeros((CHAINS, HALF, BLOCK_G), tl.float32)
+    acc_hi = tl.zeros((CHAINS, HALF, BLOCK_G), tl.float32)
+    z_acc = tl.zeros((CHAINS, BLOCK_G), tl.float32)
+    for step in tl.range(0, steps, num_stages=NUM_STAGES):
+        blk = blk_begin + step * CHAINS + c  # [CHAINS]: past blk_end in the last step, read as its last block
+        row, v_tok = _block_rows(bt_ptr, b, bt_stride, tl.minimum(blk, blk_end - 1)[:, None], h, ctx, HKV, PAGE,
+                                 BLOCK_T, W)  # [CHAINS, BLOCK_T]
+        kb = tl.load(kc_ptr + row[:, :, None] * W + j[None, None, :])
+        vt_off = v_tok[:, None, :] + j[None, :, None] * PAGE  # V^T [CHAINS, HALF, BLOCK_T]
+        if BITS == 4:
+            k_lo, k_hi = _kv4_codes(kb, FAST, BIASED, HI16)
+            v_lo, v_hi = _kv4_codes(tl.load(vc_ptr + vt_off), FAST, BIASED_V, HI16)
+        else:
+            k_lo, k_hi = _kv8_codes(kb, tl.load(kc_ptr + row[:, :, None] * W + HALF + j[None, None, :]), FAST, BIASED)
+            v_lo, v_hi = _kv8_codes(tl.load(vc_ptr + vt_off), tl.load(vc_ptr + vt_off + HALF * PAGE), FAST, BIASED_V)
+        s = tl.dot(k_lo, q_lo)
+        s = tl.dot(k_hi, q_hi, s)  # S^T [CHAINS, BLOCK_T, BLOCK_G]
+        k_scale = tl.load(ks_ptr + row).to(tl.float32)[:, :, None] * sm_scale_log2
+        k_zero = tl.load(kz_ptr + row).to(tl.float32)[:, :, None] * sm_scale_log2
+        if BIASED:
+            s = (s - k_bias[None, None, :]) * k_scale + k_zero * q_sum[None, None, :]
+        else:
+            s = s * k_scale + k_zero * q_sum[None, None, :]
+        if step == steps - 1:  # the last step: chains past the split's end, tokens past the context
+            live = (blk < blk_end)[:, None] & (blk[:, None] * BLOCK_T + t[None, :] < ctx)
+            s = tl.where(live[:, :, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new > -float("inf"), m_new, 0.0)  # a chain that has seen no token yet
+        alpha = tl.exp2(m_i - m_use)
+        prob = tl.exp2(s - m_use[:, None, :])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        v_scale = tl.load(vs_ptr + row).to(tl.float32)[:, :, None]
+        v_zero = tl.load(vz_ptr + row).to(tl.float32)[:, :, None]
+        p16 = (prob * v_scale).to(tl.float16)
+        z_acc = z_acc * alpha + tl.sum(prob * v_zero, axis=1)
+        if BIASED_V:
+            bias = (-1024.0 * tl.sum(p16.to(tl.float32), axis=1))[:, None, :]
+            acc_lo = tl.dot(v_lo, p16, tl.fma(acc_lo, alpha[:, None, :], bias))  # O^T [CHAINS, HALF, BLOCK_G]
+            acc_hi = tl.dot(v_hi, p16, tl.fma(acc_hi, alpha[:, None, :], bias))
+        else:
+            acc_lo = tl.dot(v_lo, p16, acc_lo * alpha[:, None, :])
+            acc_hi = tl.dot(v_hi, p16, acc_hi * alpha[:, None, :])
+        m_i = m_new
+
+    # the chains' merge: the across-warp reductions of the whole launch, once
+    m_all = tl.max(m_i, axis=0)
+    m_safe = tl.where(m_all > -float("inf"), m_all, 0.0)
+    w = tl.exp2(m_i - m_safe[None, :])  # [CHAINS, BLOCK_G]; 0 for a chain without tokens
+    l_i = tl.sum(l_i * w, axis=0)
+    z_sum = tl.sum(z_acc * w, axis=0)
+    acc_lo = tl.sum(acc_lo * w[:, None, :], axis=0)
+    acc_hi = tl.sum(acc_hi * w[:, None, :], axis=0)
+    m_i = m_all
+    if HI16:
+        acc_hi = acc_hi * 0.0625
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_lo = (acc_lo + z_sum[None, :]) / l_safe[None, :]
+    out_hi = (acc_hi + z_sum[None, :]) / l_safe[None, :]
+    if not SPLIT:
+        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+    else:
+        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
+        tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
+        tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+
+
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once
 
 
@@ -524,7 +633,7 @@ class DecodePlan:
     of at least WIDE_PER_SM per SM, `decode_plan`) or DEFAULT_PLANS.
 
     Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
-    resident programs (programs_per_sm x SMs), and where the programs make more than one wave but
+    resident programs (programs_per_sm x SMs, a program of several chains counting as that many), and where the programs make more than one wave but
     fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle;
     and in the kernel never fewer than min_split_blocks blocks of tokens per split (a short
     context at a small batch: fewer partials to merge). Without splits and at least
@@ -536,6 +645,7 @@ class DecodePlan:
     biased: bool = False  # K codes kept as 1024 + code, the bias taken off each score row
     biased_v: bool = False  # V codes kept as 1024 + code too, the bias taken off each page's output
     skew: bool = False  # transposed kernel: the next block's scores computed alongside this one's softmax
+    chains: int = 1  # transposed kernel, KV4 / KV8: chains per program (`_decode_kernel_c`), num_warps each
     block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
     programs_per_sm: int = 8
     max_waves: int = 3
@@ -556,7 +666,7 @@ class DecodePlan:
         if not options:
             return self
         keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", BIASED_V="biased_v",
-                    SKEW="skew", SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
+                    SKEW="skew", CHAINS="chains", SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
         changes = {keys[k]: v for k, v in options.items()}
         if "num_stages" in changes:
             changes["deep_stages"] = 0
@@ -603,7 +713,7 @@ def num_sms(device) -> int:
 
 def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: int, device) -> int:
     """Split-K programs per sequence (DecodePlan says the rule)."""
-    resident = plan.programs_per_sm * num_sms(device)
+    resident = plan.programs_per_sm * num_sms(device) // plan.chains
     programs = batch * num_kv_heads
     splits = max(1, resident // programs)
     while resident < programs * splits < plan.max_waves * resident:
@@ -640,7 +750,12 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     meta = [m if m is not None else cache.k_cache for m in meta]
     swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
-    skew = {"SKEW": True} if swap and plan.skew else {}
+    extra = {"SKEW": True} if swap and plan.skew else {}
+    if plan.chains > 1:
+        if not swap or cache.bits == 16 or plan.skew or block_t > cache.page_size:
+            raise ValueError(f"{plan}: chains run the transposed kernel on a KV4 / KV8 cache, without skew, "
+                             "a page or less per block")
+        kernel, extra = _decode_kernel_c, {"CHAINS": plan.chains}
     kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,
         hq, hkv, block_tables.stride(0), float(scale) * math.log2(math.e), splits,
@@ -648,8 +763,8 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16, **skew,
-        num_warps=plan.num_warps, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
+        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
+        num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out
 

@@ -102,6 +102,41 @@ def test_decode_at_a_small_batch_with_more_warps(swap, device, gen, poison):
         assert rel_err(out, ref) < 3e-3
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("chains,page,num_splits,options", [
+    (2, 16, 1, None), (2, 16, 3, None), (4, 16, 1, dict(BIASED_V=True)), (4, 16, 2, dict(BIASED=False)),
+    (2, 32, 8, dict(BLOCK_T=16, NUM_STAGES=3))])  # half a page per block
+def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device, gen, poison):
+    """Several chains (a warp each) per program, merged in the program: contexts of fewer blocks
+    than chains (chains without a token), of a ragged last step, and launches split for the
+    longest context, whose short sequences leave whole splits and chains empty."""
+    b, hq, hkv, d = 4, 8, 2, 32
+    pages = 128 // page
+    cache = random_cache(b * pages, hkv, d, page, bits, device, gen)
+    bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().to(device)
+    lens = torch.tensor([5, 128, 33, 97], dtype=torch.int32, device=device)
+    q = torch.randn(b, hq, d, generator=gen).half().to(device)
+    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
+    plan = DecodePlan(transposed=True, biased=True, chains=chains)
+    for _ in range(2):
+        out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan,
+                                            options=options)
+        assert rel_err(out, ref) < 3e-3
+    assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("plan,bits", [(DecodePlan(chains=2), 4), (DecodePlan(transposed=True, chains=2), 16),
+                                       (DecodePlan(transposed=True, chains=2, skew=True), 4),
+                                       (DecodePlan(transposed=True, chains=2, block_t=32), 4)])
+def test_decode_chains_reject_what_they_cannot_run(plan, bits, device, gen):
+    cache = random_cache(2, 2, 32, 16, bits, device, gen)
+    q = torch.randn(1, 4, 32, generator=gen).half().to(device)
+    bt = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="chains run the transposed kernel"):
+        paged_decode_attention_triton(q, cache, bt, lens, 0.2, plan=plan)
+
+
 @pytest.mark.parametrize("hq,swap", [(2, True), (2, False), (16, True), (16, False)])
 def test_decode_group_sizes(hq, swap, device, gen, poison):
     """GQA groups of 1 (MHA, Llama-2-7B) and 8 (Llama-2-70B), which pad to the MMA differently:
@@ -190,6 +225,22 @@ def test_decode_real_shapes_gpu(bits, options, gen, poison):
 
 
 @requires_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("chains,num_splits", [(2, None), (2, 3), (4, None)])
+def test_decode_chains_real_shapes_gpu(bits, chains, num_splits, gen, poison):
+    b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
+    pages = ctx // page
+    cache = random_cache(b * pages, hkv, d, page, bits, "cuda", gen)
+    bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().cuda()
+    lens = torch.randint(1, ctx + 1, (b,), generator=gen).int().cuda()
+    q = torch.randn(b, hq, d, generator=gen).half().cuda()
+    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
+    plan = DecodePlan(transposed=True, biased=True, chains=chains)
+    out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan)
+    assert rel_err(out, ref) < 3e-3
+
+
+@requires_cuda
 def test_prefill_real_shapes_gpu(gen, poison):
     cu = torch.tensor([0, 1000, 3048], dtype=torch.int32).cuda()
     q, k, v = (torch.randn(3048, h, 128, generator=gen).half().cuda() for h in (32, 8, 8))
@@ -213,6 +264,16 @@ def test_biased_v_drops_the_v_unpack_subtractions_sm90():
     biased = sass_report("decode", "--bits", "4", "--swap", "1", "--biased-v", "1")
     assert int(biased["stack"]) == 0 and int(biased["registers"]) <= 168
     assert int(biased["loop_instructions"]) <= int(base["loop_instructions"]) - 60
+
+
+def test_decode_chains_keep_a_warps_loop_sm90():
+    """DecodePlan.chains: each warp of a chained program runs the one-warp transposed kernel's
+    page loop (within a few instructions: the chain's block index), nothing spilled, at most 255
+    registers (8 warps per SM: 4 programs of two chains)."""
+    one = sass_report("decode", "--bits", "4", "--swap", "1")
+    two = sass_report("decode", "--bits", "4", "--chains", "2")
+    assert int(two["stack"]) == 0 and int(two["registers"]) <= 255
+    assert abs(int(two["loop_instructions"]) - int(one["loop_instructions"])) <= 40
 
 
 # -- paged prefill: chunks that read their context (and themselves) from the pages ---------------
