@@ -653,15 +653,15 @@ class DecodePlan:
     deep_stages: int = 0
     deep_min_programs: int = 4096
     fast: bool | None = None  # PTX code unpack (default: on CUDA); tests and probes only
-    maxnreg: int = 0  # register cap per thread (0: none); probes only
+    maxnreg: int = 0  # register cap per thread (0: none): more resident programs (168: 12 warps per SM)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default and f.name not in ("fast", "maxnreg")}
+                if getattr(self, f.name) != f.default and f.name != "fast"}
 
     def with_options(self, options: dict | None) -> DecodePlan:
         """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
-        BIASED, BIASED_V, SKEW, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the
+        BIASED, BIASED_V, SKEW, CHAINS, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the
         deep stages, and the residency follows num_warps (8 one-warp programs per SM, 2 of four)."""
         if not options:
             return self

@@ -205,8 +205,10 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
     seen.clear()
     table, results = tune_kernels.tune_attention(
         table, [4], (4, 2, 32), ((1, 32),), "cpu", tune_kernels.cpu_timer, 600, str(out),
-        log=lambda s: None, knobs={"block_t": (0, 32)}, page=16, key=tune_kernels.LATENCY_KEY)
+        log=lambda s: None, knobs={"block_t": (0, 32), "chains": (1, 2)}, page=16, key=tune_kernels.LATENCY_KEY)
     assert seen[0] == DecodePlan(**best) and results[0]["key"] == tune_kernels.LATENCY_KEY
+    # the chained kernel is a candidate, checked against the twin like the others
+    assert any(p.chains == 2 for p in seen) and all("ms" in r for r in results[0]["records"])
     written = json.loads(out.read_text())
     assert written["decode_attention"]["4"] == best and written[tune_kernels.LATENCY_KEY]["4"] == best
 
