@@ -633,10 +633,11 @@ class DecodePlan:
     of at least WIDE_PER_SM per SM, `decode_plan`) or DEFAULT_PLANS.
 
     Split-K (`decode_splits`): as many splits per (sequence, kv head) as make one full wave of
-    resident programs (programs_per_sm x SMs, a program of several chains counting as that many), and where the programs make more than one wave but
-    fewer than max_waves, enough to make max_waves: a last, partial wave of a few left SMs idle;
-    and in the kernel never fewer than min_split_blocks blocks of tokens per split (a short
-    context at a small batch: fewer partials to merge). Without splits and at least
+    resident programs (programs_per_sm x SMs, a program of several chains counting as that
+    many), and where the programs make more than one wave but fewer than max_waves, enough to
+    make max_waves: a last, partial wave of a few left SMs idle; and in the kernel never fewer
+    than min_split_blocks blocks of tokens per chain of a split (a short context at a small
+    batch: fewer partials to merge, no idle chains). Without splits and at least
     deep_min_programs programs, deep_stages pipeline stages (0: keep num_stages)."""
 
     transposed: bool = False  # `_decode_kernel_t`: tokens as the MMA's M, the GQA group its N
@@ -718,7 +719,7 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
     splits = max(1, resident // programs)
     while resident < programs * splits < plan.max_waves * resident:
         splits += 1
-    return min(splits, -(-max_blocks // plan.min_split_blocks), MAX_SPLITS)
+    return min(splits, -(-max_blocks // (plan.min_split_blocks * plan.chains)), MAX_SPLITS)
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
@@ -763,7 +764,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         PAGE=cache.page_size, BITS=cache.bits, SPLIT=splits > 1, NUM_STAGES=stages,
         BLOCK_T=block_t, FAST=q.is_cuda if plan.fast is None else plan.fast,
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
-        MIN_BLOCKS=plan.min_split_blocks, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
+        MIN_BLOCKS=plan.min_split_blocks * plan.chains, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
         num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
     )
     return out

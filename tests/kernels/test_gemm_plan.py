@@ -194,6 +194,9 @@ def test_decode_plans_are_data():
     assert decode_splits(plan, 12, 8, 64, cpu) == 2
     # at most one split per block (batch 1, context 1,024 on the H100: 7.1 us at a page each, 8.9 at two)
     assert decode_splits(plan, 1, 8, 6, cpu) == 6
+    # chains: a program of 4 counts 4 towards the wave, and each chain gets min_split_blocks blocks
+    chained = dataclasses.replace(plan, chains=4)
+    assert decode_splits(chained, 1, 4, 64, cpu) == 4 and decode_splits(chained, 1, 4, 8, cpu) == 2
 
 
 def test_input_prologue_is_the_plans_and_decode_sized(monkeypatch):
