@@ -67,6 +67,7 @@ from qoq.kernels.gemm_plan import (  # noqa: E402
     table_plan,
 )
 from qoq.kernels.int_gemm import int8_gemm_act_triton  # noqa: E402
+from qoq.kernels.kv_cache import allocate_kv_cache  # noqa: E402
 from qoq.kernels.quant import (  # noqa: E402
     ACT_ADD_RMSNORM,
     ACT_PLAIN,
@@ -494,12 +495,25 @@ def _geomean_ratio(times: list[float], base: list[float]) -> float:
     return prod ** (1 / len(times))
 
 
+def _knob_applies(field: str, plan: DecodePlan, bits: int) -> bool:
+    """Whether coordinate descent tries `field` from `plan` at `bits`."""
+    if bits == 16 and field in ("transposed", "biased", "biased_v", "deep_stages", "chains"):
+        return False  # fp16 runs the row kernel without codes
+    if field == "skew":
+        return plan.transposed and plan.chains == 1  # the one-warp transposed kernel's knob
+    if field == "chains":
+        return plan.transposed and not plan.skew
+    return True
+
+
 def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, timer, budget_s: float,
                    out: str | None, log=print, knobs: dict | None = None, page: int = 64,
-                   key: str = "decode_attention") -> tuple[dict, list]:
+                   key: str = "decode_attention", pool: CompilePool | None = None) -> tuple[dict, list]:
     """Tune the decode attention plan of each KV bit width (coordinate descent, see the module
     docstring) into table[key] (LATENCY_KEY / WIDE_KEY: the plan of small / wide launches, starting
-    from the table's plan); the table (a copy is returned) is rewritten after each bit width."""
+    from the table's plan); the table (a copy is returned) is rewritten after each bit width.
+    pool (GPU): the candidates one knob away from the best plan so far are compiled in its worker
+    processes while the timing process measures, each sweep and after each improvement."""
     table = copy.deepcopy(table)
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
@@ -514,20 +528,33 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
         best_ms = time_attention(best, cases, timer)
         records = [{"plan": best.to_json(), "ms": best_ms}]
         tried = {best}
+        compiling = {}
+
+        def neighbours(plan):
+            for field, values in knobs.items():
+                if _knob_applies(field, plan, bits):
+                    yield from (dataclasses.replace(plan, **{field: value}) for value in values)
+
+        def precompile(plan):
+            if pool is not None:
+                for cand in neighbours(plan):
+                    if cand not in tried and cand not in compiling:
+                        compiling[cand] = pool.submit(_compile_attention, bits, heads, page, list(points),
+                                                      cand.to_json())
+
         for _ in range(2):
             improved = False
+            precompile(best)
             for field, values in knobs.items():
-                if bits == 16 and field in ("transposed", "biased", "biased_v", "deep_stages"):
-                    continue  # fp16 runs the row kernel without codes
-                if field == "skew" and (not best.transposed or best.chains > 1):
-                    continue  # a knob of the transposed kernel only, without chains
-                if field == "chains" and (not best.transposed or best.skew or bits == 16):
-                    continue  # the transposed kernel on codes, without skew
+                if not _knob_applies(field, best, bits):
+                    continue
                 for value in values:
                     cand = dataclasses.replace(best, **{field: value})
                     if cand in tried or time.time() > deadline:
                         continue
                     tried.add(cand)
+                    if cand in compiling:
+                        compiling[cand].result()  # its errors come again, from the timing
                     rec = {"plan": cand.to_json()}
                     try:
                         rec["ms"] = time_attention(cand, cases, timer)
@@ -536,6 +563,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                     records.append(rec)
                     if "ms" in rec and _geomean_ratio(rec["ms"], best_ms) < KEEP:
                         best, best_ms, improved = cand, rec["ms"], True
+                        precompile(best)
             if not improved:
                 break
         table.setdefault(key, {})[str(bits)] = best.to_json()
@@ -563,6 +591,25 @@ def _compile_one(mode: int, m: int, n: int, k: int, plan_json: dict) -> str:
         return f"{type(e).__name__}: {e}"
 
 
+def _compile_attention(bits: int, heads: tuple, page: int, points: list, plan_json: dict) -> str:
+    """In a worker: run one decode attention plan once at each (batch, context) point on a one-page
+    cache (every block-table entry page 0): the same specialization as the timed calls, so Triton
+    compiles it into its disk cache for them; '' or the error."""
+    try:
+        hq, hkv, d = heads
+        cache = allocate_kv_cache(1, 1, hkv, d, page_size=page, bits=bits, device="cuda")[0]
+        plan = DecodePlan(**plan_json)
+        for batch, ctx in points:
+            q = torch.zeros(batch, hq, d, dtype=torch.float16, device="cuda")
+            bt = torch.zeros(batch, -(-ctx // page), dtype=torch.int32, device="cuda")
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, plan=plan)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # the timing process records it again
+        return f"{type(e).__name__}: {e}"
+
+
 class CompilePool:
     """Worker processes (spawned: CUDA does not survive fork) that compile candidate plans."""
 
@@ -572,6 +619,9 @@ class CompilePool:
     def compile(self, mode: int, m: int, n: int, k: int, plans: list) -> None:
         futures = [self.executor.submit(_compile_one, mode, m, n, k, p.to_json()) for p in plans]
         concurrent.futures.wait(futures)
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        return self.executor.submit(fn, *args)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)
@@ -633,13 +683,19 @@ def main(argv=None) -> None:
     bits = [int(b) for b in args.attention_bits.split(",") if b]
     attention = []
     if bits:
-        for points, budget, plans in ((ATTENTION_POINTS, args.attention_budget_s, "decode_attention"),
-                                      (LATENCY_POINTS, args.attention_budget_s / 3, LATENCY_KEY),
-                                      (WIDE_POINTS, args.attention_budget_s / 2, WIDE_KEY)):
-            table, tuned = tune_attention(table, bits, attention_heads(args.model), points, "cuda", gpu_timer, budget,
-                                          args.out or configs.table_path(key), key=plans,
-                                          log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
-            attention += tuned
+        pool = CompilePool(args.jobs) if args.jobs > 1 else None
+        try:
+            for points, budget, plans in ((ATTENTION_POINTS, args.attention_budget_s, "decode_attention"),
+                                          (LATENCY_POINTS, args.attention_budget_s / 3, LATENCY_KEY),
+                                          (WIDE_POINTS, args.attention_budget_s / 2, WIDE_KEY)):
+                table, tuned = tune_attention(
+                    table, bits, attention_heads(args.model), points, "cuda", gpu_timer, budget,
+                    args.out or configs.table_path(key), key=plans, pool=pool,
+                    log=lambda s: print(f"[{time.time() - began:6.0f}s] {s}", flush=True))
+                attention += tuned
+        finally:
+            if pool is not None:
+                pool.close()
     if args.results:
         with open(args.results, "w") as f:
             json.dump({"device": table["device"], "model": args.model, "points": results, "attention": attention},

@@ -1,6 +1,7 @@
 """benchmarks/tune_kernels.py on the CPU: candidate generation, and a tiny tuning run under the
 interpreter that writes a table the plan lookup then reads."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -194,11 +195,23 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
 
     monkeypatch.setattr(tune_kernels, "time_attention", fake_time)
     out = tmp_path / "table.json"
+
+    class Pool:  # the GPU's compile workers: candidates one knob away from the best, submitted before timing
+        submitted = []
+
+        def submit(self, fn, bits, heads, page, points, plan_json):
+            assert fn is tune_kernels._compile_attention and points == [(1, 32), (3, 48)]
+            self.submitted.append(DecodePlan(**plan_json))
+            future = concurrent.futures.Future()
+            future.set_result("")
+            return future
+
     table, results = tune_kernels.tune_attention(
         start, [4], (4, 2, 32), ((1, 32), (3, 48)), "cpu", tune_kernels.cpu_timer, 600, str(out),
-        log=lambda s: None, knobs={"num_warps": (1, 2), "block_t": (0, 32)}, page=16)
+        log=lambda s: None, knobs={"num_warps": (1, 2), "block_t": (0, 32)}, page=16, pool=Pool())
     best = results[0]["best"]["plan"]
     assert best == {"transposed": True, "biased": True, "num_warps": 2}
+    assert set(seen[1:]) <= set(Pool.submitted) and len(Pool.submitted) == len(set(Pool.submitted))
     assert json.loads(out.read_text())["decode_attention"]["4"] == best == table["decode_attention"]["4"]
     assert len(seen) == len(set(seen)) >= 3 and all("ms" in r for r in results[0]["records"])
     # the latency plan starts from the table's plan and goes to its own key, next to it
