@@ -513,7 +513,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
     docstring) into table[key] (LATENCY_KEY / WIDE_KEY: the plan of small / wide launches, starting
     from the table's plan); the table (a copy is returned) is rewritten after each bit width.
     pool (GPU): the candidates one knob away from the best plan so far are compiled in its worker
-    processes while the timing process measures, each sweep and after each improvement."""
+    processes first, each sweep and after each improvement (their errors come again from the timing)."""
     table = copy.deepcopy(table)
     deadline = time.time() + budget_s
     gen = torch.Generator(device=device).manual_seed(0)
@@ -535,12 +535,13 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                 if _knob_applies(field, plan, bits):
                     yield from (dataclasses.replace(plan, **{field: value}) for value in values)
 
-        def precompile(plan):
+        def precompile(plan):  # ahead of the timing, not beside it: the workers' launches would skew it
             if pool is not None:
                 for cand in neighbours(plan):
                     if cand not in tried and cand not in compiling:
                         compiling[cand] = pool.submit(_compile_attention, bits, heads, page, list(points),
                                                       cand.to_json())
+                concurrent.futures.wait(list(compiling.values()))
 
         for _ in range(2):
             improved = False
@@ -553,8 +554,6 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                     if cand in tried or time.time() > deadline:
                         continue
                     tried.add(cand)
-                    if cand in compiling:
-                        compiling[cand].result()  # its errors come again, from the timing
                     rec = {"plan": cand.to_json()}
                     try:
                         rec["ms"] = time_attention(cand, cases, timer)
