@@ -435,7 +435,7 @@ ATTENTION_POINTS = ((64, 1024), (64, 4096), (128, 1024))
 LATENCY_POINTS = ((1, 1024), (1, 4096), (8, 1024))
 WIDE_POINTS = ((256, 1024), (256, 4096), (1024, 1024))
 ATTENTION_KNOBS = {
-    "transposed": (False, True), "num_warps": (1, 2, 4, 8), "chains": (1, 2, 4), "num_stages": (2, 3, 4),
+    "transposed": (False, True), "num_warps": (1, 2, 4, 8), "chains": (1, 2, 4, 8), "num_stages": (2, 3, 4),
     "block_t": (0, 32, 128),
     "programs_per_sm": (4, 8, 12, 16), "max_waves": (1, 2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
     "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True), "skew": (False, True),

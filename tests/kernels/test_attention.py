@@ -105,7 +105,8 @@ def test_decode_at_a_small_batch_with_more_warps(swap, device, gen, poison):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("chains,page,num_splits,options", [
     (2, 16, 1, None), (2, 16, 3, None), (4, 16, 1, dict(BIASED_V=True)), (4, 16, 2, dict(BIASED=False)),
-    (2, 32, 8, dict(BLOCK_T=16, NUM_STAGES=3))])  # half a page per block
+    (2, 32, 8, dict(BLOCK_T=16, NUM_STAGES=3)),  # half a page per block
+    (8, 16, 1, None)])  # a chain per block of the longest context
 def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device, gen, poison):
     """Several chains (a warp each) per program, merged in the program: contexts of fewer blocks
     than chains (chains without a token), of a ragged last step, and launches split for the
