@@ -523,8 +523,9 @@ def _decode_kernel_c(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
 ):
-    """`_decode_kernel_t` as CHAINS independent chains in one program, one warp each (num_warps =
-    CHAINS): chain c takes the split's blocks c, c + CHAINS, ... with its own softmax state, the
+    """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
+    num_warps is the plan's times CHAINS): chain c takes the split's blocks c, c + CHAINS, ... (counted
+    from the split's first) with its own softmax state, the
     leading dimension of every tensor, so each warp's reductions stay in the warp; the chains merge
     by their log-sum-exps once, at the end, through shared memory. Against CHAINS splits it keeps
     the warps per scheduler (the latency of one chain's dependent instructions hidden behind the
