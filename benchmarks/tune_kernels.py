@@ -536,7 +536,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
                     yield from (dataclasses.replace(plan, **{field: value}) for value in values)
 
         def precompile(plan):  # ahead of the timing, not beside it: the workers' launches would skew it
-            if pool is not None:
+            if pool is not None and time.time() < deadline:
                 for cand in neighbours(plan):
                     if cand not in tried and cand not in compiling:
                         compiling[cand] = pool.submit(_compile_attention, bits, heads, page, list(points),
