@@ -424,6 +424,28 @@ def _values_t(vc_ptr, bt_ptr, b, bt_stride, blk, h, ctx, HKV, PAGE: tl.constexpr
     return row, v_lo, v_hi
 
 
+@lazy_jit.helper
+def _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head, g_mask, j,
+             num_splits, used, HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr,
+             BLOCK_S: tl.constexpr, HI16: tl.constexpr, SPLIT: tl.constexpr):
+    """The transposed kernels' end: O^T = (acc + z) / l stored as the output rows of `head`, or
+    as this split's partial output, merged by the last split to arrive (`_finish_split`)."""
+    if HI16:
+        acc_hi = acc_hi * 0.0625
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_lo = (acc_lo + z_acc[None, :]) / l_safe[None, :]
+    out_hi = (acc_hi + z_acc[None, :]) / l_safe[None, :]
+    if not SPLIT:
+        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+    else:
+        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
+        tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
+        tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+
+
 @lazy_jit
 def _decode_kernel_t(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
@@ -497,20 +519,8 @@ def _decode_kernel_t(
             acc_hi = tl.dot(v_hi, p16, acc_hi * alpha[None, :])
         m_i = m_new
 
-    if HI16:
-        acc_hi = acc_hi * 0.0625
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out_lo = (acc_lo + z_acc[None, :]) / l_safe[None, :]
-    out_hi = (acc_hi + z_acc[None, :]) / l_safe[None, :]
-    if not SPLIT:
-        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-    else:
-        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
-        tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
-        tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
-                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head, g_mask, j,
+             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
 
 
 @lazy_jit
@@ -607,20 +617,8 @@ def _decode_kernel_c(
     acc_lo = tl.sum(acc_lo * w[:, None, :], axis=0)
     acc_hi = tl.sum(acc_hi * w[:, None, :], axis=0)
     m_i = m_all
-    if HI16:
-        acc_hi = acc_hi * 0.0625
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out_lo = (acc_lo + z_sum[None, :]) / l_safe[None, :]
-    out_hi = (acc_hi + z_sum[None, :]) / l_safe[None, :]
-    if not SPLIT:
-        tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-        tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-    else:
-        part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
-        tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
-        tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
-                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_sum, m_i, l_i, q_off, b, h, split, head, g_mask, j,
+             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
 
 
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once

@@ -215,29 +215,29 @@ def test_prefill_and_decode_fill_one_output_in_place(impl, device, gen):
                                      dict(SWAP=True, BIASED_V=True), dict(SWAP=False, BIASED_V=True),
                                      dict(SWAP=True, SKEW=True)])
 def test_decode_real_shapes_gpu(bits, options, gen, poison):
+    q, cache, bt, lens, ref = _real_shape_case(bits, gen)
+    assert rel_err(paged_decode_attention_triton(q, cache, bt, lens, 128 ** -0.5, options=options), ref) < 3e-3
+
+
+def _real_shape_case(bits, gen):
+    """Llama-3-8B's heads at batch 16, random contexts up to 4,096: (q, cache, block tables,
+    lengths, the twin's output)."""
     b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
     pages = ctx // page
     cache = random_cache(b * pages, hkv, d, page, bits, "cuda", gen)
     bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().cuda()
     lens = torch.randint(1, ctx + 1, (b,), generator=gen).int().cuda()
     q = torch.randn(b, hq, d, generator=gen).half().cuda()
-    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
-    assert rel_err(paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, options=options), ref) < 3e-3
+    return q, cache, bt, lens, paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
 
 
 @requires_cuda
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("chains,num_splits", [(2, None), (2, 3), (4, None)])
 def test_decode_chains_real_shapes_gpu(bits, chains, num_splits, gen, poison):
-    b, hq, hkv, d, page, ctx = 16, 32, 8, 128, 64, 4096
-    pages = ctx // page
-    cache = random_cache(b * pages, hkv, d, page, bits, "cuda", gen)
-    bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().cuda()
-    lens = torch.randint(1, ctx + 1, (b,), generator=gen).int().cuda()
-    q = torch.randn(b, hq, d, generator=gen).half().cuda()
-    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
+    q, cache, bt, lens, ref = _real_shape_case(bits, gen)
     plan = DecodePlan(transposed=True, biased=True, chains=chains)
-    out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan)
+    out = paged_decode_attention_triton(q, cache, bt, lens, 128 ** -0.5, num_splits=num_splits, plan=plan)
     assert rel_err(out, ref) < 3e-3
 
 
