@@ -47,6 +47,7 @@ from qoq.kernels.decode_attention import (  # noqa: E402
     LATENCY_KEY,
     WIDE_KEY,
     DecodePlan,
+    num_sms,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
@@ -495,14 +496,19 @@ def _geomean_ratio(times: list[float], base: list[float]) -> float:
     return prod ** (1 / len(times))
 
 
-def _knob_applies(field: str, plan: DecodePlan, bits: int) -> bool:
-    """Whether coordinate descent tries `field` from `plan` at `bits`."""
+def _knob_applies(field: str, plan: DecodePlan, bits: int, min_programs: int = 1, device: str = "cpu") -> bool:
+    """Whether coordinate descent tries `field` from `plan` at `bits`, where the tuned points'
+    smallest launch has `min_programs` (sequence, kv head) pairs: chains only where they would
+    run at some point (`decode_chains` keeps more than one), and never beside what they exclude."""
     if bits == 16 and field in ("transposed", "biased", "biased_v", "deep_stages", "chains"):
         return False  # fp16 runs the row kernel without codes
     if field == "skew":
         return plan.transposed and plan.chains == 1  # the one-warp transposed kernel's knob
+    if field == "transposed":
+        return plan.chains == 1
     if field == "chains":
-        return plan.transposed and not plan.skew
+        wave = plan.programs_per_sm * num_sms(torch.device(device))
+        return plan.transposed and not plan.skew and 2 * min_programs <= wave
     return True
 
 
@@ -525,6 +531,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
         entry = table.get(key, {}).get(str(bits)) or table.get("decode_attention", {}).get(str(bits))
         best = DecodePlan(**entry) if entry is not None else DEFAULT_PLANS[bits]
         cases = {(b, c): attention_cases(b, c, bits, heads, page, device, gen) for b, c in points}
+        min_programs = min(b for b, _ in points) * heads[1]
         best_ms = time_attention(best, cases, timer)
         records = [{"plan": best.to_json(), "ms": best_ms}]
         tried = {best}
@@ -532,7 +539,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
 
         def neighbours(plan):
             for field, values in knobs.items():
-                if _knob_applies(field, plan, bits):
+                if _knob_applies(field, plan, bits, min_programs, device):
                     yield from (dataclasses.replace(plan, **{field: value}) for value in values)
 
         def precompile(plan):  # ahead of the timing, not beside it: the workers' launches would skew it
@@ -547,7 +554,7 @@ def tune_attention(table: dict, bits_list, heads: tuple, points, device: str, ti
             improved = False
             precompile(best)
             for field, values in knobs.items():
-                if not _knob_applies(field, best, bits):
+                if not _knob_applies(field, best, bits, min_programs, device):
                     continue
                 for value in values:
                     cand = dataclasses.replace(best, **{field: value})

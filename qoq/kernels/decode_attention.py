@@ -645,7 +645,8 @@ class DecodePlan:
     biased: bool = False  # K codes kept as 1024 + code, the bias taken off each score row
     biased_v: bool = False  # V codes kept as 1024 + code too, the bias taken off each page's output
     skew: bool = False  # transposed kernel: the next block's scores computed alongside this one's softmax
-    chains: int = 1  # transposed kernel, KV4 / KV8: chains per program (`_decode_kernel_c`), num_warps each
+    chains: int = 1  # transposed kernel, KV4 / KV8: at most this many chains per program (`_decode_kernel_c`,
+    #                  num_warps each; `decode_chains`: halved while the launch's chains overfill a wave)
     block_t: int = 0  # tokens per iteration; 0 = one page (at least 16)
     programs_per_sm: int = 8
     max_waves: int = 3
@@ -662,12 +663,13 @@ class DecodePlan:
     def with_options(self, options: dict | None) -> DecodePlan:
         """The plan with a probe's or test's option dict applied (keys num_warps, NUM_STAGES,
         BIASED, BIASED_V, SKEW, CHAINS, SWAP, BLOCK_T, FAST, maxnreg): a pinned NUM_STAGES also pins the
-        deep stages, and the residency follows num_warps (8 one-warp programs per SM, 2 of four)."""
+        deep stages, the residency follows num_warps (8 one-warp programs per SM, 2 of four), and
+        options without CHAINS run one chain (they name one kernel variant)."""
         if not options:
             return self
         keys = dict(num_warps="num_warps", NUM_STAGES="num_stages", BIASED="biased", BIASED_V="biased_v",
                     SKEW="skew", CHAINS="chains", SWAP="transposed", BLOCK_T="block_t", FAST="fast", maxnreg="maxnreg")
-        changes = {keys[k]: v for k, v in options.items()}
+        changes = {"chains": 1, **{keys[k]: v for k, v in options.items()}}
         if "num_stages" in changes:
             changes["deep_stages"] = 0
         if "num_warps" in changes:
@@ -677,8 +679,9 @@ class DecodePlan:
 
 # The H100-tuned plans, also every GPU's without a table (none of it depends on the model):
 # one warp per program (no cross-warp softmax reductions); the transposed kernel for KV4 (fewer
-# registers); KV8 and fp16 on the row kernel (benchmarks/results/attention-h100.json).
-DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biased=True, deep_stages=3),
+# registers), two chains a program where the launch leaves room (`decode_chains`); KV8 and fp16
+# on the row kernel (benchmarks/results/attention-h100.json, atune-results-h100.json).
+DEFAULT_PLANS = {4: DecodePlan(transposed=True, num_warps=1, num_stages=2, biased=True, chains=2, deep_stages=3),
                  8: DecodePlan(num_warps=1, num_stages=2, biased=True, deep_stages=3),
                  16: DecodePlan(num_warps=4, num_stages=2, programs_per_sm=2)}
 
@@ -711,6 +714,19 @@ def num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+def decode_chains(plan: DecodePlan, programs: int, device) -> int:
+    """Chains per program for a launch of `programs` (sequence, kv head) pairs: the plan's, halved
+    while the chains would make more than one wave of resident ones (programs_per_sm x SMs). Chains
+    fill an underfull wave before splits do (no partials to merge), and where the pairs fill the
+    wave alone, one chain a program keeps its fewer warps' worth of registers and shared memory
+    (H100, KV4 at context 1,024: batch 64, 512 pairs, 32.4 us with 2 chains against 34.8 with one;
+    batch 128, 1,024 pairs, 75.2 against 58.0: atune-results-h100.json)."""
+    chains = plan.chains
+    while chains > 1 and programs * chains > plan.programs_per_sm * num_sms(device):
+        chains //= 2
+    return chains
+
+
 def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: int, device) -> int:
     """Split-K programs per sequence (DecodePlan says the rule)."""
     resident = plan.programs_per_sm * num_sms(device) // plan.chains
@@ -734,6 +750,11 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     plan = (plan or decode_plan(cache.bits, q.device, b * hkv)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)
+    if plan.chains > 1:
+        if not plan.transposed or cache.bits == 16 or plan.skew or block_t > cache.page_size:
+            raise ValueError(f"{plan}: chains run the transposed kernel on a KV4 / KV8 cache, without skew, "
+                             "a page or less per block")
+        plan = dataclasses.replace(plan, chains=decode_chains(plan, b * hkv, q.device))
     max_blocks = -(-block_tables.shape[1] * cache.page_size // block_t)
     splits = num_splits or decode_splits(plan, b, hkv, max_blocks, q.device)
     stages = plan.num_stages
@@ -752,9 +773,6 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     kernel = _decode_kernel_t if swap else _decode_kernel
     extra = {"SKEW": True} if swap and plan.skew else {}
     if plan.chains > 1:
-        if not swap or cache.bits == 16 or plan.skew or block_t > cache.page_size:
-            raise ValueError(f"{plan}: chains run the transposed kernel on a KV4 / KV8 cache, without skew, "
-                             "a page or less per block")
         kernel, extra = _decode_kernel_c, {"CHAINS": plan.chains}
     kernel[(b, hkv, splits)](
         q, cache.k_cache, cache.v_cache, *meta, block_tables, context_lens, out, part, lse, cnt,

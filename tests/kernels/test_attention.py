@@ -119,6 +119,7 @@ def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device
     q = torch.randn(b, hq, d, generator=gen).half().to(device)
     ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5)
     plan = DecodePlan(transposed=True, biased=True, chains=chains)
+    options = options and {**options, "CHAINS": chains}  # options name the whole variant
     for _ in range(2):
         out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan,
                                             options=options)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qoq.kernels import configs, gemm_plan, int_gemm
-from qoq.kernels.decode_attention import DEFAULT_PLANS, DecodePlan, decode_splits
+from qoq.kernels.decode_attention import DEFAULT_PLANS, DecodePlan, decode_chains, decode_splits
 from qoq.kernels.gemm_plan import MODE_NAMES, MODE_W4_G128, GemmPlan, fallback_plan, select_plan, set_range, table_plan
 
 H100 = "nvidia-h100-80gb-hbm3"
@@ -183,9 +183,9 @@ def test_small_and_wide_launches_take_their_plans(monkeypatch):
 def test_decode_plans_are_data():
     table = configs.load_table(H100)
     assert {int(b): DecodePlan(**p) for b, p in table["decode_attention"].items()} == DEFAULT_PLANS
-    plan = DEFAULT_PLANS[4]
-    assert plan.with_options(dict(num_warps=4, NUM_STAGES=3)) == DecodePlan(
+    assert DEFAULT_PLANS[4].with_options(dict(num_warps=4, NUM_STAGES=3)) == DecodePlan(
         transposed=True, num_warps=4, num_stages=3, biased=True, programs_per_sm=2)
+    plan = dataclasses.replace(DEFAULT_PLANS[4], chains=1)
     # one wave of resident programs (8 one-warp programs on each of the CPU's nominal 8 SMs), or
     # three waves where the programs make between one and three
     cpu = torch.device("cpu")
@@ -197,6 +197,8 @@ def test_decode_plans_are_data():
     # chains: a program of 4 counts 4 towards the wave, and each chain gets min_split_blocks blocks
     chained = dataclasses.replace(plan, chains=4)
     assert decode_splits(chained, 1, 4, 64, cpu) == 4 and decode_splits(chained, 1, 4, 8, cpu) == 2
+    # and fill the wave before splits do: halved while they would overfill it (64 resident chains)
+    assert [decode_chains(chained, p, cpu) for p in (8, 16, 17, 32, 33, 64)] == [4, 4, 2, 2, 1, 1]
 
 
 def test_input_prologue_is_the_plans_and_decode_sized(monkeypatch):
