@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 from qoq.kernels import decode_attention, gemv, int_gemm, quant
 
-SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
 def decode_kernel(args):
@@ -41,11 +41,19 @@ def decode_kernel(args):
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
                   BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
                   BIASED_V=args.biased_v > 0 and args.bits != 16)
+    if args.append:  # KVAppend: q rotated and the new token's K / V written by the launch (views of a qkv row)
+        sig.update(k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64", stride_q="i32",
+                   stride_k="i32", stride_v="i32")
+        consts.update(APPEND=True, HADAMARD=args.append > 1)
+    else:
+        consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0,
+                      stride_v=0, APPEND=False, HADAMARD=False)
     if args.chains > 1:
         consts["CHAINS"] = args.chains
     elif args.swap:
         consts["SKEW"] = args.skew > 0
-    return fn, sig, consts, ("HQ", "HKV", "bt_stride"), args.warps or max(1, args.chains)
+    aligned = ("HQ", "HKV", "bt_stride") + (("stride_q", "stride_k", "stride_v") if args.append else ())
+    return fn, sig, consts, aligned, args.warps or max(1, args.chains)
 
 
 def gemm_kernel(args):
@@ -175,6 +183,8 @@ def main() -> None:
     p.add_argument("--biased-v", type=int, default=0, help="decode: 1 V codes kept as 1024 + code (BIASED_V)")
     p.add_argument("--skew", type=int, default=0, help="decode: 1 the next block's scores alongside this one's softmax (SKEW)")
     p.add_argument("--chains", type=int, default=1, help="decode: > 1 the chained kernel (_decode_kernel_c), a warp each")
+    p.add_argument("--append", type=int, default=0, help="decode: 1 the launch that writes the new K / V (KVAppend), "
+                   "2 with the q/k Hadamard")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

@@ -5,16 +5,20 @@ One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' t
 kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
 attends over the pages, which by now hold it: prefill chunks causally over their sequence's
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
-tokens over their whole context (paged_decode_attention).
+tokens over their whole context (paged_decode_attention). A step of decodes alone is one launch
+per layer: decode attention rotates q and writes each sequence's new K/V itself (`KVAppend`; the
+program that reads the last page writes it first), unless QOQ_DECODE_APPEND=0.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from qoq.kernels import (
+    KVAppend,
     KVCacheLayer,
     paged_decode_attention,
     paged_prefill_attention,
@@ -79,6 +83,13 @@ class PagedAttention:
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
+        if (md.num_prefill_tokens == 0 and md.token_num_pages is None and q.shape[0] * q.shape[1] > 0
+                and os.environ.get("QOQ_DECODE_APPEND") != "0"):
+            q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
+            paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,
+                                   append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping))
+            return out.view(batch, num_tokens, num_heads, head_dim)
         q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
         # both kernels write their rows in place

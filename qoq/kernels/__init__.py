@@ -7,6 +7,7 @@ CPU -> reference). See docs/kernels.md for the number formats and layouts.
 from qoq.kernels.decode_attention import paged_decode_attention
 from qoq.kernels.dispatch import use_triton
 from qoq.kernels.kv_cache import (
+    KVAppend,
     KVCacheLayer,
     allocate_kv_cache,
     dequantize_kv_ref,
@@ -28,6 +29,7 @@ from qoq.kernels.w4a8_gemm import pack_w4, unpack_w4, w4a8_g128_gemm, w4a8_per_c
 from qoq.kernels.w8a8_gemm import w8a8_gemm
 
 __all__ = [
+    "KVAppend",
     "KVCacheLayer",
     "add_rmsnorm",
     "add_rmsnorm_quant",

@@ -22,7 +22,16 @@ import torch
 
 from qoq.kernels import configs
 from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
-from qoq.kernels.kv_cache import KVCacheLayer, dequantize_kv_ref
+from qoq.kernels.kv_cache import (
+    KVAppend,
+    KVCacheLayer,
+    append_kv_head,
+    check_rope,
+    dequantize_kv_ref,
+    hadamard_halves,
+    rope_kv_write_ref,
+    token_rows,
+)
 
 try:
     import triton
@@ -57,9 +66,14 @@ def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.flo
 
 
 def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                               num_splits=None, options=None, out=None):
-    """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens."""
+                               num_splits=None, options=None, out=None, append: KVAppend | None = None):
+    """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens.
+    append: the step's new keys and values, rotated and written into the cache first (q unrotated),
+    as `rope_kv_write` would."""
     _check(q, cache, block_tables, context_lens)
+    if append is not None:
+        q, _ = rope_kv_write_ref(q, append.k, append.v, append.positions, append.cos_sin_cache, append.slot_mapping,
+                                 cache)
     k = gather_kv_ref(cache, block_tables, "k")
     v = gather_kv_ref(cache, block_tables, "v")
     group = q.shape[1] // cache.num_kv_heads
@@ -186,11 +200,13 @@ def _kv8_codes(lo, hi, FAST: tl.constexpr, BIASED: tl.constexpr):
 
 @lazy_jit.helper
 def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, HI16: tl.constexpr,
-            TRANS: tl.constexpr):
+            TRANS: tl.constexpr, stride_q, pos_ptr, cs_ptr, APPEND: tl.constexpr, HADAMARD: tl.constexpr):
     """The query rows `head` of sequence b as fp16 halves of the head dimension, [BLOCK_G, HALF]
-    (TRANS: q^T, [HALF, BLOCK_G]), with their offsets, each head's sum(q) (the zero-point term) and
-    1024 * sum(q) after the HI16 scaling (what biased K codes, 1024 + code, add to each score).
-    HI16: the fast unpack yields 16 * (high code), so q_hi comes pre-divided by 16 (exact)."""
+    (TRANS: q^T, [HALF, BLOCK_G]), with the output's offsets of them, each head's sum(q) (the
+    zero-point term) and 1024 * sum(q) after the HI16 scaling (what biased K codes, 1024 + code,
+    add to each score). HI16: the fast unpack yields 16 * (high code), so q_hi comes pre-divided
+    by 16 (exact). APPEND (`KVAppend`): q comes unrotated, rows stride_q apart; RoPE at the
+    token's position (and x H: HADAMARD) here, rounded to q's dtype as `rope_kv_write` returns it."""
     if TRANS:
         q_off = (b * HQ + head)[None, :] * D + j[:, None]
         mask = g_mask[None, :]
@@ -198,13 +214,42 @@ def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, 
         q_off = (b * HQ + head)[:, None] * D + j[None, :]
         mask = g_mask[:, None]
     AXIS: tl.constexpr = 0 if TRANS else 1
-    q_lo = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float16)
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float16)
+    if APPEND:
+        x_off = b.to(tl.int64) * stride_q + (q_off - b * HQ * D)
+        pos = tl.load(pos_ptr + b)
+        cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
+        cos = cos[:, None] if TRANS else cos[None, :]
+        sin = sin[:, None] if TRANS else sin[None, :]
+        x1 = tl.load(q_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(q_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        a1 = x1 * cos - x2 * sin
+        a2 = x2 * cos + x1 * sin
+        if HADAMARD:
+            a1, a2 = hadamard_halves(a1, a2, HALF, False, TRANS)
+        q_lo = a1.to(q_ptr.dtype.element_ty).to(tl.float16)
+        q_hi = a2.to(q_ptr.dtype.element_ty).to(tl.float16)
+    else:
+        q_lo = tl.load(q_ptr + q_off, mask=mask, other=0.0).to(tl.float16)
+        q_hi = tl.load(q_ptr + q_off + HALF, mask=mask, other=0.0).to(tl.float16)
     q_sum = tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS)
     if HI16:
         q_hi = q_hi * 0.0625
     k_bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), axis=AXIS) + tl.sum(q_hi.to(tl.float32), axis=AXIS))
     return q_off, q_lo, q_hi, q_sum, k_bias
+
+
+@lazy_jit.helper
+def _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
+            blk_begin, blk_end, HKV, stride_k, stride_v, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+            HALF: tl.constexpr, BITS: tl.constexpr, HADAMARD: tl.constexpr):
+    """`KVAppend`: the program whose blocks hold the context's last token (the step's new one)
+    writes its key and value of kv head h into the cache before any of its page loads; no other
+    program reads that token in this launch."""
+    if (blk_begin * BLOCK_T < ctx) & (ctx <= blk_end * BLOCK_T):
+        append_kv_head(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h,
+                       HKV, PAGE, stride_k, stride_v, HALF, BITS, HADAMARD, False)
+    tl.debug_barrier()  # the program's other warps read the page after the write
 
 
 @lazy_jit.helper
@@ -267,6 +312,8 @@ def _decode_kernel(
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
+    k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -287,9 +334,13 @@ def _decode_kernel(
     head = h * GROUP + g
 
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False)
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False, stride_q,
+                                               pos_ptr, cs_ptr, APPEND, HADAMARD)
 
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if APPEND:
+        _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -454,6 +505,8 @@ def _decode_kernel_t(
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
+    k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
     SKEW: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
@@ -474,9 +527,13 @@ def _decode_kernel_t(
     head = h * GROUP + g
 
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True, stride_q,
+                                               pos_ptr, cs_ptr, APPEND, HADAMARD)  # q^T
 
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if APPEND:
+        _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -531,6 +588,8 @@ def _decode_kernel_c(
     BITS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
+    k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
@@ -555,11 +614,15 @@ def _decode_kernel_c(
     head = h * GROUP + g
 
     HI16: tl.constexpr = BITS == 4 and (FAST or BIASED)
-    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True)  # q^T
+    q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True, stride_q,
+                                               pos_ptr, cs_ptr, APPEND, HADAMARD)  # q^T
     q_lo = tl.broadcast_to(q_lo[None, :, :], (CHAINS, HALF, BLOCK_G))
     q_hi = tl.broadcast_to(q_hi[None, :, :], (CHAINS, HALF, BLOCK_G))
 
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if APPEND:
+        _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
     steps = tl.cdiv(blk_end - blk_begin, CHAINS)
 
     m_i = tl.full((CHAINS, BLOCK_G), -float("inf"), tl.float32)
@@ -738,7 +801,8 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                                  num_splits=None, options=None, out=None, plan: DecodePlan | None = None):
+                                  num_splits=None, options=None, out=None, append: KVAppend | None = None,
+                                  plan: DecodePlan | None = None):
     """plan: run this DecodePlan instead of the table's (the tuner's candidates)."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
@@ -746,7 +810,14 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     group = hq // hkv
     if d & (d - 1) or cache.page_size & (cache.page_size - 1):
         raise ValueError("the Triton decode needs power-of-two head_dim and page_size")
-    q = q.contiguous()
+    if append is None:
+        q, fused = q.contiguous(), {}
+    else:  # q, k and v may stay views of the qkv output (rows of packed heads)
+        check_rope(q, append.k, append.v, append.positions, append.cos_sin_cache, append.slot_mapping, cache)
+        q, k, v = (token_rows(x) for x in (q, append.k, append.v))
+        fused = dict(k_ptr=k, v_ptr=v, pos_ptr=append.positions, cs_ptr=append.cos_sin_cache.contiguous(),
+                     slot_ptr=append.slot_mapping, stride_q=q.stride(0), stride_k=k.stride(0), stride_v=v.stride(0),
+                     APPEND=True, HADAMARD=cache.qk_hadamard)
     plan = (plan or decode_plan(cache.bits, q.device, b * hkv)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)
@@ -783,6 +854,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
         MIN_BLOCKS=plan.min_split_blocks * plan.chains, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
         num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
+        **fused,
     )
     return out
 

@@ -148,12 +148,25 @@ def dequantize_kv_ref(data, scale, zero, bits: int, dtype=torch.float16):
     return (data.float() * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
 
 
+@dataclass(frozen=True)
+class KVAppend:
+    """A decode step's new keys and values, for decode attention to rotate and write itself
+    (`paged_decode_attention(..., append=)`, what `rope_kv_write` would do first): one token per
+    sequence, rows [B, kv heads, D] (views of the fused qkv output will do), their positions [B],
+    the RoPE table and their cache slots [B] (-1: not cached). The query goes unrotated."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 def _rope_ref(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache):
+def check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache):
     t, _, d = q.shape
     if k.shape != v.shape or k.shape[0] != t or k.shape[2] != d or cos_sin_cache.shape[1] != d:
         raise ValueError(f"shape mismatch q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
@@ -168,7 +181,7 @@ def _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache):
 def rope_kv_write_ref(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer):
     """RoPE (HF rotate_half) on q, k (then x H if cache.qk_hadamard); quantize k_rot, v into
     `cache` at slot_mapping (-1 skips); returns (q_rot, k_rot)."""
-    _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
+    check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
     cs = cos_sin_cache[positions].float()
     cos, sin = cs.chunk(2, dim=-1)
     q_rot = _rope_ref(q, cos[:, None], sin[:, None])
@@ -204,9 +217,10 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @lazy_jit.helper
-def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
+def hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.constexpr = False):
     """[B, D] = (x1 | x2) halves (fp32, B >= 16) -> the halves of x H, H the normalized Sylvester
     Hadamard of D = 2 HALF: H_D = [[S, S], [S, -S]] / sqrt(D), S = H_HALF unnormalized (+-1).
+    TRANS: the halves come transposed, [HALF, B] (B >= 8), and go back so: H x^T (H is symmetric).
 
     On fp16 tensor cores: S is exact in fp16 and the sums accumulate in fp32; the operand is
     rounded to fp16 (relative error ~3e-4, that of the fp16 q/k the kernel returns), or with
@@ -225,11 +239,18 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr):
     w = x1 - x2
     u_hi = u.to(tl.float16)
     w_hi = w.to(tl.float16)
-    y1 = tl.dot(u_hi, s, out_dtype=tl.float32)
-    y2 = tl.dot(w_hi, s, out_dtype=tl.float32)
-    if SPLIT:
-        y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, y1)
-        y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, y2)
+    if TRANS:
+        y1 = tl.dot(s, u_hi, out_dtype=tl.float32)
+        y2 = tl.dot(s, w_hi, out_dtype=tl.float32)
+        if SPLIT:
+            y1 = tl.dot(s, (u - u_hi.to(tl.float32)).to(tl.float16), y1)
+            y2 = tl.dot(s, (w - w_hi.to(tl.float32)).to(tl.float16), y2)
+    else:
+        y1 = tl.dot(u_hi, s, out_dtype=tl.float32)
+        y2 = tl.dot(w_hi, s, out_dtype=tl.float32)
+        if SPLIT:
+            y1 = tl.dot((u - u_hi.to(tl.float32)).to(tl.float16), s, y1)
+            y2 = tl.dot((w - w_hi.to(tl.float32)).to(tl.float16), s, y2)
     return y1 * norm, y2 * norm
 
 
@@ -273,7 +294,7 @@ def _rope_kv_write_kernel(
         _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, role * BLOCK_HQ, T, HQ, HALF,
                                              BLOCK_HQ, TOK)
         if HADAMARD:
-            a1, a2 = _hadamard_halves(a1, a2, HALF, SPLIT)
+            a1, a2 = hadamard_halves(a1, a2, HALF, SPLIT)
         tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
         tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
     else:
@@ -286,21 +307,39 @@ def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, k
               t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
               BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr):
     """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values."""
-    j = tl.arange(0, HALF)[None, :]
-    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, 0, T, HKV, HALF, BLOCK_HKV, TOK)
-    if HADAMARD:
-        b1, b2 = _hadamard_halves(b1, b2, HALF, SPLIT)
-    # Round to the output dtype first: the cache holds quantize(returned k_rot).
-    r1 = b1.to(ko_ptr.dtype.element_ty)
-    r2 = b2.to(ko_ptr.dtype.element_ty)
+    tk, hk, k_off, km, r1, r2, v1, v2 = _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, 0, T, HKV, stride_k, stride_v,
+                                                      HALF, BLOCK_HKV, HADAMARD, TOK, SPLIT, ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    D = 2 * HALF
-    v_in = tk.to(tl.int64)[:, None] * stride_v + hk * D + j
+    slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+    _store_kv_rows(r1, r2, v1, v2, slot, hk, km, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, HKV, PAGE_SIZE,
+                   HALF, BITS)
+
+
+@lazy_jit.helper
+def _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, h0, T, HKV, stride_k, stride_v, HALF: tl.constexpr,
+                  BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    """Rows (token, kv head) of k rotated (and x H) and rounded to DTYPE, the cache's input, with
+    their v: (row tokens, row heads, packed k offsets, row mask, k halves, v halves)."""
+    j = tl.arange(0, HALF)[None, :]
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK)
+    if HADAMARD:
+        b1, b2 = hadamard_halves(b1, b2, HALF, SPLIT)
+    # Round to the output dtype first: the cache holds quantize(returned k_rot).
+    v_in = tk.to(tl.int64)[:, None] * stride_v + hk * (2 * HALF) + j
     v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)
     v2 = tl.load(v_ptr + v_in + HALF, mask=km, other=0.0)
+    return tk, hk, k_off, km, b1.to(DTYPE), b2.to(DTYPE), v1, v2
 
-    slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+
+@lazy_jit.helper
+def _store_kv_rows(r1, r2, v1, v2, slot, hk, km, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, HKV, PAGE_SIZE,
+                   HALF: tl.constexpr, BITS: tl.constexpr):
+    """K and V halves of rows (slot [rows, 1], kv head hk [rows, 1]) quantized into the cache:
+    per row the scale / zero of its min and max; slot -1 (or a row off km) writes nothing."""
+    j = tl.arange(0, HALF)[None, :]
+    D = 2 * HALF
     wm = km & (slot >= 0)  # slot -1: the token is not cached
     slot = tl.maximum(slot, 0)
     row = (slot // PAGE_SIZE * HKV + hk) * PAGE_SIZE + slot % PAGE_SIZE  # [rows, 1]
@@ -347,6 +386,20 @@ def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, k
             tl.store(z_ptr + row, zero, mask=wm)
 
 
+@lazy_jit.helper
+def append_kv_head(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h,
+                   HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
+                   HADAMARD: tl.constexpr, SPLIT: tl.constexpr):
+    """Decode attention's own K/V write (`KVAppend`): token b's key of kv head h rotated (and x H)
+    and quantized into the cache with its value, as `_write_kv` writes it. The tile has 16 rows,
+    heads h .. h + 15 (the Hadamard's MMA needs 16), of which only h is written."""
+    tk, hk, _, km, r1, r2, v1, v2 = _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, b, h, b + 1, HKV, stride_k,
+                                                  stride_v, HALF, 16, HADAMARD, 1, SPLIT, k_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr + tk).to(tl.int64)[:, None]
+    _store_kv_rows(r1, r2, v1, v2, slot, hk, km & (hk == h), kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, HKV,
+                   PAGE_SIZE, HALF, BITS)
+
+
 # Tokens per program: with the q/k Hadamard, 4 tokens share the +-1 matrix and make taller MMAs,
 # about twice as fast on the H100 as one token (benchmarks/results/rope-probe-h100.json).
 ROPE_TOKENS = {False: 1, True: 4}
@@ -364,7 +417,7 @@ def rope_options(tokens: int, num_q_heads: int, qk_hadamard: bool) -> dict:
 
 
 def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache: KVCacheLayer, options=None):
-    _check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
+    check_rope(q, k, v, positions, cos_sin_cache, slot_mapping, cache)
     q, k, v = (token_rows(x) for x in (q, k, v))
     t, hq, d = q.shape
     hkv = k.shape[1]

@@ -80,6 +80,13 @@ def per_channel_case(m, n, k, device="cpu", gen=None):
     return random_activations(m, k, device, gen) + per_channel_weights(n, k, device, gen)
 
 
+def cos_sin_cache(max_pos, head_dim, base=10000.0):
+    """A RoPE table as the model's rotary holds it: [max_pos, head_dim] = cos | sin of each half's angles."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
+    return torch.cat([f.cos(), f.sin()], dim=1).float()
+
+
 def as_fused_qkv_views(q, k, v):
     """q, k, v as row views of one [T, (Hq + 2 Hkv) * D] tensor, the way the model splits its fused
     qkv projection (token stride larger than heads * D)."""

@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import as_fused_qkv_views, rel_err, sass_report
+from helpers import as_fused_qkv_views, cos_sin_cache, rel_err, sass_report
 
 from qoq.kernels import dispatch
 from qoq.kernels.decode_attention import (
@@ -10,7 +12,7 @@ from qoq.kernels.decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-from qoq.kernels.kv_cache import allocate_kv_cache, quantize_kv_ref
+from qoq.kernels.kv_cache import KVAppend, allocate_kv_cache, quantize_kv_ref, rope_kv_write_ref, rope_kv_write_triton
 from qoq.kernels.paged_prefill_attention import (
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
@@ -127,6 +129,52 @@ def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
 
+def _append_case(bits, hadamard, b, hkv, hq, d, page, pages, lens, device, gen):
+    """Two copies of a random cache, a decode step's unrotated q / k / v as views of one qkv
+    tensor, and its KVAppend (the new token at position len - 1; the last row's slot -1: a padded
+    row, whose cache stays as it was)."""
+    cache = dataclasses.replace(random_cache(b * pages, hkv, d, page, bits, device, gen), qk_hadamard=hadamard)
+    twin = dataclasses.replace(cache, **{f.name: getattr(cache, f.name).clone() for f in dataclasses.fields(cache)
+                                         if isinstance(getattr(cache, f.name), torch.Tensor)})
+    bt = torch.randperm(b * pages, generator=gen).reshape(b, pages).int().to(device)
+    lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    pos = (lens - 1).long()
+    slots = bt.long().gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
+    slots[-1] = -1
+    q, k, v = as_fused_qkv_views(*(torch.randn(b, h, d, generator=gen).half().to(device) for h in (hq, hkv, hkv)))
+    return cache, twin, bt, lens, q, KVAppend(k, v, pos, cos_sin_cache(int(lens.max()), d).to(device), slots)
+
+
+@pytest.mark.parametrize("bits,hadamard,plan", [
+    (4, False, DecodePlan(transposed=True, biased=True)), (4, True, DecodePlan(transposed=True, biased=True)),
+    (4, True, DecodePlan(transposed=True, biased=True, chains=4)), (8, True, DecodePlan(biased=True)),
+    (8, False, DecodePlan(transposed=True, biased=True, chains=2)), (16, True, DecodePlan(num_warps=2))])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_append_is_rope_kv_write_then_decode(bits, hadamard, plan, num_splits, device, gen, poison):
+    """KVAppend: the launch rotates q itself and the program holding each context's last token
+    writes its key and value before reading it: the cache bytes that rope_kv_write writes, and
+    the output of attention over them (row kernel, transposed, chained; split or not)."""
+    b, hq, hkv, d, page = 4, 8, 2, 32, 16
+    cache, twin, bt, lens, q, app = _append_case(bits, hadamard, b, hkv, hq, d, page, 4, [5, 64, 33, 17], device, gen)
+    q_rot, _ = rope_kv_write_triton(q, app.k, app.v, app.positions, app.cos_sin_cache, app.slot_mapping, twin)
+    want = paged_decode_attention_triton(q_rot, twin, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan)
+    ref = paged_decode_attention_ref(q_rot, twin, bt, lens, d ** -0.5)
+    out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan, append=app)
+    for f in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero"):
+        if getattr(cache, f) is not None:
+            assert torch.equal(getattr(cache, f), getattr(twin, f)), f
+    assert torch.equal(out, want) and rel_err(out, ref) < 3e-3
+
+
+def test_decode_append_ref_is_rope_kv_write_ref_then_decode(device, gen):
+    """The twin of the fused launch: rope_kv_write_ref, then attention over the rotated q."""
+    cache, twin, bt, lens, q, app = _append_case(4, True, 3, 2, 4, 32, 16, 4, [9, 40, 64], device, gen)
+    out = paged_decode_attention_ref(q, cache, bt, lens, 0.2, append=app)
+    q_rot, _ = rope_kv_write_ref(q, app.k, app.v, app.positions, app.cos_sin_cache, app.slot_mapping, twin)
+    assert torch.equal(out, paged_decode_attention_ref(q_rot, twin, bt, lens, 0.2))
+    assert torch.equal(cache.k_cache, twin.k_cache) and torch.equal(cache.v_scale, twin.v_scale)
+
+
 @pytest.mark.parametrize("plan,bits", [(DecodePlan(chains=2), 4), (DecodePlan(transposed=True, chains=2), 16),
                                        (DecodePlan(transposed=True, chains=2, skew=True), 4),
                                        (DecodePlan(transposed=True, chains=2, block_t=32), 4)])
@@ -240,6 +288,28 @@ def test_decode_chains_real_shapes_gpu(bits, chains, num_splits, gen, poison):
     plan = DecodePlan(transposed=True, biased=True, chains=chains)
     out = paged_decode_attention_triton(q, cache, bt, lens, 128 ** -0.5, num_splits=num_splits, plan=plan)
     assert rel_err(out, ref) < 3e-3
+
+
+@requires_cuda
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_decode_append_real_shapes_gpu(bits, gen, poison):
+    """KVAppend at Llama-3-8B's heads with the q/k Hadamard, contexts up to 4,096: the cache bytes
+    of rope_kv_write and attention over them, with the table's plans."""
+    lens = torch.randint(1, 4097, (16,), generator=gen).tolist()
+    cache, twin, bt, lens, q, app = _append_case(bits, True, 16, 8, 32, 128, 64, 64, lens, "cuda", gen)
+    q_rot, _ = rope_kv_write_triton(q, app.k, app.v, app.positions, app.cos_sin_cache, app.slot_mapping, twin)
+    want = paged_decode_attention_triton(q_rot, twin, bt, lens, 128 ** -0.5)
+    out = paged_decode_attention_triton(q, cache, bt, lens, 128 ** -0.5, append=app)
+    for which in ("k", "v"):  # codes within one step (the Hadamard's MMA may round k differently)
+        a, b = cache.codes(which), twin.codes(which)
+        if bits == 16:
+            assert rel_err(a.float(), b.float()) < 1e-3
+            continue
+        a, b = a.int(), b.int()
+        if bits == 4:
+            a, b = torch.stack([a & 15, a >> 4]), torch.stack([b & 15, b >> 4])
+        assert (a - b).abs().max() <= 1
+    assert rel_err(out, want) < 1e-3 and rel_err(out, paged_decode_attention_ref(q_rot, twin, bt, lens, 128 ** -0.5)) < 3e-3
 
 
 @requires_cuda

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import as_fused_qkv_views, rel_err
+from helpers import as_fused_qkv_views, cos_sin_cache, rel_err
 
 from qoq.kernels.kv_cache import (
     allocate_kv_cache,
@@ -10,12 +10,6 @@ from qoq.kernels.kv_cache import (
     rope_kv_write_ref,
     rope_kv_write_triton,
 )
-
-
-def cos_sin_cache(max_pos, head_dim, base=10000.0):
-    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
-    return torch.cat([f.cos(), f.sin()], dim=1).float()
 
 
 def hf_rope_float64(x, pos, head_dim, base=10000.0):
