@@ -31,8 +31,10 @@
 #             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
 #   attention bench_attention.py alone: the attention record (attention-<gpu>.json)
 #   dprobe    probe_decode.py with PROBE_ARGS: decode attention plans side by side (decode-probe-<gpu>.json)
+#   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
+#             batch-1 and batch-64 steps with it off and on, APPEND_REPS (2) times (append-<gpu>.json)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -176,6 +178,18 @@ PY
     timeout 300 python3 benchmarks/probe_decode.py --out "$out/decode-probe-$gpu.json" ${PROBE_ARGS:-} \
       > "$out/decode-probe.log" 2>&1
     echo "dprobe: exit $?"; grep -v Warning "$out/decode-probe.log" | tail -40 ;;
+  append)
+    timeout 150 python3 -m pytest -q -x tests/kernels/test_attention.py -k "append" > "$out/test_append.log" 2>&1
+    echo "append kernel tests: exit $? $(tail -1 "$out/test_append.log")"
+    QOQ_DECODE_APPEND=1 timeout 300 python3 -m pytest -q -x tests/engine/test_gpu_engine.py > "$out/test_append_engine.log" 2>&1
+    echo "GPU engine tests with QOQ_DECODE_APPEND=1: exit $? $(tail -1 "$out/test_append_engine.log")"
+    for rep in $(seq 1 ${APPEND_REPS:-2}); do for b in 1 64; do for on in 0 1; do
+      QOQ_DECODE_APPEND=$on timeout 100 python3 -m qoq bench throughput --precision w4a8kv4 --batch $b --input-len 8 \
+        --output-len 256 2> /dev/null | tail -1 > "$out/append-b$b-$on-$rep.json"
+      echo "batch $b QOQ_DECODE_APPEND=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/append-b$b-$on-$rep.json" 2>&1 | tail -1)"
+    done; done; done
+    python3 -c "import glob, json, sys; json.dump([dict(json.load(open(f)), file=f.split('/')[-1]) for f in sorted(glob.glob(sys.argv[1] + '/append-b*.json'))], open(sys.argv[1] + '/append-$gpu.json', 'w'), indent=1)" "$out" \
+      && rm -f "$out"/append-b*.json ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 done

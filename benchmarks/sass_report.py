@@ -44,10 +44,10 @@ def decode_kernel(args):
     if args.append:  # KVAppend: q rotated and the new token's K / V written by the launch (views of a qkv row)
         sig.update(k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64", stride_q="i32",
                    stride_k="i32", stride_v="i32")
-        consts.update(APPEND=True, HADAMARD=args.append > 1)
+        consts.update(APPEND=True, HADAMARD=args.append > 1, FENCE=True)
     else:
         consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0,
-                      stride_v=0, APPEND=False, HADAMARD=False)
+                      stride_v=0, APPEND=False, HADAMARD=False, FENCE=False)
     if args.chains > 1:
         consts["CHAINS"] = args.chains
     elif args.swap:

@@ -5,9 +5,10 @@ One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' t
 kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
 attends over the pages, which by now hold it: prefill chunks causally over their sequence's
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
-tokens over their whole context (paged_decode_attention). A step of decodes alone is one launch
-per layer: decode attention rotates q and writes each sequence's new K/V itself (`KVAppend`; the
-program that reads the last page writes it first), unless QOQ_DECODE_APPEND=0.
+tokens over their whole context (paged_decode_attention). With QOQ_DECODE_APPEND=1 a step of
+decodes alone is one launch per layer: decode attention rotates q and writes each sequence's new
+K/V itself (`KVAppend`; the program that reads the last page writes it first). Off by default
+until a GPU run has checked and timed it in the engine.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class AttentionMetadata:
     flat: FlatMetadata | None = None  # steps with prompt tokens under prefill_graph_mode "full"
 
 
+def decode_append() -> bool:
+    """Whether steps of decodes alone take the one-launch path (module docstring)."""
+    return os.environ.get("QOQ_DECODE_APPEND") == "1"
+
+
 class PagedAttention:
     def __init__(self, kv_cache: list[KVCacheLayer], head_dim: int) -> None:
         self.kv_cache = kv_cache
@@ -83,8 +89,7 @@ class PagedAttention:
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        if (md.num_prefill_tokens == 0 and md.token_num_pages is None and q.shape[0] * q.shape[1] > 0
-                and os.environ.get("QOQ_DECODE_APPEND") != "0"):
+        if md.num_prefill_tokens == 0 and md.token_num_pages is None and q.shape[0] * q.shape[1] > 0 and decode_append():
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,

@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qoq.engine.attention import AttentionMetadata, PagedAttention
+from qoq.engine.attention import AttentionMetadata, PagedAttention, decode_append
 from qoq.engine.block_manager import pages_needed
 from qoq.kernels import KVAppend, KVCacheLayer, allocate_kv_cache, paged_decode_attention, paged_prefill_attention
 from qoq.kernels.kv_cache import ROPE_PREFILL_TOKENS
@@ -109,11 +109,11 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
         tables = torch.zeros(batch, width, dtype=torch.int32, device=model.device)
         lens = torch.full((batch,), width * page_size, dtype=torch.int32, device=model.device)
         paged_decode_attention(q, layer, tables, lens, scale)
-        # a step of decodes alone: the launch that writes the new K/V itself (slot -1: nothing here)
-        kv = torch.zeros(batch, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
-        none = torch.full((batch,), -1, dtype=torch.long, device=model.device)
-        paged_decode_attention(q, layer, tables, lens, scale,
-                               append=KVAppend(kv, kv, none + 1, model.rotary.cos_sin_cache, none))
+        if decode_append():  # a step of decodes alone: the launch that writes the new K/V itself (slot -1: not here)
+            kv = torch.zeros(batch, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
+            none = torch.full((batch,), -1, dtype=torch.long, device=model.device)
+            paged_decode_attention(q, layer, tables, lens, scale,
+                                   append=KVAppend(kv, kv, none + 1, model.rotary.cos_sin_cache, none))
         if batch <= 2:  # prefill chunks over cached pages: the same table widths, with a work list too
             cu = torch.tensor([0, batch], dtype=torch.int32, device=model.device)
             paged_prefill_attention(q, layer, tables[:1], cu, lens[:1], scale, max_seqlen=batch)

@@ -242,13 +242,16 @@ def _load_q(q_ptr, b, HQ, head, g_mask, j, D: tl.constexpr, HALF: tl.constexpr, 
 @lazy_jit.helper
 def _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
             blk_begin, blk_end, HKV, stride_k, stride_v, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
-            HALF: tl.constexpr, BITS: tl.constexpr, HADAMARD: tl.constexpr):
+            HALF: tl.constexpr, BITS: tl.constexpr, HADAMARD: tl.constexpr, FENCE: tl.constexpr):
     """`KVAppend`: the program whose blocks hold the context's last token (the step's new one)
     writes its key and value of kv head h into the cache before any of its page loads; no other
-    program reads that token in this launch."""
+    program reads that token in this launch. FENCE (CUDA): the stores are made visible at GPU scope
+    (in L2, where the page's asynchronous copies read) before the barrier."""
     if (blk_begin * BLOCK_T < ctx) & (ctx <= blk_end * BLOCK_T):
         append_kv_head(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h,
                        HKV, PAGE, stride_k, stride_v, HALF, BITS, HADAMARD, False)
+        if FENCE:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0 $1", "=r,r", [h], dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()  # the program's other warps read the page after the write
 
 
@@ -313,7 +316,7 @@ def _decode_kernel(
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
-    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -340,7 +343,7 @@ def _decode_kernel(
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
-                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -506,7 +509,7 @@ def _decode_kernel_t(
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
-    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     SKEW: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
@@ -533,7 +536,7 @@ def _decode_kernel_t(
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
-                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
 
     m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -589,7 +592,7 @@ def _decode_kernel_c(
     BLOCK_T: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr, BIASED: tl.constexpr,
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
-    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False,
+    APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
@@ -622,7 +625,7 @@ def _decode_kernel_c(
     ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
-                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD)
+                blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
     steps = tl.cdiv(blk_end - blk_begin, CHAINS)
 
     m_i = tl.full((CHAINS, BLOCK_G), -float("inf"), tl.float32)
@@ -817,7 +820,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         q, k, v = (token_rows(x) for x in (q, append.k, append.v))
         fused = dict(k_ptr=k, v_ptr=v, pos_ptr=append.positions, cs_ptr=append.cos_sin_cache.contiguous(),
                      slot_ptr=append.slot_mapping, stride_q=q.stride(0), stride_k=k.stride(0), stride_v=v.stride(0),
-                     APPEND=True, HADAMARD=cache.qk_hadamard)
+                     APPEND=True, HADAMARD=cache.qk_hadamard, FENCE=q.is_cuda)
     plan = (plan or decode_plan(cache.bits, q.device, b * hkv)).with_options(options)
     # BLOCK_T == page_size takes the fast one-page-per-iteration path
     block_t = plan.block_t or max(16, cache.page_size)

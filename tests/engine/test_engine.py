@@ -169,6 +169,25 @@ def test_qk_hadamard_engine_agrees_with_the_reference_and_keeps_fp_scores(bundle
         assert not torch.allclose(rotated, plain)
 
 
+def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkeypatch):
+    """QOQ_DECODE_APPEND=1: steps of decodes alone hand the new K/V to decode attention
+    (KVAppend) instead of writing them first; the tokens are the same (q/k Hadamard, KV4)."""
+    from qoq.engine import attention
+
+    _, tok = bundled
+    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    base = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
+    appended = []
+    decode = attention.paged_decode_attention
+    monkeypatch.setattr(attention, "paged_decode_attention",
+                        lambda *a, **kw: appended.append(kw.get("append") is not None) or decode(*a, **kw))
+    monkeypatch.setenv("QOQ_DECODE_APPEND", "1")
+    fused = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
+    assert any(appended) and [o.token_ids for o in fused] == [o.token_ids for o in base]
+
+
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype) if bits < 16 else x
 

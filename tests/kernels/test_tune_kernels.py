@@ -226,6 +226,17 @@ def test_decode_attention_tuning_keeps_only_a_faster_checked_plan(tmp_path, monk
     assert written["decode_attention"]["4"] == best and written[tune_kernels.LATENCY_KEY]["4"] == best
 
 
+def test_attention_knobs_skip_what_would_not_run():
+    """Chains only where some point's launch keeps two (decode_chains: 64 resident chains on the
+    CPU's nominal 8 SMs), and no transposed flip beside them (the row kernel has no chains)."""
+    plan = DecodePlan(transposed=True, biased=True)
+    assert tune_kernels._knob_applies("chains", plan, 4, min_programs=32)
+    assert not tune_kernels._knob_applies("chains", plan, 4, min_programs=33)
+    assert not tune_kernels._knob_applies("chains", plan, 16, min_programs=1)
+    chained = DecodePlan(transposed=True, biased=True, chains=2)
+    assert not tune_kernels._knob_applies("transposed", chained, 4) and not tune_kernels._knob_applies("skew", chained, 4)
+
+
 @pytest.mark.parametrize("mode", [MODE_W4_G128, MODE_W4_PER_CHANNEL, MODE_W8])
 def test_decode_points_time_the_input_prologue_where_the_engine_runs_it(mode, monkeypatch):
     """With QOQ_ACT_PROLOGUE=1 a quantizing kernel is timed from the fp16 rows alone (as the
