@@ -806,7 +806,9 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
                                   num_splits=None, options=None, out=None, append: KVAppend | None = None,
                                   plan: DecodePlan | None = None):
-    """plan: run this DecodePlan instead of the table's (the tuner's candidates)."""
+    """plan: run this DecodePlan instead of the table's (the tuner's candidates). append
+    (`KVAppend`): q comes unrotated and the step's new K / V are rotated and written by the launch
+    (`_load_q`, `_append`), so no `rope_kv_write` runs before it."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads

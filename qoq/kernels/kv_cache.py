@@ -326,10 +326,10 @@ def _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, h0, T, HKV, stride_k, strid
     tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK)
     if HADAMARD:
         b1, b2 = hadamard_halves(b1, b2, HALF, SPLIT)
-    # Round to the output dtype first: the cache holds quantize(returned k_rot).
     v_in = tk.to(tl.int64)[:, None] * stride_v + hk * (2 * HALF) + j
     v1 = tl.load(v_ptr + v_in, mask=km, other=0.0)
     v2 = tl.load(v_ptr + v_in + HALF, mask=km, other=0.0)
+    # k rounded to the output dtype first: the cache holds quantize(returned k_rot)
     return tk, hk, k_off, km, b1.to(DTYPE), b2.to(DTYPE), v1, v2
 
 
