@@ -830,7 +830,9 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         if not plan.transposed or cache.bits == 16 or plan.skew or block_t > cache.page_size:
             raise ValueError(f"{plan}: chains run the transposed kernel on a KV4 / KV8 cache, without skew, "
                              "a page or less per block")
-        plan = dataclasses.replace(plan, chains=decode_chains(plan, b * hkv, q.device))
+        chains = decode_chains(plan, b * hkv, q.device)
+        if chains != plan.chains:  # no new plan object on the launch path where the ceiling stands
+            plan = dataclasses.replace(plan, chains=chains)
     max_blocks = -(-block_tables.shape[1] * cache.page_size // block_t)
     splits = num_splits or decode_splits(plan, b, hkv, max_blocks, q.device)
     stages = plan.num_stages
