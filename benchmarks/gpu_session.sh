@@ -33,8 +33,9 @@
 #   dprobe    probe_decode.py with PROBE_ARGS: decode attention plans side by side (decode-probe-<gpu>.json)
 #   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
 #             batch-1 and batch-64 steps with it off and on, APPEND_REPS (2) times (append-<gpu>.json)
+#   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|ab ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -59,6 +60,19 @@ pack() {
 trap pack EXIT
 table_path() {  # this GPU's table in the tree (what select_plan reads)
   python3 -c "from qoq.kernels import configs; print(configs.table_path(configs.device_key(0)))"
+}
+# The engine's graphed decode step (qoq bench throughput, w4a8kv4) under each of AB_CASES
+# ("name:VAR=value,VAR=value ..."), at each of AB_BATCHES, AB_REPS times: <prefix>-<gpu>.json.
+ab_runs() {
+  local prefix=$1 rep b case name envs
+  for rep in $(seq 1 ${AB_REPS:-1}); do for b in ${AB_BATCHES:-1}; do for case in ${AB_CASES:?}; do
+    name=${case%%:*}; envs=${case#*:}
+    env ${envs//,/ } timeout 120 python3 -m qoq bench throughput --precision w4a8kv4 --batch $b --input-len 8 \
+      --output-len 256 2> /dev/null | tail -1 > "$out/$prefix-run-$name-b$b-$rep.json"
+    echo "batch $b $name ($envs, $rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/$prefix-run-$name-b$b-$rep.json" 2>&1 | tail -1)"
+  done; done; done
+  python3 -c "import glob, json, sys; json.dump([dict(json.load(open(f)), file=f.split('/')[-1]) for f in sorted(glob.glob(sys.argv[1] + '/$prefix-run-*.json'))], open(sys.argv[1] + '/$prefix-$gpu.json', 'w'), indent=1)" "$out" \
+    && rm -f "$out/$prefix"-run-*.json
 }
 for part in "$@"; do
 echo "=== $part $(date +%T)"
@@ -183,13 +197,9 @@ PY
     echo "append kernel tests: exit $? $(tail -1 "$out/test_append.log")"
     QOQ_DECODE_APPEND=1 timeout 300 python3 -m pytest -q -x tests/engine/test_gpu_engine.py > "$out/test_append_engine.log" 2>&1
     echo "GPU engine tests with QOQ_DECODE_APPEND=1: exit $? $(tail -1 "$out/test_append_engine.log")"
-    for rep in $(seq 1 ${APPEND_REPS:-2}); do for b in 1 64; do for on in 0 1; do
-      QOQ_DECODE_APPEND=$on timeout 100 python3 -m qoq bench throughput --precision w4a8kv4 --batch $b --input-len 8 \
-        --output-len 256 2> /dev/null | tail -1 > "$out/append-b$b-$on-$rep.json"
-      echo "batch $b QOQ_DECODE_APPEND=$on ($rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/append-b$b-$on-$rep.json" 2>&1 | tail -1)"
-    done; done; done
-    python3 -c "import glob, json, sys; json.dump([dict(json.load(open(f)), file=f.split('/')[-1]) for f in sorted(glob.glob(sys.argv[1] + '/append-b*.json'))], open(sys.argv[1] + '/append-$gpu.json', 'w'), indent=1)" "$out" \
-      && rm -f "$out"/append-b*.json ;;
+    AB_CASES="off:QOQ_DECODE_APPEND=0 on:QOQ_DECODE_APPEND=1" AB_BATCHES="1 64" AB_REPS=${APPEND_REPS:-2} ab_runs append ;;
+  ab)
+    ab_runs ab ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 done
