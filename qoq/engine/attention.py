@@ -111,8 +111,8 @@ def _weight(linear) -> torch.Tensor:
 
 def layer_prefetches(model, settings: L2PrefetchSettings | None) -> list[L2Prefetch] | None:
     """Per layer, what its decode attention pulls into L2: the o_proj weights and the first
-    settings.gate_up_bytes of the gate/up weights (None: off, or not on a GPU)."""
-    if settings is None or next(model.parameters()).device.type != "cuda":
+    settings.gate_up_bytes of the gate/up weights (None: off). The torch twins ignore them."""
+    if settings is None:
         return None
     return [L2Prefetch.for_tensors([(_weight(layer.self_attn.o_proj), None),
                                     (_weight(layer.mlp.gate_up_proj), settings.gate_up_bytes)], settings.evict_last)
