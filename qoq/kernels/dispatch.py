@@ -141,7 +141,7 @@ class L2Prefetch:
         for t, nbytes in ranges:
             if not t.is_contiguous():
                 raise ValueError("L2Prefetch ranges must be contiguous tensors")
-            flat = t.reshape(-1).view(torch.uint8)
+            flat = t.detach().reshape(-1).view(torch.uint8)
             views.append((flat, flat.numel() if nbytes is None else max(0, min(int(nbytes), flat.numel()))))
         return cls(tuple(views), evict_last)
 
