@@ -69,7 +69,12 @@ ab_runs() {
     name=${case%%:*}; envs=${case#*:}
     env ${envs//,/ } timeout 120 python3 -m qoq bench throughput --precision w4a8kv4 --batch $b --input-len 8 \
       --output-len 256 2> /dev/null | tail -1 > "$out/$prefix-run-$name-b$b-$rep.json"
-    echo "batch $b $name ($envs, $rep): $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/$prefix-run-$name-b$b-$rep.json" 2>&1 | tail -1)"
+    echo "batch $b $name ($envs, $rep): $(python3 -c "
+import json, sys
+f, case, envs, device = sys.argv[1:]
+d = dict(json.load(open(f)), case=case, env=envs, device=device, commit='$QOQ_GIT_COMMIT')
+json.dump(d, open(f, 'w'))
+print(d['decode_step_ms'], 'ms', d['tokens_per_s'], 'tok/s')" "$out/$prefix-run-$name-b$b-$rep.json" "$name" "$envs" "$(head -1 "$out/gpu.txt")" 2>&1 | tail -1)"
   done; done; done
   python3 -c "import glob, json, sys; json.dump([dict(json.load(open(f)), file=f.split('/')[-1]) for f in sorted(glob.glob(sys.argv[1] + '/$prefix-run-*.json'))], open(sys.argv[1] + '/$prefix-$gpu.json', 'w'), indent=1)" "$out" \
     && rm -f "$out/$prefix"-run-*.json

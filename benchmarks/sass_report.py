@@ -48,11 +48,6 @@ def decode_kernel(args):
     else:
         consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0,
                       stride_v=0, APPEND=False, HADAMARD=False, FENCE=False)
-    if args.prefetch:  # L2Prefetch: two weight ranges pulled into L2 before the wait (1 plain, 2 evict-last)
-        sig.update(pf_ptr="*u8", pf_bytes="i32", pf2_ptr="*u8", pf2_bytes="i32")
-        consts["PREFETCH"] = args.prefetch
-    else:
-        consts.update(pf_ptr=None, pf_bytes=0, pf2_ptr=None, pf2_bytes=0, PREFETCH=0)
     if args.chains > 1:
         consts["CHAINS"] = args.chains
     elif args.swap:
@@ -179,7 +174,7 @@ def main() -> None:
     p.add_argument("--block-m", type=int, default=16)
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
-    p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead; decode: L2Prefetch (1 plain, 2 evict-last)")
+    p.add_argument("--prefetch", type=int, default=0, help="gemm: chunks of L2 prefetch ahead")
     p.add_argument("--pdl", type=int, default=0, help="gemm: weight chunks prefetched before the PDL wait; decode: > 0 builds "
                    "the PDL entry (0: no PDL)")
     p.add_argument("--act", type=int, default=0, help="gemm: the input prologue (0 none, 1 plain, 2 RMSNorm, 3 add + RMSNorm)")

@@ -7,12 +7,10 @@ attends over the pages, which by now hold it: prefill chunks causally over their
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
 tokens over their whole context (paged_decode_attention). With QOQ_DECODE_APPEND=1 a step of
 decodes alone is one launch per layer: decode attention rotates q and writes each sequence's new
-K/V itself (`KVAppend`; the program that reads the last page writes it first). Off by default
-until a GPU run has checked and timed it in the engine.
-
-At a small decode batch, decode attention is latency-bound and the memory idles while it runs:
-with QOQ_L2_PREFETCH_MB set (`l2_prefetch_settings`), its launch also pulls the layer's o_proj
-weights and that many MB of its gate/up weights into L2 (`L2Prefetch`), for the GEMMs after it.
+K/V itself (`KVAppend`; the program that reads the last page writes it first). Off by default:
+on an H100 it is correct (the GPU engine tests pass with it on) but the batch-1 step is slower,
+2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): the program holding the last
+token writes, fences and waits before its loads, on the step's critical path.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import torch
 from qoq.kernels import (
     KVAppend,
     KVCacheLayer,
-    L2Prefetch,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_attention,
@@ -83,66 +80,22 @@ def decode_append() -> bool:
     return os.environ.get("QOQ_DECODE_APPEND") == "1"
 
 
-@dataclass(frozen=True)
-class L2PrefetchSettings:
-    gate_up_bytes: int  # of each layer's gate/up weights (its o_proj's are taken whole)
-    max_batch: int  # decode steps of at most this many tokens
-    evict_last: bool
-
-
-def l2_prefetch_settings() -> L2PrefetchSettings | None:
-    """QOQ_L2_PREFETCH_MB (unset: off; 0: o_proj's weights only), QOQ_L2_PREFETCH_MAX_BATCH (8),
-    QOQ_L2_PREFETCH_EVICT_LAST=1 (the lines kept ahead of the streaming ones)."""
-    mb = os.environ.get("QOQ_L2_PREFETCH_MB", "")
-    if not mb:
-        return None
-    try:
-        return L2PrefetchSettings(int(float(mb) * 2**20), int(os.environ.get("QOQ_L2_PREFETCH_MAX_BATCH", "8")),
-                                  os.environ.get("QOQ_L2_PREFETCH_EVICT_LAST") == "1")
-    except ValueError as e:
-        raise ValueError(f"QOQ_L2_PREFETCH_MB / QOQ_L2_PREFETCH_MAX_BATCH must be numbers: {e}") from None
-
-
-def _weight(linear) -> torch.Tensor:
-    """The tensor a linear's GEMM streams: its packed or int8 weight, or a float linear's weight."""
-    operands = getattr(linear, "gemm_operands", None)
-    return operands()[0] if operands is not None else linear.weight
-
-
-def layer_prefetches(model, settings: L2PrefetchSettings | None) -> list[L2Prefetch] | None:
-    """Per layer, what its decode attention pulls into L2: the o_proj weights and the first
-    settings.gate_up_bytes of the gate/up weights (None: off). The torch twins ignore them."""
-    if settings is None:
-        return None
-    return [L2Prefetch.for_tensors([(_weight(layer.self_attn.o_proj), None),
-                                    (_weight(layer.mlp.gate_up_proj), settings.gate_up_bytes)], settings.evict_last)
-            for layer in model.layers]
-
-
 class PagedAttention:
-    def __init__(self, kv_cache: list[KVCacheLayer], head_dim: int,
-                 prefetches: list[L2Prefetch] | None = None, prefetch_max_batch: int = 0) -> None:
+    def __init__(self, kv_cache: list[KVCacheLayer], head_dim: int) -> None:
         self.kv_cache = kv_cache
         self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
-        self.prefetches = prefetches  # per layer (layer_prefetches), for decode steps of few tokens
-        self.prefetch_max_batch = prefetch_max_batch
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> attention output shaped as q; `out`: write it there (contiguous, q's shape)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        decodes_only = md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0
-        prefetch = None
-        if decodes_only and self.prefetches is not None and batch * num_tokens <= self.prefetch_max_batch:
-            prefetch = self.prefetches[layer_idx]
-        if decodes_only and decode_append():
+        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and decode_append():
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,
-                                   append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping),
-                                   prefetch=prefetch)
+                                   append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping))
             return out.view(batch, num_tokens, num_heads, head_dim)
         q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
@@ -156,7 +109,7 @@ class PagedAttention:
                           self.scale, md.max_seqlen, md.prefill_has_context, out=out[:n])
         if md.token_num_pages is None and num_prefill < q.shape[0]:
             paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
-                                   out=out[num_prefill:], prefetch=prefetch)
+                                   out=out[num_prefill:])
         return out.view(batch, num_tokens, num_heads, head_dim)
 
     def _write(self, layer_idx, q, k, v, positions, rotary):

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.engine.attention import (AttentionMetadata, FlatAttention, FlatMetadata, PagedAttention, l2_prefetch_settings,
-                                  layer_prefetches)
+from qoq.engine.attention import AttentionMetadata, FlatAttention, FlatMetadata, PagedAttention
 from qoq.engine.batch_invariant import PerRowLinears
 from qoq.engine.block_manager import pages_needed
 from qoq.engine.config import EngineConfig
@@ -96,9 +95,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim,
                                           config.page_size, kv_bits, self.device, self.kv_dtype,
                                           model.quant_config.qk_hadamard)
-        prefetch = l2_prefetch_settings()
-        self.attn = PagedAttention(self.kv_cache, cfg.head_dim, layer_prefetches(model, prefetch),
-                                   prefetch.max_batch if prefetch else 0)
+        self.attn = PagedAttention(self.kv_cache, cfg.head_dim)
         # prefill_graph_mode "full": steps with prompt tokens attend through one flat launch per layer
         self.flat = config.prefill_graph_mode == "full" and not config.deterministic
         self.flat_attn = FlatAttention(self.kv_cache, cfg.head_dim) if self.flat else None

@@ -23,8 +23,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qoq.engine.attention import (AttentionMetadata, PagedAttention, decode_append, l2_prefetch_settings,
-                                  layer_prefetches)
+from qoq.engine.attention import AttentionMetadata, PagedAttention, decode_append
 from qoq.engine.block_manager import pages_needed
 from qoq.kernels import KVAppend, KVCacheLayer, allocate_kv_cache, paged_decode_attention, paged_prefill_attention
 from qoq.kernels.kv_cache import ROPE_PREFILL_TOKENS
@@ -105,21 +104,15 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
         bar.update()
     layer = scratch[0]
     scale = cfg.head_dim**-0.5
-    settings = l2_prefetch_settings()
-    prefetches = layer_prefetches(model, settings)
     for batch, width in shapes:
         q = torch.zeros(batch, cfg.num_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
         tables = torch.zeros(batch, width, dtype=torch.int32, device=model.device)
         lens = torch.full((batch,), width * page_size, dtype=torch.int32, device=model.device)
-        # decode steps of few tokens: the launch that also pulls the next weights into L2
-        prefetch = prefetches[0] if prefetches and batch <= settings.max_batch else None
         paged_decode_attention(q, layer, tables, lens, scale)
-        if prefetch is not None:
-            paged_decode_attention(q, layer, tables, lens, scale, prefetch=prefetch)
         if decode_append():  # a step of decodes alone: the launch that writes the new K/V itself (slot -1: not here)
             kv = torch.zeros(batch, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
             none = torch.full((batch,), -1, dtype=torch.long, device=model.device)
-            paged_decode_attention(q, layer, tables, lens, scale, prefetch=prefetch,
+            paged_decode_attention(q, layer, tables, lens, scale,
                                    append=KVAppend(kv, kv, none + 1, model.rotary.cos_sin_cache, none))
         if batch <= 2:  # prefill chunks over cached pages: the same table widths, with a work list too
             cu = torch.tensor([0, batch], dtype=torch.int32, device=model.device)

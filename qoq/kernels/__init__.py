@@ -5,7 +5,7 @@ CPU -> reference). See docs/kernels.md for the number formats and layouts.
 """
 
 from qoq.kernels.decode_attention import paged_decode_attention
-from qoq.kernels.dispatch import L2Prefetch, use_triton
+from qoq.kernels.dispatch import use_triton
 from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
@@ -31,7 +31,6 @@ from qoq.kernels.w8a8_gemm import w8a8_gemm
 __all__ = [
     "KVAppend",
     "KVCacheLayer",
-    "L2Prefetch",
     "add_rmsnorm",
     "add_rmsnorm_quant",
     "allocate_kv_cache",

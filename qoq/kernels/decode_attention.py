@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from qoq.kernels import configs
-from qoq.kernels.dispatch import (L2Prefetch, arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch,
-                                  prefetch_l2)
+from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
 from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
@@ -67,11 +66,10 @@ def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.flo
 
 
 def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                               num_splits=None, options=None, out=None, append: KVAppend | None = None,
-                               prefetch: L2Prefetch | None = None):
+                               num_splits=None, options=None, out=None, append: KVAppend | None = None):
     """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens.
     append: the step's new keys and values, rotated and written into the cache first (q unrotated),
-    as `rope_kv_write` would. prefetch: a cache hint of the Triton kernel (`L2Prefetch`), nothing here."""
+    as `rope_kv_write` would."""
     _check(q, cache, block_tables, context_lens)
     if append is not None:
         q, _ = rope_kv_write_ref(q, append.k, append.v, append.positions, append.cos_sin_cache, append.slot_mapping,
@@ -319,7 +317,6 @@ def _decode_kernel(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
-    pf_ptr=None, pf_bytes=0, pf2_ptr=None, pf2_bytes=0, PREFETCH: tl.constexpr = 0,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -327,7 +324,6 @@ def _decode_kernel(
     FAST: the codes are unpacked to fp16 by inline PTX (CUDA only). BIASED (KV4 / KV8): the K
     codes stay 1024 + code, and the bias comes off each score row (`_KV4_BIASED_ASM`); off CUDA
     the same biased values are computed element-wise, so the interpreter tests the algebra."""
-    prefetch_l2(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, PREFETCH)  # weights only, before the wait
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -514,7 +510,6 @@ def _decode_kernel_t(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
-    pf_ptr=None, pf_bytes=0, pf2_ptr=None, pf2_bytes=0, PREFETCH: tl.constexpr = 0,
     SKEW: tl.constexpr = False,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
@@ -523,7 +518,6 @@ def _decode_kernel_t(
     8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
     hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
     V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
-    prefetch_l2(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, PREFETCH)  # weights only, before the wait
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -599,7 +593,6 @@ def _decode_kernel_c(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
-    pf_ptr=None, pf_bytes=0, pf2_ptr=None, pf2_bytes=0, PREFETCH: tl.constexpr = 0,
     CHAINS: tl.constexpr = 2,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
@@ -610,7 +603,6 @@ def _decode_kernel_c(
     the warps per scheduler (the latency of one chain's dependent instructions hidden behind the
     others') without the split merge's partial stores, fence, counter and L2 round trips.
     Blocks are whole pages or fractions of one (BLOCK_T <= PAGE)."""
-    prefetch_l2(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, PREFETCH)  # weights only, before the wait
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -813,11 +805,10 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
                                   num_splits=None, options=None, out=None, append: KVAppend | None = None,
-                                  plan: DecodePlan | None = None, prefetch: L2Prefetch | None = None):
+                                  plan: DecodePlan | None = None):
     """plan: run this DecodePlan instead of the table's (the tuner's candidates). append
     (`KVAppend`): q comes unrotated and the step's new K / V are rotated and written by the launch
-    (`_load_q`, `_append`), so no `rope_kv_write` runs before it. prefetch (`L2Prefetch`): the
-    launch's programs pull those bytes (the next linears' weights) into L2 before their wait."""
+    (`_load_q`, `_append`), so no `rope_kv_write` runs before it."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -870,7 +861,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
         MIN_BLOCKS=plan.min_split_blocks * plan.chains, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
         num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
-        **fused, **(prefetch.launch_args(q.is_cuda) if prefetch is not None else {}),
+        **fused,
     )
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -121,75 +120,6 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@dataclass(frozen=True)
-class L2Prefetch:
-    """Bytes a kernel pulls into L2 for the kernels after it (`prefetch_l2`): up to two ranges,
-    each the first `nbytes` of a contiguous tensor no kernel writes (a linear's weights).
-    `for_tensors` builds it once (byte views); a launch passes `launch_args()`."""
-
-    ranges: tuple  # ((uint8 view, nbytes), ...), at most two
-    evict_last: bool = False
-
-    @classmethod
-    def for_tensors(cls, ranges, evict_last: bool = False) -> L2Prefetch:
-        """ranges: (tensor, nbytes or None for all of it), at most two."""
-        if not 1 <= len(ranges) <= 2:
-            raise ValueError(f"L2Prefetch takes one or two ranges, got {len(ranges)}")
-        views = []
-        for t, nbytes in ranges:
-            if not t.is_contiguous():
-                raise ValueError("L2Prefetch ranges must be contiguous tensors")
-            flat = t.detach().reshape(-1).view(torch.uint8)
-            views.append((flat, flat.numel() if nbytes is None else max(0, min(int(nbytes), flat.numel()))))
-        return cls(tuple(views), evict_last)
-
-    def launch_args(self, cuda: bool) -> dict:
-        """The kernel arguments of `prefetch_l2` (off CUDA: plain loads, which the interpreter runs)."""
-        (a, na), (b, nb) = self.ranges if len(self.ranges) == 2 else (self.ranges[0], (self.ranges[0][0], 0))
-        mode = (2 if self.evict_last else 1) if cuda else 3
-        return dict(pf_ptr=a, pf_bytes=na, pf2_ptr=b, pf2_bytes=nb, PREFETCH=mode)
-
-
-@lazy_jit.helper
-def prefetch_line_l2(ptrs, EVICT_LAST: tl.constexpr = False):
-    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread);
-    EVICT_LAST: with the evict-last priority, so that streaming loads evict other lines first."""
-    asm: tl.constexpr = ("prefetch.global.L2::evict_last [$1]; // $0" if EVICT_LAST
-                         else "prefetch.global.L2 [$1]; // $0")
-    tl.inline_asm_elementwise(asm, "=r,l", [ptrs.to(tl.int64, bitcast=False)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@lazy_jit.helper
-def _prefetch_share_l2(base, nbytes, share, shares, MODE: tl.constexpr):
-    """Share `share` of `shares` of the nbytes from the byte pointer `base`, pulled into L2 in
-    128-byte lines, 128 lines a step over the program's threads."""
-    lines = tl.cdiv(nbytes, 128)
-    per = tl.cdiv(lines, shares)
-    lo = share * per
-    hi = tl.minimum(lo + per, lines)
-    offs = tl.arange(0, 128)
-    for l0 in range(lo, hi, 128):
-        line = tl.minimum(l0 + offs, hi - 1).to(tl.int64)  # the step's tail repeats the last line
-        if MODE == 3:  # off CUDA: a plain load of each line's first byte (the interpreter runs the addressing)
-            tl.load(base + line * 128)
-        else:
-            prefetch_line_l2(base + line * 128, MODE == 2)
-
-
-@lazy_jit.helper
-def prefetch_l2(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, PREFETCH: tl.constexpr):
-    """The program's share of two byte ranges (weights the next kernels read, `L2Prefetch`) pulled
-    into L2, the launch's programs splitting each range between them. A latency-bound kernel
-    (decode attention at a small batch) leaves the memory idle while it runs; issued before its
-    `pdl_enter`, the lines stream in while it and the kernel before it run. PREFETCH: 0 none, 1 plain,
-    2 evict-last, 3 plain loads (off CUDA). Memory no kernel writes only: it runs before the wait."""
-    if PREFETCH:
-        share = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        shares = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        _prefetch_share_l2(pf_ptr, pf_bytes, share, shares, PREFETCH)
-        _prefetch_share_l2(pf2_ptr, pf2_bytes, share, shares, PREFETCH)
 
 
 def dispatch(ref_fn, triton_fn):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, prefetch_line_l2
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
 from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
@@ -66,6 +66,13 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, FAST: tl.constexpr):
                 ab = (a >> (8 * i)) & 0xFF
             out = out + ab * ((b << (24 - 8 * i)) >> 24)
     return out
+
+
+@lazy_jit.helper
+def prefetch_line_l2(ptrs):
+    """Prefetch the cache line of each address of `ptrs` into L2 (one instruction per thread)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs.to(tl.int64, bitcast=False)],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @lazy_jit.helper

@@ -33,8 +33,10 @@ import torch
 
 from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, prefetch_line_l2
-from qoq.kernels.gemv import gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, store_split
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
+from qoq.kernels.gemv import (
+    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split,
+)
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
     HOPPER_KERNELS,

@@ -188,39 +188,6 @@ def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkey
     assert any(appended) and [o.token_ids for o in fused] == [o.token_ids for o in base]
 
 
-def test_l2_prefetch_goes_to_small_decode_steps_only(bundled, monkeypatch):
-    """QOQ_L2_PREFETCH_MB: decode steps of at most QOQ_L2_PREFETCH_MAX_BATCH tokens hand decode
-    attention each layer's o_proj weights and the first MB of its gate/up weights (L2Prefetch),
-    larger steps and prompts nothing; the tokens are the same."""
-    from qoq.engine import attention
-
-    _, tok = bundled
-    model = tiny_quantized_model(G128, 4, torch.float32)
-    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40)]
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    base = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-    seen = []
-    decode = attention.paged_decode_attention
-    monkeypatch.setattr(attention, "paged_decode_attention",
-                        lambda q, *a, **kw: seen.append((q.shape[0], kw.get("prefetch"))) or decode(q, *a, **kw))
-    monkeypatch.setenv("QOQ_L2_PREFETCH_MB", "0.001")
-    for max_batch in (2, 3):  # the three sequences decode together
-        seen.clear()
-        monkeypatch.setenv("QOQ_L2_PREFETCH_MAX_BATCH", str(max_batch))
-        out = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-        assert [o.token_ids for o in out] == [o.token_ids for o in base]
-        assert seen and all(n == 3 for n, _ in seen)
-        assert all((pf is not None) == (max_batch == 3) for _, pf in seen[-8:])  # the last steps: decodes alone
-    pf, layer = seen[-1][1], model.layers[-1]  # the step's last call: the last layer's
-    (o_view, o_bytes), (g_view, g_bytes) = pf.ranges
-    o_weight = layer.self_attn.o_proj.gemm_operands()[0]
-    assert o_view.data_ptr() == o_weight.data_ptr() and o_bytes == o_weight.numel() * o_weight.element_size()
-    assert g_view.data_ptr() == layer.mlp.gate_up_proj.gemm_operands()[0].data_ptr() and g_bytes == int(0.001 * 2**20)
-    monkeypatch.setenv("QOQ_L2_PREFETCH_MB", "lots")
-    with pytest.raises(ValueError, match="must be numbers"):
-        attention.l2_prefetch_settings()
-
-
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype) if bits < 16 else x
 

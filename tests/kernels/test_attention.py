@@ -175,33 +175,6 @@ def test_decode_append_ref_is_rope_kv_write_ref_then_decode(device, gen):
     assert torch.equal(cache.k_cache, twin.k_cache) and torch.equal(cache.v_scale, twin.v_scale)
 
 
-@pytest.mark.parametrize("plan", [DecodePlan(), DecodePlan(transposed=True, biased=True),
-                                  DecodePlan(transposed=True, biased=True, chains=2)])
-def test_decode_l2_prefetch_changes_nothing(plan, device, gen, poison):
-    """L2Prefetch: the launch's programs share out two weight ranges (here odd lengths, one of
-    them cut short) before their wait; the output is the plain launch's, bit for bit (off CUDA the
-    prefetches are plain loads, so the interpreter runs their addressing)."""
-    b, hq, hkv, d, page = 2, 8, 2, 32, 16
-    cache = random_cache(8, hkv, d, page, 4, device, gen)
-    bt = torch.randperm(8, generator=gen).reshape(b, 4).int().to(device)
-    lens = torch.tensor([50, 23], dtype=torch.int32, device=device)
-    q = torch.randn(b, hq, d, generator=gen).half().to(device)
-    w1 = torch.randint(-2**31, 2**31 - 1, (37, 129), dtype=torch.int32, generator=gen).to(device)
-    w2 = torch.randn(300, 77, generator=gen).half().to(device)
-    pf = dispatch.L2Prefetch.for_tensors([(w1, None), (w2, 10_000)])
-    assert [n for _, n in pf.ranges] == [37 * 129 * 4, 10_000]
-    for splits in (1, 3):
-        want = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan)
-        out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan, prefetch=pf)
-        assert torch.equal(out, want)
-    assert torch.equal(paged_decode_attention_ref(q, cache, bt, lens, 0.2, prefetch=pf),
-                       paged_decode_attention_ref(q, cache, bt, lens, 0.2))
-    with pytest.raises(ValueError, match="one or two ranges"):
-        dispatch.L2Prefetch.for_tensors([(w1, None)] * 3)
-    with pytest.raises(ValueError, match="contiguous"):
-        dispatch.L2Prefetch.for_tensors([(w2.t(), None)])
-
-
 @pytest.mark.parametrize("plan,bits", [(DecodePlan(chains=2), 4), (DecodePlan(transposed=True, chains=2), 16),
                                        (DecodePlan(transposed=True, chains=2, skew=True), 4),
                                        (DecodePlan(transposed=True, chains=2, block_t=32), 4)])
