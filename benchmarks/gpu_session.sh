@@ -32,7 +32,8 @@
 #   attention bench_attention.py alone: the attention record (attention-<gpu>.json)
 #   dprobe    probe_decode.py with PROBE_ARGS: decode attention plans side by side (decode-probe-<gpu>.json)
 #   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
-#             batch-1 and batch-64 steps with it off and on, APPEND_REPS (2) times (append-<gpu>.json)
+#             step at APPEND_BATCHES (64; batch 1 is slower with it, decode-b1-ab-h100.json) off and on,
+#             APPEND_REPS (2) times (append-<gpu>.json)
 #   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)
 set -u
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|ab ..."; exit 2; }
@@ -202,7 +203,8 @@ PY
     echo "append kernel tests: exit $? $(tail -1 "$out/test_append.log")"
     QOQ_DECODE_APPEND=1 timeout 300 python3 -m pytest -q -x tests/engine/test_gpu_engine.py > "$out/test_append_engine.log" 2>&1
     echo "GPU engine tests with QOQ_DECODE_APPEND=1: exit $? $(tail -1 "$out/test_append_engine.log")"
-    AB_CASES="off:QOQ_DECODE_APPEND=0 on:QOQ_DECODE_APPEND=1" AB_BATCHES="1 64" AB_REPS=${APPEND_REPS:-2} ab_runs append ;;
+    AB_CASES="off:QOQ_DECODE_APPEND=0 on:QOQ_DECODE_APPEND=1" AB_BATCHES=${APPEND_BATCHES:-64} AB_REPS=${APPEND_REPS:-2} \
+      ab_runs append ;;
   ab)
     ab_runs ab ;;
   *) echo "unknown part $part"; exit 2 ;;
