@@ -9,8 +9,9 @@ tokens over their whole context (paged_decode_attention). With QOQ_DECODE_APPEND
 decodes alone is one launch per layer: decode attention rotates q and writes each sequence's new
 K/V itself (`KVAppend`; the program that reads the last page writes it first). Off by default:
 on an H100 it is correct (the GPU engine tests pass with it on) but the batch-1 step is slower,
-2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): the program holding the last
-token writes, fences and waits before its loads, on the step's critical path.
+2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): every program rotates its q
+(RoPE and the q/k Hadamard) before its first score, and the one holding the last token also writes,
+fences and waits, all on a latency-bound step's critical path, which costs more than the launch saved.
 """
 
 from __future__ import annotations
