@@ -86,13 +86,14 @@ class PagedAttention:
         self.kv_cache = kv_cache
         self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
+        self.append = decode_append()  # read once: the engine's setting, not a per-layer lookup
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> attention output shaped as q; `out`: write it there (contiguous, q's shape)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and decode_append():
+        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append:
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,
