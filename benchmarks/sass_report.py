@@ -40,7 +40,7 @@ def decode_kernel(args):
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
                   BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
-                  BIASED_V=args.biased_v > 0 and args.bits != 16)
+                  BIASED_V=args.biased_v > 0 and args.bits != 16, EARLY=args.early)
     if args.append:  # KVAppend: q rotated and the new token's K / V written by the launch (views of a qkv row)
         sig.update(k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64", stride_q="i32",
                    stride_k="i32", stride_v="i32")
@@ -64,7 +64,8 @@ def gemm_kernel(args):
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
                   NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
                   PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl,
-                  ACT=args.act, HAS_NW=args.act >= 2, ACT_BLOCK=quant.act_block(4096, args.warps or 4))
+                  ACT=args.act, HAS_NW=args.act >= 2, ACT_BLOCK=quant.act_block(4096, args.warps or 4),
+                  EARLY=args.early > 0)
     if args.act:  # the rows quantized in the prologue (an fp16 input, its residual, norm weight, sum out)
         sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
@@ -79,7 +80,7 @@ def gemv_kernel(args):
     consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
                   NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2,
                   ACT_BLOCK=quant.act_block(4096, args.warps or 4),
-                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), EARLY=args.early > 0)
     if args.act:  # the row quantized in the prologue into the codes buffer
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
@@ -185,6 +186,8 @@ def main() -> None:
     p.add_argument("--chains", type=int, default=1, help="decode: > 1 the chained kernel (_decode_kernel_c), a warp each")
     p.add_argument("--append", type=int, default=0, help="decode: 1 the launch that writes the new K / V (KVAppend), "
                    "2 with the q/k Hadamard")
+    p.add_argument("--early", type=int, default=0, help="EARLY (dispatch.pdl_early): decode, pages prefetched before "
+                   "the PDL wait; gemm / gemv, > 0 the epilogue's scales loaded before the loop")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

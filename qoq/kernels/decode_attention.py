@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from qoq.kernels import configs
-from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
+from qoq.kernels.dispatch import (
+    arrival_counters, dispatch, lazy_jit, output_like, pdl_early, pdl_enter, pdl_launch,
+)
+from qoq.kernels.gemv import prefetch_line_l2
 from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
@@ -268,6 +271,36 @@ def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr, MIN_BLOC
 
 
 @lazy_jit.helper
+def _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b, h, split, num_splits, bt_stride,
+                 HKV, PAGE: tl.constexpr, BLOCK_T: tl.constexpr, W: tl.constexpr, MIN_BLOCKS: tl.constexpr,
+                 PAGES: tl.constexpr, FAST: tl.constexpr):
+    """`_split_blocks` before the PDL wait (the context lengths and page tables are the step's
+    inputs, which no kernel of it writes), and the K / V codes and scales of the split's first
+    PAGES pages pulled into L2 there (CUDA only: a prefetch is inline PTX), so that the loop's
+    first loads after the wait hit L2. The kernel before may be writing the new token's slot in
+    the last page: a prefetch only moves lines into L2, which that write then updates. KV4 / KV8
+    (FAST: byte codes, fp16 scales)."""
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if FAST:
+        if blk_begin < blk_end:
+            p0 = blk_begin * BLOCK_T // PAGE
+            p = p0 + tl.arange(0, PAGES)
+            p_ok = p < tl.minimum(tl.cdiv(blk_end * BLOCK_T, PAGE), tl.cdiv(ctx, PAGE))
+            page = tl.load(bt_ptr + b * bt_stride + p, mask=p_ok, other=0).to(tl.int64)  # page 0 where not
+            block = (page * HKV + h) * PAGE  # [PAGES]: the first cache row of each page's block of head h
+            LINES: tl.constexpr = PAGE * W // 128  # 128-byte lines of a page-head block of codes (K or V^T)
+            line = tl.arange(0, LINES)[None, :] * 128
+            prefetch_line_l2(kc_ptr + block[:, None] * W + line)
+            prefetch_line_l2(vc_ptr + block[:, None] * W + line)
+            # the scales and zeros: PAGE fp16 values a page-head (a line at a page of 64)
+            prefetch_line_l2(ks_ptr + block)
+            prefetch_line_l2(kz_ptr + block)
+            prefetch_line_l2(vs_ptr + block)
+            prefetch_line_l2(vz_ptr + block)
+    return ctx, blk_begin, blk_end, used
+
+
+@lazy_jit.helper
 def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
                   HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """Split-K in one launch, after a split stored its partial output: store its log-sum-exp and
@@ -317,6 +350,7 @@ def _decode_kernel(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
+    EARLY: tl.constexpr = 0,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -324,12 +358,16 @@ def _decode_kernel(
     FAST: the codes are unpacked to fp16 by inline PTX (CUDA only). BIASED (KV4 / KV8): the K
     codes stay 1024 + code, and the bias comes off each score row (`_KV4_BIASED_ASM`); off CUDA
     the same biased values are computed element-wise, so the interpreter tests the algebra."""
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
+    if EARLY > 0:
+        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
+                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
+                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
+    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     t = tl.arange(0, BLOCK_T)
@@ -340,7 +378,8 @@ def _decode_kernel(
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False, stride_q,
                                                pos_ptr, cs_ptr, APPEND, HADAMARD)
 
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if EARLY == 0:
+        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -511,6 +550,7 @@ def _decode_kernel_t(
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     SKEW: tl.constexpr = False,
+    EARLY: tl.constexpr = 0,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -518,12 +558,16 @@ def _decode_kernel_t(
     8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
     hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
     V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
+    if EARLY > 0:
+        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
+                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
+                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
+    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     g_mask = g < GROUP
@@ -533,7 +577,8 @@ def _decode_kernel_t(
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True, stride_q,
                                                pos_ptr, cs_ptr, APPEND, HADAMARD)  # q^T
 
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if EARLY == 0:
+        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -594,6 +639,7 @@ def _decode_kernel_c(
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
+    EARLY: tl.constexpr = 0,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
     num_warps is the plan's times CHAINS): chain c takes the split's blocks c, c + CHAINS, ... (counted
@@ -603,12 +649,16 @@ def _decode_kernel_c(
     the warps per scheduler (the latency of one chain's dependent instructions hidden behind the
     others') without the split merge's partial stores, fence, counter and L2 round trips.
     Blocks are whole pages or fractions of one (BLOCK_T <= PAGE)."""
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
+    if EARLY > 0:
+        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
+                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
+                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
+    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     c = tl.arange(0, CHAINS)
@@ -622,7 +672,8 @@ def _decode_kernel_c(
     q_lo = tl.broadcast_to(q_lo[None, :, :], (CHAINS, HALF, BLOCK_G))
     q_hi = tl.broadcast_to(q_hi[None, :, :], (CHAINS, HALF, BLOCK_G))
 
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    if EARLY == 0:
+        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -688,6 +739,7 @@ def _decode_kernel_c(
 
 
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once
+EARLY_PAGES = 2  # pages of each split prefetched into L2 before the PDL wait (dispatch.pdl_early)
 
 
 @dataclass(frozen=True)
@@ -861,7 +913,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
         MIN_BLOCKS=plan.min_split_blocks * plan.chains, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
         num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
-        **fused,
+        EARLY=EARLY_PAGES if pdl_early() else 0, **fused,
     )
     return out
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
 from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
@@ -97,6 +97,26 @@ def params_packed(mode: int, unroll: int, s2, sz) -> bool:
 
 
 @lazy_jit.helper
+def weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE: tl.constexpr):
+    """The output channels' fp32 weight scales and (per-channel W4, MODE 2) zeros; else the scales
+    again in the zeros' place."""
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if MODE == 2:
+        return s1, tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return s1, s1
+
+
+@lazy_jit.helper
+def token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE: tl.constexpr):
+    """The activation scales of tokens offs_m and (MODE 2) their code sums times them; else the
+    scales twice."""
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    if MODE == 2:
+        return sx, tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
+    return sx, sx
+
+
+@lazy_jit.helper
 def store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, tile, pid_k, mn, SPLIT_K: tl.constexpr):
     """Store a program's fp32 result `y` at offs_y: directly (fp16) without split-K; with it, as a
     partial in the workspace, and the last split to arrive at the tile's counter (acq_rel) sums the
@@ -123,7 +143,7 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -136,7 +156,9 @@ def _gemv_kernel(
     words after a barrier: every program of a split writes the same codes to the same bytes, so
     the writes agree, and the words stay a plain vector load. Per-channel W4 then takes each
     split's own share of the zero term. PACKED (params_packed): g128's group parameters of an
-    iteration's chunks in one word per row."""
+    iteration's chunks in one word per row. EARLY (dispatch.pdl_early): the epilogue's scales are
+    loaded before the loop (the weights' before the PDL wait), so the last program's tail after its
+    loop is arithmetic and the store, not a further round trip to memory."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -158,12 +180,16 @@ def _gemv_kernel(
     # several rows (the x-side work of a position is then done once per thread, not once per row)
     w_base = w_rows[None, :, None] + (u[:, None] * WPC)[:, :, None] + i[None, None, :]
     x_base = x_ptr + m.to(tl.int64) * (K // 4) + (u[:, None] * 32 + i[None, :])[:, None, :]  # [U, 1, WPC]
+    if EARLY:  # the weights' scales (no kernel writes them): no load left after the loop
+        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * WPC, 32):  # one 128-byte line per row per 32 words
             if c_begin * WPC + j < c_end * WPC:
                 prefetch_line_l2(w_rows + c_begin * WPC + j)
         gdc_wait()
         gdc_launch_dependents()
+    if EARLY and ACT == 0:  # the token's scale (and code sum), the previous kernel's, before the loop
+        sx, xs_row = token_scales(sx_ptr, xsum_ptr, m, m < M, MODE)
     if ACT > 0:  # after the wait: the row is the previous kernel's output
         # ACT_BLOCK channels a step, all the program's threads at once: the row's statistics,
         # then the codes of this split's channels (two passes of a few dependent loads each)
@@ -217,18 +243,18 @@ def _gemv_kernel(
                 acc = _dp4a(hi, xb3, _dp4a(lo, xa3, acc, False, FAST), False, FAST)
 
     total = tl.sum(tl.sum(acc, axis=2), axis=0).to(tl.float32)
-    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if not EARLY:
+        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if ACT > 0:
         sx = scale
-    else:
-        sx = tl.load(sx_ptr + m)
+    elif not EARLY:
+        sx, xs_row = token_scales(sx_ptr, xsum_ptr, m, m < M, MODE)
     y = total * s1 * sx
     if MODE == 2:  # per-channel zero: one split applies the row's, or (ACT) every split its own codes' share
-        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ACT > 0:
             y = y - szero * (csum * scale)
         else:
-            y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
+            y = y - szero * (xs_row * (pid_k == 0).to(tl.float32))
     store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
                 SPLIT_K)
 
@@ -272,6 +298,6 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
         M, N, K, (s2.stride(0) if s2 is not None else 0),
         MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), num_warps=plan.num_warps,
+        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), EARLY=pdl_early(), num_warps=plan.num_warps,
         **launch, **acts,
     )

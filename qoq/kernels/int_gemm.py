@@ -33,9 +33,10 @@ import torch
 
 from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemv import (
-    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split,
+    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split, token_scales,
+    weight_scales,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -127,6 +128,7 @@ def _int8_gemm_kernel(
     PDL: tl.constexpr = 0,
     xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
+    EARLY: tl.constexpr = False,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -181,12 +183,16 @@ def _int8_gemm_kernel(
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * row_bytes)
     w_base = w_rows[:, None] + offs_h[None, :]
 
+    if EARLY:  # the weights' scales (no kernel writes them): no load left after the loop (gemv's EARLY)
+        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
                 prefetch_line_l2(w_rows + c_begin * row_bytes + j)
         gdc_wait()
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
+    if EARLY and ACT == 0:  # the tokens' scales (the previous kernel's) before the loop
+        sx, xsum = token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE)
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
         scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
                                (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M, ACT_BLOCK)
@@ -232,17 +238,16 @@ def _int8_gemm_kernel(
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
 
-    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if not EARLY:
+        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if ACT > 0:
         sx = scale
-    else:
-        sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    elif not EARLY:
+        sx, xsum = token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE)
     if MODE == 2:
-        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ACT > 0:  # every split its own codes' share of the zero term
             xsum = csum * scale
         else:
-            xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
             szero = szero * (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
     if SWAP:
         y = acc.to(tl.float32) * s1[:, None] * sx[None, :]
@@ -513,7 +518,8 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
         MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
         NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
-        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch, **acts,
+        FAST=fast, EARLY=pdl_early(), num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}),
+        **launch, **acts,
     )
 
 

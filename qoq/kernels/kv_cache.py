@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_early, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -255,19 +255,30 @@ def hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.c
 
 
 @lazy_jit.helper
+def _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF: tl.constexpr, BLOCK_H: tl.constexpr, TOK: tl.constexpr):
+    """The RoPE cos and sin (fp32) of each row of a `_rope_tile` tile: inputs no kernel of a step
+    writes, so a kernel may load them before its PDL wait."""
+    D = 2 * HALF
+    j = tl.arange(0, HALF)[None, :]
+    t = t0 + tl.arange(0, TOK * BLOCK_H) // BLOCK_H
+    pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
+    return tl.load(cs_ptr + pos * D + j).to(tl.float32), tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
+
+
+@lazy_jit.helper
 def _rope_tile(x_ptr, stride, pos_ptr, cs_ptr, t0, h0, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-               TOK: tl.constexpr):
+               TOK: tl.constexpr, cos=None, sin=None):
     """Rows (token t0 + r // BLOCK_H, head h0 + r % BLOCK_H) of q or k, rotated by RoPE in fp32:
-    returns (row tokens, row heads, packed output offsets, row mask, first half, second half)."""
+    returns (row tokens, row heads, packed output offsets, row mask, first half, second half).
+    cos / sin: the tile's `_rope_cos_sin`, loaded already (else loaded here)."""
     D = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
     r = tl.arange(0, TOK * BLOCK_H)
     t = t0 + r // BLOCK_H
     h = h0 + (r % BLOCK_H)[:, None]
     m = (h < H) & (t < T)[:, None]
-    pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
-    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
+    if cos is None:
+        cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_H, TOK)
     t64 = t.to(tl.int64)[:, None]
     x_in = t64 * stride + h * D + j
     x1 = tl.load(x_ptr + x_in, mask=m, other=0.0).to(tl.float32)
@@ -282,36 +293,54 @@ def _rope_kv_write_kernel(
     T, HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):
     """TOK tokens per program. Axis 1: programs 0 .. n-2 rotate BLOCK_HQ query heads each, the
     last one the keys (and writes K and V to the cache). A tile row is one (token, head), row
-    r = token * BLOCK_H + head."""
-    pdl_enter(PDL)
+    r = token * BLOCK_H + head. EARLY (dispatch.pdl_early): the positions' cos / sin rows and the
+    slots are loaded before the PDL wait, leaving the loads of q / k / v (the qkv GEMM's output)
+    as the only round trip to memory before the rotation."""
     t0 = tl.program_id(0) * TOK
     role = tl.program_id(1)
     if role < tl.num_programs(1) - 1:
+        if EARLY:
+            cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_HQ, TOK)
+        else:
+            cos, sin = None, None
+        pdl_enter(PDL)
         # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
         _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, role * BLOCK_HQ, T, HQ, HALF,
-                                             BLOCK_HQ, TOK)
+                                             BLOCK_HQ, TOK, cos, sin)
         if HADAMARD:
             a1, a2 = hadamard_halves(a1, a2, HALF, SPLIT)
         tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
         tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
     else:
         _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT)
+                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT, PDL, EARLY)
 
 
 @lazy_jit.helper
 def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
               t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
-              BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr):
-    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values."""
+              BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
+              PDL: tl.constexpr, EARLY: tl.constexpr):
+    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values
+    (after the PDL wait; EARLY: the cos / sin rows and the slots before it)."""
+    tk = t0 + tl.arange(0, TOK * BLOCK_HKV) // BLOCK_HKV
+    if EARLY:
+        cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_HKV, TOK)
+        slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+    else:
+        cos, sin = None, None
+    pdl_enter(PDL)
     tk, hk, k_off, km, r1, r2, v1, v2 = _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, 0, T, HKV, stride_k, stride_v,
-                                                      HALF, BLOCK_HKV, HADAMARD, TOK, SPLIT, ko_ptr.dtype.element_ty)
+                                                      HALF, BLOCK_HKV, HADAMARD, TOK, SPLIT, ko_ptr.dtype.element_ty,
+                                                      cos, sin)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+    if not EARLY:
+        slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
     _store_kv_rows(r1, r2, v1, v2, slot, hk, km, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, HKV, PAGE_SIZE,
                    HALF, BITS)
 
@@ -319,11 +348,12 @@ def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, k
 @lazy_jit.helper
 def _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, h0, T, HKV, stride_k, stride_v, HALF: tl.constexpr,
                   BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
-                  DTYPE: tl.constexpr):
+                  DTYPE: tl.constexpr, cos=None, sin=None):
     """Rows (token, kv head) of k rotated (and x H) and rounded to DTYPE, the cache's input, with
     their v: (row tokens, row heads, packed k offsets, row mask, k halves, v halves)."""
     j = tl.arange(0, HALF)[None, :]
-    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK)
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK,
+                                           cos, sin)
     if HADAMARD:
         b1, b2 = hadamard_halves(b1, b2, HALF, SPLIT)
     v_in = tk.to(tl.int64)[:, None] * stride_v + hk * (2 * HALF) + j
@@ -439,7 +469,7 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
         cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
         HALF=d // 2, BITS=cache.bits, BLOCK_HQ=block_hq,
         BLOCK_HKV=max(min_heads, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, TOK=tok,
-        SPLIT=opts["SPLIT"], num_warps=opts["num_warps"], **pdl_launch(q),
+        SPLIT=opts["SPLIT"], EARLY=pdl_early(), num_warps=opts["num_warps"], **pdl_launch(q),
     )
     return q_rot, k_rot
 

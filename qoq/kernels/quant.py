@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_early, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -105,12 +105,14 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 def _row_quant_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-    ADD: tl.constexpr, PDL: tl.constexpr = False,
+    ADD: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
-    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
+    if EARLY and MODE == 1 and HAS_WEIGHT:  # the norm weight (no kernel writes it) before the wait
+        nw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
     base = x_ptr + row.to(tl.int64) * stride_x
     if MODE == 2:
         g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -127,7 +129,9 @@ def _row_quant_kernel(
         ms = tl.sum(y * y, axis=0) / H
         y = y * (1.0 / tl.sqrt(ms + eps))
         if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if not EARLY:
+                nw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = y * nw
     if not QUANT:  # full-precision output in q_ptr's dtype
         tl.store(q_ptr + row.to(tl.int64) * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
         return
@@ -159,7 +163,7 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
             x, weight if weight is not None else x, q, scale, xsum,
             residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
             MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
-            num_warps=num_warps, **pdl_launch(x),
+            EARLY=pdl_early(), num_warps=num_warps, **pdl_launch(x),
         )
     out = (q, scale, xsum) if quant else (q,)
     if s is not None:

@@ -129,6 +129,24 @@ def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
 
+@pytest.mark.parametrize("plan", [DecodePlan(transposed=True, biased=True), DecodePlan(biased=True),
+                                  DecodePlan(transposed=True, biased=True, chains=2)])
+def test_decode_early_split_changes_no_output(plan, monkeypatch, device, gen):
+    """QOQ_PDL_EARLY: the split's blocks taken (and on CUDA its first pages prefetched into L2)
+    before the PDL wait give the same bits as after it, split and whole."""
+    b, hq, hkv, d, page = 3, 8, 2, 32, 16
+    cache = random_cache(b * 8, hkv, d, page, 4, device, gen)
+    bt = torch.randperm(b * 8, generator=gen).reshape(b, 8).int().to(device)
+    lens = torch.tensor([5, 128, 70], dtype=torch.int32, device=device)
+    q = torch.randn(b, hq, d, generator=gen).half().to(device)
+    for splits in (1, 3):
+        outs = []
+        for early in ("0", "1"):
+            monkeypatch.setenv("QOQ_PDL_EARLY", early)
+            outs.append(paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan))
+        assert torch.equal(*outs), (plan, splits)
+
+
 def _append_case(bits, hadamard, b, hkv, hq, d, page, pages, lens, device, gen):
     """Two copies of a random cache, a decode step's unrotated q / k / v as views of one qkv
     tensor, and its KVAppend (the new token at position len - 1; the last row's slot -1: a padded

@@ -684,3 +684,21 @@ def test_gemv_plan_rules(device, gen):
     case = g128_case(GEMV_MAX_M + 1, 32, 256, device, gen)
     with pytest.raises(ValueError, match="at most"):
         w4a8_g128_gemm_triton(*case, config=GemmPlan("gemv", 1, 32))
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel"])
+def test_early_scales_change_no_output(kind, monkeypatch, device, gen):
+    """QOQ_PDL_EARLY (dispatch.pdl_early): the epilogue's scales loaded before the loop give the same
+    bits as loaded after it, in the gemv and the register kernel, whole and split-K."""
+    m, k, n = 2, 512, 80
+    if kind == "g128":
+        case, fn = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton
+    else:
+        case, fn = per_channel_case(m, n, k, device, gen), w4a8_per_channel_gemm_triton
+    for plan in (GemmPlan("gemv", 1, 32, split_k=2, unroll=2), GemmPlan("reg_a", 8, 64, split_k=2),
+                 GemmPlan("reg_a", 8, 64)):
+        outs = []
+        for early in ("0", "1"):
+            monkeypatch.setenv("QOQ_PDL_EARLY", early)
+            outs.append(fn(*case, config=plan))
+        assert torch.equal(*outs), plan
