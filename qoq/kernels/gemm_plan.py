@@ -264,6 +264,17 @@ def act_prologue_allowed(M: int) -> bool:
     return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "") != "0"
 
 
+# At most this many tokens a gemv GEMM followed by a norm does the norm's residual add, RMSNorm and
+# quantization in its last program (gemv.NormTail), one row after another.
+NORM_TAIL_MAX_M = 1
+
+
+def norm_tail_allowed(M: int) -> bool:
+    """Whether a decode GEMM of M tokens may hand its rows to the next norm through its last
+    program (QOQ_GEMV_TAIL=1; off until the engine's step is timed with it on a GPU)."""
+    return M <= NORM_TAIL_MAX_M and os.environ.get("QOQ_GEMV_TAIL", "0") == "1"
+
+
 def quantizing_kernel(plan: GemmPlan) -> bool:
     """Whether the plan's kernel can quantize its own input rows (the register kernels with swap_ab,
     gemv)."""

@@ -21,11 +21,13 @@ interpreter cannot run PTX) dp4a is computed byte by byte.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
-from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
+from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats, quant_row
 
 try:
     import triton
@@ -120,19 +122,23 @@ def token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE: tl.constexpr):
 def store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, tile, pid_k, mn, SPLIT_K: tl.constexpr):
     """Store a program's fp32 result `y` at offs_y: directly (fp16) without split-K; with it, as a
     partial in the workspace, and the last split to arrive at the tile's counter (acq_rel) sums the
-    partials in split order, stores fp16 and resets the counter to 0 for the next call."""
+    partials in split order, stores fp16 and resets the counter to 0 for the next call. Returns
+    whether this program stored the tile's output."""
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=mask)
+        done = pid_k == 0
     else:
         tl.store(ws_ptr + pid_k * mn + offs_y, y, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        done = arrived == SPLIT_K - 1
+        if done:
             total = tl.load(ws_ptr + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptr + s * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return done  # whether this program stored its tile's output (without split-K every program does)
 
 
 @lazy_jit
@@ -144,6 +150,8 @@ def _gemv_kernel(
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
     PACKED: tl.constexpr = False, EARLY: tl.constexpr = False,
+    TAIL: tl.constexpr = False, tq_ptr=None, tsx_ptr=None, tsum_ptr=None, tr_ptr=None, ts_ptr=None, tnw_ptr=None,
+    t_eps=0.0, HAS_TNW: tl.constexpr = False, TAIL_BLOCK: tl.constexpr = 1,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -158,7 +166,12 @@ def _gemv_kernel(
     split's own share of the zero term. PACKED (params_packed): g128's group parameters of an
     iteration's chunks in one word per row. EARLY (dispatch.pdl_early): the epilogue's scales are
     loaded before the loop (the weights' before the PDL wait), so the last program's tail after its
-    loop is arithmetic and the store, not a further round trip to memory."""
+    loop is arithmetic and the store, not a further round trip to memory.
+
+    TAIL (`NormTail`): the program that stores the launch's last output tile (an acq_rel arrival
+    counter after the tiles' stores, as split-K's merge) adds the residual to the output rows,
+    RMS-normalizes and quantizes them (quant.quant_row, the row kernel's own body), so the next
+    GEMM's input needs no row kernel launch of its own."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -255,8 +268,17 @@ def _gemv_kernel(
             y = y - szero * (csum * scale)
         else:
             y = y - szero * (xs_row * (pid_k == 0).to(tl.float32))
-    store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
-                SPLIT_K)
+    done = store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k,
+                       N.to(tl.int64) * M, SPLIT_K)
+    if TAIL:
+        if done:
+            tail = cnt_ptr + tl.num_programs(0)  # after the tiles' split-K counters
+            tl.debug_barrier()  # the program's stores before its arrival
+            if tl.atomic_add(tail, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+                for r in range(0, M):
+                    quant_row(y_ptr, tnw_ptr, tq_ptr, tsx_ptr, tsum_ptr, tr_ptr, ts_ptr, r, N, N, t_eps, 1, HAS_TNW,
+                              TAIL_BLOCK, True, True)
+                tl.atomic_xchg(tail, 0, sem="relaxed", scope="gpu")
 
 
 def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
@@ -264,10 +286,35 @@ def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
     return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
 
 
+class NormTail(NamedTuple):
+    """What a gemv launch's last program makes of its output rows y (the kernel's TAIL): s = y +
+    residual and the int8 rows of rmsnorm(s) * weight, as add_rmsnorm_quant computes them, into
+    the tensors given. The engine's batch-1 decode step hands a layer's o_proj and down_proj
+    output to the next norm and GEMM this way (QuantLinear.forward_norm)."""
+
+    residual: torch.Tensor  # [M, N] like y
+    weight: torch.Tensor | None  # [N] the norm's weight (None: folded away)
+    eps: float
+    q: torch.Tensor  # [M, N] int8 out
+    scale: torch.Tensor  # [M] fp32 out
+    xsum: torch.Tensor  # [M] fp32 out: scale * the row's code sum
+    s: torch.Tensor  # [M, N] out: y + residual in y's dtype
+
+
+def norm_tail(residual: torch.Tensor, weight: torch.Tensor | None, eps: float) -> NormTail:
+    """A NormTail with fresh outputs for rows like `residual` [M, N]."""
+    m = residual.shape[0]
+    dev = residual.device
+    return NormTail(residual, weight, float(eps), torch.empty(residual.shape, dtype=torch.int8, device=dev),
+                    torch.empty(m, dtype=torch.float32, device=dev), torch.empty(m, dtype=torch.float32, device=dev),
+                    torch.empty_like(residual))
+
+
 def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
-                act: ActInput | None = None, K: int = 0) -> None:
+                act: ActInput | None = None, K: int = 0, tail: NormTail | None = None) -> None:
     """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w; with
-    `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's)."""
+    `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's); with
+    `tail`, its outputs filled from y by the launch's last program."""
     if act is not None:
         M = act.x.shape[0]
         x8 = torch.empty((M, K), dtype=torch.int8, device=y.device)  # the codes, written by the kernel
@@ -286,11 +333,14 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
     if per % unroll or (K // 128) % per % unroll:
         raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
     tiles = triton.cdiv(N, plan.block_n) * M
-    if split == 1:
-        ws, cnt = y, y
-    else:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
-        cnt = arrival_counters(y.device, tiles)
+    ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+    cnt = arrival_counters(y.device, tiles + 1) if split > 1 or tail is not None else y  # + the tail's
+    if tail is not None:
+        if tail.residual.shape != y.shape or tail.q.shape != y.shape:
+            raise ValueError(f"a norm tail takes rows like the output {tuple(y.shape)}, got {tuple(tail.residual.shape)}")
+        acts.update(TAIL=True, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum, tr_ptr=tail.residual.contiguous(),
+                    ts_ptr=tail.s, tnw_ptr=tail.weight, t_eps=tail.eps, HAS_TNW=tail.weight is not None,
+                    TAIL_BLOCK=triton.next_power_of_2(N))
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
     _gemv_kernel[(tiles, split)](

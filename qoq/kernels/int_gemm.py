@@ -35,8 +35,8 @@ from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemv import (
-    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split, token_scales,
-    weight_scales,
+    NormTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed, prefetch_line_l2,
+    store_split, token_scales, weight_scales,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -50,7 +50,9 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     select_plan,
 )
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
-from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, silu_mul_triton
+from qoq.kernels.quant import (
+    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_triton,
+)
 
 try:
     import triton
@@ -418,6 +420,32 @@ def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> 
     if not gemm_plan_mod.act_prologue_allowed(M) or device.type != "cuda" or triton is None:
         return False
     return gemm_plan_mod.quantizes_input(select_plan(M, N, K, mode, device), M)
+
+
+def quantizes_output(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
+    """Whether a GEMM of this size hands its output rows to the norm after it quantized
+    (`gemm_norm_tail`): decode-sized M on a GPU whose plan is a gemv (gemm_plan.norm_tail_allowed)."""
+    if not gemm_plan_mod.norm_tail_allowed(M) or device.type != "cuda" or triton is None:
+        return False
+    return select_plan(M, N, K, mode, device).kernel == "gemv"
+
+
+def gemm_norm_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, residual, weight, eps: float,
+                   config: GemmPlan | dict | None = None) -> NormTail:
+    """add_rmsnorm_quant(int8_gemm_triton(x8, ...), residual, weight, eps) with its residual sum:
+    on a gemv plan the GEMM's last program does the norm (its TAIL), one launch in all; other
+    plans (or bases a gemv cannot read as words) run the GEMM and the row kernel."""
+    M, K = x8.shape
+    N = w.shape[0]
+    plan = _as_plan(config, M, N, K, mode, x8.device)
+    if plan.kernel != "gemv" or not gemv_alignment_ok(x8, w) or M > gemm_plan_mod.NORM_TAIL_MAX_M:
+        y = int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan)
+        q, scale, total, s = add_rmsnorm_quant_triton(y.to(residual.dtype), residual, weight, eps)
+        return NormTail(residual, weight, float(eps), q, scale, total, s)
+    y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
+    tail = norm_tail(residual, weight, eps)
+    launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, x8.is_cuda if plan.fast is None else plan.fast, tail=tail)
+    return tail
 
 
 def _as_plan(config, M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:

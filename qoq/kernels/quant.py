@@ -101,19 +101,18 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-@lazy_jit
-def _row_quant_kernel(
-    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-    ADD: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-):
-    row = tl.program_id(0)
+@lazy_jit.helper
+def quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, stride_x, eps,
+              MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+              ADD: tl.constexpr, nw=None):
+    """One row's norm / SiLU*mul (and residual add) and per-token int8 quantization, all of the
+    program's threads on its BLOCK >= H channels: the row kernel's body, and the gemv tail's
+    (gemv.py: the last program of a decode GEMM quantizes its output rows for the next GEMM).
+    nw: the norm weight, loaded already (else loaded here)."""
     offs = tl.arange(0, BLOCK)
     mask = offs < H
-    if EARLY and MODE == 1 and HAS_WEIGHT:  # the norm weight (no kernel writes it) before the wait
-        nw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
-    base = x_ptr + row.to(tl.int64) * stride_x
+    row = tl.cast(row, tl.int64)  # (a loop index is a plain int under the interpreter)
+    base = x_ptr + row * stride_x
     if MODE == 2:
         g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(base + H + offs, mask=mask, other=0.0).to(tl.float32)
@@ -121,28 +120,45 @@ def _row_quant_kernel(
     else:
         y = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual stream: s = x + residual in x's dtype, stored, then normalized
-        r = tl.load(r_ptr + row.to(tl.int64) * H + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         y = (y + r).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row.to(tl.int64) * H + offs, y, mask=mask)
+        tl.store(s_ptr + row * H + offs, y, mask=mask)
         y = y.to(tl.float32)
     if MODE == 1:
         ms = tl.sum(y * y, axis=0) / H
         y = y * (1.0 / tl.sqrt(ms + eps))
         if HAS_WEIGHT:
-            if not EARLY:
+            if nw is None:
                 nw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = y * nw
     if not QUANT:  # full-precision output in q_ptr's dtype
-        tl.store(q_ptr + row.to(tl.int64) * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
-        return
-    scale = tl.max(tl.abs(y), axis=0) / 127.0
-    safe = tl.where(scale > 0, scale, 1.0)
-    r = y / safe
-    r = (r + 12582912.0) - 12582912.0
-    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-    tl.store(q_ptr + row.to(tl.int64) * H + offs, r.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + row, scale)
-    tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
+        tl.store(q_ptr + row * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        scale = tl.max(tl.abs(y), axis=0) / 127.0
+        safe = tl.where(scale > 0, scale, 1.0)
+        r = y / safe
+        r = (r + 12582912.0) - 12582912.0
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * H + offs, r.to(tl.int8), mask=mask)
+        tl.store(scale_ptr + row, scale)
+        tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
+
+
+@lazy_jit
+def _row_quant_kernel(
+    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+    ADD: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+):
+    row = tl.program_id(0)
+    if EARLY and MODE == 1 and HAS_WEIGHT:  # the norm weight (no kernel writes it) before the wait
+        offs = tl.arange(0, BLOCK)
+        nw = tl.load(w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)
+    else:
+        nw = None
+    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
+    quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, stride_x, eps, MODE, HAS_WEIGHT, BLOCK,
+              QUANT, ADD, nw)
 
 
 def _launch(x, weight, eps, mode, h, quant=True, residual=None):

@@ -18,7 +18,7 @@ from torch import nn
 
 from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
                          w4a8_per_channel_gemm, w8a8_gemm)
-from qoq.kernels.gemm_plan import act_prologue_allowed
+from qoq.kernels.gemm_plan import act_prologue_allowed, norm_tail_allowed
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.kernels.quant import ACT_PLAIN, ActInput
@@ -117,14 +117,7 @@ class QuantLinear(nn.Module):
             act = ActInput(x.reshape(-1, self.in_features).contiguous(), ACT_PLAIN)
             return self._finish(int_gemm.int8_gemm_act_triton(act, *self.gemm_operands(), self.gemm_mode),
                                 x.shape[:-1], x.dtype)
-        if isinstance(x, QuantizedActivation):
-            x8, x_scale, x_sum, lead, dtype = x
-        else:
-            lead, dtype = x.shape[:-1], x.dtype
-            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
-        if self.padded_in != self.in_features:
-            # Zero columns change neither the per-token scale nor the sum.
-            x8 = F.pad(x8, (0, self.padded_in - self.in_features))
+        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
         if silu_mul and self.bias is not None:
             raise ValueError("silu_mul in the GEMM needs a projection without bias")
         if use_triton(x8) and ROW_KERNELS_ONLY.get() and x8.shape[0] > 1:
@@ -138,6 +131,43 @@ class QuantLinear(nn.Module):
             check_silu_mul(silu_mul, self.out_features)
             y = self._cpu_gemm(x8, x_scale, x_sum, silu_mul)
         return self._finish(y, lead, dtype)
+
+    def _int8_rows(self, x: torch.Tensor | QuantizedActivation):
+        """(int8 rows padded to the kernels' K, scales, scaled row sums, leading dims, dtype) of a
+        plain activation (quantized here) or a QuantizedActivation."""
+        if isinstance(x, QuantizedActivation):
+            x8, x_scale, x_sum, lead, dtype = x
+        else:
+            lead, dtype = x.shape[:-1], x.dtype
+            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
+        if self.padded_in != self.in_features:
+            # Zero columns change neither the per-token scale nor the sum.
+            x8 = F.pad(x8, (0, self.padded_in - self.in_features))
+        return x8, x_scale, x_sum, lead, dtype
+
+    def quantizes_output(self, num_tokens: int, dtype: torch.dtype) -> bool:
+        """Whether this layer's GEMM hands its output to the norm after it quantized, the norm's
+        residual add, RMSNorm and int8 rows done by its last program (`forward_norm`): a gemv plan
+        at one token on a GPU (int_gemm.quantizes_output), not under the batch-invariant mode (the
+        program's sums run in another order than the row kernel's), for fp16 / fp32 rows (the
+        GEMM's fp16 output is then what the row kernel would have read)."""
+        if (self.bias is not None or dtype not in (torch.float16, torch.float32) or ROW_KERNELS_ONLY.get()
+                or not norm_tail_allowed(num_tokens)):
+            return False
+        device = next(self.buffers()).device
+        return int_gemm.quantizes_output(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
+
+    def forward_norm(self, x: torch.Tensor | QuantizedActivation | DeferredActivation, residual: torch.Tensor,
+                     weight: torch.Tensor | None, eps: float) -> tuple[QuantizedActivation, torch.Tensor]:
+        """(int8 rows of rmsnorm(self(x) + residual) * weight, self(x) + residual), as a norm with
+        `residual` gives them for the quantized linear after it, in one launch where
+        `quantizes_output` (int_gemm.gemm_norm_tail)."""
+        if isinstance(x, DeferredActivation):
+            x = x.quantized()
+        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
+        flat = residual.reshape(-1, self.out_features)
+        tail = int_gemm.gemm_norm_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, flat, weight, eps)
+        return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype), tail.s.view(residual.shape)
 
     def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
         y = y.to(dtype)

@@ -702,3 +702,34 @@ def test_early_scales_change_no_output(kind, monkeypatch, device, gen):
             monkeypatch.setenv("QOQ_PDL_EARLY", early)
             outs.append(fn(*case, config=plan))
         assert torch.equal(*outs), plan
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison):
+    """gemm_norm_tail: the gemv's last program adds the residual to the output row, RMS-normalizes
+    and quantizes it (NormTail), as the GEMM then the row kernel (add_rmsnorm_quant) do: the same
+    residual sum bit for bit, the same codes up to a rounding tie, scales and sums to fp32 rounding.
+    Twice (its counter resets), and a non-gemv plan takes the two-kernel path."""
+    from qoq.kernels.int_gemm import gemm_norm_tail, int8_gemm_triton
+    from qoq.kernels.quant import add_rmsnorm_quant_triton
+
+    k, n = 512, 96  # N not a power of two: the tail's block is masked
+    if kind == "w8a8":
+        x8, sx, xsum = random_activations(1, k, device, gen)
+        ops, mode = (x8, sx, xsum) + w8_weights(n, k, device, gen) + (None, None), MODE_W8
+    elif kind == "g128":
+        x8, sx, w, s1, s2, sz = g128_case(1, n, k, device, gen)
+        ops, mode = (x8, sx, None, w, s1, s2, sz), MODE_W4_G128
+    else:
+        x8, sx, xsum, w, s1, szero = per_channel_case(1, n, k, device, gen)
+        ops, mode = (x8, sx, xsum, w, s1, None, szero), MODE_W4_PER_CHANNEL
+    residual = torch.randn(1, n, generator=gen).half().to(device)
+    weight = (torch.rand(n, generator=gen) + 0.5).half().to(device)
+    plan = GemmPlan("gemv", 1, 32, split_k=split, unroll=1)
+    want = add_rmsnorm_quant_triton(int8_gemm_triton(*ops, mode, plan), residual, weight, 1e-6)
+    for config in (plan, plan, GemmPlan("reg_a", 8, 64)):
+        got = gemm_norm_tail(*ops, mode, residual, weight, 1e-6, config=config)
+        assert torch.equal(got.s, want[3])
+        assert int((got.q.int() - want[0].int()).abs().max()) <= 1 and int((got.q != want[0]).sum()) <= 1
+        assert rel_err(got.scale, want[1]) < 1e-6 and rel_err(got.xsum, want[2]) < 1e-2
