@@ -154,7 +154,8 @@ def report(kernel, dump: str | None) -> dict:
     memory_ops = [line for line in before.splitlines() if ".global" in line
                   and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line)]
     launch = ptx.find("griddepcontrol.launch_dependents")
-    return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops),
+    writes = [line for line in memory_ops if not re.match(r"\s*(?:@%p\d+\s+)?ld\.", line)]
+    return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops), "writes_before_pdl_wait": len(writes),
             "pdl_signal_after_wait": wait >= 0 and launch > wait,
             "prefetch_before_pdl_wait": before.count("prefetch.global.L2"),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),

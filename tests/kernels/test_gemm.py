@@ -556,6 +556,22 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert act["pdl_wait"] == "True" and act["memory_before_pdl_wait"] == "0" and act["pdl_signal_after_wait"] == "True"
 
 
+def test_pdl_early_loads_only_read_before_the_wait_sm90():
+    """QOQ_PDL_EARLY: the GEMMs load their weights' scales, decode attention its context length and
+    page-table entries (and prefetches its first pages) before griddepcontrol.wait; none of them
+    writes, atomically adds or copies asynchronously there, and the next kernel is still signalled
+    only after the wait."""
+    for kernel, args in (("gemm", ("--mode", "2", "--block-m", "8", "--split", "4", "--pdl", "4")),
+                         ("gemv", ("--mode", "2", "--block-n", "32", "--split", "4", "--pdl", "4")),
+                         ("decode", ("--bits", "4", "--swap", "1", "--split", "4", "--pdl", "1")),
+                         ("decode", ("--bits", "4", "--chains", "2", "--split", "4", "--pdl", "1"))):
+        out = sass_report(kernel, *args, "--early", "2")
+        assert out["pdl_wait"] == "True" and out["pdl_signal_after_wait"] == "True", kernel
+        assert int(out["memory_before_pdl_wait"]) > 0 and out["writes_before_pdl_wait"] == "0", kernel
+        if kernel == "decode":
+            assert int(out["prefetch_before_pdl_wait"]) > 0
+
+
 def test_pdl_decode_attention_waits_before_memory_sm90():
     """Decode attention launched as a dependent of the RoPE kernel: nothing global (the cache, the
     split workspace and counters) before griddepcontrol.wait, and the next kernel signalled after it."""
