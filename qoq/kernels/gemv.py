@@ -27,7 +27,7 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
-from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats, quant_row
+from qoq.kernels.quant import _RMSNORM, _SILU_MUL, ActInput, act_block, act_codes, act_stats, quant_row, silu_quant_row
 
 try:
     import triton
@@ -151,7 +151,7 @@ def _gemv_kernel(
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
     PACKED: tl.constexpr = False, EARLY: tl.constexpr = False,
     TAIL: tl.constexpr = False, tq_ptr=None, tsx_ptr=None, tsum_ptr=None, tr_ptr=None, ts_ptr=None, tnw_ptr=None,
-    t_eps=0.0, HAS_TNW: tl.constexpr = False, TAIL_BLOCK: tl.constexpr = 1,
+    t_eps=0.0, HAS_TNW: tl.constexpr = False, TAIL_BLOCK: tl.constexpr = 1, TAIL_MODE: tl.constexpr = 1,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -168,10 +168,11 @@ def _gemv_kernel(
     loaded before the loop (the weights' before the PDL wait), so the last program's tail after its
     loop is arithmetic and the store, not a further round trip to memory.
 
-    TAIL (`NormTail`): the program that stores the launch's last output tile (an acq_rel arrival
-    counter after the tiles' stores, as split-K's merge) adds the residual to the output rows,
-    RMS-normalizes and quantizes them (quant.quant_row, the row kernel's own body), so the next
-    GEMM's input needs no row kernel launch of its own."""
+    TAIL (`RowTail`): the program that stores the launch's last output tile (an acq_rel arrival
+    counter after the tiles' stores, as split-K's merge) makes the next GEMM's int8 rows of the
+    output, so that they need no row kernel launch of its own: TAIL_MODE 1 adds the residual,
+    RMS-normalizes and quantizes (quant.quant_row, the row kernel's own body), 2 quantizes
+    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.silu_quant_row)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -276,8 +277,11 @@ def _gemv_kernel(
             tl.debug_barrier()  # the program's stores before its arrival
             if tl.atomic_add(tail, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
                 for r in range(0, M):
-                    quant_row(y_ptr, tnw_ptr, tq_ptr, tsx_ptr, tsum_ptr, tr_ptr, ts_ptr, r, N, N, t_eps, 1, HAS_TNW,
-                              TAIL_BLOCK, True, True)
+                    if TAIL_MODE == 1:
+                        quant_row(y_ptr, tnw_ptr, tq_ptr, tsx_ptr, tsum_ptr, tr_ptr, ts_ptr, r, N, N, t_eps, 1,
+                                  HAS_TNW, TAIL_BLOCK, True, True)
+                    else:
+                        silu_quant_row(y_ptr, tq_ptr, tsx_ptr, tsum_ptr, r, N // 2, N, TAIL_BLOCK)
                 tl.atomic_xchg(tail, 0, sem="relaxed", scope="gpu")
 
 
@@ -286,32 +290,63 @@ def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
     return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
 
 
-class NormTail(NamedTuple):
-    """What a gemv launch's last program makes of its output rows y (the kernel's TAIL): s = y +
-    residual and the int8 rows of rmsnorm(s) * weight, as add_rmsnorm_quant computes them, into
-    the tensors given. The engine's batch-1 decode step hands a layer's o_proj and down_proj
-    output to the next norm and GEMM this way (QuantLinear.forward_norm)."""
+class RowTail(NamedTuple):
+    """What a gemv launch's last program makes of its output rows y (the kernel's TAIL), into the
+    tensors given: with `mode` quant._RMSNORM s = y + residual and the int8 rows of rmsnorm(s) *
+    weight, as add_rmsnorm_quant computes them; with quant._SILU_MUL the int8 rows of silu(gate) *
+    up of y's [gate | up] halves, as silu_mul_quant does. The engine's batch-1 decode step hands a
+    layer's o_proj and down_proj output to the next norm and GEMM this way
+    (QuantLinear.forward_norm), and gate/up's to down_proj (QuantLinear.forward_silu)."""
 
-    residual: torch.Tensor  # [M, N] like y
+    mode: int
+    residual: torch.Tensor | None  # [M, N] like y (the norm)
     weight: torch.Tensor | None  # [N] the norm's weight (None: folded away)
     eps: float
-    q: torch.Tensor  # [M, N] int8 out
+    q: torch.Tensor  # [M, N] (SiLU*mul: [M, N / 2]) int8 out
     scale: torch.Tensor  # [M] fp32 out
     xsum: torch.Tensor  # [M] fp32 out: scale * the row's code sum
-    s: torch.Tensor  # [M, N] out: y + residual in y's dtype
+    s: torch.Tensor | None  # [M, N] out: y + residual in y's dtype (the norm)
 
 
-def norm_tail(residual: torch.Tensor, weight: torch.Tensor | None, eps: float) -> NormTail:
-    """A NormTail with fresh outputs for rows like `residual` [M, N]."""
-    m = residual.shape[0]
-    dev = residual.device
-    return NormTail(residual, weight, float(eps), torch.empty(residual.shape, dtype=torch.int8, device=dev),
-                    torch.empty(m, dtype=torch.float32, device=dev), torch.empty(m, dtype=torch.float32, device=dev),
-                    torch.empty_like(residual))
+def _rows_out(m: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((m, width), dtype=torch.int8, device=device), torch.empty(m, dtype=torch.float32, device=device),
+            torch.empty(m, dtype=torch.float32, device=device))
+
+
+def norm_tail(residual: torch.Tensor, weight: torch.Tensor | None, eps: float) -> RowTail:
+    """A norm's RowTail with fresh outputs for rows like `residual` [M, N]."""
+    return RowTail(_RMSNORM, residual, weight, float(eps), *_rows_out(*residual.shape, residual.device),
+                   torch.empty_like(residual))
+
+
+def silu_tail(m: int, n: int, device) -> RowTail:
+    """A SiLU*mul RowTail with fresh outputs for [M, N] rows of [gate | up]."""
+    return RowTail(_SILU_MUL, None, None, 0.0, *_rows_out(m, n // 2, device), None)
+
+
+# channels a step of the SiLU*mul tail (quant.silu_quant_row): a gate/up row of 14,336 outputs is
+# too wide for one program's registers
+SILU_TAIL_CHUNK = 2048
+
+
+def _tail_args(tail: RowTail, y: torch.Tensor) -> dict:
+    """The kernel's TAIL arguments for `tail` on the output y [M, N], checked."""
+    M, N = y.shape
+    if tail.mode == _SILU_MUL:
+        if N % 2 or tail.q.shape != (M, N // 2):
+            raise ValueError(f"a SiLU*mul tail takes [gate | up] rows, [M, N / 2] codes; got {tuple(y.shape)}, "
+                             f"{tuple(tail.q.shape)}")
+        return dict(TAIL=True, TAIL_MODE=2, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum,
+                    TAIL_BLOCK=min(SILU_TAIL_CHUNK, triton.next_power_of_2(N // 2)))
+    if tail.residual.shape != y.shape or tail.q.shape != y.shape:
+        raise ValueError(f"a norm tail takes rows like the output {tuple(y.shape)}, got {tuple(tail.residual.shape)}")
+    return dict(TAIL=True, TAIL_MODE=1, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum,
+                tr_ptr=tail.residual.contiguous(), ts_ptr=tail.s, tnw_ptr=tail.weight, t_eps=tail.eps,
+                HAS_TNW=tail.weight is not None, TAIL_BLOCK=triton.next_power_of_2(N))
 
 
 def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
-                act: ActInput | None = None, K: int = 0, tail: NormTail | None = None) -> None:
+                act: ActInput | None = None, K: int = 0, tail: RowTail | None = None) -> None:
     """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w; with
     `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's); with
     `tail`, its outputs filled from y by the launch's last program."""
@@ -336,11 +371,7 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
     ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
     cnt = arrival_counters(y.device, tiles + 1) if split > 1 or tail is not None else y  # + the tail's
     if tail is not None:
-        if tail.residual.shape != y.shape or tail.q.shape != y.shape:
-            raise ValueError(f"a norm tail takes rows like the output {tuple(y.shape)}, got {tuple(tail.residual.shape)}")
-        acts.update(TAIL=True, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum, tr_ptr=tail.residual.contiguous(),
-                    ts_ptr=tail.s, tnw_ptr=tail.weight, t_eps=tail.eps, HAS_TNW=tail.weight is not None,
-                    TAIL_BLOCK=triton.next_power_of_2(N))
+        acts.update(_tail_args(tail, y))
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
     _gemv_kernel[(tiles, split)](

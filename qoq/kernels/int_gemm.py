@@ -35,8 +35,8 @@ from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemv import (
-    NormTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed, prefetch_line_l2,
-    store_split, token_scales, weight_scales,
+    RowTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed, prefetch_line_l2,
+    silu_tail, store_split, token_scales, weight_scales,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -51,7 +51,7 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
 )
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.quant import (
-    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_triton,
+    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_quant_triton, silu_mul_triton,
 )
 
 try:
@@ -423,27 +423,48 @@ def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> 
 
 
 def quantizes_output(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
-    """Whether a GEMM of this size hands its output rows to the norm after it quantized
-    (`gemm_norm_tail`): decode-sized M on a GPU whose plan is a gemv (gemm_plan.norm_tail_allowed)."""
+    """Whether a GEMM of this size hands its output rows to the next GEMM quantized, the norm or
+    SiLU*mul between them done by its last program (`gemm_norm_tail`, `gemm_silu_tail`): one token
+    on a GPU whose plan is a gemv (gemm_plan.norm_tail_allowed)."""
     if not gemm_plan_mod.norm_tail_allowed(M) or device.type != "cuda" or triton is None:
         return False
     return select_plan(M, N, K, mode, device).kernel == "gemv"
 
 
 def gemm_norm_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, residual, weight, eps: float,
-                   config: GemmPlan | dict | None = None) -> NormTail:
+                   config: GemmPlan | dict | None = None) -> RowTail:
     """add_rmsnorm_quant(int8_gemm_triton(x8, ...), residual, weight, eps) with its residual sum:
     on a gemv plan the GEMM's last program does the norm (its TAIL), one launch in all; other
     plans (or bases a gemv cannot read as words) run the GEMM and the row kernel."""
     M, K = x8.shape
     N = w.shape[0]
     plan = _as_plan(config, M, N, K, mode, x8.device)
-    if plan.kernel != "gemv" or not gemv_alignment_ok(x8, w) or M > gemm_plan_mod.NORM_TAIL_MAX_M:
+    if not _tail_runs(plan, x8, w):
         y = int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan)
         q, scale, total, s = add_rmsnorm_quant_triton(y.to(residual.dtype), residual, weight, eps)
-        return NormTail(residual, weight, float(eps), q, scale, total, s)
-    y = torch.empty((M, N), dtype=torch.float16, device=x8.device)
-    tail = norm_tail(residual, weight, eps)
+        return norm_tail(residual, weight, eps)._replace(q=q, scale=scale, xsum=total, s=s)
+    return _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, norm_tail(residual, weight, eps))
+
+
+def gemm_silu_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | dict | None = None) -> RowTail:
+    """silu_mul_quant(int8_gemm_triton(x8, ...)) of [gate | up] weight rows (its q, scale, xsum):
+    on a gemv plan the GEMM's last program quantizes silu(gate) * up (its TAIL), one launch in all;
+    other plans (or bases a gemv cannot read as words) run the GEMM and the row kernel."""
+    M, K = x8.shape
+    N = w.shape[0]
+    plan = _as_plan(config, M, N, K, mode, x8.device)
+    if not _tail_runs(plan, x8, w):
+        q, scale, total = silu_mul_quant_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan))
+        return silu_tail(M, N, x8.device)._replace(q=q, scale=scale, xsum=total)
+    return _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, silu_tail(M, N, x8.device))
+
+
+def _tail_runs(plan: GemmPlan, x8: torch.Tensor, w: torch.Tensor) -> bool:
+    return plan.kernel == "gemv" and gemv_alignment_ok(x8, w) and x8.shape[0] <= gemm_plan_mod.NORM_TAIL_MAX_M
+
+
+def _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, plan: GemmPlan, tail: RowTail) -> RowTail:
+    y = torch.empty((x8.shape[0], w.shape[0]), dtype=torch.float16, device=x8.device)
     launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, x8.is_cuda if plan.fast is None else plan.fast, tail=tail)
     return tail
 

@@ -144,6 +144,36 @@ def quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, str
         tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
 
 
+@lazy_jit.helper
+def silu_quant_row(x_ptr, q_ptr, scale_ptr, sum_ptr, row, H, stride_x, CHUNK: tl.constexpr):
+    """quant_row's SiLU*mul (MODE 2) for a row wider than one program should hold in registers:
+    CHUNK channels a step, the row's max |silu(g) * u| first, then its codes (the product computed
+    again, the same expression, so the codes, scale and sum are the row kernel's bit for bit)."""
+    offs = tl.arange(0, CHUNK)
+    row = tl.cast(row, tl.int64)
+    base = x_ptr + row * stride_x
+    amax = tl.zeros((CHUNK,), tl.float32)
+    for c in range(0, H, CHUNK):
+        mask = c + offs < H
+        g = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(g / (1.0 + tl.exp(-g)) * u))
+    scale = tl.max(amax, axis=0) / 127.0
+    safe = tl.where(scale > 0, scale, 1.0)
+    total = tl.zeros((CHUNK,), tl.float32)
+    for c in range(0, H, CHUNK):
+        mask = c + offs < H
+        g = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
+        r = g / (1.0 + tl.exp(-g)) * u / safe
+        r = (r + 12582912.0) - 12582912.0
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * H + c + offs, r.to(tl.int8), mask=mask)
+        total += r
+    tl.store(scale_ptr + row, scale)
+    tl.store(sum_ptr + row, tl.sum(total, axis=0) * scale)
+
+
 @lazy_jit
 def _row_quant_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,

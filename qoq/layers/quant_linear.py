@@ -146,8 +146,9 @@ class QuantLinear(nn.Module):
         return x8, x_scale, x_sum, lead, dtype
 
     def quantizes_output(self, num_tokens: int, dtype: torch.dtype) -> bool:
-        """Whether this layer's GEMM hands its output to the norm after it quantized, the norm's
-        residual add, RMSNorm and int8 rows done by its last program (`forward_norm`): a gemv plan
+        """Whether this layer's GEMM hands its output to the next quantized GEMM as int8 rows, the
+        norm's residual add and RMSNorm (`forward_norm`) or a gate/up projection's SiLU*mul
+        (`forward_silu`) done by its last program: a gemv plan
         at one token on a GPU (int_gemm.quantizes_output), not under the batch-invariant mode (the
         program's sums run in another order than the row kernel's), for fp16 / fp32 rows (the
         GEMM's fp16 output is then what the row kernel would have read)."""
@@ -168,6 +169,16 @@ class QuantLinear(nn.Module):
         flat = residual.reshape(-1, self.out_features)
         tail = int_gemm.gemm_norm_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, flat, weight, eps)
         return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype), tail.s.view(residual.shape)
+
+    def forward_silu(self, x: torch.Tensor | QuantizedActivation | DeferredActivation) -> QuantizedActivation:
+        """The int8 rows of silu(gate) * up of this [gate | up] projection's output, as
+        silu_mul_quantized gives them for down_proj, in one launch where `quantizes_output`
+        (int_gemm.gemm_silu_tail)."""
+        if isinstance(x, DeferredActivation):
+            x = x.quantized()
+        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
+        tail = int_gemm.gemm_silu_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode)
+        return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype)
 
     def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
         y = y.to(dtype)

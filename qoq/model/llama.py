@@ -80,6 +80,9 @@ class MLP(nn.Module):
             # SiLU*mul in the gate/up GEMM's epilogue (W4 on Hopper at large M): the [M, 2I] gate_up
             # is never written; down_proj quantizes the [M, I] product itself.
             return self._down(self.gate_up_proj(x, silu_mul=True), norm)
+        if accepts_int8(self.down_proj) and quantizes_output(self.gate_up_proj, num_rows(x), x.dtype):
+            # one token on a gemv plan: the GEMM's last program quantizes silu(gate) * up for down_proj
+            return self._down(self.gate_up_proj.forward_silu(x), norm)
         gate_up = self.gate_up_proj(x)
         if accepts_int8(self.down_proj):  # SiLU*mul and the int8 quantization in one kernel
             return self._down(silu_mul_quantized(gate_up), norm)
@@ -135,8 +138,12 @@ class DecoderLayer(nn.Module):
 def norm_tail(producer: nn.Module, consumer: nn.Module, rows: int, dtype: torch.dtype) -> bool:
     """Whether `producer`'s GEMM runs the norm between it and the quantized `consumer` in its last
     program (QuantLinear.quantizes_output) for a batch of `rows` tokens."""
-    ask = getattr(producer, "quantizes_output", None)
-    return ask is not None and accepts_int8(consumer) and ask(rows, dtype)
+    return accepts_int8(consumer) and quantizes_output(producer, rows, dtype)
+
+
+def quantizes_output(linear: nn.Module, rows: int, dtype: torch.dtype) -> bool:
+    ask = getattr(linear, "quantizes_output", None)
+    return ask is not None and ask(rows, dtype)
 
 
 class LlamaModel(nn.Module):

@@ -731,15 +731,7 @@ def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison)
     from qoq.kernels.quant import add_rmsnorm_quant_triton
 
     k, n = 512, 96  # N not a power of two: the tail's block is masked
-    if kind == "w8a8":
-        x8, sx, xsum = random_activations(1, k, device, gen)
-        ops, mode = (x8, sx, xsum) + w8_weights(n, k, device, gen) + (None, None), MODE_W8
-    elif kind == "g128":
-        x8, sx, w, s1, s2, sz = g128_case(1, n, k, device, gen)
-        ops, mode = (x8, sx, None, w, s1, s2, sz), MODE_W4_G128
-    else:
-        x8, sx, xsum, w, s1, szero = per_channel_case(1, n, k, device, gen)
-        ops, mode = (x8, sx, xsum, w, s1, None, szero), MODE_W4_PER_CHANNEL
+    ops, mode = _one_token_case(kind, n, k, device, gen)
     residual = torch.randn(1, n, generator=gen).half().to(device)
     weight = (torch.rand(n, generator=gen) + 0.5).half().to(device)
     plan = GemmPlan("gemv", 1, 32, split_k=split, unroll=1)
@@ -749,3 +741,36 @@ def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison)
         assert torch.equal(got.s, want[3])
         assert int((got.q.int() - want[0].int()).abs().max()) <= 1 and int((got.q != want[0]).sum()) <= 1
         assert rel_err(got.scale, want[1]) < 1e-6 and rel_err(got.xsum, want[2]) < 1e-2
+
+
+def _one_token_case(kind: str, n: int, k: int, device, gen):
+    """(the GEMM's operands, its mode) for one token of random codes against [n, k] weights."""
+    if kind == "w8a8":
+        x8, sx, xsum = random_activations(1, k, device, gen)
+        return (x8, sx, xsum) + w8_weights(n, k, device, gen) + (None, None), MODE_W8
+    if kind == "g128":
+        x8, sx, w, s1, s2, sz = g128_case(1, n, k, device, gen)
+        return (x8, sx, None, w, s1, s2, sz), MODE_W4_G128
+    x8, sx, xsum, w, s1, szero = per_channel_case(1, n, k, device, gen)
+    return (x8, sx, xsum, w, s1, None, szero), MODE_W4_PER_CHANNEL
+
+
+@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_silu_tail_matches_the_row_kernel(kind, split, device, gen, poison, monkeypatch):
+    """gemm_silu_tail: the gemv's last program quantizes silu(gate) * up of its [gate | up] output
+    row, as the GEMM then the row kernel (silu_mul_quant) do, bit for bit: here 32 channels a step,
+    so the 48-wide product takes a whole step and a masked one. Twice (its counter resets), and a
+    non-gemv plan takes the two-kernel path."""
+    from qoq.kernels import gemv
+    from qoq.kernels.int_gemm import gemm_silu_tail, int8_gemm_triton
+    from qoq.kernels.quant import silu_mul_quant_triton
+
+    monkeypatch.setattr(gemv, "SILU_TAIL_CHUNK", 32)
+    ops, mode = _one_token_case(kind, 96, 512, device, gen)
+    plan = GemmPlan("gemv", 1, 32, split_k=split, unroll=1)
+    want = silu_mul_quant_triton(int8_gemm_triton(*ops, mode, plan))
+    for config in (plan, plan, GemmPlan("reg_a", 8, 64)):
+        got = gemm_silu_tail(*ops, mode, config=config)
+        assert got.q.shape == (1, 48) and torch.equal(got.q, want[0]), config
+        assert torch.equal(got.scale, want[1]) and rel_err(got.xsum, want[2]) < 1e-6
