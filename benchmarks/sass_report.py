@@ -48,6 +48,9 @@ def decode_kernel(args):
     else:
         consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0,
                       stride_v=0, APPEND=False, HADAMARD=False, FENCE=False)
+    if args.quant:  # QuantRows: the last program of a sequence quantizes its output row
+        sig.update(qq_ptr="*i8", qs_ptr="*fp32", qsum_ptr="*fp32", rcnt_ptr="*i32")
+        consts.update(QUANT=True, QUANT_CHUNK=decode_attention.QUANT_CHUNK)
     if args.chains > 1:
         consts["CHAINS"] = args.chains
     elif args.swap:
@@ -85,6 +88,12 @@ def gemv_kernel(args):
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
+    if args.tail:  # RowTail: the last program's norm (1) or SiLU*mul (2) and int8 rows
+        sig.update(tq_ptr="*i8", tsx_ptr="*fp32", tsum_ptr="*fp32")
+        consts.update(TAIL=True, TAIL_MODE=args.tail, TAIL_BLOCK=4096 if args.tail == 1 else gemv.SILU_TAIL_CHUNK)
+        if args.tail == 1:
+            sig.update(tr_ptr="*fp16", ts_ptr="*fp16", tnw_ptr="*fp16", t_eps="fp32")
+            consts.update(HAS_TNW=True)
     return fn, sig, consts, ("N", "K", "stride_sg") + (("H",) if args.act else ()), args.warps or 4
 
 
@@ -189,6 +198,8 @@ def main() -> None:
                    "2 with the q/k Hadamard")
     p.add_argument("--early", type=int, default=0, help="EARLY (dispatch.pdl_early): decode, pages prefetched before "
                    "the PDL wait; gemm / gemv, > 0 the epilogue's scales loaded before the loop")
+    p.add_argument("--tail", type=int, default=0, help="gemv: the last program's RowTail (1 add + RMSNorm, 2 SiLU*mul)")
+    p.add_argument("--quant", type=int, default=0, help="decode: 1 the output rows quantized by the launch (QuantRows)")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

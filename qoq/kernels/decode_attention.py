@@ -25,6 +25,7 @@ from qoq.kernels.dispatch import (
     arrival_counters, dispatch, lazy_jit, output_like, pdl_early, pdl_enter, pdl_launch,
 )
 from qoq.kernels.gemv import prefetch_line_l2
+from qoq.kernels.quant import QuantRows, chunked_quant_row, quantize_per_token_ref
 from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
@@ -69,10 +70,12 @@ def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.flo
 
 
 def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                               num_splits=None, options=None, out=None, append: KVAppend | None = None):
+                               num_splits=None, options=None, out=None, append: KVAppend | None = None,
+                               quant: QuantRows | None = None):
     """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens.
     append: the step's new keys and values, rotated and written into the cache first (q unrotated),
-    as `rope_kv_write` would."""
+    as `rope_kv_write` would. quant (`QuantRows` [B, Hq * D]): also the output's per-token int8
+    rows, as quantize_per_token gives them (o_proj's input)."""
     _check(q, cache, block_tables, context_lens)
     if append is not None:
         q, _ = rope_kv_write_ref(q, append.k, append.v, append.positions, append.cos_sin_cache, append.slot_mapping,
@@ -86,7 +89,18 @@ def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_len
     scores = scores.masked_fill(t[None, None, :] >= context_lens[:, None, None].long(), -math.inf)
     p = torch.softmax(scores, dim=-1)
     result = torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
+    if quant is not None:
+        _check_quant(quant, q)
+        for dst, src in zip(quant, quantize_per_token_ref(result.reshape(q.shape[0], -1))):
+            dst.copy_(src)
     return result if out is None else output_like(q, out).copy_(result)
+
+
+def _check_quant(quant: QuantRows, q: torch.Tensor) -> None:
+    b, hq, d = q.shape
+    if quant.q.shape != (b, hq * d) or quant.q.dtype != torch.int8 or quant.scale.shape != (b,) or quant.xsum.shape != (b,):
+        raise ValueError(f"quant takes int8 rows [{b}, {hq * d}] and [{b}] scales and sums, got {tuple(quant.q.shape)} "
+                         f"{quant.q.dtype}, {tuple(quant.scale.shape)}, {tuple(quant.xsum.shape)}")
 
 
 # Inline PTX for the fast code -> fp16 unpack (pack=4: one 32-bit word of 4 code bytes per call).
@@ -307,12 +321,14 @@ def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, spl
     arrive at the (sequence, kv head) counter (acq_rel); the last split to arrive merges the
     partial outputs of the `used` splits that hold blocks by their log-sum-exps, in split order
     (deterministic), into the output rows of `head`, and resets the counter for the next call.
-    The partials are read MERGE_UNROLL splits at a time, so their L2 round trips overlap."""
+    The partials are read MERGE_UNROLL splits at a time, so their L2 round trips overlap.
+    Returns whether this program merged (the heads' output rows are then complete)."""
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
     tl.store(lse_ptr + (b * HQ + head) * num_splits + split, lse, mask=g_mask)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
+    merged = arrived == num_splits - 1
+    if merged:
         j = tl.arange(0, HALF)
         q_off = (b * HQ + head)[:, None] * D + j[None, :]
         sp = tl.arange(0, BLOCK_S)
@@ -338,6 +354,20 @@ def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, spl
         tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
+    return merged
+
+
+@lazy_jit.helper
+def _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    """QUANT (`QuantRows`): after a program completed the output rows of its kv head's query heads
+    (stored, or merged from the splits), it arrives at the sequence's counter (acq_rel); the last
+    of the sequence's HKV to arrive quantizes the sequence's whole output row [HQ * D] per token,
+    as quantize_per_token does (quant.chunked_quant_row), for o_proj, and resets the counter."""
+    tl.debug_barrier()  # the program's output stores before its arrival
+    if tl.atomic_add(rcnt_ptr + b, 1, sem="acq_rel", scope="gpu") == HKV - 1:
+        chunked_quant_row(o_ptr, qq_ptr, qs_ptr, qsum_ptr, b, HQ * D, HQ * D, False, CHUNK)
+        tl.atomic_xchg(rcnt_ptr + b, 0, sem="relaxed", scope="gpu")
 
 
 @lazy_jit
@@ -351,6 +381,7 @@ def _decode_kernel(
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     EARLY: tl.constexpr = 0,
+    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -453,6 +484,7 @@ def _decode_kernel(
     if not SPLIT:
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        done = True
     else:
         # Split-K in one launch: every split stores its partial output and log-sum-exp; the last
         # split of this (sequence, kv head) to arrive at its counter (acq_rel) merges them all
@@ -460,8 +492,11 @@ def _decode_kernel(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
         tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
-                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+        done = _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask,
+                             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+    if QUANT:
+        if done:
+            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
 
 
 @lazy_jit.helper
@@ -522,7 +557,8 @@ def _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i,
              num_splits, used, HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr,
              BLOCK_S: tl.constexpr, HI16: tl.constexpr, SPLIT: tl.constexpr):
     """The transposed kernels' end: O^T = (acc + z) / l stored as the output rows of `head`, or
-    as this split's partial output, merged by the last split to arrive (`_finish_split`)."""
+    as this split's partial output, merged by the last split to arrive (`_finish_split`); returns
+    whether the heads' output rows are complete (stored, or merged by this program)."""
     if HI16:
         acc_hi = acc_hi * 0.0625
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -531,12 +567,14 @@ def _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i,
     if not SPLIT:
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
+        done = True
     else:
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
         tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
-                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+        done = _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask,
+                             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
+    return done
 
 
 @lazy_jit
@@ -551,6 +589,7 @@ def _decode_kernel_t(
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     SKEW: tl.constexpr = False,
     EARLY: tl.constexpr = 0,
+    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -624,8 +663,11 @@ def _decode_kernel_t(
             acc_hi = tl.dot(v_hi, p16, acc_hi * alpha[None, :])
         m_i = m_new
 
-    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head, g_mask, j,
-             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
+    done = _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head,
+                    g_mask, j, num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
+    if QUANT:
+        if done:
+            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
 
 
 @lazy_jit
@@ -640,6 +682,7 @@ def _decode_kernel_c(
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
     EARLY: tl.constexpr = 0,
+    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
     num_warps is the plan's times CHAINS): chain c takes the split's blocks c, c + CHAINS, ... (counted
@@ -734,11 +777,15 @@ def _decode_kernel_c(
     acc_lo = tl.sum(acc_lo * w[:, None, :], axis=0)
     acc_hi = tl.sum(acc_hi * w[:, None, :], axis=0)
     m_i = m_all
-    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_sum, m_i, l_i, q_off, b, h, split, head, g_mask, j,
-             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
+    done = _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_sum, m_i, l_i, q_off, b, h, split, head,
+                    g_mask, j, num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
+    if QUANT:
+        if done:
+            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
 
 
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once
+QUANT_CHUNK = 1024  # channels a step of the output rows' quantization (`_quant_rows_tail`)
 EARLY_PAGES = 2  # pages of each split prefetched into L2 before the PDL wait (dispatch.pdl_early)
 
 
@@ -857,10 +904,12 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
                                   num_splits=None, options=None, out=None, append: KVAppend | None = None,
-                                  plan: DecodePlan | None = None):
+                                  plan: DecodePlan | None = None, quant: QuantRows | None = None):
     """plan: run this DecodePlan instead of the table's (the tuner's candidates). append
     (`KVAppend`): q comes unrotated and the step's new K / V are rotated and written by the launch
-    (`_load_q`, `_append`), so no `rope_kv_write` runs before it."""
+    (`_load_q`, `_append`), so no `rope_kv_write` runs before it. quant (`QuantRows`): the last
+    program to complete a sequence's heads also writes its output row's int8 codes
+    (`_quant_rows_tail`), so o_proj needs no row kernel before it."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -891,12 +940,17 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     if plan.deep_stages and cache.bits != 16 and splits == 1 and b * hkv >= plan.deep_min_programs:
         stages = plan.deep_stages
     out = output_like(q, out)
+    counters = arrival_counters(q.device, b * hkv + b) if splits > 1 or quant is not None else None
     if splits == 1:
         part, lse, cnt = out, out, context_lens
     else:
         part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
-        cnt = arrival_counters(q.device, b * hkv)
+        cnt = counters
+    if quant is not None:  # the sequences' counters after the (sequence, kv head) ones
+        _check_quant(quant, q)
+        fused.update(QUANT=True, qq_ptr=quant.q, qs_ptr=quant.scale, qsum_ptr=quant.xsum, rcnt_ptr=counters[b * hkv:],
+                     QUANT_CHUNK=min(QUANT_CHUNK, triton.next_power_of_2(hq * d)))
     meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
     meta = [m if m is not None else cache.k_cache for m in meta]
     swap = plan.transposed

@@ -27,7 +27,9 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
-from qoq.kernels.quant import _RMSNORM, _SILU_MUL, ActInput, act_block, act_codes, act_stats, quant_row, silu_quant_row
+from qoq.kernels.quant import (
+    _RMSNORM, _SILU_MUL, ActInput, QuantRows, act_block, act_codes, act_stats, chunked_quant_row, quant_row,
+)
 
 try:
     import triton
@@ -172,7 +174,7 @@ def _gemv_kernel(
     counter after the tiles' stores, as split-K's merge) makes the next GEMM's int8 rows of the
     output, so that they need no row kernel launch of its own: TAIL_MODE 1 adds the residual,
     RMS-normalizes and quantizes (quant.quant_row, the row kernel's own body), 2 quantizes
-    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.silu_quant_row)."""
+    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.chunked_quant_row)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -281,7 +283,7 @@ def _gemv_kernel(
                         quant_row(y_ptr, tnw_ptr, tq_ptr, tsx_ptr, tsum_ptr, tr_ptr, ts_ptr, r, N, N, t_eps, 1,
                                   HAS_TNW, TAIL_BLOCK, True, True)
                     else:
-                        silu_quant_row(y_ptr, tq_ptr, tsx_ptr, tsum_ptr, r, N // 2, N, TAIL_BLOCK)
+                        chunked_quant_row(y_ptr, tq_ptr, tsx_ptr, tsum_ptr, r, N // 2, N, True, TAIL_BLOCK)
                 tl.atomic_xchg(tail, 0, sem="relaxed", scope="gpu")
 
 
@@ -308,23 +310,18 @@ class RowTail(NamedTuple):
     s: torch.Tensor | None  # [M, N] out: y + residual in y's dtype (the norm)
 
 
-def _rows_out(m: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.empty((m, width), dtype=torch.int8, device=device), torch.empty(m, dtype=torch.float32, device=device),
-            torch.empty(m, dtype=torch.float32, device=device))
-
-
 def norm_tail(residual: torch.Tensor, weight: torch.Tensor | None, eps: float) -> RowTail:
     """A norm's RowTail with fresh outputs for rows like `residual` [M, N]."""
-    return RowTail(_RMSNORM, residual, weight, float(eps), *_rows_out(*residual.shape, residual.device),
+    return RowTail(_RMSNORM, residual, weight, float(eps), *QuantRows.empty(*residual.shape, residual.device),
                    torch.empty_like(residual))
 
 
 def silu_tail(m: int, n: int, device) -> RowTail:
     """A SiLU*mul RowTail with fresh outputs for [M, N] rows of [gate | up]."""
-    return RowTail(_SILU_MUL, None, None, 0.0, *_rows_out(m, n // 2, device), None)
+    return RowTail(_SILU_MUL, None, None, 0.0, *QuantRows.empty(m, n // 2, device), None)
 
 
-# channels a step of the SiLU*mul tail (quant.silu_quant_row): a gate/up row of 14,336 outputs is
+# channels a step of the SiLU*mul tail (quant.chunked_quant_row): a gate/up row of 14,336 outputs is
 # too wide for one program's registers
 SILU_TAIL_CHUNK = 2048
 

@@ -145,33 +145,54 @@ def quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, str
 
 
 @lazy_jit.helper
-def silu_quant_row(x_ptr, q_ptr, scale_ptr, sum_ptr, row, H, stride_x, CHUNK: tl.constexpr):
-    """quant_row's SiLU*mul (MODE 2) for a row wider than one program should hold in registers:
-    CHUNK channels a step, the row's max |silu(g) * u| first, then its codes (the product computed
-    again, the same expression, so the codes, scale and sum are the row kernel's bit for bit)."""
+def _chunk_of(base, c, offs, H, SILU: tl.constexpr):
+    mask = c + offs < H
+    x = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * u
+    return x, mask
+
+
+@lazy_jit.helper
+def chunked_quant_row(x_ptr, q_ptr, scale_ptr, sum_ptr, row, H, stride_x, SILU: tl.constexpr, CHUNK: tl.constexpr):
+    """quant_row's plain (MODE 0) or SiLU*mul (SILU, MODE 2) per-token quantization for a row wider
+    than one program should hold in registers: CHUNK channels a step, the row's max |y| first,
+    then its codes (y computed again by the same expression, so the codes, scale and sum are the
+    row kernel's bit for bit). The tails of decode kernels use it (a gemv's gate/up output, decode
+    attention's output rows)."""
     offs = tl.arange(0, CHUNK)
     row = tl.cast(row, tl.int64)
     base = x_ptr + row * stride_x
     amax = tl.zeros((CHUNK,), tl.float32)
     for c in range(0, H, CHUNK):
-        mask = c + offs < H
-        g = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(g / (1.0 + tl.exp(-g)) * u))
+        y, _ = _chunk_of(base, c, offs, H, SILU)
+        amax = tl.maximum(amax, tl.abs(y))
     scale = tl.max(amax, axis=0) / 127.0
     safe = tl.where(scale > 0, scale, 1.0)
     total = tl.zeros((CHUNK,), tl.float32)
     for c in range(0, H, CHUNK):
-        mask = c + offs < H
-        g = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
-        r = g / (1.0 + tl.exp(-g)) * u / safe
+        y, mask = _chunk_of(base, c, offs, H, SILU)
+        r = y / safe
         r = (r + 12582912.0) - 12582912.0
         r = tl.minimum(tl.maximum(r, -127.0), 127.0)
         tl.store(q_ptr + row * H + c + offs, r.to(tl.int8), mask=mask)
         total += r
     tl.store(scale_ptr + row, scale)
     tl.store(sum_ptr + row, tl.sum(total, axis=0) * scale)
+
+
+class QuantRows(NamedTuple):
+    """Per-token int8 rows as quantize_per_token gives them, for a kernel to write into."""
+
+    q: torch.Tensor  # [M, H] int8
+    scale: torch.Tensor  # [M] fp32
+    xsum: torch.Tensor  # [M] fp32: scale * the row's code sum
+
+    @classmethod
+    def empty(cls, m: int, width: int, device) -> "QuantRows":
+        return cls(torch.empty((m, width), dtype=torch.int8, device=device),
+                   torch.empty(m, dtype=torch.float32, device=device), torch.empty(m, dtype=torch.float32, device=device))
 
 
 @lazy_jit

@@ -50,10 +50,21 @@ class Attention(nn.Module):
         q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        out = attn(self.layer_idx, q, k, v, positions, rotary).reshape(batch, num_tokens, cfg.q_size)
+        if self._attention_quantizes(attn, q, batch * num_tokens):  # o_proj's int8 rows from attention itself
+            out = attn(self.layer_idx, q, k, v, positions, rotary, quantize=True)
+        else:
+            out = attn(self.layer_idx, q, k, v, positions, rotary).reshape(batch, num_tokens, cfg.q_size)
         if norm is not None:
             return norm[0].after(self.o_proj, out, norm[1])
         return all_reduce(self.o_proj(out), self.tp)
+
+    def _attention_quantizes(self, attn: AttentionBackend, q: torch.Tensor, rows: int) -> bool:
+        """Whether the backend hands o_proj its input as int8 rows (engine PagedAttention's
+        `quantizes_output`: decode attention's last program per sequence quantizes the row), where
+        o_proj takes int8 rows from a row kernel otherwise (not quantizing its input itself)."""
+        ask = getattr(attn, "quantizes_output", None)
+        return (ask is not None and accepts_int8(self.o_proj) and not quantizes_input(self.o_proj, rows)
+                and ask(q))
 
 
 class MLP(nn.Module):

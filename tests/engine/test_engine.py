@@ -169,23 +169,37 @@ def test_qk_hadamard_engine_agrees_with_the_reference_and_keeps_fp_scores(bundle
         assert not torch.allclose(rotated, plain)
 
 
-def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkeypatch):
-    """QOQ_DECODE_APPEND=1: steps of decodes alone hand the new K/V to decode attention
-    (KVAppend) instead of writing them first; the tokens are the same (q/k Hadamard, KV4)."""
+def _generate_with(monkeypatch, model, tok, env: str, keyword: str):
+    """(tokens without `env`, tokens with env=1, whether each decode attention call had `keyword`)
+    for three prompts of 12 generated tokens on a KV4 engine."""
     from qoq.engine import attention
 
-    _, tok = bundled
-    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
     prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     base = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-    appended = []
+    calls = []
     decode = attention.paged_decode_attention
     monkeypatch.setattr(attention, "paged_decode_attention",
-                        lambda *a, **kw: appended.append(kw.get("append") is not None) or decode(*a, **kw))
-    monkeypatch.setenv("QOQ_DECODE_APPEND", "1")
+                        lambda *a, **kw: calls.append(kw.get(keyword) is not None) or decode(*a, **kw))
+    monkeypatch.setenv(env, "1")
     fused = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-    assert any(appended) and [o.token_ids for o in fused] == [o.token_ids for o in base]
+    return [o.token_ids for o in base], [o.token_ids for o in fused], calls
+
+
+def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkeypatch):
+    """QOQ_DECODE_APPEND=1: steps of decodes alone hand the new K/V to decode attention
+    (KVAppend) instead of writing them first; the tokens are the same (q/k Hadamard, KV4)."""
+    model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
+    base, fused, appended = _generate_with(monkeypatch, model, bundled[1], "QOQ_DECODE_APPEND", "append")
+    assert any(appended) and fused == base
+
+
+def test_attention_quant_generates_what_the_row_kernel_path_does(bundled, monkeypatch):
+    """QOQ_ATTN_QUANT=1: steps of decodes alone get o_proj's int8 rows from decode attention's
+    launch (QuantRows) instead of a row kernel after it; the tokens are the same."""
+    model = tiny_quantized_model(G128, 4, torch.float32)
+    base, fused, quantized = _generate_with(monkeypatch, model, bundled[1], "QOQ_ATTN_QUANT", "quant")
+    assert any(quantized) and fused == base
 
 
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
