@@ -34,9 +34,10 @@
 #   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
 #             step at APPEND_BATCHES (64; batch 1 is slower with it, decode-b1-ab-h100.json) off and on,
 #             APPEND_REPS (2) times (append-<gpu>.json)
-#   fusions   the decode step's fused launches (QOQ_PDL_EARLY, QOQ_GEMV_TAIL, QOQ_ATTN_QUANT): their kernel tests, the
-#             GPU engine tests with all three on, then the batch-1 step under each and all (FUSION_CASES,
-#             FUSION_BATCHES (1), FUSION_REPS (2); fusions-<gpu>.json)
+#   fusions   the decode step's fused launches (QOQ_PDL_EARLY, QOQ_GEMV_TAIL's norm / silu / rope tails,
+#             QOQ_ATTN_QUANT): their kernel tests (FUSION_ENGINE_TESTS=1: the GPU engine tests with all on too),
+#             then the batch-1 step under each and all (FUSION_CASES, FUSION_BATCHES (1), FUSION_REPS (1);
+#             fusions-<gpu>.json)
 #   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)
 set -u
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|fusions|ab ..."; exit 2; }
@@ -215,11 +216,13 @@ PY
       tests/kernels/test_kv_cache.py tests/kernels/test_quant.py -k "early or tail or quantizes_its_output" \
       > "$out/test_fusions.log" 2>&1
     echo "fusion kernel tests: exit $? $(tail -1 "$out/test_fusions.log")"
-    QOQ_PDL_EARLY=1 QOQ_GEMV_TAIL=1 QOQ_ATTN_QUANT=1 timeout 300 python3 -m pytest -q -x tests/engine/test_gpu_engine.py \
-      > "$out/test_fusions_engine.log" 2>&1
-    echo "GPU engine tests with the three on: exit $? $(tail -1 "$out/test_fusions_engine.log")"
-    AB_CASES=${FUSION_CASES:-"base:QOQ_PDL_EARLY=0 early:QOQ_PDL_EARLY=1 tail:QOQ_GEMV_TAIL=1 aquant:QOQ_ATTN_QUANT=1 all:QOQ_PDL_EARLY=1,QOQ_GEMV_TAIL=1,QOQ_ATTN_QUANT=1"} \
-      AB_BATCHES=${FUSION_BATCHES:-1} AB_REPS=${FUSION_REPS:-2} ab_runs fusions ;;
+    if [ "${FUSION_ENGINE_TESTS:-0}" = 1 ]; then
+      QOQ_PDL_EARLY=1 QOQ_GEMV_TAIL=1 QOQ_ATTN_QUANT=1 timeout 300 python3 -m pytest -q -x \
+        tests/engine/test_gpu_engine.py > "$out/test_fusions_engine.log" 2>&1
+      echo "GPU engine tests with all on: exit $? $(tail -1 "$out/test_fusions_engine.log")"
+    fi
+    AB_CASES=${FUSION_CASES:-"base:QOQ_PDL_EARLY=0 early:QOQ_PDL_EARLY=1 norm:QOQ_GEMV_TAIL=norm silu:QOQ_GEMV_TAIL=silu rope:QOQ_GEMV_TAIL=rope aquant:QOQ_ATTN_QUANT=1 all:QOQ_PDL_EARLY=1,QOQ_GEMV_TAIL=1,QOQ_ATTN_QUANT=1"} \
+      AB_BATCHES=${FUSION_BATCHES:-1} AB_REPS=${FUSION_REPS:-1} ab_runs fusions ;;
   ab)
     ab_runs ab ;;
   *) echo "unknown part $part"; exit 2 ;;

@@ -88,7 +88,12 @@ def gemv_kernel(args):
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
-    if args.tail:  # RowTail: the last program's norm (1) or SiLU*mul (2) and int8 rows
+    if args.tail == 3:  # RopeTail: Llama-3-8B's qkv row, KV4 with the q/k Hadamard
+        code = "*u8"
+        sig.update(rp_pos="*i64", rp_cs="*fp32", rp_slot="*i64", rp_qo="*fp16", rp_kc=code, rp_vc=code, rp_ks="*fp16",
+                   rp_kz="*fp16", rp_vs="*fp16", rp_vz="*fp16", RP_HQ="i32", RP_HKV="i32", RP_PAGE="i32")
+        consts.update(TAIL=True, TAIL_MODE=3, RP_HALF=args.head_dim // 2, RP_BITS=4, RP_HADAMARD=True)
+    elif args.tail:  # RowTail: the last program's norm (1) or SiLU*mul (2) and int8 rows
         sig.update(tq_ptr="*i8", tsx_ptr="*fp32", tsum_ptr="*fp32")
         consts.update(TAIL=True, TAIL_MODE=args.tail, TAIL_BLOCK=4096 if args.tail == 1 else gemv.SILU_TAIL_CHUNK)
         if args.tail == 1:
@@ -198,7 +203,8 @@ def main() -> None:
                    "2 with the q/k Hadamard")
     p.add_argument("--early", type=int, default=0, help="EARLY (dispatch.pdl_early): decode, pages prefetched before "
                    "the PDL wait; gemm / gemv, > 0 the epilogue's scales loaded before the loop")
-    p.add_argument("--tail", type=int, default=0, help="gemv: the last program's RowTail (1 add + RMSNorm, 2 SiLU*mul)")
+    p.add_argument("--tail", type=int, default=0, help="gemv: the last program's RowTail (1 add + RMSNorm, 2 SiLU*mul), "
+                   "3 the kv heads' RopeTail")
     p.add_argument("--quant", type=int, default=0, help="decode: 1 the output rows quantized by the launch (QuantRows)")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)

@@ -30,6 +30,7 @@ from qoq.kernels import (
     prefill_attention,
     rope_kv_write,
 )
+from qoq.kernels.gemv import RopeTail
 from qoq.layers.activation import ROW_KERNELS_ONLY, QuantizedActivation
 
 
@@ -107,10 +108,24 @@ class PagedAttention:
         return (self.quant and md is not None and md.num_prefill_tokens == 0 and md.token_num_pages is None
                 and q.numel() > 0 and not ROW_KERNELS_ONLY.get())
 
+    def rope_tail(self, layer_idx: int, positions: torch.Tensor, rotary, num_heads: int) -> RopeTail | None:
+        """Where a step of one decode may have its qkv GEMM rotate q and write the new K/V itself
+        (QuantLinear.forward_rope, the model asks the projection first): the RopeTail for this
+        layer, whose q the call then takes with `written=True`; else None (prompt tokens, more
+        than one token, KVAppend, the batch-invariant mode)."""
+        md = self.metadata
+        if (self.append or md is None or md.num_prefill_tokens or md.token_num_pages is not None
+                or positions.numel() != 1 or ROW_KERNELS_ONLY.get()):
+            return None
+        cache = self.kv_cache[layer_idx]
+        q = torch.empty((1, num_heads, cache.head_dim), dtype=torch.float16, device=positions.device)
+        return RopeTail(positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache, q)
+
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None,
-                 quantize: bool = False) -> torch.Tensor | QuantizedActivation:
+                 quantize: bool = False, written: bool = False) -> torch.Tensor | QuantizedActivation:
         """-> attention output shaped as q; `out`: write it there (contiguous, q's shape); quantize
-        (where `quantizes_output`): its int8 rows [B, T] x (Hq * D) instead."""
+        (where `quantizes_output`): its int8 rows [B, T] x (Hq * D) instead; written (after the qkv
+        GEMM ran a `rope_tail`): q comes rotated and the new K/V are in the cache (k, v unread)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
@@ -119,14 +134,18 @@ class PagedAttention:
             if not self.quantizes_output(q):
                 raise ValueError("quantize=True needs a step of decodes alone (ask quantizes_output first)")
             rows = QuantRows.empty(batch * num_tokens, num_heads * head_dim, q.device)
-        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append:
+        if (md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append
+                and not written):
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,
                                    append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping),
                                    **({"quant": rows} if rows is not None else {}))
             return _result(out, rows, batch, num_tokens)
-        q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
+        if written:
+            q, k, v, cache = q.reshape(-1, num_heads, head_dim), None, None, self.kv_cache[layer_idx]
+        else:
+            q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
         # both kernels write their rows in place
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
@@ -173,6 +192,9 @@ class FlatAttention(PagedAttention):
 
     def quantizes_output(self, q: torch.Tensor) -> bool:
         return False
+
+    def rope_tail(self, layer_idx: int, positions: torch.Tensor, rotary, num_heads: int) -> RopeTail | None:
+        return None
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         md = self.metadata

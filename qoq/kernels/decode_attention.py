@@ -30,6 +30,7 @@ from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
     append_kv_head,
+    cache_meta,
     check_rope,
     dequantize_kv_ref,
     hadamard_halves,
@@ -951,8 +952,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         _check_quant(quant, q)
         fused.update(QUANT=True, qq_ptr=quant.q, qs_ptr=quant.scale, qsum_ptr=quant.xsum, rcnt_ptr=counters[b * hkv:],
                      QUANT_CHUNK=min(QUANT_CHUNK, triton.next_power_of_2(hq * d)))
-    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
-    meta = [m if m is not None else cache.k_cache for m in meta]
+    meta = cache_meta(cache)
     swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
     extra = {"SKEW": True} if swap and plan.skew else {}

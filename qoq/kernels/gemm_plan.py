@@ -264,15 +264,21 @@ def act_prologue_allowed(M: int) -> bool:
     return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "") != "0"
 
 
-# At most this many tokens a gemv GEMM followed by a norm does the norm's residual add, RMSNorm and
-# quantization in its last program (gemv.NormTail), one row after another.
-NORM_TAIL_MAX_M = 1
+# At most this many tokens a gemv GEMM hands its output to what follows it through its own
+# programs (gemv.RowTail, gemv.RopeTail), one row after another.
+GEMV_TAIL_MAX_M = 1
+GEMV_TAILS = ("norm", "silu", "rope")
 
 
-def norm_tail_allowed(M: int) -> bool:
-    """Whether a decode GEMM of M tokens may hand its rows to the next norm through its last
-    program (QOQ_GEMV_TAIL=1; off until the engine's step is timed with it on a GPU)."""
-    return M <= NORM_TAIL_MAX_M and os.environ.get("QOQ_GEMV_TAIL", "0") == "1"
+def gemv_tail_allowed(kind: str, M: int) -> bool:
+    """Whether a decode GEMM of M tokens may run the `kind` of work after it in its programs:
+    "norm" (o_proj, down_proj: the next norm's residual add, RMSNorm and int8 rows), "silu"
+    (gate/up: SiLU*mul and int8 rows), "rope" (qkv: RoPE and the KV cache write). QOQ_GEMV_TAIL=1
+    allows all, a comma-separated list those (off until the engine's step is timed on a GPU)."""
+    if M > GEMV_TAIL_MAX_M:
+        return False
+    value = os.environ.get("QOQ_GEMV_TAIL", "0")
+    return value == "1" or kind in value.split(",")
 
 
 def quantizing_kernel(plan: GemmPlan) -> bool:

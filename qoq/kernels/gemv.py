@@ -27,6 +27,7 @@ import torch
 
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
+from qoq.kernels.kv_cache import KVCacheLayer, cache_meta, rope_kv_group
 from qoq.kernels.quant import (
     _RMSNORM, _SILU_MUL, ActInput, QuantRows, act_block, act_codes, act_stats, chunked_quant_row, quant_row,
 )
@@ -154,6 +155,9 @@ def _gemv_kernel(
     PACKED: tl.constexpr = False, EARLY: tl.constexpr = False,
     TAIL: tl.constexpr = False, tq_ptr=None, tsx_ptr=None, tsum_ptr=None, tr_ptr=None, ts_ptr=None, tnw_ptr=None,
     t_eps=0.0, HAS_TNW: tl.constexpr = False, TAIL_BLOCK: tl.constexpr = 1, TAIL_MODE: tl.constexpr = 1,
+    rp_pos=None, rp_cs=None, rp_slot=None, rp_qo=None, rp_kc=None, rp_vc=None, rp_ks=None, rp_kz=None, rp_vs=None,
+    rp_vz=None, RP_HQ=1, RP_HKV=1, RP_PAGE=1, RP_HALF: tl.constexpr = 1, RP_BITS: tl.constexpr = 4,
+    RP_HADAMARD: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -174,7 +178,12 @@ def _gemv_kernel(
     counter after the tiles' stores, as split-K's merge) makes the next GEMM's int8 rows of the
     output, so that they need no row kernel launch of its own: TAIL_MODE 1 adds the residual,
     RMS-normalizes and quantizes (quant.quant_row, the row kernel's own body), 2 quantizes
-    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.chunked_quant_row)."""
+    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.chunked_quant_row).
+    TAIL_MODE 3 (`RopeTail`, one token's qkv row, BLOCK_N dividing the head dimension) is per kv
+    head instead: every tile arrives at its kv head's counter (after the tiles' ones), and the
+    last of the group's query, key and value tiles rotates the group's query heads and writes its
+    key and value into the KV cache (kv_cache.rope_kv_group), so no RoPE launch runs before
+    decode attention; the groups' tails run in parallel."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -273,7 +282,18 @@ def _gemv_kernel(
             y = y - szero * (xs_row * (pid_k == 0).to(tl.float32))
     done = store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k,
                        N.to(tl.int64) * M, SPLIT_K)
-    if TAIL:
+    if TAIL and TAIL_MODE == 3:
+        if done:
+            head = pid_n * BLOCK_N // (2 * RP_HALF)
+            grp = tl.where(head < RP_HQ, head // (RP_HQ // RP_HKV), (head - RP_HQ) % RP_HKV)
+            ctr = cnt_ptr + tl.num_programs(0) + grp
+            tl.debug_barrier()  # the program's stores before its arrival
+            last = (RP_HQ // RP_HKV + 2) * (2 * RP_HALF // BLOCK_N) - 1  # the group's q, k and v tiles
+            if tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") == last:
+                rope_kv_group(y_ptr, rp_pos, rp_cs, rp_slot, rp_qo, rp_kc, rp_vc, rp_ks, rp_kz, rp_vs, rp_vz, grp,
+                              RP_HQ, RP_HKV, RP_PAGE, RP_HALF, RP_BITS, RP_HADAMARD)
+                tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
+    elif TAIL:
         if done:
             tail = cnt_ptr + tl.num_programs(0)  # after the tiles' split-K counters
             tl.debug_barrier()  # the program's stores before its arrival
@@ -321,14 +341,44 @@ def silu_tail(m: int, n: int, device) -> RowTail:
     return RowTail(_SILU_MUL, None, None, 0.0, *QuantRows.empty(m, n // 2, device), None)
 
 
+class RopeTail(NamedTuple):
+    """What a one-token qkv gemv's programs make of its output row (the kernel's TAIL_MODE 3):
+    rope_kv_write's rotated queries into `q` [1, HQ, D] and the token's keys and values into
+    `cache` at slot_mapping[0], per kv head by the last of its tiles. The engine's batch-1 decode
+    step runs a layer's RoPE and KV write this way (QuantLinear.forward_rope)."""
+
+    positions: torch.Tensor  # [1] int64
+    cos_sin_cache: torch.Tensor  # [max positions, D]: cos | sin
+    slot_mapping: torch.Tensor  # [1] int64
+    cache: KVCacheLayer
+    q: torch.Tensor  # [1, HQ, D] out, the qkv output's dtype (fp16)
+
+
+def rope_tail_fits(plan: GemmPlan, head_dim: int) -> bool:
+    """Whether a gemv plan's tiles each hold one head's outputs (its block divides the head
+    dimension), as the per-kv-head RoPE tail counts them."""
+    return plan.kernel == "gemv" and head_dim % plan.block_n == 0
+
+
 # channels a step of the SiLU*mul tail (quant.chunked_quant_row): a gate/up row of 14,336 outputs is
 # too wide for one program's registers
 SILU_TAIL_CHUNK = 2048
 
 
-def _tail_args(tail: RowTail, y: torch.Tensor) -> dict:
+def _tail_args(tail: RowTail | RopeTail, y: torch.Tensor, plan: GemmPlan) -> dict:
     """The kernel's TAIL arguments for `tail` on the output y [M, N], checked."""
     M, N = y.shape
+    if isinstance(tail, RopeTail):
+        cache = tail.cache
+        _, hq, d = tail.q.shape
+        hkv = cache.num_kv_heads
+        if M != 1 or N != (hq + 2 * hkv) * d or not rope_tail_fits(plan, d) or tail.q.dtype != y.dtype:
+            raise ValueError(f"a RoPE tail takes one token's qkv row of {hq} + 2 x {hkv} heads of {d} in tiles "
+                             f"dividing a head (block_n {plan.block_n}), q in its dtype; got {tuple(y.shape)}")
+        return dict(TAIL=True, TAIL_MODE=3, rp_pos=tail.positions, rp_cs=tail.cos_sin_cache.contiguous(),
+                    rp_slot=tail.slot_mapping, rp_qo=tail.q, rp_kc=cache.k_cache, rp_vc=cache.v_cache,
+                    **dict(zip(("rp_ks", "rp_kz", "rp_vs", "rp_vz"), cache_meta(cache))), RP_HQ=hq, RP_HKV=hkv,
+                    RP_PAGE=cache.page_size, RP_HALF=d // 2, RP_BITS=cache.bits, RP_HADAMARD=cache.qk_hadamard)
     if tail.mode == _SILU_MUL:
         if N % 2 or tail.q.shape != (M, N // 2):
             raise ValueError(f"a SiLU*mul tail takes [gate | up] rows, [M, N / 2] codes; got {tuple(y.shape)}, "
@@ -343,7 +393,7 @@ def _tail_args(tail: RowTail, y: torch.Tensor) -> dict:
 
 
 def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
-                act: ActInput | None = None, K: int = 0, tail: RowTail | None = None) -> None:
+                act: ActInput | None = None, K: int = 0, tail: RowTail | RopeTail | None = None) -> None:
     """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w; with
     `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's); with
     `tail`, its outputs filled from y by the launch's last program."""
@@ -366,9 +416,10 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
     tiles = triton.cdiv(N, plan.block_n) * M
     ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
-    cnt = arrival_counters(y.device, tiles + 1) if split > 1 or tail is not None else y  # + the tail's
+    tail_counters = tail.cache.num_kv_heads if isinstance(tail, RopeTail) else 1  # after the tiles'
+    cnt = arrival_counters(y.device, tiles + tail_counters) if split > 1 or tail is not None else y
     if tail is not None:
-        acts.update(_tail_args(tail, y))
+        acts.update(_tail_args(tail, y, plan))
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
     _gemv_kernel[(tiles, split)](

@@ -35,8 +35,8 @@ from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
 from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
 from qoq.kernels.gemv import (
-    RowTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed, prefetch_line_l2,
-    silu_tail, store_split, token_scales, weight_scales,
+    RopeTail, RowTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed,
+    prefetch_line_l2, rope_tail_fits, silu_tail, store_split, token_scales, weight_scales,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -49,9 +49,11 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     fallback_plan,
     select_plan,
 )
+from qoq.kernels.kv_cache import rope_kv_write_triton
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
 from qoq.kernels.quant import (
-    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_quant_triton, silu_mul_triton,
+    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_quant_triton,
+    silu_mul_triton,
 )
 
 try:
@@ -425,10 +427,18 @@ def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> 
 def quantizes_output(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
     """Whether a GEMM of this size hands its output rows to the next GEMM quantized, the norm or
     SiLU*mul between them done by its last program (`gemm_norm_tail`, `gemm_silu_tail`): one token
-    on a GPU whose plan is a gemv (gemm_plan.norm_tail_allowed)."""
-    if not gemm_plan_mod.norm_tail_allowed(M) or device.type != "cuda" or triton is None:
+    on a GPU whose plan is a gemv (the callers ask gemm_plan.gemv_tail_allowed first)."""
+    if M > gemm_plan_mod.GEMV_TAIL_MAX_M or device.type != "cuda" or triton is None:
         return False
     return select_plan(M, N, K, mode, device).kernel == "gemv"
+
+
+def rotates_output(M: int, N: int, K: int, mode: int, device: torch.device, head_dim: int) -> bool:
+    """Whether a one-token qkv GEMM of this size runs RoPE and the KV write in its programs
+    (`gemm_rope_tail`): `quantizes_output`'s condition, with tiles that each hold one head's outputs."""
+    if M > gemm_plan_mod.GEMV_TAIL_MAX_M or device.type != "cuda" or triton is None:
+        return False
+    return rope_tail_fits(select_plan(M, N, K, mode, device), head_dim)
 
 
 def gemm_norm_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, residual, weight, eps: float,
@@ -459,11 +469,31 @@ def gemm_silu_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | di
     return _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, silu_tail(M, N, x8.device))
 
 
+def gemm_rope_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, tail: RopeTail,
+                   config: GemmPlan | dict | None = None) -> torch.Tensor:
+    """rope_kv_write of one token's qkv projection int8_gemm_triton(x8, ...) [1, (HQ + 2 HKV) D]:
+    tail.q (the rotated queries) filled and the token's keys and values written into tail.cache.
+    On a gemv plan whose tiles divide a head the GEMM's programs do it per kv head (its TAIL), one
+    launch in all; otherwise the GEMM and then the RoPE kernel."""
+    M, K = x8.shape
+    N = w.shape[0]
+    plan = _as_plan(config, M, N, K, mode, x8.device)
+    if not (_tail_runs(plan, x8, w) and rope_tail_fits(plan, tail.q.shape[2])):
+        y = int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan).to(tail.q.dtype)
+        _, hq, d = tail.q.shape
+        hkv = tail.cache.num_kv_heads
+        q, k, v = y.view(M, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
+        q_rot, _ = rope_kv_write_triton(q, k, v, tail.positions, tail.cos_sin_cache, tail.slot_mapping, tail.cache)
+        return tail.q.copy_(q_rot)
+    _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, tail)
+    return tail.q
+
+
 def _tail_runs(plan: GemmPlan, x8: torch.Tensor, w: torch.Tensor) -> bool:
-    return plan.kernel == "gemv" and gemv_alignment_ok(x8, w) and x8.shape[0] <= gemm_plan_mod.NORM_TAIL_MAX_M
+    return plan.kernel == "gemv" and gemv_alignment_ok(x8, w) and x8.shape[0] <= gemm_plan_mod.GEMV_TAIL_MAX_M
 
 
-def _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, plan: GemmPlan, tail: RowTail) -> RowTail:
+def _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, plan: GemmPlan, tail):
     y = torch.empty((x8.shape[0], w.shape[0]), dtype=torch.float16, device=x8.device)
     launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, x8.is_cuda if plan.fast is None else plan.fast, tail=tail)
     return tail

@@ -430,6 +430,31 @@ def append_kv_head(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_p
                    PAGE_SIZE, HALF, BITS)
 
 
+@lazy_jit.helper
+def rope_kv_group(y_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, g, HQ, HKV,
+                  PAGE_SIZE, HALF: tl.constexpr, BITS: tl.constexpr, HADAMARD: tl.constexpr):
+    """rope_kv_write for one token's fused qkv row y [(HQ + 2 HKV) * D] (the qkv GEMM's output) and
+    one kv head g: the query heads of g's group rotated (and x H) into qo [HQ, D], g's key and
+    value quantized into the cache. Tiles of 16 rows, as the rope kernel's at decode sizes (the
+    Hadamard's MMA needs 16; masked to the group's heads), so the bytes are that kernel's."""
+    D: tl.constexpr = 2 * HALF
+    group = HQ // HKV
+    _, _, q_off, qm, a1, a2 = _rope_tile(y_ptr, 0, pos_ptr, cs_ptr, 0, g * group, 1, (g + 1) * group, HALF, 16, 1)
+    if HADAMARD:
+        a1, a2 = hadamard_halves(a1, a2, HALF, False)
+    tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
+    tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
+    append_kv_head(y_ptr + HQ * D, y_ptr + (HQ + HKV) * D, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
+                   vs_ptr, vz_ptr, 0, g, HKV, PAGE_SIZE, 0, 0, HALF, BITS, HADAMARD, False)
+
+
+def cache_meta(cache: KVCacheLayer) -> list[torch.Tensor]:
+    """The cache's (k_scale, k_zero, v_scale, v_zero) as kernels take them (the codes where a
+    16-bit cache has none)."""
+    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
+    return [m if m is not None else cache.k_cache for m in meta]
+
+
 # Tokens per program: with the q/k Hadamard, 4 tokens share the +-1 matrix and make taller MMAs,
 # about twice as fast on the H100 as one token (benchmarks/results/rope-probe-h100.json).
 ROPE_TOKENS = {False: 1, True: 4}
@@ -462,8 +487,7 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     # The Hadamard is a tl.dot over the tile's rows, which needs at least 16 of them.
     min_heads = -(-16 // tok) if cache.qk_hadamard else 1
     block_hq = max(min_heads, triton.next_power_of_2(min(opts["HEADS"], hq)))
-    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
-    meta = [m if m is not None else cache.k_cache for m in meta]
+    meta = cache_meta(cache)
     _rope_kv_write_kernel[(triton.cdiv(t, tok), triton.cdiv(hq, block_hq) + 1)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
         cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),

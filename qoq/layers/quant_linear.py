@@ -18,7 +18,8 @@ from torch import nn
 
 from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
                          w4a8_per_channel_gemm, w8a8_gemm)
-from qoq.kernels.gemm_plan import act_prologue_allowed, norm_tail_allowed
+from qoq.kernels.gemm_plan import act_prologue_allowed, gemv_tail_allowed
+from qoq.kernels.gemv import RopeTail
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.kernels.quant import ACT_PLAIN, ActInput
@@ -145,15 +146,15 @@ class QuantLinear(nn.Module):
             x8 = F.pad(x8, (0, self.padded_in - self.in_features))
         return x8, x_scale, x_sum, lead, dtype
 
-    def quantizes_output(self, num_tokens: int, dtype: torch.dtype) -> bool:
+    def quantizes_output(self, num_tokens: int, dtype: torch.dtype, kind: str = "norm") -> bool:
         """Whether this layer's GEMM hands its output to the next quantized GEMM as int8 rows, the
-        norm's residual add and RMSNorm (`forward_norm`) or a gate/up projection's SiLU*mul
-        (`forward_silu`) done by its last program: a gemv plan
-        at one token on a GPU (int_gemm.quantizes_output), not under the batch-invariant mode (the
-        program's sums run in another order than the row kernel's), for fp16 / fp32 rows (the
-        GEMM's fp16 output is then what the row kernel would have read)."""
+        norm's residual add and RMSNorm (kind "norm", `forward_norm`) or a gate/up projection's
+        SiLU*mul ("silu", `forward_silu`) done by its last program: a gemv plan at one token on a
+        GPU (int_gemm.quantizes_output) where QOQ_GEMV_TAIL allows the kind, not under the
+        batch-invariant mode (the program's sums run in another order than the row kernel's), for
+        fp16 / fp32 rows (the GEMM's fp16 output is then what the row kernel would have read)."""
         if (self.bias is not None or dtype not in (torch.float16, torch.float32) or ROW_KERNELS_ONLY.get()
-                or not norm_tail_allowed(num_tokens)):
+                or not gemv_tail_allowed(kind, num_tokens)):
             return False
         device = next(self.buffers()).device
         return int_gemm.quantizes_output(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
@@ -169,6 +170,26 @@ class QuantLinear(nn.Module):
         flat = residual.reshape(-1, self.out_features)
         tail = int_gemm.gemm_norm_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, flat, weight, eps)
         return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype), tail.s.view(residual.shape)
+
+    def rotates_output(self, num_tokens: int, dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether this qkv projection's GEMM runs RoPE and the KV cache write of its output in its
+        own programs (`forward_rope`): `quantizes_output`'s one token on a gemv plan, with tiles
+        that each hold one head (QOQ_GEMV_TAIL's "rope"), for fp16 rows (what the RoPE kernel would
+        have read)."""
+        if (self.bias is not None or dtype != torch.float16 or ROW_KERNELS_ONLY.get()
+                or not gemv_tail_allowed("rope", num_tokens)):
+            return False
+        device = next(self.buffers()).device
+        return int_gemm.rotates_output(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device, head_dim)
+
+    def forward_rope(self, x: torch.Tensor | QuantizedActivation | DeferredActivation, tail: RopeTail) -> torch.Tensor:
+        """rope_kv_write of this qkv projection's output for one token: the rotated queries
+        (tail.q, [1, HQ, D]) returned, the keys and values written into tail.cache, in one launch
+        where `rotates_output` (int_gemm.gemm_rope_tail)."""
+        if isinstance(x, DeferredActivation):
+            x = x.quantized()
+        x8, x_scale, x_sum, _, _ = self._int8_rows(x)
+        return int_gemm.gemm_rope_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, tail)
 
     def forward_silu(self, x: torch.Tensor | QuantizedActivation | DeferredActivation) -> QuantizedActivation:
         """The int8 rows of silu(gate) * up of this [gate | up] projection's output, as

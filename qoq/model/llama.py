@@ -46,17 +46,34 @@ class Attention(nn.Module):
         instead, o_proj's GEMM doing the norm in its last program (QuantLinear.forward_norm)."""
         cfg = self.config
         batch, num_tokens = positions.shape
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
-        k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        if self._attention_quantizes(attn, q, batch * num_tokens):  # o_proj's int8 rows from attention itself
-            out = attn(self.layer_idx, q, k, v, positions, rotary, quantize=True)
+        rows = batch * num_tokens
+        tail = self._rope_tail(x, attn, positions, rotary, rows)
+        if tail is not None:  # one decode: the qkv GEMM's programs rotate q and write the new K/V
+            q = self.qkv_proj.forward_rope(x, tail).view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
+            k = v = None
+            written = {"written": True}
         else:
-            out = attn(self.layer_idx, q, k, v, positions, rotary).reshape(batch, num_tokens, cfg.q_size)
+            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.view(batch, num_tokens, cfg.num_heads, cfg.head_dim)
+            k = k.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            written = {}
+        if self._attention_quantizes(attn, q, rows):  # o_proj's int8 rows from attention itself
+            out = attn(self.layer_idx, q, k, v, positions, rotary, quantize=True, **written)
+        else:
+            out = attn(self.layer_idx, q, k, v, positions, rotary, **written).reshape(batch, num_tokens, cfg.q_size)
         if norm is not None:
             return norm[0].after(self.o_proj, out, norm[1])
         return all_reduce(self.o_proj(out), self.tp)
+
+    def _rope_tail(self, x, attn: AttentionBackend, positions: torch.Tensor, rotary: RotaryEmbedding, rows: int):
+        """The backend's RopeTail where qkv_proj's GEMM can run RoPE and the KV write itself
+        (QuantLinear.rotates_output: one token on a gemv plan; the engine's PagedAttention.rope_tail:
+        a step of that one decode), else None."""
+        ask, able = getattr(attn, "rope_tail", None), getattr(self.qkv_proj, "rotates_output", None)
+        if ask is None or able is None or self.tp is not None or not able(rows, x.dtype, self.config.head_dim):
+            return None
+        return ask(self.layer_idx, positions, rotary, self.config.num_heads)
 
     def _attention_quantizes(self, attn: AttentionBackend, q: torch.Tensor, rows: int) -> bool:
         """Whether the backend hands o_proj its input as int8 rows (engine PagedAttention's
@@ -91,7 +108,7 @@ class MLP(nn.Module):
             # SiLU*mul in the gate/up GEMM's epilogue (W4 on Hopper at large M): the [M, 2I] gate_up
             # is never written; down_proj quantizes the [M, I] product itself.
             return self._down(self.gate_up_proj(x, silu_mul=True), norm)
-        if accepts_int8(self.down_proj) and quantizes_output(self.gate_up_proj, num_rows(x), x.dtype):
+        if accepts_int8(self.down_proj) and quantizes_output(self.gate_up_proj, num_rows(x), x.dtype, "silu"):
             # one token on a gemv plan: the GEMM's last program quantizes silu(gate) * up for down_proj
             return self._down(self.gate_up_proj.forward_silu(x), norm)
         gate_up = self.gate_up_proj(x)
@@ -152,9 +169,9 @@ def norm_tail(producer: nn.Module, consumer: nn.Module, rows: int, dtype: torch.
     return accepts_int8(consumer) and quantizes_output(producer, rows, dtype)
 
 
-def quantizes_output(linear: nn.Module, rows: int, dtype: torch.dtype) -> bool:
+def quantizes_output(linear: nn.Module, rows: int, dtype: torch.dtype, kind: str = "norm") -> bool:
     ask = getattr(linear, "quantizes_output", None)
-    return ask is not None and ask(rows, dtype)
+    return ask is not None and ask(rows, dtype, kind)
 
 
 class LlamaModel(nn.Module):

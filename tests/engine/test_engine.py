@@ -202,6 +202,36 @@ def test_attention_quant_generates_what_the_row_kernel_path_does(bundled, monkey
     assert any(quantized) and fused == base
 
 
+def test_decode_tails_generate_what_the_separate_kernels_do(bundled, monkeypatch):
+    """One stream with QOQ_GEMV_TAIL=1 and QOQ_ATTN_QUANT=1 on gemv plans (forced, their tiles
+    dividing a head; the Triton kernels under the interpreter): each decode step's qkv GEMM
+    rotates q and writes the K/V (RopeTail), decode attention hands o_proj int8 rows, o_proj and
+    down_proj run the next norm and gate/up the SiLU*mul in their last programs; the tokens are
+    those of the separate kernels (q/k Hadamard, KV4, fp16)."""
+    from qoq.kernels import gemm_plan, int_gemm
+    from qoq.kernels.gemm_plan import GemmPlan
+
+    model = tiny_quantized_model(G128, 4, torch.float16, qk_hadamard=True)
+    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
+    real = int_gemm.select_plan
+    monkeypatch.setattr(int_gemm, "select_plan", lambda m, n, k, mode, device: GemmPlan("gemv", 1, 16, split_k=2)
+                        if m <= 4 else real(m, n, k, mode, device))
+    monkeypatch.setattr(int_gemm, "quantizes_output", lambda m, n, k, mode, device: m <= gemm_plan.GEMV_TAIL_MAX_M)
+    monkeypatch.setattr(int_gemm, "rotates_output", lambda m, n, k, mode, device, d: m <= gemm_plan.GEMV_TAIL_MAX_M)
+    ropes = []
+    rope = int_gemm.gemm_rope_tail
+    monkeypatch.setattr(int_gemm, "gemm_rope_tail", lambda *a, **kw: ropes.append(1) or rope(*a, **kw))
+    prompt = [torch.randint(1, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    base = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
+    assert not ropes
+    monkeypatch.setenv("QOQ_GEMV_TAIL", "1")
+    monkeypatch.setenv("QOQ_ATTN_QUANT", "1")
+    fused = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
+    assert len(ropes) == 2 * 5  # both layers of each decode step
+    assert fused[0].token_ids == base[0].token_ids
+
+
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype) if bits < 16 else x
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 from helpers import (
+    cos_sin_cache,
     g128_case,
     g128_weights,
     per_channel_case,
@@ -741,6 +742,54 @@ def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison)
         assert torch.equal(got.s, want[3])
         assert int((got.q.int() - want[0].int()).abs().max()) <= 1 and int((got.q != want[0]).sum()) <= 1
         assert rel_err(got.scale, want[1]) < 1e-6 and rel_err(got.xsum, want[2]) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["g128", "w8a8"])
+@pytest.mark.parametrize("bits,hadamard", [(4, True), (8, False), (16, True)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_rope_tail_matches_rope_kv_write(kind, bits, hadamard, split, device, gen):
+    """gemm_rope_tail: the qkv gemv's programs rotate each kv head's query group and write its key
+    and value into the cache (RopeTail: the last of the group's tiles), as the GEMM then
+    rope_kv_write do: the same rotated queries and the same cache bytes, the other slots kept.
+    Twice (its counters reset); a plan whose tiles straddle heads, or a non-gemv plan, takes
+    the two-kernel path; a qkv row of the wrong width is refused."""
+    from dataclasses import fields, replace
+
+    from qoq.kernels.gemv import RopeTail
+    from qoq.kernels.int_gemm import gemm_rope_tail, int8_gemm_triton
+    from qoq.kernels.kv_cache import allocate_kv_cache, rope_kv_write_triton
+
+    hq, hkv, d, page = 4, 2, 32, 16
+    ops, mode = _one_token_case(kind, (hq + 2 * hkv) * d, 256, device, gen)
+    cache = replace(allocate_kv_cache(1, 4, hkv, d, page_size=page, bits=bits, device=device)[0], qk_hadamard=hadamard)
+    for f in fields(cache):
+        t = getattr(cache, f.name)
+        if isinstance(t, torch.Tensor):
+            t.copy_(torch.randint(0, 100, t.shape, generator=gen).to(t.dtype))
+
+    def twin():
+        return replace(cache, **{f.name: getattr(cache, f.name).clone() for f in fields(cache)
+                                 if isinstance(getattr(cache, f.name), torch.Tensor)})
+
+    pos = torch.tensor([37], device=device)
+    slot = torch.tensor([2 * page + 5], device=device)
+    table = cos_sin_cache(64, d).to(device)
+    plan = GemmPlan("gemv", 1, 16, split_k=split, unroll=1)
+    want_cache = twin()
+    y = int8_gemm_triton(*ops, mode, plan)
+    q, k, v = y.view(1, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
+    want_q, _ = rope_kv_write_triton(q, k, v, pos, table, slot, want_cache)
+    for config in (plan, plan, GemmPlan("gemv", 1, 64, unroll=1), GemmPlan("reg_a", 8, 64)):
+        got_cache = twin()
+        tail = RopeTail(pos, table, slot, got_cache, torch.full((1, hq, d), float("nan"), device=device).half())
+        got_q = gemm_rope_tail(*ops, mode, tail, config=config)
+        assert got_q is tail.q and torch.equal(got_q, want_q), config
+        for f in fields(cache):
+            if isinstance(getattr(cache, f.name), torch.Tensor):
+                assert torch.equal(getattr(got_cache, f.name), getattr(want_cache, f.name)), (config, f.name)
+    bad = RopeTail(pos, table, slot, twin(), torch.empty((1, hq - 1, d), device=device).half())
+    with pytest.raises(ValueError, match="RoPE tail"):
+        gemm_rope_tail(*ops, mode, bad, config=plan)
 
 
 def _one_token_case(kind: str, n: int, k: int, device, gen):
