@@ -422,11 +422,31 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
         acts.update(_tail_args(tail, y, plan))
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
-    _gemv_kernel[(tiles, split)](
-        x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
-        s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
-        M, N, K, (s2.stride(0) if s2 is not None else 0),
-        MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), EARLY=pdl_early(), num_warps=plan.num_warps,
-        **launch, **acts,
-    )
+    args = (x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
+            s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
+            M, N, K, (s2.stride(0) if s2 is not None else 0))
+    meta = dict(MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
+                FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), EARLY=pdl_early(), num_warps=plan.num_warps,
+                **launch, **acts)
+    if tail is not None and y.is_cuda:
+        meta["maxnreg"] = _registers_without_tail((tiles, split), args, dict(meta, TAIL=False), plan)
+    _gemv_kernel[(tiles, split)](*args, **meta)
+
+
+_NO_TAIL_REGISTERS: dict = {}
+
+
+def _registers_without_tail(grid, args, meta: dict, plan: GemmPlan) -> int:
+    """The registers a thread of this launch's kernel takes without its tail (that variant
+    compiled once, not run): a tail's launch is capped there, so that the last program's extra
+    work (a norm over the whole row, a kv head's RoPE tile with its Hadamard MMA: up to 168
+    registers against 64) spills to local memory in that one program instead of lowering the
+    GEMM's occupancy (gate/up at one token on the H100 plan: 14 programs per SM at 67 registers,
+    10 at 96, a second wave)."""
+    key = (args[0].device, plan, tuple(sorted((k, v) for k, v in meta.items() if not isinstance(v, torch.Tensor))))
+    if key not in _NO_TAIL_REGISTERS:
+        kernel = _gemv_kernel.jitted.warmup(*args, grid=grid, **meta)
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel  # (an asynchronous compile)
+        kernel._init_handles()
+        _NO_TAIL_REGISTERS[key] = kernel.n_regs
+    return _NO_TAIL_REGISTERS[key]
