@@ -268,17 +268,23 @@ def act_prologue_allowed(M: int) -> bool:
 # programs (gemv.RowTail, gemv.RopeTail), one row after another.
 GEMV_TAIL_MAX_M = 1
 GEMV_TAILS = ("norm", "silu", "rope")
+# What QOQ_GEMV_TAIL=1 turns on. Not "silu": gate/up's row is 14,336 products for one program
+# of the plan's two warps, two passes of a division, an exponential and a rounding each, ~10,000
+# instructions a thread in its sm_90 build (sass_report.py gemv --tail 2), where the row kernel
+# spreads them over 16 warps: slower than the launch it saves, until a GPU says otherwise.
+GEMV_TAILS_ON = ("norm", "rope")
 
 
 def gemv_tail_allowed(kind: str, M: int) -> bool:
     """Whether a decode GEMM of M tokens may run the `kind` of work after it in its programs:
     "norm" (o_proj, down_proj: the next norm's residual add, RMSNorm and int8 rows), "silu"
     (gate/up: SiLU*mul and int8 rows), "rope" (qkv: RoPE and the KV cache write). QOQ_GEMV_TAIL=1
-    allows all, a comma-separated list those (off until the engine's step is timed on a GPU)."""
+    allows GEMV_TAILS_ON, a comma-separated list of kinds those (off until the engine's step is
+    timed on a GPU)."""
     if M > GEMV_TAIL_MAX_M:
         return False
     value = os.environ.get("QOQ_GEMV_TAIL", "0")
-    return value == "1" or kind in value.split(",")
+    return kind in (GEMV_TAILS_ON if value == "1" else value.split(","))
 
 
 def quantizing_kernel(plan: GemmPlan) -> bool:

@@ -225,7 +225,7 @@ def test_decode_tails_generate_what_the_separate_kernels_do(bundled, monkeypatch
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     base = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
     assert not ropes
-    monkeypatch.setenv("QOQ_GEMV_TAIL", "1")
+    monkeypatch.setenv("QOQ_GEMV_TAIL", "norm,silu,rope")
     monkeypatch.setenv("QOQ_ATTN_QUANT", "1")
     fused = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
     assert len(ropes) == 2 * 5  # both layers of each decode step

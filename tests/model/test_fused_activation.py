@@ -147,7 +147,7 @@ def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, prec
 
 @pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
 def test_gemv_norm_tails_match_the_row_kernels(monkeypatch, precision, group):
-    """One token with QOQ_GEMV_TAIL=1 on gemv plans (forced here; the Triton kernels under the
+    """One token with every QOQ_GEMV_TAIL kind on gemv plans (forced here; the Triton kernels under the
     interpreter): o_proj's GEMM runs the post-attention norm, gate/up's the SiLU*mul and layer 0's
     down_proj layer 1's input norm in their last programs, so gate/up, down_proj and layer 1's qkv
     get int8 rows without a row kernel; the output is the row kernels' path up to a code at a rounding tie. The last layer's
@@ -172,7 +172,7 @@ def test_gemv_norm_tails_match_the_row_kernels(monkeypatch, precision, group):
     with torch.no_grad():
         rows = model(ids)
         assert not tails and not silu  # QOQ_GEMV_TAIL unset
-        monkeypatch.setenv("QOQ_GEMV_TAIL", "1")
+        monkeypatch.setenv("QOQ_GEMV_TAIL", "norm,silu,rope")
         monkeypatch.setattr(int_gemm, "quantizes_output", lambda m, n, k, mode, device: m <= 1)
         fused = model(ids)
         # per layer o_proj's, and layer 0's down_proj (layer 1's goes to the final norm); gate/up's
