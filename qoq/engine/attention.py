@@ -12,6 +12,10 @@ on an H100 it is correct (the GPU engine tests pass with it on) but the batch-1 
 2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): every program rotates its q
 (RoPE and the q/k Hadamard) before its first score, and the one holding the last token also writes,
 fences and waits, all on a latency-bound step's critical path, which costs more than the launch saved.
+Two more fusions of a decode step, each off until a GPU A/B decides (docs/kernels.md): with
+QOQ_GEMV_TAIL's "rope" a step of one decode has its qkv GEMM rotate q and write the K/V
+(`rope_tail`, then `written=True`), and with QOQ_ATTN_QUANT=1 decode attention hands o_proj its
+int8 rows (`quantizes_output`, then `quantize=True`).
 """
 
 from __future__ import annotations
