@@ -439,11 +439,12 @@ def rope_kv_group(y_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, kc_ptr, vc_ptr, ks_p
     Hadamard's MMA needs 16; masked to the group's heads), so the bytes are that kernel's."""
     D: tl.constexpr = 2 * HALF
     group = HQ // HKV
-    _, _, q_off, qm, a1, a2 = _rope_tile(y_ptr, 0, pos_ptr, cs_ptr, 0, g * group, 1, (g + 1) * group, HALF, 16, 1)
-    if HADAMARD:
-        a1, a2 = hadamard_halves(a1, a2, HALF, False)
-    tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
-    tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
+    for h0 in range(g * group, (g + 1) * group, 16):  # (a group of more than 16 query heads: MQA)
+        _, _, q_off, qm, a1, a2 = _rope_tile(y_ptr, 0, pos_ptr, cs_ptr, 0, h0, 1, (g + 1) * group, HALF, 16, 1)
+        if HADAMARD:
+            a1, a2 = hadamard_halves(a1, a2, HALF, False)
+        tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
+        tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
     append_kv_head(y_ptr + HQ * D, y_ptr + (HQ + HKV) * D, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
                    vs_ptr, vz_ptr, 0, g, HKV, PAGE_SIZE, 0, 0, HALF, BITS, HADAMARD, False)
 

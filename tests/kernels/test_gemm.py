@@ -746,8 +746,8 @@ def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison)
 
 @pytest.mark.parametrize("kind", ["g128", "w8a8"])
 @pytest.mark.parametrize("bits,hadamard", [(4, True), (8, False), (16, True)])
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_rope_tail_matches_rope_kv_write(kind, bits, hadamard, split, device, gen):
+@pytest.mark.parametrize("split,hq,hkv", [(1, 4, 2), (2, 4, 2), (1, 20, 1)])  # 20 query heads a kv head: two tiles
+def test_gemv_rope_tail_matches_rope_kv_write(kind, bits, hadamard, split, hq, hkv, device, gen):
     """gemm_rope_tail: the qkv gemv's programs rotate each kv head's query group and write its key
     and value into the cache (RopeTail: the last of the group's tiles), as the GEMM then
     rope_kv_write do: the same rotated queries and the same cache bytes, the other slots kept.
@@ -759,7 +759,7 @@ def test_gemv_rope_tail_matches_rope_kv_write(kind, bits, hadamard, split, devic
     from qoq.kernels.int_gemm import gemm_rope_tail, int8_gemm_triton
     from qoq.kernels.kv_cache import allocate_kv_cache, rope_kv_write_triton
 
-    hq, hkv, d, page = 4, 2, 32, 16
+    d, page = 32, 16
     ops, mode = _one_token_case(kind, (hq + 2 * hkv) * d, 256, device, gen)
     cache = replace(allocate_kv_cache(1, 4, hkv, d, page_size=page, bits=bits, device=device)[0], qk_hadamard=hadamard)
     for f in fields(cache):
