@@ -24,8 +24,9 @@
 #   engine1   the engine's batch-1 step alone (qoq bench throughput)
 #   prologue  the GEMMs' input prologue on the GPU: its tests, then the batch-1 step with QOQ_ACT_PROLOGUE=0/1,
 #             PROLOGUE_REPS (2) times
-#   gemv      the CUDA-core gemv kernel: its GPU tests (GEMV_TESTS=0: none), then tune_kernels.py at M = 1 and 4 (GEMV_MS) into the
-#             table the parts after it use (tune-gemv-<gpu>.json, every timing in tune-gemv-results-<gpu>.json)
+#   gemv      the CUDA-core gemv kernel: its GPU tests (GEMV_TESTS=0: none), then tune_kernels.py at M = 1 and 4
+#             (GEMV_MS; TUNE_MODES, TUNE_ARGS) into the table the parts after it use (tune-gemv-<gpu>.json, every
+#             timing in tune-gemv-results-<gpu>.json)
 #   generate  qoq quantize + qoq generate of a random Llama-3-8B folder against the engine at batch 1
 #   atune     tune_kernels.py for decode attention only (its plan, latency plan and wide plan, KV4 and KV8)
 #             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
@@ -35,9 +36,9 @@
 #             step at APPEND_BATCHES (64; batch 1 is slower with it, decode-b1-ab-h100.json) off and on,
 #             APPEND_REPS (2) times (append-<gpu>.json)
 #   fusions   the decode step's fused launches (QOQ_PDL_EARLY, QOQ_GEMV_TAIL's norm / silu / rope tails,
-#             QOQ_ATTN_QUANT): their kernel tests (FUSION_ENGINE_TESTS=1: the GPU engine tests with all on too),
-#             then the batch-1 step under each and all (FUSION_CASES, FUSION_BATCHES (1), FUSION_REPS (1);
-#             fusions-<gpu>.json)
+#             QOQ_ATTN_QUANT): their kernel tests (FUSION_TESTS=0: none; FUSION_ENGINE_TESTS=1: the GPU engine
+#             tests with all on too), then the batch-1 step under each and all (FUSION_CASES, FUSION_BATCHES (1),
+#             FUSION_REPS (1); fusions-<gpu>.json)
 #   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)
 set -u
 [ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|fusions|ab ..."; exit 2; }
@@ -168,7 +169,7 @@ case "$part" in
       echo "gemv tests: exit $? $(tail -1 "$out/test_gemv.log")"
     fi
     # the decode points where the CUDA-core kernel competes (M <= 4), into the table for what follows
-    timeout 300 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${GEMV_BUDGET_S:-200} --ms ${GEMV_MS:-1,4} \
+    timeout 300 python3 benchmarks/tune_kernels.py --model qoq/configs/llama-3-8b.json --budget-s ${GEMV_BUDGET_S:-200} --ms ${GEMV_MS:-1,4} ${TUNE_ARGS:-} \
       --modes ${TUNE_MODES:-w4a8_g128,w4a8_per_channel,w8a8} --attention-bits "" --out "$out/tune-gemv-$gpu.json" \
       --results "$out/tune-gemv-results-$gpu.json" > "$out/tune-gemv.log" 2>&1
     rc=$?; echo "tune gemv: exit $rc"; grep -E "M=|tuned" "$out/tune-gemv.log" | tail -30
@@ -212,10 +213,12 @@ PY
     AB_CASES="off:QOQ_DECODE_APPEND=0 on:QOQ_DECODE_APPEND=1" AB_BATCHES=${APPEND_BATCHES:-64} AB_REPS=${APPEND_REPS:-2} \
       ab_runs append ;;
   fusions)
-    timeout 200 python3 -m pytest -q -x tests/kernels/test_gemm.py tests/kernels/test_attention.py \
-      tests/kernels/test_kv_cache.py tests/kernels/test_quant.py -k "early or tail or quantizes_its_output" \
-      > "$out/test_fusions.log" 2>&1
-    echo "fusion kernel tests: exit $? $(tail -1 "$out/test_fusions.log")"
+    if [ "${FUSION_TESTS:-1}" = 1 ]; then
+      timeout 200 python3 -m pytest -q -x tests/kernels/test_gemm.py tests/kernels/test_attention.py \
+        tests/kernels/test_kv_cache.py tests/kernels/test_quant.py -k "early or tail or quantizes_its_output" \
+        > "$out/test_fusions.log" 2>&1
+      echo "fusion kernel tests: exit $? $(tail -1 "$out/test_fusions.log")"
+    fi
     if [ "${FUSION_ENGINE_TESTS:-0}" = 1 ]; then
       QOQ_PDL_EARLY=1 QOQ_GEMV_TAIL=1 QOQ_ATTN_QUANT=1 timeout 300 python3 -m pytest -q -x \
         tests/engine/test_gpu_engine.py > "$out/test_fusions_engine.log" 2>&1
