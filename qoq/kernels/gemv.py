@@ -418,8 +418,6 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
     ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
     tail_counters = tail.cache.num_kv_heads if isinstance(tail, RopeTail) else 1  # after the tiles'
     cnt = arrival_counters(y.device, tiles + tail_counters) if split > 1 or tail is not None else y
-    if tail is not None:
-        acts.update(_tail_args(tail, y, plan))
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
     args = (x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
@@ -428,24 +426,27 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
     meta = dict(MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
                 FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), EARLY=pdl_early(), num_warps=plan.num_warps,
                 **launch, **acts)
-    if tail is not None and y.is_cuda:
-        meta["maxnreg"] = _registers_without_tail((tiles, split), args, dict(meta, TAIL=False), plan)
+    if tail is not None:
+        plain = meta
+        meta = dict(plain, **_tail_args(tail, y, plan))
+        if y.is_cuda:
+            meta["maxnreg"] = _registers_without_tail((tiles, split), args, plain, plan)
     _gemv_kernel[(tiles, split)](*args, **meta)
 
 
 _NO_TAIL_REGISTERS: dict = {}
 
 
-def _registers_without_tail(grid, args, meta: dict, plan: GemmPlan) -> int:
-    """The registers a thread of this launch's kernel takes without its tail (that variant
-    compiled once, not run): a tail's launch is capped there, so that the last program's extra
-    work (a norm over the whole row, a kv head's RoPE tile with its Hadamard MMA: up to 168
-    registers against 64) spills to local memory in that one program instead of lowering the
-    GEMM's occupancy (gate/up at one token on the H100 plan: 14 programs per SM at 67 registers,
-    10 at 96, a second wave)."""
-    key = (args[0].device, plan, tuple(sorted((k, v) for k, v in meta.items() if not isinstance(v, torch.Tensor))))
+def _registers_without_tail(grid, args, plain: dict, plan: GemmPlan) -> int:
+    """The registers a thread of this launch's kernel takes without its tail (the plain launch's
+    kernel, `plain` its arguments, compiled once and not run here): a tail's launch is capped
+    there, so that the last program's extra work (a norm over the whole row, a kv head's RoPE
+    tile with its Hadamard MMA: up to 168 registers against 64) spills to local memory in that one
+    program instead of lowering the GEMM's occupancy (gate/up at one token on the H100 plan: 14
+    programs per SM at 67 registers, 10 at 96, a second wave)."""
+    key = (args[0].device, plan, plain["MODE"], plain["FAST"], plain["PACKED"], plain["EARLY"], "PDL" in plain)
     if key not in _NO_TAIL_REGISTERS:
-        kernel = _gemv_kernel.jitted.warmup(*args, grid=grid, **meta)
+        kernel = _gemv_kernel.jitted.warmup(*args, grid=grid, **plain)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel  # (an asynchronous compile)
         kernel._init_handles()
         _NO_TAIL_REGISTERS[key] = kernel.n_regs

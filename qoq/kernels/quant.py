@@ -220,9 +220,11 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
     if residual is not None:
         residual = residual.contiguous()
         s = torch.empty_like(residual)
-    q = torch.empty((m, h), dtype=torch.int8 if quant else x.dtype, device=x.device)
-    scale = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
-    xsum = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
+    if quant:
+        q, scale, xsum = QuantRows.empty(m, h, x.device)
+    else:  # (empty scale / sum arguments: the kernel stores none)
+        q = torch.empty((m, h), dtype=x.dtype, device=x.device)
+        scale = xsum = torch.empty(0, dtype=torch.float32, device=x.device)
     if m > 0:
         block = triton.next_power_of_2(h)
         num_warps = max(1, min(16, block // 512))
