@@ -35,13 +35,9 @@
 #   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
 #             step at APPEND_BATCHES (64; batch 1 is slower with it, decode-b1-ab-h100.json) off and on,
 #             APPEND_REPS (2) times (append-<gpu>.json)
-#   fusions   the decode step's fused launches (QOQ_PDL_EARLY, QOQ_GEMV_TAIL's norm / silu / rope tails,
-#             QOQ_ATTN_QUANT): their kernel tests (FUSION_TESTS=0: none; FUSION_ENGINE_TESTS=1: the GPU engine
-#             tests with all on too), then the batch-1 step under each and all (FUSION_CASES, FUSION_BATCHES (1),
-#             FUSION_REPS (1); fusions-<gpu>.json)
 #   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)
 set -u
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|fusions|ab ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh tests|sizing|mixed|api|fp16|tune|prefill|features|e2e|kernels|b1|engine1|prologue|gemv|generate|atune|attention|dprobe|append|ab ..."; exit 2; }
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -212,20 +208,6 @@ PY
     echo "GPU engine tests with QOQ_DECODE_APPEND=1: exit $? $(tail -1 "$out/test_append_engine.log")"
     AB_CASES="off:QOQ_DECODE_APPEND=0 on:QOQ_DECODE_APPEND=1" AB_BATCHES=${APPEND_BATCHES:-64} AB_REPS=${APPEND_REPS:-2} \
       ab_runs append ;;
-  fusions)
-    if [ "${FUSION_TESTS:-1}" = 1 ]; then
-      timeout 200 python3 -m pytest -q -x tests/kernels/test_gemm.py tests/kernels/test_attention.py \
-        tests/kernels/test_kv_cache.py tests/kernels/test_quant.py -k "early or tail or quantizes_its_output" \
-        > "$out/test_fusions.log" 2>&1
-      echo "fusion kernel tests: exit $? $(tail -1 "$out/test_fusions.log")"
-    fi
-    if [ "${FUSION_ENGINE_TESTS:-0}" = 1 ]; then
-      QOQ_PDL_EARLY=1 QOQ_GEMV_TAIL=1 QOQ_ATTN_QUANT=1 timeout 300 python3 -m pytest -q -x \
-        tests/engine/test_gpu_engine.py > "$out/test_fusions_engine.log" 2>&1
-      echo "GPU engine tests with all on: exit $? $(tail -1 "$out/test_fusions_engine.log")"
-    fi
-    AB_CASES=${FUSION_CASES:-"base:QOQ_PDL_EARLY=0 early:QOQ_PDL_EARLY=1 norm:QOQ_GEMV_TAIL=norm silu:QOQ_GEMV_TAIL=silu rope:QOQ_GEMV_TAIL=rope aquant:QOQ_ATTN_QUANT=1 all:QOQ_PDL_EARLY=1,QOQ_GEMV_TAIL=1,QOQ_ATTN_QUANT=1"} \
-      AB_BATCHES=${FUSION_BATCHES:-1} AB_REPS=${FUSION_REPS:-1} ab_runs fusions ;;
   ab)
     ab_runs ab ;;
   *) echo "unknown part $part"; exit 2 ;;

@@ -40,7 +40,7 @@ def decode_kernel(args):
     consts = dict(GROUP=args.group, BLOCK_G=block_g, HALF=args.head_dim // 2, PAGE=args.page, BITS=args.bits,
                   SPLIT=args.split > 1, NUM_STAGES=args.stages, BLOCK_T=args.page, FAST=True,
                   BLOCK_S=decode_attention.MAX_SPLITS, BIASED=args.bits != 16, PDL=args.pdl > 0, MIN_BLOCKS=1,
-                  BIASED_V=args.biased_v > 0 and args.bits != 16, EARLY=args.early)
+                  BIASED_V=args.biased_v > 0 and args.bits != 16)
     if args.append:  # KVAppend: q rotated and the new token's K / V written by the launch (views of a qkv row)
         sig.update(k_ptr="*fp16", v_ptr="*fp16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64", stride_q="i32",
                    stride_k="i32", stride_v="i32")
@@ -48,9 +48,6 @@ def decode_kernel(args):
     else:
         consts.update(k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0,
                       stride_v=0, APPEND=False, HADAMARD=False, FENCE=False)
-    if args.quant:  # QuantRows: the last program of a sequence quantizes its output row
-        sig.update(qq_ptr="*i8", qs_ptr="*fp32", qsum_ptr="*fp32", rcnt_ptr="*i32")
-        consts.update(QUANT=True, QUANT_CHUNK=decode_attention.QUANT_CHUNK)
     if args.chains > 1:
         consts["CHAINS"] = args.chains
     elif args.swap:
@@ -67,8 +64,7 @@ def gemm_kernel(args):
     consts = dict(MODE=args.mode, BLOCK_M=args.block_m, BLOCK_N=args.block_n, SPLIT_K=args.split,
                   NUM_STAGES=args.stages, SWAP=True, FAST=True, UNROLL=args.unroll, PREFETCH=args.prefetch,
                   PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), PDL=args.pdl,
-                  ACT=args.act, HAS_NW=args.act >= 2, ACT_BLOCK=quant.act_block(4096, args.warps or 4),
-                  EARLY=args.early > 0)
+                  ACT=args.act, HAS_NW=args.act >= 2, ACT_BLOCK=quant.act_block(4096, args.warps or 4))
     if args.act:  # the rows quantized in the prologue (an fp16 input, its residual, norm weight, sum out)
         sig.update(xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
@@ -83,22 +79,11 @@ def gemv_kernel(args):
     consts = dict(MODE=args.mode, BLOCK_N=args.block_n, SPLIT_K=args.split, UNROLL=args.unroll,
                   NUM_STAGES=args.stages, FAST=True, PDL=args.pdl, ACT=args.act, HAS_NW=args.act >= 2,
                   ACT_BLOCK=quant.act_block(4096, args.warps or 4),
-                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4), EARLY=args.early > 0)
+                  PACKED=args.mode == int_gemm.MODE_W4_G128 and args.unroll in (2, 4))
     if args.act:  # the row quantized in the prologue into the codes buffer
         sig.update(xq_ptr="*i8", xf_ptr="*fp16", r_ptr="*fp16", nw_ptr="*fp16", s_ptr="*fp16", H="i32", eps="fp32")
     else:
         consts.update(xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0)
-    if args.tail == 3:  # RopeTail: Llama-3-8B's qkv row, KV4 with the q/k Hadamard
-        code = "*u8"
-        sig.update(rp_pos="*i64", rp_cs="*fp32", rp_slot="*i64", rp_qo="*fp16", rp_kc=code, rp_vc=code, rp_ks="*fp16",
-                   rp_kz="*fp16", rp_vs="*fp16", rp_vz="*fp16", RP_HQ="i32", RP_HKV="i32", RP_PAGE="i32")
-        consts.update(TAIL=True, TAIL_MODE=3, RP_HALF=args.head_dim // 2, RP_BITS=4, RP_HADAMARD=True)
-    elif args.tail:  # RowTail: the last program's norm (1) or SiLU*mul (2) and int8 rows
-        sig.update(tq_ptr="*i8", tsx_ptr="*fp32", tsum_ptr="*fp32")
-        consts.update(TAIL=True, TAIL_MODE=args.tail, TAIL_BLOCK=4096 if args.tail == 1 else gemv.SILU_TAIL_CHUNK)
-        if args.tail == 1:
-            sig.update(tr_ptr="*fp16", ts_ptr="*fp16", tnw_ptr="*fp16", t_eps="fp32")
-            consts.update(HAS_TNW=True)
     return fn, sig, consts, ("N", "K", "stride_sg") + (("H",) if args.act else ()), args.warps or 4
 
 
@@ -168,8 +153,7 @@ def report(kernel, dump: str | None) -> dict:
     memory_ops = [line for line in before.splitlines() if ".global" in line
                   and re.match(r"\s*(?:@%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.", line)]
     launch = ptx.find("griddepcontrol.launch_dependents")
-    writes = [line for line in memory_ops if not re.match(r"\s*(?:@%p\d+\s+)?ld\.", line)]
-    return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops), "writes_before_pdl_wait": len(writes),
+    return {"pdl_wait": wait >= 0, "memory_before_pdl_wait": len(memory_ops),
             "pdl_signal_after_wait": wait >= 0 and launch > wait,
             "prefetch_before_pdl_wait": before.count("prefetch.global.L2"),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
@@ -201,11 +185,6 @@ def main() -> None:
     p.add_argument("--chains", type=int, default=1, help="decode: > 1 the chained kernel (_decode_kernel_c), a warp each")
     p.add_argument("--append", type=int, default=0, help="decode: 1 the launch that writes the new K / V (KVAppend), "
                    "2 with the q/k Hadamard")
-    p.add_argument("--early", type=int, default=0, help="EARLY (dispatch.pdl_early): decode, pages prefetched before "
-                   "the PDL wait; gemm / gemv, > 0 the epilogue's scales loaded before the loop")
-    p.add_argument("--tail", type=int, default=0, help="gemv: the last program's RowTail (1 add + RMSNorm, 2 SiLU*mul), "
-                   "3 the kv heads' RopeTail")
-    p.add_argument("--quant", type=int, default=0, help="decode: 1 the output rows quantized by the launch (QuantRows)")
     p.add_argument("--warps", type=int, default=0, help="0: the launcher's default")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--dump", help="write the SASS here")

@@ -440,9 +440,7 @@ ATTENTION_KNOBS = {
     "block_t": (0, 32, 128),
     "programs_per_sm": (4, 8, 12, 16), "max_waves": (1, 2, 3, 4), "min_split_blocks": (1, 2, 4, 8),
     "deep_stages": (0, 3, 4), "biased": (False, True), "biased_v": (False, True), "skew": (False, True),
-    # 144: KV4's one-warp transposed program unspilled at 14 warps an SM instead of 12 (sm_90 build:
-    # 4% more loop instructions; 128 spills 40 bytes)
-    "maxnreg": (0, 128, 144, 168, 200),
+    "maxnreg": (0, 128, 168, 200),
 }
 ATTENTION_TOLERANCE = 5e-3
 KEEP = 0.98  # a knob change is kept where it makes the plan this much faster (geometric mean)

@@ -12,10 +12,6 @@ on an H100 it is correct (the GPU engine tests pass with it on) but the batch-1 
 2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): every program rotates its q
 (RoPE and the q/k Hadamard) before its first score, and the one holding the last token also writes,
 fences and waits, all on a latency-bound step's critical path, which costs more than the launch saved.
-Two more fusions of a decode step, each off until a GPU A/B decides (docs/kernels.md): with
-QOQ_GEMV_TAIL's "rope" a step of one decode has its qkv GEMM rotate q and write the K/V
-(`rope_tail`, then `written=True`), and with QOQ_ATTN_QUANT=1 decode attention hands o_proj its
-int8 rows (`quantizes_output`, then `quantize=True`).
 """
 
 from __future__ import annotations
@@ -28,14 +24,11 @@ import torch
 from qoq.kernels import (
     KVAppend,
     KVCacheLayer,
-    QuantRows,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_attention,
     rope_kv_write,
 )
-from qoq.kernels.gemv import RopeTail
-from qoq.layers.activation import ROW_KERNELS_ONLY, QuantizedActivation
 
 
 def paged_prefill(q, k, v, cache: KVCacheLayer, block_tables, cu_seqlens, kv_lens, scale, max_seqlen,
@@ -88,68 +81,25 @@ def decode_append() -> bool:
     return os.environ.get("QOQ_DECODE_APPEND") == "1"
 
 
-def attention_quant() -> bool:
-    """Whether steps of decodes alone hand o_proj int8 rows from decode attention's own launch
-    (QOQ_ATTN_QUANT=1; off until the engine's step is timed with it on a GPU)."""
-    return os.environ.get("QOQ_ATTN_QUANT", "0") == "1"
-
-
 class PagedAttention:
     def __init__(self, kv_cache: list[KVCacheLayer], head_dim: int) -> None:
         self.kv_cache = kv_cache
         self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
         self.append = decode_append()  # read once: the engine's setting, not a per-layer lookup
-        self.quant = attention_quant()
 
-    def quantizes_output(self, q: torch.Tensor) -> bool:
-        """Whether this step's call with `quantize=True` returns int8 rows (QuantizedActivation) for
-        an o_proj that takes them: a step of decodes alone, where on the Triton kernels the last
-        program to finish a sequence's heads quantizes its output row (paged_decode_attention's
-        `quant`), so no row kernel runs before o_proj; not in the batch-invariant mode. (Off CUDA the
-        reference twin quantizes the rows as o_proj would have.)"""
-        md = self.metadata
-        return (self.quant and md is not None and md.num_prefill_tokens == 0 and md.token_num_pages is None
-                and q.numel() > 0 and not ROW_KERNELS_ONLY.get())
-
-    def rope_tail(self, layer_idx: int, positions: torch.Tensor, rotary, num_heads: int) -> RopeTail | None:
-        """Where a step of one decode may have its qkv GEMM rotate q and write the new K/V itself
-        (QuantLinear.forward_rope, the model asks the projection first): the RopeTail for this
-        layer, whose q the call then takes with `written=True`; else None (prompt tokens, more
-        than one token, KVAppend, the batch-invariant mode)."""
-        md = self.metadata
-        if (self.append or md is None or md.num_prefill_tokens or md.token_num_pages is not None
-                or positions.numel() != 1 or ROW_KERNELS_ONLY.get()):
-            return None
-        cache = self.kv_cache[layer_idx]
-        q = torch.empty((1, num_heads, cache.head_dim), dtype=torch.float16, device=positions.device)
-        return RopeTail(positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping, cache, q)
-
-    def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None,
-                 quantize: bool = False, written: bool = False) -> torch.Tensor | QuantizedActivation:
-        """-> attention output shaped as q; `out`: write it there (contiguous, q's shape); quantize
-        (where `quantizes_output`): its int8 rows [B, T] x (Hq * D) instead; written (after the qkv
-        GEMM ran a `rope_tail`): q comes rotated and the new K/V are in the cache (k, v unread)."""
+    def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
+        """-> attention output shaped as q; `out`: write it there (contiguous, q's shape)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        rows = None
-        if quantize:
-            if not self.quantizes_output(q):
-                raise ValueError("quantize=True needs a step of decodes alone (ask quantizes_output first)")
-            rows = QuantRows.empty(batch * num_tokens, num_heads * head_dim, q.device)
-        if (md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append
-                and not written):
+        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append:
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,
-                                   append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping),
-                                   **({"quant": rows} if rows is not None else {}))
-            return _result(out, rows, batch, num_tokens)
-        if written:
-            q, k, v, cache = q.reshape(-1, num_heads, head_dim), None, None, self.kv_cache[layer_idx]
-        else:
-            q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
+                                   append=KVAppend(k, v, positions.reshape(-1), rotary.cos_sin_cache, md.slot_mapping))
+            return out.view(batch, num_tokens, num_heads, head_dim)
+        q, k, v, cache = self._write(layer_idx, q, k, v, positions, rotary)
         num_prefill = md.num_prefill_tokens
         # both kernels write their rows in place
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
@@ -161,8 +111,8 @@ class PagedAttention:
                           self.scale, md.max_seqlen, md.prefill_has_context, out=out[:n])
         if md.token_num_pages is None and num_prefill < q.shape[0]:
             paged_decode_attention(q[num_prefill:], cache, md.block_tables, md.context_lens, self.scale,
-                                   out=out[num_prefill:], **({"quant": rows} if rows is not None else {}))
-        return _result(out, rows, batch, num_tokens)
+                                   out=out[num_prefill:])
+        return out.view(batch, num_tokens, num_heads, head_dim)
 
     def _write(self, layer_idx, q, k, v, positions, rotary):
         """Rows flattened to [T, heads, head_dim], q and k rotated, K/V written to the pages at the
@@ -181,24 +131,12 @@ class PagedAttention:
                                    md.token_context_lens[i : i + 1], self.scale, out=out[i : i + 1])
 
 
-def _result(out: torch.Tensor, rows: QuantRows | None, batch: int, num_tokens: int):
-    if rows is None:
-        return out.view(batch, num_tokens, *out.shape[1:])
-    return QuantizedActivation(rows.q, rows.scale, rows.xsum, torch.Size((batch, num_tokens)), out.dtype)
-
-
 class FlatAttention(PagedAttention):
     """Steps with prompt tokens with a fixed set of launches per layer after the K/V write (`metadata.flat`):
     the decode rows gathered into one decode launch of a fixed row count and scattered back, then
     one paged-prefill launch over the chunks' work list. Every grid depends on the token count
     only, so a CUDA graph holds the whole step (cuda_graph.FullPrefillGraphs); the numbers are the
     piecewise step's kernels'."""
-
-    def quantizes_output(self, q: torch.Tensor) -> bool:
-        return False
-
-    def rope_tail(self, layer_idx: int, positions: torch.Tensor, rotary, num_heads: int) -> RopeTail | None:
-        return None
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         md = self.metadata

@@ -17,7 +17,6 @@ from qoq.kernels.kv_cache import (
 from qoq.kernels.paged_prefill_attention import paged_prefill_attention
 from qoq.kernels.prefill_attention import prefill_attention
 from qoq.kernels.quant import (
-    QuantRows,
     add_rmsnorm,
     add_rmsnorm_quant,
     quantize_per_token,
@@ -32,7 +31,6 @@ from qoq.kernels.w8a8_gemm import w8a8_gemm
 __all__ = [
     "KVAppend",
     "KVCacheLayer",
-    "QuantRows",
     "add_rmsnorm",
     "add_rmsnorm_quant",
     "allocate_kv_cache",

@@ -21,16 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from qoq.kernels import configs
-from qoq.kernels.dispatch import (
-    arrival_counters, dispatch, lazy_jit, output_like, pdl_early, pdl_enter, pdl_launch,
-)
-from qoq.kernels.gemv import prefetch_line_l2
-from qoq.kernels.quant import QuantRows, chunked_quant_row, quantize_per_token_ref
+from qoq.kernels.dispatch import arrival_counters, dispatch, lazy_jit, output_like, pdl_enter, pdl_launch
 from qoq.kernels.kv_cache import (
     KVAppend,
     KVCacheLayer,
     append_kv_head,
-    cache_meta,
     check_rope,
     dequantize_kv_ref,
     hadamard_halves,
@@ -71,12 +66,10 @@ def gather_kv_ref(cache: KVCacheLayer, block_tables, which: str, dtype=torch.flo
 
 
 def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_lens, scale,
-                               num_splits=None, options=None, out=None, append: KVAppend | None = None,
-                               quant: QuantRows | None = None):
+                               num_splits=None, options=None, out=None, append: KVAppend | None = None):
     """out [B, Hq, D] = softmax(q k^T * scale) v over each sequence's first context_lens tokens.
     append: the step's new keys and values, rotated and written into the cache first (q unrotated),
-    as `rope_kv_write` would. quant (`QuantRows` [B, Hq * D]): also the output's per-token int8
-    rows, as quantize_per_token gives them (o_proj's input)."""
+    as `rope_kv_write` would."""
     _check(q, cache, block_tables, context_lens)
     if append is not None:
         q, _ = rope_kv_write_ref(q, append.k, append.v, append.positions, append.cos_sin_cache, append.slot_mapping,
@@ -90,18 +83,7 @@ def paged_decode_attention_ref(q, cache: KVCacheLayer, block_tables, context_len
     scores = scores.masked_fill(t[None, None, :] >= context_lens[:, None, None].long(), -math.inf)
     p = torch.softmax(scores, dim=-1)
     result = torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
-    if quant is not None:
-        _check_quant(quant, q)
-        for dst, src in zip(quant, quantize_per_token_ref(result.reshape(q.shape[0], -1))):
-            dst.copy_(src)
     return result if out is None else output_like(q, out).copy_(result)
-
-
-def _check_quant(quant: QuantRows, q: torch.Tensor) -> None:
-    b, hq, d = q.shape
-    if quant.q.shape != (b, hq * d) or quant.q.dtype != torch.int8 or quant.scale.shape != (b,) or quant.xsum.shape != (b,):
-        raise ValueError(f"quant takes int8 rows [{b}, {hq * d}] and [{b}] scales and sums, got {tuple(quant.q.shape)} "
-                         f"{quant.q.dtype}, {tuple(quant.scale.shape)}, {tuple(quant.xsum.shape)}")
 
 
 # Inline PTX for the fast code -> fp16 unpack (pack=4: one 32-bit word of 4 code bytes per call).
@@ -286,50 +268,18 @@ def _split_blocks(len_ptr, b, split, num_splits, BLOCK_T: tl.constexpr, MIN_BLOC
 
 
 @lazy_jit.helper
-def _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b, h, split, num_splits, bt_stride,
-                 HKV, PAGE: tl.constexpr, BLOCK_T: tl.constexpr, W: tl.constexpr, MIN_BLOCKS: tl.constexpr,
-                 PAGES: tl.constexpr, FAST: tl.constexpr):
-    """`_split_blocks` before the PDL wait (the context lengths and page tables are the step's
-    inputs, which no kernel of it writes), and the K / V codes and scales of the split's first
-    PAGES pages pulled into L2 there (CUDA only: a prefetch is inline PTX), so that the loop's
-    first loads after the wait hit L2. The kernel before may be writing the new token's slot in
-    the last page: a prefetch only moves lines into L2, which that write then updates. KV4 / KV8
-    (FAST: byte codes, fp16 scales)."""
-    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
-    if FAST:
-        if blk_begin < blk_end:
-            p0 = blk_begin * BLOCK_T // PAGE
-            p = p0 + tl.arange(0, PAGES)
-            p_ok = p < tl.minimum(tl.cdiv(blk_end * BLOCK_T, PAGE), tl.cdiv(ctx, PAGE))
-            page = tl.load(bt_ptr + b * bt_stride + p, mask=p_ok, other=0).to(tl.int64)  # page 0 where not
-            block = (page * HKV + h) * PAGE  # [PAGES]: the first cache row of each page's block of head h
-            LINES: tl.constexpr = PAGE * W // 128  # 128-byte lines of a page-head block of codes (K or V^T)
-            line = tl.arange(0, LINES)[None, :] * 128
-            prefetch_line_l2(kc_ptr + block[:, None] * W + line)
-            prefetch_line_l2(vc_ptr + block[:, None] * W + line)
-            # the scales and zeros: PAGE fp16 values a page-head (a line at a page of 64)
-            prefetch_line_l2(ks_ptr + block)
-            prefetch_line_l2(kz_ptr + block)
-            prefetch_line_l2(vs_ptr + block)
-            prefetch_line_l2(vz_ptr + block)
-    return ctx, blk_begin, blk_end, used
-
-
-@lazy_jit.helper
 def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
                   HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """Split-K in one launch, after a split stored its partial output: store its log-sum-exp and
     arrive at the (sequence, kv head) counter (acq_rel); the last split to arrive merges the
     partial outputs of the `used` splits that hold blocks by their log-sum-exps, in split order
     (deterministic), into the output rows of `head`, and resets the counter for the next call.
-    The partials are read MERGE_UNROLL splits at a time, so their L2 round trips overlap.
-    Returns whether this program merged (the heads' output rows are then complete)."""
+    The partials are read MERGE_UNROLL splits at a time, so their L2 round trips overlap."""
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), -float("inf"))
     tl.store(lse_ptr + (b * HQ + head) * num_splits + split, lse, mask=g_mask)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + b * HKV + h, 1, sem="acq_rel", scope="gpu")
-    merged = arrived == num_splits - 1
-    if merged:
+    if arrived == num_splits - 1:
         j = tl.arange(0, HALF)
         q_off = (b * HQ + head)[:, None] * D + j[None, :]
         sp = tl.arange(0, BLOCK_S)
@@ -355,20 +305,6 @@ def _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, spl
         tl.store(o_ptr + q_off, (m_lo / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, (m_hi / w_den).to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.atomic_xchg(cnt_ptr + b * HKV + h, 0, sem="relaxed", scope="gpu")
-    return merged
-
-
-@lazy_jit.helper
-def _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D: tl.constexpr,
-                     CHUNK: tl.constexpr):
-    """QUANT (`QuantRows`): after a program completed the output rows of its kv head's query heads
-    (stored, or merged from the splits), it arrives at the sequence's counter (acq_rel); the last
-    of the sequence's HKV to arrive quantizes the sequence's whole output row [HQ * D] per token,
-    as quantize_per_token does (quant.chunked_quant_row), for o_proj, and resets the counter."""
-    tl.debug_barrier()  # the program's output stores before its arrival
-    if tl.atomic_add(rcnt_ptr + b, 1, sem="acq_rel", scope="gpu") == HKV - 1:
-        chunked_quant_row(o_ptr, qq_ptr, qs_ptr, qsum_ptr, b, HQ * D, HQ * D, False, CHUNK)
-        tl.atomic_xchg(rcnt_ptr + b, 0, sem="relaxed", scope="gpu")
 
 
 @lazy_jit
@@ -381,8 +317,6 @@ def _decode_kernel(
     PDL: tl.constexpr = False, MIN_BLOCKS: tl.constexpr = 1, BIASED_V: tl.constexpr = False,
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
-    EARLY: tl.constexpr = 0,
-    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """num_splits is a runtime value (SPLIT: more than one), so the batch sizes that a serving
     run passes through, each with its own split count, share one compiled kernel.
@@ -390,16 +324,12 @@ def _decode_kernel(
     FAST: the codes are unpacked to fp16 by inline PTX (CUDA only). BIASED (KV4 / KV8): the K
     codes stay 1024 + code, and the bias comes off each score row (`_KV4_BIASED_ASM`); off CUDA
     the same biased values are computed element-wise, so the interpreter tests the algebra."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
-    if EARLY > 0:
-        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
-                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
-                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
-    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     t = tl.arange(0, BLOCK_T)
@@ -410,8 +340,7 @@ def _decode_kernel(
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, False, stride_q,
                                                pos_ptr, cs_ptr, APPEND, HADAMARD)
 
-    if EARLY == 0:
-        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -485,7 +414,6 @@ def _decode_kernel(
     if not SPLIT:
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
-        done = True
     else:
         # Split-K in one launch: every split stores its partial output and log-sum-exp; the last
         # split of this (sequence, kv head) to arrive at its counter (acq_rel) merges them all
@@ -493,11 +421,8 @@ def _decode_kernel(
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[:, None] * D + j[None, :], out_lo, mask=g_mask[:, None])
         tl.store(part_ptr + part[:, None] * D + HALF + j[None, :], out_hi, mask=g_mask[:, None])
-        done = _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask,
-                             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
-    if QUANT:
-        if done:
-            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
 @lazy_jit.helper
@@ -558,8 +483,7 @@ def _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i,
              num_splits, used, HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr,
              BLOCK_S: tl.constexpr, HI16: tl.constexpr, SPLIT: tl.constexpr):
     """The transposed kernels' end: O^T = (acc + z) / l stored as the output rows of `head`, or
-    as this split's partial output, merged by the last split to arrive (`_finish_split`); returns
-    whether the heads' output rows are complete (stored, or merged by this program)."""
+    as this split's partial output, merged by the last split to arrive (`_finish_split`)."""
     if HI16:
         acc_hi = acc_hi * 0.0625
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -568,14 +492,12 @@ def _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i,
     if not SPLIT:
         tl.store(o_ptr + q_off, out_lo.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
         tl.store(o_ptr + q_off + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=g_mask[None, :])
-        done = True
     else:
         part = (b * HQ + head) * num_splits + split  # [BLOCK_G]
         tl.store(part_ptr + part[None, :] * D + j[:, None], out_lo, mask=g_mask[None, :])
         tl.store(part_ptr + part[None, :] * D + HALF + j[:, None], out_hi, mask=g_mask[None, :])
-        done = _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask,
-                             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
-    return done
+        _finish_split(part_ptr, lse_ptr, o_ptr, cnt_ptr, m_i, l_safe, l_i, b, h, split, head, g_mask, num_splits, used,
+                      HQ, HKV, D, HALF, BLOCK_G, BLOCK_S)
 
 
 @lazy_jit
@@ -589,8 +511,6 @@ def _decode_kernel_t(
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     SKEW: tl.constexpr = False,
-    EARLY: tl.constexpr = 0,
-    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """`_decode_kernel` transposed: the tokens are the MMA's M and the GQA group its N.
 
@@ -598,16 +518,12 @@ def _decode_kernel_t(
     8 columns of an m16n8 MMA instead of 16 rows, so the accumulators, the scores and the softmax
     hold half (group 4: a quarter) of what the row-major kernel holds, and the MMAs per page halve.
     V^T is the page's stored layout (codes transposed per page), read as the A operand directly."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
-    if EARLY > 0:
-        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
-                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
-                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
-    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     g_mask = g < GROUP
@@ -617,8 +533,7 @@ def _decode_kernel_t(
     q_off, q_lo, q_hi, q_sum, k_bias = _load_q(q_ptr, b, HQ, head, g_mask, j, D, HALF, HI16, True, stride_q,
                                                pos_ptr, cs_ptr, APPEND, HADAMARD)  # q^T
 
-    if EARLY == 0:
-        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -664,11 +579,8 @@ def _decode_kernel_t(
             acc_hi = tl.dot(v_hi, p16, acc_hi * alpha[None, :])
         m_i = m_new
 
-    done = _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head,
-                    g_mask, j, num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
-    if QUANT:
-        if done:
-            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
+    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_acc, m_i, l_i, q_off, b, h, split, head, g_mask, j,
+             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
 
 
 @lazy_jit
@@ -682,8 +594,6 @@ def _decode_kernel_c(
     k_ptr=None, v_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, stride_q=0, stride_k=0, stride_v=0,
     APPEND: tl.constexpr = False, HADAMARD: tl.constexpr = False, FENCE: tl.constexpr = False,
     CHAINS: tl.constexpr = 2,
-    EARLY: tl.constexpr = 0,
-    QUANT: tl.constexpr = False, qq_ptr=None, qs_ptr=None, qsum_ptr=None, rcnt_ptr=None, QUANT_CHUNK: tl.constexpr = 1,
 ):
     """`_decode_kernel_t` as CHAINS independent chains in one program, a warp each (the launch's
     num_warps is the plan's times CHAINS): chain c takes the split's blocks c, c + CHAINS, ... (counted
@@ -693,16 +603,12 @@ def _decode_kernel_c(
     the warps per scheduler (the latency of one chain's dependent instructions hidden behind the
     others') without the split merge's partial stores, fence, counter and L2 round trips.
     Blocks are whole pages or fractions of one (BLOCK_T <= PAGE)."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     D: tl.constexpr = 2 * HALF
     W: tl.constexpr = HALF if BITS == 4 else D
-    if EARLY > 0:
-        ctx, blk_begin, blk_end, used = _early_split(kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr, b,
-                                                     h, split, num_splits, bt_stride, HKV, PAGE, BLOCK_T, W,
-                                                     MIN_BLOCKS, EARLY, FAST and BITS != 16)
-    pdl_enter(PDL)
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, HALF)
     c = tl.arange(0, CHAINS)
@@ -716,8 +622,7 @@ def _decode_kernel_c(
     q_lo = tl.broadcast_to(q_lo[None, :, :], (CHAINS, HALF, BLOCK_G))
     q_hi = tl.broadcast_to(q_hi[None, :, :], (CHAINS, HALF, BLOCK_G))
 
-    if EARLY == 0:
-        ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
+    ctx, blk_begin, blk_end, used = _split_blocks(len_ptr, b, split, num_splits, BLOCK_T, MIN_BLOCKS)
     if APPEND:
         _append(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, ctx,
                 blk_begin, blk_end, HKV, stride_k, stride_v, PAGE, BLOCK_T, HALF, BITS, HADAMARD, FENCE)
@@ -778,18 +683,11 @@ def _decode_kernel_c(
     acc_lo = tl.sum(acc_lo * w[:, None, :], axis=0)
     acc_hi = tl.sum(acc_hi * w[:, None, :], axis=0)
     m_i = m_all
-    done = _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_sum, m_i, l_i, q_off, b, h, split, head,
-                    g_mask, j, num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
-    if QUANT:
-        if done:
-            _quant_rows_tail(o_ptr, qq_ptr, qs_ptr, qsum_ptr, rcnt_ptr, b, HQ, HKV, D, QUANT_CHUNK)
+    _store_t(o_ptr, part_ptr, lse_ptr, cnt_ptr, acc_lo, acc_hi, z_sum, m_i, l_i, q_off, b, h, split, head, g_mask, j,
+             num_splits, used, HQ, HKV, D, HALF, BLOCK_G, BLOCK_S, HI16, SPLIT)
 
 
 MAX_SPLITS = 32  # the merge reads the log-sum-exps of up to this many splits at once
-# channels a step of the output rows' quantization (`_quant_rows_tail`): a one-warp program's
-# sm_90 build keeps 167 registers at 2,048 (two steps for Llama-3-8B's 4,096), 254 at 4,096
-QUANT_CHUNK = 2048
-EARLY_PAGES = 2  # pages of each split prefetched into L2 before the PDL wait (dispatch.pdl_early)
 
 
 @dataclass(frozen=True)
@@ -907,12 +805,10 @@ def decode_splits(plan: DecodePlan, batch: int, num_kv_heads: int, max_blocks: i
 
 def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_lens, scale,
                                   num_splits=None, options=None, out=None, append: KVAppend | None = None,
-                                  plan: DecodePlan | None = None, quant: QuantRows | None = None):
+                                  plan: DecodePlan | None = None):
     """plan: run this DecodePlan instead of the table's (the tuner's candidates). append
     (`KVAppend`): q comes unrotated and the step's new K / V are rotated and written by the launch
-    (`_load_q`, `_append`), so no `rope_kv_write` runs before it. quant (`QuantRows`): the last
-    program to complete a sequence's heads also writes its output row's int8 codes
-    (`_quant_rows_tail`), so o_proj needs no row kernel before it."""
+    (`_load_q`, `_append`), so no `rope_kv_write` runs before it."""
     _check(q, cache, block_tables, context_lens)
     b, hq, d = q.shape
     hkv = cache.num_kv_heads
@@ -943,18 +839,14 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
     if plan.deep_stages and cache.bits != 16 and splits == 1 and b * hkv >= plan.deep_min_programs:
         stages = plan.deep_stages
     out = output_like(q, out)
-    counters = arrival_counters(q.device, b * hkv + b) if splits > 1 or quant is not None else None
     if splits == 1:
         part, lse, cnt = out, out, context_lens
     else:
         part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
-        cnt = counters
-    if quant is not None:  # the sequences' counters after the (sequence, kv head) ones
-        _check_quant(quant, q)
-        fused.update(QUANT=True, qq_ptr=quant.q, qs_ptr=quant.scale, qsum_ptr=quant.xsum, rcnt_ptr=counters[b * hkv:],
-                     QUANT_CHUNK=min(QUANT_CHUNK, triton.next_power_of_2(hq * d)))
-    meta = cache_meta(cache)
+        cnt = arrival_counters(q.device, b * hkv)
+    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
+    meta = [m if m is not None else cache.k_cache for m in meta]
     swap = plan.transposed
     kernel = _decode_kernel_t if swap else _decode_kernel
     extra = {"SKEW": True} if swap and plan.skew else {}
@@ -969,7 +861,7 @@ def paged_decode_attention_triton(q, cache: KVCacheLayer, block_tables, context_
         BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(splits)), BIASED=plan.biased and cache.bits != 16,
         MIN_BLOCKS=plan.min_split_blocks * plan.chains, BIASED_V=plan.biased_v and cache.bits != 16, **extra,
         num_warps=plan.num_warps * plan.chains, **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}), **pdl_launch(q),
-        EARLY=EARLY_PAGES if pdl_early() else 0, **fused,
+        **fused,
     )
     return out
 

@@ -104,15 +104,6 @@ def pdl(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("QOQ_PDL", "1") != "0" and _pdl_device(t.device.index or 0)
 
 
-def pdl_early() -> bool:
-    """Whether the decode-chain kernels load what no earlier kernel of the step writes (weight
-    scales, norm weights, positions, RoPE rows, slots, page tables) before their PDL wait or
-    their main loop, and prefetch their KV pages into L2 there, so that only loads of the
-    previous kernel's output stay on the chain after the wait (QOQ_PDL_EARLY=1; off until the
-    engine's step is timed with it on a GPU)."""
-    return os.environ.get("QOQ_PDL_EARLY", "0") == "1"
-
-
 def pdl_launch(t: torch.Tensor) -> dict:
     """The launch arguments of a kernel that begins with `pdl_enter(PDL)`: a programmatic
     dependent launch where `pdl(t)`, else an ordinary one."""
@@ -125,10 +116,7 @@ def pdl_enter(PDL: tl.constexpr):
     by `pdl_launch`: wait for the kernel before it, then let the next one launch at once. The
     next kernel's programs are then resident and waiting when this one ends (no launch gap), and
     at most one kernel runs ahead: it launches only once all of this kernel's programs are past
-    their wait. Before this call a kernel may only read what no kernel of the step writes (weights
-    and their scales, positions, RoPE rows, slots, page tables: `pdl_early`), and writes nothing.
-    The kernel two back has finished by then (the one before passed its own wait), so the pages
-    of earlier tokens are complete too."""
+    their wait. Nothing before this call may touch memory."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()

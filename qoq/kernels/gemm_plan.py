@@ -264,29 +264,6 @@ def act_prologue_allowed(M: int) -> bool:
     return M <= ACT_PROLOGUE_MAX_M and os.environ.get("QOQ_ACT_PROLOGUE", "") != "0"
 
 
-# At most this many tokens a gemv GEMM hands its output to what follows it through its own
-# programs (gemv.RowTail, gemv.RopeTail), one row after another.
-GEMV_TAIL_MAX_M = 1
-GEMV_TAILS = ("norm", "silu", "rope")
-# What QOQ_GEMV_TAIL=1 turns on. Not "silu": gate/up's row is 14,336 products for one program
-# of the plan's two warps, two passes of a division, an exponential and a rounding each, ~10,000
-# instructions a thread in its sm_90 build (sass_report.py gemv --tail 2), where the row kernel
-# spreads them over 16 warps: slower than the launch it saves, until a GPU says otherwise.
-GEMV_TAILS_ON = ("norm", "rope")
-
-
-def gemv_tail_allowed(kind: str, M: int) -> bool:
-    """Whether a decode GEMM of M tokens may run the `kind` of work after it in its programs:
-    "norm" (o_proj, down_proj: the next norm's residual add, RMSNorm and int8 rows), "silu"
-    (gate/up: SiLU*mul and int8 rows), "rope" (qkv: RoPE and the KV cache write). QOQ_GEMV_TAIL=1
-    allows GEMV_TAILS_ON, a comma-separated list of kinds those (off until the engine's step is
-    timed on a GPU)."""
-    if M > GEMV_TAIL_MAX_M:
-        return False
-    value = os.environ.get("QOQ_GEMV_TAIL", "0")
-    return kind in (GEMV_TAILS_ON if value == "1" else value.split(","))
-
-
 def quantizing_kernel(plan: GemmPlan) -> bool:
     """Whether the plan's kernel can quantize its own input rows (the register kernels with swap_ab,
     gemv)."""

@@ -21,16 +21,11 @@ interpreter cannot run PTX) dp4a is computed byte by byte.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemm_plan import GEMV_MAX_M, MODE_W4_G128, GemmPlan, device_caps
-from qoq.kernels.kv_cache import KVCacheLayer, cache_meta, rope_kv_group
-from qoq.kernels.quant import (
-    _RMSNORM, _SILU_MUL, ActInput, QuantRows, act_block, act_codes, act_stats, chunked_quant_row, quant_row,
-)
+from qoq.kernels.quant import ActInput, act_block, act_codes, act_stats
 
 try:
     import triton
@@ -102,46 +97,22 @@ def params_packed(mode: int, unroll: int, s2, sz) -> bool:
 
 
 @lazy_jit.helper
-def weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE: tl.constexpr):
-    """The output channels' fp32 weight scales and (per-channel W4, MODE 2) zeros; else the scales
-    again in the zeros' place."""
-    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if MODE == 2:
-        return s1, tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    return s1, s1
-
-
-@lazy_jit.helper
-def token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE: tl.constexpr):
-    """The activation scales of tokens offs_m and (MODE 2) their code sums times them; else the
-    scales twice."""
-    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    if MODE == 2:
-        return sx, tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
-    return sx, sx
-
-
-@lazy_jit.helper
 def store_split(y_ptr, ws_ptr, cnt_ptr, y, offs_y, mask, tile, pid_k, mn, SPLIT_K: tl.constexpr):
     """Store a program's fp32 result `y` at offs_y: directly (fp16) without split-K; with it, as a
     partial in the workspace, and the last split to arrive at the tile's counter (acq_rel) sums the
-    partials in split order, stores fp16 and resets the counter to 0 for the next call. Returns
-    whether this program stored the tile's output."""
+    partials in split order, stores fp16 and resets the counter to 0 for the next call."""
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_y, y.to(y_ptr.dtype.element_ty), mask=mask)
-        done = pid_k == 0
     else:
         tl.store(ws_ptr + pid_k * mn + offs_y, y, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        done = arrived == SPLIT_K - 1
-        if done:
+        if arrived == SPLIT_K - 1:
             total = tl.load(ws_ptr + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptr + s * mn + offs_y, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs_y, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
-    return done  # whether this program stored its tile's output (without split-K every program does)
 
 
 @lazy_jit
@@ -152,12 +123,7 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = 0,
     xq_ptr=None, xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
-    PACKED: tl.constexpr = False, EARLY: tl.constexpr = False,
-    TAIL: tl.constexpr = False, tq_ptr=None, tsx_ptr=None, tsum_ptr=None, tr_ptr=None, ts_ptr=None, tnw_ptr=None,
-    t_eps=0.0, HAS_TNW: tl.constexpr = False, TAIL_BLOCK: tl.constexpr = 1, TAIL_MODE: tl.constexpr = 1,
-    rp_pos=None, rp_cs=None, rp_slot=None, rp_qo=None, rp_kc=None, rp_vc=None, rp_ks=None, rp_kz=None, rp_vs=None,
-    rp_vz=None, RP_HQ=1, RP_HKV=1, RP_PAGE=1, RP_HALF: tl.constexpr = 1, RP_BITS: tl.constexpr = 4,
-    RP_HADAMARD: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
 ):
     """x_ptr: the int8 codes as int32 words [M, K / 4]; w_ptr: the weight rows as int32 words (W8
     [N, K / 4], packed W4 [N, K / 8]). UNROLL chunks of 128 channels per loop iteration (each
@@ -170,20 +136,7 @@ def _gemv_kernel(
     words after a barrier: every program of a split writes the same codes to the same bytes, so
     the writes agree, and the words stay a plain vector load. Per-channel W4 then takes each
     split's own share of the zero term. PACKED (params_packed): g128's group parameters of an
-    iteration's chunks in one word per row. EARLY (dispatch.pdl_early): the epilogue's scales are
-    loaded before the loop (the weights' before the PDL wait), so the last program's tail after its
-    loop is arithmetic and the store, not a further round trip to memory.
-
-    TAIL (`RowTail`): the program that stores the launch's last output tile (an acq_rel arrival
-    counter after the tiles' stores, as split-K's merge) makes the next GEMM's int8 rows of the
-    output, so that they need no row kernel launch of its own: TAIL_MODE 1 adds the residual,
-    RMS-normalizes and quantizes (quant.quant_row, the row kernel's own body), 2 quantizes
-    silu(gate) * up of [gate | up] rows TAIL_BLOCK channels a step (quant.chunked_quant_row).
-    TAIL_MODE 3 (`RopeTail`, one token's qkv row, BLOCK_N dividing the head dimension) is per kv
-    head instead: every tile arrives at its kv head's counter (after the tiles' ones), and the
-    last of the group's query, key and value tiles rotates the group's query heads and writes its
-    key and value into the KV cache (kv_cache.rope_kv_group), so no RoPE launch runs before
-    decode attention; the groups' tails run in parallel."""
+    iteration's chunks in one word per row."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = pid % M  # tokens fastest: the programs of one weight tile run together
@@ -205,16 +158,12 @@ def _gemv_kernel(
     # several rows (the x-side work of a position is then done once per thread, not once per row)
     w_base = w_rows[None, :, None] + (u[:, None] * WPC)[:, :, None] + i[None, None, :]
     x_base = x_ptr + m.to(tl.int64) * (K // 4) + (u[:, None] * 32 + i[None, :])[:, None, :]  # [U, 1, WPC]
-    if EARLY:  # the weights' scales (no kernel writes them): no load left after the loop
-        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * WPC, 32):  # one 128-byte line per row per 32 words
             if c_begin * WPC + j < c_end * WPC:
                 prefetch_line_l2(w_rows + c_begin * WPC + j)
         gdc_wait()
         gdc_launch_dependents()
-    if EARLY and ACT == 0:  # the token's scale (and code sum), the previous kernel's, before the loop
-        sx, xs_row = token_scales(sx_ptr, xsum_ptr, m, m < M, MODE)
     if ACT > 0:  # after the wait: the row is the previous kernel's output
         # ACT_BLOCK channels a step, all the program's threads at once: the row's statistics,
         # then the codes of this split's channels (two passes of a few dependent loads each)
@@ -268,43 +217,20 @@ def _gemv_kernel(
                 acc = _dp4a(hi, xb3, _dp4a(lo, xa3, acc, False, FAST), False, FAST)
 
     total = tl.sum(tl.sum(acc, axis=2), axis=0).to(tl.float32)
-    if not EARLY:
-        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if ACT > 0:
         sx = scale
-    elif not EARLY:
-        sx, xs_row = token_scales(sx_ptr, xsum_ptr, m, m < M, MODE)
+    else:
+        sx = tl.load(sx_ptr + m)
     y = total * s1 * sx
     if MODE == 2:  # per-channel zero: one split applies the row's, or (ACT) every split its own codes' share
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ACT > 0:
             y = y - szero * (csum * scale)
         else:
-            y = y - szero * (xs_row * (pid_k == 0).to(tl.float32))
-    done = store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k,
-                       N.to(tl.int64) * M, SPLIT_K)
-    if TAIL and TAIL_MODE == 3:
-        if done:
-            head = pid_n * BLOCK_N // (2 * RP_HALF)
-            grp = tl.where(head < RP_HQ, head // (RP_HQ // RP_HKV), (head - RP_HQ) % RP_HKV)
-            ctr = cnt_ptr + tl.num_programs(0) + grp
-            tl.debug_barrier()  # the program's stores before its arrival
-            last = (RP_HQ // RP_HKV + 2) * (2 * RP_HALF // BLOCK_N) - 1  # the group's q, k and v tiles
-            if tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") == last:
-                rope_kv_group(y_ptr, rp_pos, rp_cs, rp_slot, rp_qo, rp_kc, rp_vc, rp_ks, rp_kz, rp_vs, rp_vz, grp,
-                              RP_HQ, RP_HKV, RP_PAGE, RP_HALF, RP_BITS, RP_HADAMARD)
-                tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
-    elif TAIL:
-        if done:
-            tail = cnt_ptr + tl.num_programs(0)  # after the tiles' split-K counters
-            tl.debug_barrier()  # the program's stores before its arrival
-            if tl.atomic_add(tail, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-                for r in range(0, M):
-                    if TAIL_MODE == 1:
-                        quant_row(y_ptr, tnw_ptr, tq_ptr, tsx_ptr, tsum_ptr, tr_ptr, ts_ptr, r, N, N, t_eps, 1,
-                                  HAS_TNW, TAIL_BLOCK, True, True)
-                    else:
-                        chunked_quant_row(y_ptr, tq_ptr, tsx_ptr, tsum_ptr, r, N // 2, N, True, TAIL_BLOCK)
-                tl.atomic_xchg(tail, 0, sem="relaxed", scope="gpu")
+            y = y - szero * (tl.load(xsum_ptr + m) * (pid_k == 0).to(tl.float32))
+    store_split(y_ptr, ws_ptr, cnt_ptr, y, m.to(tl.int64) * N + offs_n, n_mask, pid, pid_k, N.to(tl.int64) * M,
+                SPLIT_K)
 
 
 def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
@@ -312,91 +238,10 @@ def gemv_alignment_ok(x8: torch.Tensor, w: torch.Tensor) -> bool:
     return x8.data_ptr() % 4 == 0 and w.data_ptr() % 4 == 0
 
 
-class RowTail(NamedTuple):
-    """What a gemv launch's last program makes of its output rows y (the kernel's TAIL), into the
-    tensors given: with `mode` quant._RMSNORM s = y + residual and the int8 rows of rmsnorm(s) *
-    weight, as add_rmsnorm_quant computes them; with quant._SILU_MUL the int8 rows of silu(gate) *
-    up of y's [gate | up] halves, as silu_mul_quant does. The engine's batch-1 decode step hands a
-    layer's o_proj and down_proj output to the next norm and GEMM this way
-    (QuantLinear.forward_norm), and gate/up's to down_proj (QuantLinear.forward_silu)."""
-
-    mode: int
-    residual: torch.Tensor | None  # [M, N] like y (the norm)
-    weight: torch.Tensor | None  # [N] the norm's weight (None: folded away)
-    eps: float
-    q: torch.Tensor  # [M, N] (SiLU*mul: [M, N / 2]) int8 out
-    scale: torch.Tensor  # [M] fp32 out
-    xsum: torch.Tensor  # [M] fp32 out: scale * the row's code sum
-    s: torch.Tensor | None  # [M, N] out: y + residual in y's dtype (the norm)
-
-
-def norm_tail(residual: torch.Tensor, weight: torch.Tensor | None, eps: float) -> RowTail:
-    """A norm's RowTail with fresh outputs for rows like `residual` [M, N]."""
-    return RowTail(_RMSNORM, residual, weight, float(eps), *QuantRows.empty(*residual.shape, residual.device),
-                   torch.empty_like(residual))
-
-
-def silu_tail(m: int, n: int, device) -> RowTail:
-    """A SiLU*mul RowTail with fresh outputs for [M, N] rows of [gate | up]."""
-    return RowTail(_SILU_MUL, None, None, 0.0, *QuantRows.empty(m, n // 2, device), None)
-
-
-class RopeTail(NamedTuple):
-    """What a one-token qkv gemv's programs make of its output row (the kernel's TAIL_MODE 3):
-    rope_kv_write's rotated queries into `q` [1, HQ, D] and the token's keys and values into
-    `cache` at slot_mapping[0], per kv head by the last of its tiles. The engine's batch-1 decode
-    step runs a layer's RoPE and KV write this way (QuantLinear.forward_rope)."""
-
-    positions: torch.Tensor  # [1] int64
-    cos_sin_cache: torch.Tensor  # [max positions, D]: cos | sin
-    slot_mapping: torch.Tensor  # [1] int64
-    cache: KVCacheLayer
-    q: torch.Tensor  # [1, HQ, D] out, the qkv output's dtype (fp16)
-
-
-def rope_tail_fits(plan: GemmPlan, head_dim: int) -> bool:
-    """Whether a gemv plan's tiles each hold one head's outputs (its block divides the head
-    dimension), as the per-kv-head RoPE tail counts them."""
-    return plan.kernel == "gemv" and head_dim % plan.block_n == 0
-
-
-# channels a step of the SiLU*mul tail (quant.chunked_quant_row): a gate/up row of 14,336 outputs is
-# too wide for one program's registers
-SILU_TAIL_CHUNK = 2048
-
-
-def _tail_args(tail: RowTail | RopeTail, y: torch.Tensor, plan: GemmPlan) -> dict:
-    """The kernel's TAIL arguments for `tail` on the output y [M, N], checked."""
-    M, N = y.shape
-    if isinstance(tail, RopeTail):
-        cache = tail.cache
-        _, hq, d = tail.q.shape
-        hkv = cache.num_kv_heads
-        if M != 1 or N != (hq + 2 * hkv) * d or not rope_tail_fits(plan, d) or tail.q.dtype != y.dtype:
-            raise ValueError(f"a RoPE tail takes one token's qkv row of {hq} + 2 x {hkv} heads of {d} in tiles "
-                             f"dividing a head (block_n {plan.block_n}), q in its dtype; got {tuple(y.shape)}")
-        return dict(TAIL=True, TAIL_MODE=3, rp_pos=tail.positions, rp_cs=tail.cos_sin_cache.contiguous(),
-                    rp_slot=tail.slot_mapping, rp_qo=tail.q, rp_kc=cache.k_cache, rp_vc=cache.v_cache,
-                    **dict(zip(("rp_ks", "rp_kz", "rp_vs", "rp_vz"), cache_meta(cache))), RP_HQ=hq, RP_HKV=hkv,
-                    RP_PAGE=cache.page_size, RP_HALF=d // 2, RP_BITS=cache.bits, RP_HADAMARD=cache.qk_hadamard)
-    if tail.mode == _SILU_MUL:
-        if N % 2 or tail.q.shape != (M, N // 2):
-            raise ValueError(f"a SiLU*mul tail takes [gate | up] rows, [M, N / 2] codes; got {tuple(y.shape)}, "
-                             f"{tuple(tail.q.shape)}")
-        return dict(TAIL=True, TAIL_MODE=2, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum,
-                    TAIL_BLOCK=min(SILU_TAIL_CHUNK, triton.next_power_of_2(N // 2)))
-    if tail.residual.shape != y.shape or tail.q.shape != y.shape:
-        raise ValueError(f"a norm tail takes rows like the output {tuple(y.shape)}, got {tuple(tail.residual.shape)}")
-    return dict(TAIL=True, TAIL_MODE=1, tq_ptr=tail.q, tsx_ptr=tail.scale, tsum_ptr=tail.xsum,
-                tr_ptr=tail.residual.contiguous(), ts_ptr=tail.s, tnw_ptr=tail.weight, t_eps=tail.eps,
-                HAS_TNW=tail.weight is not None, TAIL_BLOCK=triton.next_power_of_2(N))
-
-
 def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast: bool,
-                act: ActInput | None = None, K: int = 0, tail: RowTail | RopeTail | None = None) -> None:
+                act: ActInput | None = None, K: int = 0) -> None:
     """Run a "gemv" plan: y [M, N] (fp16) of the int8 codes x8 [M, K] and the weight rows w; with
-    `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's); with
-    `tail`, its outputs filled from y by the launch's last program."""
+    `act`, of its fp16 rows, quantized by the kernel (x8, sx, xsum None; K the weight's)."""
     if act is not None:
         M = act.x.shape[0]
         x8 = torch.empty((M, K), dtype=torch.int8, device=y.device)  # the codes, written by the kernel
@@ -415,39 +260,18 @@ def launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, fast:
     if per % unroll or (K // 128) % per % unroll:
         raise ValueError(f"UNROLL={unroll} must divide each split's chunks ({K // 128} chunks in {split} splits)")
     tiles = triton.cdiv(N, plan.block_n) * M
-    ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
-    tail_counters = tail.cache.num_kv_heads if isinstance(tail, RopeTail) else 1  # after the tiles'
-    cnt = arrival_counters(y.device, tiles + tail_counters) if split > 1 or tail is not None else y
+    if split == 1:
+        ws, cnt = y, y
+    else:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        cnt = arrival_counters(y.device, tiles)
     hopper = y.is_cuda and device_caps(y.device.index or 0)[1]
     launch = dict(PDL=plan.pdl_chunks, launch_pdl=True) if hopper and pdl(y) else {}
-    args = (x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
-            s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
-            M, N, K, (s2.stride(0) if s2 is not None else 0))
-    meta = dict(MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
-                FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), EARLY=pdl_early(), num_warps=plan.num_warps,
-                **launch, **acts)
-    if tail is not None:
-        plain = meta
-        meta = dict(plain, **_tail_args(tail, y, plan))
-        if y.is_cuda:
-            meta["maxnreg"] = _registers_without_tail((tiles, split), args, plain, plan)
-    _gemv_kernel[(tiles, split)](*args, **meta)
-
-
-_NO_TAIL_REGISTERS: dict = {}
-
-
-def _registers_without_tail(grid, args, plain: dict, plan: GemmPlan) -> int:
-    """The registers a thread of this launch's kernel takes without its tail (the plain launch's
-    kernel, `plain` its arguments, compiled once and not run here): a tail's launch is capped
-    there, so that the last program's extra work (a norm over the whole row, a kv head's RoPE
-    tile with its Hadamard MMA: up to 168 registers against 64) spills to local memory in that one
-    program instead of lowering the GEMM's occupancy (gate/up at one token on the H100 plan: 14
-    programs per SM at 67 registers, 10 at 96, a second wave)."""
-    key = (args[0].device, plan, plain["MODE"], plain["FAST"], plain["PACKED"], plain["EARLY"], "PDL" in plain)
-    if key not in _NO_TAIL_REGISTERS:
-        kernel = _gemv_kernel.jitted.warmup(*args, grid=grid, **plain)
-        kernel = kernel.result() if hasattr(kernel, "result") else kernel  # (an asynchronous compile)
-        kernel._init_handles()
-        _NO_TAIL_REGISTERS[key] = kernel.n_regs
-    return _NO_TAIL_REGISTERS[key]
+    _gemv_kernel[(tiles, split)](
+        x8.view(torch.int32), w.view(torch.int32), sx, xsum if xsum is not None else sx, s1,
+        s2 if s2 is not None else s1, sz if sz is not None else s1, y, ws, cnt,
+        M, N, K, (s2.stride(0) if s2 is not None else 0),
+        MODE=mode, BLOCK_N=plan.block_n, SPLIT_K=split, UNROLL=unroll, NUM_STAGES=plan.num_stages,
+        FAST=fast, PACKED=params_packed(mode, unroll, s2, sz), num_warps=plan.num_warps,
+        **launch, **acts,
+    )

@@ -33,10 +33,9 @@ import torch
 
 from qoq.kernels import gemm_plan as gemm_plan_mod
 from qoq.kernels import ws_gemm
-from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl, pdl_early
+from qoq.kernels.dispatch import arrival_counters, lazy_jit, pdl
 from qoq.kernels.gemv import (
-    RopeTail, RowTail, gemv_alignment_ok, launch_gemv, norm_tail, packed_group_words, params_packed,
-    prefetch_line_l2, rope_tail_fits, silu_tail, store_split, token_scales, weight_scales,
+    gemv_alignment_ok, launch_gemv, packed_group_words, params_packed, prefetch_line_l2, store_split,
 )
 from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     CPU_SMS,
@@ -49,12 +48,8 @@ from qoq.kernels.gemm_plan import (  # noqa: F401  (MODE_* re-exported)
     fallback_plan,
     select_plan,
 )
-from qoq.kernels.kv_cache import rope_kv_write_triton
 from qoq.kernels.ptx import G128_UNPACK_ASM, PER_CHANNEL_UNPACK_ASM
-from qoq.kernels.quant import (
-    ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, add_rmsnorm_quant_triton, silu_mul_quant_triton,
-    silu_mul_triton,
-)
+from qoq.kernels.quant import ACT_ADD_RMSNORM, ActInput, act_block, act_codes, act_stats, silu_mul_triton
 
 try:
     import triton
@@ -132,7 +127,6 @@ def _int8_gemm_kernel(
     PDL: tl.constexpr = 0,
     xf_ptr=None, r_ptr=None, nw_ptr=None, s_ptr=None, H=0, eps=0.0,
     ACT: tl.constexpr = 0, HAS_NW: tl.constexpr = False, ACT_BLOCK: tl.constexpr = 512,
-    EARLY: tl.constexpr = False,
 ):
     """UNROLL chunks per loop iteration (each split's chunk count a multiple of it): UNROLL * 64
     contiguous weight bytes per row per pipeline stage.
@@ -187,16 +181,12 @@ def _int8_gemm_kernel(
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * (num_chunks * row_bytes)
     w_base = w_rows[:, None] + offs_h[None, :]
 
-    if EARLY:  # the weights' scales (no kernel writes them): no load left after the loop (gemv's EARLY)
-        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
     if PDL > 0:  # weights only (no kernel writes them), then wait for the previous kernel
         for j in tl.static_range(0, PDL * row_bytes, 128):
             if c_begin * row_bytes + j < c_end * row_bytes:
                 prefetch_line_l2(w_rows + c_begin * row_bytes + j)
         gdc_wait()
         gdc_launch_dependents()  # the next row kernel may launch and wait for this one
-    if EARLY and ACT == 0:  # the tokens' scales (the previous kernel's) before the loop
-        sx, xsum = token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE)
     if ACT > 0:  # after the wait: the rows are the previous kernel's output
         scale, inv = act_stats(xf_ptr, r_ptr, nw_ptr, s_ptr, offs_m, m_mask, H, eps,
                                (pid_n == 0) & (pid_k == 0), ACT, HAS_NW, BLOCK_M, ACT_BLOCK)
@@ -242,16 +232,17 @@ def _int8_gemm_kernel(
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
 
-    if not EARLY:
-        s1, szero = weight_scales(s1_ptr, sz_ptr, offs_n, n_mask, MODE)
+    s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if ACT > 0:
         sx = scale
-    elif not EARLY:
-        sx, xsum = token_scales(sx_ptr, xsum_ptr, offs_m, m_mask, MODE)
+    else:
+        sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     if MODE == 2:
+        szero = tl.load(sz_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ACT > 0:  # every split its own codes' share of the zero term
             xsum = csum * scale
         else:
+            xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0.0)
             szero = szero * (pid_k == 0).to(tl.float32)  # only one K split applies the zero term
     if SWAP:
         y = acc.to(tl.float32) * s1[:, None] * sx[None, :]
@@ -424,81 +415,6 @@ def quantizes_input(M: int, N: int, K: int, mode: int, device: torch.device) -> 
     return gemm_plan_mod.quantizes_input(select_plan(M, N, K, mode, device), M)
 
 
-def quantizes_output(M: int, N: int, K: int, mode: int, device: torch.device) -> bool:
-    """Whether a GEMM of this size hands its output rows to the next GEMM quantized, the norm or
-    SiLU*mul between them done by its last program (`gemm_norm_tail`, `gemm_silu_tail`): one token
-    on a GPU whose plan is a gemv (the callers ask gemm_plan.gemv_tail_allowed first)."""
-    if M > gemm_plan_mod.GEMV_TAIL_MAX_M or device.type != "cuda" or triton is None:
-        return False
-    return select_plan(M, N, K, mode, device).kernel == "gemv"
-
-
-def rotates_output(M: int, N: int, K: int, mode: int, device: torch.device, head_dim: int) -> bool:
-    """Whether a one-token qkv GEMM of this size runs RoPE and the KV write in its programs
-    (`gemm_rope_tail`): `quantizes_output`'s condition, with tiles that each hold one head's outputs."""
-    if M > gemm_plan_mod.GEMV_TAIL_MAX_M or device.type != "cuda" or triton is None:
-        return False
-    return rope_tail_fits(select_plan(M, N, K, mode, device), head_dim)
-
-
-def gemm_norm_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, residual, weight, eps: float,
-                   config: GemmPlan | dict | None = None) -> RowTail:
-    """add_rmsnorm_quant(int8_gemm_triton(x8, ...), residual, weight, eps) with its residual sum:
-    on a gemv plan the GEMM's last program does the norm (its TAIL), one launch in all; other
-    plans (or bases a gemv cannot read as words) run the GEMM and the row kernel."""
-    M, K = x8.shape
-    N = w.shape[0]
-    plan = _as_plan(config, M, N, K, mode, x8.device)
-    if not _tail_runs(plan, x8, w):
-        y = int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan)
-        q, scale, total, s = add_rmsnorm_quant_triton(y.to(residual.dtype), residual, weight, eps)
-        return norm_tail(residual, weight, eps)._replace(q=q, scale=scale, xsum=total, s=s)
-    return _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, norm_tail(residual, weight, eps))
-
-
-def gemm_silu_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, config: GemmPlan | dict | None = None) -> RowTail:
-    """silu_mul_quant(int8_gemm_triton(x8, ...)) of [gate | up] weight rows (its q, scale, xsum):
-    on a gemv plan the GEMM's last program quantizes silu(gate) * up (its TAIL), one launch in all;
-    other plans (or bases a gemv cannot read as words) run the GEMM and the row kernel."""
-    M, K = x8.shape
-    N = w.shape[0]
-    plan = _as_plan(config, M, N, K, mode, x8.device)
-    if not _tail_runs(plan, x8, w):
-        q, scale, total = silu_mul_quant_triton(int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan))
-        return silu_tail(M, N, x8.device)._replace(q=q, scale=scale, xsum=total)
-    return _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, silu_tail(M, N, x8.device))
-
-
-def gemm_rope_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, tail: RopeTail,
-                   config: GemmPlan | dict | None = None) -> torch.Tensor:
-    """rope_kv_write of one token's qkv projection int8_gemm_triton(x8, ...) [1, (HQ + 2 HKV) D]:
-    tail.q (the rotated queries) filled and the token's keys and values written into tail.cache.
-    On a gemv plan whose tiles divide a head the GEMM's programs do it per kv head (its TAIL), one
-    launch in all; otherwise the GEMM and then the RoPE kernel."""
-    M, K = x8.shape
-    N = w.shape[0]
-    plan = _as_plan(config, M, N, K, mode, x8.device)
-    if not (_tail_runs(plan, x8, w) and rope_tail_fits(plan, tail.q.shape[2])):
-        y = int8_gemm_triton(x8, sx, xsum, w, s1, s2, sz, mode, plan).to(tail.q.dtype)
-        _, hq, d = tail.q.shape
-        hkv = tail.cache.num_kv_heads
-        q, k, v = y.view(M, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
-        q_rot, _ = rope_kv_write_triton(q, k, v, tail.positions, tail.cos_sin_cache, tail.slot_mapping, tail.cache)
-        return tail.q.copy_(q_rot)
-    _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode, plan, tail)
-    return tail.q
-
-
-def _tail_runs(plan: GemmPlan, x8: torch.Tensor, w: torch.Tensor) -> bool:
-    return plan.kernel == "gemv" and gemv_alignment_ok(x8, w) and x8.shape[0] <= gemm_plan_mod.GEMV_TAIL_MAX_M
-
-
-def _gemv_tail(x8, sx, xsum, w, s1, s2, sz, mode: int, plan: GemmPlan, tail):
-    y = torch.empty((x8.shape[0], w.shape[0]), dtype=torch.float16, device=x8.device)
-    launch_gemv(x8, sx, xsum, w, s1, s2, sz, y, mode, plan, x8.is_cuda if plan.fast is None else plan.fast, tail=tail)
-    return tail
-
-
 def _as_plan(config, M: int, N: int, K: int, mode: int, device: torch.device) -> GemmPlan:
     if config is None:
         return select_plan(M, N, K, mode, device)
@@ -597,8 +513,7 @@ def _launch_register(x8, sx, xsum, w, s1, s2, sz, y, mode: int, plan: GemmPlan, 
         MODE=mode, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=split,
         NUM_STAGES=plan.num_stages, SWAP=plan.swap_ab, UNROLL=unroll, PACKED=packed,
         # the word-wide unpack and the prefetches are inline PTX, which the CPU interpreter cannot run
-        FAST=fast, EARLY=pdl_early(), num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}),
-        **launch, **acts,
+        FAST=fast, num_warps=plan.num_warps, **(dict(PREFETCH=plan.prefetch) if hopper else {}), **launch, **acts,
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_early, pdl_enter, pdl_launch
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -255,30 +255,19 @@ def hadamard_halves(x1, x2, HALF: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.c
 
 
 @lazy_jit.helper
-def _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF: tl.constexpr, BLOCK_H: tl.constexpr, TOK: tl.constexpr):
-    """The RoPE cos and sin (fp32) of each row of a `_rope_tile` tile: inputs no kernel of a step
-    writes, so a kernel may load them before its PDL wait."""
-    D = 2 * HALF
-    j = tl.arange(0, HALF)[None, :]
-    t = t0 + tl.arange(0, TOK * BLOCK_H) // BLOCK_H
-    pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
-    return tl.load(cs_ptr + pos * D + j).to(tl.float32), tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
-
-
-@lazy_jit.helper
 def _rope_tile(x_ptr, stride, pos_ptr, cs_ptr, t0, h0, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-               TOK: tl.constexpr, cos=None, sin=None):
+               TOK: tl.constexpr):
     """Rows (token t0 + r // BLOCK_H, head h0 + r % BLOCK_H) of q or k, rotated by RoPE in fp32:
-    returns (row tokens, row heads, packed output offsets, row mask, first half, second half).
-    cos / sin: the tile's `_rope_cos_sin`, loaded already (else loaded here)."""
+    returns (row tokens, row heads, packed output offsets, row mask, first half, second half)."""
     D = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
     r = tl.arange(0, TOK * BLOCK_H)
     t = t0 + r // BLOCK_H
     h = h0 + (r % BLOCK_H)[:, None]
     m = (h < H) & (t < T)[:, None]
-    if cos is None:
-        cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_H, TOK)
+    pos = tl.load(pos_ptr + t, mask=t < T, other=0)[:, None]
+    cos = tl.load(cs_ptr + pos * D + j).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * D + HALF + j).to(tl.float32)
     t64 = t.to(tl.int64)[:, None]
     x_in = t64 * stride + h * D + j
     x1 = tl.load(x_ptr + x_in, mask=m, other=0.0).to(tl.float32)
@@ -293,54 +282,36 @@ def _rope_kv_write_kernel(
     T, HQ, HKV, PAGE_SIZE, stride_q, stride_k, stride_v,
     HALF: tl.constexpr, BITS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,
 ):
     """TOK tokens per program. Axis 1: programs 0 .. n-2 rotate BLOCK_HQ query heads each, the
     last one the keys (and writes K and V to the cache). A tile row is one (token, head), row
-    r = token * BLOCK_H + head. EARLY (dispatch.pdl_early): the positions' cos / sin rows and the
-    slots are loaded before the PDL wait, leaving the loads of q / k / v (the qkv GEMM's output)
-    as the only round trip to memory before the rotation."""
+    r = token * BLOCK_H + head."""
+    pdl_enter(PDL)
     t0 = tl.program_id(0) * TOK
     role = tl.program_id(1)
     if role < tl.num_programs(1) - 1:
-        if EARLY:
-            cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_HQ, TOK)
-        else:
-            cos, sin = None, None
-        pdl_enter(PDL)
         # Inputs may be row views of the fused qkv output (token stride > heads * D); outputs are packed.
         _, _, q_off, qm, a1, a2 = _rope_tile(q_ptr, stride_q, pos_ptr, cs_ptr, t0, role * BLOCK_HQ, T, HQ, HALF,
-                                             BLOCK_HQ, TOK, cos, sin)
+                                             BLOCK_HQ, TOK)
         if HADAMARD:
             a1, a2 = hadamard_halves(a1, a2, HALF, SPLIT)
         tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
         tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
     else:
         _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT, PDL, EARLY)
+                  t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF, BITS, BLOCK_HKV, HADAMARD, TOK, SPLIT)
 
 
 @lazy_jit.helper
 def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
               t0, T, HKV, PAGE_SIZE, stride_k, stride_v, HALF: tl.constexpr, BITS: tl.constexpr,
-              BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
-              PDL: tl.constexpr, EARLY: tl.constexpr):
-    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values
-    (after the PDL wait; EARLY: the cos / sin rows and the slots before it)."""
-    tk = t0 + tl.arange(0, TOK * BLOCK_HKV) // BLOCK_HKV
-    if EARLY:
-        cos, sin = _rope_cos_sin(pos_ptr, cs_ptr, t0, T, HALF, BLOCK_HKV, TOK)
-        slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
-    else:
-        cos, sin = None, None
-    pdl_enter(PDL)
+              BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr):
+    """The keys of TOK tokens rotated (returned in ko) and quantized into the cache with the values."""
     tk, hk, k_off, km, r1, r2, v1, v2 = _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, 0, T, HKV, stride_k, stride_v,
-                                                      HALF, BLOCK_HKV, HADAMARD, TOK, SPLIT, ko_ptr.dtype.element_ty,
-                                                      cos, sin)
+                                                      HALF, BLOCK_HKV, HADAMARD, TOK, SPLIT, ko_ptr.dtype.element_ty)
     tl.store(ko_ptr + k_off, r1, mask=km)
     tl.store(ko_ptr + k_off + HALF, r2, mask=km)
-    if not EARLY:
-        slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
+    slot = tl.load(slot_ptr + tk, mask=tk < T, other=-1).to(tl.int64)[:, None]
     _store_kv_rows(r1, r2, v1, v2, slot, hk, km, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, HKV, PAGE_SIZE,
                    HALF, BITS)
 
@@ -348,12 +319,11 @@ def _write_kv(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, ko_ptr, kc_ptr, vc_ptr, k
 @lazy_jit.helper
 def _rope_kv_rows(k_ptr, v_ptr, pos_ptr, cs_ptr, t0, h0, T, HKV, stride_k, stride_v, HALF: tl.constexpr,
                   BLOCK_HKV: tl.constexpr, HADAMARD: tl.constexpr, TOK: tl.constexpr, SPLIT: tl.constexpr,
-                  DTYPE: tl.constexpr, cos=None, sin=None):
+                  DTYPE: tl.constexpr):
     """Rows (token, kv head) of k rotated (and x H) and rounded to DTYPE, the cache's input, with
     their v: (row tokens, row heads, packed k offsets, row mask, k halves, v halves)."""
     j = tl.arange(0, HALF)[None, :]
-    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK,
-                                           cos, sin)
+    tk, hk, k_off, km, b1, b2 = _rope_tile(k_ptr, stride_k, pos_ptr, cs_ptr, t0, h0, T, HKV, HALF, BLOCK_HKV, TOK)
     if HADAMARD:
         b1, b2 = hadamard_halves(b1, b2, HALF, SPLIT)
     v_in = tk.to(tl.int64)[:, None] * stride_v + hk * (2 * HALF) + j
@@ -430,32 +400,6 @@ def append_kv_head(k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_p
                    PAGE_SIZE, HALF, BITS)
 
 
-@lazy_jit.helper
-def rope_kv_group(y_ptr, pos_ptr, cs_ptr, slot_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, g, HQ, HKV,
-                  PAGE_SIZE, HALF: tl.constexpr, BITS: tl.constexpr, HADAMARD: tl.constexpr):
-    """rope_kv_write for one token's fused qkv row y [(HQ + 2 HKV) * D] (the qkv GEMM's output) and
-    one kv head g: the query heads of g's group rotated (and x H) into qo [HQ, D], g's key and
-    value quantized into the cache. Tiles of 16 rows, as the rope kernel's at decode sizes (the
-    Hadamard's MMA needs 16; masked to the group's heads), so the bytes are that kernel's."""
-    D: tl.constexpr = 2 * HALF
-    group = HQ // HKV
-    for h0 in range(g * group, (g + 1) * group, 16):  # (a group of more than 16 query heads: MQA)
-        _, _, q_off, qm, a1, a2 = _rope_tile(y_ptr, 0, pos_ptr, cs_ptr, 0, h0, 1, (g + 1) * group, HALF, 16, 1)
-        if HADAMARD:
-            a1, a2 = hadamard_halves(a1, a2, HALF, False)
-        tl.store(qo_ptr + q_off, a1.to(qo_ptr.dtype.element_ty), mask=qm)
-        tl.store(qo_ptr + q_off + HALF, a2.to(qo_ptr.dtype.element_ty), mask=qm)
-    append_kv_head(y_ptr + HQ * D, y_ptr + (HQ + HKV) * D, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-                   vs_ptr, vz_ptr, 0, g, HKV, PAGE_SIZE, 0, 0, HALF, BITS, HADAMARD, False)
-
-
-def cache_meta(cache: KVCacheLayer) -> list[torch.Tensor]:
-    """The cache's (k_scale, k_zero, v_scale, v_zero) as kernels take them (the codes where a
-    16-bit cache has none)."""
-    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
-    return [m if m is not None else cache.k_cache for m in meta]
-
-
 # Tokens per program: with the q/k Hadamard, 4 tokens share the +-1 matrix and make taller MMAs,
 # about twice as fast on the H100 as one token (benchmarks/results/rope-probe-h100.json).
 ROPE_TOKENS = {False: 1, True: 4}
@@ -488,13 +432,14 @@ def rope_kv_write_triton(q, k, v, positions, cos_sin_cache, slot_mapping, cache:
     # The Hadamard is a tl.dot over the tile's rows, which needs at least 16 of them.
     min_heads = -(-16 // tok) if cache.qk_hadamard else 1
     block_hq = max(min_heads, triton.next_power_of_2(min(opts["HEADS"], hq)))
-    meta = cache_meta(cache)
+    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
+    meta = [m if m is not None else cache.k_cache for m in meta]
     _rope_kv_write_kernel[(triton.cdiv(t, tok), triton.cdiv(hq, block_hq) + 1)](
         q, k, v, positions, cos_sin_cache.contiguous(), slot_mapping, q_rot, k_rot,
         cache.k_cache, cache.v_cache, *meta, t, hq, hkv, cache.page_size, q.stride(0), k.stride(0), v.stride(0),
         HALF=d // 2, BITS=cache.bits, BLOCK_HQ=block_hq,
         BLOCK_HKV=max(min_heads, triton.next_power_of_2(hkv)), HADAMARD=cache.qk_hadamard, TOK=tok,
-        SPLIT=opts["SPLIT"], EARLY=pdl_early(), num_warps=opts["num_warps"], **pdl_launch(q),
+        SPLIT=opts["SPLIT"], num_warps=opts["num_warps"], **pdl_launch(q),
     )
     return q_rot, k_rot
 

@@ -26,7 +26,7 @@ import torch
 
 from qoq.kernels.decode_attention import gather_kv_ref
 from qoq.kernels.dispatch import dispatch, lazy_jit, output_like
-from qoq.kernels.kv_cache import KVCacheLayer, cache_meta, token_rows
+from qoq.kernels.kv_cache import KVCacheLayer, token_rows
 
 try:
     import triton
@@ -239,7 +239,8 @@ def paged_prefill_attention_triton(q, cache: KVCacheLayer, block_tables, cu_seql
         return out
     group = hq // cache.num_kv_heads
     opts, rows, tokens = _options(group, q.is_cuda, options)
-    meta = cache_meta(cache)
+    meta = [cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero]
+    meta = [m if m is not None else cache.k_cache for m in meta]
     if work is not None:
         if work.dim() != 2 or work.shape[1] != 2 or work.dtype != torch.int32:
             raise ValueError(f"work must be int32 [capacity, 2] (prefill_work), got {work.dtype} {tuple(work.shape)}")

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_early, pdl_enter, pdl_launch
+from qoq.kernels.dispatch import dispatch, lazy_jit, pdl_enter, pdl_launch
 
 try:
     import triton
@@ -101,18 +101,17 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-@lazy_jit.helper
-def quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, stride_x, eps,
-              MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-              ADD: tl.constexpr, nw=None):
-    """One row's norm / SiLU*mul (and residual add) and per-token int8 quantization, all of the
-    program's threads on its BLOCK >= H channels: the row kernel's body, and the gemv tail's
-    (gemv.py: the last program of a decode GEMM quantizes its output rows for the next GEMM).
-    nw: the norm weight, loaded already (else loaded here)."""
+@lazy_jit
+def _row_quant_kernel(
+    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+    ADD: tl.constexpr, PDL: tl.constexpr = False,
+):
+    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
+    row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
-    row = tl.cast(row, tl.int64)  # (a loop index is a plain int under the interpreter)
-    base = x_ptr + row * stride_x
+    base = x_ptr + row.to(tl.int64) * stride_x
     if MODE == 2:
         g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(base + H + offs, mask=mask, other=0.0).to(tl.float32)
@@ -120,96 +119,26 @@ def quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, str
     else:
         y = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual stream: s = x + residual in x's dtype, stored, then normalized
-        r = tl.load(r_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row.to(tl.int64) * H + offs, mask=mask, other=0.0).to(tl.float32)
         y = (y + r).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * H + offs, y, mask=mask)
+        tl.store(s_ptr + row.to(tl.int64) * H + offs, y, mask=mask)
         y = y.to(tl.float32)
     if MODE == 1:
         ms = tl.sum(y * y, axis=0) / H
         y = y * (1.0 / tl.sqrt(ms + eps))
         if HAS_WEIGHT:
-            if nw is None:
-                nw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = y * nw
+            y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if not QUANT:  # full-precision output in q_ptr's dtype
-        tl.store(q_ptr + row * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
-    else:
-        scale = tl.max(tl.abs(y), axis=0) / 127.0
-        safe = tl.where(scale > 0, scale, 1.0)
-        r = y / safe
-        r = (r + 12582912.0) - 12582912.0
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(q_ptr + row * H + offs, r.to(tl.int8), mask=mask)
-        tl.store(scale_ptr + row, scale)
-        tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
-
-
-@lazy_jit.helper
-def _chunk_of(base, c, offs, H, SILU: tl.constexpr):
-    mask = c + offs < H
-    x = tl.load(base + c + offs, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        u = tl.load(base + H + c + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * u
-    return x, mask
-
-
-@lazy_jit.helper
-def chunked_quant_row(x_ptr, q_ptr, scale_ptr, sum_ptr, row, H, stride_x, SILU: tl.constexpr, CHUNK: tl.constexpr):
-    """quant_row's plain (MODE 0) or SiLU*mul (SILU, MODE 2) per-token quantization for a row wider
-    than one program should hold in registers: CHUNK channels a step, the row's max |y| first,
-    then its codes (y computed again by the same expression, so the codes, scale and sum are the
-    row kernel's bit for bit). The tails of decode kernels use it (a gemv's gate/up output, decode
-    attention's output rows)."""
-    offs = tl.arange(0, CHUNK)
-    row = tl.cast(row, tl.int64)
-    base = x_ptr + row * stride_x
-    amax = tl.zeros((CHUNK,), tl.float32)
-    for c in range(0, H, CHUNK):
-        y, _ = _chunk_of(base, c, offs, H, SILU)
-        amax = tl.maximum(amax, tl.abs(y))
-    scale = tl.max(amax, axis=0) / 127.0
+        tl.store(q_ptr + row.to(tl.int64) * H + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+        return
+    scale = tl.max(tl.abs(y), axis=0) / 127.0
     safe = tl.where(scale > 0, scale, 1.0)
-    total = tl.zeros((CHUNK,), tl.float32)
-    for c in range(0, H, CHUNK):
-        y, mask = _chunk_of(base, c, offs, H, SILU)
-        r = y / safe
-        r = (r + 12582912.0) - 12582912.0
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(q_ptr + row * H + c + offs, r.to(tl.int8), mask=mask)
-        total += r
+    r = y / safe
+    r = (r + 12582912.0) - 12582912.0
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    tl.store(q_ptr + row.to(tl.int64) * H + offs, r.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
-    tl.store(sum_ptr + row, tl.sum(total, axis=0) * scale)
-
-
-class QuantRows(NamedTuple):
-    """Per-token int8 rows as quantize_per_token gives them, for a kernel to write into."""
-
-    q: torch.Tensor  # [M, H] int8
-    scale: torch.Tensor  # [M] fp32
-    xsum: torch.Tensor  # [M] fp32: scale * the row's code sum
-
-    @classmethod
-    def empty(cls, m: int, width: int, device) -> "QuantRows":
-        return cls(torch.empty((m, width), dtype=torch.int8, device=device),
-                   torch.empty(m, dtype=torch.float32, device=device), torch.empty(m, dtype=torch.float32, device=device))
-
-
-@lazy_jit
-def _row_quant_kernel(
-    x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, H, stride_x, eps,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-    ADD: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-):
-    row = tl.program_id(0)
-    if EARLY and MODE == 1 and HAS_WEIGHT:  # the norm weight (no kernel writes it) before the wait
-        offs = tl.arange(0, BLOCK)
-        nw = tl.load(w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)
-    else:
-        nw = None
-    pdl_enter(PDL)  # wait for the kernel before; the GEMM after may launch and prefetch its weights
-    quant_row(x_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, r_ptr, s_ptr, row, H, stride_x, eps, MODE, HAS_WEIGHT, BLOCK,
-              QUANT, ADD, nw)
+    tl.store(sum_ptr + row, tl.sum(r, axis=0) * scale)
 
 
 def _launch(x, weight, eps, mode, h, quant=True, residual=None):
@@ -220,11 +149,9 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
     if residual is not None:
         residual = residual.contiguous()
         s = torch.empty_like(residual)
-    if quant:
-        q, scale, xsum = QuantRows.empty(m, h, x.device)
-    else:  # (empty scale / sum arguments: the kernel stores none)
-        q = torch.empty((m, h), dtype=x.dtype, device=x.device)
-        scale = xsum = torch.empty(0, dtype=torch.float32, device=x.device)
+    q = torch.empty((m, h), dtype=torch.int8 if quant else x.dtype, device=x.device)
+    scale = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
+    xsum = torch.empty(m if quant else 0, dtype=torch.float32, device=x.device)
     if m > 0:
         block = triton.next_power_of_2(h)
         num_warps = max(1, min(16, block // 512))
@@ -232,7 +159,7 @@ def _launch(x, weight, eps, mode, h, quant=True, residual=None):
             x, weight if weight is not None else x, q, scale, xsum,
             residual if residual is not None else x, s if s is not None else x, h, x.stride(0), eps,
             MODE=mode, HAS_WEIGHT=weight is not None, BLOCK=block, QUANT=quant, ADD=residual is not None,
-            EARLY=pdl_early(), num_warps=num_warps, **pdl_launch(x),
+            num_warps=num_warps, **pdl_launch(x),
         )
     out = (q, scale, xsum) if quant else (q,)
     if s is not None:

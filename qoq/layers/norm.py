@@ -41,8 +41,3 @@ class RMSNorm(nn.Module):
             return rmsnorm_quantized(x, self.weight, self.eps)
         # One fused kernel on a GPU; statistics in fp32 whatever the storage dtype, as HF Llama does.
         return rmsnorm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
-
-    def after(self, linear: nn.Module, x, residual: torch.Tensor) -> tuple[QuantizedActivation, torch.Tensor]:
-        """self(linear(x), quantize=True, residual=residual) with the norm done by the linear's GEMM
-        in its last program (QuantLinear.forward_norm: the model asks `quantizes_output` first)."""
-        return linear.forward_norm(x, residual, self.weight, self.eps)

@@ -18,8 +18,7 @@ from torch import nn
 
 from qoq.kernels import (int_gemm, pack_w4, quantize_per_token, unpack_w4, use_triton, w4a8_g128_gemm,
                          w4a8_per_channel_gemm, w8a8_gemm)
-from qoq.kernels.gemm_plan import act_prologue_allowed, gemv_tail_allowed
-from qoq.kernels.gemv import RopeTail
+from qoq.kernels.gemm_plan import act_prologue_allowed
 from qoq.kernels.int_gemm import finish_ref
 from qoq.kernels.w4a8_gemm import check_silu_mul
 from qoq.kernels.quant import ACT_PLAIN, ActInput
@@ -118,7 +117,14 @@ class QuantLinear(nn.Module):
             act = ActInput(x.reshape(-1, self.in_features).contiguous(), ACT_PLAIN)
             return self._finish(int_gemm.int8_gemm_act_triton(act, *self.gemm_operands(), self.gemm_mode),
                                 x.shape[:-1], x.dtype)
-        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
+        if isinstance(x, QuantizedActivation):
+            x8, x_scale, x_sum, lead, dtype = x
+        else:
+            lead, dtype = x.shape[:-1], x.dtype
+            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
+        if self.padded_in != self.in_features:
+            # Zero columns change neither the per-token scale nor the sum.
+            x8 = F.pad(x8, (0, self.padded_in - self.in_features))
         if silu_mul and self.bias is not None:
             raise ValueError("silu_mul in the GEMM needs a projection without bias")
         if use_triton(x8) and ROW_KERNELS_ONLY.get() and x8.shape[0] > 1:
@@ -132,74 +138,6 @@ class QuantLinear(nn.Module):
             check_silu_mul(silu_mul, self.out_features)
             y = self._cpu_gemm(x8, x_scale, x_sum, silu_mul)
         return self._finish(y, lead, dtype)
-
-    def _int8_rows(self, x: torch.Tensor | QuantizedActivation):
-        """(int8 rows padded to the kernels' K, scales, scaled row sums, leading dims, dtype) of a
-        plain activation (quantized here) or a QuantizedActivation."""
-        if isinstance(x, QuantizedActivation):
-            x8, x_scale, x_sum, lead, dtype = x
-        else:
-            lead, dtype = x.shape[:-1], x.dtype
-            x8, x_scale, x_sum = quantize_per_token(x.reshape(-1, self.in_features))
-        if self.padded_in != self.in_features:
-            # Zero columns change neither the per-token scale nor the sum.
-            x8 = F.pad(x8, (0, self.padded_in - self.in_features))
-        return x8, x_scale, x_sum, lead, dtype
-
-    def quantizes_output(self, num_tokens: int, dtype: torch.dtype, kind: str = "norm") -> bool:
-        """Whether this layer's GEMM hands its output to the next quantized GEMM as int8 rows, the
-        norm's residual add and RMSNorm (kind "norm", `forward_norm`) or a gate/up projection's
-        SiLU*mul ("silu", `forward_silu`) done by its last program: a gemv plan at one token on a
-        GPU (int_gemm.quantizes_output) where QOQ_GEMV_TAIL allows the kind, not under the
-        batch-invariant mode (the program's sums run in another order than the row kernel's), for
-        fp16 / fp32 rows (the GEMM's fp16 output is then what the row kernel would have read)."""
-        if (self.bias is not None or dtype not in (torch.float16, torch.float32) or ROW_KERNELS_ONLY.get()
-                or not gemv_tail_allowed(kind, num_tokens)):
-            return False
-        device = next(self.buffers()).device
-        return int_gemm.quantizes_output(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device)
-
-    def forward_norm(self, x: torch.Tensor | QuantizedActivation | DeferredActivation, residual: torch.Tensor,
-                     weight: torch.Tensor | None, eps: float) -> tuple[QuantizedActivation, torch.Tensor]:
-        """(int8 rows of rmsnorm(self(x) + residual) * weight, self(x) + residual), as a norm with
-        `residual` gives them for the quantized linear after it, in one launch where
-        `quantizes_output` (int_gemm.gemm_norm_tail)."""
-        if isinstance(x, DeferredActivation):
-            x = x.quantized()
-        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
-        flat = residual.reshape(-1, self.out_features)
-        tail = int_gemm.gemm_norm_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, flat, weight, eps)
-        return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype), tail.s.view(residual.shape)
-
-    def rotates_output(self, num_tokens: int, dtype: torch.dtype, head_dim: int) -> bool:
-        """Whether this qkv projection's GEMM runs RoPE and the KV cache write of its output in its
-        own programs (`forward_rope`): `quantizes_output`'s one token on a gemv plan, with tiles
-        that each hold one head (QOQ_GEMV_TAIL's "rope"), for fp16 rows (what the RoPE kernel would
-        have read)."""
-        if (self.bias is not None or dtype != torch.float16 or ROW_KERNELS_ONLY.get()
-                or not gemv_tail_allowed("rope", num_tokens)):
-            return False
-        device = next(self.buffers()).device
-        return int_gemm.rotates_output(num_tokens, self.out_features, self.padded_in, self.gemm_mode, device, head_dim)
-
-    def forward_rope(self, x: torch.Tensor | QuantizedActivation | DeferredActivation, tail: RopeTail) -> torch.Tensor:
-        """rope_kv_write of this qkv projection's output for one token: the rotated queries
-        (tail.q, [1, HQ, D]) returned, the keys and values written into tail.cache, in one launch
-        where `rotates_output` (int_gemm.gemm_rope_tail)."""
-        if isinstance(x, DeferredActivation):
-            x = x.quantized()
-        x8, x_scale, x_sum, _, _ = self._int8_rows(x)
-        return int_gemm.gemm_rope_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode, tail)
-
-    def forward_silu(self, x: torch.Tensor | QuantizedActivation | DeferredActivation) -> QuantizedActivation:
-        """The int8 rows of silu(gate) * up of this [gate | up] projection's output, as
-        silu_mul_quantized gives them for down_proj, in one launch where `quantizes_output`
-        (int_gemm.gemm_silu_tail)."""
-        if isinstance(x, DeferredActivation):
-            x = x.quantized()
-        x8, x_scale, x_sum, lead, dtype = self._int8_rows(x)
-        tail = int_gemm.gemm_silu_tail(x8, x_scale, x_sum, *self.gemm_operands(), self.gemm_mode)
-        return QuantizedActivation(tail.q, tail.scale, tail.xsum, lead, dtype)
 
     def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
         y = y.to(dtype)

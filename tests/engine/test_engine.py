@@ -169,67 +169,23 @@ def test_qk_hadamard_engine_agrees_with_the_reference_and_keeps_fp_scores(bundle
         assert not torch.allclose(rotated, plain)
 
 
-def _generate_with(monkeypatch, model, tok, env: str, keyword: str):
-    """(tokens without `env`, tokens with env=1, whether each decode attention call had `keyword`)
-    for three prompts of 12 generated tokens on a KV4 engine."""
-    from qoq.engine import attention
-
-    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40)]
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
-    base = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-    calls = []
-    decode = attention.paged_decode_attention
-    monkeypatch.setattr(attention, "paged_decode_attention",
-                        lambda *a, **kw: calls.append(kw.get(keyword) is not None) or decode(*a, **kw))
-    monkeypatch.setenv(env, "1")
-    fused = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
-    return [o.token_ids for o in base], [o.token_ids for o in fused], calls
-
-
 def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkeypatch):
     """QOQ_DECODE_APPEND=1: steps of decodes alone hand the new K/V to decode attention
     (KVAppend) instead of writing them first; the tokens are the same (q/k Hadamard, KV4)."""
+    from qoq.engine import attention
+
+    _, tok = bundled
     model = tiny_quantized_model(G128, 4, torch.float32, qk_hadamard=True)
-    base, fused, appended = _generate_with(monkeypatch, model, bundled[1], "QOQ_DECODE_APPEND", "append")
-    assert any(appended) and fused == base
-
-
-def test_attention_quant_generates_what_the_row_kernel_path_does(bundled, monkeypatch):
-    """QOQ_ATTN_QUANT=1: steps of decodes alone get o_proj's int8 rows from decode attention's
-    launch (QuantRows) instead of a row kernel after it; the tokens are the same."""
-    model = tiny_quantized_model(G128, 4, torch.float32)
-    base, fused, quantized = _generate_with(monkeypatch, model, bundled[1], "QOQ_ATTN_QUANT", "quant")
-    assert any(quantized) and fused == base
-
-
-def test_decode_tails_generate_what_the_separate_kernels_do(bundled, monkeypatch):
-    """One stream with QOQ_GEMV_TAIL=1 and QOQ_ATTN_QUANT=1 on gemv plans (forced, their tiles
-    dividing a head; the Triton kernels under the interpreter): each decode step's qkv GEMM
-    rotates q and writes the K/V (RopeTail), decode attention hands o_proj int8 rows, o_proj and
-    down_proj run the next norm and gate/up the SiLU*mul in their last programs; the tokens are
-    those of the separate kernels (q/k Hadamard, KV4, fp16)."""
-    from qoq.kernels import gemm_plan, int_gemm
-    from qoq.kernels.gemm_plan import GemmPlan
-
-    model = tiny_quantized_model(G128, 4, torch.float16, qk_hadamard=True)
-    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
-    real = int_gemm.select_plan
-    monkeypatch.setattr(int_gemm, "select_plan", lambda m, n, k, mode, device: GemmPlan("gemv", 1, 16, split_k=2)
-                        if m <= 4 else real(m, n, k, mode, device))
-    monkeypatch.setattr(int_gemm, "quantizes_output", lambda m, n, k, mode, device: m <= gemm_plan.GEMV_TAIL_MAX_M)
-    monkeypatch.setattr(int_gemm, "rotates_output", lambda m, n, k, mode, device, d: m <= gemm_plan.GEMV_TAIL_MAX_M)
-    ropes = []
-    rope = int_gemm.gemm_rope_tail
-    monkeypatch.setattr(int_gemm, "gemm_rope_tail", lambda *a, **kw: ropes.append(1) or rope(*a, **kw))
-    prompt = [torch.randint(1, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()]
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
-    base = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
-    assert not ropes
-    monkeypatch.setenv("QOQ_GEMV_TAIL", "norm,silu,rope")
-    monkeypatch.setenv("QOQ_ATTN_QUANT", "1")
-    fused = LLM.from_model(model, bundled[1], kv_bits=4).generate(prompt, params)
-    assert len(ropes) == 2 * 5  # both layers of each decode step
-    assert fused[0].token_ids == base[0].token_ids
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 17, 40)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    base = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
+    appended = []
+    decode = attention.paged_decode_attention
+    monkeypatch.setattr(attention, "paged_decode_attention",
+                        lambda *a, **kw: appended.append(kw.get("append") is not None) or decode(*a, **kw))
+    monkeypatch.setenv("QOQ_DECODE_APPEND", "1")
+    fused = LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)
+    assert any(appended) and [o.token_ids for o in fused] == [o.token_ids for o in base]
 
 
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

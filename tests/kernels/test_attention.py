@@ -129,58 +129,6 @@ def test_decode_chains_match_ref(bits, chains, page, num_splits, options, device
     assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
 
 
-@pytest.mark.parametrize("plan", [DecodePlan(transposed=True, biased=True), DecodePlan(biased=True),
-                                  DecodePlan(transposed=True, biased=True, chains=2)])
-def test_decode_early_split_changes_no_output(plan, monkeypatch, device, gen):
-    """QOQ_PDL_EARLY: the split's blocks taken (and on CUDA its first pages prefetched into L2)
-    before the PDL wait give the same bits as after it, split and whole."""
-    b, hq, hkv, d, page = 3, 8, 2, 32, 16
-    cache = random_cache(b * 8, hkv, d, page, 4, device, gen)
-    bt = torch.randperm(b * 8, generator=gen).reshape(b, 8).int().to(device)
-    lens = torch.tensor([5, 128, 70], dtype=torch.int32, device=device)
-    q = torch.randn(b, hq, d, generator=gen).half().to(device)
-    for splits in (1, 3):
-        outs = []
-        for early in ("0", "1"):
-            monkeypatch.setenv("QOQ_PDL_EARLY", early)
-            outs.append(paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=splits, plan=plan))
-        assert torch.equal(*outs), (plan, splits)
-
-
-@pytest.mark.parametrize("bits,plan", [(4, DecodePlan(transposed=True, biased=True)), (8, DecodePlan(biased=True)),
-                                       (4, DecodePlan(transposed=True, biased=True, chains=2)),
-                                       (16, DecodePlan(num_warps=2))])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_quantizes_its_output_rows_as_the_row_kernel(bits, plan, num_splits, monkeypatch, device, gen, poison):
-    """QuantRows: the last program to complete a sequence's heads writes the int8 rows of its whole
-    output [Hq * D] (here 128 channels a step: a whole step and a masked one), the codes, scales
-    and sums of quantize_per_token on the output, bit for bit; twice (the counters reset), split
-    and whole; the reference twin fills them the same way."""
-    from qoq.kernels import decode_attention
-    from qoq.kernels.quant import QuantRows, quantize_per_token_ref, quantize_per_token_triton
-
-    monkeypatch.setattr(decode_attention, "QUANT_CHUNK", 128)
-    b, hq, hkv, d, page = 3, 6, 2, 32, 16  # rows of 192 channels
-    cache = random_cache(b * 8, hkv, d, page, bits, device, gen)
-    bt = torch.randperm(b * 8, generator=gen).reshape(b, 8).int().to(device)
-    lens = torch.tensor([5, 128, 70], dtype=torch.int32, device=device)
-    q = torch.randn(b, hq, d, generator=gen).half().to(device)
-    for _ in range(2):
-        rows = QuantRows.empty(b, hq * d, device)
-        for t in rows:
-            t.fill_(-7)
-        out = paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, num_splits=num_splits, plan=plan,
-                                            quant=rows)
-        want = quantize_per_token_triton(out.reshape(b, -1))
-        assert all(torch.equal(got, w) for got, w in zip(rows, want))
-    assert all(int(c.abs().sum()) == 0 for c in dispatch._ARRIVAL_COUNTERS.values())
-    ref_rows = QuantRows.empty(b, hq * d, device)
-    ref = paged_decode_attention_ref(q, cache, bt, lens, d ** -0.5, quant=ref_rows)
-    assert all(torch.equal(got, w) for got, w in zip(ref_rows, quantize_per_token_ref(ref.reshape(b, -1))))
-    with pytest.raises(ValueError, match="int8 rows"):
-        paged_decode_attention_triton(q, cache, bt, lens, d ** -0.5, quant=QuantRows.empty(b, hq, device))
-
-
 def _append_case(bits, hadamard, b, hkv, hq, d, page, pages, lens, device, gen):
     """Two copies of a random cache, a decode step's unrotated q / k / v as views of one qkv
     tensor, and its KVAppend (the new token at position len - 1; the last row's slot -1: a padded

@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import requires_cuda
 from helpers import (
-    cos_sin_cache,
     g128_case,
     g128_weights,
     per_channel_case,
@@ -557,22 +556,6 @@ def test_pdl_gemm_touches_no_memory_before_its_wait_sm90():
     assert act["pdl_wait"] == "True" and act["memory_before_pdl_wait"] == "0" and act["pdl_signal_after_wait"] == "True"
 
 
-def test_pdl_early_loads_only_read_before_the_wait_sm90():
-    """QOQ_PDL_EARLY: the GEMMs load their weights' scales, decode attention its context length and
-    page-table entries (and prefetches its first pages) before griddepcontrol.wait; none of them
-    writes, atomically adds or copies asynchronously there, and the next kernel is still signalled
-    only after the wait."""
-    for kernel, args in (("gemm", ("--mode", "2", "--block-m", "8", "--split", "4", "--pdl", "4")),
-                         ("gemv", ("--mode", "2", "--block-n", "32", "--split", "4", "--pdl", "4")),
-                         ("decode", ("--bits", "4", "--swap", "1", "--split", "4", "--pdl", "1")),
-                         ("decode", ("--bits", "4", "--chains", "2", "--split", "4", "--pdl", "1"))):
-        out = sass_report(kernel, *args, "--early", "2")
-        assert out["pdl_wait"] == "True" and out["pdl_signal_after_wait"] == "True", kernel
-        assert int(out["memory_before_pdl_wait"]) > 0 and out["writes_before_pdl_wait"] == "0", kernel
-        if kernel == "decode":
-            assert int(out["prefetch_before_pdl_wait"]) > 0
-
-
 def test_pdl_decode_attention_waits_before_memory_sm90():
     """Decode attention launched as a dependent of the RoPE kernel: nothing global (the cache, the
     split workspace and counters) before griddepcontrol.wait, and the next kernel signalled after it."""
@@ -701,125 +684,3 @@ def test_gemv_plan_rules(device, gen):
     case = g128_case(GEMV_MAX_M + 1, 32, 256, device, gen)
     with pytest.raises(ValueError, match="at most"):
         w4a8_g128_gemm_triton(*case, config=GemmPlan("gemv", 1, 32))
-
-
-@pytest.mark.parametrize("kind", ["g128", "per_channel"])
-def test_early_scales_change_no_output(kind, monkeypatch, device, gen):
-    """QOQ_PDL_EARLY (dispatch.pdl_early): the epilogue's scales loaded before the loop give the same
-    bits as loaded after it, in the gemv and the register kernel, whole and split-K."""
-    m, k, n = 2, 512, 80
-    if kind == "g128":
-        case, fn = g128_case(m, n, k, device, gen), w4a8_g128_gemm_triton
-    else:
-        case, fn = per_channel_case(m, n, k, device, gen), w4a8_per_channel_gemm_triton
-    for plan in (GemmPlan("gemv", 1, 32, split_k=2, unroll=2), GemmPlan("reg_a", 8, 64, split_k=2),
-                 GemmPlan("reg_a", 8, 64)):
-        outs = []
-        for early in ("0", "1"):
-            monkeypatch.setenv("QOQ_PDL_EARLY", early)
-            outs.append(fn(*case, config=plan))
-        assert torch.equal(*outs), plan
-
-
-@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_norm_tail_matches_the_row_kernel(kind, split, device, gen, poison):
-    """gemm_norm_tail: the gemv's last program adds the residual to the output row, RMS-normalizes
-    and quantizes it (NormTail), as the GEMM then the row kernel (add_rmsnorm_quant) do: the same
-    residual sum bit for bit, the same codes up to a rounding tie, scales and sums to fp32 rounding.
-    Twice (its counter resets), and a non-gemv plan takes the two-kernel path."""
-    from qoq.kernels.int_gemm import gemm_norm_tail, int8_gemm_triton
-    from qoq.kernels.quant import add_rmsnorm_quant_triton
-
-    k, n = 512, 96  # N not a power of two: the tail's block is masked
-    ops, mode = _one_token_case(kind, n, k, device, gen)
-    residual = torch.randn(1, n, generator=gen).half().to(device)
-    weight = (torch.rand(n, generator=gen) + 0.5).half().to(device)
-    plan = GemmPlan("gemv", 1, 32, split_k=split, unroll=1)
-    want = add_rmsnorm_quant_triton(int8_gemm_triton(*ops, mode, plan), residual, weight, 1e-6)
-    for config in (plan, plan, GemmPlan("reg_a", 8, 64)):
-        got = gemm_norm_tail(*ops, mode, residual, weight, 1e-6, config=config)
-        assert torch.equal(got.s, want[3])
-        assert int((got.q.int() - want[0].int()).abs().max()) <= 1 and int((got.q != want[0]).sum()) <= 1
-        assert rel_err(got.scale, want[1]) < 1e-6 and rel_err(got.xsum, want[2]) < 1e-2
-
-
-@pytest.mark.parametrize("kind", ["g128", "w8a8"])
-@pytest.mark.parametrize("bits,hadamard", [(4, True), (8, False), (16, True)])
-@pytest.mark.parametrize("split,hq,hkv", [(1, 4, 2), (2, 4, 2), (1, 20, 1)])  # 20 query heads a kv head: two tiles
-def test_gemv_rope_tail_matches_rope_kv_write(kind, bits, hadamard, split, hq, hkv, device, gen):
-    """gemm_rope_tail: the qkv gemv's programs rotate each kv head's query group and write its key
-    and value into the cache (RopeTail: the last of the group's tiles), as the GEMM then
-    rope_kv_write do: the same rotated queries and the same cache bytes, the other slots kept.
-    Twice (its counters reset); a plan whose tiles straddle heads, or a non-gemv plan, takes
-    the two-kernel path; a qkv row of the wrong width is refused."""
-    from dataclasses import fields, replace
-
-    from qoq.kernels.gemv import RopeTail
-    from qoq.kernels.int_gemm import gemm_rope_tail, int8_gemm_triton
-    from qoq.kernels.kv_cache import allocate_kv_cache, rope_kv_write_triton
-
-    d, page = 32, 16
-    ops, mode = _one_token_case(kind, (hq + 2 * hkv) * d, 256, device, gen)
-    cache = replace(allocate_kv_cache(1, 4, hkv, d, page_size=page, bits=bits, device=device)[0], qk_hadamard=hadamard)
-    for f in fields(cache):
-        t = getattr(cache, f.name)
-        if isinstance(t, torch.Tensor):
-            t.copy_(torch.randint(0, 100, t.shape, generator=gen).to(t.dtype))
-
-    def twin():
-        return replace(cache, **{f.name: getattr(cache, f.name).clone() for f in fields(cache)
-                                 if isinstance(getattr(cache, f.name), torch.Tensor)})
-
-    pos = torch.tensor([37], device=device)
-    slot = torch.tensor([2 * page + 5], device=device)
-    table = cos_sin_cache(64, d).to(device)
-    plan = GemmPlan("gemv", 1, 16, split_k=split, unroll=1)
-    want_cache = twin()
-    y = int8_gemm_triton(*ops, mode, plan)
-    q, k, v = y.view(1, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
-    want_q, _ = rope_kv_write_triton(q, k, v, pos, table, slot, want_cache)
-    for config in (plan, plan, GemmPlan("gemv", 1, 64, unroll=1), GemmPlan("reg_a", 8, 64)):
-        got_cache = twin()
-        tail = RopeTail(pos, table, slot, got_cache, torch.full((1, hq, d), float("nan"), device=device).half())
-        got_q = gemm_rope_tail(*ops, mode, tail, config=config)
-        assert got_q is tail.q and torch.equal(got_q, want_q), config
-        for f in fields(cache):
-            if isinstance(getattr(cache, f.name), torch.Tensor):
-                assert torch.equal(getattr(got_cache, f.name), getattr(want_cache, f.name)), (config, f.name)
-    bad = RopeTail(pos, table, slot, twin(), torch.empty((1, hq - 1, d), device=device).half())
-    with pytest.raises(ValueError, match="RoPE tail"):
-        gemm_rope_tail(*ops, mode, bad, config=plan)
-
-
-def _one_token_case(kind: str, n: int, k: int, device, gen):
-    """(the GEMM's operands, its mode) for one token of random codes against [n, k] weights."""
-    if kind == "w8a8":
-        x8, sx, xsum = random_activations(1, k, device, gen)
-        return (x8, sx, xsum) + w8_weights(n, k, device, gen) + (None, None), MODE_W8
-    if kind == "g128":
-        x8, sx, w, s1, s2, sz = g128_case(1, n, k, device, gen)
-        return (x8, sx, None, w, s1, s2, sz), MODE_W4_G128
-    x8, sx, xsum, w, s1, szero = per_channel_case(1, n, k, device, gen)
-    return (x8, sx, xsum, w, s1, None, szero), MODE_W4_PER_CHANNEL
-
-
-@pytest.mark.parametrize("kind", ["g128", "per_channel", "w8a8"])
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_silu_tail_matches_the_row_kernel(kind, split, device, gen, poison, monkeypatch):
-    """gemm_silu_tail: the gemv's last program quantizes silu(gate) * up of its [gate | up] output
-    row, as the GEMM then the row kernel (silu_mul_quant) do, bit for bit: here 32 channels a step,
-    so the 48-wide product takes a whole step and a masked one. Twice (its counter resets), and a
-    non-gemv plan takes the two-kernel path."""
-    from qoq.kernels import gemv
-    from qoq.kernels.int_gemm import gemm_silu_tail, int8_gemm_triton
-    from qoq.kernels.quant import silu_mul_quant_triton
-
-    monkeypatch.setattr(gemv, "SILU_TAIL_CHUNK", 32)
-    ops, mode = _one_token_case(kind, 96, 512, device, gen)
-    plan = GemmPlan("gemv", 1, 32, split_k=split, unroll=1)
-    want = silu_mul_quant_triton(int8_gemm_triton(*ops, mode, plan))
-    for config in (plan, plan, GemmPlan("reg_a", 8, 64)):
-        got = gemm_silu_tail(*ops, mode, config=config)
-        assert got.q.shape == (1, 48) and torch.equal(got.q, want[0]), config
-        assert torch.equal(got.scale, want[1]) and rel_err(got.xsum, want[2]) < 1e-6

@@ -221,14 +221,3 @@ def test_input_prologue_is_the_plans_and_decode_sized(monkeypatch):
     assert not gemm_plan.quantizes_input(GemmPlan("ws", 64, 128, num_stages=0), 1)
     assert gemm_plan.quantizes_input(GemmPlan("gemv", 1, 32), 1)  # the CUDA-core kernel too
     assert not int_gemm.quantizes_input(1, 4096, 4096, MODE_W4_G128, torch.device("cpu"))
-
-
-@pytest.mark.parametrize("value,allowed", [("0", ()), ("1", ("norm", "rope")), ("norm,silu,rope", gemm_plan.GEMV_TAILS),
-                                           ("silu", ("silu",))])
-def test_gemv_tails_follow_the_setting(monkeypatch, value, allowed):
-    """QOQ_GEMV_TAIL: 1 the kinds of gemv tail expected to pay (not SiLU*mul's), a comma-separated
-    list those kinds; only at one token."""
-    monkeypatch.setenv("QOQ_GEMV_TAIL", value)
-    for kind in gemm_plan.GEMV_TAILS:
-        assert gemm_plan.gemv_tail_allowed(kind, 1) == (kind in allowed)
-        assert not gemm_plan.gemv_tail_allowed(kind, gemm_plan.GEMV_TAIL_MAX_M + 1)

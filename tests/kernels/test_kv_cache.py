@@ -109,21 +109,3 @@ def test_rope_kv_write_real_shapes_gpu(hadamard, gen, poison):
     b = rope_kv_write_triton(q, k, v, pos, cs, slots, c2)
     assert rel_err(b[0], a[0]) < 1e-3 and rel_err(b[1], a[1]) < 1e-3
     assert rel_err(c2.k_scale.float(), c1.k_scale.float()) < 1e-3
-
-
-@pytest.mark.parametrize("hadamard", [False, True])
-def test_rope_early_loads_change_no_output(hadamard, monkeypatch, device, gen):
-    """QOQ_PDL_EARLY (dispatch.pdl_early): the cos / sin rows and the slots loaded before the PDL
-    wait write the same q / k and cache bytes as loaded after it."""
-    t, hq, hkv, d = 3, 16, 2, 32
-    q, k, v = (torch.randn(t, h, d, generator=gen).half().to(device) for h in (hq, hkv, hkv))
-    pos = torch.tensor([4, 70, 9], device=device)
-    cs = cos_sin_cache(128, d).to(device)
-    slots = torch.tensor([3, -1, 12], device=device)
-    outs = []
-    for early in ("0", "1"):
-        monkeypatch.setenv("QOQ_PDL_EARLY", early)
-        cache = allocate_kv_cache(1, 2, hkv, d, page_size=8, bits=4, device=device, qk_hadamard=hadamard)[0]
-        outs.append((*rope_kv_write_triton(q, k, v, pos, cs, slots, cache), cache.k_cache, cache.v_cache,
-                     cache.k_scale, cache.v_zero))
-    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -145,48 +145,6 @@ def test_decode_sized_gemms_on_the_gemv_kernel_match_the_twins(monkeypatch, prec
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
 
 
-@pytest.mark.parametrize("precision, group", [("w4a8kv4", G128), ("w4a8kv8", PER_CHANNEL), ("w8a8kv8", G128)])
-def test_gemv_norm_tails_match_the_row_kernels(monkeypatch, precision, group):
-    """One token with every QOQ_GEMV_TAIL kind on gemv plans (forced here; the Triton kernels under the
-    interpreter): o_proj's GEMM runs the post-attention norm, gate/up's the SiLU*mul and layer 0's
-    down_proj layer 1's input norm in their last programs, so gate/up, down_proj and layer 1's qkv
-    get int8 rows without a row kernel; the output is the row kernels' path up to a code at a rounding tie. The last layer's
-    down_proj feeds the final (float) norm plainly, and the batch-invariant mode keeps the row kernels."""
-    from qoq.engine.batch_invariant import PerRowLinears
-    from qoq.kernels import int_gemm
-    from qoq.kernels.gemm_plan import GemmPlan
-
-    model = random_model(TINY, QuantConfig(precision, group), device="cpu", dtype=torch.float32, seed=8)
-    for layer in model.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight.data.uniform_(0.5, 1.5)
-    ids = torch.randint(0, TINY.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5))
-    real = int_gemm.select_plan
-    monkeypatch.setenv("QOQ_FORCE_TRITON", "1")
-    monkeypatch.setattr(int_gemm, "select_plan", lambda m, n, k, mode, device: GemmPlan("gemv", 1, 32, split_k=2)
-                        if m <= 4 else real(m, n, k, mode, device))
-    tails, silu = [], []
-    real_tail, real_silu = int_gemm.gemm_norm_tail, int_gemm.gemm_silu_tail
-    monkeypatch.setattr(int_gemm, "gemm_norm_tail", lambda *a, **kw: tails.append(a[3].shape) or real_tail(*a, **kw))
-    monkeypatch.setattr(int_gemm, "gemm_silu_tail", lambda *a, **kw: silu.append(a[3].shape) or real_silu(*a, **kw))
-    with torch.no_grad():
-        rows = model(ids)
-        assert not tails and not silu  # QOQ_GEMV_TAIL unset
-        monkeypatch.setenv("QOQ_GEMV_TAIL", "norm,silu,rope")
-        monkeypatch.setattr(int_gemm, "quantizes_output", lambda m, n, k, mode, device: m <= 1)
-        fused = model(ids)
-        # per layer o_proj's, and layer 0's down_proj (layer 1's goes to the final norm); gate/up's
-        # SiLU*mul in each layer
-        assert len(tails) == 3 and len(silu) == 2
-        tails.clear()
-        silu.clear()
-        with PerRowLinears():
-            again = model(ids)
-        assert not tails and not silu
-    assert torch.equal(again, rows)
-    assert (fused - rows).abs().max() <= 2e-2 * rows.abs().max()
-
-
 def test_batch_invariant_mode_runs_the_quantized_gemms_row_by_row(monkeypatch):
     """GEMM plans differ by M (here split-K 4 at one token, whole at more, as GPU tables do), and
     split-K sums fp32 partials: under the batch-invariant mode a quantized linear gives each row
