@@ -32,7 +32,7 @@
 #             into this GPU's table in the tree (atune-<gpu>.json: the table, atune-results-<gpu>.json: every timing)
 #   attention bench_attention.py alone: the attention record (attention-<gpu>.json)
 #   dprobe    probe_decode.py with PROBE_ARGS: decode attention plans side by side (decode-probe-<gpu>.json)
-#   append    KVAppend (QOQ_DECODE_APPEND=1): its kernel tests, the GPU engine tests with it on, then the engine's
+#   append    KVAppend (QOQ_DECODE_APPEND=1: every step): its kernel tests, the GPU engine tests with it on, then the engine's
 #             step at APPEND_BATCHES (64; batch 1 is slower with it, decode-b1-ab-h100.json) off and on,
 #             APPEND_REPS (2) times (append-<gpu>.json)
 #   ab        the engine's decode step under AB_CASES ("name:VAR=1,VAR2=x ..."), AB_BATCHES (1), AB_REPS (1) (ab-<gpu>.json)

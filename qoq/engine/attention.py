@@ -5,13 +5,16 @@ One forward pass carries a flattened batch, [1, T] tokens: the prefill chunks' t
 kernel rotates q/k and writes quantized K/V into the pages for every token; then every token
 attends over the pages, which by now hold it: prefill chunks causally over their sequence's
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
-tokens over their whole context (paged_decode_attention). With QOQ_DECODE_APPEND=1 a step of
+tokens over their whole context (paged_decode_attention). A step of at least APPEND_MIN_DECODES
 decodes alone is one launch per layer: decode attention rotates q and writes each sequence's new
-K/V itself (`KVAppend`; the program that reads the last page writes it first). Off by default:
-on an H100 it is correct (the GPU engine tests pass with it on) but the batch-1 step is slower,
-2.795 ms against 2.673 (benchmarks/results/decode-b1-ab-h100.json): every program rotates its q
-(RoPE and the q/k Hadamard) before its first score, and the one holding the last token also writes,
-fences and waits, all on a latency-bound step's critical path, which costs more than the launch saved.
+K/V itself (`KVAppend`; the program that reads the last page writes it first). On an H100 that
+step is faster at batch 64 and 128 (4.460 / 5.138 ms against 4.578 / 5.294, 4.430 against 4.577
+in a second run) but slower at 16 (3.297 against 3.159) and 1 (2.795 against 2.673):
+decode-append-ab-h100.json, decode-b64-ab-h100.json, decode-b1-ab-h100.json. Every program rotates its q (RoPE and the q/k
+Hadamard) before its first score, and the one holding the last token also writes, fences and
+waits: on a small, latency-bound step that critical path costs more than the launch saved; at a
+large batch the saved launch's work, spread over the attention's programs, pays.
+QOQ_DECODE_APPEND=N sets the fewest decodes (1: every step of decodes alone, 0: never).
 """
 
 from __future__ import annotations
@@ -76,9 +79,30 @@ class AttentionMetadata:
     flat: FlatMetadata | None = None  # steps with prompt tokens under prefill_graph_mode "full"
 
 
-def decode_append() -> bool:
-    """Whether steps of decodes alone take the one-launch path (module docstring)."""
-    return os.environ.get("QOQ_DECODE_APPEND") == "1"
+# The fewest decodes of a step that takes the one-launch path by default (module docstring).
+APPEND_MIN_DECODES = 64
+
+
+def decode_append_min() -> int | None:
+    """The fewest decodes of a step of decodes alone that takes the one-launch path (`KVAppend`),
+    None: never (QOQ_DECODE_APPEND=N, 0: never; unset: APPEND_MIN_DECODES)."""
+    value = os.environ.get("QOQ_DECODE_APPEND", "").strip()
+    if not value:
+        return APPEND_MIN_DECODES
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"QOQ_DECODE_APPEND={value!r}: expected the fewest decodes of a step that writes its "
+                         f"K/V in decode attention (0: never, 1: every step of decodes alone; unset: "
+                         f"{APPEND_MIN_DECODES})")
+    return n or None
+
+
+def appends(append_min: int | None, decodes: int) -> bool:
+    """Whether a step of `decodes` decodes alone takes the one-launch path under `append_min`."""
+    return append_min is not None and decodes >= max(append_min, 1)
 
 
 class PagedAttention:
@@ -86,14 +110,14 @@ class PagedAttention:
         self.kv_cache = kv_cache
         self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
-        self.append = decode_append()  # read once: the engine's setting, not a per-layer lookup
+        self.append_min = decode_append_min()  # read once: the engine's setting, not a per-layer lookup
 
     def __call__(self, layer_idx, q, k, v, positions, rotary, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> attention output shaped as q; `out`: write it there (contiguous, q's shape)."""
         md = self.metadata
         assert md is not None, "the model runner sets the metadata before the forward"
         batch, num_tokens, num_heads, head_dim = q.shape
-        if md.num_prefill_tokens == 0 and md.token_num_pages is None and batch * num_tokens > 0 and self.append:
+        if md.num_prefill_tokens == 0 and md.token_num_pages is None and appends(self.append_min, batch * num_tokens):
             q, k, v = (x.reshape(-1, x.shape[2], head_dim) for x in (q, k, v))
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out.view(q.shape)
             paged_decode_attention(q, self.kv_cache[layer_idx], md.block_tables, md.context_lens, self.scale, out=out,

@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qoq.engine.attention import AttentionMetadata, PagedAttention, decode_append
+from qoq.engine.attention import AttentionMetadata, PagedAttention, appends, decode_append_min
 from qoq.engine.block_manager import pages_needed
 from qoq.kernels import KVAppend, KVCacheLayer, allocate_kv_cache, paged_decode_attention, paged_prefill_attention
 from qoq.kernels.kv_cache import ROPE_PREFILL_TOKENS
@@ -96,6 +96,7 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
     max_pages = pages_needed(max_model_len, page_size)
     sizes = step_sizes(model, max_num_batched_tokens)
     shapes = _attention_shapes(max_num_seqs, max_pages)
+    append_min = decode_append_min()
     bar = tqdm(total=len(sizes) + len(shapes), desc="compiling kernels", unit="variant", leave=False,
                mininterval=2.0)
     for m in sizes:
@@ -109,7 +110,7 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
         tables = torch.zeros(batch, width, dtype=torch.int32, device=model.device)
         lens = torch.full((batch,), width * page_size, dtype=torch.int32, device=model.device)
         paged_decode_attention(q, layer, tables, lens, scale)
-        if decode_append():  # a step of decodes alone: the launch that writes the new K/V itself (slot -1: not here)
+        if appends(append_min, batch):  # a step of decodes alone: the launch that writes the new K/V itself (slot -1: not here)
             kv = torch.zeros(batch, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
             none = torch.full((batch,), -1, dtype=torch.long, device=model.device)
             paged_decode_attention(q, layer, tables, lens, scale,

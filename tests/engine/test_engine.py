@@ -188,6 +188,36 @@ def test_decode_append_generates_what_the_separate_kv_write_does(bundled, monkey
     assert any(appended) and [o.token_ids for o in fused] == [o.token_ids for o in base]
 
 
+def test_decode_append_takes_steps_of_at_least_its_decodes(bundled, monkeypatch):
+    """QOQ_DECODE_APPEND=N: steps of at least N decodes alone take the one-launch path, smaller
+    ones the separate K/V write (by default N = APPEND_MIN_DECODES); a value that is not a count
+    is refused with what it should be."""
+    from qoq.engine import attention
+
+    _, tok = bundled
+    model = tiny_quantized_model(G128, 4, torch.float32)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    decode = attention.paged_decode_attention
+    appended = []
+    monkeypatch.setattr(attention, "paged_decode_attention",
+                        lambda *a, **kw: appended.append(kw.get("append") is not None) or decode(*a, **kw))
+    runs = {}
+    for value in ("", "3", "4", "0"):
+        monkeypatch.setenv("QOQ_DECODE_APPEND", value)
+        appended.clear()
+        runs[value] = [o.token_ids for o in LLM.from_model(model, tok, kv_bits=4).generate(prompts, params)]
+        assert appended and any(appended) == (value == "3"), value  # 3 decodes a step: only N <= 3 appends
+    assert runs["3"] == runs[""] == runs["4"] == runs["0"]
+    assert attention.decode_append_min() is None
+    monkeypatch.delenv("QOQ_DECODE_APPEND")
+    assert attention.decode_append_min() == attention.APPEND_MIN_DECODES > 3
+    for bad in ("yes", "-2"):
+        monkeypatch.setenv("QOQ_DECODE_APPEND", bad)
+        with pytest.raises(ValueError, match="fewest decodes"):
+            attention.decode_append_min()
+
+
 def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, dtype=x.dtype) if bits < 16 else x
 
