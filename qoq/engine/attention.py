@@ -13,7 +13,8 @@ in a second run) but slower at 16 (3.297 against 3.159) and 1 (2.795 against 2.6
 decode-append-ab-h100.json, decode-b64-ab-h100.json, decode-b1-ab-h100.json. Every program rotates its q (RoPE and the q/k
 Hadamard) before its first score, and the one holding the last token also writes, fences and
 waits: on a small, latency-bound step that critical path costs more than the launch saved; at a
-large batch the saved launch's work, spread over the attention's programs, pays.
+large batch the saved launch's work, spread over the attention's programs, pays: `qoq serve` on
+an H100 gave 16,826 output tokens/s against 15,880 to 128 HTTP clients (serve-append-h100.json).
 QOQ_DECODE_APPEND=N sets the fewest decodes (1: every step of decodes alone, 0: never).
 """
 
