@@ -2,7 +2,8 @@
 # The GPU work a session owes, run on the device machine in one call:
 #     bash benchmarks/gpu_session.sh PART [PART ...]      (results and logs under $OUT)
 # with .whl carried (scripts/gpu_wheels.sh makes it here). Outputs are named by GPU (h100, h200);
-# more than 8 of them come back as session.tgz.
+# more than 8 of them come back as session.tgz. The device's copy of .git can be stale: pass
+# QOQ_GIT_COMMIT=<HEAD here> for the records' commit.
 # Parts (keep the sum within one 10-minute call):
 #   tests     the GPU tests: kernels against their torch twins at real shapes, GPU quantization
 #             against the CPU, the engine on the GPU (junit XML and logs)
