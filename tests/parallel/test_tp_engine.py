@@ -84,18 +84,27 @@ def test_fp32_tp_engine_over_four_ranks_equals_single_process():
     assert got == want
 
 
-@pytest.mark.parametrize("precision", ["w4a8kv4-g128", "w4a8kv4-per-channel"])
-def test_quantized_tp_engine_agrees_with_single_process(precision):
+@pytest.mark.parametrize("precision, append", [("w4a8kv4-g128", "0"), ("w4a8kv4-per-channel", "0"),
+                                               ("w4a8kv4-g128", "1")], ids=["g128", "per-channel", "g128-append"])
+def test_quantized_tp_engine_agrees_with_single_process(precision, append, monkeypatch):
     """W4A8KV4: each rank quantizes its slice of the o_proj / down_proj input with its own scale
     (docs/parallel.md), so the TP engine is the one-process engine over `split_reference` (the
     same slices quantized in one process: the same integer products, the same KV4 pages per
     head), token for token. Against the plain one-process model the activation scales differ by
     up to half an int8 step, the activation quantization noise (test_tensor_parallel bounds it by
     5% of the logits' range): each greedy token must be the plain model's choice or within that
-    of it."""
+    of it. With QOQ_DECODE_APPEND=1 (every rank, the workers inherit it) the steps of decodes
+    alone write each rank's K/V heads inside decode attention: the same tokens again."""
+    from qoq.engine import attention
+
+    monkeypatch.setenv("QOQ_DECODE_APPEND", append)
+    appended, decode = [], attention.paged_decode_attention
+    monkeypatch.setattr(attention, "paged_decode_attention",  # rank 0's launches (this process)
+                        lambda *a, **kw: appended.append(kw.get("append") is not None) or decode(*a, **kw))
     case = ("gqa2", precision)
     model = build_model(*case)
     got = _generate_tp(case, GREEDY)
+    assert any(appended) == (append == "1")
     assert got == _generate_single(split_reference(model, 2), GREEDY)
     scale = max(logits_of(model, p).abs().max().item() for p in PROMPTS)
     assert_greedy_agrees(model, PROMPTS, got, tol=0.05 * scale)
