@@ -7,15 +7,17 @@ attends over the pages, which by now hold it: prefill chunks causally over their
 pages (paged_prefill: earlier chunks and cached prefixes included), decode
 tokens over their whole context (paged_decode_attention). A step of at least APPEND_MIN_DECODES
 decodes alone is one launch per layer: decode attention rotates q and writes each sequence's new
-K/V itself (`KVAppend`; the program that reads the last page writes it first). On an H100 that
-step is faster at batch 64 and 128 (4.460 / 5.138 ms against 4.578 / 5.294, 4.430 against 4.577
-in a second run) but slower at 16 (3.297 against 3.159) and 1 (2.795 against 2.673):
-decode-append-ab-h100.json, decode-b64-ab-h100.json, decode-b1-ab-h100.json. Every program rotates its q (RoPE and the q/k
-Hadamard) before its first score, and the one holding the last token also writes, fences and
-waits: on a small, latency-bound step that critical path costs more than the launch saved; at a
-large batch the saved launch's work, spread over the attention's programs, pays: `qoq serve` on
-an H100 gave 16,826 output tokens/s against 15,880 to 128 HTTP clients (serve-append-h100.json).
+K/V itself (`KVAppend`; the program that reads the last page writes it first).
 QOQ_DECODE_APPEND=N sets the fewest decodes (1: every step of decodes alone, 0: never).
+
+On an H100 that step is faster at batch 64 and 128 (4.460 / 5.138 ms against 4.578 / 5.294;
+4.430 against 4.577 in a second run) but slower at 16 (3.297 against 3.159) and 1 (2.795
+against 2.673): benchmarks/results/decode-append-ab-h100.json, decode-b64-ab-h100.json and
+decode-b1-ab-h100.json. Every program rotates its q (RoPE and the q/k Hadamard) before its
+first score, and the one holding the last token also writes, fences and waits: on a small,
+latency-bound step that critical path costs more than the launch saved; at a large batch the
+saved launch's work, spread over the attention's programs, pays. `qoq serve` on an H100 gave
+16,826 output tokens/s against 15,880 to 128 HTTP clients (serve-append-h100.json).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def warm_up(model: LlamaModel, max_num_batched_tokens: int, max_num_seqs: int, m
         tables = torch.zeros(batch, width, dtype=torch.int32, device=model.device)
         lens = torch.full((batch,), width * page_size, dtype=torch.int32, device=model.device)
         paged_decode_attention(q, layer, tables, lens, scale)
-        if appends(append_min, batch):  # a step of decodes alone: the launch that writes the new K/V itself (slot -1: not here)
+        if appends(append_min, batch):  # decodes alone: the launch that writes the new K/V too (slot -1: nowhere)
             kv = torch.zeros(batch, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
             none = torch.full((batch,), -1, dtype=torch.long, device=model.device)
             paged_decode_attention(q, layer, tables, lens, scale,
