@@ -105,7 +105,7 @@ def decode_append_min() -> int | None:
 
 def appends(append_min: int | None, decodes: int) -> bool:
     """Whether a step of `decodes` decodes alone takes the one-launch path under `append_min`."""
-    return append_min is not None and decodes >= max(append_min, 1)
+    return append_min is not None and decodes >= append_min  # append_min >= 1: an empty step never
 
 
 class PagedAttention:
